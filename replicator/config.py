@@ -1,0 +1,267 @@
+"""Agent configuration: load YAML, validate every key, and return typed objects.
+
+Errors name the key path and what was expected, e.g.
+    groups[0].targets[1].mode: expected one of sync, async; got 'asnyc'
+`replicator config check` and the agent share this code, so they refuse the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+MODES = ("sync", "async")
+ROLES = ("primary", "secondary")
+COMPRESSIONS = ("none", "zstd")
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.key_path = path
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    node: str
+    mode: str
+    compress: str = "none"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    role: str
+    source: str | None
+    journal_size: int
+    volumes: tuple[VolumeConfig, ...]
+    targets: tuple[TargetConfig, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str
+    listen: tuple[str, int]
+    nbd_listen: tuple[str, int]
+    state_dir: str
+    admin_socket: str
+    peers: dict[str, tuple[str, int]]
+    groups: tuple[GroupConfig, ...]
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    log_level: str = "info"
+    source_path: str = field(default="", compare=False)
+
+    def group(self, name: str) -> GroupConfig:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+def parse_size(value, path: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(path, f"expected a size like 64MiB or a byte count; got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConfigError(path, f"expected a size like 64MiB or a byte count; got {value!r}")
+        n = int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].upper()]
+    if n <= 0:
+        raise ConfigError(path, f"expected a positive size; got {value!r}")
+    return n
+
+
+def parse_address(value, path: str) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(path, f"expected HOST:PORT; got {value!r}")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(path, f"expected HOST:PORT with a port 1..65535; got {value!r}")
+    return host, int(port)
+
+
+class _Reader:
+    """Walks a mapping, tracks the key path, and rejects keys nobody read."""
+
+    def __init__(self, data, path: str):
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"expected a mapping; got {type(data).__name__}")
+        self.data, self.path, self.seen = data, path, set()
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, default=..., *, types=None):
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None and default is not ...:
+            if default is ...:
+                raise ConfigError(self.sub(key), "required key is missing")
+            return default
+        value = self.data[key]
+        if types and not isinstance(value, types) or isinstance(value, bool) and bool not in (types or ()):
+            names = " or ".join(t.__name__ for t in types) if types else "a value"
+            raise ConfigError(self.sub(key), f"expected {names}; got {value!r}")
+        return value
+
+    def name(self, key: str) -> str:
+        value = self.get(key, types=(str,))
+        if not NAME_RE.match(value):
+            raise ConfigError(self.sub(key), "expected a name of letters, digits, '.', '_', "
+                                             f"'-' (max 63, starting alphanumeric); got {value!r}")
+        return value
+
+    def choice(self, key: str, choices, default=...) -> str:
+        value = self.get(key, default, types=(str,))
+        if value not in choices:
+            raise ConfigError(self.sub(key), f"expected one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(map(str, self.data)) - self.seen)
+        if unknown:
+            raise ConfigError(self.sub(unknown[0]), "unknown key (typo?)")
+
+
+def _items(value, path: str) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"expected a list; got {type(value).__name__}")
+    return value
+
+
+def _volume(data, path: str) -> VolumeConfig:
+    r = _Reader(data, path)
+    vol_path = r.get("path", types=(str,))
+    if not os.path.isabs(vol_path):
+        raise ConfigError(r.sub("path"), f"expected an absolute path; got {vol_path!r}")
+    size = parse_size(r.get("size"), r.sub("size"))
+    if size % 512:
+        raise ConfigError(r.sub("size"), f"expected a multiple of 512 bytes; got {size}")
+    v = VolumeConfig(name=r.name("name"), path=vol_path, size=size)
+    r.done()
+    return v
+
+
+def _target(data, path: str, node: str, peers) -> TargetConfig:
+    r = _Reader(data, path)
+    target = r.name("node")
+    if target == node:
+        raise ConfigError(r.sub("node"), f"a group cannot target its own node {node!r}")
+    if target not in peers:
+        raise ConfigError(r.sub("node"), f"{target!r} is not in peers (known: "
+                                         f"{', '.join(sorted(peers)) or 'none'})")
+    t = TargetConfig(node=target, mode=r.choice("mode", MODES),
+                     compress=r.choice("compress", COMPRESSIONS, "none"))
+    r.done()
+    return t
+
+
+def _group(data, path: str, node: str, peers) -> GroupConfig:
+    r = _Reader(data, path)
+    name = r.name("name")
+    role = r.choice("role", ROLES)
+    source = r.get("source", None, types=(str,))
+    if role == "secondary":
+        if source is None:
+            raise ConfigError(r.sub("source"), "a secondary needs the node allowed to ship to it")
+        if source not in peers:
+            raise ConfigError(r.sub("source"), f"{source!r} is not in peers")
+    elif source is not None:
+        raise ConfigError(r.sub("source"), "only a secondary has a source; set it to null")
+    journal_size = parse_size(r.get("journal_size", "256MiB"), r.sub("journal_size"))
+    if journal_size < (16 << 20):
+        raise ConfigError(r.sub("journal_size"), f"expected at least 16MiB; got {journal_size}")
+    volumes = [_volume(v, f"{r.sub('volumes')}[{i}]")
+               for i, v in enumerate(_items(r.get("volumes"), r.sub("volumes")))]
+    if not volumes:
+        raise ConfigError(r.sub("volumes"), "a group needs at least one volume")
+    targets = [_target(t, f"{r.sub('targets')}[{i}]", node, peers)
+               for i, t in enumerate(_items(r.get("targets", []), r.sub("targets")))]
+    for key, items in (("volumes", [v.name for v in volumes]),
+                       ("targets", [t.node for t in targets])):
+        dup = {x for x in items if items.count(x) > 1}
+        if dup:
+            raise ConfigError(r.sub(key), f"duplicate name {sorted(dup)[0]!r}")
+    if source is not None and source in {t.node for t in targets}:
+        raise ConfigError(r.sub("targets"), f"{source!r} is this group's source; a target "
+                                             "cannot also be the source (loop)")
+    r.done()
+    return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
+                       volumes=tuple(volumes), targets=tuple(targets))
+
+
+def parse(data, source_path: str = "") -> Config:
+    """Validate a decoded YAML document and build the Config."""
+    r = _Reader(data if data is not None else {}, "")
+    node = r.name("node")
+    listen = parse_address(r.get("listen"), "listen")
+    nbd_listen = parse_address(r.get("nbd_listen"), "nbd_listen")
+    state_dir = r.get("state_dir", "/var/lib/replicator", types=(str,))
+    if not os.path.isabs(state_dir):
+        raise ConfigError("state_dir", f"expected an absolute path; got {state_dir!r}")
+    admin_socket = r.get("admin_socket", os.path.join(state_dir, "admin.sock"), types=(str,))
+    if len(admin_socket.encode()) > 100:
+        raise ConfigError("admin_socket", "path too long for a unix socket (max 100 bytes)")
+    peers_raw = r.get("peers", {}, types=(dict,))
+    peers = {}
+    for peer, addr in peers_raw.items():
+        if not isinstance(peer, str) or not NAME_RE.match(peer):
+            raise ConfigError(f"peers.{peer}", "expected a node name as key")
+        peers[peer] = parse_address(addr, f"peers.{peer}")
+    groups = [_group(g, f"groups[{i}]", node, peers)
+              for i, g in enumerate(_items(r.get("groups", []), "groups"))]
+    names = [g.name for g in groups]
+    for i, g in enumerate(groups):
+        if names.count(g.name) > 1:
+            raise ConfigError(f"groups[{i}].name", f"duplicate group {g.name!r}")
+    paths: dict[str, str] = {}
+    exports: dict[str, str] = {}  # the volume name is the NBD export name
+    for i, g in enumerate(groups):
+        for j, v in enumerate(g.volumes):
+            where = f"groups[{i}].volumes[{j}]"
+            if v.path in paths:
+                raise ConfigError(f"{where}.path", f"{v.path} is already used by {paths[v.path]}")
+            if v.name in exports:
+                raise ConfigError(f"{where}.name", f"volume {v.name!r} already exists in "
+                                                   f"{exports[v.name]} (volume names are NBD "
+                                                   "export names: unique per node)")
+            paths[v.path] = where
+            exports[v.name] = where
+    interval = r.get("heartbeat_interval", 1.0, types=(int, float))
+    timeout = r.get("heartbeat_timeout", 5.0, types=(int, float))
+    if not 0 < interval < timeout:
+        raise ConfigError("heartbeat_timeout", "expected 0 < heartbeat_interval < heartbeat_timeout")
+    log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    r.done()
+    return Config(node=node, listen=listen, nbd_listen=nbd_listen, state_dir=state_dir,
+                  admin_socket=admin_socket, peers=peers, groups=tuple(groups),
+                  heartbeat_interval=float(interval), heartbeat_timeout=float(timeout),
+                  log_level=log_level, source_path=source_path)
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    return parse(data, source_path=path)

@@ -1,0 +1,134 @@
+"""Journal record: the unit of replication, byte for byte the same in every journal
+and on the wire, so its checksums hold end to end (DESIGN.md invariant 3).
+
+Byte layout (little-endian), header then the volume name then the payload:
+
+    off  size  field
+    0    4     magic      b"RJR1"
+    4    4     hcrc       CRC32C of bytes 8 .. end of name (covers pcrc too)
+    8    8     seq        group sequence number, gap-free, strictly increasing
+    16   8     offset     byte offset in the volume
+    24   4     length     bytes affected in the volume
+    28   4     pcrc       CRC32C of the payload (0 when there is none)
+    32   8     time_ns    wall clock when the primary journaled the write (for lag)
+    40   1     kind       Kind.WRITE carries `length` payload bytes; Kind.ZERO none
+    41   1     name_len   bytes of volume name that follow the header (1..255)
+    42   2     reserved   must be 0
+    44   n     name       volume name, UTF-8
+    44+n m     payload    m = length for WRITE, 0 for ZERO
+
+`length` is checked against MAX_LENGTH before anything is read, so a damaged length
+never triggers a huge read. Decoding is strict: an unknown kind, a non-zero reserved
+field or an empty name is corruption, like a checksum mismatch.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from crc32c import crc32c
+
+MAGIC = b"RJR1"
+HEADER = struct.Struct("<4sIQQIIQBBH")
+HEADER_SIZE = HEADER.size  # 44
+MAX_LENGTH = 64 * 1024 * 1024  # largest payload of one record
+_HCRC_AT = 4
+_CRC_FROM = 8
+
+
+class Kind(enum.IntEnum):
+    WRITE = 1
+    ZERO = 2  # NBD TRIM and WRITE_ZEROES: the range reads back as zeroes
+
+
+class RecordError(Exception):
+    """A record that cannot be decoded. `torn` is True when the bytes simply end early
+    (the tail of a log that was being written), False when they are corrupt."""
+
+    def __init__(self, message: str, *, torn: bool):
+        super().__init__(message)
+        self.torn = torn
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    seq: int
+    volume: str
+    offset: int
+    length: int
+    kind: Kind
+    time_ns: int
+    hcrc: int
+    payload: memoryview | bytes  # empty for ZERO
+    size: int  # encoded size in bytes
+
+
+def encoded_size(volume_name: bytes, kind: Kind, length: int) -> int:
+    return HEADER_SIZE + len(volume_name) + (length if kind == Kind.WRITE else 0)
+
+
+def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: Kind,
+                  time_ns: int, payload) -> bytearray:
+    """Header and name of a record whose payload (for WRITE) follows separately, so a
+    writer can hand header and payload to one writev without copying the payload."""
+    if not 0 < len(volume_name) < 256:
+        raise ValueError(f"volume name must be 1..255 bytes, got {len(volume_name)}")
+    if length > MAX_LENGTH:
+        raise ValueError(f"record length {length} exceeds {MAX_LENGTH}")
+    pcrc = crc32c(payload) if kind == Kind.WRITE else 0
+    buf = bytearray(HEADER_SIZE + len(volume_name))
+    HEADER.pack_into(buf, 0, MAGIC, 0, seq, offset, length, pcrc, time_ns, kind,
+                     len(volume_name), 0)
+    buf[HEADER_SIZE:] = volume_name
+    struct.pack_into("<I", buf, _HCRC_AT, crc32c(memoryview(buf)[_CRC_FROM:]))
+    return buf
+
+
+def header_crc(header: bytes | bytearray) -> int:
+    return struct.unpack_from("<I", header, _HCRC_AT)[0]
+
+
+def decode(buf, pos: int = 0) -> Record:
+    """Decode the record at `pos` of `buf` (bytes-like). Raises RecordError."""
+    view = memoryview(buf)
+    avail = len(view) - pos
+    if avail < HEADER_SIZE:
+        raise RecordError(f"{avail} bytes left, header needs {HEADER_SIZE}", torn=True)
+    magic, hcrc, seq, offset, length, pcrc, time_ns, kind, name_len, reserved = \
+        HEADER.unpack_from(view, pos)
+    if magic != MAGIC:
+        raise RecordError(f"bad magic {bytes(magic)!r}", torn=False)
+    if length > MAX_LENGTH:
+        raise RecordError(f"length {length} exceeds {MAX_LENGTH}", torn=False)
+    name_end = pos + HEADER_SIZE + name_len
+    if name_end > len(view):
+        raise RecordError("record name cut short", torn=True)
+    if crc32c(view[pos + _CRC_FROM:name_end]) != hcrc:
+        raise RecordError(f"header checksum mismatch at seq field {seq}", torn=False)
+    if reserved or name_len == 0 or kind not in (Kind.WRITE, Kind.ZERO):
+        raise RecordError(f"invalid header fields (kind {kind}, name_len {name_len})",
+                          torn=False)
+    paylen = length if kind == Kind.WRITE else 0
+    end = name_end + paylen
+    if end > len(view):
+        raise RecordError(f"payload cut short (seq {seq})", torn=True)
+    payload = view[name_end:end]
+    if paylen and crc32c(payload) != pcrc:
+        raise RecordError(f"payload checksum mismatch (seq {seq})", torn=False)
+    try:
+        volume = bytes(view[pos + HEADER_SIZE:name_end]).decode()
+    except UnicodeDecodeError:
+        raise RecordError(f"volume name is not UTF-8 (seq {seq})", torn=False) from None
+    return Record(seq=seq, volume=volume, offset=offset, length=length, kind=Kind(kind),
+                  time_ns=time_ns, hcrc=hcrc, payload=payload, size=end - pos)
+
+
+def iterate(buf, pos: int = 0):
+    """Yield the records of a contiguous run of encoded records."""
+    end = len(buf)
+    while pos < end:
+        rec = decode(buf, pos)
+        yield rec
+        pos += rec.size

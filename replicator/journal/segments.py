@@ -1,0 +1,298 @@
+"""The group journal: an append-only run of records in segment files.
+
+Files under the journal directory:
+    <first_seq:020d>.seg   records, contiguous in seq, the next file starts at last+1
+    base                   "<seq> <hcrc>": the position just before the oldest kept
+                           record (what was trimmed away), written before any trim
+
+Only one writer (the group's commit worker) appends, whole batches at a time; the
+in-memory index (per segment: first seq, record offsets and header CRCs) is updated
+on the event loop when the batch is durable, so readers only ever see durable records.
+
+Recovery (`open`) scans every segment: a short record at the very end of the last
+segment is a torn tail and is cut off; anything else that does not decode, or a seq
+that does not follow its predecessor, raises JournalCorruptError(path, offset).
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from .record import HEADER, HEADER_SIZE, RecordError, decode
+
+
+class JournalError(Exception):
+    """Base error of the journal layer."""
+
+
+class JournalCorruptError(JournalError):
+    def __init__(self, path: str, offset: int, reason: str):
+        super().__init__(f"journal corrupt in {path} at offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a log stands: the last seq and the header CRC of that record. Two logs
+    at the same seq with different CRCs have diverged."""
+    seq: int
+    hcrc: int
+
+
+@dataclass(eq=False)
+class _Segment:
+    path: str
+    first_seq: int
+    offsets: array = field(default_factory=lambda: array("Q"))
+    hcrcs: array = field(default_factory=lambda: array("I"))
+    size: int = 0
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.offsets) - 1
+
+    def end_of(self, seq: int) -> int:
+        i = seq - self.first_seq + 1
+        return self.offsets[i] if i < len(self.offsets) else self.size
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    def __init__(self, directory: str, *, capacity: int, segment_size: int | None = None):
+        self.directory = directory
+        self.capacity = capacity
+        self.segment_size = segment_size or max(1 << 20, min(64 << 20, capacity // 8))
+        self._segments: list[_Segment] = []
+        self._firsts: list[int] = []
+        self._fds: dict[str, int] = {}
+        self.base = Position(0, 0)
+
+    # ---- recovery -------------------------------------------------------------------
+    def open(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        base_path = os.path.join(self.directory, "base")
+        if os.path.exists(base_path):
+            with open(base_path) as f:
+                seq, hcrc = f.read().split()
+            self.base = Position(int(seq), int(hcrc))
+        names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
+        expected = self.base.seq + 1
+        for i, name in enumerate(names):
+            path = os.path.join(self.directory, name)
+            first = int(name[:-4])
+            if first < expected and i == 0:
+                # Left over by a trim interrupted after `base` was written.
+                os.unlink(path)
+                continue
+            if first != expected:
+                raise JournalCorruptError(path, 0, f"segment starts at seq {first}, "
+                                                   f"expected {expected}")
+            seg = self._scan(path, first, last=(i == len(names) - 1))
+            self._add(seg)
+            expected = seg.last_seq + 1
+
+    def _scan(self, path: str, first: int, *, last: bool) -> _Segment:
+        seg = _Segment(path, first)
+        with open(path, "rb") as f:
+            data = f.read()
+        pos, seq = 0, first
+        while pos < len(data):
+            try:
+                rec = decode(data, pos)
+            except RecordError as exc:
+                if exc.torn and last:
+                    break
+                raise JournalCorruptError(path, pos, str(exc)) from None
+            if rec.seq != seq:
+                raise JournalCorruptError(path, pos, f"seq {rec.seq} where {seq} expected")
+            seg.offsets.append(pos)
+            seg.hcrcs.append(rec.hcrc)
+            pos += rec.size
+            seq += 1
+        if pos < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                os.fsync(f.fileno())
+        seg.size = pos
+        return seg
+
+    def _add(self, seg: _Segment) -> None:
+        self._segments.append(seg)
+        self._firsts.append(seg.first_seq)
+
+    # ---- positions ------------------------------------------------------------------
+    @property
+    def first_seq(self) -> int:
+        """Oldest seq still held (last_seq + 1 when empty)."""
+        return self.base.seq + 1
+
+    @property
+    def last_seq(self) -> int:
+        for seg in reversed(self._segments):
+            if seg.offsets:
+                return seg.last_seq
+        return self.base.seq
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    def position(self, seq: int | None = None) -> Position | None:
+        """The position at `seq` (default: the last record), None if no longer held."""
+        seq = self.last_seq if seq is None else seq
+        if seq == self.base.seq:
+            return self.base
+        seg = self._segment_of(seq)
+        if seg is None:
+            return None
+        return Position(seq, seg.hcrcs[seq - seg.first_seq])
+
+    def _segment_of(self, seq: int) -> _Segment | None:
+        if not self.first_seq <= seq <= self.last_seq:
+            return None
+        return self._segments[bisect_right(self._firsts, seq) - 1]
+
+    def bytes_between(self, after_seq: int, through_seq: int) -> int:
+        """Encoded bytes of the records (after_seq, through_seq]."""
+        total = 0
+        seq = max(after_seq + 1, self.first_seq)
+        while seq <= through_seq:
+            seg = self._segment_of(seq)
+            if seg is None:
+                break
+            last = min(through_seq, seg.last_seq)
+            total += seg.end_of(last) - seg.offsets[seq - seg.first_seq]
+            seq = last + 1
+        return total
+
+    # ---- appending (commit worker thread + loop) --------------------------------------
+    def reserve(self, first_seq: int, nbytes: int) -> tuple[int, int]:
+        """Called on the loop before a batch is written: returns (fd, size) of the
+        segment the batch goes to, starting a new segment when the current one is full."""
+        seg = self._segments[-1] if self._segments else None
+        if seg is None or (seg.size and seg.size + nbytes > self.segment_size):
+            path = os.path.join(self.directory, f"{first_seq:020d}.seg")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            _fsync_dir(self.directory)
+            self._fds[path] = fd
+            self._add(_Segment(path, first_seq))
+            seg = self._segments[-1]
+        if seg.path not in self._fds:
+            self._fds[seg.path] = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+        return self._fds[seg.path], seg.size
+
+    @staticmethod
+    def write(fd: int, buffers: list, at_size: int) -> None:
+        """Worker thread: append a batch and make it durable (one writev, one fdatasync).
+        On any failure the segment is cut back to `at_size`, so a failed batch never
+        leaves a torn record in the middle of the log."""
+        try:
+            for i in range(0, len(buffers), 1024):  # IOV_MAX
+                chunk = buffers[i:i + 1024]
+                n = os.writev(fd, chunk)
+                rest = sum(len(b) for b in chunk) - n
+                if rest:  # short write: the next one reports the real error (ENOSPC)
+                    tail = b"".join(bytes(b) for b in chunk)[n:]
+                    while tail:
+                        tail = tail[os.write(fd, tail):]
+            os.fdatasync(fd)
+        except BaseException:
+            os.ftruncate(fd, at_size)
+            raise
+
+    def commit(self, sizes: list[int], hcrcs: list[int]) -> None:
+        """Loop: index a batch that `write` made durable (record sizes and header CRCs
+        in seq order)."""
+        seg = self._segments[-1]
+        pos = seg.size
+        for size in sizes:
+            seg.offsets.append(pos)
+            pos += size
+        seg.hcrcs.extend(hcrcs)
+        seg.size = pos
+
+    # ---- reading ---------------------------------------------------------------------
+    def read(self, from_seq: int, max_bytes: int) -> tuple[int, int, bytes]:
+        """Durable records from `from_seq` on, at most `max_bytes` (but at least one
+        record), never across a segment: (first_seq, last_seq, bytes)."""
+        seg = self._segment_of(from_seq)
+        if seg is None:
+            raise JournalError(f"seq {from_seq} not held (journal has {self.first_seq}"
+                               f"..{self.last_seq})")
+        i = from_seq - seg.first_seq
+        start = seg.offsets[i]
+        limit = start + max_bytes
+        j = bisect_right(seg.offsets, limit, lo=i)  # records i..j-1 start within budget
+        k = j - 1 if j == len(seg.offsets) and seg.size <= limit else j - 2
+        last = seg.first_seq + max(k, i)
+        end = seg.end_of(last)
+        fd = os.open(seg.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        if len(data) != end - start:
+            raise JournalError(f"short read of {seg.path} at {start}")
+        return from_seq, last, data
+
+    def time_ns(self, seq: int) -> int:
+        """When the primary journaled record `seq` (0 if it is not held)."""
+        seg = self._segment_of(seq)
+        if seg is None:
+            return 0
+        fd = os.open(seg.path, os.O_RDONLY)
+        try:
+            head = os.pread(fd, HEADER_SIZE, seg.offsets[seq - seg.first_seq])
+        finally:
+            os.close(fd)
+        return HEADER.unpack(head)[6]
+
+    # ---- trimming --------------------------------------------------------------------
+    def trim_through(self, seq: int) -> int:
+        """Delete whole segments whose records are all <= seq (never the active one).
+        Returns the number of bytes freed."""
+        drop = []
+        for seg in self._segments[:-1]:
+            if seg.last_seq <= seq:
+                drop.append(seg)
+            else:
+                break
+        if not drop:
+            return 0
+        last = drop[-1]
+        new_base = Position(last.last_seq, last.hcrcs[-1])
+        tmp = os.path.join(self.directory, "base.tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{new_base.seq} {new_base.hcrc}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.directory, "base"))
+        self.base = new_base
+        freed = 0
+        for seg in drop:
+            fd = self._fds.pop(seg.path, None)
+            if fd is not None:
+                os.close(fd)
+            os.unlink(seg.path)
+            freed += seg.size
+        del self._segments[:len(drop)]
+        del self._firsts[:len(drop)]
+        _fsync_dir(self.directory)
+        return freed
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

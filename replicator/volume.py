@@ -1,0 +1,89 @@
+"""A volume: an image file (created sparse at its configured size when missing) or a
+block device (which must be at least the configured size). Reads and writes are
+positional on one O_RDWR descriptor, so the loop thread (reads) and the group's commit
+worker (writes) never share a file offset."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_ZEROES = bytes(1 << 20)
+
+
+class VolumeError(Exception):
+    """A volume cannot be opened or does not match its configuration."""
+
+
+class Volume:
+    def __init__(self, name: str, path: str, size: int):
+        self.name = name
+        self.name_bytes = name.encode()
+        self.path = path
+        self.size = size
+        self.fd = -1
+        self.is_block = False
+
+    def open(self) -> None:
+        exists = os.path.exists(self.path)
+        if exists and stat.S_ISBLK(os.stat(self.path).st_mode):
+            self.is_block = True
+            self.fd = os.open(self.path, os.O_RDWR)
+            actual = os.lseek(self.fd, 0, os.SEEK_END)
+            if actual < self.size:
+                self.close()
+                raise VolumeError(f"volume {self.name}: block device {self.path} has "
+                                  f"{actual} bytes, configured size is {self.size}")
+            return
+        if not exists:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        actual = os.fstat(self.fd).st_size
+        if not exists or actual == 0:
+            os.ftruncate(self.fd, self.size)  # sparse
+        elif actual != self.size:
+            self.close()
+            raise VolumeError(f"volume {self.name}: {self.path} has {actual} bytes, "
+                              f"configured size is {self.size} (resize it or fix the config)")
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def zero(self, offset: int, length: int) -> None:
+        """The range reads back as zeroes: a punched hole where the file system or
+        device supports it, written zeroes otherwise."""
+        if length == 0:
+            return
+        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                           offset, length) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise OSError(err, os.strerror(err), self.path)
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZEROES), end - offset)
+            self.write(offset, memoryview(_ZEROES)[:n])
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

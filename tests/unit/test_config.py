@@ -1,0 +1,98 @@
+"""Config validation: every error names the key path and what is expected."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from replicator.config import ConfigError, parse
+
+BASE = """
+node: dc1-app
+listen: 127.0.0.1:7801
+nbd_listen: 127.0.0.1:10801
+state_dir: /var/lib/replicator
+peers: {dc2-dr: 127.0.0.1:7802, dc3-arc: 127.0.0.1:7803}
+groups:
+  - name: db
+    role: primary
+    source: null
+    journal_size: 256MiB
+    volumes:
+      - {name: data, path: /srv/data.img, size: 64MiB}
+      - {name: log,  path: /srv/log.img,  size: 16MiB}
+    targets:
+      - {node: dc2-dr, mode: sync}
+      - {node: dc3-arc, mode: async, compress: zstd}
+"""
+
+
+def test_the_issue_example_is_valid():
+    cfg = parse(yaml.safe_load(BASE))
+    g = cfg.group("db")
+    assert g.journal_size == 256 << 20 and g.volumes[0].size == 64 << 20
+    assert [(t.node, t.mode, t.compress) for t in g.targets] == \
+        [("dc2-dr", "sync", "none"), ("dc3-arc", "async", "zstd")]
+    assert cfg.admin_socket == "/var/lib/replicator/admin.sock"
+    assert cfg.peers["dc2-dr"] == ("127.0.0.1", 7802)
+
+
+def mutate(path, value):
+    data = yaml.safe_load(BASE)
+    cur = data
+    for key in path[:-1]:
+        cur = cur[key]
+    if value is KeyError:
+        del cur[path[-1]]
+    else:
+        cur[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value,where,what", [
+    (("node",), KeyError, "node", "required"),
+    (("listen",), "localhost", "listen", "HOST:PORT"),
+    (("nbd_listen",), "127.0.0.1:99999", "nbd_listen", "port"),
+    (("groups", 0, "role"), "master", "groups[0].role", "primary, secondary"),
+    (("groups", 0, "targets", 1, "mode"), "asnyc", "groups[0].targets[1].mode", "sync, async"),
+    (("groups", 0, "targets", 1, "node"), "dc9", "groups[0].targets[1].node", "not in peers"),
+    (("groups", 0, "targets", 0, "node"), "dc1-app", "groups[0].targets[0].node", "own node"),
+    (("groups", 0, "targets", 1, "compress"), "lz4", "groups[0].targets[1].compress", "zstd"),
+    (("groups", 0, "volumes", 0, "size"), "64 parsecs", "groups[0].volumes[0].size", "size"),
+    (("groups", 0, "volumes", 0, "size"), 1000, "groups[0].volumes[0].size", "512"),
+    (("groups", 0, "volumes", 0, "path"), "data.img", "groups[0].volumes[0].path", "absolute"),
+    (("groups", 0, "volumes", 1, "name"), "data", "groups[0].volumes", "duplicate"),
+    (("groups", 0, "volumes", 1, "path"), "/srv/data.img", "groups[0].volumes[1].path", "already used"),
+    (("groups", 0, "volumes"), [], "groups[0].volumes", "at least one"),
+    (("groups", 0, "journal_size"), "1MiB", "groups[0].journal_size", "16MiB"),
+    (("groups", 0, "source"), "dc2-dr", "groups[0].source", "only a secondary"),
+    (("groups", 0, "role"), "secondary", "groups[0].source", "needs"),
+    (("groups", 0, "jurnal_size"), "1GiB", "groups[0].jurnal_size", "unknown key"),
+    (("peers",), ["a"], "peers", "dict"),
+    (("heartbeat_timeout",), 0.5, "heartbeat_timeout", "heartbeat_interval"),
+])
+def test_errors_name_the_key(path, value, where, what):
+    with pytest.raises(ConfigError) as exc:
+        parse(mutate(path, value))
+    assert exc.value.key_path == where
+    assert what in str(exc.value)
+
+
+def test_config_check_cli(tmp_path):
+    good = tmp_path / "good.yml"
+    good.write_text(BASE)
+    bad = tmp_path / "bad.yml"
+    bad.write_text(BASE.replace("mode: sync", "mode: synchronous"))
+    ok = subprocess.run([sys.executable, "-m", "replicator.cli", "config", "check", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    ko = subprocess.run([sys.executable, "-m", "replicator.cli", "config", "check", str(bad)],
+                        capture_output=True, text=True)
+    assert ko.returncode == 2
+    assert "groups[0].targets[0].mode: expected one of sync, async; got 'synchronous'" in ko.stderr
+    broken = tmp_path / "broken.yml"
+    broken.write_text("node: [unclosed")
+    ko = subprocess.run([sys.executable, "-m", "replicator.cli", "config", "check", str(broken)],
+                        capture_output=True, text=True)
+    assert ko.returncode == 2 and "not valid YAML" in ko.stderr

@@ -1,0 +1,156 @@
+"""Journal record format and segment recovery."""
+
+import os
+
+import pytest
+
+from replicator.journal.record import (HEADER_SIZE, Kind, RecordError, decode, encode_header,
+                                       encoded_size, iterate)
+from replicator.journal.segments import Journal, JournalCorruptError, Position
+
+
+def encode(seq, name=b"data", offset=0, payload=b"abc", kind=Kind.WRITE, length=None):
+    length = len(payload) if length is None else length
+    hdr = encode_header(seq, name, offset, length, kind, 1234, payload)
+    return bytes(hdr) + (payload if kind == Kind.WRITE else b"")
+
+
+def test_round_trip_and_size():
+    buf = encode(7, b"log", 4096, b"x" * 5000)
+    assert len(buf) == encoded_size(b"log", Kind.WRITE, 5000)
+    rec = decode(buf)
+    assert (rec.seq, rec.volume, rec.offset, rec.length, rec.kind, rec.time_ns) == \
+        (7, "log", 4096, 5000, Kind.WRITE, 1234)
+    assert bytes(rec.payload) == b"x" * 5000 and rec.size == len(buf)
+    zero = encode(8, b"log", 0, b"", Kind.ZERO, length=1 << 20)
+    assert len(zero) == HEADER_SIZE + 3
+    rec = decode(zero)
+    assert rec.kind == Kind.ZERO and rec.length == 1 << 20 and bytes(rec.payload) == b""
+    assert [r.seq for r in iterate(buf + zero)] == [7, 8]
+
+
+@pytest.mark.parametrize("cut", range(0, 60, 1))
+def test_truncation_at_every_offset_is_torn(cut):
+    buf = encode(1, b"data", 0, b"0123456789" * 2)
+    if cut >= len(buf):
+        return
+    with pytest.raises(RecordError) as exc:
+        decode(buf[:cut])
+    assert exc.value.torn
+
+
+@pytest.mark.parametrize("where", ["magic", "seq", "length", "name", "payload"])
+def test_corruption_is_not_torn(where):
+    buf = bytearray(encode(1, b"data", 0, b"payload!"))
+    pos = {"magic": 0, "seq": 9, "length": 25, "name": HEADER_SIZE + 1, "payload": -2}[where]
+    buf[pos] ^= 0x40
+    with pytest.raises(RecordError) as exc:
+        decode(bytes(buf))
+    assert not exc.value.torn
+
+
+def test_huge_length_is_rejected_before_reading():
+    buf = bytearray(encode(1))
+    buf[24:28] = (0xFFFFFFFF).to_bytes(4, "little")
+    with pytest.raises(RecordError, match="exceeds"):
+        decode(bytes(buf))
+
+
+def _fill(journal, first, count, size=100):
+    bufs, sizes, crcs = [], [], []
+    for seq in range(first, first + count):
+        rec = encode(seq, b"data", seq * 512, bytes([seq % 256]) * size)
+        bufs.append(rec)
+        sizes.append(len(rec))
+        crcs.append(decode(rec).hcrc)
+    fd, at = journal.reserve(first, sum(sizes))
+    Journal.write(fd, bufs, at)
+    journal.commit(sizes, crcs)
+
+
+def test_append_read_reopen(tmp_path):
+    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20)
+    j.open()
+    _fill(j, 1, 10)
+    _fill(j, 11, 5)
+    assert (j.first_seq, j.last_seq) == (1, 15)
+    first, last, data = j.read(3, 10 ** 6)
+    assert (first, last) == (3, 15)
+    assert [r.seq for r in iterate(data)] == list(range(3, 16))
+    first, last, data = j.read(3, 300)  # two whole records fit in 300 bytes
+    assert (first, last) == (3, 4)
+    first, last, _ = j.read(3, 1)  # always at least one record
+    assert (first, last) == (3, 3)
+    assert j.bytes_between(0, 15) == j.used_bytes
+    pos = j.position()
+    j.close()
+    j2 = Journal(str(tmp_path), capacity=16 << 20)
+    j2.open()
+    assert j2.position() == pos and j2.first_seq == 1
+
+
+def test_segments_roll_and_trim(tmp_path):
+    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20)
+    j.open()
+    for i in range(6):
+        _fill(j, 1 + i * 10, 10, size=50_000)  # ~500 KB per batch -> new segment every 2
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".seg")]) == 3
+    last = j.position(20)
+    freed = j.trim_through(25)  # only whole segments: 1..20 go
+    assert freed > 0 and j.base == last and j.first_seq == 21
+    assert j.position(20) == last and j.position(19) is None
+    j.close()
+    j2 = Journal(str(tmp_path), capacity=16 << 20)
+    j2.open()
+    assert (j2.first_seq, j2.last_seq, j2.base) == (21, 60, last)
+
+
+def test_recovery_truncates_torn_tail_at_every_offset(tmp_path):
+    j = Journal(str(tmp_path / "src"), capacity=16 << 20)
+    j.open()
+    _fill(j, 1, 3, size=40)
+    seg = j._segments[-1].path
+    j.close()
+    data = open(seg, "rb").read()
+    bounds = [0] + [decode(data, 0).size * k for k in (1, 2, 3)]
+    for cut in range(len(data) + 1):
+        d = tmp_path / f"cut{cut}"
+        d.mkdir()
+        (d / os.path.basename(seg)).write_bytes(data[:cut])
+        jj = Journal(str(d), capacity=16 << 20)
+        jj.open()
+        whole = max(k for k, b in enumerate(bounds) if b <= cut)
+        assert jj.last_seq == whole, cut
+        assert os.path.getsize(d / os.path.basename(seg)) == bounds[whole]
+        jj.close()
+
+
+def test_corrupt_record_reported_with_file_and_offset(tmp_path):
+    j = Journal(str(tmp_path), capacity=16 << 20)
+    j.open()
+    _fill(j, 1, 3, size=40)
+    seg = j._segments[-1].path
+    rec_size = j._segments[-1].offsets[1]
+    j.close()
+    with open(seg, "r+b") as f:
+        f.seek(rec_size + HEADER_SIZE + 4 + 10)  # payload of record 2
+        f.write(b"\xff")
+    with pytest.raises(JournalCorruptError) as exc:
+        Journal(str(tmp_path), capacity=16 << 20).open()
+    assert exc.value.path == seg and exc.value.offset == rec_size
+    assert "payload checksum" in str(exc.value)
+
+
+def test_failed_write_leaves_no_partial_batch(tmp_path):
+    j = Journal(str(tmp_path), capacity=16 << 20)
+    j.open()
+    _fill(j, 1, 2)
+    fd, at = j.reserve(3, 10)
+    with pytest.raises(TypeError):
+        Journal.write(fd, [b"partial-bytes", object()], at)
+    assert os.path.getsize(j._segments[-1].path) == at
+    j.close()
+    j2 = Journal(str(tmp_path), capacity=16 << 20)
+    j2.open()
+    assert j2.last_seq == 2
+    assert j2.position(2) == Position(2, j2._segments[-1].hcrcs[-1])
