@@ -1,0 +1,121 @@
+"""`replicator` command line: the agent itself and the operator commands that talk to a
+running agent over its admin socket (named by the same config file)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from . import admin, config
+from .group import GroupError
+from .journal.segments import JournalError
+from .volume import VolumeError
+
+DEFAULT_CONFIG = "/etc/replicator/agent.yml"
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(st: dict) -> str:
+    """The human table: one block per group, one line per target (like drbdadm status)."""
+    lines = [f"node {st['node']}  (pid {st['pid']}, up {st['uptime_seconds']:.0f}s)"]
+    for g in st["groups"]:
+        j = g["journal"]
+        head = (f"{g['name']}  role:{g['role']}  seq:{g['seq']}  applied:{g['applied_seq']}  "
+                f"journal:{_human_bytes(j['used_bytes'])}/{_human_bytes(j['capacity_bytes'])}")
+        if j["full"]:
+            head += "  JOURNAL-FULL"
+        if g["role"] == "secondary":
+            up = g["upstream"]
+            head += f"  source:{g['source']}" + (f" connected({up['peer']})" if up else " disconnected")
+        lines.append(head)
+        for v in g["volumes"]:
+            lines.append(f"  volume {v['name']:<12} {_human_bytes(v['size']):>10}  {v['path']}")
+        for t in g["targets"]:
+            lines.append(
+                f"  -> {t['node']:<12} {t['mode']:<5} {t['state']:<12} acked:{t['acked_seq']:<8} "
+                f"lag:{t['lag_records']} rec/{_human_bytes(t['lag_bytes'])}/{t['lag_seconds']:.1f}s"
+                + (f"  zstd" if t["compress"] == "zstd" else "")
+                + (f"  ({t['last_error']})" if t["last_error"] else ""))
+    return "\n".join(lines)
+
+
+def _load(path: str) -> config.Config:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        print(f"replicator: invalid config {path}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_agent(args) -> int:
+    cfg = _load(args.config)
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
+                        format=f"%(asctime)s {cfg.node} %(levelname)s %(name)s: %(message)s")
+    from .agent import run  # the agent's imports are not needed by the client commands
+    try:
+        return asyncio.run(run(cfg))
+    except (GroupError, JournalError, VolumeError, OSError) as exc:
+        logging.getLogger("replicator").error("cannot start: %s", exc)
+        return 1
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args.config)
+    try:
+        st = admin.request(cfg.admin_socket, "status", group=args.group)
+    except admin.AdminError as exc:
+        print(f"replicator: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    cfg = _load(args.file)
+    if args.json:
+        print(json.dumps({"ok": True, "node": cfg.node, "groups": [g.name for g in cfg.groups]}))
+    else:
+        print(f"{args.file}: ok (node {cfg.node}, {len(cfg.groups)} group(s))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="replicator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("agent", help="run the agent in the foreground")
+    a.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    a.set_defaults(func=cmd_agent)
+
+    s = sub.add_parser("status", help="show the running agent's groups and targets")
+    s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("group", nargs="?")
+    s.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    chk = csub.add_parser("check", help="validate a config file (exit 2 on error)")
+    chk.add_argument("file")
+    chk.add_argument("--json", action="store_true")
+    chk.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

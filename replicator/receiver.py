@@ -1,0 +1,160 @@
+"""Replication listener: accepts upstream senders and feeds their records into the
+local replica group (which journals, applies in seq order and forwards downstream).
+
+Per connection: HELLO is checked (protocol range, that this node is the target, that
+the group exists here as a secondary and that the sender is its configured source),
+then WELCOME reports the group's durable position. Each RECORDS batch goes to
+Group.submit_records; when it is durable (and acked by in-sync sync targets further
+down a cascade) an ACK goes back. ACKs are coalesced: one per loop turn at most.
+A newer connection for the same group replaces an older one (a half-dead link must not
+block its own reconnection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .group import Group, GroupError
+from .transport import Link
+from .wire import (Ack, Connection, ConnectionClosed, Error, Heartbeat, Hello,
+                   LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, Role,
+                   Welcome, negotiate)
+from .shipper import PROTOCOL
+
+SUPPORTED_FEATURES = 1  # Feature.ZSTD
+
+
+class _Session:
+    def __init__(self, link: Link, group: Group, source: str):
+        self.link = link
+        self.group = group
+        self.source = source
+        self.ack_seq = 0
+        self.ack_scheduled = False
+        self.failed: str | None = None
+
+
+class Receiver:
+    def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
+                 log: logging.Logger | None = None):
+        self.node = node
+        self.groups = groups
+        self.hb_timeout = heartbeat_timeout
+        self.log = log or logging.getLogger("replicator.receiver")
+        self.sessions: dict[str, _Session] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conns.add(task)
+        link = Link(reader, writer, Connection(Role.RECEIVER))
+        session = None
+        try:
+            session = await self._handshake(link)
+            if session:
+                await self._serve(session)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.log.info("replication link from %s ended: %s", link.peer, exc or type(exc).__name__)
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            self.log.warning("protocol error from %s: %s", link.peer, exc)
+        finally:
+            if session and self.sessions.get(session.group.name) is session:
+                del self.sessions[session.group.name]
+            await link.close()
+            self._conns.discard(task)
+
+    async def _handshake(self, link: Link) -> _Session | None:
+        ev = await link.next_event(self.hb_timeout)
+        if isinstance(ev, ConnectionClosed):
+            return None
+        if not isinstance(ev, Hello):
+            raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
+        agreed = negotiate(ev, PROTOCOL[0], PROTOCOL[1], SUPPORTED_FEATURES)
+        group = self.groups.get(ev.group)
+        refusal = None
+        if agreed is None:
+            refusal = (Refusal.VERSION, f"protocol {ev.proto_min}..{ev.proto_max} not in "
+                                        f"{PROTOCOL[0]}..{PROTOCOL[1]}")
+        elif ev.target != self.node:
+            refusal = (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
+        elif group is None:
+            refusal = (Refusal.UNKNOWN_GROUP, f"no group {ev.group!r} on node {self.node}")
+        elif group.role != "secondary":
+            refusal = (Refusal.NOT_REPLICA, f"group {ev.group} is {group.role} on {self.node}")
+        elif ev.node != group.cfg.source:
+            refusal = (Refusal.WRONG_SOURCE, f"group {ev.group} on {self.node} accepts "
+                                             f"{group.cfg.source!r} as source, not {ev.node!r}")
+        if refusal:
+            self.log.warning("refused %s from %s (%s): %s", ev.group, ev.node, link.peer, refusal[1])
+            await link.send(Refuse(code=refusal[0], reason=refusal[1]))
+            return None
+        old = self.sessions.get(group.name)
+        if old is not None:
+            self.log.info("group %s: new connection from %s replaces the old one",
+                          group.name, ev.node)
+            old.failed = "replaced by a newer connection"
+            await old.link.close()
+        session = _Session(link, group, ev.node)
+        self.sessions[group.name] = session
+        await group.settle()
+        pos = group.journal.position()
+        version, features = agreed
+        await link.send(Welcome(version=version, features=features, seq=pos.seq,
+                                crc=pos.hcrc, node=self.node))
+        self.log.info("group %s: %s connected, resuming after seq %d", group.name, ev.node, pos.seq)
+        return session
+
+    async def _serve(self, s: _Session) -> None:
+        while s.failed is None:
+            ev = await s.link.next_event(self.hb_timeout)
+            if isinstance(ev, Records):
+                try:
+                    s.group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
+                                           lambda err, seq=ev.last_seq: self._done(s, seq, err))
+                except GroupError as exc:
+                    self.log.error("%s", exc)
+                    await s.link.send(Error(code=Refusal.POSITION, message=str(exc)[:1000]))
+                    return
+            elif isinstance(ev, Heartbeat):
+                await s.link.send(Heartbeat(sent_ns=ev.sent_ns))
+            elif isinstance(ev, Error):
+                self.log.warning("group %s: %s reported %s: %s", s.group.name, s.source,
+                                 ev.code.name, ev.message)
+                return
+            elif isinstance(ev, ConnectionClosed):
+                return
+        self.log.warning("group %s: link from %s closed: %s", s.group.name, s.source, s.failed)
+
+    def _done(self, s: _Session, seq: int, err: int) -> None:
+        if err:
+            s.failed = f"applying records through seq {seq} failed (errno {err})"
+            asyncio.ensure_future(s.link.close())
+            return
+        if seq > s.ack_seq:
+            s.ack_seq = seq
+        if not s.ack_scheduled:
+            s.ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_ack, s)
+
+    def _send_ack(self, s: _Session) -> None:
+        s.ack_scheduled = False
+        if s.failed is None and not s.link.writer.is_closing():
+            s.link.writer.write(s.link.conn.send(Ack(seq=s.ack_seq)))
+
+    def status(self, group: str) -> dict | None:
+        s = self.sessions.get(group)
+        if s is None:
+            return None
+        return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq}
