@@ -1,0 +1,182 @@
+"""Test harness: real agent processes on loopback, built from a small topology
+description, with status polling under a deadline and cleanup that always runs."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import yaml
+
+from replicator import admin
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
+    """Poll `predicate` until it returns a truthy value; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - agent may be starting; keep polling
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+class AgentProc:
+    def __init__(self, root, node: str, config: dict):
+        self.node = node
+        self.dir = os.path.join(str(root), node)
+        os.makedirs(self.dir, exist_ok=True)
+        self.config = config
+        self.config_path = os.path.join(self.dir, "agent.yml")
+        self.log_path = os.path.join(self.dir, "agent.log")
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def nbd_port(self) -> int:
+        return int(self.config["nbd_listen"].rsplit(":", 1)[1])
+
+    def nbd_uri(self, volume: str) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{volume}"
+
+    def volume_path(self, group: str, volume: str) -> str:
+        g = next(g for g in self.config["groups"] if g["name"] == group)
+        return next(v["path"] for v in g["volumes"] if v["name"] == volume)
+
+    def start(self, wait: bool = True) -> "AgentProc":
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "agent", "-c",
+                                      self.config_path], stdout=log, stderr=log)
+        log.close()
+        if wait:
+            wait_until(lambda: self.status(), 20, f"agent {self.node} to answer status")
+        return self
+
+    def status(self) -> dict:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent {self.node} exited with {self.proc.returncode}:\n"
+                                 + self.log_tail())
+        return admin.request(self.config["admin_socket"], "status", timeout=5)
+
+    def group(self, name: str) -> dict:
+        return next(g for g in self.status()["groups"] if g["name"] == name)
+
+    def target(self, group: str, node: str) -> dict:
+        return next(t for t in self.group(group)["targets"] if t["node"] == node)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class Topology:
+    """Nodes on loopback; `links` are (from, to, mode[, compress]) edges of one group
+    whose primary is the first node that is never a `to`."""
+
+    def __init__(self, root, nodes, links, volumes=None, group="db", journal_size="64MiB",
+                 heartbeat_timeout=3.0):
+        self.root = str(root)
+        volumes = volumes or {"data": 16 * MiB, "log": 4 * MiB}
+        ports = {n: (free_port(), free_port()) for n in nodes}
+        sources = {link[1]: link[0] for link in links}
+        self.agents: dict[str, AgentProc] = {}
+        for n in nodes:
+            targets = [{"node": l[1], "mode": l[2], **({"compress": l[3]} if len(l) > 3 else {})}
+                       for l in links if l[0] == n]
+            cfg = {
+                "node": n,
+                "listen": f"127.0.0.1:{ports[n][0]}",
+                "nbd_listen": f"127.0.0.1:{ports[n][1]}",
+                "state_dir": os.path.join(self.root, n, "state"),
+                "admin_socket": os.path.join(self.root, n, "admin.sock"),
+                "peers": {p: f"127.0.0.1:{ports[p][0]}" for p in nodes if p != n},
+                "heartbeat_interval": 0.5,
+                "heartbeat_timeout": heartbeat_timeout,
+                "groups": [{
+                    "name": group,
+                    "role": "secondary" if n in sources else "primary",
+                    "source": sources.get(n),
+                    "journal_size": journal_size,
+                    "volumes": [{"name": v, "path": os.path.join(self.root, n, "vol", f"{v}.img"),
+                                 "size": size} for v, size in volumes.items()],
+                    "targets": targets,
+                }],
+            }
+            self.agents[n] = AgentProc(self.root, n, cfg)
+        self.group = group
+        self.volumes = list(volumes)
+        self.primary = next(n for n in nodes if n not in sources)
+
+    def __getitem__(self, node: str) -> AgentProc:
+        return self.agents[node]
+
+    def start(self) -> "Topology":
+        for a in self.agents.values():
+            a.start(wait=False)
+        for a in self.agents.values():
+            wait_until(a.status, 20, f"agent {a.node} to answer status")
+        return self
+
+    def stop(self) -> None:
+        for a in self.agents.values():
+            a.kill()
+
+    def wait_converged(self, timeout: float = 60.0) -> int:
+        """Every node has applied everything the primary journaled."""
+        def converged():
+            seq = self[self.primary].group(self.group)["seq"]
+            if all(a.group(self.group)["applied_seq"] == seq for a in self.agents.values()):
+                return seq or True
+            return False
+        return wait_until(converged, timeout, "replicas to apply every record",
+                          ) and self[self.primary].group(self.group)["seq"]
+
+    def assert_identical(self, nodes=None) -> None:
+        nodes = nodes or list(self.agents)
+        for vol in self.volumes:
+            ref = self[self.primary].volume_path(self.group, vol)
+            for n in nodes:
+                if n == self.primary:
+                    continue
+                other = self[n].volume_path(self.group, vol)
+                assert filecmp.cmp(ref, other, shallow=False), \
+                    f"volume {vol} differs between {self.primary} and {n}"
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n} ---\n{a.log_tail()}" for n, a in self.agents.items())
