@@ -41,6 +41,7 @@ from .volume import Volume
 
 Done = Callable[[int], None]
 CHECKPOINT_INTERVAL = 1.0
+MAX_IN_FLIGHT = 2
 
 
 def _wake(waiters: list) -> None:
@@ -97,9 +98,11 @@ class Group:
         self._sync_waits: deque = deque()  # (seq, done), seq ascending
         self._record_waiters: list[asyncio.Future] = []
         self._idle_waiters: list[asyncio.Future] = []
-        self._committing = False
+        self._in_flight = 0  # batches handed to the commit worker, not yet completed
+        self._poisoned = False  # a batch failed: the worker writes nothing until reset
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"commit-{cfg.name}")
         self._kick = asyncio.Event()
+        self._slot = asyncio.Event()
         self._space = asyncio.Event()
         self._checkpoint_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -245,39 +248,62 @@ class Group:
         b.dones.append((last_seq, done))
 
     async def _committer(self) -> None:
+        """Hands batches to the single commit worker as soon as they exist, up to
+        MAX_IN_FLIGHT at once, so the worker starts the next fdatasync while the loop
+        is still completing the previous batch. The worker runs them in order."""
         loop = asyncio.get_running_loop()
         while True:
             await self._kick.wait()
             self._kick.clear()
+            while self._in_flight >= MAX_IN_FLIGHT or self._poisoned:
+                await self._slot.wait()
+                self._slot.clear()
             batch, self._batch = self._batch, _Batch()
             if not batch.dones:
                 continue
-            self._committing = True
-            try:
-                await self._commit(loop, batch)
-            finally:
-                self._committing = False
+            await self._wait_for_space(batch.nbytes)
+            seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
+            self._in_flight += 1
+            fut = loop.run_in_executor(self._io, self._write_batch, fd, at, batch)
+            fut.add_done_callback(lambda f, b=batch, s=seg: self._batch_done(f, b, s))
+
+    def _batch_done(self, fut, batch: _Batch, seg) -> None:
+        self._in_flight -= 1
+        self._slot.set()
+        exc = fut.exception()
+        if exc is not None:
+            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            self.log.error("group %s: journal write of seq %d..%d failed: %s",
+                           self.name, batch.first_seq, batch.last_seq, exc)
+            for _, done in batch.dones:
+                done(err)
+        else:
+            self._completed(batch, seg)
+        if self._in_flight == 0:
+            if self._poisoned:
+                # Seqs of the failed batches are free again: fail what queued behind
+                # them and restart numbering after the last durable record.
+                self.journal.cancel_reservations()
+                self._fail_pending(errno.EIO)
+                self._poisoned = False
             if not self._batch.dones:
                 _wake(self._idle_waiters)
 
-    async def _commit(self, loop, batch: _Batch) -> None:
-        await self._wait_for_space(batch.nbytes)
-        fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
+    def _completed(self, batch: _Batch, seg) -> None:
+        """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
+        seq order, before any later batch), index it, wake shippers, complete writes."""
+        self.journal.commit(seg, batch.sizes, batch.hcrcs)
         try:
-            apply_err = await loop.run_in_executor(self._io, self._write_batch, fd, at, batch)
+            self._apply(batch.applies)
         except OSError as exc:
-            self.log.error("group %s: journal write of seq %d..%d failed: %s",
+            # Durable in the journal (replayed at the next start) but not in the volume.
+            self.log.error("group %s: volume write failed after journaling seq %d..%d: %s",
                            self.name, batch.first_seq, batch.last_seq, exc)
-            self._fail(batch, exc.errno or errno.EIO)
+            for _, done in batch.dones:
+                done(exc.errno or errno.EIO)
             return
-        self.journal.commit(batch.sizes, batch.hcrcs)
         self.applied_seq = batch.last_seq
         _wake(self._record_waiters)
-        if apply_err:
-            # Durable in the journal (replayed at the next start) but not in the volume.
-            for _, done in batch.dones:
-                done(apply_err)
-            return
         floor = self.sync_floor()
         for seq, done in batch.dones:
             if seq <= floor:
@@ -288,22 +314,22 @@ class Group:
     async def settle(self) -> None:
         """Wait until nothing is queued or being committed (the journal's last record
         is then everything this node has accepted)."""
-        while self._batch.dones or self._committing:
+        while self._batch.dones or self._in_flight:
             fut = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(fut)
             await fut
 
-    def _write_batch(self, fd: int, at: int, batch: _Batch) -> int:
-        """Worker thread: journal first (raises on failure, nothing was written), then
-        the volumes (returns an errno on failure: the batch is durable regardless)."""
-        Journal.write(fd, batch.bufs, at)
+    def _write_batch(self, fd: int, at: int, batch: _Batch) -> None:
+        """Worker thread: one writev and one fdatasync, nothing else, so the worker
+        needs the GIL twice per batch. After one failure every later batch fails
+        unwritten until the loop resets, so the journal never gets a gap in seq."""
+        if self._poisoned:
+            raise OSError(errno.EIO, "an earlier batch failed")
         try:
-            self._apply(batch.applies)
-        except OSError as exc:
-            self.log.error("group %s: volume write failed after journaling seq %d..%d: %s",
-                           self.name, batch.first_seq, batch.last_seq, exc)
-            return exc.errno or errno.EIO
-        return 0
+            Journal.write(fd, batch.bufs, at)
+        except BaseException:
+            self._poisoned = True
+            raise
 
     @staticmethod
     def _apply(applies) -> None:
@@ -312,13 +338,6 @@ class Group:
                 vol.write(offset, payload)
             else:
                 vol.zero(offset, length)
-
-    def _fail(self, batch: _Batch, err: int) -> None:
-        """A batch could not be journaled: it and everything queued behind it (whose
-        seqs follow it) fail; seq numbering restarts after the last durable record."""
-        for _, done in batch.dones:
-            done(err)
-        self._fail_pending(err)
 
     def _fail_pending(self, err: int) -> None:
         pending, self._batch = self._batch, _Batch()

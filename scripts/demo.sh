@@ -67,7 +67,7 @@ qemu-io -f raw -c "write -P 0xab 0 8M" -c "write -P 0xcd 32M 4M" "nbd://127.0.0.
 qemu-io -f raw -c "write -P 0x12 0 1M" -c "write -z 512k 64k" "nbd://127.0.0.1:${NBD_PORT[dc1]}/log" | grep -E "^wrote"
 fio --name=demo --ioengine=nbd --uri="nbd://127.0.0.1:${NBD_PORT[dc1]}/data" --rw=randwrite \
     --bs=4k --iodepth=16 --size=64M --runtime=5 --time_based --output-format=terse \
-    | awk -F';' '{printf "fio randwrite 4k iodepth 16: %s IOPS\n", $49}'
+    | awk -F";" "NF > 48 {printf \"fio randwrite 4k iodepth 16 (sync target): %s IOPS\\n\", \$49}"
 
 converged() {
     $PY - "$DEMO_DIR" <<'PYEOF'

@@ -50,7 +50,8 @@ class _Segment:
     first_seq: int
     offsets: array = field(default_factory=lambda: array("Q"))
     hcrcs: array = field(default_factory=lambda: array("I"))
-    size: int = 0
+    size: int = 0  # end of the durable, indexed records
+    tail: int = 0  # end of what batches in flight have reserved (>= size)
 
     @property
     def last_seq(self) -> int:
@@ -125,7 +126,7 @@ class Journal:
             with open(path, "r+b") as f:
                 f.truncate(pos)
                 os.fsync(f.fileno())
-        seg.size = pos
+        seg.size = seg.tail = pos
         return seg
 
     def _add(self, seg: _Segment) -> None:
@@ -178,11 +179,13 @@ class Journal:
         return total
 
     # ---- appending (commit worker thread + loop) --------------------------------------
-    def reserve(self, first_seq: int, nbytes: int) -> tuple[int, int]:
-        """Called on the loop before a batch is written: returns (fd, size) of the
-        segment the batch goes to, starting a new segment when the current one is full."""
+    def reserve(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
+        """Called on the loop before a batch is written: returns (segment, fd, offset)
+        the batch goes to, starting a new segment when the current one is full. Several
+        batches may be reserved before the first is committed; the single commit worker
+        writes them in order."""
         seg = self._segments[-1] if self._segments else None
-        if seg is None or (seg.size and seg.size + nbytes > self.segment_size):
+        if seg is None or (seg.tail and seg.tail + nbytes > self.segment_size):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             _fsync_dir(self.directory)
@@ -191,7 +194,15 @@ class Journal:
             seg = self._segments[-1]
         if seg.path not in self._fds:
             self._fds[seg.path] = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
-        return self._fds[seg.path], seg.size
+        at = seg.tail
+        seg.tail += nbytes
+        return seg, self._fds[seg.path], at
+
+    def cancel_reservations(self) -> None:
+        """After a failed batch (and once nothing is in flight): forget what was reserved
+        but never committed."""
+        for seg in self._segments:
+            seg.tail = seg.size
 
     @staticmethod
     def write(fd: int, buffers: list, at_size: int) -> None:
@@ -212,10 +223,9 @@ class Journal:
             os.ftruncate(fd, at_size)
             raise
 
-    def commit(self, sizes: list[int], hcrcs: list[int]) -> None:
-        """Loop: index a batch that `write` made durable (record sizes and header CRCs
-        in seq order)."""
-        seg = self._segments[-1]
+    def commit(self, seg: _Segment, sizes: list[int], hcrcs: list[int]) -> None:
+        """Loop: index a batch that `write` made durable in `seg` (record sizes and
+        header CRCs in seq order)."""
         pos = seg.size
         for size in sizes:
             seg.offsets.append(pos)
@@ -265,7 +275,7 @@ class Journal:
         Returns the number of bytes freed."""
         drop = []
         for seg in self._segments[:-1]:
-            if seg.last_seq <= seq:
+            if seg.last_seq <= seq and seg.tail == seg.size:
                 drop.append(seg)
             else:
                 break

@@ -63,9 +63,9 @@ def _fill(journal, first, count, size=100):
         bufs.append(rec)
         sizes.append(len(rec))
         crcs.append(decode(rec).hcrc)
-    fd, at = journal.reserve(first, sum(sizes))
+    seg, fd, at = journal.reserve(first, sum(sizes))
     Journal.write(fd, bufs, at)
-    journal.commit(sizes, crcs)
+    journal.commit(seg, sizes, crcs)
 
 
 def test_append_read_reopen(tmp_path):
@@ -145,7 +145,7 @@ def test_failed_write_leaves_no_partial_batch(tmp_path):
     j = Journal(str(tmp_path), capacity=16 << 20)
     j.open()
     _fill(j, 1, 2)
-    fd, at = j.reserve(3, 10)
+    _, fd, at = j.reserve(3, 10)
     with pytest.raises(TypeError):
         Journal.write(fd, [b"partial-bytes", object()], at)
     assert os.path.getsize(j._segments[-1].path) == at
