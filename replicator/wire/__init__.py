@@ -1,10 +1,20 @@
-"""Sans-IO replication protocol: frames (frames.py) and the connection state machine
-(connection.py). asyncio lives in replicator/transport.py."""
+"""Sans-IO replication protocol: frames and their byte layout (frames.py) and the
+connection state machine (connection.py). asyncio lives in replicator/transport.py."""
 
-from .connection import NEED_DATA, Connection, ConnectionClosed, Role, State
-from .frames import (Ack, Error, Feature, FrameType, Hello, LocalProtocolError, ProtocolError,
-                     Records, Refusal, Refuse, RemoteProtocolError, Heartbeat, Welcome, negotiate)
+from .connection import NEED_DATA, TRANSITIONS, Connection, ConnectionClosed, Role, State
+from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, IGNORABLE_FROM, MAGIC, MAX_NAME,
+                     MAX_REASON, PROTOCOL_MAX, PROTOCOL_MIN, RECORDS_FIXED_SIZE,
+                     SUPPORTED_FEATURES, Ack, Error, Feature, Frame, FrameType, Heartbeat, Hello,
+                     LocalProtocolError, ProtocolError, Records, Refusal, Refuse,
+                     RemoteProtocolError, Welcome, negotiate)
 
-__all__ = ["NEED_DATA", "Connection", "ConnectionClosed", "Role", "State", "Ack", "Error",
-           "Feature", "FrameType", "Hello", "LocalProtocolError", "ProtocolError", "Records",
-           "Refusal", "Refuse", "RemoteProtocolError", "Heartbeat", "Welcome", "negotiate"]
+__all__ = [
+    # connection.py
+    "NEED_DATA", "TRANSITIONS", "Connection", "ConnectionClosed", "Role", "State",
+    # frames.py
+    "DEFAULT_MAX_FRAME", "HEADER_SIZE", "IGNORABLE_FROM", "MAGIC", "MAX_NAME", "MAX_REASON",
+    "PROTOCOL_MAX", "PROTOCOL_MIN", "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES",
+    "Ack", "Error", "Feature", "Frame", "FrameType", "Heartbeat", "Hello", "LocalProtocolError",
+    "ProtocolError", "Records", "Refusal", "Refuse", "RemoteProtocolError", "Welcome",
+    "negotiate",
+]

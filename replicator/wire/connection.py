@@ -1,224 +1,270 @@
 """The replication connection state machine (sans-IO).
 
-Theory of operation: a SENDER (ships a group's journal) opens with HELLO; the RECEIVER
-(the replica) answers WELCOME with its durable position, or REFUSE and closes. Then the
-sender streams RECORDS and the receiver answers ACKs; both send HEARTBEATs. ERROR may be
-sent or received in any open state and closes the connection.
+Theory of operation
+-------------------
+Two roles share one byte stream. The SENDER (initiator) ships a consistency group's
+journal; the RECEIVER (responder) is a replica of that group.
 
-This module does no I/O: `send(event)` returns the bytes to write, `receive_data(bytes)`
-buffers what arrived (b"" = EOF), `next_event()` returns the next event, NEED_DATA or
-ConnectionClosed. Every (role, state, direction, frame type) allowed is in TRANSITIONS;
-anything else is a LocalProtocolError (we tried to send it) or RemoteProtocolError (the
-peer sent it) and the connection goes to ERROR, where every further call raises.
-Parsing is bounded: at most one frame of `max_frame` body bytes is buffered, a partial
-header stays in the buffer untouched, and decompression never exceeds `max_frame`.
+    SENDER                                   RECEIVER
+    START --HELLO------------------------->  START
+    HELLO_SENT                               HELLO_RECEIVED
+              <--------------WELCOME-------  (agreed version, features, durable position)
+    STREAMING --RECORDS/HEARTBEAT--------->  STREAMING
+              <------------ACK/HEARTBEAT---
+    or, instead of WELCOME:
+              <--------------REFUSE--------  CLOSED (the receiver then closes)
+    ERROR frames may go either way in any open state; both ends are then CLOSED.
+
+Every allowed (role, state, direction, frame type) is a row of TRANSITIONS. Anything
+else is a protocol error naming whose fault it is: LocalProtocolError when we try to
+send it, RemoteProtocolError when the peer sent it. Either one moves the connection to
+State.ERROR, and from then on every call re-raises (the stream can no longer be trusted).
+The handshake also fixes what may follow: the version in WELCOME must lie in the HELLO
+range, its features must be a subset of the HELLO features, and COMPRESSED RECORDS are
+only allowed once ZSTD was agreed.
+
+No I/O happens here: `send(event)` returns the bytes to write, `receive_data(data)`
+buffers what arrived (b"" = EOF), and `next_event()` returns the next event, NEED_DATA,
+or ConnectionClosed once the peer's EOF is reached between frames.
+
+Bounds: a frame body above max_frame is refused from its header, before it is
+buffered, so an incomplete frame never holds more than max_frame + 12 bytes; feeding
+more data while a whole max_frame frame is still waiting to be taken out is refused
+too. RECORDS may not inflate past raw_length, and raw_length not past max_frame. Both
+peers must use the same max_frame. A partial header is left in the buffer untouched.
+Cost per frame: data is appended to one bytearray, the CRC runs over a memoryview, and
+a RECORDS payload is copied out of the buffer once.
 """
 
 from __future__ import annotations
 
 import enum
-import io
+import struct
+from dataclasses import dataclass
 
 import zstandard
 from crc32c import crc32c
 
-from .frames import (FLAG_COMPRESSED, FRAME_TYPE, HEADER, HEADER_SIZE, IGNORABLE_FROM, MAGIC,
-                     _RECORDS, Error, FrameType, LocalProtocolError, Records,
-                     RemoteProtocolError, decode_body, encode_body)
+from .frames import (CRC_OFFSET, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAGIC, Feature, Frame,
+                     FrameType, Hello, LocalProtocolError, ProtocolError, RemoteProtocolError,
+                     Welcome, decode_body, encode_body)
 
 
 class Role(enum.Enum):
-    SENDER = "sender"
-    RECEIVER = "receiver"
+    SENDER = "sender"  # initiator: ships journal records
+    RECEIVER = "receiver"  # responder: the replica
 
 
 class State(enum.Enum):
     START = "start"
-    HELLO_SENT = "hello-sent"
-    HELLO_RECEIVED = "hello-received"
+    HELLO_SENT = "hello-sent"  # sender only
+    HELLO_RECEIVED = "hello-received"  # receiver only
     STREAMING = "streaming"
     CLOSED = "closed"
     ERROR = "error"
 
 
-class _Sentinel:
-    def __init__(self, name):
-        self.name = name
+class _NeedData:
+    """Type of the NEED_DATA sentinel: feed more bytes with receive_data()."""
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
 
     def __repr__(self):
-        return self.name
+        return "NEED_DATA"
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA = _NeedData()
 
 
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
-    """The peer closed its side (EOF between frames)."""
-
-    def __repr__(self):
-        return "ConnectionClosed()"
+    """The peer closed its side of the stream (EOF between frames)."""
 
 
-S, R = Role.SENDER, Role.RECEIVER
-OUT, IN = "send", "recv"
-F = FrameType
+_CRC = struct.Struct("<I")  # the header's last field, patched in once the body is summed
+
+SEND, RECV = "send", "recv"
+_S, _R = Role.SENDER, Role.RECEIVER
+_F = FrameType
+
 TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
-    (S, State.START, OUT, F.HELLO): State.HELLO_SENT,
-    (S, State.HELLO_SENT, IN, F.WELCOME): State.STREAMING,
-    (S, State.HELLO_SENT, IN, F.REFUSE): State.CLOSED,
-    (S, State.STREAMING, OUT, F.RECORDS): State.STREAMING,
-    (S, State.STREAMING, OUT, F.HEARTBEAT): State.STREAMING,
-    (S, State.STREAMING, IN, F.ACK): State.STREAMING,
-    (S, State.STREAMING, IN, F.HEARTBEAT): State.STREAMING,
-    (R, State.START, IN, F.HELLO): State.HELLO_RECEIVED,
-    (R, State.HELLO_RECEIVED, OUT, F.WELCOME): State.STREAMING,
-    (R, State.HELLO_RECEIVED, OUT, F.REFUSE): State.CLOSED,
-    (R, State.STREAMING, IN, F.RECORDS): State.STREAMING,
-    (R, State.STREAMING, IN, F.HEARTBEAT): State.STREAMING,
-    (R, State.STREAMING, OUT, F.ACK): State.STREAMING,
-    (R, State.STREAMING, OUT, F.HEARTBEAT): State.STREAMING,
+    (_S, State.START, SEND, _F.HELLO): State.HELLO_SENT,
+    (_S, State.HELLO_SENT, RECV, _F.WELCOME): State.STREAMING,
+    (_S, State.HELLO_SENT, RECV, _F.REFUSE): State.CLOSED,
+    (_S, State.STREAMING, SEND, _F.RECORDS): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.HEARTBEAT): State.STREAMING,
+    (_S, State.STREAMING, RECV, _F.ACK): State.STREAMING,
+    (_S, State.STREAMING, RECV, _F.HEARTBEAT): State.STREAMING,
+
+    (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
+    (_R, State.HELLO_RECEIVED, SEND, _F.WELCOME): State.STREAMING,
+    (_R, State.HELLO_RECEIVED, SEND, _F.REFUSE): State.CLOSED,
+    (_R, State.STREAMING, RECV, _F.RECORDS): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.HEARTBEAT): State.STREAMING,
+    (_R, State.STREAMING, SEND, _F.ACK): State.STREAMING,
+    (_R, State.STREAMING, SEND, _F.HEARTBEAT): State.STREAMING,
 }
-_OPEN = (State.START, State.HELLO_SENT, State.HELLO_RECEIVED, State.STREAMING)
-for _role in Role:
-    for _state in _OPEN:
-        for _dir in (OUT, IN):
-            TRANSITIONS[(_role, _state, _dir, F.ERROR)] = State.CLOSED
+# ERROR: either way, in any open state, and it closes the connection.
+TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED
+                    for role in Role
+                    for state in (State.START, State.HELLO_SENT, State.HELLO_RECEIVED,
+                                  State.STREAMING)
+                    for direction in (SEND, RECV)})
 
 
 class Connection:
-    def __init__(self, role: Role, *, max_frame: int = 64 << 20, zstd_level: int = 1):
+    """One end of a replication stream, as a sans-IO state machine (h11 style)."""
+
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME, zstd_level: int = 1):
+        if not isinstance(role, Role):
+            raise TypeError(f"role must be a Role, not {role!r}")
+        if not 0 < max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame {max_frame} must be 1..2**32-1")
         self.our_role = role
         self.state = State.START
         self.max_frame = max_frame
+        self.version: int | None = None  # agreed in the handshake
+        self.features: Feature | None = None  # agreed in the handshake
+        self._hello: Hello | None = None
         self._buf = bytearray()
         self._eof = False
-        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._failure: ProtocolError | None = None
+        self._zstd_level = zstd_level
+        self._compressor: zstandard.ZstdCompressor | None = None
+        self._decompressor: zstandard.ZstdDecompressor | None = None
 
-    # ---- sending -----------------------------------------------------------------------
-    def send(self, event) -> bytes:
-        kind = FRAME_TYPE.get(type(event))
-        if kind is None:
-            raise LocalProtocolError(f"{type(event).__name__} is not a frame")
-        self._transition(OUT, kind, LocalProtocolError)
-        flags = 0
-        if kind == F.RECORDS:
-            payload = event.payload
-            if event.compress:
-                payload = self._compressor.compress(payload)
-                flags = FLAG_COMPRESSED
-            body = _RECORDS.pack(event.first_seq, event.last_seq, len(event.payload)) + payload
-        else:
-            body = encode_body(event)
-        if len(body) > self.max_frame:
-            self.state = State.ERROR
-            raise LocalProtocolError(f"{kind.name} frame of {len(body)} bytes exceeds {self.max_frame}")
-        head = bytearray(HEADER.pack(MAGIC, kind, flags, len(body), 0))
-        crc = crc32c(body, crc32c(memoryview(head)[:8]))
-        head[8:12] = crc.to_bytes(4, "little")
-        return bytes(head) + body
+    # ---- sending ------------------------------------------------------------------------
+    def send(self, event: Frame) -> bytes:
+        """The wire bytes of `event`. Raises LocalProtocolError (and the connection goes
+        to ERROR) when the event is not allowed in this state or cannot be encoded."""
+        self._check_not_failed()
+        try:
+            kind = getattr(type(event), "frame_type", None)
+            if not isinstance(kind, FrameType):
+                raise LocalProtocolError(f"{type(event).__name__} is not a frame")
+            next_state = self._next_state(SEND, kind, LocalProtocolError)
+            if kind == _F.WELCOME:
+                self._agree(event, LocalProtocolError)
+            flags, parts = encode_body(event, max_frame=self.max_frame,
+                                       compressor=self._compressor)
+        except LocalProtocolError as exc:
+            raise self._fail(exc)
+        if kind == _F.HELLO:
+            self._hello = event
+        header = bytearray(HEADER.pack(MAGIC, kind, flags, sum(map(len, parts)), 0))
+        crc = crc32c(memoryview(header)[:CRC_OFFSET])
+        for part in parts:
+            crc = crc32c(part, crc)
+        _CRC.pack_into(header, CRC_OFFSET, crc)
+        self.state = next_state
+        return b"".join((header, *parts))
 
-    # ---- receiving ---------------------------------------------------------------------
+    # ---- receiving ----------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
-        if self.state == State.ERROR:
-            raise RemoteProtocolError("connection is in ERROR state")
+        """Buffer bytes from the peer; b"" means the peer closed its side (EOF)."""
+        self._check_not_failed()
+        if self._eof:
+            raise self._fail(LocalProtocolError("receive_data() after EOF"))
         if not data:
             self._eof = True
             return
-        if self._eof:
-            raise LocalProtocolError("data after EOF")
+        if len(self._buf) >= HEADER_SIZE + self.max_frame:
+            # The buffer already holds a whole frame (or a header that next_event will
+            # reject): the caller must take events out before feeding more.
+            raise self._fail(LocalProtocolError(
+                f"{len(self._buf)} bytes buffered; call next_event() until NEED_DATA "
+                "before receive_data()"))
         self._buf += data
-        if len(self._buf) > 2 * (self.max_frame + HEADER_SIZE):
-            self._fail("peer sent far more than one frame without us reading it")
 
-    def next_event(self):
-        if self.state == State.ERROR:
-            raise RemoteProtocolError("connection is in ERROR state")
-        while True:
-            buf = self._buf
-            if len(buf) < HEADER_SIZE:
-                return self._need_data(partial=bool(buf))
-            magic, kind, flags, length, crc = HEADER.unpack_from(buf)
-            if magic != MAGIC:
-                self._fail(f"bad frame magic 0x{magic:04x}")
-            if length > self.max_frame:
-                self._fail(f"frame body of {length} bytes exceeds {self.max_frame}")
-            end = HEADER_SIZE + length
-            if len(buf) < end:
-                return self._need_data(partial=True)
-            view = memoryview(buf)
-            try:
-                if crc32c(view[HEADER_SIZE:end], crc32c(view[:8])) != crc:
-                    self._fail(f"frame checksum mismatch (type {kind})")
-                body = bytes(view[HEADER_SIZE:end])
-            finally:
-                view.release()
-            del buf[:end]
-            if kind >= IGNORABLE_FROM:
-                continue
-            try:
-                ftype = FrameType(kind)
-            except ValueError:
-                self._fail(f"unknown frame type {kind}")
-            if flags & ~FLAG_COMPRESSED or (flags and ftype != F.RECORDS):
-                self._fail(f"invalid flags 0x{flags:02x} on {ftype.name}")
-            try:
-                event = (self._records(memoryview(body), flags) if ftype == F.RECORDS
-                         else decode_body(ftype, memoryview(body)))
-            except RemoteProtocolError as exc:
-                self._fail(str(exc))
-            self._transition(IN, ftype, RemoteProtocolError)
-            return event
+    def next_event(self) -> Frame | ConnectionClosed | _NeedData:
+        """The next event from the peer, NEED_DATA, or ConnectionClosed after EOF.
+        Raises RemoteProtocolError (and the connection goes to ERROR) on a bad frame."""
+        self._check_not_failed()
+        try:
+            while True:
+                event = self._next_frame()
+                if event is not None:
+                    return event
+        except RemoteProtocolError as exc:
+            raise self._fail(exc)
 
-    def _need_data(self, partial: bool):
+    def _next_frame(self):
+        """One step of next_event: an event, NEED_DATA/ConnectionClosed, or None after
+        skipping an ignorable frame."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return self._out_of_data(partial=bool(buf))
+        magic, type_code, flags, length, crc = HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic 0x{magic:04x} (want 0x{MAGIC:04x})")
+        if length > self.max_frame:
+            raise RemoteProtocolError(f"frame body length {length} exceeds max_frame "
+                                      f"{self.max_frame}")
+        end = HEADER_SIZE + length
+        if len(buf) < end:
+            return self._out_of_data(partial=True)
+        with memoryview(buf) as view:
+            with view[:CRC_OFFSET] as head, view[HEADER_SIZE:end] as body:
+                actual = crc32c(body, crc32c(head))
+                if actual != crc:
+                    raise RemoteProtocolError(f"frame crc mismatch on type 0x{type_code:02x}: "
+                                              f"header says 0x{crc:08x}, bytes give 0x{actual:08x}")
+                event = decode_body(type_code, flags, body, max_frame=self.max_frame,
+                                    decompressor=self._decompressor)
+        del buf[:end]  # all views are released: the bytearray may shrink
+        if event is None:
+            return None  # a frame type >= 0x80 this version does not know: skipped
+        next_state = self._next_state(RECV, event.frame_type, RemoteProtocolError)
+        if isinstance(event, Hello):
+            self._hello = event
+        elif isinstance(event, Welcome):
+            self._agree(event, RemoteProtocolError)
+        self.state = next_state
+        return event
+
+    def _out_of_data(self, partial: bool):
         if not self._eof:
             return NEED_DATA
         if partial:
-            self._fail("connection closed in the middle of a frame (truncated frame)")
-        if self.state != State.CLOSED:
-            self.state = State.CLOSED
+            raise RemoteProtocolError(f"truncated frame: EOF after {len(self._buf)} bytes of "
+                                      "an incomplete frame")
+        self.state = State.CLOSED
         return ConnectionClosed()
 
-    def _records(self, body: memoryview, flags: int) -> Records:
-        if len(body) < _RECORDS.size:
-            raise RemoteProtocolError("RECORDS body too short")
-        first, last, raw_length = _RECORDS.unpack_from(body)
-        if not 1 <= first <= last:
-            raise RemoteProtocolError(f"RECORDS seq range {first}..{last} is invalid")
-        if raw_length > self.max_frame:
-            raise RemoteProtocolError(f"RECORDS raw_length {raw_length} exceeds {self.max_frame}")
-        payload = body[_RECORDS.size:]
-        if flags & FLAG_COMPRESSED:
-            payload = self._decompress(bytes(payload), raw_length)
-        if len(payload) != raw_length:
-            raise RemoteProtocolError(f"RECORDS payload is {len(payload)} bytes, "
-                                      f"raw_length says {raw_length}")
-        return Records(first_seq=first, last_seq=last, payload=bytes(payload),
-                       compress=bool(flags & FLAG_COMPRESSED))
+    # ---- state --------------------------------------------------------------------------
+    def _next_state(self, direction: str, kind: FrameType, error: type[ProtocolError]) -> State:
+        next_state = TRANSITIONS.get((self.our_role, self.state, direction, kind))
+        if next_state is None:
+            verb = "send" if direction == SEND else "receive"
+            raise error(f"{self.our_role.value} cannot {verb} {kind.name} in state "
+                        f"{self.state.value}")
+        return next_state
 
-    def _decompress(self, data: bytes, raw_length: int) -> bytes:
-        """Decompress at most raw_length + 1 bytes: a frame claiming or holding more is
-        refused without ever inflating it (no decompression bombs)."""
-        try:
-            declared = zstandard.frame_content_size(data)
-            if declared not in (-1, raw_length):
-                raise RemoteProtocolError(f"RECORDS zstd frame declares {declared} bytes, "
-                                          f"raw_length says {raw_length}")
-            with self._decompressor.stream_reader(io.BytesIO(data)) as reader:
-                return reader.read(raw_length + 1)
-        except zstandard.ZstdError as exc:
-            raise RemoteProtocolError(f"RECORDS payload does not decompress: {exc}") from None
+    def _agree(self, welcome: Welcome, error: type[ProtocolError]) -> None:
+        """Check a WELCOME against the HELLO it answers and adopt its terms."""
+        hello = self._hello
+        if not hello.proto_min <= welcome.version <= hello.proto_max:
+            raise error(f"WELCOME version {welcome.version} is outside the HELLO range "
+                        f"{hello.proto_min}..{hello.proto_max}")
+        if int(welcome.features) & ~int(hello.features):
+            raise error(f"WELCOME features 0x{welcome.features:x} are not a subset of the "
+                        f"HELLO features 0x{hello.features:x}")
+        self.version = welcome.version
+        self.features = Feature(welcome.features)
+        if self.features & Feature.ZSTD:
+            self._compressor = zstandard.ZstdCompressor(level=self._zstd_level)
+            self._decompressor = zstandard.ZstdDecompressor()
 
-    # ---- state -------------------------------------------------------------------------
-    def _transition(self, direction: str, kind: FrameType, error) -> None:
-        nxt = TRANSITIONS.get((self.our_role, self.state, direction, kind))
-        if nxt is None:
-            where = self.state
-            self.state = State.ERROR
-            who = "send" if direction == OUT else "receive"
-            raise error(f"{self.our_role.value} cannot {who} {kind.name} in state {where.value}")
-        self.state = nxt
+    def _check_not_failed(self) -> None:
+        if self._failure is not None:
+            raise type(self._failure)(f"connection already failed: {self._failure}")
 
-    def _fail(self, message: str):
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        """Enter ERROR for good; returns exc for the caller to raise."""
         self.state = State.ERROR
-        raise RemoteProtocolError(message)
+        self._failure = exc
+        return exc

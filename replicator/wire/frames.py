@@ -1,24 +1,38 @@
-"""Replication protocol frames: byte layout, events, encoding and strict decoding.
+"""Replication protocol frames: byte layout, events, body encoding and strict decoding.
 
-Frame = 12-byte header + body, all integers little-endian:
+A frame is a 12-byte header followed by a body; all integers are little-endian:
 
     off size field
-    0   2    magic   0x5250
+    0   2    magic   0x5250 (b"PR")
     2   1    type    FrameType
-    3   1    flags   bit 0 COMPRESSED (RECORDS only: the payload is one zstd frame)
-    4   4    length  body bytes on the wire
-    8   4    crc     CRC32C of header bytes 0..8 followed by the body
+    3   1    flags   bit 0 COMPRESSED: the body after its fixed part is one zstd frame.
+                     Only RECORDS may set it, and only once ZSTD was negotiated; every
+                     other bit must be 0.
+    4   4    length  body bytes as on the wire (at most the receiver's max_frame)
+    8   4    crc     CRC32C of header bytes 0..8 followed by the body as on the wire, so
+                     it covers magic, type, flags, length and every body byte.
 
-Bodies (str = u16 byte length + UTF-8, at most 255 bytes unless noted):
-    HELLO      proto_min u16, proto_max u16, features u32, node str, group str, target str
-    WELCOME    version u16, features u32, seq u64, crc u32, node str
-    REFUSE     code u16, reason str (<= 1024 bytes)
-    RECORDS    first_seq u64, last_seq u64, raw_length u32, payload (journal records,
-               opaque here; zstd-compressed when COMPRESSED, raw_length = decompressed)
-    ACK        seq u64
-    HEARTBEAT  sent_ns u64
-    ERROR      code u16, message str (<= 1024 bytes)
-Types 0x80..0xFF are frames a peer may ignore; unknown types below 0x80 are errors.
+Bodies (str = u16 byte length + UTF-8, at most 255 bytes unless noted; a body must end
+exactly after its last field):
+
+    type           fixed part                                      then
+    1 HELLO        proto_min u16, proto_max u16, features u32      node str, group str,
+                                                                   target str
+    2 WELCOME      version u16, features u32, seq u64, crc u32     node str
+    3 REFUSE       code u16                                        reason str (<= 1024)
+    4 RECORDS      first_seq u64, last_seq u64, raw_length u32     payload
+    5 ACK          seq u64
+    6 HEARTBEAT    sent_ns u64
+    7 ERROR        code u16                                        message str
+
+RECORDS: the payload is concatenated journal records, opaque here. raw_length is its
+size before compression; when COMPRESSED the payload on the wire is a single zstd frame
+that must inflate to exactly raw_length bytes, and raw_length may not exceed max_frame,
+so a lying or oversized frame is refused without inflating more than that.
+WELCOME carries the receiver's position: its last durable seq and the header CRC of
+that record (0, 0 when empty).
+Types 0x80..0xFF are reserved for frames a peer may ignore; an unknown type below 0x80
+is a protocol error.
 """
 
 from __future__ import annotations
@@ -26,17 +40,24 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
+
+import zstandard
 
 MAGIC = 0x5250
-HEADER = struct.Struct("<HBBII")
+HEADER = struct.Struct("<HBBII")  # magic, type, flags, length, crc
 HEADER_SIZE = HEADER.size  # 12
+CRC_OFFSET = struct.calcsize("<HBBI")  # 8: the CRC covers the header up to here
 FLAG_COMPRESSED = 0x01
-IGNORABLE_FROM = 0x80
-MAX_NAME = 255
-MAX_TEXT = 1024
+IGNORABLE_FROM = 0x80  # types from here up may be skipped by a peer that does not know them
+MAX_NAME = 255  # every str field...
+MAX_REASON = 1024  # ...except REFUSE.reason
+PROTOCOL_MIN = PROTOCOL_MAX = 1
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 
 class FrameType(enum.IntEnum):
+    """Frame type numbers: explicit and never reused."""
     HELLO = 1
     WELCOME = 2
     REFUSE = 3
@@ -47,17 +68,19 @@ class FrameType(enum.IntEnum):
 
 
 class Refusal(enum.IntEnum):
+    """Codes of REFUSE and ERROR frames."""
     VERSION = 1
     UNKNOWN_GROUP = 2
     WRONG_SOURCE = 3
     WRONG_TARGET = 4
     NOT_REPLICA = 5
     BUSY = 6
-    POSITION = 7
+    POSITION = 7  # diverged from the sender: needs a resync, never an incremental apply
     INTERNAL = 99
 
     @classmethod
     def of(cls, code: int) -> "Refusal | int":
+        """The Refusal for a code off the wire, or the bare int for codes we do not know."""
         try:
             return cls(code)
         except ValueError:
@@ -68,20 +91,27 @@ class Feature(enum.IntFlag):
     ZSTD = 1
 
 
+SUPPORTED_FEATURES = Feature.ZSTD
+
+
 class ProtocolError(Exception):
     """Base of the wire layer's errors."""
 
 
 class LocalProtocolError(ProtocolError):
-    """We tried to do something the protocol does not allow (our bug)."""
+    """We tried to do something the protocol does not allow (a bug on this side)."""
 
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow."""
 
 
+# ---- events -----------------------------------------------------------------------------
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Hello:
+    """Sender -> receiver, first frame: which group it ships, from where, to where."""
+    frame_type: ClassVar[FrameType] = FrameType.HELLO
     proto_min: int
     proto_max: int
     features: int
@@ -92,6 +122,9 @@ class Hello:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Welcome:
+    """Receiver -> sender: the agreed version and features, and the receiver's durable
+    position (seq and the header CRC of that record; 0, 0 when empty)."""
+    frame_type: ClassVar[FrameType] = FrameType.WELCOME
     version: int
     features: int
     seq: int
@@ -101,12 +134,19 @@ class Welcome:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Refuse:
+    """Receiver -> sender instead of WELCOME; the connection is closed afterwards.
+    A reason longer than 1024 UTF-8 bytes is cut at a character boundary when sent."""
+    frame_type: ClassVar[FrameType] = FrameType.REFUSE
     code: Refusal | int
     reason: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Records:
+    """Sender -> receiver: journal records first_seq..last_seq, concatenated in payload.
+    Sending: compress asks for zstd (it is skipped when it would not shrink the payload).
+    Received: payload is the decompressed bytes, compress says how it arrived."""
+    frame_type: ClassVar[FrameType] = FrameType.RECORDS
     first_seq: int
     last_seq: int
     payload: bytes
@@ -114,69 +154,142 @@ class Records:
 
     def __post_init__(self):
         if not 1 <= self.first_seq <= self.last_seq:
-            raise ValueError(f"records {self.first_seq}..{self.last_seq}: need 1 <= first <= last")
+            raise ValueError(f"records {self.first_seq}..{self.last_seq}: "
+                             "need 1 <= first_seq <= last_seq")
+
+    def __repr__(self):  # payloads are megabytes; never dump them into a log line
+        return (f"Records(first_seq={self.first_seq}, last_seq={self.last_seq}, "
+                f"payload=<{len(self.payload)} bytes>, compress={self.compress})")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ack:
+    """Receiver -> sender: every record <= seq is durable on the receiver."""
+    frame_type: ClassVar[FrameType] = FrameType.ACK
     seq: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Heartbeat:
+    """Both ways while streaming; sent_ns is the sender's clock, echoed for RTT only."""
+    frame_type: ClassVar[FrameType] = FrameType.HEARTBEAT
     sent_ns: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Error:
+    """Both ways in any open state; the connection is closed afterwards.
+    A message longer than 255 UTF-8 bytes is cut at a character boundary when sent."""
+    frame_type: ClassVar[FrameType] = FrameType.ERROR
     code: Refusal | int
     message: str
 
 
 Frame = Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error
 
-FRAME_TYPE = {Hello: FrameType.HELLO, Welcome: FrameType.WELCOME, Refuse: FrameType.REFUSE,
-              Records: FrameType.RECORDS, Ack: FrameType.ACK, Heartbeat: FrameType.HEARTBEAT,
-              Error: FrameType.ERROR}
 
-_U16 = struct.Struct("<H")
-_HELLO = struct.Struct("<HHI")
-_WELCOME = struct.Struct("<HIQI")
-_RECORDS = struct.Struct("<QQI")
-_U64 = struct.Struct("<Q")
+def negotiate(hello: Hello, supported_min: int, supported_max: int,
+              features: int) -> tuple[int, Feature] | None:
+    """The highest version and the features both sides speak, or None when the version
+    ranges are disjoint (answer with Refuse(code=Refusal.VERSION))."""
+    low, high = max(hello.proto_min, supported_min), min(hello.proto_max, supported_max)
+    if low > high:
+        return None
+    return high, Feature(hello.features & features)
 
 
-def _pack_str(value: str, limit: int = MAX_NAME) -> bytes:
-    raw = value.encode()
+# ---- fixed parts and strings --------------------------------------------------------------
+
+class _Fixed:
+    """One fixed-size part of a body: a struct.Struct and its field names, so that both
+    encoding and decoding errors can name the field."""
+
+    def __init__(self, fmt: str, *names: str):
+        self.struct = struct.Struct("<" + fmt)
+        self.names = names
+        self.limits = [1 << (8 * struct.calcsize("<" + code)) for code in fmt]
+        assert len(names) == len(fmt)
+
+    def pack(self, kind: FrameType, *values: int) -> bytes:
+        for name, value, limit in zip(self.names, values, self.limits):
+            if not isinstance(value, int) or not 0 <= value < limit:
+                raise LocalProtocolError(f"{kind.name} field {name}={value!r} does not fit "
+                                         f"in {limit.bit_length() - 1} unsigned bits")
+        return self.struct.pack(*values)
+
+
+_HELLO = _Fixed("HHI", "proto_min", "proto_max", "features")
+_WELCOME = _Fixed("HIQI", "version", "features", "seq", "crc")
+_CODE = _Fixed("H", "code")
+_RECORDS = _Fixed("QQI", "first_seq", "last_seq", "raw_length")
+RECORDS_FIXED_SIZE = _RECORDS.struct.size  # 20: an uncompressed payload may be max_frame - 20
+_ACK = _Fixed("Q", "seq")
+_HEARTBEAT = _Fixed("Q", "sent_ns")
+_STRLEN = struct.Struct("<H")
+
+
+def _pack_name(kind: FrameType, field: str, value: str) -> bytes:
+    """A str field that must arrive intact (names): too long is an error."""
+    raw = _utf8(kind, field, value)
+    if len(raw) > MAX_NAME:
+        raise LocalProtocolError(f"{kind.name} field {field} is {len(raw)} bytes, "
+                                 f"more than {MAX_NAME}")
+    return _STRLEN.pack(len(raw)) + raw
+
+
+def _pack_text(kind: FrameType, field: str, value: str, limit: int) -> bytes:
+    """A free-text str field (reason, message): cut at a character boundary to fit, so
+    reporting an error never fails because the description is long."""
+    raw = _utf8(kind, field, value)
     if len(raw) > limit:
-        raise LocalProtocolError(f"string of {len(raw)} bytes exceeds {limit}")
-    return _U16.pack(len(raw)) + raw
+        raw = raw[:limit].decode("utf-8", "ignore").encode()
+    return _STRLEN.pack(len(raw)) + raw
 
 
-class _Body:
+def _utf8(kind: FrameType, field: str, value: str) -> bytes:
+    if not isinstance(value, str):
+        raise LocalProtocolError(f"{kind.name} field {field} must be str, "
+                                 f"not {type(value).__name__}")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"{kind.name} field {field} cannot be encoded as UTF-8 "
+                                 "(lone surrogate)") from None
+
+
+class _Reader:
     """Strict reader of one frame body: every field must be present and the body must
     end exactly after the last one."""
 
-    def __init__(self, body: memoryview, kind: FrameType):
-        self.body, self.pos, self.kind = body, 0, kind
+    def __init__(self, kind: FrameType, body: memoryview):
+        self.kind, self.body, self.pos = kind, body, 0
 
-    def fixed(self, st: struct.Struct, what: str) -> tuple:
-        if self.pos + st.size > len(self.body):
-            raise RemoteProtocolError(f"{self.kind.name} body too short for {what}")
-        values = st.unpack_from(self.body, self.pos)
-        self.pos += st.size
+    def fixed(self, part: _Fixed) -> tuple:
+        if self.pos + part.struct.size > len(self.body):
+            raise RemoteProtocolError(
+                f"{self.kind.name} body of {len(self.body)} bytes is too short for "
+                f"{', '.join(part.names)}")
+        values = part.struct.unpack_from(self.body, self.pos)
+        self.pos += part.struct.size
         return values
 
-    def text(self, what: str, limit: int = MAX_NAME) -> str:
-        (n,) = self.fixed(_U16, what)
-        if n > limit or self.pos + n > len(self.body):
-            raise RemoteProtocolError(f"{self.kind.name} field {what}: bad length {n}")
+    def text(self, field: str, limit: int = MAX_NAME) -> str:
+        if self.pos + _STRLEN.size > len(self.body):
+            raise RemoteProtocolError(f"{self.kind.name} body is too short for {field} length")
+        (n,) = _STRLEN.unpack_from(self.body, self.pos)
+        self.pos += _STRLEN.size
+        if n > limit:
+            raise RemoteProtocolError(f"{self.kind.name} field {field} length {n} exceeds {limit}")
+        if self.pos + n > len(self.body):
+            raise RemoteProtocolError(f"{self.kind.name} field {field} length {n} runs past "
+                                      f"the body ({len(self.body) - self.pos} bytes left)")
         raw = bytes(self.body[self.pos:self.pos + n])
         self.pos += n
         try:
-            return raw.decode()
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise RemoteProtocolError(f"{self.kind.name} field {what} is not UTF-8") from None
+            raise RemoteProtocolError(
+                f"{self.kind.name} field {field} is not valid UTF-8") from None
 
     def rest(self) -> memoryview:
         out = self.body[self.pos:]
@@ -186,54 +299,172 @@ class _Body:
     def end(self) -> None:
         if self.pos != len(self.body):
             raise RemoteProtocolError(f"{self.kind.name} body has {len(self.body) - self.pos} "
-                                      "trailing bytes")
+                                      "trailing bytes after its last field")
 
 
-def encode_body(ev) -> bytes:
-    """Body bytes of a frame (RECORDS: the fixed part only; the payload follows)."""
-    if isinstance(ev, Hello):
-        return (_HELLO.pack(ev.proto_min, ev.proto_max, int(ev.features)) + _pack_str(ev.node)
-                + _pack_str(ev.group) + _pack_str(ev.target))
-    if isinstance(ev, Welcome):
-        return _WELCOME.pack(ev.version, int(ev.features), ev.seq, ev.crc) + _pack_str(ev.node)
-    if isinstance(ev, (Refuse, Error)):
-        text = ev.reason if isinstance(ev, Refuse) else ev.message
-        return _U16.pack(int(ev.code)) + _pack_str(text, MAX_TEXT)
-    if isinstance(ev, Ack):
-        return _U64.pack(ev.seq)
-    if isinstance(ev, Heartbeat):
-        return _U64.pack(ev.sent_ns)
-    raise LocalProtocolError(f"cannot encode {type(ev).__name__}")
+# ---- encoding -----------------------------------------------------------------------------
 
-
-def decode_body(kind: FrameType, body: memoryview):
-    """Decode a non-RECORDS body into its event."""
-    b = _Body(body, kind)
-    if kind == FrameType.HELLO:
-        pmin, pmax, features = b.fixed(_HELLO, "versions")
-        ev = Hello(proto_min=pmin, proto_max=pmax, features=features, node=b.text("node"),
-                   group=b.text("group"), target=b.text("target"))
-    elif kind == FrameType.WELCOME:
-        version, features, seq, crc = b.fixed(_WELCOME, "position")
-        ev = Welcome(version=version, features=features, seq=seq, crc=crc, node=b.text("node"))
-    elif kind in (FrameType.REFUSE, FrameType.ERROR):
-        (code,) = b.fixed(_U16, "code")
-        text = b.text("reason", MAX_TEXT)
-        ev = (Refuse(code=Refusal.of(code), reason=text) if kind == FrameType.REFUSE
-              else Error(code=Refusal.of(code), message=text))
-    elif kind == FrameType.ACK:
-        ev = Ack(seq=b.fixed(_U64, "seq")[0])
-    elif kind == FrameType.HEARTBEAT:
-        ev = Heartbeat(sent_ns=b.fixed(_U64, "sent_ns")[0])
+def encode_body(event: Frame, *, max_frame: int,
+                compressor: zstandard.ZstdCompressor | None = None) -> tuple[int, list]:
+    """(flags, body parts) of an event; the parts joined are the body on the wire.
+    Records payloads are passed through uncopied (or compressed when event.compress and
+    a compressor is given). Raises LocalProtocolError for anything not encodable."""
+    kind = event.frame_type
+    if isinstance(event, Records):
+        return _encode_records(event, max_frame, compressor)
+    if isinstance(event, Hello):
+        if event.proto_min > event.proto_max:
+            raise LocalProtocolError(f"HELLO proto_min {event.proto_min} > "
+                                     f"proto_max {event.proto_max}")
+        parts = [_HELLO.pack(kind, event.proto_min, event.proto_max, int(event.features)),
+                 _pack_name(kind, "node", event.node), _pack_name(kind, "group", event.group),
+                 _pack_name(kind, "target", event.target)]
+    elif isinstance(event, Welcome):
+        parts = [_WELCOME.pack(kind, event.version, int(event.features), event.seq, event.crc),
+                 _pack_name(kind, "node", event.node)]
+    elif isinstance(event, Refuse):
+        parts = [_CODE.pack(kind, int(event.code)),
+                 _pack_text(kind, "reason", event.reason, MAX_REASON)]
+    elif isinstance(event, Error):
+        parts = [_CODE.pack(kind, int(event.code)),
+                 _pack_text(kind, "message", event.message, MAX_NAME)]
+    elif isinstance(event, Ack):
+        parts = [_ACK.pack(kind, event.seq)]
+    elif isinstance(event, Heartbeat):
+        parts = [_HEARTBEAT.pack(kind, event.sent_ns)]
     else:
-        raise RemoteProtocolError(f"no decoder for {kind!r}")
-    b.end()
-    return ev
+        raise LocalProtocolError(f"{type(event).__name__} is not a frame")
+    body_length = sum(map(len, parts))
+    if body_length > max_frame:
+        raise LocalProtocolError(f"{kind.name} body of {body_length} bytes exceeds "
+                                 f"max_frame {max_frame}")
+    return 0, parts
 
 
-def negotiate(hello: Hello, supported_min: int, supported_max: int, features: int):
-    """(version, features) both sides speak, or None when the ranges are disjoint."""
-    low, high = max(hello.proto_min, supported_min), min(hello.proto_max, supported_max)
-    if low > high:
+def _encode_records(event: Records, max_frame: int,
+                    compressor: zstandard.ZstdCompressor | None) -> tuple[int, list]:
+    payload = event.payload
+    raw_length = len(payload)
+    # The receiver refuses raw_length > max_frame before inflating anything.
+    if raw_length > max_frame:
+        raise LocalProtocolError(f"RECORDS {event.first_seq}..{event.last_seq}: payload of "
+                                 f"{raw_length} bytes exceeds max_frame {max_frame}")
+    flags = 0
+    if event.compress:
+        if compressor is None:
+            raise LocalProtocolError("RECORDS compress=True but zstd was not negotiated")
+        packed = compressor.compress(payload)
+        if len(packed) < raw_length:  # incompressible data goes as it is
+            payload, flags = packed, FLAG_COMPRESSED
+    fixed = _RECORDS.pack(FrameType.RECORDS, event.first_seq, event.last_seq, raw_length)
+    if len(fixed) + len(payload) > max_frame:
+        raise LocalProtocolError(f"RECORDS {event.first_seq}..{event.last_seq}: body of "
+                                 f"{len(fixed) + len(payload)} bytes exceeds max_frame {max_frame}")
+    return flags, [fixed, payload]
+
+
+# ---- decoding -----------------------------------------------------------------------------
+
+def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
+                decompressor: zstandard.ZstdDecompressor | None = None) -> Frame | None:
+    """The event of one complete, checksum-verified frame body, or None for an ignorable
+    frame (type >= 0x80). decompressor is None when zstd was not negotiated, and then a
+    COMPRESSED frame is an error. The event never references `body`."""
+    if type_code >= IGNORABLE_FROM:
         return None
-    return high, Feature(hello.features & features)
+    try:
+        kind = FrameType(type_code)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown frame type 0x{type_code:02x}") from None
+    if flags & ~FLAG_COMPRESSED:
+        raise RemoteProtocolError(f"{kind.name} has unknown flags 0x{flags:02x}")
+    if flags and kind != FrameType.RECORDS:
+        raise RemoteProtocolError(f"{kind.name} has flags 0x{flags:02x}: only RECORDS may be "
+                                  "COMPRESSED")
+    reader = _Reader(kind, body)
+    if kind == FrameType.RECORDS:
+        return _decode_records(reader, bool(flags), max_frame, decompressor)
+    if kind == FrameType.HELLO:
+        proto_min, proto_max, features = reader.fixed(_HELLO)
+        if proto_min > proto_max:
+            raise RemoteProtocolError(f"HELLO proto_min {proto_min} > proto_max {proto_max}")
+        event = Hello(proto_min=proto_min, proto_max=proto_max, features=features,
+                      node=reader.text("node"), group=reader.text("group"),
+                      target=reader.text("target"))
+    elif kind == FrameType.WELCOME:
+        version, features, seq, crc = reader.fixed(_WELCOME)
+        event = Welcome(version=version, features=features, seq=seq, crc=crc,
+                        node=reader.text("node"))
+    elif kind == FrameType.REFUSE:
+        (code,) = reader.fixed(_CODE)
+        event = Refuse(code=Refusal.of(code), reason=reader.text("reason", MAX_REASON))
+    elif kind == FrameType.ERROR:
+        (code,) = reader.fixed(_CODE)
+        event = Error(code=Refusal.of(code), message=reader.text("message"))
+    elif kind == FrameType.ACK:
+        event = Ack(seq=reader.fixed(_ACK)[0])
+    else:
+        assert kind == FrameType.HEARTBEAT, kind
+        event = Heartbeat(sent_ns=reader.fixed(_HEARTBEAT)[0])
+    reader.end()
+    return event
+
+
+def _decode_records(reader: _Reader, compressed: bool, max_frame: int,
+                    decompressor: zstandard.ZstdDecompressor | None) -> Records:
+    first_seq, last_seq, raw_length = reader.fixed(_RECORDS)
+    if first_seq < 1:
+        raise RemoteProtocolError(f"RECORDS first_seq {first_seq} must be >= 1")
+    if last_seq < first_seq:
+        raise RemoteProtocolError(f"RECORDS last_seq {last_seq} < first_seq {first_seq}")
+    if raw_length > max_frame:
+        raise RemoteProtocolError(f"RECORDS raw_length {raw_length} exceeds max_frame {max_frame}")
+    wire = reader.rest()
+    if compressed:
+        if decompressor is None:
+            raise RemoteProtocolError("RECORDS is COMPRESSED but zstd was not negotiated")
+        payload = _inflate(wire, raw_length, decompressor)
+    else:
+        if len(wire) != raw_length:
+            raise RemoteProtocolError(f"RECORDS payload is {len(wire)} bytes but raw_length "
+                                      f"is {raw_length}")
+        payload = bytes(wire)  # the one copy out of the receive buffer
+    return Records(first_seq=first_seq, last_seq=last_seq, payload=payload, compress=compressed)
+
+
+_SIZE_UNKNOWN = -1  # frame_content_size() of a frame that does not declare its size
+
+
+def _inflate(wire: memoryview, raw_length: int, decompressor: zstandard.ZstdDecompressor) -> bytes:
+    """Exactly one zstd frame inflating to exactly raw_length bytes. Never produces more
+    than raw_length bytes, whatever the frame claims (no decompression bombs)."""
+    try:
+        declared = zstandard.frame_content_size(wire)
+    except zstandard.ZstdError:
+        raise RemoteProtocolError(
+            "RECORDS payload does not start with a zstd frame header") from None
+    if declared not in (_SIZE_UNKNOWN, raw_length):
+        raise RemoteProtocolError(f"RECORDS zstd frame declares {declared} bytes but "
+                                  f"raw_length is {raw_length}")
+    try:
+        if raw_length == 0:
+            # The one-shot API returns b"" for an empty declared frame without reading
+            # it; stream it instead (libzstd enforces the declared size of 0).
+            if declared != 0:
+                raise RemoteProtocolError("RECORDS raw_length is 0 but the zstd frame does "
+                                          "not declare its size")
+            inflater = decompressor.decompressobj()
+            payload = inflater.decompress(wire)
+            if not inflater.eof or inflater.unused_data:
+                raise RemoteProtocolError("RECORDS payload is not exactly one zstd frame")
+        else:
+            # Output is allocated at raw_length (<= max_frame) and may not grow past it.
+            payload = decompressor.decompress(wire, max_output_size=raw_length,
+                                              allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"RECORDS payload does not inflate to raw_length "
+                                  f"{raw_length}: {exc}") from None
+    if len(payload) != raw_length:
+        raise RemoteProtocolError(f"RECORDS payload inflates to {len(payload)} bytes but "
+                                  f"raw_length is {raw_length}")
+    return payload
