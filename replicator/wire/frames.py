@@ -23,7 +23,7 @@ exactly after its last field):
     4 RECORDS      first_seq u64, last_seq u64, raw_length u32     payload
     5 ACK          seq u64
     6 HEARTBEAT    sent_ns u64
-    7 ERROR        code u16                                        message str
+    7 ERROR        code u16                                        message str (<= 1024)
 
 RECORDS: the payload is concatenated journal records, opaque here. raw_length is its
 size before compression; when COMPRESSED the payload on the wire is a single zstd frame
@@ -51,7 +51,7 @@ CRC_OFFSET = struct.calcsize("<HBBI")  # 8: the CRC covers the header up to here
 FLAG_COMPRESSED = 0x01
 IGNORABLE_FROM = 0x80  # types from here up may be skipped by a peer that does not know them
 MAX_NAME = 255  # every str field...
-MAX_REASON = 1024  # ...except REFUSE.reason
+MAX_REASON = 1024  # ...except the free text of REFUSE and ERROR
 PROTOCOL_MIN = PROTOCOL_MAX = 1
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
@@ -179,7 +179,7 @@ class Heartbeat:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Error:
     """Both ways in any open state; the connection is closed afterwards.
-    A message longer than 255 UTF-8 bytes is cut at a character boundary when sent."""
+    A message longer than 1024 UTF-8 bytes is cut at a character boundary when sent."""
     frame_type: ClassVar[FrameType] = FrameType.ERROR
     code: Refusal | int
     message: str
@@ -327,7 +327,7 @@ def encode_body(event: Frame, *, max_frame: int,
                  _pack_text(kind, "reason", event.reason, MAX_REASON)]
     elif isinstance(event, Error):
         parts = [_CODE.pack(kind, int(event.code)),
-                 _pack_text(kind, "message", event.message, MAX_NAME)]
+                 _pack_text(kind, "message", event.message, MAX_REASON)]
     elif isinstance(event, Ack):
         parts = [_ACK.pack(kind, event.seq)]
     elif isinstance(event, Heartbeat):
@@ -400,7 +400,7 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = Refuse(code=Refusal.of(code), reason=reader.text("reason", MAX_REASON))
     elif kind == FrameType.ERROR:
         (code,) = reader.fixed(_CODE)
-        event = Error(code=Refusal.of(code), message=reader.text("message"))
+        event = Error(code=Refusal.of(code), message=reader.text("message", MAX_REASON))
     elif kind == FrameType.ACK:
         event = Ack(seq=reader.fixed(_ACK)[0])
     else:

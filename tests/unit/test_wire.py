@@ -258,7 +258,7 @@ ROUND_TRIP = [
     Refuse(code=Refusal.VERSION, reason="r" * 1024),
     Records(first_seq=1, last_seq=2**64 - 1, payload=bytes(range(256)) * 10),
     Records(first_seq=9, last_seq=9, payload=b"a" * 4096, compress=True),
-    Ack(seq=0), Heartbeat(sent_ns=2**64 - 1), Error(code=65535, message="m" * 255),
+    Ack(seq=0), Heartbeat(sent_ns=2**64 - 1), Error(code=65535, message="m" * 1024),
 ]
 
 
@@ -312,9 +312,9 @@ if given is not None:
 
 def test_free_text_is_cut_at_a_character_boundary():
     s, r = handshake()
-    r.receive_data(s.send(Error(code=Refusal.INTERNAL, message="é" * 300)))
+    r.receive_data(s.send(Error(code=Refusal.INTERNAL, message="é" * 600)))
     (ev,) = drain(r)
-    assert ev.message == "é" * 127  # 254 bytes: the 128th character would straddle 255
+    assert ev.message == "é" * 512  # 1024 bytes: operators see the whole diagnostic
     s = Connection(Role.SENDER)
     s.send(HELLO)
     r = hello_received()
@@ -385,8 +385,8 @@ MALFORMED_AT_START = [
     ("welcome to receiver", frame(2, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x")),
      "cannot receive WELCOME"),
     ("error too short", frame(7, b"\x01"), "ERROR body of 1 bytes is too short for code"),
-    ("error message too long", frame(7, struct.pack("<H", 1) + text(b"m" * 256)),
-     "field message length 256 exceeds 255"),
+    ("error message too long", frame(7, struct.pack("<H", 1) + text(b"m" * 1025)),
+     "field message length 1025 exceeds 1024"),
     ("heartbeat trailing", frame(6, struct.pack("<Q", 1) + b"\0"), "HEARTBEAT body has 1 trailing"),
 ]
 
