@@ -1,70 +1,210 @@
-"""NBD server: how writes enter the product.
+"""NBD server: how block writes enter the product.
 
-Theory of operation. One asyncio Protocol per client connection, in two phases:
-- handshake (fixed newstyle): the server greets, the client answers its flags, then
-  sends options. Supported: GO and INFO (NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE,
-  NBD_INFO_NAME), EXPORT_NAME, LIST, ABORT. STRUCTURED_REPLY, meta contexts and
-  everything else get NBD_REP_ERR_UNSUP; STARTTLS gets ERR_POLICY. An unknown or
-  empty export name is refused (ERR_UNKNOWN naming the valid ones; EXPORT_NAME
-  closes, as the spec requires): we never guess which volume a client meant.
-- transmission: requests are parsed from one bytearray, as many per data_received as
-  are buffered, and handed to the Export (READ synchronously; WRITE, TRIM and
-  WRITE_ZEROES, FLUSH with a `done(errno)` callback that may fire later). Replies are
-  simple replies, possibly out of order, collected and written once per loop turn.
-  Too many requests in flight pauses reading.
+Theory of operation
+-------------------
+`NbdServer` listens on TCP; every client connection is one `_Connection`, an
+`asyncio.Protocol` that walks these states (anything else closes the connection):
 
-Errors: bad request magic closes the connection (the stream cannot be resynchronised);
-an unknown command gets EINVAL; a range past the end gets EINVAL (READ) or ENOSPC
-(WRITE/TRIM/WRITE_ZEROES, payload consumed first); writes to a read-only export get
-EPERM; READ longer than max_request gets EINVAL; WRITE longer than max_request gets
-EINVAL and the connection is closed (the payload cannot be skipped safely). DISC
-waits for outstanding requests, sends their replies and closes. Exceptions from the
-export become EIO and are logged; the server never dies of one client.
+    FLAGS        --client flags with FIXED_NEWSTYLE--------------> OPTIONS
+    OPTIONS      --GO / EXPORT_NAME naming a known export-------> TRANSMISSION
+    OPTIONS      --ABORT, bad magic, unknown EXPORT_NAME--------> CLOSED
+    TRANSMISSION --DISC, client EOF, server close()------------> DRAINING
+    DRAINING     --last outstanding request answered------------> CLOSED
+    TRANSMISSION --WRITE longer than max_request----------------> LINGERING
+    LINGERING    --client EOF or LINGER_SECONDS-----------------> CLOSED
+    any          --bad request magic, handshake timeout, loss---> CLOSED
+
+The handshake is the fixed newstyle one: the server greets with NBDMAGIC, IHAVEOPT and
+FIXED_NEWSTYLE|NO_ZEROES; the client must answer FIXED_NEWSTYLE (NO_ZEROES optional,
+anything else closes) and then sends options. It must reach TRANSMISSION within
+`handshake_timeout` seconds. `exports()` is called for every option that names or lists
+exports, so the set may change at runtime.
+
+Options
+    EXPORT_NAME   enters transmission; unknown or empty name closes (the spec leaves no
+                  way to answer an error).
+    INFO, GO      NBD_REP_INFO with NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE (minimum 1,
+                  preferred 4096, maximum `max_request`), NBD_INFO_NAME when asked; then
+                  ACK (GO enters transmission). Unknown or empty name: ERR_UNKNOWN with a
+                  message listing the valid names; we never guess a default export.
+    LIST          one REP_SERVER per export, then ACK.
+    ABORT         ACK, then close.
+    STARTTLS      ERR_POLICY (no TLS on this port).
+    anything else ERR_UNSUP (STRUCTURED_REPLY, meta contexts, extended headers...).
+    An option payload over MAX_OPTION bytes is discarded as it arrives and answered
+    ERR_TOO_BIG; over MAX_DISCARD bytes (or an oversized EXPORT_NAME) closes.
+
+Transmission flags: HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES,
+CAN_MULTI_CONN, and READ_ONLY for read-only exports. Simple replies only.
+
+Commands
+    READ          `Export.read`, synchronous, answered in the same loop turn.
+    WRITE         `Export.write(offset, data, fua, done)`.
+    TRIM, WRITE_ZEROES
+                  `Export.zero(offset, length, fua, done)`; NO_HOLE accepted and ignored
+                  (zeroes are always written as data or journal records).
+    FLUSH         `Export.flush(done)`.
+    DISC          stop reading, answer everything outstanding, close.
+    Zero-length WRITE/TRIM/WRITE_ZEROES succeed without calling the export.
+
+`done(errno)` may be called synchronously inside the export call or later, but always
+on the event-loop thread, and exactly once per call. Replies may therefore go out of
+order; the client matches them by handle. Replies are gathered per connection and
+written with one `transport.write` per loop turn (at the end of `data_received` for
+synchronous completions, from a `call_soon` otherwise).
+
+Back-pressure: the parser stops taking requests (and pauses reading) while
+MAX_IN_FLIGHT requests or MAX_PENDING_BYTES of write payload are outstanding, or while
+the transport's write buffer is above its high-water mark; it resumes below half.
+
+Errors (NBD error values are the Linux errno numbers)
+    bad request magic            log, close: the stream cannot be resynchronised.
+    unknown command or flag      EINVAL, keep serving.
+    READ past the end            EINVAL.
+    WRITE/TRIM/ZEROES past end   ENOSPC (the WRITE payload is consumed first).
+    WRITE/TRIM/ZEROES read-only  EPERM (payload consumed first).
+    READ over max_request        EINVAL, keep serving.
+    WRITE over max_request       EINVAL, then close: the payload cannot be skipped
+                                 safely. The server half-closes and keeps discarding
+                                 input for LINGER_SECONDS so the client sees the reply
+                                 rather than a reset.
+    done(err) from the export    EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
+                                 ESHUTDOWN pass through; EROFS -> EPERM; EDQUOT, EFBIG
+                                 -> ENOSPC (as the spec asks); anything else -> EIO.
+    the export raises            EIO, logged (rate-limited per connection).
+    short read from the export   EIO, logged.
+A misbehaving client only ever loses its own connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno as E
+import enum
+import errno
 import logging
 import struct
 from typing import Callable, Mapping, Protocol
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
+__all__ = ["Export", "NbdServer", "Done"]
+
+# ---- wire constants (doc/proto.md of NetworkBlockDevice/nbd) ---------------------------
+
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 
-FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
-OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
-REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
-REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = 0x80000001, 0x80000002, 0x80000003
-REP_ERR_UNKNOWN, REP_ERR_TOO_BIG = 0x80000006, 0x80000009
-INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
+FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags (server) and client flags
+FLAG_NO_ZEROES = 1 << 1
 
-TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA = 1, 2, 4, 8
-TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_CAN_MULTI_CONN = 32, 64, 256
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
-CMD_FLAG_FUA = 1
 
-NBD_ERRNO = {E.EPERM: 1, E.EIO: 5, E.ENOMEM: 12, E.EINVAL: 22, E.ENOSPC: 28,
-             E.EOVERFLOW: 75, E.ENOTSUP: 95, E.ESHUTDOWN: 108, E.EROFS: 1, E.EDQUOT: 28,
-             E.EFBIG: 28}
+class Opt(enum.IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
 
-MAX_OPTION = 64 * 1024
-MAX_IN_FLIGHT = 128
-MAX_PENDING_BYTES = 64 << 20
 
-_OPT_HDR = struct.Struct(">QII")
-_REQ = struct.Struct(">IHHQQI")
-_REPLY = struct.Struct(">IIQ")
-_OPT_REPLY = struct.Struct(">QIII")
+class Rep(enum.IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    ERR_UNSUP = 2**31 + 1
+    ERR_POLICY = 2**31 + 2
+    ERR_INVALID = 2**31 + 3
+    ERR_UNKNOWN = 2**31 + 6
+    ERR_TOO_BIG = 2**31 + 9
+
+
+class Info(enum.IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class TransmissionFlag(enum.IntFlag):
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    CAN_MULTI_CONN = 1 << 8
+
+
+class Cmd(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    WRITE_ZEROES = 6
+
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+
+# Plain ints for the request loop (cheaper than enum members there).
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _WRITE_ZEROES = (int(c) for c in (
+    Cmd.READ, Cmd.WRITE, Cmd.DISC, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES))
+_FUA = CMD_FLAG_FUA
+_NOT_FUA = ~CMD_FLAG_FUA & 0xFFFF
+_NOT_ZERO_FLAGS = ~(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) & 0xFFFF
+
+# Python errno -> NBD error value. Anything not listed becomes EIO.
+NBD_EIO = 5
+NBD_ERRORS: dict[int, int] = {
+    errno.EPERM: 1, errno.EIO: 5, errno.ENOMEM: 12, errno.EINVAL: 22, errno.ENOSPC: 28,
+    errno.EOVERFLOW: 75, errno.ENOTSUP: 95, errno.ESHUTDOWN: 108,
+    errno.EROFS: 1, errno.EDQUOT: 28, errno.EFBIG: 28,
+}
+
+# ---- limits ------------------------------------------------------------------------------
+
+MAX_OPTION = 64 * 1024          # option payloads above this get ERR_TOO_BIG
+MAX_DISCARD = 16 * 1024 * 1024  # ...and above this the client is not worth listening to
+MAX_NAME_LIST = 4096            # bytes of export names quoted in an ERR_UNKNOWN message
+MAX_IN_FLIGHT = 128             # outstanding requests per connection before pausing
+MAX_PENDING_BYTES = 64 << 20    # outstanding write payload per connection before pausing
+LINGER_SECONDS = 2.0            # input discarded after refusing an oversized WRITE
+CLOSE_TIMEOUT = 5.0             # NbdServer.close(): wait for outstanding requests
+EXPORT_ERRORS_LOGGED = 10       # per connection; the rest are counted
+
+PREFERRED_BLOCK = 4096
+
+# ---- wire structures ---------------------------------------------------------------------
+
+_GREETING = struct.Struct(">QQH")      # NBDMAGIC, IHAVEOPT, handshake flags
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_OPTION = struct.Struct(">QII")        # IHAVEOPT, option, payload length
+_OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, payload length
+_EXPORT_INFO = struct.Struct(">HQH")   # NBD_INFO_EXPORT, size, transmission flags
+_BLOCK_INFO = struct.Struct(">HIII")   # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
+_EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeroes)
+_REQUEST = struct.Struct(">IHHQQI")    # magic, command flags, type, handle, offset, length
+_REPLY = struct.Struct(">IIQ")         # magic, error, handle
+_REQUEST_SIZE = _REQUEST.size          # 28
 
 Done = Callable[[int], None]
 
 
 class Export(Protocol):
+    """One volume as NBD sees it. All methods are called on the event-loop thread.
+
+    `done(err)` must be called exactly once, on the event-loop thread, with 0 or a Python
+    errno, either inside the call or later. An exception from any method is answered
+    EIO (and logged); if `done` was already called, the exception is only logged.
+    """
+
     name: str
     size: int
     read_only: bool
@@ -75,309 +215,567 @@ class Export(Protocol):
     def flush(self, done: Done) -> None: ...
 
 
-class _Conn(asyncio.Protocol):
-    def __init__(self, server: "NbdServer"):
-        self.server = server
-        self.log = server.log
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.export: Export | None = None
-        self.phase = "flags"  # flags -> options -> transmission -> closing
-        self.no_zeroes = False
-        self.out: list[bytes] = []
-        self.flush_scheduled = False
-        self.in_flight = 0
-        self.pending_bytes = 0
-        self.paused = False
-        self.disc = False
-        self.timer: asyncio.TimerHandle | None = None
+class _State(enum.Enum):
+    FLAGS = "awaiting client flags"
+    OPTIONS = "negotiating options"
+    TRANSMISSION = "transmission"
+    DRAINING = "draining outstanding requests"
+    LINGERING = "lingering after a refused write"
+    CLOSED = "closed"
 
-    # ---- asyncio plumbing ------------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.server.conns.add(self)
-        self.peer = transport.get_extra_info("peername")
-        transport.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
-                                    FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        self.timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._abort, "handshake timed out")
 
-    def connection_lost(self, exc) -> None:
-        self.server.conns.discard(self)
-        if self.timer:
-            self.timer.cancel()
-        self.phase = "closed"
+_FLAGS, _OPTIONS, _TRANSMISSION = _State.FLAGS, _State.OPTIONS, _State.TRANSMISSION
+_DRAINING, _LINGERING, _CLOSED = _State.DRAINING, _State.LINGERING, _State.CLOSED
 
-    def _abort(self, why: str) -> None:
-        if self.phase != "closed":
-            self.log.info("NBD client %s: %s; closing", self.peer, why)
-            self.phase = "closing"
-            self._flush()
-            self.transport.close()
+
+def transmission_flags(export: Export) -> int:
+    flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
+             | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM
+             | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.CAN_MULTI_CONN)
+    if export.read_only:
+        flags |= TransmissionFlag.READ_ONLY
+    return int(flags)
+
+
+class _Connection(asyncio.Protocol):
+    """One client. Cleanup happens in connection_lost only; everything else that wants
+    the connection gone closes (or aborts) the transport."""
+
+    def __init__(self, server: NbdServer):
+        self._server = server
+        self._log = server.log
+        self._loop = server.loop
+        self._max_request = server.max_request
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._state = _FLAGS
+        self._buf = bytearray()
+        self._skip = 0                 # bytes of an oversized option still to discard
+        self._skip_option = 0
+        self._no_zeroes = False
+        self._export: Export | None = None
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        # replies
+        self._out: list[bytes] = []
+        self._receiving = False        # inside data_received: it flushes on the way out
+        self._flush_pending = False    # a flush is scheduled or will happen on the way out
+        # back-pressure
+        self._in_flight = 0
+        self._pending_bytes = 0
+        self._paused = False           # we stopped parsing and paused the transport
+        self._write_blocked = False    # the transport asked us to stop producing
+        self._export_errors = 0
+
+    # ---- asyncio plumbing -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if self._server._closing:  # accepted just before close(): nothing to offer
+            self._state = _CLOSED
+            transport.abort()
+            return
+        self._server._connections.add(self)
+        transport.write(_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        self._timer = self._loop.call_later(self._server.handshake_timeout, self._handshake_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _CLOSED
+        self._cancel_timer()
+        self._out = []
+        self._buf = bytearray()
+        if self._export_errors > EXPORT_ERRORS_LOGGED:
+            self._log.error("NBD client %s: %d export errors in all (%d not logged)", self._peer,
+                            self._export_errors, self._export_errors - EXPORT_ERRORS_LOGGED)
+        self._server._forget(self)
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its requests still gets their replies.
+        if self._state is _TRANSMISSION or self._state is _DRAINING:
+            self._drain()
+            return True
+        return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+        state = self._state
+        if not self._paused and (state is _TRANSMISSION or state is _OPTIONS or state is _FLAGS):
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._maybe_resume()
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
+        state = self._state
+        if state is not _TRANSMISSION and state is not _FLAGS and state is not _OPTIONS:
+            return  # draining after DISC, lingering or closed: input is ignored
+        self._buf += data
+        self._receiving = True
         try:
-            if self.phase == "transmission":
-                self._requests()
-            else:
-                self._handshake()
+            if state is not _TRANSMISSION:
+                self._negotiate()
+            if self._state is _TRANSMISSION and not self._paused:
+                self._parse_requests()
+        except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
+            self._log.exception("NBD client %s: internal error in state %s; closing",
+                                self._peer, self._state.value)
+            self._state = _CLOSED
+            self._transport.abort()
+        finally:
+            self._receiving = False
+            if self._out:
                 self._flush()
-                if self.phase == "transmission" and self.buf:
-                    self._requests()
-        except Exception:  # noqa: BLE001 - a bug must not take the server down
-            self.log.exception("NBD client %s: internal error", self.peer)
-            self.transport.abort()
 
-    # ---- handshake ---------------------------------------------------------------------
-    def _handshake(self) -> None:
-        buf = self.buf
-        while self.phase in ("flags", "options"):
-            if self.phase == "flags":
+    # ---- closing --------------------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _hang_up(self, why: str, level: int = logging.INFO) -> None:
+        """Close now (after writing what is queued); no further input is looked at."""
+        if self._state is _CLOSED:
+            return
+        if why:
+            self._log.log(level, "NBD client %s: %s; closing", self._peer, why)
+        self._flush()
+        self._state = _CLOSED
+        self._transport.close()
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self._state is _FLAGS or self._state is _OPTIONS:
+            self._log.info("NBD client %s: no export chosen within %gs; closing", self._peer,
+                           self._server.handshake_timeout)
+            self._state = _CLOSED
+            self._transport.abort()
+
+    def _drain(self) -> None:
+        """Stop taking requests; close once every outstanding one is answered. Input is
+        still read (and dropped) meanwhile: closing with unread input would reset the
+        connection, and a reset can destroy replies the client has not read yet."""
+        if self._state is _TRANSMISSION:
+            self._state = _DRAINING
+            self._buf = bytearray()
+            if self._paused:
+                self._paused = False
+                self._transport.resume_reading()
+        if self._state is _DRAINING and self._in_flight == 0:
+            self._hang_up("")
+
+    def _linger(self, why: str) -> None:
+        """Refused an oversized WRITE: the reply is queued. Send it and a FIN, then swallow
+        what the client still sends so that closing does not reset the connection (which
+        could destroy the reply before the client reads it)."""
+        self._log.warning("NBD client %s: %s; closing", self._peer, why)
+        self._flush()
+        self._state = _LINGERING
+        self._buf = bytearray()
+        self._timer = self._loop.call_later(LINGER_SECONDS, self._transport.abort)
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+        else:
+            self._transport.close()
+
+    def shutdown(self) -> None:
+        """Server shutdown: handshakes end now, transmission ends once outstanding
+        requests are answered."""
+        if self._state is _FLAGS or self._state is _OPTIONS:
+            self._hang_up("")
+        elif self._state is _TRANSMISSION:
+            self._drain()
+        elif self._state is _LINGERING:
+            self._state = _CLOSED
+            self._transport.abort()
+
+    # ---- handshake --------------------------------------------------------------------------
+
+    def _negotiate(self) -> None:
+        buf = self._buf
+        while self._state is _FLAGS or self._state is _OPTIONS:
+            if self._skip:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return
+                self._option_reply(self._skip_option, Rep.ERR_TOO_BIG,
+                                   f"option data over {MAX_OPTION} bytes".encode())
+                continue
+            if self._state is _FLAGS:
                 if len(buf) < 4:
                     return
-                flags = int.from_bytes(buf[:4], "big")
+                (flags,) = _U32.unpack_from(buf)
                 del buf[:4]
                 if not flags & FLAG_FIXED_NEWSTYLE or flags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
-                    return self._abort(f"unsupported client flags 0x{flags:x}")
-                self.no_zeroes = bool(flags & FLAG_NO_ZEROES)
-                self.phase = "options"
+                    return self._hang_up(f"client flags 0x{flags:08x} (FIXED_NEWSTYLE required, "
+                                         "only NO_ZEROES optional)")
+                self._no_zeroes = bool(flags & FLAG_NO_ZEROES)
+                self._state = _OPTIONS
                 continue
-            if len(buf) < _OPT_HDR.size:
+            if len(buf) < _OPTION.size:
                 return
-            magic, opt, length = _OPT_HDR.unpack_from(buf)
+            magic, option, length = _OPTION.unpack_from(buf)
             if magic != IHAVEOPT:
-                return self._abort("bad option magic")
+                return self._hang_up(f"option magic 0x{magic:016x} is not IHAVEOPT")
             if length > MAX_OPTION:
-                if length > 16 * MAX_OPTION:
-                    return self._abort(f"option {opt} of {length} bytes")
-                if len(buf) < _OPT_HDR.size + length:
-                    return
-                del buf[:_OPT_HDR.size + length]
-                self._opt_reply(opt, REP_ERR_TOO_BIG, b"option too large")
+                if option == Opt.EXPORT_NAME or length > MAX_DISCARD:
+                    return self._hang_up(f"option {_option_name(option)} with {length} bytes")
+                del buf[:_OPTION.size]
+                self._skip, self._skip_option = length, option
                 continue
-            if len(buf) < _OPT_HDR.size + length:
+            end = _OPTION.size + length
+            if len(buf) < end:
                 return
-            data = bytes(buf[_OPT_HDR.size:_OPT_HDR.size + length])
-            del buf[:_OPT_HDR.size + length]
-            self._option(opt, data)
+            payload = bytes(buf[_OPTION.size:end])
+            del buf[:end]
+            self._option(option, payload)
 
-    def _opt_reply(self, opt: int, rep: int, data: bytes = b"") -> None:
-        self.out.append(_OPT_REPLY.pack(REPLY_MAGIC, opt, rep, len(data)) + data)
+    def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
+        self._out.append(_OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)))
+        if payload:
+            self._out.append(payload)
 
-    def _option(self, opt: int, data: bytes) -> None:
-        exports = self.server.exports()
-        if opt == OPT_EXPORT_NAME:
-            export = exports.get(data.decode(errors="replace")) if data else None
-            if export is None:
-                return self._abort(f"unknown export {data[:64]!r}")
-            self.out.append(struct.pack(">QH", export.size, self._tflags(export)))
-            if not self.no_zeroes:
-                self.out.append(bytes(124))
-            return self._enter(export)
-        if opt in (OPT_GO, OPT_INFO):
-            if len(data) < 6:
-                return self._opt_reply(opt, REP_ERR_INVALID, b"malformed GO/INFO")
-            nlen = int.from_bytes(data[:4], "big")
-            if 4 + nlen + 2 > len(data):
-                return self._opt_reply(opt, REP_ERR_INVALID, b"malformed GO/INFO")
-            name = data[4:4 + nlen]
-            nreq = int.from_bytes(data[4 + nlen:6 + nlen], "big")
-            if len(data) != 6 + nlen + 2 * nreq:
-                return self._opt_reply(opt, REP_ERR_INVALID, b"malformed GO/INFO")
-            reqs = struct.unpack(f">{nreq}H", data[6 + nlen:])
-            export = exports.get(name.decode(errors="replace")) if name else None
-            if export is None:
-                msg = (f"unknown export {name.decode(errors='replace')!r}; exports: "
-                       f"{', '.join(sorted(exports)) or 'none'}").encode()[:4096]
-                return self._opt_reply(opt, REP_ERR_UNKNOWN, msg)
-            self._opt_reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.size,
-                                                       self._tflags(export)))
-            self._opt_reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096,
-                                                       self.server.max_request))
-            if INFO_NAME in reqs:
-                self._opt_reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + export.name.encode())
-            self._opt_reply(opt, REP_ACK)
-            if opt == OPT_GO:
-                self._enter(export)
-            return
-        if opt == OPT_LIST:
-            if data:
-                return self._opt_reply(opt, REP_ERR_INVALID, b"LIST takes no data")
-            for name in sorted(exports):
+    def _option(self, option: int, payload: bytes) -> None:
+        if option == Opt.GO or option == Opt.INFO:
+            self._option_go(option, payload)
+        elif option == Opt.EXPORT_NAME:
+            self._option_export_name(payload)
+        elif option == Opt.LIST:
+            if payload:
+                return self._option_reply(option, Rep.ERR_INVALID, b"LIST takes no data")
+            for name in sorted(self._server.exports()):
                 raw = name.encode()
-                self._opt_reply(opt, REP_SERVER, struct.pack(">I", len(raw)) + raw)
-            return self._opt_reply(opt, REP_ACK)
-        if opt == OPT_ABORT:
-            self._opt_reply(opt, REP_ACK)
-            self.phase = "closing"
-            self._flush()
-            self.transport.close()
-            return
-        if opt == OPT_STARTTLS:
-            return self._opt_reply(opt, REP_ERR_POLICY, b"TLS is not offered on this port")
-        self._opt_reply(opt, REP_ERR_UNSUP)
-
-    @staticmethod
-    def _tflags(export: Export) -> int:
-        flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN
-        if export.read_only:
-            flags |= TF_READ_ONLY
+                self._option_reply(option, Rep.SERVER, _U32.pack(len(raw)) + raw)
+            self._option_reply(option, Rep.ACK)
+        elif option == Opt.ABORT:
+            self._option_reply(option, Rep.ACK)
+            self._hang_up("")
+        elif option == Opt.STARTTLS:
+            self._option_reply(option, Rep.ERR_POLICY, b"TLS is not offered on this port")
         else:
-            flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
-        return flags
+            self._option_reply(option, Rep.ERR_UNSUP,
+                               f"option {_option_name(option)} is not supported".encode())
 
-    def _enter(self, export: Export) -> None:
-        self.export = export
-        self.phase = "transmission"
-        if self.timer:
-            self.timer.cancel()
-            self.timer = None
+    def _find_export(self, raw_name: bytes) -> tuple[Export | None, str]:
+        """The export called raw_name, or None and why not (naming the valid ones)."""
+        exports = self._server.exports()
+        try:
+            name = raw_name.decode()
+        except UnicodeDecodeError:
+            name = None
+        export = exports.get(name) if name else None
+        if export is not None:
+            return export, ""
+        valid = ", ".join(sorted(exports)) or "(none)"
+        if len(valid) > MAX_NAME_LIST:
+            valid = valid[:MAX_NAME_LIST] + "..."
+        if not raw_name:
+            why = "an export name is required"
+        else:
+            why = f"no export named {raw_name[:256].decode(errors='replace')!r}"
+        return None, f"{why}; exports: {valid}"
 
-    # ---- transmission ------------------------------------------------------------------
-    def _requests(self) -> None:
-        buf = self.buf
-        pos = 0
+    def _option_go(self, option: int, payload: bytes) -> None:
+        if len(payload) < 6:
+            return self._option_reply(option, Rep.ERR_INVALID, b"GO/INFO data too short")
+        (name_length,) = _U32.unpack_from(payload)
+        if 4 + name_length + 2 > len(payload):
+            return self._option_reply(option, Rep.ERR_INVALID, b"GO/INFO name overruns the data")
+        raw_name = payload[4:4 + name_length]
+        (count,) = _U16.unpack_from(payload, 4 + name_length)
+        if len(payload) != 6 + name_length + 2 * count:
+            return self._option_reply(option, Rep.ERR_INVALID,
+                                      b"GO/INFO request count does not match the data")
+        wanted = set(struct.unpack_from(f">{count}H", payload, 6 + name_length))
+        export, why = self._find_export(raw_name)
+        if export is None:
+            return self._option_reply(option, Rep.ERR_UNKNOWN, why.encode())
+        self._option_reply(option, Rep.INFO, _EXPORT_INFO.pack(
+            Info.EXPORT, export.size, transmission_flags(export)))
+        self._option_reply(option, Rep.INFO, _BLOCK_INFO.pack(
+            Info.BLOCK_SIZE, 1, PREFERRED_BLOCK, self._max_request))
+        if Info.NAME in wanted:
+            self._option_reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode())
+        self._option_reply(option, Rep.ACK)
+        if option == Opt.GO:
+            self._enter_transmission(export)
+
+    def _option_export_name(self, raw_name: bytes) -> None:
+        export, why = self._find_export(raw_name)
+        if export is None:
+            return self._hang_up(f"EXPORT_NAME: {why}")
+        self._out.append(_EXPORT_NAME_REPLY.pack(export.size, transmission_flags(export)))
+        if not self._no_zeroes:
+            self._out.append(bytes(124))
+        self._enter_transmission(export)
+
+    def _enter_transmission(self, export: Export) -> None:
+        self._cancel_timer()
+        self._export = export
+        self._size = export.size
+        self._state = _TRANSMISSION
+
+    # ---- transmission -----------------------------------------------------------------------
+
+    def _parse_requests(self) -> None:
+        """Handle every complete request in the buffer (up to the back-pressure limits),
+        then drop the consumed bytes in one go."""
+        buf = self._buf
         end = len(buf)
-        export = self.export
-        max_req = self.server.max_request
-        while end - pos >= 28 and self.phase == "transmission":
-            magic, flags, cmd, handle, offset, length = _REQ.unpack_from(buf, pos)
-            if magic != REQUEST_MAGIC:
-                del buf[:pos]
-                return self._abort(f"bad request magic 0x{magic:08x}")
-            if cmd == CMD_WRITE:
-                if length > max_req:
-                    del buf[:pos]
-                    self._reply(handle, E.EINVAL)
-                    return self._abort(f"write of {length} bytes exceeds {max_req}")
-                if end - pos < 28 + length:
+        pos = 0
+        export = self._export
+        size = self._size
+        read_only = export.read_only  # may change at runtime (role switch)
+        max_request = self._max_request
+        unpack = _REQUEST.unpack_from
+        reply = self._reply
+        disconnect = False
+        with memoryview(buf) as view:
+            while end - pos >= _REQUEST_SIZE:
+                if (self._in_flight >= MAX_IN_FLIGHT or self._pending_bytes >= MAX_PENDING_BYTES
+                        or self._write_blocked):
+                    self._paused = True
+                    self._transport.pause_reading()
                     break
-                start = pos + 28
-                pos = start + length
-                if export.read_only:
-                    self._reply(handle, E.EPERM)
-                elif offset + length > export.size:
-                    self._reply(handle, E.ENOSPC)
-                else:
-                    self._start(handle, length)
-                    data = bytes(memoryview(buf)[start:pos])
-                    self._call(export.write, handle, offset, data, bool(flags & CMD_FLAG_FUA))
-                continue
-            pos += 28
-            if cmd == CMD_READ:
-                if length > max_req or offset + length > export.size:
-                    self._reply(handle, E.EINVAL)
+                magic, flags, command, handle, offset, length = unpack(buf, pos)
+                if magic != REQUEST_MAGIC:
+                    self._hang_up(f"request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x}) "
+                                  f"{pos} bytes into a batch; cannot resynchronise",
+                                  logging.WARNING)
+                    return
+                if command == _WRITE:
+                    if length > max_request:
+                        reply(handle, errno.EINVAL)
+                        self._linger(f"WRITE of {length} bytes exceeds max_request {max_request}")
+                        return
+                    start = pos + _REQUEST_SIZE
+                    if end - start < length:
+                        break  # wait for the payload
+                    pos = start + length
+                    if flags & _NOT_FUA:
+                        reply(handle, errno.EINVAL)
+                    elif read_only:
+                        reply(handle, errno.EPERM)
+                    elif offset + length > size:
+                        reply(handle, errno.ENOSPC)
+                    elif length == 0:
+                        reply(handle, 0)
+                    else:
+                        done = self._start(handle, length)
+                        try:
+                            export.write(offset, bytes(view[start:pos]), flags & _FUA != 0, done)
+                        except Exception as exc:  # noqa: BLE001
+                            self._export_raised("write", offset, length, exc, done)
                     continue
-                try:
-                    data = export.read(offset, length)
-                except Exception as exc:  # noqa: BLE001
-                    self.log.error("NBD read %s [%d,+%d): %s", export.name, offset, length, exc)
-                    self._reply(handle, E.EIO)
-                    continue
-                self._reply(handle, 0, data)
-            elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
-                if export.read_only:
-                    self._reply(handle, E.EPERM)
-                elif offset + length > export.size:
-                    self._reply(handle, E.ENOSPC)
+                pos += _REQUEST_SIZE
+                if command == _READ:
+                    if flags & _NOT_FUA or length > max_request or offset + length > size:
+                        reply(handle, errno.EINVAL)
+                        continue
+                    try:
+                        data = export.read(offset, length)
+                    except Exception as exc:  # noqa: BLE001
+                        self._export_raised("read", offset, length, exc, None)
+                        reply(handle, errno.EIO)
+                        continue
+                    if len(data) != length:
+                        self._export_raised("read", offset, length, ValueError(
+                            f"returned {len(data)} bytes"), None)
+                        reply(handle, errno.EIO)
+                        continue
+                    reply(handle, 0, data)
+                elif command == _WRITE_ZEROES or command == _TRIM:
+                    if flags & (_NOT_ZERO_FLAGS if command == _WRITE_ZEROES else _NOT_FUA):
+                        reply(handle, errno.EINVAL)
+                    elif read_only:
+                        reply(handle, errno.EPERM)
+                    elif offset + length > size:
+                        reply(handle, errno.ENOSPC)
+                    elif length == 0:
+                        reply(handle, 0)
+                    else:
+                        done = self._start(handle, 0)
+                        try:
+                            export.zero(offset, length, flags & _FUA != 0, done)
+                        except Exception as exc:  # noqa: BLE001
+                            self._export_raised("zero", offset, length, exc, done)
+                elif command == _FLUSH:
+                    if flags & _NOT_FUA:
+                        reply(handle, errno.EINVAL)
+                        continue
+                    done = self._start(handle, 0)
+                    try:
+                        export.flush(done)
+                    except Exception as exc:  # noqa: BLE001
+                        self._export_raised("flush", offset, length, exc, done)
+                elif command == _DISC:
+                    pos = end  # the client must not send anything after DISC
+                    disconnect = True
+                    break
                 else:
-                    self._start(handle, 0)
-                    self._call(export.zero, handle, offset, length, bool(flags & CMD_FLAG_FUA))
-            elif cmd == CMD_FLUSH:
-                self._start(handle, 0)
-                self._call(export.flush, handle)
-            elif cmd == CMD_DISC:
-                self.disc = True
-                self.phase = "closing"
-                break
-            else:
-                self._reply(handle, E.EINVAL)
+                    reply(handle, errno.EINVAL)
         if pos:
             del buf[:pos]
-        if self.disc:
-            self._maybe_close()
-        elif not self.paused and (self.in_flight > MAX_IN_FLIGHT
-                                  or self.pending_bytes > MAX_PENDING_BYTES):
-            self.paused = True
-            self.transport.pause_reading()
+        if disconnect:
+            self._drain()
 
-    def _start(self, handle: int, nbytes: int) -> None:
-        self.in_flight += 1
-        self.pending_bytes += nbytes
+    def _start(self, handle: int, nbytes: int) -> Done:
+        """Count one outstanding request; return its completion callback."""
+        self._in_flight += 1
+        self._pending_bytes += nbytes
+        fired = False
 
-    def _call(self, fn, handle: int, *args) -> None:
-        nbytes = len(args[1]) if fn == self.export.write else 0
+        def done(err: int, _raised: bool = False) -> None:
+            nonlocal fired
+            if fired:
+                if not _raised:
+                    self._log.error("NBD export %r: done() called twice for handle 0x%x",
+                                    self._export.name, handle)
+                return
+            fired = True
+            self._complete(handle, err, nbytes)
 
-        def done(err: int, handle=handle, nbytes=nbytes) -> None:
-            self.in_flight -= 1
-            self.pending_bytes -= nbytes
-            self._reply(handle, err)
-            if self.paused and self.in_flight <= MAX_IN_FLIGHT // 2 \
-                    and self.pending_bytes <= MAX_PENDING_BYTES // 2 and self.phase == "transmission":
-                self.paused = False
-                self.transport.resume_reading()
-            if self.disc:
-                self._maybe_close()
+        return done
 
-        try:
-            fn(*args, done)
-        except Exception as exc:  # noqa: BLE001
-            self.log.error("NBD %s on %s failed: %s", getattr(fn, "__name__", fn),
-                           self.export.name, exc)
-            done(E.EIO)
-
-    def _reply(self, handle: int, err: int, data: bytes = b"") -> None:
-        if self.phase == "closed":
+    def _complete(self, handle: int, err: int, nbytes: int) -> None:
+        self._in_flight -= 1
+        self._pending_bytes -= nbytes
+        state = self._state
+        if state is _CLOSED or state is _LINGERING:
             return
-        code = NBD_ERRNO.get(err, 5) if err else 0
-        self.out.append(_REPLY.pack(SIMPLE_REPLY_MAGIC, code, handle))
-        if data and not err:
-            self.out.append(data)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._reply(handle, err)
+        if state is _DRAINING:
+            if self._in_flight == 0:
+                self._hang_up("")
+        elif self._paused:
+            self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if not self._paused or self._write_blocked:
+            return
+        state = self._state
+        if state is _TRANSMISSION:
+            if (self._in_flight > MAX_IN_FLIGHT // 2
+                    or self._pending_bytes > MAX_PENDING_BYTES // 2):
+                return
+            self._paused = False
+            if self._buf:
+                self._parse_requests()  # what was buffered when we stopped
+            if self._paused or self._state is not _TRANSMISSION:
+                return
+        elif state is not _OPTIONS and state is not _FLAGS:
+            return  # draining or closing: reading stays off
+        self._paused = False
+        self._transport.resume_reading()
+
+    def _export_raised(self, op: str, offset: int, length: int, exc: Exception,
+                       done: Done | None) -> None:
+        self._export_errors += 1
+        if self._export_errors <= EXPORT_ERRORS_LOGGED:
+            self._log.error("NBD export %r: %s at offset %d length %d raised %r; replying EIO%s",
+                            self._export.name, op, offset, length, exc,
+                            "" if self._export_errors < EXPORT_ERRORS_LOGGED
+                            else " (further export errors on this connection are counted)")
+        if done is not None:
+            done(errno.EIO, True)
+
+    def _reply(self, handle: int, err: int, data: bytes | None = None) -> None:
+        if err:
+            err = NBD_ERRORS.get(err, NBD_EIO)
+        out = self._out
+        out.append(_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+        if data:
+            out.append(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            if not self._receiving:
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self.flush_scheduled = False
-        if self.out and self.phase != "closed":
-            self.transport.writelines(self.out)
-        self.out = []
+        self._flush_pending = False
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self._state is not _CLOSED:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _maybe_close(self) -> None:
-        if self.in_flight == 0 and self.phase != "closed":
-            self._flush()
-            self.transport.close()
+
+def _option_name(option: int) -> str:
+    try:
+        return Opt(option).name
+    except ValueError:
+        return str(option)
 
 
 class NbdServer:
+    """Serves `exports()` (name -> Export, consulted at every handshake) over NBD."""
+
     def __init__(self, exports: Callable[[], Mapping[str, Export]], *,
-                 max_request: int = 32 << 20, handshake_timeout: float = 30.0,
+                 max_request: int = 32 * 1024 * 1024, handshake_timeout: float = 30.0,
                  log: logging.Logger | None = None):
+        if not PREFERRED_BLOCK <= max_request <= 0xFFFFFFFF:
+            raise ValueError(f"max_request {max_request} must be within "
+                             f"[{PREFERRED_BLOCK}, 2**32-1]")
         self.exports = exports
         self.max_request = max_request
         self.handshake_timeout = handshake_timeout
         self.log = log or logging.getLogger("replicator.nbd")
-        self.conns: set[_Conn] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._closing = False
+        self._all_gone: asyncio.Event | None = None
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Conn(self), host, port,
-                                                reuse_address=True)
+        """Listen on host:port (0 picks a free port; see `port`)."""
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(lambda: _Connection(self), host, port,
+                                                     reuse_address=True)
+        self.log.info("NBD listening on %s:%d", host, self.port)
 
     @property
     def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("NbdServer.port: the server is not started")
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop accepting; end handshakes; let connections in transmission answer what
+        they have outstanding (for up to CLOSE_TIMEOUT seconds), then drop them."""
         if self._server is None:
             return
-        self._server.close()
-        for conn in list(self.conns):
-            conn.phase = "closing"
-            conn.transport.close()
+        server, self._server = self._server, None
+        self._closing = True
+        server.close()
+        self._all_gone = asyncio.Event()
+        for conn in list(self._connections):
+            conn.shutdown()
+        if self._connections:
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.log.warning("NBD close: %d connection(s) still busy after %gs; dropping them",
+                                 len(self._connections), CLOSE_TIMEOUT)
+                for conn in list(self._connections):
+                    conn._state = _CLOSED
+                    conn._transport.abort()
+                try:
+                    await asyncio.wait_for(self._all_gone.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
         try:
-            await asyncio.wait_for(self._server.wait_closed(), 5)
+            await asyncio.wait_for(server.wait_closed(), 1.0)
         except asyncio.TimeoutError:
             pass
+
+    def _forget(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if not self._connections and self._all_gone is not None:
+            self._all_gone.set()

@@ -1,251 +1,680 @@
-"""The NBD server against a raw-socket client: handshake, options, and every malformed
-or out-of-range request gets the proper answer without hurting other clients."""
+"""The NBD server against a raw-socket client: handshake bytes, options, every malformed
+or out-of-range request, pipelining with out-of-order completion, back-pressure,
+disconnects and shutdown. Each test checks the answer and that the connection (or the
+server, when the connection had to go) is still usable afterwards."""
 
+from __future__ import annotations
+
+import asyncio
 import errno
+import logging
+import random
 import socket
 import struct
+import threading
+import time
 
 import pytest
 
 from replicator.capture import nbd as N
-from tests.nbd_fixtures import FileExport, nbd_server  # noqa: F401 - fixture
+from tests.nbd_fixtures import MiB, DeferredExport, FileExport, nbd_server  # noqa: F401
 
-REQ = struct.Struct(">IHHQQI")
+REQUEST = struct.Struct(">IHHQQI")
+DATA_SIZE = 8 * MiB
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.002)
+
+
+def send_in_background(client: "Client", data: bytes) -> threading.Thread:
+    """sendall from another thread, for tests where the server stops reading until the
+    test thread does something."""
+    sender = threading.Thread(target=client.s.sendall, args=(data,), daemon=True)
+    sender.start()
+    return sender
 
 
 class Client:
-    def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt) == (N.NBDMAGIC, N.IHAVEOPT)
-        assert flags & N.FLAG_FIXED_NEWSTYLE
+    """A deliberately dumb NBD client: sends exactly what the test says."""
 
-    def recv(self, n):
-        data = b""
+    def __init__(self, port: int, greet: bool = True):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if greet:
+            magic, ihaveopt, flags = struct.unpack(">QQH", self.recv(18))
+            assert (magic, ihaveopt, flags) == (N.NBDMAGIC, N.IHAVEOPT, 3)
+
+    def close(self):
+        self.s.close()
+
+    def recv(self, n: int) -> bytes:
+        data = bytearray()
         while len(data) < n:
             chunk = self.s.recv(n - len(data))
             if not chunk:
-                raise ConnectionError("closed")
+                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
             data += chunk
-        return data
+        return bytes(data)
 
-    def closed(self):
+    def wait_closed(self) -> None:
+        """Read (and drop) whatever comes until the server closes; fail on a timeout."""
         try:
-            return self.s.recv(1) == b""
-        except ConnectionResetError:
-            return True
+            while self.s.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass
 
     def start(self, flags=N.FLAG_FIXED_NEWSTYLE | N.FLAG_NO_ZEROES):
         self.s.sendall(struct.pack(">I", flags))
 
-    def option(self, opt, data=b""):
+    def option(self, opt: int, data: bytes = b"") -> None:
         self.s.sendall(struct.pack(">QII", N.IHAVEOPT, opt, len(data)) + data)
 
-    def opt_reply(self):
+    def option_reply(self):
         magic, opt, rep, length = struct.unpack(">QIII", self.recv(20))
-        assert magic == N.REPLY_MAGIC
+        assert magic == N.OPTION_REPLY_MAGIC
         return opt, rep, self.recv(length)
 
-    def go(self, name):
-        raw = name.encode()
-        self.option(N.OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+    @staticmethod
+    def go_payload(name: str | bytes, infos=()) -> bytes:
+        raw = name.encode() if isinstance(name, str) else name
+        return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos))
+                + b"".join(struct.pack(">H", i) for i in infos))
+
+    def go(self, name, infos=(), opt=N.Opt.GO):
+        """Send GO (or INFO); return [(rep, data)] up to and including the final reply."""
+        self.option(opt, self.go_payload(name, infos))
         replies = []
         while True:
-            r = self.opt_reply()
-            replies.append(r)
-            if r[1] != N.REP_INFO:
+            got_opt, rep, data = self.option_reply()
+            assert got_opt == opt
+            replies.append((rep, data))
+            if rep != N.Rep.INFO:
                 return replies
 
-    def request(self, cmd, offset=0, length=0, handle=1, flags=0, data=b""):
-        self.s.sendall(REQ.pack(N.REQUEST_MAGIC, flags, cmd, handle, offset, length) + data)
+    def request(self, cmd, offset=0, length=0, handle=1, flags=0, data=b"") -> None:
+        self.s.sendall(self.pack(cmd, offset, length, handle, flags) + data)
 
-    def reply(self, read_len=0):
+    @staticmethod
+    def pack(cmd, offset=0, length=0, handle=1, flags=0) -> bytes:
+        return REQUEST.pack(N.REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+    def reply(self, read_length: int = 0):
+        """(error, handle, data); data is read only for a successful READ reply."""
         magic, err, handle = struct.unpack(">IIQ", self.recv(16))
         assert magic == N.SIMPLE_REPLY_MAGIC
-        return err, handle, (self.recv(read_len) if read_len and not err else b"")
+        return err, handle, (self.recv(read_length) if read_length and not err else b"")
 
 
 @pytest.fixture
-def client(nbd_server):
-    srv = nbd_server()
-
-    def connect(export="data"):
-        c = Client(srv.port)
-        c.start()
-        if export:
-            replies = c.go(export)
-            assert replies[-1][1] == N.REP_ACK
-        return c
-    connect.server = srv
-    return connect
+def server(nbd_server):
+    return nbd_server()
 
 
-def test_go_reports_size_flags_and_block_size(client):
-    c = client(export=None)
-    replies = c.go("data")
-    infos = {struct.unpack(">H", d[:2])[0]: d for _, rep, d in replies if rep == N.REP_INFO}
-    _, size, flags = struct.unpack(">HQH", infos[N.INFO_EXPORT])
-    assert size == 8 << 20 and flags & N.TF_SEND_FLUSH and flags & N.TF_SEND_FUA
-    assert flags & N.TF_CAN_MULTI_CONN and not flags & N.TF_READ_ONLY
-    assert struct.unpack(">HIII", infos[N.INFO_BLOCK_SIZE])[1:] == (1, 4096, 32 << 20)
+def connect(srv, export="data") -> Client:
+    c = Client(srv.port)
+    c.start()
+    replies = c.go(export)
+    assert replies[-1][0] == N.Rep.ACK, replies
+    return c
 
 
-def test_list_and_unknown_or_empty_names(client):
-    c = client(export=None)
-    c.option(N.OPT_LIST)
-    names = []
-    while True:
-        _, rep, data = c.opt_reply()
-        if rep == N.REP_ACK:
-            break
-        names.append(data[4:].decode())
-    assert names == ["data", "ro"]
-    for name in ("nope", ""):
-        (_, rep, msg), = c.go(name)
-        assert rep == N.REP_ERR_UNKNOWN and b"data" in msg
-    assert c.go("data")[-1][1] == N.REP_ACK  # the connection is still usable
+def assert_serves(srv, export="data"):
+    """A fresh client can still negotiate and read."""
+    c = connect(srv, export)
+    c.request(N.Cmd.READ, 0, 512, handle=99)
+    assert c.reply(512)[:2] == (0, 99)
+    c.close()
 
 
-def test_unsupported_options_and_oversized_option(client):
-    c = client(export=None)
-    for opt in (8, 9, 10, 99):  # STRUCTURED_REPLY, meta contexts, unknown
+def infos_of(replies) -> dict[int, bytes]:
+    return {struct.unpack(">H", d[:2])[0]: d for rep, d in replies if rep == N.Rep.INFO}
+
+
+# ---- handshake ---------------------------------------------------------------------------
+
+
+def test_greeting_is_fixed_newstyle_with_no_zeroes(server):
+    c = Client(server.port, greet=False)
+    assert c.recv(18) == (b"NBDMAGIC" + b"IHAVEOPT" + b"\x00\x03")
+
+
+def test_go_and_info_report_size_flags_block_size_and_name(server):
+    c = Client(server.port)
+    c.start()
+    replies = c.go("data", infos=[N.Info.NAME, N.Info.BLOCK_SIZE], opt=N.Opt.INFO)
+    assert replies[-1][0] == N.Rep.ACK
+    infos = infos_of(replies)
+    _, size, flags = struct.unpack(">HQH", infos[N.Info.EXPORT])
+    assert size == DATA_SIZE
+    F = N.TransmissionFlag
+    assert flags == F.HAS_FLAGS | F.SEND_FLUSH | F.SEND_FUA | F.SEND_TRIM \
+        | F.SEND_WRITE_ZEROES | F.CAN_MULTI_CONN
+    assert struct.unpack(">HIII", infos[N.Info.BLOCK_SIZE])[1:] == (1, 4096, 32 * MiB)
+    assert infos[N.Info.NAME][2:] == b"data"
+    # INFO does not enter transmission: options still work, then GO does
+    replies = c.go("ro")
+    _, size, flags = struct.unpack(">HQH", infos_of(replies)[N.Info.EXPORT])
+    assert size == MiB and flags & F.READ_ONLY
+    assert N.Info.NAME not in infos_of(replies)  # not asked for this time
+    c.request(N.Cmd.READ, 0, 4, handle=1)
+    assert c.reply(4) == (0, 1, b"ZZZZ")
+
+
+def test_block_size_follows_max_request(nbd_server):
+    srv = nbd_server(max_request=1 * MiB)
+    c = Client(srv.port)
+    c.start()
+    infos = infos_of(c.go("data"))
+    assert struct.unpack(">HIII", infos[N.Info.BLOCK_SIZE])[1:] == (1, 4096, MiB)
+
+
+def test_list_names_every_export_and_follows_changes(server):
+    def listed(c):
+        c.option(N.Opt.LIST)
+        names = []
+        while True:
+            opt, rep, data = c.option_reply()
+            assert opt == N.Opt.LIST
+            if rep == N.Rep.ACK:
+                return names
+            assert rep == N.Rep.SERVER
+            (length,) = struct.unpack(">I", data[:4])
+            names.append(data[4:4 + length].decode())
+
+    c = Client(server.port)
+    c.start()
+    assert listed(c) == ["data", "ro"]
+    server.exports["extra"] = server.exports["ro"]  # exports() is asked at each option
+    assert listed(c) == ["data", "extra", "ro"]
+    c.option(N.Opt.LIST, b"junk")
+    assert c.option_reply()[1] == N.Rep.ERR_INVALID
+
+
+@pytest.mark.parametrize("name", ["nope", "", b"\xff\xfe"], ids=["unknown", "empty", "not-utf8"])
+def test_go_with_unknown_or_empty_name_is_refused_with_the_valid_names(server, name):
+    c = Client(server.port)
+    c.start()
+    (rep, message), = c.go(name)
+    assert rep == N.Rep.ERR_UNKNOWN
+    assert b"data" in message and b"ro" in message
+    assert c.go("data")[-1][0] == N.Rep.ACK  # the connection is still negotiating
+
+
+def test_export_name_enters_with_or_without_zero_padding(server):
+    for flags, padding in ((N.FLAG_FIXED_NEWSTYLE | N.FLAG_NO_ZEROES, 0),
+                           (N.FLAG_FIXED_NEWSTYLE, 124)):
+        c = Client(server.port)
+        c.start(flags)
+        c.option(N.Opt.EXPORT_NAME, b"data")
+        size, tflags = struct.unpack(">QH", c.recv(10))
+        assert size == DATA_SIZE and tflags & N.TransmissionFlag.SEND_FLUSH
+        assert c.recv(padding) == bytes(padding)
+        c.request(N.Cmd.READ, 0, 8, handle=3)
+        assert c.reply(8) == (0, 3, bytes(8))  # nothing between the padding and the reply
+        c.close()
+
+
+@pytest.mark.parametrize("name", [b"nope", b""], ids=["unknown", "empty"])
+def test_export_name_unknown_closes(server, name):
+    c = Client(server.port)
+    c.start()
+    c.option(N.Opt.EXPORT_NAME, name)
+    c.wait_closed()
+    assert_serves(server)
+
+
+def test_unsupported_options_are_refused(server):
+    c = Client(server.port)
+    c.start()
+    for opt in (N.Opt.STRUCTURED_REPLY, N.Opt.LIST_META_CONTEXT, N.Opt.SET_META_CONTEXT,
+                N.Opt.EXTENDED_HEADERS, 4, 99, 0xFFFFFFFF):
         c.option(opt)
-        assert c.opt_reply()[1] == N.REP_ERR_UNSUP
-    c.option(N.OPT_STARTTLS)
-    assert c.opt_reply()[1] == N.REP_ERR_POLICY
-    c.option(N.OPT_GO, b"x" * (N.MAX_OPTION + 1))
-    assert c.opt_reply()[1] == N.REP_ERR_TOO_BIG
-    c.option(N.OPT_GO, b"\x00\x00\x00\x10ab")  # name length beyond the data
-    assert c.opt_reply()[1] == N.REP_ERR_INVALID
-    assert c.go("data")[-1][1] == N.REP_ACK
+        got_opt, rep, _ = c.option_reply()
+        assert (got_opt, rep) == (opt, N.Rep.ERR_UNSUP)
+    c.option(N.Opt.STARTTLS)
+    assert c.option_reply()[1] == N.Rep.ERR_POLICY
+    assert c.go("data")[-1][0] == N.Rep.ACK
 
 
-def test_client_without_fixed_newstyle_is_closed(client):
-    c = Client(client.server.port)
-    c.start(flags=0)
-    assert c.closed()
+@pytest.mark.parametrize("payload", [
+    b"", b"\x00\x00\x00", b"\x00\x00\x00\x10ab\x00\x00",  # short; name overruns
+    Client.go_payload("data") + b"\x00",                     # trailing byte
+    Client.go_payload("data")[:-2] + b"\x00\x02\x00\x01",    # count says 2, one given
+], ids=["empty", "short", "name-overrun", "trailing", "count-mismatch"])
+def test_malformed_go_is_invalid_and_negotiation_continues(server, payload):
+    c = Client(server.port)
+    c.start()
+    c.option(N.Opt.GO, payload)
+    assert c.option_reply()[1] == N.Rep.ERR_INVALID
+    assert c.go("data")[-1][0] == N.Rep.ACK
 
 
-def test_export_name_unknown_closes_and_known_enters(client):
-    c = client(export=None)
-    c.option(N.OPT_EXPORT_NAME, b"nope")
-    assert c.closed()
-    c = client(export=None)
-    c.option(N.OPT_EXPORT_NAME, b"data")
-    size, flags = struct.unpack(">QH", c.recv(10))  # NO_ZEROES: no padding
-    assert size == 8 << 20
-    c.request(N.CMD_READ, 0, 4096)
-    assert c.reply(4096)[0] == 0
+def test_oversized_option_is_discarded_and_refused(server):
+    c = Client(server.port)
+    c.start()
+    c.option(N.Opt.GO, random.Random(1).randbytes(N.MAX_OPTION + 1))
+    opt, rep, _ = c.option_reply()
+    assert (opt, rep) == (N.Opt.GO, N.Rep.ERR_TOO_BIG)
+    c.option(N.Opt.LIST, bytes(N.MAX_OPTION * 4))
+    assert c.option_reply()[1] == N.Rep.ERR_TOO_BIG
+    assert c.go("data")[-1][0] == N.Rep.ACK  # every discarded byte was accounted for
 
 
-def test_write_read_flush_zero(client):
-    c = client()
-    c.request(N.CMD_WRITE, 4096, 8, handle=7, flags=N.CMD_FLAG_FUA, data=b"abcdefgh")
-    assert c.reply() == (0, 7, b"")
-    c.request(N.CMD_READ, 4096, 8, handle=8)
-    assert c.reply(8) == (0, 8, b"abcdefgh")
-    c.request(N.CMD_WRITE_ZEROES, 4096, 4, handle=9)
-    c.request(N.CMD_FLUSH, handle=10)
-    assert [c.reply()[1] for _ in range(2)] == [9, 10]
-    c.request(N.CMD_READ, 4096, 8, handle=11)
-    assert c.reply(8)[2] == b"\0\0\0\0efgh"
+def test_absurd_option_length_closes(server):
+    c = Client(server.port)
+    c.start()
+    c.s.sendall(struct.pack(">QII", N.IHAVEOPT, N.Opt.GO, N.MAX_DISCARD + 1))
+    c.wait_closed()
+    c = Client(server.port)
+    c.start()
+    c.s.sendall(struct.pack(">QII", N.IHAVEOPT, N.Opt.EXPORT_NAME, N.MAX_OPTION + 1))
+    c.wait_closed()
+    assert_serves(server)
 
 
-def test_errors_keep_the_connection_usable(client):
-    c = client()
-    size = 8 << 20
-    c.request(N.CMD_READ, size - 4, 8, handle=1)
-    assert c.reply()[:2] == (errno.EINVAL, 1)
-    c.request(N.CMD_WRITE, size - 4, 8, handle=2, data=b"12345678")  # payload consumed
-    assert c.reply()[:2] == (errno.ENOSPC, 2)
-    c.request(N.CMD_TRIM, size, 1, handle=3)
-    assert c.reply()[:2] == (errno.ENOSPC, 3)
-    c.request(77, handle=4)
-    assert c.reply()[:2] == (errno.EINVAL, 4)
-    c.request(N.CMD_READ, 0, (32 << 20) + 1, handle=5)
-    assert c.reply()[:2] == (errno.EINVAL, 5)
-    c.request(N.CMD_WRITE, 0, 3, handle=6, data=b"xyz")
-    assert c.reply()[:2] == (0, 6)
+@pytest.mark.parametrize("flags", [0, N.FLAG_NO_ZEROES, N.FLAG_FIXED_NEWSTYLE | 4],
+                         ids=["none", "no-zeroes-only", "unknown-bit"])
+def test_bad_client_flags_close(server, flags):
+    c = Client(server.port)
+    c.start(flags)
+    c.wait_closed()
 
 
-def test_read_only_export_refuses_writes(client):
-    c = client("ro")
-    c.request(N.CMD_WRITE, 0, 4, handle=1, data=b"nope")
-    c.request(N.CMD_TRIM, 0, 4, handle=2)
-    c.request(N.CMD_READ, 0, 4, handle=3)
-    assert c.reply()[:2] == (errno.EPERM, 1)
-    assert c.reply()[:2] == (errno.EPERM, 2)
-    assert c.reply(4)[:2] == (0, 3)
+def test_abort_is_acknowledged_then_closed(server):
+    c = Client(server.port)
+    c.start()
+    c.option(N.Opt.ABORT, b"ignored")
+    assert c.option_reply()[:2] == (N.Opt.ABORT, N.Rep.ACK)
+    c.wait_closed()
 
 
-def test_oversized_write_is_refused_and_closed(client):
-    c = client()
-    c.request(N.CMD_WRITE, 0, (32 << 20) + 1, handle=1)
-    assert c.reply()[:2] == (errno.EINVAL, 1)
-    assert c.closed()
-    fresh = client()
-    fresh.request(N.CMD_READ, 0, 4, handle=2)
-    assert fresh.reply(4)[:2] == (0, 2)  # the server still takes new clients
+def test_bad_option_magic_closes(server):
+    c = Client(server.port)
+    c.start()
+    c.s.sendall(struct.pack(">QII", 0x1234, N.Opt.LIST, 0))
+    c.wait_closed()
+    assert_serves(server)
 
 
-def test_bad_magic_closes_only_that_client(client):
-    bad = client()
-    good = client()
-    bad.s.sendall(b"\xde\xad\xbe\xef" + bytes(24))
-    assert bad.closed()
-    good.request(N.CMD_READ, 0, 16, handle=5)
-    assert good.reply(16)[:2] == (0, 5)
+def test_handshake_timeout_closes_silent_and_slow_clients(nbd_server):
+    srv = nbd_server(handshake_timeout=0.2)
+    silent = Client(srv.port)
+    slow = Client(srv.port)
+    slow.start()
+    slow.option(N.Opt.LIST)  # options are fine, but it never picks an export
+    slow.option_reply(), slow.option_reply(), slow.option_reply()
+    silent.wait_closed()
+    slow.wait_closed()
+    # a client that made it into transmission is not affected by the timer
+    c = connect(srv)
+    wait_for(lambda: srv.call(lambda: len(srv.server._connections)) == 1,
+             "the timed-out connections to go")
+    c.request(N.Cmd.READ, 0, 4, handle=1)
+    assert c.reply(4)[0] == 0
+
+
+def test_handshake_and_requests_sent_one_byte_at_a_time(server):
+    c = Client(server.port)
+    stream = (struct.pack(">I", N.FLAG_FIXED_NEWSTYLE | N.FLAG_NO_ZEROES)
+              + struct.pack(">QII", N.IHAVEOPT, N.Opt.GO, len(Client.go_payload("data")))
+              + Client.go_payload("data")
+              + Client.pack(N.Cmd.WRITE, 4096, 5, handle=1) + b"hello"
+              + Client.pack(N.Cmd.READ, 4096, 5, handle=2))
+    for i in range(len(stream)):
+        c.s.sendall(stream[i:i + 1])
+    replies = []
+    while True:
+        _, rep, _ = c.option_reply()
+        replies.append(rep)
+        if rep != N.Rep.INFO:
+            break
+    assert replies[-1] == N.Rep.ACK
+    assert c.reply() == (0, 1, b"")
+    assert c.reply(5) == (0, 2, b"hello")
+
+
+def test_go_followed_by_requests_in_one_segment(server):
+    c = Client(server.port)
+    c.start()
+    payload = Client.go_payload("data")
+    c.s.sendall(struct.pack(">QII", N.IHAVEOPT, N.Opt.GO, len(payload)) + payload
+                + Client.pack(N.Cmd.WRITE, 0, 3, handle=1) + b"abc"
+                + Client.pack(N.Cmd.READ, 0, 3, handle=2))
+    while c.option_reply()[1] == N.Rep.INFO:
+        pass
+    assert c.reply() == (0, 1, b"")
+    assert c.reply(3) == (0, 2, b"abc")
 
 
 @pytest.mark.parametrize("when", ["greeting", "options", "transmission"])
-def test_garbage_then_server_still_serves(client, when):
-    import random
-    rng = random.Random(when)
-    junk = bytes(rng.getrandbits(8) for _ in range(4096))
-    c = Client(client.server.port)
+def test_garbage_closes_that_client_and_the_server_still_serves(server, when):
+    junk = random.Random(when).randbytes(4096)
+    c = Client(server.port)
     if when != "greeting":
         c.start()
     if when == "transmission":
-        assert c.go("data")[-1][1] == N.REP_ACK
+        assert c.go("data")[-1][0] == N.Rep.ACK
     c.s.sendall(junk)
-    assert c.closed()
-    ok = client()
-    ok.request(N.CMD_READ, 0, 4, handle=1)
-    assert ok.reply(4)[0] == 0
+    c.wait_closed()
+    assert_serves(server)
 
 
-def test_pipelined_out_of_order_completion_and_disc(nbd_server, tmp_path):
-    srv = nbd_server({"d": FileExport("d", str(tmp_path / "d.img"), 1 << 20, defer=True)})
-    c = Client(srv.port)
-    c.start()
-    assert c.go("d")[-1][1] == N.REP_ACK
-    for h in range(1, 33):
-        c.request(N.CMD_WRITE, h * 512, 512, handle=h, data=bytes([h]) * 512)
-    c.request(N.CMD_DISC)
-    handles = [c.reply()[1] for _ in range(32)]
-    assert sorted(handles) == list(range(1, 33)) and handles != sorted(handles)
-    assert c.closed()
-    with open(tmp_path / "d.img", "rb") as f:
-        f.seek(512)
-        assert f.read(512) == bytes([1]) * 512
+# ---- transmission ------------------------------------------------------------------------
 
 
-def test_disconnect_with_requests_in_flight(nbd_server, tmp_path):
-    srv = nbd_server({"d": FileExport("d", str(tmp_path / "d.img"), 1 << 20, defer=True)})
-    c = Client(srv.port)
-    c.start()
-    c.go("d")
+def test_write_read_flush_trim_zero_with_fua(server):
+    c = connect(server)
+    export = server.exports["data"]
+    handle = 0xFEEDFACE_00000000  # the full 64 bits are echoed
+    c.request(N.Cmd.WRITE, 4096, 8, handle=handle + 1, flags=N.CMD_FLAG_FUA, data=b"abcdefgh")
+    assert c.reply() == (0, handle + 1, b"")
+    assert export.fua_writes == 1
+    c.request(N.Cmd.READ, 4096, 8, handle=handle + 2, flags=N.CMD_FLAG_FUA)
+    assert c.reply(8) == (0, handle + 2, b"abcdefgh")
+    c.request(N.Cmd.WRITE_ZEROES, 4096, 2, handle=3, flags=N.CMD_FLAG_NO_HOLE)
+    c.request(N.Cmd.TRIM, 4098, 2, handle=4)
+    c.request(N.Cmd.FLUSH, handle=5)
+    assert [c.reply()[:2] for _ in range(3)] == [(0, 3), (0, 4), (0, 5)]
+    c.request(N.Cmd.READ, 4096, 8, handle=6)
+    assert c.reply(8)[2] == b"\0\0\0\0efgh"
+    with open(export.path, "rb") as f:
+        f.seek(4096)
+        assert f.read(8) == b"\0\0\0\0efgh"
+
+
+def test_zero_length_requests_succeed(server):
+    c = connect(server)
+    for h, cmd in enumerate((N.Cmd.READ, N.Cmd.WRITE, N.Cmd.TRIM, N.Cmd.WRITE_ZEROES), 1):
+        c.request(cmd, DATA_SIZE, 0, handle=h)
+        assert c.reply() == (0, h, b"")
+
+
+def test_unknown_command_or_flag_is_einval_and_serving_continues(server):
+    c = connect(server)
+    c.request(77, handle=1)
+    assert c.reply()[:2] == (errno.EINVAL, 1)
+    c.request(N.Cmd.WRITE, 0, 4, handle=2, flags=1 << 4, data=b"FAST")  # FAST_ZERO
+    assert c.reply()[:2] == (errno.EINVAL, 2)  # ...and the payload was skipped
+    c.request(N.Cmd.READ, 0, 4, handle=3, flags=N.CMD_FLAG_NO_HOLE)
+    assert c.reply()[:2] == (errno.EINVAL, 3)
+    c.request(N.Cmd.WRITE_ZEROES, 0, 4, handle=4, flags=1 << 4)
+    assert c.reply()[:2] == (errno.EINVAL, 4)
+    c.request(5, 0, 4096, handle=5)  # NBD_CMD_CACHE: not advertised
+    assert c.reply()[:2] == (errno.EINVAL, 5)
+    c.request(N.Cmd.READ, 0, 4, handle=6)
+    assert c.reply(4) == (0, 6, bytes(4))
+
+
+def test_out_of_range_requests_and_the_next_request_still_works(server):
+    c = connect(server)
+    c.request(N.Cmd.READ, DATA_SIZE - 4, 8, handle=1)
+    assert c.reply()[:2] == (errno.EINVAL, 1)
+    c.request(N.Cmd.READ, 2**63, 8, handle=2)
+    assert c.reply()[:2] == (errno.EINVAL, 2)
+    # the payload of a refused WRITE is consumed: the next header is parsed correctly
+    c.request(N.Cmd.WRITE, DATA_SIZE - 4, 8, handle=3, data=b"12345678")
+    c.request(N.Cmd.WRITE, 2**64 - 8, 8, handle=4, data=b"12345678")
+    assert c.reply()[:2] == (errno.ENOSPC, 3)
+    assert c.reply()[:2] == (errno.ENOSPC, 4)
+    c.request(N.Cmd.TRIM, DATA_SIZE, 1, handle=5)
+    c.request(N.Cmd.WRITE_ZEROES, DATA_SIZE - 1, 2, handle=6)
+    assert [c.reply()[:2] for _ in range(2)] == [(errno.ENOSPC, 5), (errno.ENOSPC, 6)]
+    c.request(N.Cmd.WRITE, DATA_SIZE - 4, 4, handle=7, data=b"last")  # exactly at the end
+    c.request(N.Cmd.READ, DATA_SIZE - 4, 4, handle=8)
+    assert c.reply() == (0, 7, b"")
+    assert c.reply(4) == (0, 8, b"last")
+
+
+def test_read_only_export_refuses_writes_and_consumes_payloads(server):
+    c = connect(server, "ro")
+    c.request(N.Cmd.WRITE, 0, 4, handle=1, data=b"nope")
+    c.request(N.Cmd.TRIM, 0, 4, handle=2)
+    c.request(N.Cmd.WRITE_ZEROES, 0, 4, handle=3)
+    c.request(N.Cmd.FLUSH, handle=4)
+    c.request(N.Cmd.READ, 0, 4, handle=5)
+    assert [c.reply()[:2] for _ in range(4)] == [
+        (errno.EPERM, 1), (errno.EPERM, 2), (errno.EPERM, 3), (0, 4)]
+    assert c.reply(4) == (0, 5, b"ZZZZ")
+    with open(server.exports["ro"].path, "rb") as f:
+        assert f.read(4) == b"ZZZZ"
+
+
+def test_oversized_read_is_refused_and_the_connection_stays(nbd_server):
+    srv = nbd_server(max_request=64 * 1024)
+    c = connect(srv)
+    c.request(N.Cmd.READ, 0, 64 * 1024 + 1, handle=1)
+    assert c.reply()[:2] == (errno.EINVAL, 1)
+    c.request(N.Cmd.READ, 0, 64 * 1024, handle=2)
+    assert c.reply(64 * 1024)[:2] == (0, 2)
+    # TRIM/WRITE_ZEROES carry no payload: larger than max_request is fine
+    c.request(N.Cmd.WRITE_ZEROES, 0, MiB, handle=3)
+    assert c.reply()[:2] == (0, 3)
+
+
+def test_oversized_write_is_refused_then_closed(nbd_server):
+    srv = nbd_server(max_request=64 * 1024)
+    c = connect(srv)
+    length = 256 * 1024
+    c.request(N.Cmd.WRITE, 0, length, handle=1)
+    try:  # the client goes on sending its payload, as a real one would
+        c.s.sendall(b"\xee" * length)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert c.reply()[:2] == (errno.EINVAL, 1)  # the reply is not lost to a reset
+    c.wait_closed()
+    with open(srv.exports["data"].path, "rb") as f:
+        assert f.read(16) == bytes(16)
+    assert_serves(srv)
+
+
+def test_bad_request_magic_closes_only_that_client(server):
+    bad = connect(server)
+    good = connect(server)
+    bad.request(N.Cmd.WRITE, 0, 4, handle=1, data=b"good")
+    bad.s.sendall(b"\xde\xad\xbe\xef" + bytes(24))
+    assert bad.reply()[:2] == (0, 1)  # what came before the bad header was served
+    bad.wait_closed()
+    good.request(N.Cmd.READ, 0, 4, handle=5)
+    assert good.reply(4) == (0, 5, b"good")
+
+
+def test_pipelined_requests_complete_out_of_order_with_their_handles(nbd_server, tmp_path):
+    (tmp_path / "d.img").write_bytes(b"\xff" * MiB)
+    export = DeferredExport("d", str(tmp_path / "d.img"), MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
+    batch = bytearray()
+    for h in range(1, 65):
+        batch += Client.pack(N.Cmd.WRITE, h * 512, 512, handle=h) + bytes([h]) * 512
+    batch += Client.pack(N.Cmd.FLUSH, handle=1000)
+    batch += Client.pack(N.Cmd.WRITE_ZEROES, 70 * 512, 512, handle=1001)
+    for h in range(1002, 1008):
+        batch += Client.pack(N.Cmd.TRIM, 71 * 512 + h - 1002, 1, handle=h)
+    batch += Client.pack(N.Cmd.READ, 0, 1, handle=2000)  # answered at once
+    c.s.sendall(batch)
+    assert c.reply(1) == (0, 2000, b"\xff")  # before any of the held requests
+    wait_for(lambda: export.outstanding == 72, "72 requests held")
+    assert srv.call(export.release, 7) == 72  # completed in a shuffled order
+    handles = []
+    for _ in range(72):
+        err, handle, _ = c.reply()
+        assert err == 0
+        handles.append(handle)
+    assert sorted(handles) == [*range(1, 65), *range(1000, 1008)]
+    assert handles != sorted(handles)  # really out of order
+    c.request(N.Cmd.READ, 0, 72 * 512, handle=3000)
+    data = c.reply(72 * 512)[2]
+    assert data[:512] == b"\xff" * 512
+    assert all(data[h * 512:(h + 1) * 512] == bytes([h]) * 512 for h in range(1, 65))
+    assert data[70 * 512:71 * 512] == bytes(512)
+    assert data[71 * 512:72 * 512] == bytes(6) + b"\xff" * 506
+
+
+def test_disc_answers_outstanding_requests_then_closes(nbd_server, tmp_path):
+    export = DeferredExport("d", str(tmp_path / "d.img"), MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
+    for h in range(1, 17):
+        c.request(N.Cmd.WRITE, h * 4096, 4096, handle=h, data=bytes([h]) * 4096)
+    c.request(N.Cmd.DISC)
+    c.s.sendall(Client.pack(N.Cmd.WRITE, 0, 4, handle=99) + b"late")  # ignored after DISC
+    wait_for(lambda: export.outstanding == 16, "16 writes held by the export")
+    assert srv.call(export.release) == 16
+    assert sorted(c.reply()[1] for _ in range(16)) == list(range(1, 17))
+    c.wait_closed()
+    assert export.calls == 16
+    with open(export.path, "rb") as f:
+        data = f.read()
+    assert all(data[h * 4096:(h + 1) * 4096] == bytes([h]) * 4096 for h in range(1, 17))
+    assert data[:4] == bytes(4)
+
+
+def test_half_close_after_requests_still_gets_the_replies(nbd_server, tmp_path):
+    export = DeferredExport("d", str(tmp_path / "d.img"), MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
+    for h in range(1, 5):
+        c.request(N.Cmd.WRITE, 0, 512, handle=h, data=bytes(512))
+    c.s.shutdown(socket.SHUT_WR)
+    wait_for(lambda: export.outstanding == 4, "4 writes held")
+    (conn,) = srv.call(lambda: list(srv.server._connections))
+    wait_for(lambda: srv.call(lambda: conn._state is N._State.DRAINING), "the EOF to be seen")
+    srv.call(export.release)
+    assert sorted(c.reply()[1] for _ in range(4)) == [1, 2, 3, 4]
+    c.wait_closed()
+
+
+def test_client_vanishing_with_requests_in_flight(nbd_server, tmp_path, caplog):
+    export = DeferredExport("d", str(tmp_path / "d.img"), MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
     for h in range(8):
-        c.request(N.CMD_WRITE, 0, 512, handle=h, data=bytes(512))
-    c.s.close()  # replies arrive later, for a connection that is gone
-    c2 = Client(srv.port)
-    c2.start()
-    c2.go("d")
-    c2.request(N.CMD_READ, 0, 4, handle=1)
-    assert c2.reply(4)[0] == 0
+        c.request(N.Cmd.WRITE, h * 512, 512, handle=h, data=b"\x01" * 512)
+    wait_for(lambda: export.outstanding == 8, "8 writes held")
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()  # a reset, not a clean close
+    wait_for(lambda: srv.call(lambda: not srv.server._connections), "the connection to go")
+    with caplog.at_level(logging.WARNING):
+        assert srv.call(export.release) == 8  # completions for a connection that is gone
+        assert_serves(srv, "d")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_handshake_timeout(nbd_server):
-    srv = nbd_server(handshake_timeout=0.3)
-    c = Client(srv.port)
-    assert c.closed()  # the server gave up on the silent client
+def test_back_pressure_bounds_requests_in_flight(nbd_server, tmp_path):
+    export = DeferredExport("d", str(tmp_path / "d.img"), MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
+    total = 3 * N.MAX_IN_FLIGHT + 17
+    sender = send_in_background(c, b"".join(Client.pack(N.Cmd.WRITE, 0, 512, handle=h)
+                                            + bytes(512) for h in range(total)))
+    wait_for(lambda: export.outstanding == N.MAX_IN_FLIGHT, "the in-flight limit")
+    handles = []
+    while len(handles) < total:
+        wait_for(lambda: export.outstanding, "more requests to reach the export")
+        released = srv.call(export.release)
+        handles += [c.reply()[1] for _ in range(released)]
+    sender.join(10)
+    assert sorted(handles) == list(range(total))
+    assert export.most_outstanding == N.MAX_IN_FLIGHT
+
+
+def test_back_pressure_bounds_pending_write_bytes(nbd_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(N, "MAX_PENDING_BYTES", MiB)
+    export = DeferredExport("d", str(tmp_path / "d.img"), 4 * MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
+    size = 64 * 1024
+    sender = send_in_background(c, b"".join(Client.pack(N.Cmd.WRITE, h * size, size, handle=h)
+                                            + bytes([h]) * size for h in range(40)))
+    wait_for(lambda: export.outstanding == 16, "1 MiB of writes held")
+    handles = []
+    while len(handles) < 40:
+        wait_for(lambda: export.outstanding, "more writes to reach the export")
+        handles += [c.reply()[1] for _ in range(srv.call(export.release))]
+    sender.join(10)
+    assert sorted(handles) == list(range(40)) and export.most_outstanding == 16
+    with open(export.path, "rb") as f:
+        data = f.read()
+    assert all(data[h * size:(h + 1) * size] == bytes([h]) * size for h in range(40))
+
+
+class FaultyExport(FileExport):
+    """Fails on purpose, depending on the offset (in KiB) of the request."""
+
+    def read(self, offset, length):
+        if offset == 1024:
+            raise OSError(errno.EIO, "media error")
+        if offset == 2048:
+            return b"short"
+        return super().read(offset, length)
+
+    def write(self, offset, data, fua, done):
+        kib = offset // 1024
+        if kib == 1:
+            raise RuntimeError("bug in the export")
+        if kib == 2:
+            done(0)
+            raise RuntimeError("bug after completing")
+        errors = {3: errno.ENOSPC, 4: errno.EDQUOT, 5: errno.EBADF, 6: errno.EROFS,
+                  7: errno.ESHUTDOWN}
+        done(errors.get(kib, 0))
+
+    def zero(self, offset, length, fua, done):
+        raise OSError(errno.EIO, "zero failed")
+
+    def flush(self, done):
+        done(errno.EIO)
+        done(0)  # a second completion must be ignored (and logged)
+
+
+def test_export_failures_become_nbd_errors_and_never_kill_the_connection(nbd_server, tmp_path,
+                                                                        caplog):
+    srv = nbd_server({"f": FaultyExport("f", str(tmp_path / "f.img"), MiB)})
+    c = connect(srv, "f")
+    expected = {1: errno.EIO, 2: 0, 3: errno.ENOSPC, 4: errno.ENOSPC, 5: errno.EIO,
+                6: errno.EPERM, 7: errno.ESHUTDOWN, 8: 0}
+    with caplog.at_level(logging.ERROR, logger="replicator.nbd"):
+        for kib, err in expected.items():
+            c.request(N.Cmd.WRITE, kib * 1024, 4, handle=kib, data=b"data")
+            assert c.reply() == (err, kib, b"")
+        c.request(N.Cmd.READ, 1024, 4, handle=20)
+        assert c.reply()[:2] == (errno.EIO, 20)
+        c.request(N.Cmd.READ, 2048, 4096, handle=21)  # returned 5 bytes instead of 4096
+        assert c.reply()[:2] == (errno.EIO, 21)
+        c.request(N.Cmd.TRIM, 0, 4096, handle=22)
+        assert c.reply()[:2] == (errno.EIO, 22)
+        c.request(N.Cmd.FLUSH, handle=23)
+        assert c.reply()[:2] == (errno.EIO, 23)
+        c.request(N.Cmd.READ, 8 * 1024, 4, handle=24)
+        assert c.reply(4) == (0, 24, b"\0\0\0\0")  # FaultyExport.write never writes
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "bug in the export" in messages and "media error" in messages
+    assert "returned 5 bytes" in messages and "called twice" in messages
+    assert "bug after completing" in messages
+
+
+def test_server_close_answers_outstanding_requests_first(nbd_server, tmp_path):
+    export = DeferredExport("d", str(tmp_path / "d.img"), MiB)
+    srv = nbd_server({"d": export})
+    c = connect(srv, "d")
+    negotiating = Client(srv.port)
+    c.request(N.Cmd.WRITE, 0, 512, handle=7, data=bytes(512))
+    wait_for(lambda: export.outstanding == 1, "the write to be held")
+    closing = asyncio.run_coroutine_threadsafe(srv.server.close(), srv.loop)
+    negotiating.wait_closed()  # handshakes end at once
+    with pytest.raises(OSError):
+        Client(srv.port)  # no longer accepting
+    assert not closing.done()
+    srv.call(export.release)
+    assert c.reply()[:2] == (0, 7)
+    c.wait_closed()
+    closing.result(10)
