@@ -12,14 +12,18 @@ import asyncio
 import logging
 import os
 import random
+import socket
+import struct
 import threading
 from typing import Callable
 
 import pytest
 
+from replicator.capture import nbd as N
 from replicator.capture.nbd import NbdServer
 
 MiB = 1024 * 1024
+REQUEST = struct.Struct(">IHHQQI")
 _ZERO_CHUNK = bytes(MiB)
 
 
@@ -204,3 +208,75 @@ def nbd_server(tmp_path):
             srv.close()
     assert not asyncio_errors.records, "asyncio logged errors:\n" + "\n".join(
         asyncio_errors.format(r) for r in asyncio_errors.records)
+
+
+class Client:
+    """A deliberately dumb NBD client: sends exactly what the test says."""
+
+    def __init__(self, port: int, greet: bool = True):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if greet:
+            magic, ihaveopt, flags = struct.unpack(">QQH", self.recv(18))
+            assert (magic, ihaveopt, flags) == (N.NBDMAGIC, N.IHAVEOPT, 3)
+
+    def close(self):
+        self.s.close()
+
+    def recv(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = self.s.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return bytes(data)
+
+    def wait_closed(self) -> None:
+        """Read (and drop) whatever comes until the server closes; fail on a timeout."""
+        try:
+            while self.s.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
+    def start(self, flags=N.FLAG_FIXED_NEWSTYLE | N.FLAG_NO_ZEROES):
+        self.s.sendall(struct.pack(">I", flags))
+
+    def option(self, opt: int, data: bytes = b"") -> None:
+        self.s.sendall(struct.pack(">QII", N.IHAVEOPT, opt, len(data)) + data)
+
+    def option_reply(self):
+        magic, opt, rep, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == N.OPTION_REPLY_MAGIC
+        return opt, rep, self.recv(length)
+
+    @staticmethod
+    def go_payload(name: str | bytes, infos=()) -> bytes:
+        raw = name.encode() if isinstance(name, str) else name
+        return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos))
+                + b"".join(struct.pack(">H", i) for i in infos))
+
+    def go(self, name, infos=(), opt=N.Opt.GO):
+        """Send GO (or INFO); return [(rep, data)] up to and including the final reply."""
+        self.option(opt, self.go_payload(name, infos))
+        replies = []
+        while True:
+            got_opt, rep, data = self.option_reply()
+            assert got_opt == opt
+            replies.append((rep, data))
+            if rep != N.Rep.INFO:
+                return replies
+
+    def request(self, cmd, offset=0, length=0, handle=1, flags=0, data=b"") -> None:
+        self.s.sendall(self.pack(cmd, offset, length, handle, flags) + data)
+
+    @staticmethod
+    def pack(cmd, offset=0, length=0, handle=1, flags=0) -> bytes:
+        return REQUEST.pack(N.REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+    def reply(self, read_length: int = 0):
+        """(error, handle, data); data is read only for a successful READ reply."""
+        magic, err, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == N.SIMPLE_REPLY_MAGIC
+        return err, handle, (self.recv(read_length) if read_length and not err else b"")

@@ -17,8 +17,9 @@ Byte layout (little-endian), header then the volume name then the payload:
     44   n     name       volume name, UTF-8
     44+n m     payload    m = length for WRITE, 0 for ZERO
 
-`length` is checked against MAX_LENGTH before anything is read, so a damaged length
-never triggers a huge read. Decoding is strict: an unknown kind, a non-zero reserved
+A WRITE's `length` is checked against MAX_LENGTH before anything is read, so a damaged
+length never triggers a huge read. A ZERO carries no payload, so its length may be any
+u32 (a whole-device discard is one record). Decoding is strict: an unknown kind, a non-zero reserved
 field or an empty name is corruption, like a checksum mismatch.
 """
 
@@ -33,7 +34,7 @@ from crc32c import crc32c
 MAGIC = b"RJR1"
 HEADER = struct.Struct("<4sIQQIIQBBH")
 HEADER_SIZE = HEADER.size  # 44
-MAX_LENGTH = 64 * 1024 * 1024  # largest payload of one record
+MAX_LENGTH = 64 * 1024 * 1024  # largest payload of one WRITE record
 _HCRC_AT = 4
 _CRC_FROM = 8
 
@@ -75,8 +76,8 @@ def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: 
     writer can hand header and payload to one writev without copying the payload."""
     if not 0 < len(volume_name) < 256:
         raise ValueError(f"volume name must be 1..255 bytes, got {len(volume_name)}")
-    if length > MAX_LENGTH:
-        raise ValueError(f"record length {length} exceeds {MAX_LENGTH}")
+    if kind == Kind.WRITE and length > MAX_LENGTH:
+        raise ValueError(f"write length {length} exceeds {MAX_LENGTH}")
     pcrc = crc32c(payload) if kind == Kind.WRITE else 0
     buf = bytearray(HEADER_SIZE + len(volume_name))
     HEADER.pack_into(buf, 0, MAGIC, 0, seq, offset, length, pcrc, time_ns, kind,
@@ -100,7 +101,7 @@ def decode(buf, pos: int = 0) -> Record:
         HEADER.unpack_from(view, pos)
     if magic != MAGIC:
         raise RecordError(f"bad magic {bytes(magic)!r}", torn=False)
-    if length > MAX_LENGTH:
+    if kind == Kind.WRITE and length > MAX_LENGTH:
         raise RecordError(f"length {length} exceeds {MAX_LENGTH}", torn=False)
     name_end = pos + HEADER_SIZE + name_len
     if name_end > len(view):

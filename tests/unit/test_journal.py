@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from replicator.journal.record import (HEADER_SIZE, Kind, RecordError, decode, encode_header,
+from replicator.journal.record import (HEADER_SIZE, MAX_LENGTH, Kind, RecordError, decode, encode_header,
                                        encoded_size, iterate)
 from replicator.journal.segments import Journal, JournalCorruptError, Position
 
@@ -47,6 +47,13 @@ def test_corruption_is_not_torn(where):
     with pytest.raises(RecordError) as exc:
         decode(bytes(buf))
     assert not exc.value.torn
+
+
+def test_zero_records_may_span_any_u32_length():
+    rec = decode(encode(9, b"data", 0, b"", Kind.ZERO, length=(1 << 32) - 1))
+    assert rec.kind == Kind.ZERO and rec.length == (1 << 32) - 1 and rec.size == HEADER_SIZE + 4
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_header(1, b"data", 0, MAX_LENGTH + 1, Kind.WRITE, 0, b"")
 
 
 def test_huge_length_is_rejected_before_reading():
