@@ -77,7 +77,8 @@ class Journal:
         self.segment_size = segment_size or max(1 << 20, min(64 << 20, capacity // 8))
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, int] = {}  # append descriptors (commit worker)
+        self._rfds: dict[str, int] = {}  # read descriptors (shippers, status), kept open
         self.base = Position(0, 0)
 
     # ---- recovery -------------------------------------------------------------------
@@ -248,11 +249,7 @@ class Journal:
         k = j - 1 if j == len(seg.offsets) and seg.size <= limit else j - 2
         last = seg.first_seq + max(k, i)
         end = seg.end_of(last)
-        fd = os.open(seg.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+        data = os.pread(self._reader(seg), end - start, start)
         if len(data) != end - start:
             raise JournalError(f"short read of {seg.path} at {start}")
         return from_seq, last, data
@@ -262,12 +259,14 @@ class Journal:
         seg = self._segment_of(seq)
         if seg is None:
             return 0
-        fd = os.open(seg.path, os.O_RDONLY)
-        try:
-            head = os.pread(fd, HEADER_SIZE, seg.offsets[seq - seg.first_seq])
-        finally:
-            os.close(fd)
+        head = os.pread(self._reader(seg), HEADER_SIZE, seg.offsets[seq - seg.first_seq])
         return HEADER.unpack(head)[6]
+
+    def _reader(self, seg: _Segment) -> int:
+        fd = self._rfds.get(seg.path)
+        if fd is None:
+            fd = self._rfds[seg.path] = os.open(seg.path, os.O_RDONLY)
+        return fd
 
     # ---- trimming --------------------------------------------------------------------
     def trim_through(self, seq: int) -> int:
@@ -292,9 +291,10 @@ class Journal:
         self.base = new_base
         freed = 0
         for seg in drop:
-            fd = self._fds.pop(seg.path, None)
-            if fd is not None:
-                os.close(fd)
+            for fds in (self._fds, self._rfds):
+                fd = fds.pop(seg.path, None)
+                if fd is not None:
+                    os.close(fd)
             os.unlink(seg.path)
             freed += seg.size
         del self._segments[:len(drop)]
@@ -303,6 +303,7 @@ class Journal:
         return freed
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for fds in (self._fds, self._rfds):
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
