@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 
 from .admin import AdminError, AdminServer
@@ -24,7 +23,6 @@ from .receiver import Receiver
 from .shipper import Shipper
 
 NBD_MAX_REQUEST = 4 << 20
-SWITCH_INTERVAL = 0.0002
 log = logging.getLogger("replicator.agent")
 
 
@@ -103,9 +101,6 @@ class Agent:
 
 
 async def run(cfg: Config) -> int:
-    # The commit worker thread hands each batch back to the loop thread; with the
-    # default 5 ms GIL switch interval that handoff, not the disk, bounds the IOPS.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -44,7 +44,7 @@ def format_status(st: dict) -> str:
             lines.append(
                 f"  -> {t['node']:<12} {t['mode']:<5} {t['state']:<12} acked:{t['acked_seq']:<8} "
                 f"lag:{t['lag_records']} rec/{_human_bytes(t['lag_bytes'])}/{t['lag_seconds']:.1f}s"
-                + (f"  zstd" if t["compress"] == "zstd" else "")
+                + ("  zstd" if t["compress"] == "zstd" else "")
                 + (f"  ({t['last_error']})" if t["last_error"] else ""))
     return "\n".join(lines)
 

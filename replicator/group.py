@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .config import GroupConfig
-from .journal.record import Kind, RecordError, encode_header, iterate
+from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
 from .journal.segments import Journal, JournalError, Position
 from .volume import Volume
 
@@ -194,7 +194,7 @@ class Group:
             size += len(payload)
         b.nbytes += size
         b.sizes.append(size)
-        b.hcrcs.append(int.from_bytes(hdr[4:8], "little"))
+        b.hcrcs.append(header_crc(hdr))
         b.applies.append((volume, kind, offset, length, payload))
         b.dones.append((seq, done))
 

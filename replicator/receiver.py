@@ -17,12 +17,9 @@ import logging
 
 from .group import Group, GroupError
 from .transport import Link
-from .wire import (Ack, Connection, ConnectionClosed, Error, Heartbeat, Hello,
-                   LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, Role,
-                   Welcome, negotiate)
-from .shipper import PROTOCOL
-
-SUPPORTED_FEATURES = 1  # Feature.ZSTD
+from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
+                   ConnectionClosed, Error, Heartbeat, Hello, LocalProtocolError, Records,
+                   Refusal, Refuse, RemoteProtocolError, Role, Welcome, negotiate)
 
 
 class _Session:
@@ -81,12 +78,12 @@ class Receiver:
             return None
         if not isinstance(ev, Hello):
             raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
-        agreed = negotiate(ev, PROTOCOL[0], PROTOCOL[1], SUPPORTED_FEATURES)
+        agreed = negotiate(ev, PROTOCOL_MIN, PROTOCOL_MAX, SUPPORTED_FEATURES)
         group = self.groups.get(ev.group)
         refusal = None
         if agreed is None:
             refusal = (Refusal.VERSION, f"protocol {ev.proto_min}..{ev.proto_max} not in "
-                                        f"{PROTOCOL[0]}..{PROTOCOL[1]}")
+                                        f"{PROTOCOL_MIN}..{PROTOCOL_MAX}")
         elif ev.target != self.node:
             refusal = (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
         elif group is None:

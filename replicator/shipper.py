@@ -23,12 +23,12 @@ from collections import deque
 
 from .group import Group, TargetLink
 from .transport import Link
-from .wire import (Ack, Connection, ConnectionClosed, Error, Feature, Heartbeat, Hello,
-                   LocalProtocolError, Records, Refuse, RemoteProtocolError, Role, Welcome)
+from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed, Error,
+                   Feature, Heartbeat, Hello, LocalProtocolError, Records, Refuse,
+                   RemoteProtocolError, Role, Welcome)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
-PROTOCOL = (1, 1)
 
 
 class ShipError(Exception):
@@ -47,7 +47,8 @@ class Shipper:
         self.target = link
         self.node = node
         self.address = address
-        self.compress = compress
+        self.compress = compress  # configured; compress_now: agreed for this session
+        self.compress_now = False
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
         self.log = log or logging.getLogger(f"replicator.ship.{group.name}.{link.node}")
@@ -109,7 +110,7 @@ class Shipper:
         link = Link(reader, writer, Connection(Role.SENDER))
         try:
             features = Feature.ZSTD if self.compress else Feature(0)
-            await link.send(Hello(proto_min=PROTOCOL[0], proto_max=PROTOCOL[1],
+            await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                                   features=features, node=self.node,
                                   group=self.group.name, target=self.target.node))
             ev = await link.next_event(self.hb_timeout)
