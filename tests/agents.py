@@ -161,11 +161,10 @@ class Topology:
         """Every node has applied everything the primary journaled."""
         def converged():
             seq = self[self.primary].group(self.group)["seq"]
-            if all(a.group(self.group)["applied_seq"] == seq for a in self.agents.values()):
-                return seq or True
-            return False
-        return wait_until(converged, timeout, "replicas to apply every record",
-                          ) and self[self.primary].group(self.group)["seq"]
+            applied = {a.group(self.group)["applied_seq"] for a in self.agents.values()}
+            return applied == {seq} and (seq,)  # a tuple: truthy even at seq 0
+        (seq,) = wait_until(converged, timeout, "replicas to apply every record")
+        return seq
 
     def assert_identical(self, nodes=None) -> None:
         nodes = nodes or list(self.agents)
