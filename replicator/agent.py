@@ -21,6 +21,7 @@ from .config import Config
 from .group import Group
 from .receiver import Receiver
 from .shipper import Shipper
+from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
 log = logging.getLogger("replicator.agent")
@@ -32,7 +33,9 @@ class Agent:
         self.groups = {g.name: Group(g, cfg.state_dir) for g in cfg.groups}
         self.shippers: dict[str, list[Shipper]] = {}
         self.exports: dict[str, VolumeExport] = {}
-        self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout)
+        self.server_tls, self.client_tls = tls_contexts(cfg.tls)
+        self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
+                                 tls=self.server_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status})
         self.started = time.time()
@@ -48,7 +51,7 @@ class Agent:
                 Shipper(group, group.targets[t.node], node=self.cfg.node,
                         address=self.cfg.peers[t.node], compress=t.compress == "zstd",
                         heartbeat_interval=self.cfg.heartbeat_interval,
-                        heartbeat_timeout=self.cfg.heartbeat_timeout)
+                        heartbeat_timeout=self.cfg.heartbeat_timeout, tls=self.client_tls)
                 for t in group.cfg.targets]
         await self.receiver.start(*self.cfg.listen)
         await self.nbd.start(*self.cfg.nbd_listen)

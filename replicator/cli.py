@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 
 from . import admin, config
@@ -89,6 +90,25 @@ def cmd_config_check(args) -> int:
     return 0
 
 
+def cmd_pki(args) -> int:
+    from . import pki
+    try:
+        if args.pki_command == "init":
+            made = pki.init_ca(args.dir)
+            what = os.path.join(args.dir, "ca.crt")
+        else:
+            made = pki.issue(args.dir, args.node, args.out or args.dir, force=args.force)
+            what = os.path.join(args.out or args.dir, f"{args.node}.crt")
+    except (pki.PkiError, OSError) as exc:
+        print(f"replicator pki: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"changed": made, "path": what}))
+    else:
+        print(f"{what}: {'created' if made else 'exists, unchanged'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="replicator", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("file")
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(func=cmd_config_check)
+
+    k = sub.add_parser("pki", help="make the replication CA and node certificates")
+    ksub = k.add_subparsers(dest="pki_command", required=True)
+    init = ksub.add_parser("init", help="create DIR/ca.crt and DIR/ca.key (kept if present)")
+    iss = ksub.add_parser("issue", help="write OUT/NODE.crt and OUT/NODE.key signed by the CA")
+    iss.add_argument("node")
+    iss.add_argument("--out", help="output directory (default: the CA directory)")
+    iss.add_argument("--force", action="store_true", help="replace an existing certificate")
+    for kp in (init, iss):
+        kp.add_argument("--dir", required=True, help="the CA directory")
+        kp.add_argument("--json", action="store_true")
+        kp.set_defaults(func=cmd_pki)
     return p
 
 

@@ -53,6 +53,13 @@ class GroupConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
 class Config:
     node: str
     listen: tuple[str, int]
@@ -61,6 +68,7 @@ class Config:
     admin_socket: str
     peers: dict[str, tuple[str, int]]
     groups: tuple[GroupConfig, ...]
+    tls: TlsConfig | None  # None: plain TCP, chosen explicitly with `tls: false`
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
     log_level: str = "info"
@@ -173,6 +181,27 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
     return t
 
 
+def _tls(r: _Reader) -> TlsConfig | None:
+    expected = ("expected a mapping {ca, cert, key} of PEM file paths (mutual TLS), "
+                "or false for plain TCP")
+    r.seen.add("tls")
+    if "tls" not in r.data:
+        raise ConfigError("tls", f"required key is missing: {expected}")
+    value = r.data["tls"]
+    if value is False:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError("tls", f"{expected}; got {value!r}")
+    t = _Reader(value, "tls")
+    paths = {}
+    for key in ("ca", "cert", "key"):
+        paths[key] = t.get(key, types=(str,))
+        if not os.path.isabs(paths[key]):
+            raise ConfigError(t.sub(key), f"expected an absolute path; got {paths[key]!r}")
+    t.done()
+    return TlsConfig(**paths)
+
+
 def _group(data, path: str, node: str, peers) -> GroupConfig:
     r = _Reader(data, path)
     name = r.name("name")
@@ -249,9 +278,10 @@ def parse(data, source_path: str = "") -> Config:
     if not 0 < interval < timeout:
         raise ConfigError("heartbeat_timeout", "expected 0 < heartbeat_interval < heartbeat_timeout")
     log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    tls = _tls(r)
     r.done()
     return Config(node=node, listen=listen, nbd_listen=nbd_listen, state_dir=state_dir,
-                  admin_socket=admin_socket, peers=peers, groups=tuple(groups),
+                  admin_socket=admin_socket, peers=peers, groups=tuple(groups), tls=tls,
                   heartbeat_interval=float(interval), heartbeat_timeout=float(timeout),
                   log_level=log_level, source_path=source_path)
 

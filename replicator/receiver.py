@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from .group import Group, GroupError
-from .transport import Link
+from .transport import Link, peer_node
 from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
                    ConnectionClosed, Error, Heartbeat, Hello, LocalProtocolError, Records,
                    Refusal, Refuse, RemoteProtocolError, Role, Welcome, negotiate)
@@ -34,17 +35,19 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 log: logging.Logger | None = None):
+                 tls: ssl.SSLContext | None = None, log: logging.Logger | None = None):
         self.node = node
         self.groups = groups
         self.hb_timeout = heartbeat_timeout
+        self.tls = tls
         self.log = log or logging.getLogger("replicator.receiver")
         self.sessions: dict[str, _Session] = {}
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True,
+                                                  ssl=self.tls)
 
     async def close(self) -> None:
         if self._server:
@@ -81,7 +84,11 @@ class Receiver:
         agreed = negotiate(ev, PROTOCOL_MIN, PROTOCOL_MAX, SUPPORTED_FEATURES)
         group = self.groups.get(ev.group)
         refusal = None
-        if agreed is None:
+        cert_node = peer_node(link.writer)
+        if self.tls and cert_node != ev.node:
+            refusal = (Refusal.IDENTITY, f"HELLO says node {ev.node!r} but its TLS "
+                                         f"certificate is for {cert_node!r}")
+        elif agreed is None:
             refusal = (Refusal.VERSION, f"protocol {ev.proto_min}..{ev.proto_max} not in "
                                         f"{PROTOCOL_MIN}..{PROTOCOL_MAX}")
         elif ev.target != self.node:

@@ -17,6 +17,7 @@ holds, is not streamed to (state `needs-resync`; resync is a later feature).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import logging
 import time
 from collections import deque
@@ -42,11 +43,13 @@ class ShipError(Exception):
 class Shipper:
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
-                 heartbeat_timeout: float, log: logging.Logger | None = None):
+                 heartbeat_timeout: float, tls: ssl.SSLContext | None = None,
+                 log: logging.Logger | None = None):
         self.group = group
         self.target = link
         self.node = node
         self.address = address
+        self.tls = tls
         self.compress = compress  # configured; compress_now: agreed for this session
         self.compress_now = False
         self.hb_interval = heartbeat_interval
@@ -105,8 +108,15 @@ class Shipper:
 
     async def _connect(self) -> Link:
         host, port = self.address
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                self.hb_timeout)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=self.tls,
+                                        server_hostname=self.target.node if self.tls else None),
+                self.hb_timeout)
+        except ssl.SSLError as exc:
+            raise ShipError(f"TLS with {self.target.node} at {host}:{port} failed: "
+                            f"{getattr(exc, 'verify_message', None) or exc.reason or exc}",
+                            state="refused") from None
         link = Link(reader, writer, Connection(Role.SENDER))
         try:
             features = Feature.ZSTD if self.compress else Feature(0)

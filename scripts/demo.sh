@@ -35,6 +35,7 @@ listen: 127.0.0.1:${REPL_PORT[$n]}
 nbd_listen: 127.0.0.1:${NBD_PORT[$n]}
 state_dir: $d/state
 admin_socket: $d/admin.sock
+tls: false  # plain TCP on loopback; the Ansible lab uses mutual TLS
 peers: {dc1: 127.0.0.1:${REPL_PORT[dc1]}, dc2: 127.0.0.1:${REPL_PORT[dc2]}, dc3: 127.0.0.1:${REPL_PORT[dc3]}}
 groups:
   - name: db

@@ -13,7 +13,7 @@ import time
 
 import yaml
 
-from replicator import admin
+from replicator import admin, pki
 
 MiB = 1 << 20
 
@@ -48,9 +48,12 @@ class AgentProc:
         self.config = config
         self.config_path = os.path.join(self.dir, "agent.yml")
         self.log_path = os.path.join(self.dir, "agent.log")
-        with open(self.config_path, "w") as f:
-            yaml.safe_dump(config, f)
+        self.save_config()
         self.proc: subprocess.Popen | None = None
+
+    def save_config(self) -> None:
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(self.config, f)
 
     @property
     def nbd_port(self) -> int:
@@ -110,8 +113,11 @@ class Topology:
     whose primary is the first node that is never a `to`."""
 
     def __init__(self, root, nodes, links, volumes=None, group="db", journal_size="64MiB",
-                 heartbeat_timeout=3.0):
+                 heartbeat_timeout=3.0, tls=False):
         self.root = str(root)
+        ca_dir = os.path.join(self.root, "ca")
+        if tls:
+            pki.init_ca(ca_dir)
         volumes = volumes or {"data": 16 * MiB, "log": 4 * MiB}
         ports = {n: (free_port(), free_port()) for n in nodes}
         sources = {link[1]: link[0] for link in links}
@@ -119,8 +125,13 @@ class Topology:
         for n in nodes:
             targets = [{"node": l[1], "mode": l[2], **({"compress": l[3]} if len(l) > 3 else {})}
                        for l in links if l[0] == n]
+            if tls:
+                pki.issue(ca_dir, n, os.path.join(self.root, n, "pki"))
             cfg = {
                 "node": n,
+                "tls": {"ca": os.path.join(ca_dir, "ca.crt"),
+                        "cert": os.path.join(self.root, n, "pki", f"{n}.crt"),
+                        "key": os.path.join(self.root, n, "pki", f"{n}.key")} if tls else False,
                 "listen": f"127.0.0.1:{ports[n][0]}",
                 "nbd_listen": f"127.0.0.1:{ports[n][1]}",
                 "state_dir": os.path.join(self.root, n, "state"),

@@ -76,6 +76,7 @@ class Refusal(enum.IntEnum):
     NOT_REPLICA = 5
     BUSY = 6
     POSITION = 7  # diverged from the sender: needs a resync, never an incremental apply
+    IDENTITY = 8  # the TLS certificate names another node than HELLO does
     INTERNAL = 99
 
     @classmethod

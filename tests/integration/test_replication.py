@@ -141,9 +141,7 @@ def test_wrong_source_is_refused(topology, tmp_path):
     c = topo["c"]
     c.kill()
     c.config["groups"][0]["source"] = "b"
-    import yaml
-    with open(c.config_path, "w") as f:
-        yaml.safe_dump(c.config, f)
+    c.save_config()
     c.start()
     t = wait_until(lambda: (lambda t: t if t["state"] == "refused" else None)(
         topo["a"].target("db", "c")), 20, "a -> c refused")

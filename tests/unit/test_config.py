@@ -13,6 +13,7 @@ node: dc1-app
 listen: 127.0.0.1:7801
 nbd_listen: 127.0.0.1:10801
 state_dir: /var/lib/replicator
+tls: false
 peers: {dc2-dr: 127.0.0.1:7802, dc3-arc: 127.0.0.1:7803}
 groups:
   - name: db
@@ -71,6 +72,11 @@ def mutate(path, value):
     (("groups", 0, "jurnal_size"), "1GiB", "groups[0].jurnal_size", "unknown key"),
     (("peers",), ["a"], "peers", "dict"),
     (("heartbeat_timeout",), 0.5, "heartbeat_timeout", "heartbeat_interval"),
+    (("tls",), KeyError, "tls", "false for plain TCP"),
+    (("tls",), True, "tls", "mapping"),
+    (("tls",), {"ca": "/a", "cert": "/b"}, "tls.key", "required"),
+    (("tls",), {"ca": "/a", "cert": "/b", "key": "k.pem"}, "tls.key", "absolute"),
+    (("tls",), {"ca": "/a", "cert": "/b", "key": "/c", "crl": "/d"}, "tls.crl", "unknown"),
 ])
 def test_errors_name_the_key(path, value, where, what):
     with pytest.raises(ConfigError) as exc:
