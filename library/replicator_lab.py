@@ -1,0 +1,113 @@
+#!/usr/bin/python
+"""Build or remove the replicator lab on the controller."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: replicator_lab
+short_description: Lab hosts on one Linux machine (namespaces, sshd, shaped site uplinks)
+description:
+  - Builds one lab host per inventory host, each with its own network namespace holding
+    its address, its own sshd (key-only root login), hostname, private mounts and PID
+    namespace; sites are joined by uplinks shaped with tc tbf. Runs on the controller
+    as root. See plugins/module_utils/replicator_lab.py for how it works.
+options:
+  state:
+    description: C(up) builds what is missing, C(down) removes everything, C(status) reports.
+    type: str
+    choices: [up, down, status]
+    default: up
+  dir:
+    description: Lab directory on the controller (keys, host files, private mounts, state).
+    type: path
+    required: true
+  prefix:
+    description: Prefix of the lab's interface and namespace names.
+    type: str
+    default: rlab
+  network:
+    description: The lab network (CIDR); every host's address must be in it.
+    type: str
+    required: true
+  controller_address:
+    description: Address of the controller on the lab network (default the first one).
+    type: str
+  hosts:
+    description: Lab hosts, each C({name, address, site}).
+    type: list
+    elements: dict
+    default: []
+  sites:
+    description: Per site, C({uplink: RATE}) (for example C(100mbit)); sites not named are unshaped.
+    type: dict
+    default: {}
+  init_script:
+    description: Path of scripts/lab_init.py (copied into the lab directory). Required for C(up).
+    type: path
+  boot:
+    description: Command a lab host runs at boot if its program exists (the agent's supervisor).
+    type: list
+    elements: str
+    default: []
+"""
+
+RETURN = r"""
+hosts:
+  description: Per host, its address, site, namespace, whether it runs and is connected.
+  type: dict
+  returned: always
+summary:
+  description: One line per host, for people.
+  type: list
+  elements: str
+  returned: always
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.replicator_lab import Lab, LabError
+
+
+def summary(hosts: dict) -> list[str]:
+    return [f"{name:<12} {h['address']:<15} site {h['site']:<6} "
+            f"{'running' if h['running'] else 'stopped'}, "
+            f"{'connected' if h['connected'] else 'isolated'}, netns {h['netns']}"
+            for name, h in hosts.items()]
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["up", "down", "status"], default="up"),
+            dir=dict(type="path", required=True),
+            prefix=dict(type="str", default="rlab"),
+            network=dict(type="str", required=True),
+            controller_address=dict(type="str"),
+            hosts=dict(type="list", elements="dict", default=[]),
+            sites=dict(type="dict", default={}),
+            init_script=dict(type="path"),
+            boot=dict(type="list", elements="str", default=[]),
+        ),
+        required_if=[("state", "up", ["init_script"])],
+        supports_check_mode=True,
+    )
+    p = module.params
+    try:
+        lab = Lab(p["dir"], p["prefix"], p["network"], p["hosts"], p["sites"],
+                  controller_address=p["controller_address"], init_script=p["init_script"],
+                  boot=p["boot"])
+        before = lab.status()
+        if module.check_mode or p["state"] == "status":
+            running = all(h["running"] for h in before.values())
+            changed = {"up": not running, "down": any(h["running"] for h in before.values()),
+                       "status": False}[p["state"]]
+            module.exit_json(changed=changed and module.check_mode, hosts=before,
+                             summary=summary(before))
+        changed = lab.up() if p["state"] == "up" else lab.down()
+        after = lab.status()
+        module.exit_json(changed=changed, hosts=after, summary=summary(after))
+    except LabError as exc:
+        module.fail_json(msg=f"lab: {exc}")
+
+
+if __name__ == "__main__":
+    main()
