@@ -18,7 +18,7 @@ from .admin import AdminError, AdminServer
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
 from .config import Config
-from .group import Group
+from .group import Group, GroupError
 from .receiver import Receiver
 from .shipper import Shipper
 from .transport import tls_contexts
@@ -37,12 +37,15 @@ class Agent:
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  tls=self.server_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
-        self.admin = AdminServer(cfg.admin_socket, {"status": self._status})
+        self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
+                                                    "rollback": self._rollback,
+                                                    "resync": self._resync})
         self.started = time.time()
 
     async def start(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         for group in self.groups.values():
+            group.logging_after = self.cfg.heartbeat_timeout
             group.open()
             group.start()
             self.exports.update({name: VolumeExport(group, vol)
@@ -85,6 +88,41 @@ class Agent:
                        if wanted in (None, g.name)],
         }
 
+    def _group(self, request: dict) -> Group:
+        name = request.get("group")
+        if name not in self.groups:
+            raise AdminError(f"no group {name!r} on node {self.cfg.node} "
+                             f"(groups: {', '.join(self.groups) or 'none'})")
+        return self.groups[name]
+
+    def _shipper(self, group: Group, target: str) -> Shipper:
+        for shipper in self.shippers.get(group.name, []):
+            if shipper.target.node == target:
+                return shipper
+        raise AdminError(f"group {group.name} on node {self.cfg.node} does not ship to "
+                         f"{target!r} (targets: {', '.join(group.targets) or 'none'})")
+
+    async def _rollback(self, request: dict) -> dict:
+        group = self._group(request)
+        if self.receiver.status(group.name) is not None and not request.get("force"):
+            raise AdminError(f"group {group.name}: the source is still connected and resyncing; "
+                             "stop it first, or use --force")
+        try:
+            restored = await group.rollback()
+        except GroupError as exc:
+            raise AdminError(str(exc)) from None
+        return {"group": group.name, "regions_restored": restored,
+                "consistent_seq": group.journal.last_seq}
+
+    async def _resync(self, request: dict) -> dict:
+        group = self._group(request)
+        shipper = self._shipper(group, request.get("target"))
+        rate = request.get("rate")
+        if rate is not None:
+            shipper.resync_rate = int(rate)
+        return {"group": group.name, "target": shipper.target.node,
+                "rate_limit_bytes_per_s": shipper.resync_rate, "state": shipper.status()["state"]}
+
     def _group_status(self, group: Group) -> dict:
         j = group.journal
         return {
@@ -95,6 +133,8 @@ class Agent:
             "seq": j.last_seq,
             "applied_seq": group.applied_seq,
             "checkpoint_seq": group.checkpoint.seq,
+            "inconsistent": group.inconsistent,
+            "consistent_seq": group.resync_base.seq if group.inconsistent else group.applied_seq,
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
                         "capacity_bytes": j.capacity, "full": group.journal_full},
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}

@@ -81,6 +81,40 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _operate(args, op: str, human, **params) -> int:
+    """Send one operation to the agent named by the config; print JSON or a line."""
+    cfg = _load(args.config)
+    try:
+        result = admin.request(cfg.admin_socket, op, **params)
+    except admin.AdminError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        print(f"replicator {op}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else human(result))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    return _operate(args, "rollback", lambda r: (
+        f"group {r['group']}: resync rolled back, {r['regions_restored']} regions restored; "
+        f"consistent at seq {r['consistent_seq']}"), group=args.group, force=args.force)
+
+
+def cmd_resync(args) -> int:
+    rate = None
+    if args.rate is not None:
+        try:
+            rate = 0 if args.rate in ("0", "unlimited") else config.parse_size(args.rate, "--rate")
+        except config.ConfigError as exc:
+            print(f"replicator resync: {exc}", file=sys.stderr)
+            return 2
+    return _operate(args, "resync", lambda r: (
+        f"group {r['group']} -> {r['target']}: {r['state']}, resync rate limit "
+        f"{_human_bytes(r['rate_limit_bytes_per_s']) + '/s' if r['rate_limit_bytes_per_s'] else 'none'}"),
+        group=args.group, target=args.target, rate=rate)
+
+
 def cmd_config_check(args) -> int:
     cfg = _load(args.file)
     if args.json:
@@ -122,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("group", nargs="?")
     s.set_defaults(func=cmd_status)
+
+    rb = sub.add_parser("rollback", help="undo an interrupted resync on this replica: back to "
+                                         "its last consistent image")
+    rb.add_argument("group")
+    rb.add_argument("--force", action="store_true", help="even while the source is connected")
+    rs = sub.add_parser("resync", help="show or tune the resync of a target (rate limit)")
+    rs.add_argument("group")
+    rs.add_argument("target")
+    rs.add_argument("--rate", help="resync rate limit, e.g. 50MiB (per second), 0 = unlimited")
+    for op, func in ((rb, cmd_rollback), (rs, cmd_resync)):
+        op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        op.add_argument("--json", action="store_true")
+        op.set_defaults(func=func)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)

@@ -50,6 +50,9 @@ class GroupConfig:
     journal_size: int
     volumes: tuple[VolumeConfig, ...]
     targets: tuple[TargetConfig, ...]
+    bitmap_granularity: int = 64 << 10
+    logging_high_water: int = 0  # lag in journal bytes that switches a target to logging
+    resync_rate: int = 0  # bytes per second per resync; 0: unlimited
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,22 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     if source is not None and source in {t.node for t in targets}:
         raise ConfigError(r.sub("targets"), f"{source!r} is this group's source; a target "
                                              "cannot also be the source (loop)")
+    granularity = parse_size(r.get("bitmap_granularity", "64KiB"), r.sub("bitmap_granularity"))
+    if granularity < 4096 or granularity & (granularity - 1):
+        raise ConfigError(r.sub("bitmap_granularity"),
+                          f"expected a power of two of at least 4KiB; got {granularity}")
+    high_water = parse_size(r.get("logging_high_water", journal_size * 3 // 4),
+                            r.sub("logging_high_water"))
+    if high_water >= journal_size:
+        raise ConfigError(r.sub("logging_high_water"),
+                          f"expected less than journal_size ({journal_size}); got {high_water}")
+    rate = r.get("resync_rate", 0)
+    rate = 0 if rate in (0, "0", "unlimited") else parse_size(rate, r.sub("resync_rate"))
     r.done()
     return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
-                       volumes=tuple(volumes), targets=tuple(targets))
+                       volumes=tuple(volumes), targets=tuple(targets),
+                       bitmap_granularity=granularity, logging_high_water=high_water,
+                       resync_rate=rate)
 
 
 def parse(data, source_path: str = "") -> Config:

@@ -34,9 +34,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from .bitmap import Bitmap, BitmapError
 from .config import GroupConfig
 from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
 from .journal.segments import Journal, JournalError, Position
+from .undo import UndoError, UndoLog
 from .volume import Volume
 
 Done = Callable[[int], None]
@@ -59,11 +61,19 @@ class GroupError(Exception):
 class TargetLink:
     """What the write path needs to know of one target; its shipper keeps it current."""
 
-    def __init__(self, node: str, mode: str, acked_seq: int):
+    def __init__(self, node: str, mode: str, acked_seq: int, bitmap: Bitmap):
         self.node = node
         self.mode = mode
         self.acked_seq = acked_seq
         self.in_sync = False  # connected and caught up: sync writes wait for it
+        self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
+        self.connected = False
+        self.disconnected_at = time.monotonic()
+        self.finishing = False  # RESYNC_DONE sent: the bitmap's `through` must stay put
+
+    @property
+    def logging(self) -> bool:
+        return self.bitmap.active
 
 
 class _Batch:
@@ -107,6 +117,10 @@ class Group:
         self._checkpoint_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._saved_acked: dict = {}
+        self.logging_after = 5.0  # seconds a target may be away before it goes to logging
+        self.resync_base: Position | None = None  # replica: inconsistent since this position
+        self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
+        self._resync_done = False
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -118,9 +132,28 @@ class Group:
         state = self._read_state()
         self.checkpoint = Position(*state.get("checkpoint", (0, 0)))
         acked = state.get("acked", {})
+        os.makedirs(os.path.join(self.dir, "bitmaps"), exist_ok=True)
+        sizes = {v.name: v.size for v in self.volumes.values()}
         for t in self.cfg.targets:
-            self.targets[t.node] = TargetLink(t.node, t.mode, int(acked.get(t.node, 0)))
+            bitmap = Bitmap(os.path.join(self.dir, "bitmaps", f"{t.node}.bm"), sizes,
+                            self.cfg.bitmap_granularity)
+            try:
+                bitmap.load()
+            except BitmapError as exc:
+                raise GroupError(f"group {self.name}: {exc}") from None
+            self.targets[t.node] = TargetLink(t.node, t.mode, int(acked.get(t.node, 0)), bitmap)
         j = self.journal
+        if state.get("resync"):
+            self.resync_base = Position(*state["resync"])
+            try:
+                self.undo.open()
+            except UndoError as exc:
+                raise GroupError(f"group {self.name}: {exc}") from None
+        elif os.path.exists(self.undo.path):
+            os.unlink(self.undo.path)  # left by a resync whose completion was recorded
+        if self.checkpoint.seq > j.last_seq and "resync_done" in state:
+            # A resync completed (checkpoint recorded) but the journal was not rebased yet.
+            j.rebase(self.checkpoint)
         if not j.base.seq <= self.checkpoint.seq <= j.last_seq:
             raise GroupError(
                 f"group {self.name}: volumes were checkpointed at seq {self.checkpoint.seq} "
@@ -136,6 +169,10 @@ class Group:
             self.log.info("group %s: replayed %d journal records onto the volumes",
                           self.name, replayed)
             self._sync_and_save(j.position())
+        for t in self.targets.values():
+            if t.logging:  # rebuild what the journal holds past the saved bitmap
+                self.mark_bitmap(t)
+                t.bitmap.save()
 
     def _replay(self, after_seq: int) -> int:
         seq, count = after_seq + 1, 0
@@ -345,6 +382,85 @@ class Group:
             done(err)
         self._next_seq = self.journal.last_seq + 1
 
+    # ---- replica side of a resync -------------------------------------------------------
+    @property
+    def inconsistent(self) -> bool:
+        """A resync is overwriting regions out of order: not a prefix image until done."""
+        return self.resync_base is not None
+
+    async def apply_resync(self, items: list[tuple[str, int, bytes]]) -> None:
+        """Write resync regions (volume, offset, data) durably, saving what they
+        overwrite in the undo log first. Downstream targets get the regions marked."""
+        for volume, offset, data in items:
+            vol = self.volumes.get(volume)
+            if vol is None or offset + len(data) > vol.size:
+                raise GroupError(f"resync region {volume!r} [{offset}, +{len(data)}) is not "
+                                 f"in group {self.name}")
+        loop = asyncio.get_running_loop()
+        if self.resync_base is None:
+            await self.settle()
+            self.resync_base = self.journal.position()
+            await loop.run_in_executor(self._io, self.undo.open)
+            await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
+            self.log.warning("group %s: resync started; inconsistent until it completes "
+                             "(last consistent image: seq %d)", self.name, self.resync_base.seq)
+        for t in self.targets.values():
+            if not t.logging:
+                self.start_logging(t, "this replica is being resynced")
+            for volume, offset, data in items:
+                t.bitmap.mark(volume, offset, len(data))
+        await loop.run_in_executor(self._io, self._resync_io, items)
+
+    def _resync_io(self, items) -> None:
+        self.undo.save([(v, o, self.volumes[v].read(o, len(d))) for v, o, d in items])
+        touched = set()
+        for volume, offset, data in items:
+            self.volumes[volume].write(offset, data)
+            touched.add(volume)
+        for volume in touched:
+            self.volumes[volume].sync()
+
+    async def finish_resync(self, pos: Position) -> None:
+        """The sender says we now hold its image after `pos`: record it, restart the
+        journal there, forget the undo log."""
+        loop = asyncio.get_running_loop()
+        await self.settle()
+        self.resync_base = None
+        self._resync_done = True
+        await loop.run_in_executor(self._io, self._sync_and_save, pos)
+        self.journal.rebase(pos)
+        self._resync_done = False
+        self.undo.remove()
+        self.applied_seq = pos.seq
+        self._next_seq = pos.seq + 1
+        for t in self.targets.values():
+            if t.logging:
+                t.bitmap.through = pos.seq
+                t.bitmap.save()
+        self.log.info("group %s: resync complete at seq %d; consistent again", self.name, pos.seq)
+
+    async def rollback(self) -> int:
+        """Undo an unfinished resync: put back every region it overwrote, so the
+        volumes hold the last consistent image again. Returns the regions restored."""
+        if self.resync_base is None:
+            raise GroupError(f"group {self.name} is not being resynced: nothing to roll back")
+        loop = asyncio.get_running_loop()
+        entries = await loop.run_in_executor(self._io, self.undo.entries_newest_first)
+        await loop.run_in_executor(self._io, self._resync_io_rollback, entries)
+        base = self.resync_base
+        self.resync_base = None
+        await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
+        self.undo.remove()
+        self.log.warning("group %s: resync rolled back (%d regions restored); consistent "
+                         "at seq %d", self.name, len(entries), base.seq)
+        return len(entries)
+
+    def _resync_io_rollback(self, entries) -> None:
+        for volume, offset, old in entries:
+            self.volumes[volume].write(offset, old)
+        for vol in self.volumes.values():
+            vol.sync()
+
     # ---- sync targets ------------------------------------------------------------------
     def sync_floor(self) -> float:
         """Highest seq every in-sync sync target has acked (inf when none must be waited for)."""
@@ -379,10 +495,72 @@ class Group:
 
     # ---- space, checkpoints, trimming -------------------------------------------------
     def _needed_after(self) -> int:
+        """Records after this seq must stay in the journal: not yet in the volumes'
+        checkpoint, not acked by a streaming target, not marked in a logging target's
+        saved bitmap."""
         low = self.checkpoint.seq
         for t in self.targets.values():
-            low = min(low, t.acked_seq)
+            low = min(low, t.bitmap.through if t.logging else t.acked_seq)
         return low
+
+    # ---- logging: dirty-region bitmaps -------------------------------------------------
+    def mark_bitmap(self, t: TargetLink) -> None:
+        """Mark the journal records after the bitmap's `through` into it."""
+        bm, j = t.bitmap, self.journal
+        seq = bm.through + 1
+        if seq < j.first_seq:
+            self.log.warning("group %s: records %d..%d for %s are no longer in the journal; "
+                             "marking every region", self.name, seq, j.first_seq - 1, t.node)
+            bm.set_all()
+            seq = j.first_seq
+        while seq <= j.last_seq:
+            _, last, data = j.read(seq, 8 << 20)
+            for rec in iterate(data):
+                bm.mark(rec.volume, rec.offset, rec.length)
+            seq = last + 1
+        bm.through = j.last_seq
+
+    def start_logging(self, t: TargetLink, why: str) -> None:
+        """The journal stops keeping records for `t`; its bitmap records what changed."""
+        t.bitmap.through = t.acked_seq
+        t.bitmap.active = True
+        self.mark_bitmap(t)
+        t.bitmap.save()
+        self.log.warning("group %s: target %s switches to logging (%s); %d regions dirty",
+                         self.name, t.node, why, t.bitmap.count())
+        self._checkpoint_now.set()
+
+    def start_full_resync(self, t: TargetLink) -> None:
+        """Every region of every volume will be sent to `t` (initial sync)."""
+        t.bitmap.set_all()
+        t.bitmap.through = self.journal.last_seq
+        t.bitmap.active = True
+        t.bitmap.save()
+
+    def stop_logging(self, t: TargetLink, seq: int) -> None:
+        """`t` holds our image after `seq`: back to shipping journal records from seq + 1."""
+        bm = t.bitmap
+        bm.clear_all()
+        bm.active, bm.through, bm.remarked = False, seq, None
+        t.acked_seq = seq
+        t.finishing = False
+        bm.save()
+
+    def _update_logging(self) -> None:
+        """Checkpointer: switch away or far-behind targets to logging; keep the bitmaps
+        of logging targets marked through the end of the journal and saved."""
+        now = time.monotonic()
+        j = self.journal
+        for t in self.targets.values():
+            if t.logging:
+                if not t.finishing and t.bitmap.through < j.last_seq:
+                    self.mark_bitmap(t)
+                    t.bitmap.save()
+            elif not t.connected and now - t.disconnected_at >= self.logging_after:
+                if t.acked_seq < j.last_seq:
+                    self.start_logging(t, f"unreachable for {now - t.disconnected_at:.0f}s")
+            elif j.bytes_between(t.acked_seq, j.last_seq) > self.cfg.logging_high_water:
+                self.start_logging(t, "behind by more than logging_high_water")
 
     async def _wait_for_space(self, nbytes: int) -> None:
         j = self.journal
@@ -410,11 +588,12 @@ class Group:
                 pass
             self._checkpoint_now.clear()
             try:
+                self._update_logging()
                 pos = self.journal.position(self.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
                 if pos != self.checkpoint or acked != self._saved_acked:
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
-                low = min([pos.seq, *acked.values()])
+                low = self._needed_after()
                 if low > self.journal.base.seq:
                     self.journal.trim_through(low)
             except (OSError, JournalError) as exc:
@@ -427,8 +606,13 @@ class Group:
             vol.sync()
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
         tmp = os.path.join(self.dir, "group.json.tmp")
+        state = {"checkpoint": [pos.seq, pos.hcrc], "acked": acked}
+        if self.resync_base is not None:
+            state["resync"] = [self.resync_base.seq, self.resync_base.hcrc]
+        elif self._resync_done:
+            state["resync_done"] = True  # the journal may still need rebasing to `checkpoint`
         with open(tmp, "w") as f:
-            json.dump({"checkpoint": [pos.seq, pos.hcrc], "acked": acked}, f)
+            json.dump(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.dir, "group.json"))

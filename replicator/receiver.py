@@ -17,10 +17,12 @@ import logging
 import ssl
 
 from .group import Group, GroupError
+from .journal.segments import Position
 from .transport import Link, peer_node
 from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
                    ConnectionClosed, Error, Heartbeat, Hello, LocalProtocolError, Records,
-                   Refusal, Refuse, RemoteProtocolError, Role, Welcome, negotiate)
+                   Refusal, Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role,
+                   Welcome, negotiate)
 
 
 class _Session:
@@ -31,6 +33,9 @@ class _Session:
         self.ack_seq = 0
         self.ack_scheduled = False
         self.failed: str | None = None
+        self.resync_items: list = []  # RESYNC_DATA received, not yet applied
+        self.resync_applied = 0  # RESYNC_DATA frames durable, for RESYNC_ACK
+        self.resync_task: asyncio.Task | None = None
 
 
 class Receiver:
@@ -72,6 +77,9 @@ class Receiver:
         finally:
             if session and self.sessions.get(session.group.name) is session:
                 del self.sessions[session.group.name]
+            if session and session.resync_task is not None:
+                session.failed = session.failed or "connection ended"
+                await asyncio.gather(session.resync_task, return_exceptions=True)
             await link.close()
             self._conns.discard(task)
 
@@ -131,6 +139,18 @@ class Receiver:
                     self.log.error("%s", exc)
                     await s.link.send(Error(code=Refusal.POSITION, message=str(exc)[:1000]))
                     return
+            elif isinstance(ev, ResyncData):
+                s.resync_items.append((ev.volume, ev.offset, ev.payload))
+                if s.resync_task is None or s.resync_task.done():
+                    s.resync_task = asyncio.create_task(self._apply_resync(s))
+            elif isinstance(ev, ResyncDone):
+                if s.resync_task is not None:
+                    await s.resync_task
+                if s.failed is not None:
+                    break
+                await s.group.finish_resync(Position(ev.seq, ev.crc))
+                s.ack_seq = ev.seq
+                await s.link.send(Ack(seq=ev.seq))
             elif isinstance(ev, Heartbeat):
                 await s.link.send(Heartbeat(sent_ns=ev.sent_ns))
             elif isinstance(ev, Error):
@@ -140,6 +160,25 @@ class Receiver:
             elif isinstance(ev, ConnectionClosed):
                 return
         self.log.warning("group %s: link from %s closed: %s", s.group.name, s.source, s.failed)
+
+    async def _apply_resync(self, s: _Session) -> None:
+        """Apply what RESYNC_DATA arrived, in batches (one undo fdatasync and one
+        volume fdatasync per batch), and report each batch durable with RESYNC_ACK."""
+        while s.resync_items and s.failed is None:
+            items, s.resync_items = s.resync_items, []
+            try:
+                await s.group.apply_resync(items)
+            except Exception as exc:  # noqa: BLE001 - any failure ends this session cleanly
+                self.log.error("group %s: resync write failed: %r", s.group.name, exc)
+                s.failed = f"resync write failed: {exc}"
+                if not s.link.writer.is_closing():
+                    s.link.writer.write(s.link.conn.send(
+                        Error(code=Refusal.INTERNAL, message=str(exc)[:1000])))
+                await s.link.close()
+                return
+            s.resync_applied += len(items)
+            if not s.link.writer.is_closing():
+                s.link.writer.write(s.link.conn.send(ResyncAck(count=s.resync_applied)))
 
     def _done(self, s: _Session, seq: int, err: int) -> None:
         if err:

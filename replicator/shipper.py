@@ -10,8 +10,18 @@ resumes from the position the target reports in WELCOME, so nothing is skipped a
 nothing is applied twice.
 
 Before streaming, the target's position is checked against the journal: a target ahead
-of us, or at a seq whose record differs from ours, or behind what the journal still
-holds, is not streamed to (state `needs-resync`; resync is a later feature).
+of us, or at a seq whose record differs from ours, is not streamed to (state
+`needs-resync`: its history diverged from ours).
+
+Resync: a target in logging (its bitmap, not the journal, covers what it lacks), or one
+whose position the journal no longer holds (a new target: every region is marked), is
+first resynced. A pass marks the journal through its end into the bitmap and sends the
+current content of every dirty region (RESYNC_DATA, at most resync_rate bytes/s and
+RESYNC_WINDOW unacknowledged); a region's bit is cleared when the target reports it
+durable, unless it was written again meanwhile. Passes repeat until the bitmap is clean;
+then RESYNC_DONE(seq) puts the target at the bitmap's `through`, and journal streaming
+resumes at seq + 1. Bits cleared are saved with the bitmap every checkpoint, so a resync
+interrupted by either side resumes where it was instead of starting over.
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ from .group import Group, TargetLink
 from .transport import Link
 from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed, Error,
                    Feature, Heartbeat, Hello, LocalProtocolError, Records, Refuse,
-                   RemoteProtocolError, Role, Welcome)
+                   RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role, Welcome)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
+RESYNC_WINDOW = 8 << 20
 
 
 class ShipError(Exception):
@@ -63,6 +74,9 @@ class Shipper:
         self._inflight_bytes = 0
         self._acked = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._needs_resync = False
+        self.resync_rate = group.cfg.resync_rate  # bytes/s, 0 = unlimited; runtime-settable
+        self.resync: dict | None = None  # progress of the running resync
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
@@ -98,10 +112,14 @@ class Shipper:
             backoff = min(backoff * 2, 5.0)
 
     def _disconnected(self) -> None:
+        if self.target.connected:
+            self.target.connected = False
+            self.target.disconnected_at = time.monotonic()
+        self.resync = None
         if self.target.in_sync:
             self.target.in_sync = False
             self.group.targets_changed()
-        if self.state in ("replicating", "catching-up"):
+        if self.state in ("replicating", "catching-up", "resyncing"):
             self.state = "connecting"
         self._inflight.clear()
         self._inflight_bytes = 0
@@ -140,25 +158,34 @@ class Shipper:
         return link
 
     def _resume_from(self, welcome: Welcome) -> None:
-        j = self.group.journal
+        j, t = self.group.journal, self.target
         if welcome.seq > j.last_seq:
-            raise ShipError(f"{self.target.node} is at seq {welcome.seq}, ahead of this node "
+            raise ShipError(f"{t.node} is at seq {welcome.seq}, ahead of this node "
                             f"({j.last_seq}): it has writes we do not", state="needs-resync")
         ours = j.position(welcome.seq)
-        if ours is None:
-            raise ShipError(f"{self.target.node} is at seq {welcome.seq}; the journal only "
-                            f"holds {j.first_seq}..{j.last_seq}", state="needs-resync")
-        if ours.hcrc != welcome.crc:
-            raise ShipError(f"{self.target.node} diverged: its record {welcome.seq} differs "
+        if ours is not None and ours.hcrc != welcome.crc:
+            raise ShipError(f"{t.node} diverged: its record {welcome.seq} differs "
                             "from ours", state="needs-resync")
-        self.sent_seq = welcome.seq
-        self.target.acked_seq = welcome.seq
-        self.state = "catching-up"
+        t.connected = True
         self.last_error = ""
-        self.log.info("group %s -> %s: streaming from seq %d", self.group.name,
-                      self.target.node, welcome.seq + 1)
+        self._needs_resync = t.logging or ours is None or welcome.seq < t.acked_seq
+        if not self._needs_resync:
+            self.sent_seq = welcome.seq
+            t.acked_seq = welcome.seq
+            self.state = "catching-up"
+            self.log.info("group %s -> %s: streaming from seq %d", self.group.name,
+                          t.node, welcome.seq + 1)
+            return
+        if not t.logging or welcome.seq < t.acked_seq:
+            why = (f"the journal no longer holds its position {welcome.seq}" if ours is None
+                   else f"it is at seq {welcome.seq}, behind its acknowledged {t.acked_seq}")
+            self.log.warning("group %s -> %s: full resync: %s", self.group.name, t.node, why)
+            self.group.start_full_resync(t)
+        self.state = "resyncing"
 
     async def _stream(self, link: Link) -> None:
+        if self._needs_resync:
+            await self._resync(link)
         pump = asyncio.create_task(self._pump(link))
         acks = asyncio.create_task(self._acks(link))
         try:
@@ -174,6 +201,9 @@ class Shipper:
         j = self.group.journal
         last_send = time.monotonic()
         while True:
+            if self.target.logging:
+                raise ShipError(f"{self.target.node} fell behind by more than "
+                                "logging_high_water: resync from the bitmap", state="logging")
             if self.sent_seq >= j.last_seq and not self.target.in_sync:
                 self.target.in_sync = True
                 self.state = "replicating"
@@ -220,6 +250,112 @@ class Shipper:
             elif not isinstance(ev, Heartbeat):
                 raise ShipError(f"unexpected {type(ev).__name__} from {self.target.node}")
 
+    # ---- resync ---------------------------------------------------------------------------
+    async def _resync(self, link: Link) -> None:
+        g, t = self.group, self.target
+        bm = t.bitmap
+        pending: deque = deque()  # (volume, region, length) sent, not yet durable
+        progress = self.resync = {"done_bytes": 0, "total_bytes": 0, "started": time.monotonic(),
+                                  "passes": 0}
+        state = {"acked": 0, "sent": 0, "done_seq": None, "error": None}
+        wake = asyncio.Event()
+
+        async def read_acks():
+            try:
+                while True:
+                    ev = await link.next_event(self.hb_timeout)
+                    if isinstance(ev, ResyncAck):
+                        if not state["acked"] <= ev.count <= state["sent"]:
+                            raise ShipError(f"{t.node} acknowledged {ev.count} resync regions "
+                                            f"of {state['sent']} sent")
+                        for _ in range(ev.count - state["acked"]):
+                            volume, region, length = pending.popleft()
+                            bm.clear(volume, region)
+                            progress["done_bytes"] += length
+                        state["acked"] = ev.count
+                    elif isinstance(ev, Ack):
+                        state["done_seq"] = ev.seq
+                    elif isinstance(ev, Error):
+                        raise ShipError(f"{t.node} reported error {ev.code.name}: {ev.message}")
+                    elif isinstance(ev, ConnectionClosed):
+                        raise ShipError(f"{t.node} closed the connection during the resync")
+                    wake.set()
+            except BaseException as exc:
+                state["error"] = exc
+                wake.set()
+                raise
+
+        async def wait(condition) -> None:
+            while not condition():
+                if state["error"] is not None:
+                    raise state["error"]
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), self.hb_interval)
+                except asyncio.TimeoutError:
+                    await link.send(Heartbeat(sent_ns=time.time_ns()))
+
+        reader = asyncio.create_task(read_acks())
+        try:
+            while True:
+                g.mark_bitmap(t)
+                bm.remarked = set()
+                regions = list(bm.dirty())
+                if not regions:
+                    break
+                progress["passes"] += 1
+                progress["total_bytes"] = progress["done_bytes"] + sum(r[3] for r in regions)
+                tokens, last = 0.0, time.monotonic()
+                for volume, region, offset, length in regions:
+                    await wait(lambda: sum(p[2] for p in pending) < RESYNC_WINDOW)
+                    data = g.volumes[volume].read(offset, length)
+                    await link.send(ResyncData(volume=volume, offset=offset, payload=data))
+                    pending.append((volume, region, length))
+                    state["sent"] += 1
+                    self.bytes_sent += length
+                    if self.resync_rate:
+                        now = time.monotonic()
+                        tokens = min(self.resync_rate, tokens + (now - last) * self.resync_rate)
+                        last = now
+                        tokens -= length
+                        if tokens < 0:
+                            await asyncio.sleep(-tokens / self.resync_rate)
+                await wait(lambda: not pending)
+            bm.remarked = None
+            seq = bm.through
+            t.finishing = True  # the checkpointer must not move `through` any more
+            pos = g.journal.position(seq)
+            await link.send(ResyncDone(seq=seq, crc=pos.hcrc))
+            await wait(lambda: state["done_seq"] is not None)
+            if state["done_seq"] != seq:
+                raise ShipError(f"{t.node} finished the resync at seq {state['done_seq']}, "
+                                f"expected {seq}")
+            g.stop_logging(t, seq)
+            self.sent_seq = seq
+            self._needs_resync = False
+            self.state = "catching-up"
+            self.log.info("group %s -> %s: resync complete at seq %d (%d bytes, %d pass(es)); "
+                          "streaming from seq %d", g.name, t.node, seq, progress["done_bytes"],
+                          progress["passes"], seq + 1)
+        finally:
+            t.finishing = False
+            bm.remarked = None
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            self.resync = None
+
+    def _resync_status(self) -> dict | None:
+        p = self.resync
+        if p is None:
+            return None
+        elapsed = max(1e-6, time.monotonic() - p["started"])
+        rate = p["done_bytes"] / elapsed
+        left = p["total_bytes"] - p["done_bytes"]
+        return {"done_bytes": p["done_bytes"], "total_bytes": p["total_bytes"],
+                "rate_bytes_per_s": round(rate), "passes": p["passes"],
+                "eta_seconds": round(left / rate, 1) if rate > 0 else None,
+                "rate_limit_bytes_per_s": self.resync_rate}
+
     def status(self) -> dict:
         records, nbytes, seconds = self.group.lag(self.target.acked_seq)
         return {
@@ -227,8 +363,11 @@ class Shipper:
             "address": f"{self.address[0]}:{self.address[1]}",
             "mode": self.target.mode,
             "compress": "zstd" if self.compress else "none",
-            "state": self.state,
+            "state": ("logging" if self.target.logging and self.state != "resyncing"
+                      else self.state),
             "in_sync": self.target.in_sync,
+            "dirty_bytes": self.target.bitmap.dirty_bytes() if self.target.logging else 0,
+            "resync": self._resync_status(),
             "acked_seq": self.target.acked_seq,
             "sent_seq": self.sent_seq,
             "lag_records": records,

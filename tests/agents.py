@@ -113,7 +113,7 @@ class Topology:
     whose primary is the first node that is never a `to`."""
 
     def __init__(self, root, nodes, links, volumes=None, group="db", journal_size="64MiB",
-                 heartbeat_timeout=3.0, tls=False):
+                 heartbeat_timeout=3.0, tls=False, group_options=None):
         self.root = str(root)
         ca_dir = os.path.join(self.root, "ca")
         if tls:
@@ -147,6 +147,7 @@ class Topology:
                     "volumes": [{"name": v, "path": os.path.join(self.root, n, "vol", f"{v}.img"),
                                  "size": size} for v, size in volumes.items()],
                     "targets": targets,
+                    **(group_options or {}),
                 }],
             }
             self.agents[n] = AgentProc(self.root, n, cfg)

@@ -281,14 +281,7 @@ class Journal:
         if not drop:
             return 0
         last = drop[-1]
-        new_base = Position(last.last_seq, last.hcrcs[-1])
-        tmp = os.path.join(self.directory, "base.tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{new_base.seq} {new_base.hcrc}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.directory, "base"))
-        self.base = new_base
+        self._write_base(Position(last.last_seq, last.hcrcs[-1]))
         freed = 0
         for seg in drop:
             for fds in (self._fds, self._rfds):
@@ -301,6 +294,32 @@ class Journal:
         del self._firsts[:len(drop)]
         _fsync_dir(self.directory)
         return freed
+
+    def rebase(self, pos: Position) -> None:
+        """Drop every record and restart the journal after `pos` (a replica that a
+        resync brought to the sender's image at pos.seq). Segments go first, then
+        `base` is replaced, so a crash in between leaves an empty journal at the old
+        base, which the group's recovery rebases again from its checkpoint."""
+        for seg in self._segments:
+            for fds in (self._fds, self._rfds):
+                fd = fds.pop(seg.path, None)
+                if fd is not None:
+                    os.close(fd)
+            os.unlink(seg.path)
+        self._segments.clear()
+        self._firsts.clear()
+        _fsync_dir(self.directory)
+        self._write_base(pos)
+
+    def _write_base(self, pos: Position) -> None:
+        tmp = os.path.join(self.directory, "base.tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{pos.seq} {pos.hcrc}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.directory, "base"))
+        _fsync_dir(self.directory)
+        self.base = pos
 
     def close(self) -> None:
         for fds in (self._fds, self._rfds):

@@ -6,7 +6,7 @@ from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, IGNORABLE_FROM, MAGIC, MAX_
                      MAX_REASON, PROTOCOL_MAX, PROTOCOL_MIN, RECORDS_FIXED_SIZE,
                      SUPPORTED_FEATURES, Ack, Error, Feature, Frame, FrameType, Heartbeat, Hello,
                      LocalProtocolError, ProtocolError, Records, Refusal, Refuse,
-                     RemoteProtocolError, Welcome, negotiate)
+                     RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Welcome, negotiate)
 
 __all__ = [
     # connection.py
@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME", "HEADER_SIZE", "IGNORABLE_FROM", "MAGIC", "MAX_NAME", "MAX_REASON",
     "PROTOCOL_MAX", "PROTOCOL_MIN", "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES",
     "Ack", "Error", "Feature", "Frame", "FrameType", "Heartbeat", "Hello", "LocalProtocolError",
-    "ProtocolError", "Records", "Refusal", "Refuse", "RemoteProtocolError", "Welcome",
+    "ProtocolError", "Records", "Refusal", "Refuse", "RemoteProtocolError", "ResyncAck",
+    "ResyncData", "ResyncDone", "Welcome",
     "negotiate",
 ]

@@ -99,6 +99,9 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.STREAMING, SEND, _F.HEARTBEAT): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.ACK): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.HEARTBEAT): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.RESYNC_DATA): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.RESYNC_DONE): State.STREAMING,
+    (_S, State.STREAMING, RECV, _F.RESYNC_ACK): State.STREAMING,
 
     (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
     (_R, State.HELLO_RECEIVED, SEND, _F.WELCOME): State.STREAMING,
@@ -107,6 +110,9 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_R, State.STREAMING, RECV, _F.HEARTBEAT): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.ACK): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.HEARTBEAT): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.RESYNC_DATA): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.RESYNC_DONE): State.STREAMING,
+    (_R, State.STREAMING, SEND, _F.RESYNC_ACK): State.STREAMING,
 }
 # ERROR: either way, in any open state, and it closes the connection.
 TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED

@@ -24,6 +24,15 @@ exactly after its last field):
     5 ACK          seq u64
     6 HEARTBEAT    sent_ns u64
     7 ERROR        code u16                                        message str (<= 1024)
+    8 RESYNC_DATA  offset u64                                      volume str, data
+    9 RESYNC_DONE  seq u64, crc u32
+   10 RESYNC_ACK   count u64
+
+Resync (sender -> receiver, in STREAMING, instead of RECORDS): RESYNC_DATA carries the
+current content of one dirty region; RESYNC_ACK(count) says the first `count`
+RESYNC_DATA frames of this connection are durable on the receiver; RESYNC_DONE says the
+receiver now holds the sender's image after `seq` (header CRC `crc`): it rebases its
+journal there and answers with ACK(seq), after which RECORDS from seq + 1 follow.
 
 RECORDS: the payload is concatenated journal records, opaque here. raw_length is its
 size before compression; when COMPRESSED the payload on the wire is a single zstd frame
@@ -65,6 +74,9 @@ class FrameType(enum.IntEnum):
     ACK = 5
     HEARTBEAT = 6
     ERROR = 7
+    RESYNC_DATA = 8
+    RESYNC_DONE = 9
+    RESYNC_ACK = 10
 
 
 class Refusal(enum.IntEnum):
@@ -186,7 +198,34 @@ class Error:
     message: str
 
 
-Frame = Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResyncData:
+    """Sender -> receiver: the current content of one region of a volume."""
+    frame_type: ClassVar[FrameType] = FrameType.RESYNC_DATA
+    volume: str
+    offset: int
+    payload: bytes
+
+    def __repr__(self):
+        return f"ResyncData(volume={self.volume!r}, offset={self.offset}, payload=<{len(self.payload)} bytes>)"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResyncDone:
+    """Sender -> receiver: the resync is complete at the sender's seq (and its header CRC)."""
+    frame_type: ClassVar[FrameType] = FrameType.RESYNC_DONE
+    seq: int
+    crc: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResyncAck:
+    """Receiver -> sender: the first `count` RESYNC_DATA of this connection are durable."""
+    frame_type: ClassVar[FrameType] = FrameType.RESYNC_ACK
+    count: int
+
+
+Frame = Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone | ResyncAck
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -226,6 +265,9 @@ _RECORDS = _Fixed("QQI", "first_seq", "last_seq", "raw_length")
 RECORDS_FIXED_SIZE = _RECORDS.struct.size  # 20: an uncompressed payload may be max_frame - 20
 _ACK = _Fixed("Q", "seq")
 _HEARTBEAT = _Fixed("Q", "sent_ns")
+_RESYNC_DATA = _Fixed("Q", "offset")
+_RESYNC_DONE = _Fixed("QI", "seq", "crc")
+_RESYNC_ACK = _Fixed("Q", "count")
 _STRLEN = struct.Struct("<H")
 
 
@@ -333,6 +375,13 @@ def encode_body(event: Frame, *, max_frame: int,
         parts = [_ACK.pack(kind, event.seq)]
     elif isinstance(event, Heartbeat):
         parts = [_HEARTBEAT.pack(kind, event.sent_ns)]
+    elif isinstance(event, ResyncData):
+        parts = [_RESYNC_DATA.pack(kind, event.offset), _pack_name(kind, "volume", event.volume),
+                 event.payload]
+    elif isinstance(event, ResyncDone):
+        parts = [_RESYNC_DONE.pack(kind, event.seq, event.crc)]
+    elif isinstance(event, ResyncAck):
+        parts = [_RESYNC_ACK.pack(kind, event.count)]
     else:
         raise LocalProtocolError(f"{type(event).__name__} is not a frame")
     body_length = sum(map(len, parts))
@@ -404,6 +453,15 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = Error(code=Refusal.of(code), message=reader.text("message", MAX_REASON))
     elif kind == FrameType.ACK:
         event = Ack(seq=reader.fixed(_ACK)[0])
+    elif kind == FrameType.RESYNC_DATA:
+        (offset,) = reader.fixed(_RESYNC_DATA)
+        volume = reader.text("volume")
+        return ResyncData(volume=volume, offset=offset, payload=bytes(reader.rest()))
+    elif kind == FrameType.RESYNC_DONE:
+        seq, crc = reader.fixed(_RESYNC_DONE)
+        event = ResyncDone(seq=seq, crc=crc)
+    elif kind == FrameType.RESYNC_ACK:
+        event = ResyncAck(count=reader.fixed(_RESYNC_ACK)[0])
     else:
         assert kind == FrameType.HEARTBEAT, kind
         event = Heartbeat(sent_ns=reader.fixed(_HEARTBEAT)[0])

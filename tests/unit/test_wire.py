@@ -11,7 +11,8 @@ from crc32c import crc32c
 from replicator.wire import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEED_DATA, Ack, Connection,
                              ConnectionClosed, Error, Feature, FrameType, Heartbeat, Hello,
                              LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
-                             Role, State, Welcome, negotiate)
+                             ResyncAck, ResyncData, ResyncDone, Role, State, Welcome,
+                             negotiate)
 
 try:
     from hypothesis import given, settings
@@ -259,6 +260,9 @@ ROUND_TRIP = [
     Records(first_seq=1, last_seq=2**64 - 1, payload=bytes(range(256)) * 10),
     Records(first_seq=9, last_seq=9, payload=b"a" * 4096, compress=True),
     Ack(seq=0), Heartbeat(sent_ns=2**64 - 1), Error(code=65535, message="m" * 1024),
+    ResyncData(volume="data", offset=2**64 - 1, payload=b"x" * 65536),
+    ResyncData(volume="v" * 255, offset=0, payload=b""),
+    ResyncDone(seq=2**64 - 1, crc=2**32 - 1), ResyncAck(count=2**64 - 1),
 ]
 
 
@@ -273,7 +277,7 @@ def round_trip(event):
         src, dst = Connection(Role.RECEIVER), Connection(Role.SENDER)
         src.receive_data(dst.send(hello))
         drain(src)
-    elif kind == FrameType.ACK:
+    elif kind in (FrameType.ACK, FrameType.RESYNC_ACK):
         dst, src = handshake()
     else:
         src, dst = handshake()
