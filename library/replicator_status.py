@@ -1,0 +1,57 @@
+#!/usr/bin/python
+"""Read the status of the agent on this host."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: replicator_status
+short_description: Status of the replicator agent on this host, and its outgoing links
+description:
+  - Runs C(replicator status --json) against the agent named by I(config). Read-only.
+options:
+  cli:
+    description: The replicator command on the host.
+    type: path
+    default: /opt/replicator/venv/bin/replicator
+  config:
+    description: The agent's configuration file.
+    type: path
+    default: /etc/replicator/agent.yml
+  group:
+    description: Only this group's links in C(links) (C(status) is always complete).
+    type: str
+  targets:
+    description: Only the links to these nodes in C(links).
+    type: list
+    elements: str
+"""
+
+RETURN = r"""
+status:
+  description: The agent's status document (node, pid, uptime_seconds, groups).
+  type: dict
+  returned: success
+links:
+  description: This host's outgoing links (group, source, target, mode, state, lag, journal use...).
+  type: list
+  elements: dict
+  returned: success
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.replicator_agent import AGENT_ARGS, LINK_ARGS, AgentError, call, link, select
+
+
+def main():
+    module = AnsibleModule(argument_spec=dict(**AGENT_ARGS, **LINK_ARGS), supports_check_mode=True)
+    try:
+        _, status = call(module, "status")
+        links = [link(status, g, t) for g, t in select(status, module.params["group"],
+                                                       module.params["targets"])]
+    except AgentError as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(changed=False, status=status, links=links)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The replication topology declared in the inventory, as filters.
+
+    replicator_groups:
+      - name: db
+        primary: dc1-app
+        journal_size: 256MiB                  # optional
+        volumes: [{name: data, size: 256MiB}, {name: log, size: 64MiB, path: /srv/log.img}]
+        links:
+          - {from: dc1-app, to: dc2-dr, mode: sync}
+          - {from: dc1-app, to: dc3-arc, mode: async, compress: zstd}
+          - {from: dc3-arc, to: dc4-vault, mode: async}
+
+Each group's links must form a tree rooted at its primary: the primary receives
+nothing, every other member receives from exactly one node, and every member is
+reachable from the primary. `replicator_topology_errors` says what breaks that, in
+words an operator can act on; the other filters assume a valid topology.
+"""
+
+import re
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MODES = ("sync", "async")
+COMPRESSIONS = ("none", "zstd")
+GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size"}
+VOLUME_KEYS = {"name", "size", "path"}
+LINK_KEYS = {"from", "to", "mode", "compress"}
+
+
+def _group_errors(i, g, hosts):
+    where = f"replicator_groups[{i}]"
+    if not isinstance(g, dict):
+        return [f"{where}: expected a mapping with name, primary, volumes, links"]
+    name = g.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        return [f"{where}.name: expected a group name (letters, digits, '.', '_', '-'); "
+                f"got {name!r}"]
+    where = f"{where} ({name})"
+    errors = [f"{where}: unknown key {k!r} (known: {', '.join(sorted(GROUP_KEYS))})"
+              for k in sorted(set(g) - GROUP_KEYS)]
+    primary = g.get("primary")
+    if primary not in hosts:
+        errors.append(f"{where}: primary {primary!r} is not a host of the inventory group "
+                      f"(hosts: {', '.join(hosts)}); add it or fix the name")
+    volumes = g.get("volumes")
+    if not isinstance(volumes, list) or not volumes:
+        errors.append(f"{where}: volumes must be a non-empty list of {{name, size[, path]}}")
+        volumes = []
+    seen = set()
+    for j, v in enumerate(volumes):
+        if not isinstance(v, dict) or not NAME_RE.match(str(v.get("name", ""))) or "size" not in v:
+            errors.append(f"{where}: volumes[{j}] needs a name and a size, like "
+                          "{name: data, size: 256MiB}")
+            continue
+        errors += [f"{where}: volumes[{j}]: unknown key {k!r}" for k in sorted(set(v) - VOLUME_KEYS)]
+        if v["name"] in seen:
+            errors.append(f"{where}: volume {v['name']!r} is declared twice")
+        seen.add(v["name"])
+    links = g.get("links", [])
+    if not isinstance(links, list):
+        return errors + [f"{where}: links must be a list of {{from, to, mode[, compress]}}"]
+    source_of = {}
+    for j, link in enumerate(links):
+        lw = f"{where}: links[{j}]"
+        if not isinstance(link, dict):
+            errors.append(f"{lw}: expected {{from, to, mode[, compress]}}")
+            continue
+        errors += [f"{lw}: unknown key {k!r} (known: from, to, mode, compress)"
+                   for k in sorted(set(link) - LINK_KEYS)]
+        src, dst = link.get("from"), link.get("to")
+        for end, node in (("from", src), ("to", dst)):
+            if node not in hosts:
+                errors.append(f"{lw}: {end} {node!r} is not a host of the inventory group "
+                              f"(hosts: {', '.join(hosts)})")
+        if link.get("mode") not in MODES:
+            errors.append(f"{lw}: mode must be one of {', '.join(MODES)}; got {link.get('mode')!r}")
+        if link.get("compress", "none") not in COMPRESSIONS:
+            errors.append(f"{lw}: compress must be one of {', '.join(COMPRESSIONS)}; "
+                          f"got {link.get('compress')!r}")
+        if src == dst:
+            errors.append(f"{lw}: {src} links to itself")
+        elif dst == primary:
+            errors.append(f"{lw}: {src} -> {dst} ships to the primary; the primary is the root "
+                          "of the tree and receives nothing (reverse the link or change primary)")
+        elif dst in source_of:
+            errors.append(f"{lw}: {dst} already receives {name} from {source_of[dst]}; a replica "
+                          "has exactly one source (remove one of the two links)")
+        else:
+            source_of[dst] = src
+    # every member must be reachable from the primary (this also rules out cycles)
+    reached, frontier = {primary}, [primary]
+    while frontier:
+        node = frontier.pop()
+        for dst, src in source_of.items():
+            if src == node and dst not in reached:
+                reached.add(dst)
+                frontier.append(dst)
+    for dst, src in source_of.items():
+        if dst not in reached:
+            errors.append(f"{where}: link {src} -> {dst} is not fed by the primary {primary}: "
+                          f"{src} receives {name} from nobody (or a loop); links must form a "
+                          "tree rooted at the primary")
+    return errors
+
+
+def replicator_topology_errors(groups, hosts):
+    """Every reason the topology is not usable, as sentences (empty list: valid)."""
+    hosts = list(hosts)
+    if groups is None:
+        return []
+    if not isinstance(groups, list):
+        return ["replicator_groups: expected a list of groups"]
+    errors = []
+    names = {}
+    for i, g in enumerate(groups):
+        errors += _group_errors(i, g, hosts)
+        if isinstance(g, dict) and g.get("name") in names:
+            errors.append(f"replicator_groups[{i}]: group {g['name']!r} is declared twice "
+                          f"(also replicator_groups[{names[g['name']]}])")
+        elif isinstance(g, dict):
+            names[g.get("name")] = i
+    if errors:
+        return errors
+    # volume names are NBD export names: unique per node across its groups
+    for node in hosts:
+        owner = {}
+        for g in groups:
+            if node in members(g):
+                for v in g["volumes"]:
+                    if v["name"] in owner:
+                        errors.append(f"{node}: volume {v['name']!r} is in groups "
+                                      f"{owner[v['name']]} and {g['name']}; volume names are NBD "
+                                      "export names and must be unique per host")
+                    owner[v["name"]] = g["name"]
+    return errors
+
+
+def members(group):
+    """Nodes of a group: its primary and both ends of every link."""
+    nodes = [group["primary"]]
+    for link in group.get("links", []):
+        for node in (link["from"], link["to"]):
+            if node not in nodes:
+                nodes.append(node)
+    return nodes
+
+
+def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes",
+                           journal_size="256MiB"):
+    """The `groups` section of `node`'s agent config."""
+    out = []
+    for g in groups or []:
+        if node not in members(g):
+            continue
+        source = next((l["from"] for l in g.get("links", []) if l["to"] == node), None)
+        out.append({
+            "name": g["name"],
+            "role": "primary" if node == g["primary"] else "secondary",
+            "source": source,
+            "journal_size": g.get("journal_size", journal_size),
+            "volumes": [{"name": v["name"],
+                         "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
+                         "size": v["size"]} for v in g["volumes"]],
+            "targets": [{"node": l["to"], "mode": l["mode"], "compress": l.get("compress", "none")}
+                        for l in g.get("links", []) if l["from"] == node],
+        })
+    return out
+
+
+def replicator_node_peers(groups, node):
+    """Nodes `node` exchanges data with (its sources and targets), sorted."""
+    peers = set()
+    for g in groups or []:
+        for link in g.get("links", []):
+            if node in (link["from"], link["to"]):
+                peers.add(link["to"] if link["from"] == node else link["from"])
+    return sorted(peers)
+
+
+def replicator_links(groups, group=None, source=None, target=None):
+    """Links of the topology as [{group, from, to, mode, compress}], optionally only
+    those of one group, from one node or to one node (None/'' selects all)."""
+    out = []
+    for g in groups or []:
+        if group and g["name"] != group:
+            continue
+        for link in g.get("links", []):
+            if source and link["from"] != source or target and link["to"] != target:
+                continue
+            out.append({"group": g["name"], "from": link["from"], "to": link["to"],
+                        "mode": link["mode"], "compress": link.get("compress", "none")})
+    return out
+
+
+def replicator_endpoint(hostvars_of_host, default_port, address_var="replicator_agent_address",
+                        port_var="replicator_agent_port"):
+    """HOST:PORT where a node's agent listens, from its inventory variables."""
+    hv = hostvars_of_host
+    address = hv.get(address_var) or hv.get("ansible_host") or hv["inventory_hostname"]
+    return f"{address}:{hv.get(port_var) or default_port}"
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "replicator_topology_errors": replicator_topology_errors,
+            "replicator_node_groups": replicator_node_groups,
+            "replicator_node_peers": replicator_node_peers,
+            "replicator_links": replicator_links,
+            "replicator_endpoint": replicator_endpoint,
+        }
