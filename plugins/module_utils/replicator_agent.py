@@ -5,6 +5,7 @@ be, so the unit tests feed them status documents."""
 from __future__ import annotations
 
 import json
+import re
 
 DEFAULT_CLI = "/opt/replicator/venv/bin/replicator"
 DEFAULT_CONFIG = "/etc/replicator/agent.yml"
@@ -90,3 +91,15 @@ def progress_line(lk: dict) -> str:
                   f"{human_bytes(lk['lag_bytes'])}/{lk['lag_seconds']:.1f}s")
     error = f" ({lk['last_error']})" if lk.get("last_error") and lk["state"] != "replicating" else ""
     return f"{head}: {lk['state']} {detail}{error}"
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_rate(value) -> int:
+    """Bytes per second from `50MiB`, `1G`, `0` (unlimited) or a plain number."""
+    m = _RATE_RE.match(str(value))
+    if not m:
+        raise AgentError(f"rate {value!r}: expected bytes per second like 50MiB, 1G or 0")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])

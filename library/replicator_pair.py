@@ -1,0 +1,105 @@
+#!/usr/bin/python
+"""Establish this host's outgoing links: start the initial sync a link needs."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: replicator_pair
+short_description: Start the initial sync of this host's outgoing links where one is needed
+description:
+  - A new target gets its initial sync from the agent by itself (a full resync, or nothing when
+    both sides are blank at seq 0). This module asks for another kind with
+    C(replicator resync GROUP TARGET --checksum|--assume-clean) while that initial sync is
+    pending, and resolves a target in C(needs-resync) (its history diverged) with the chosen
+    kind, which overwrites the target; that is refused while I(safe_mode) is true.
+    It does not wait: see replicator_wait.
+options:
+  cli:
+    description: The replicator command on the host.
+    type: path
+    default: /opt/replicator/venv/bin/replicator
+  config:
+    description: The agent's configuration file.
+    type: path
+    default: /etc/replicator/agent.yml
+  group:
+    description: Only this group's links.
+    type: str
+  targets:
+    description: Only the links to these nodes.
+    type: list
+    elements: str
+  initial_sync:
+    description: C(full) copies every region, C(checksum) only regions whose hashes differ
+      (a target seeded from a backup), C(none) declares both sides identical (blank volumes).
+    type: str
+    choices: [full, checksum, none]
+    default: full
+  safe_mode:
+    description: Refuse to overwrite a target whose history diverged (C(needs-resync)).
+    type: bool
+    default: true
+"""
+
+RETURN = r"""
+links:
+  description: The selected links before any action, as replicator_status returns them.
+  type: list
+  elements: dict
+  returned: success
+started:
+  description: Targets whose initial sync this call started or changed, with the command's answer.
+  type: list
+  elements: dict
+  returned: success
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call, link,
+                                                   select)
+
+FLAGS = {"full": "--full", "checksum": "--checksum", "none": "--assume-clean"}
+
+
+def wanted(lk: dict, initial_sync: str) -> bool:
+    """Does this link need a resync command to get the initial sync asked for?"""
+    if lk["state"] == "needs-resync":
+        return True
+    resync = lk.get("resync") or {}
+    # an initial sync the agent started by itself, of another kind than asked for
+    return bool(resync.get("initial")) and resync.get("mode", "full") != initial_sync
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(**AGENT_ARGS, **LINK_ARGS,
+                           initial_sync=dict(type="str", choices=list(FLAGS), default="full"),
+                           safe_mode=dict(type="bool", default=True)),
+        supports_check_mode=True,
+    )
+    p = module.params
+    try:
+        _, status = call(module, "status")
+        links = [link(status, g, t) for g, t in select(status, p["group"], p["targets"])]
+        todo = [lk for lk in links if wanted(lk, p["initial_sync"])]
+        diverged = [lk for lk in todo if lk["state"] == "needs-resync"]
+        if diverged and p["safe_mode"]:
+            module.fail_json(links=links, msg=(
+                "the history of " + ", ".join(f"{lk['target']} ({lk['group']})" for lk in diverged)
+                + f" diverged from {status['node']}'s: an initial sync would overwrite it. Check "
+                "which side holds the data you want; to overwrite the target, re-run with "
+                "safe_mode false (playbooks: -e replicator_pair_safe_mode=false)"))
+        started = []
+        for lk in todo:
+            if not module.check_mode:
+                _, answer = call(module, "resync", lk["group"], lk["target"], FLAGS[p["initial_sync"]])
+                started.append(answer)
+            else:
+                started.append({"group": lk["group"], "target": lk["target"]})
+    except AgentError as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(changed=bool(todo), links=links, started=started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+#!/usr/bin/python
+"""Verify this host's outgoing links online: compare source and replica region by region."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: replicator_verify
+short_description: Online verify of this host's outgoing links, with optional repair
+description:
+  - Runs C(replicator verify GROUP TARGET [--repair]) on the node that ships to TARGET, for
+    every selected link, and returns what it found. Mismatches are not a module failure (a
+    playbook decides; see playbooks/verify.yml); an error of the command is. In check mode
+    the verify runs without repair (it only reads).
+options:
+  cli:
+    description: The replicator command on the host.
+    type: path
+    default: /opt/replicator/venv/bin/replicator
+  config:
+    description: The agent's configuration file.
+    type: path
+    default: /etc/replicator/agent.yml
+  group:
+    description: Only this group's links.
+    type: str
+  targets:
+    description: Only the links to these nodes.
+    type: list
+    elements: str
+  repair:
+    description: Resync the mismatching regions found.
+    type: bool
+    default: false
+"""
+
+RETURN = r"""
+results:
+  description: Per link, C({group, target, bytes_checked, mismatches:[{volume, offset, length}], repaired}).
+  type: list
+  elements: dict
+  returned: success
+mismatches:
+  description: Number of mismatching regions over all selected links.
+  type: int
+  returned: success
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.replicator_agent import AGENT_ARGS, LINK_ARGS, AgentError, call, select
+
+EXIT_MISMATCH = 3
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(**AGENT_ARGS, **LINK_ARGS, repair=dict(type="bool", default=False)),
+        supports_check_mode=True,
+    )
+    p = module.params
+    repair = p["repair"] and not module.check_mode
+    results = []
+    try:
+        _, status = call(module, "status")
+        for group, target in select(status, p["group"], p["targets"]):
+            args = ["verify", group["name"], target["node"]] + (["--repair"] if repair else [])
+            _, found = call(module, *args, ok_rcs=(0, EXIT_MISMATCH))
+            results.append(found)
+    except AgentError as exc:
+        module.fail_json(msg=str(exc), results=results)
+    mismatches = sum(len(r.get("mismatches") or []) for r in results)
+    changed = any(r.get("repaired") for r in results) or (
+        module.check_mode and p["repair"] and mismatches > 0)
+    module.exit_json(changed=bool(changed), results=results, mismatches=mismatches)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The status table of a whole topology, from every agent's replicator_status result."""
+
+import importlib.util
+import os
+
+# the modules' helpers (module_utils are not importable from controller-side plugins)
+_spec = importlib.util.spec_from_file_location(
+    "replicator_agent_utils",
+    os.path.join(os.path.dirname(__file__), "..", "module_utils", "replicator_agent.py"))
+_utils = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_utils)
+human_bytes = _utils.human_bytes
+
+COLUMNS = ("GROUP", "LINK", "MODE", "STATE", "SEQ", "ACKED", "LAG REC", "LAG BYTES", "LAG S",
+           "JOURNAL (SOURCE)")
+
+
+def _row(group, link, result, notes):
+    name = f"{link['from']} -> {link['to']}"
+    mode = link["mode"] + ("/zstd" if link.get("compress", "none") == "zstd" else "")
+    if not result or result.get("unreachable"):
+        return [group["name"], name, mode, f"unknown: {link['from']} unreachable"]
+    if result.get("failed") or "status" not in result:
+        return [group["name"], name, mode, f"unknown: {result.get('msg', 'no status')}"]
+    g = next((x for x in result["status"]["groups"] if x["name"] == group["name"]), None)
+    t = g and next((x for x in g["targets"] if x["node"] == link["to"]), None)
+    if t is None:
+        return [group["name"], name, mode, f"unknown: {link['from']}'s agent does not ship "
+                                            f"{group['name']} to {link['to']} (run site.yml)"]
+    j = g["journal"]
+    state = t["state"]
+    r = t.get("resync") or {}
+    if state == "resyncing" and r.get("total_bytes"):
+        state += f" {100 * r.get('done_bytes', 0) / r['total_bytes']:.0f}%"
+    if t.get("last_error") and t["state"] != "replicating":
+        notes.append(f"{name}: {t['last_error']}")
+    journal = (f"{human_bytes(j['used_bytes'])}/{human_bytes(j['capacity_bytes'])} "
+               f"{100 * j['used_bytes'] / j['capacity_bytes']:.0f}%" + (" FULL" if j["full"] else ""))
+    return [group["name"], name, mode, state, str(g["seq"]), str(t["acked_seq"]),
+            str(t["lag_records"]), human_bytes(t["lag_bytes"]), f"{t['lag_seconds']:.1f}", journal]
+
+
+def replicator_status_table(groups, results):
+    """One line per link of every group: state, lag, journal use of the link's source.
+    `results` maps each node to its replicator_status result (or an unreachable one)."""
+    rows, notes = [list(COLUMNS)], []
+    for g in groups or []:
+        for link in g.get("links", []):
+            rows.append(_row(g, link, (results or {}).get(link["from"]), notes))
+    widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(COLUMNS))]
+    lines = []
+    for r in rows:
+        cells = [c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines + notes)
+
+
+class FilterModule:
+    def filters(self):
+        return {"replicator_status_table": replicator_status_table}
