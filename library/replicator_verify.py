@@ -43,12 +43,29 @@ mismatches:
   description: Number of mismatching regions over all selected links.
   type: int
   returned: success
+lines:
+  description: What was found, for people; one line per link, then one per mismatching region.
+  type: list
+  elements: str
+  returned: success
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import AGENT_ARGS, LINK_ARGS, AgentError, call, select
+from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call,
+                                                   human_bytes, select)
 
 EXIT_MISMATCH = 3
+
+
+def report(source: str, results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        found = r.get("mismatches") or []
+        lines.append(f"{r['group']} {source} -> {r['target']}: {human_bytes(r.get('bytes_checked', 0))} "
+                     f"checked, {len(found)} mismatching region(s)"
+                     + (f", {r['repaired']} repaired" if r.get("repaired") else ""))
+        lines += [f"  {m['volume']} offset {m['offset']} length {m['length']}" for m in found]
+    return lines
 
 
 def main():
@@ -70,7 +87,8 @@ def main():
     mismatches = sum(len(r.get("mismatches") or []) for r in results)
     changed = any(r.get("repaired") for r in results) or (
         module.check_mode and p["repair"] and mismatches > 0)
-    module.exit_json(changed=bool(changed), results=results, mismatches=mismatches)
+    module.exit_json(changed=bool(changed), results=results, mismatches=mismatches,
+                     lines=report(status["node"], results))
 
 
 if __name__ == "__main__":
