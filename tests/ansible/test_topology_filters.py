@@ -1,0 +1,104 @@
+"""The topology filters: validation messages an operator can act on, and the per-node
+agent configuration they render."""
+
+import copy
+
+import pytest
+
+from tests.ansible.ansible_harness import filters
+
+F = filters("replicator_topology")
+HOSTS = ["dc1-app", "dc2-dr", "dc3-arc", "dc4-vault"]
+LAB = [{
+    "name": "db",
+    "primary": "dc1-app",
+    "volumes": [{"name": "data", "size": "64MiB"}, {"name": "log", "size": "16MiB", "path": "/srv/log.img"}],
+    "links": [
+        {"from": "dc1-app", "to": "dc2-dr", "mode": "sync"},
+        {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "zstd"},
+        {"from": "dc3-arc", "to": "dc4-vault", "mode": "async"},
+    ],
+}]
+
+
+def errors_after(change):
+    groups = copy.deepcopy(LAB)
+    change(groups[0])
+    return F["replicator_topology_errors"](groups, HOSTS)
+
+
+def test_the_lab_topology_is_valid():
+    assert F["replicator_topology_errors"](LAB, HOSTS) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda g: g["links"].append({"from": "dc2-dr", "to": "dc4-vault", "mode": "async"}),
+     "dc4-vault already receives db from dc3-arc; a replica has exactly one source"),
+    (lambda g: g["links"].append({"from": "dc2-dr", "to": "dc1-app", "mode": "sync"}),
+     "ships to the primary"),
+    (lambda g: g["links"].append({"from": "dc1-app", "to": "dc9-x", "mode": "sync"}),
+     "to 'dc9-x' is not a host of the inventory group"),
+    (lambda g: g["links"][0].update(mode="asnyc"), "mode must be one of sync, async; got 'asnyc'"),
+    (lambda g: g["links"][1].update(compress="lz4"), "compress must be one of none, zstd"),
+    (lambda g: g.update(primary="dc5"), "primary 'dc5' is not a host of the inventory group"),
+    (lambda g: g["links"].append({"from": "dc2-dr", "to": "dc2-dr", "mode": "sync"}),
+     "dc2-dr links to itself"),
+    (lambda g: g["links"].__setitem__(2, {"from": "dc4-vault", "to": "dc3-arc", "mode": "async"}),
+     "dc3-arc already receives db from dc1-app"),
+    (lambda g: g.update(volumes=[]), "volumes must be a non-empty list"),
+    (lambda g: g["volumes"].append({"name": "data", "size": "1MiB"}), "volume 'data' is declared twice"),
+    (lambda g: g["links"][0].update(rate="1G"), "unknown key 'rate'"),
+])
+def test_broken_topologies_are_explained(change, expected):
+    errors = errors_after(change)
+    assert any(expected in e for e in errors), errors
+
+
+def test_a_loop_detached_from_the_primary_is_not_a_tree():
+    groups = [{"name": "g", "primary": "dc1-app", "volumes": [{"name": "v", "size": 1 << 20}],
+               "links": [{"from": "dc2-dr", "to": "dc3-arc", "mode": "async"},
+                         {"from": "dc3-arc", "to": "dc2-dr", "mode": "async"}]}]
+    errors = F["replicator_topology_errors"](groups, HOSTS)
+    assert any("not fed by the primary dc1-app" in e and "tree rooted at the primary" in e
+               for e in errors), errors
+
+
+def test_volume_names_are_unique_per_host_across_groups():
+    other = {"name": "web", "primary": "dc2-dr", "volumes": [{"name": "data", "size": 1 << 20}],
+             "links": []}
+    errors = F["replicator_topology_errors"](LAB + [other], HOSTS)
+    assert errors == ["dc2-dr: volume 'data' is in groups db and web; volume names are NBD "
+                      "export names and must be unique per host"]
+
+
+def test_node_groups_render_roles_sources_targets_and_default_paths():
+    node_groups = F["replicator_node_groups"]
+    (primary,) = node_groups(LAB, "dc1-app", volume_dir="/v", journal_size="32MiB")
+    assert primary["role"] == "primary" and primary["source"] is None
+    assert primary["journal_size"] == "32MiB"
+    assert primary["volumes"] == [{"name": "data", "path": "/v/db/data.img", "size": "64MiB"},
+                                  {"name": "log", "path": "/srv/log.img", "size": "16MiB"}]
+    assert primary["targets"] == [{"node": "dc2-dr", "mode": "sync", "compress": "none"},
+                                  {"node": "dc3-arc", "mode": "async", "compress": "zstd"}]
+    (cascade,) = node_groups(LAB, "dc3-arc")
+    assert (cascade["role"], cascade["source"]) == ("secondary", "dc1-app")
+    assert cascade["targets"] == [{"node": "dc4-vault", "mode": "async", "compress": "none"}]
+    assert cascade["volumes"][0]["path"] == "/var/lib/replicator/volumes/db/data.img"
+    (leaf,) = node_groups(LAB, "dc4-vault")
+    assert (leaf["role"], leaf["source"], leaf["targets"]) == ("secondary", "dc3-arc", [])
+    assert node_groups(LAB, "elsewhere") == []
+
+
+def test_peers_links_and_endpoints():
+    assert F["replicator_node_peers"](LAB, "dc3-arc") == ["dc1-app", "dc4-vault"]
+    assert F["replicator_node_peers"](LAB, "dc2-dr") == ["dc1-app"]
+    links = F["replicator_links"]
+    assert [(l["from"], l["to"]) for l in links(LAB, source="dc1-app")] == [
+        ("dc1-app", "dc2-dr"), ("dc1-app", "dc3-arc")]
+    assert [l["to"] for l in links(LAB, target="dc4-vault")] == ["dc4-vault"]
+    assert links(LAB, group="other") == []
+    endpoint = F["replicator_endpoint"]
+    assert endpoint({"inventory_hostname": "a", "ansible_host": "10.0.0.1"}, 7789) == "10.0.0.1:7789"
+    assert endpoint({"inventory_hostname": "a", "replicator_agent_address": "192.0.2.1",
+                     "replicator_agent_port": 7000}, 7789) == "192.0.2.1:7000"
+    assert endpoint({"inventory_hostname": "a"}, 7789) == "a:7789"
