@@ -24,6 +24,10 @@ options:
     description: Only the links to these nodes in C(links).
     type: list
     elements: str
+  timeout:
+    description: Seconds to keep asking while the agent does not answer (it may be starting).
+    type: float
+    default: 0
 """
 
 RETURN = r"""
@@ -38,14 +42,26 @@ links:
   returned: success
 """
 
+import time
+
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.replicator_agent import AGENT_ARGS, LINK_ARGS, AgentError, call, link, select
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(**AGENT_ARGS, **LINK_ARGS), supports_check_mode=True)
+    module = AnsibleModule(argument_spec=dict(**AGENT_ARGS, **LINK_ARGS,
+                                              timeout=dict(type="float", default=0)),
+                           supports_check_mode=True)
+    deadline = time.monotonic() + module.params["timeout"]
     try:
-        _, status = call(module, "status")
+        while True:
+            try:
+                _, status = call(module, "status")
+                break
+            except AgentError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
         links = [link(status, g, t) for g, t in select(status, module.params["group"],
                                                        module.params["targets"])]
     except AgentError as exc:
