@@ -1,0 +1,68 @@
+"""Both inventories declare a valid topology, and the replicator_agent role renders, for
+every host, an agent configuration that the agent itself accepts and that matches the
+topology (roles, sources, targets, peers)."""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from replicator import config
+from tests.ansible.ansible_harness import ROOT, filters
+from tests.ansible.lab_harness import BIN
+
+TOPOLOGY = filters("replicator_topology")
+ENV = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
+           PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+
+
+def inventory(name):
+    out = subprocess.run([os.path.join(BIN, "ansible-inventory"), "-i", f"inventories/{name}",
+                          "--list"], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def short_tmp():
+    """pytest's tmp_path is too long for the admin socket paths rendered under it."""
+    path = tempfile.mkdtemp(prefix="rcfg")
+    yield path
+    shutil.rmtree(path)
+
+
+def render(name, tmp_path):
+    os.makedirs(os.path.join(tmp_path, "install"))
+    os.symlink(os.path.dirname(BIN), os.path.join(tmp_path, "install", "venv"))
+    p = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", f"inventories/{name}",
+                        "tests/ansible/render_config.yml", "-e", f"render_dir={tmp_path}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    return {h: config.load(os.path.join(tmp_path, h, "etc", "agent.yml"))
+            for h in os.listdir(tmp_path) if h != "install"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes root-owned files")
+@pytest.mark.parametrize("name", ["lab", "example"])
+def test_inventory_topology_and_rendered_configs(name, short_tmp):
+    inv = inventory(name)
+    hosts = inv["replicator"]["hosts"] if "hosts" in inv["replicator"] else [
+        h for child in inv["replicator"]["children"] for h in inv[child]["hosts"]]
+    hostvars = inv["_meta"]["hostvars"]
+    groups = hostvars[hosts[0]]["replicator_groups"]
+    assert TOPOLOGY["replicator_topology_errors"](groups, hosts) == []
+    configs = render(name, short_tmp)  # config.load raises ConfigError on anything invalid
+    assert sorted(configs) == sorted(hosts)
+    for node, cfg in configs.items():
+        assert cfg.node == node and cfg.tls is not None
+        assert cfg.listen == (str(hostvars[node].get("replicator_agent_address")
+                                  or hostvars[node]["ansible_host"]), 7789)
+        expected = {g["name"]: g for g in TOPOLOGY["replicator_node_groups"](groups, node)}
+        assert {g.name for g in cfg.groups} == set(expected)
+        for g in cfg.groups:
+            assert g.role == expected[g.name]["role"] and g.source == expected[g.name]["source"]
+            assert [(t.node, t.mode, t.compress) for t in g.targets] == [
+                (t["node"], t["mode"], t["compress"]) for t in expected[g.name]["targets"]]
+        assert sorted(cfg.peers) == TOPOLOGY["replicator_node_peers"](groups, node)
