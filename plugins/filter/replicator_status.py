@@ -55,6 +55,25 @@ def replicator_status_table(groups, results):
     return "\n".join(lines + notes)
 
 
+def replicator_primary_seqs(groups, results):
+    """{group: seq journaled by its primary} from the primaries' replicator_status results."""
+    seqs = {}
+    for g in groups or []:
+        status = ((results or {}).get(g["primary"]) or {}).get("status")
+        if not status:
+            raise ValueError(f"no status from {g['primary']}, the primary of {g['name']}")
+        seqs[g["name"]] = next(x["seq"] for x in status["groups"] if x["name"] == g["name"])
+    return seqs
+
+
+def replicator_caught_up(status, primary_seqs):
+    """This node applied, in every group it holds, everything its primary journaled."""
+    return all(g["applied_seq"] >= primary_seqs[g["name"]]
+               for g in status["groups"] if g["name"] in primary_seqs)
+
+
 class FilterModule:
     def filters(self):
-        return {"replicator_status_table": replicator_status_table}
+        return {"replicator_status_table": replicator_status_table,
+                "replicator_primary_seqs": replicator_primary_seqs,
+                "replicator_caught_up": replicator_caught_up}

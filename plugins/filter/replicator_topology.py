@@ -166,6 +166,13 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
     return out
 
 
+def replicator_node_volumes(groups, node, volume_dir="/var/lib/replicator/volumes"):
+    """The volumes `node` holds: [{key: GROUP/VOLUME, group, volume, path, primary}]."""
+    return [{"key": f"{g['name']}/{v['name']}", "group": g["name"], "volume": v["name"],
+             "path": v["path"], "primary": next(x["primary"] for x in groups if x["name"] == g["name"])}
+            for g in replicator_node_groups(groups, node, volume_dir) for v in g["volumes"]]
+
+
 def replicator_node_peers(groups, node):
     """Nodes `node` exchanges data with (its sources and targets), sorted."""
     peers = set()
@@ -205,6 +212,7 @@ class FilterModule:
             "replicator_topology_errors": replicator_topology_errors,
             "replicator_node_groups": replicator_node_groups,
             "replicator_node_peers": replicator_node_peers,
+            "replicator_node_volumes": replicator_node_volumes,
             "replicator_links": replicator_links,
             "replicator_endpoint": replicator_endpoint,
         }

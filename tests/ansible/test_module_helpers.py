@@ -107,3 +107,20 @@ def test_lab_rates_and_names():
     assert (lb.netns(host), lb.host_if(host), lb.site_ifs("dc1")) == (
         "rlab-dc1-app", "rlabh0", ("rlabs0", "rlabu0", "rlabw0"))
     assert lb.uplinks == {"dc1": 50_000_000} and lb.controller == "10.213.0.1"
+
+
+def test_compare_helpers():
+    f = filters("replicator_status")
+    groups = [{"name": "db", "primary": "dc1-app", "volumes": [{"name": "data", "size": 1}],
+               "links": [{"from": "dc1-app", "to": "dc2-dr", "mode": "sync"}]}]
+    seqs = f["replicator_primary_seqs"](groups, {"dc1-app": {"status": status()}})
+    assert seqs == {"db": 10}
+    with pytest.raises(ValueError, match="no status from dc1-app"):
+        f["replicator_primary_seqs"](groups, {"dc1-app": {"unreachable": True}})
+    behind = {"groups": [{"name": "db", "applied_seq": 9}, {"name": "other", "applied_seq": 0}]}
+    assert not f["replicator_caught_up"](behind, seqs)
+    behind["groups"][0]["applied_seq"] = 10
+    assert f["replicator_caught_up"](behind, seqs)
+    (vol,) = filters("replicator_topology")["replicator_node_volumes"](groups, "dc2-dr", "/v")
+    assert vol == {"key": "db/data", "group": "db", "volume": "data", "path": "/v/db/data.img",
+                   "primary": "dc1-app"}
