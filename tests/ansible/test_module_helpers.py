@@ -124,3 +124,11 @@ def test_compare_helpers():
     (vol,) = filters("replicator_topology")["replicator_node_volumes"](groups, "dc2-dr", "/v")
     assert vol == {"key": "db/data", "group": "db", "volume": "data", "path": "/v/db/data.img",
                    "primary": "dc1-app"}
+
+
+@pytest.mark.parametrize("action", ["up", "down"])
+def test_lab_refuses_to_run_without_root(action, monkeypatch, tmp_path):
+    lb = lab.Lab(str(tmp_path), "rlab", "10.213.0.0/24", HOSTS, {})
+    monkeypatch.setattr(lab.os, "geteuid", lambda: 1000)
+    with pytest.raises(lab.LabError, match="the lab needs root.*sudo"):
+        getattr(lb, action)()
