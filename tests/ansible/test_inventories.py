@@ -66,3 +66,20 @@ def test_inventory_topology_and_rendered_configs(name, short_tmp):
             assert [(t.node, t.mode, t.compress) for t in g.targets] == [
                 (t["node"], t["mode"], t["compress"]) for t in expected[g.name]["targets"]]
         assert sorted(cfg.peers) == TOPOLOGY["replicator_node_peers"](groups, node)
+        check_unit(os.path.join(short_tmp, node), cfg)
+
+
+def check_unit(host_dir, cfg):
+    """The hardened unit runs the agent on its config, may write its state directory
+    (rendered outside /var/lib here) and reach exactly its block devices, or no device."""
+    with open(os.path.join(host_dir, "replicator-agent.service")) as f:
+        unit = f.read()
+    install = os.path.join(os.path.dirname(host_dir), "install")
+    assert (f"ExecStart={install}/venv/bin/replicator agent -c {host_dir}/etc/agent.yml\n"
+            in unit)
+    assert "ProtectSystem=strict" in unit and f"ReadWritePaths={host_dir}/state\n" in unit
+    devices = sorted(v.path for g in cfg.groups for v in g.volumes if v.path.startswith("/dev/"))
+    allowed = sorted(line.split("=")[1].split()[0] for line in unit.splitlines()
+                     if line.startswith("DeviceAllow="))
+    assert allowed == devices
+    assert ("PrivateDevices=yes" in unit) == (not devices)
