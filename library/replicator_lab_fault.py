@@ -45,7 +45,7 @@ def main():
     p = module.params
     try:
         lab = Lab.from_state(p["dir"])
-        lab.host(p["host"])
+        host = lab.host(p["host"])
         state = lab.load_state()
         before = lab.status()[p["host"]]
         would = {"isolate": before["connected"], "heal": not before["connected"],
@@ -53,7 +53,7 @@ def main():
         if module.check_mode or not would:
             module.exit_json(changed=would, host=before)
         if p["action"] in ("isolate", "heal"):
-            lab.set_link(p["host"], up=p["action"] == "heal")
+            lab.net.set_link(host, up=p["action"] == "heal")
         elif p["action"] == "crash":
             lab.stop_host(p["host"], state, sig=signal.SIGKILL)
         else:

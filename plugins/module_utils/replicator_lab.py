@@ -2,13 +2,8 @@
 
 Theory of operation
 -------------------
-Network. One bridge `<prefix>wan` in the root namespace carries the controller's
-address (the WAN). Each site has a bridge `<prefix>s<j>` joined to the WAN by a veth
-pair `<prefix>u<j>` (site side) / `<prefix>w<j>` (WAN side); a tc tbf qdisc on each end
-limits the site's uplink in both directions. Each host has a network namespace
-`<prefix>-<host>` whose `eth0` is a veth peer of `<prefix>h<i>` on its site's bridge.
-No default route anywhere: only the lab network and loopback are reachable.
-Isolating a host sets `<prefix>h<i>` down from the root namespace.
+Network: see replicator_lab_net (a namespace per host with its address, site bridges,
+uplinks shaped with tc tbf, isolation by taking a host's link down).
 
 Processes. Each host is a process tree rooted at scripts/lab_init.py, PID 1 of the
 host's own PID, mount and UTS namespaces (see that script). We record the launcher's
@@ -33,35 +28,15 @@ import socket
 import subprocess
 import time
 
+from ansible.module_utils.replicator_lab_net import LabError, LabNetwork, links, rate_bits, run
+
 PRIVATE_DIRS = ("/etc/replicator", "/var/lib/replicator", "/run/replicator",
                 "/opt/replicator", "/var/log/replicator")
 MOUNTPOINTS = PRIVATE_DIRS + ("/run/sshd",)
 STATE_FILE = "lab.json"
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
-RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
-_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 SSH_WAIT_SECONDS = 20
 STOP_WAIT_SECONDS = 20
-
-
-class LabError(Exception):
-    """The lab cannot be built, changed or removed; the message says what and where."""
-
-
-def run(*cmd: str, check: bool = True, netns: str | None = None) -> str:
-    if netns:
-        cmd = ("ip", "netns", "exec", netns) + cmd
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def rate_bits(rate: str) -> int:
-    m = RATE_RE.match(str(rate))
-    if not m:
-        raise LabError(f"uplink {rate!r}: expected a rate like 100mbit, 1gbit or 512kbit")
-    return int(float(m.group(1)) * _RATE_UNITS[(m.group(2) or "").lower()])
 
 
 # ---------------------------------------------------------------- processes
@@ -131,6 +106,7 @@ class Lab:
         self.hosts = sorted(({"name": h["name"], "address": str(h["address"]),
                               "site": str(h["site"])} for h in hosts), key=lambda h: h["name"])
         self._check_hosts()
+        self.net = LabNetwork(prefix, self.network, self.controller, self.hosts, self.uplinks)
 
     def _check_hosts(self) -> None:
         seen = {self.controller: "the controller"}
@@ -151,21 +127,6 @@ class Lab:
             if addr in seen:
                 raise LabError(f"host {h['name']}: address {addr} is already used by {seen[addr]}")
             seen[addr] = h["name"]
-
-    # names ------------------------------------------------------------------
-    @property
-    def wan(self) -> str:
-        return f"{self.prefix}wan"
-
-    def netns(self, host: dict) -> str:
-        return f"{self.prefix}-{host['name']}"
-
-    def host_if(self, host: dict) -> str:
-        return f"{self.prefix}h{self.hosts.index(host)}"
-
-    def site_ifs(self, site: str) -> tuple[str, str, str]:
-        j = self.sites.index(site)
-        return f"{self.prefix}s{j}", f"{self.prefix}u{j}", f"{self.prefix}w{j}"
 
     def host_dir(self, host: dict) -> str:
         return os.path.join(self.dir, "hosts", host["name"])
@@ -204,109 +165,6 @@ class Lab:
         except (FileNotFoundError, KeyError):
             raise LabError(f"no lab in {lab_dir}: run playbooks/lab.yml -e lab_state=up") from None
         return cls(lab_dir, init_script=os.path.join(lab_dir, "lab_init.py"), **spec)
-
-    # network ----------------------------------------------------------------
-    @staticmethod
-    def links() -> dict[str, dict]:
-        return {link["ifname"]: link for link in json.loads(run("ip", "-j", "link", "show") or "[]")}
-
-    def _check_network_free(self) -> None:
-        for entry in json.loads(run("ip", "-j", "addr", "show") or "[]"):
-            if entry["ifname"].startswith(self.prefix):
-                continue
-            for a in entry.get("addr_info", []):
-                if a.get("family") == "inet" and ipaddress.ip_network(
-                        f"{a['local']}/{a['prefixlen']}", strict=False).overlaps(self.network):
-                    raise LabError(f"the lab network {self.network} overlaps {a['local']}/"
-                                   f"{a['prefixlen']} on {entry['ifname']}; choose another "
-                                   "replicator_lab_network")
-
-    def _bridge(self, name: str, links: dict) -> bool:
-        if name in links:
-            return False
-        run("ip", "link", "add", name, "type", "bridge", "stp_state", "0", "nf_call_iptables", "0",
-            "nf_call_ip6tables", "0", "nf_call_arptables", "0")
-        run("ip", "link", "set", name, "up")
-        return True
-
-    @staticmethod
-    def _shape(ifname: str, bits: int | None) -> bool:
-        """tbf on the egress of `ifname`; True if the qdisc changed."""
-        current = json.loads(run("tc", "-j", "qdisc", "show", "dev", ifname) or "[]")
-        root = next((q for q in current if q.get("root")), {})
-        if bits is None:
-            if root.get("kind") != "tbf":
-                return False
-            run("tc", "qdisc", "del", "dev", ifname, "root")
-            return True
-        if root.get("kind") == "tbf" and root.get("options", {}).get("rate") == bits // 8:
-            return False
-        burst = max(32 * 1024, bits // 8 // 100)  # 10 ms worth, at least 32 KiB
-        run("tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", f"{bits}bit",
-            "burst", str(burst), "latency", "100ms")
-        return True
-
-    def _network_up(self) -> bool:
-        links = self.links()
-        changed = False
-        if self.wan not in links:
-            self._check_network_free()
-            self._bridge(self.wan, links)
-            run("ip", "addr", "add", f"{self.controller}/{self.network.prefixlen}", "dev", self.wan)
-            changed = True
-        for site in self.sites:
-            bridge, up, wan = self.site_ifs(site)
-            changed |= self._bridge(bridge, links)
-            if up not in links:
-                run("ip", "link", "add", up, "type", "veth", "peer", "name", wan)
-                run("ip", "link", "set", up, "master", bridge, "up")
-                run("ip", "link", "set", wan, "master", self.wan, "up")
-                changed = True
-            changed |= self._shape(up, self.uplinks[site])
-            changed |= self._shape(wan, self.uplinks[site])
-        netns = set(run("ip", "netns", "list").split())
-        for h in self.hosts:
-            ns, hif = self.netns(h), self.host_if(h)
-            if ns not in netns:
-                run("ip", "netns", "add", ns)
-                run("ip", "link", "set", "lo", "up", netns=ns)
-                run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1", netns=ns)
-                changed = True
-            if hif not in links:
-                run("ip", "link", "add", hif, "type", "veth", "peer", "name", hif + "p")
-                run("ip", "link", "set", hif + "p", "netns", ns)
-                run("ip", "link", "set", hif + "p", "name", "eth0", netns=ns)
-                run("ip", "addr", "add", f"{h['address']}/{self.network.prefixlen}", "dev", "eth0",
-                    netns=ns)
-                run("ip", "link", "set", "eth0", "up", netns=ns)
-                run("ip", "link", "set", hif, "master", self.site_ifs(h["site"])[0], "up")
-                changed = True
-        return changed
-
-    def _network_down(self) -> bool:
-        changed = False
-        ours = re.compile(rf"^{self.prefix}(h\d+|s\d+|u\d+|w\d+|wan)$")
-        for ns in run("ip", "netns", "list").split():
-            if ns.startswith(self.prefix + "-"):
-                run("ip", "netns", "del", ns, check=False)
-                changed = True
-        for name in sorted(self.links(), key=lambda n: n.endswith("wan")):
-            if ours.match(name):
-                run("ip", "link", "del", name, check=False)  # a veth's peer goes with it
-                changed = True
-        return changed
-
-    def set_link(self, name: str, up: bool) -> bool:
-        """Connect (up) or isolate (down) a host; True if it changed."""
-        hif = self.host_if(self.host(name))
-        link = self.links().get(hif)
-        if link is None:
-            raise LabError(f"host {name}: its link {hif} does not exist; is the lab up?")
-        if ("UP" in link["flags"]) == up:
-            return False
-        run("ip", "link", "set", hif, "up" if up else "down")
-        return True
 
     # hosts ------------------------------------------------------------------
     def _files(self, host: dict, pubkey: str) -> str:
@@ -354,7 +212,7 @@ class Lab:
         log = open(os.path.join(self.host_dir(host), "init.log"), "ab")
         try:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns(host), "unshare", "--uts", "--mount", "--pid",
+                ["ip", "netns", "exec", self.net.netns(host), "unshare", "--uts", "--mount", "--pid",
                  "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
                  "/usr/bin/python3", "-I", os.path.join(self.dir, "lab_init.py"), spec_path],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
@@ -453,7 +311,7 @@ class Lab:
         if not os.path.exists(key):
             run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "replicator-lab", "-f", key)
         shutil.copyfile(self.init_script, os.path.join(self.dir, "lab_init.py"))
-        changed |= self._network_up()
+        changed |= self.net.up()
         for h in self.hosts:
             changed |= self.boot_host(h["name"], state)
         return changed
@@ -468,7 +326,7 @@ class Lab:
         changed |= self._kill_netns_stragglers()
         if self._close_ssh_masters():
             changed = True
-        changed |= self._network_down()
+        changed |= self.net.down()
         for d in reversed(state.get("created_dirs", [])):
             try:
                 os.rmdir(d)  # only if empty: never remove what someone else put there
@@ -494,10 +352,7 @@ class Lab:
     def _kill_netns_stragglers(self) -> bool:
         """Kill what still runs in a lab network namespace (e.g. after a lost state
         file): every such process was started by the lab or in it."""
-        inodes = {}
-        for ns in run("ip", "netns", "list").split():
-            if ns.startswith(self.prefix + "-"):
-                inodes[os.stat(f"/run/netns/{ns}").st_ino] = ns
+        inodes = {os.stat(f"/run/netns/{ns}").st_ino for ns in self.net.namespaces()}
         victims = []
         for entry in os.listdir("/proc"):
             try:
@@ -513,15 +368,14 @@ class Lab:
 
     def status(self) -> dict:
         """Per host: running, connected."""
-        state, links = self.load_state(), self.links()
+        state, existing = self.load_state(), links()
         out = {}
         for h in self.hosts:
             procs = state.get("procs", {}).get(h["name"])
-            link = links.get(self.host_if(h))
             out[h["name"]] = {
-                "address": h["address"], "site": h["site"], "netns": self.netns(h),
+                "address": h["address"], "site": h["site"], "netns": self.net.netns(h),
                 "running": bool(procs and alive(procs["init"])),
                 "init_pid": procs["init"]["pid"] if procs else None,
-                "connected": bool(link and "UP" in link["flags"]),
+                "connected": self.net.connected(h, existing),
             }
         return out

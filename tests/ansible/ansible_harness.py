@@ -25,9 +25,16 @@ def _load(name: str, path: str):
     return mod
 
 
+MODULE_UTILS = ("replicator_agent", "replicator_lab_net", "replicator_lab")  # dependencies first
+
+
 def module_utils(name: str):
-    key = f"ansible.module_utils.{name}"
-    return sys.modules.get(key) or _load(key, os.path.join(ROOT, "plugins", "module_utils", f"{name}.py"))
+    """plugins/module_utils/NAME.py as ansible.module_utils.NAME (with what it imports)."""
+    for dep in MODULE_UTILS[:MODULE_UTILS.index(name) + 1]:
+        key = f"ansible.module_utils.{dep}"
+        if key not in sys.modules:
+            _load(key, os.path.join(ROOT, "plugins", "module_utils", f"{dep}.py"))
+    return sys.modules[f"ansible.module_utils.{name}"]
 
 
 def filters(name: str) -> dict:
@@ -38,8 +45,7 @@ def filters(name: str) -> dict:
 
 def library_module(name: str):
     """library/NAME.py as a Python module."""
-    module_utils("replicator_agent")
-    module_utils("replicator_lab")
+    module_utils(MODULE_UTILS[-1])
     return _load(f"replicator_module_{name}", os.path.join(ROOT, "library", f"{name}.py"))
 
 

@@ -6,6 +6,7 @@ import pytest
 from tests.ansible.ansible_harness import filters, library_module, module_utils
 
 agent = module_utils("replicator_agent")
+net = module_utils("replicator_lab_net")
 lab = module_utils("replicator_lab")
 
 
@@ -96,15 +97,15 @@ HOSTS = [{"name": "dc1-app", "address": "10.213.0.11", "site": "dc1"}]
 def test_lab_refuses_bad_inventories(kwargs, message):
     args = dict(lab_dir="/nonexistent", prefix="rlab", network="10.213.0.0/24", hosts=HOSTS,
                 sites={}) | kwargs
-    with pytest.raises(lab.LabError, match=message):
+    with pytest.raises(net.LabError, match=message):
         lab.Lab(**args)
 
 
 def test_lab_rates_and_names():
-    assert lab.rate_bits("100mbit") == 100_000_000 and lab.rate_bits("1gbit") == 10**9
+    assert net.rate_bits("100mbit") == 100_000_000 and net.rate_bits("1gbit") == 10**9
     lb = lab.Lab("/x", "rlab", "10.213.0.0/24", HOSTS, {"dc1": {"uplink": "50mbit"}})
     host = lb.host("dc1-app")
-    assert (lb.netns(host), lb.host_if(host), lb.site_ifs("dc1")) == (
+    assert (lb.net.netns(host), lb.net.host_if(host), lb.net.site_ifs("dc1")) == (
         "rlab-dc1-app", "rlabh0", ("rlabs0", "rlabu0", "rlabw0"))
     assert lb.uplinks == {"dc1": 50_000_000} and lb.controller == "10.213.0.1"
 
@@ -130,5 +131,5 @@ def test_compare_helpers():
 def test_lab_refuses_to_run_without_root(action, monkeypatch, tmp_path):
     lb = lab.Lab(str(tmp_path), "rlab", "10.213.0.0/24", HOSTS, {})
     monkeypatch.setattr(lab.os, "geteuid", lambda: 1000)
-    with pytest.raises(lab.LabError, match="the lab needs root.*sudo"):
+    with pytest.raises(net.LabError, match="the lab needs root.*sudo"):
         getattr(lb, action)()
