@@ -45,15 +45,22 @@ def deployed(lab):
 
 
 def test_each_lab_host_is_a_machine_of_its_own(lab):
-    out = subprocess.run([os.path.join(os.path.dirname(CLI), "ansible"), "-i", "inventories/lab",
-                          "replicator", "-m", "ansible.builtin.command", "-a", "hostname"],
-                         cwd=ROOT, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"))).stdout
-    for node in lab.nodes:
-        assert f"{node} | CHANGED | rc=0 >>\n{node}\n" in out, out
     with open(lab.host_path("dc1-app", "/etc/replicator/marker"), "w") as f:
-        f.write("dc1")  # private mounts: the other hosts (and the machine) do not see it
-    assert not os.path.exists("/etc/replicator/marker")
+        f.write("only on dc1-app")
+    out = adhoc("hostname; cat /proc/1/comm; cat /etc/replicator/marker 2>/dev/null || echo none")
+    for node in lab.nodes:
+        marker = "only on dc1-app" if node == "dc1-app" else "none"
+        # own hostname, own PID namespace (PID 1 is the lab's init), own /etc/replicator
+        assert f"{node} | CHANGED | rc=0 >>\n{node}\npython3\n{marker}\n" in out, out
+    os.unlink(lab.host_path("dc1-app", "/etc/replicator/marker"))
+
+
+def adhoc(shell: str) -> str:
+    """Run a shell command on every lab host over SSH (ansible ad hoc)."""
+    return subprocess.run([os.path.join(os.path.dirname(CLI), "ansible"), "-i", "inventories/lab",
+                           "replicator", "-m", "ansible.builtin.shell", "-a", shell],
+                          cwd=ROOT, capture_output=True, text=True, check=True,
+                          env=dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"))).stdout
 
 
 def test_write_through_nbd_and_compare_replicas(deployed):
