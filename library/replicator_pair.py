@@ -13,22 +13,8 @@ description:
     pending, and resolves a target in C(needs-resync) (its history diverged) with the chosen
     kind, which overwrites the target; that is refused while I(safe_mode) is true.
     It does not wait: see replicator_wait.
+extends_documentation_fragment: [replicator_agent]
 options:
-  cli:
-    description: The replicator command on the host.
-    type: path
-    default: /opt/replicator/venv/bin/replicator
-  config:
-    description: The agent's configuration file.
-    type: path
-    default: /etc/replicator/agent.yml
-  group:
-    description: Only this group's links.
-    type: str
-  targets:
-    description: Only the links to these nodes.
-    type: list
-    elements: str
   initial_sync:
     description: C(full) copies every region, C(checksum) only regions whose hashes differ
       (a target seeded from a backup), C(none) declares both sides identical (blank volumes).

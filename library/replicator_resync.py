@@ -11,22 +11,8 @@ description:
     C(full) every region is sent again, with C(checksum) only regions whose hashes differ;
     with C(dirty) (the default) nothing is forced, the agent resyncs dirty regions by itself,
     and only I(rate) is applied. Does not wait: see replicator_wait.
+extends_documentation_fragment: [replicator_agent]
 options:
-  cli:
-    description: The replicator command on the host.
-    type: path
-    default: /opt/replicator/venv/bin/replicator
-  config:
-    description: The agent's configuration file.
-    type: path
-    default: /etc/replicator/agent.yml
-  group:
-    description: Only this group's links.
-    type: str
-  targets:
-    description: Only the links to these nodes.
-    type: list
-    elements: str
   mode:
     description: What to resync.
     type: str

@@ -8,15 +8,8 @@ module: replicator_status
 short_description: Status of the replicator agent on this host, and its outgoing links
 description:
   - Runs C(replicator status --json) against the agent named by I(config). Read-only.
+extends_documentation_fragment: [replicator_agent]
 options:
-  cli:
-    description: The replicator command on the host.
-    type: path
-    default: /opt/replicator/venv/bin/replicator
-  config:
-    description: The agent's configuration file.
-    type: path
-    default: /etc/replicator/agent.yml
   group:
     description: Only this group's links in C(links) (C(status) is always complete).
     type: str

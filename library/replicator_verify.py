@@ -11,22 +11,8 @@ description:
     every selected link, and returns what it found. Mismatches are not a module failure (a
     playbook decides; see playbooks/verify.yml); an error of the command is. In check mode
     the verify runs without repair (it only reads).
+extends_documentation_fragment: [replicator_agent]
 options:
-  cli:
-    description: The replicator command on the host.
-    type: path
-    default: /opt/replicator/venv/bin/replicator
-  config:
-    description: The agent's configuration file.
-    type: path
-    default: /etc/replicator/agent.yml
-  group:
-    description: Only this group's links.
-    type: str
-  targets:
-    description: Only the links to these nodes.
-    type: list
-    elements: str
   repair:
     description: Resync the mismatching regions found.
     type: bool

@@ -11,22 +11,8 @@ description:
     selected link is in I(state). Returns C(done=false) (not a failure) when time runs out,
     so a playbook can call it in an C(until) loop and show C(lines) as progress. Fails at once
     when a link is C(refused) (the peer's configuration does not accept this node). Read-only.
+extends_documentation_fragment: [replicator_agent]
 options:
-  cli:
-    description: The replicator command on the host.
-    type: path
-    default: /opt/replicator/venv/bin/replicator
-  config:
-    description: The agent's configuration file.
-    type: path
-    default: /etc/replicator/agent.yml
-  group:
-    description: Only this group's links.
-    type: str
-  targets:
-    description: Only the links to these nodes.
-    type: list
-    elements: str
   state:
     description: The state to wait for.
     type: str
