@@ -70,17 +70,6 @@ def cmd_agent(args) -> int:
         return 1
 
 
-def cmd_status(args) -> int:
-    cfg = _load(args.config)
-    try:
-        st = admin.request(cfg.admin_socket, "status", group=args.group)
-    except admin.AdminError as exc:
-        print(f"replicator: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(st, indent=2) if args.json else format_status(st))
-    return 0
-
-
 def _operate(args, op: str, human, **params) -> int:
     """Send one operation to the agent named by the config; print JSON or a line."""
     cfg = _load(args.config)
@@ -93,6 +82,10 @@ def _operate(args, op: str, human, **params) -> int:
         return 1
     print(json.dumps(result, indent=2) if args.json else human(result))
     return 0
+
+
+def cmd_status(args) -> int:
+    return _operate(args, "status", format_status, group=args.group)
 
 
 def cmd_rollback(args) -> int:

@@ -27,8 +27,8 @@ interrupted by either side resumes where it was instead of starting over.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import logging
+import ssl
 import time
 from collections import deque
 
@@ -257,7 +257,7 @@ class Shipper:
         pending: deque = deque()  # (volume, region, length) sent, not yet durable
         progress = self.resync = {"done_bytes": 0, "total_bytes": 0, "started": time.monotonic(),
                                   "passes": 0}
-        state = {"acked": 0, "sent": 0, "done_seq": None, "error": None}
+        state = {"acked": 0, "sent": 0, "pending_bytes": 0, "done_seq": None, "error": None}
         wake = asyncio.Event()
 
         async def read_acks():
@@ -272,6 +272,7 @@ class Shipper:
                             volume, region, length = pending.popleft()
                             bm.clear(volume, region)
                             progress["done_bytes"] += length
+                            state["pending_bytes"] -= length
                         state["acked"] = ev.count
                     elif isinstance(ev, Ack):
                         state["done_seq"] = ev.seq
@@ -307,10 +308,11 @@ class Shipper:
                 progress["total_bytes"] = progress["done_bytes"] + sum(r[3] for r in regions)
                 tokens, last = 0.0, time.monotonic()
                 for volume, region, offset, length in regions:
-                    await wait(lambda: sum(p[2] for p in pending) < RESYNC_WINDOW)
+                    await wait(lambda: state["pending_bytes"] < RESYNC_WINDOW)
                     data = g.volumes[volume].read(offset, length)
                     await link.send(ResyncData(volume=volume, offset=offset, payload=data))
                     pending.append((volume, region, length))
+                    state["pending_bytes"] += length
                     state["sent"] += 1
                     self.bytes_sent += length
                     if self.resync_rate:
