@@ -2,20 +2,21 @@
 connection state machine (connection.py). asyncio lives in replicator/transport.py."""
 
 from .connection import NEED_DATA, TRANSITIONS, Connection, ConnectionClosed, Role, State
-from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, IGNORABLE_FROM, MAGIC, MAX_NAME,
-                     MAX_REASON, PROTOCOL_MAX, PROTOCOL_MIN, RECORDS_FIXED_SIZE,
-                     SUPPORTED_FEATURES, Ack, Error, Feature, Frame, FrameType, Heartbeat, Hello,
-                     LocalProtocolError, ProtocolError, Records, Refusal, Refuse,
-                     RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Welcome, negotiate)
+from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, IGNORABLE_FROM, MAGIC,
+                     MAX_HASH_REGIONS, MAX_NAME, MAX_REASON, PROTOCOL_MAX, PROTOCOL_MIN,
+                     RECORDS_FIXED_SIZE, SUPPORTED_FEATURES, Ack, Error, Feature, Frame,
+                     FrameType, HashReply, HashRequest, Heartbeat, Hello, LocalProtocolError,
+                     ProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
+                     ResyncData, ResyncDone, Welcome, negotiate)
 
 __all__ = [
     # connection.py
     "NEED_DATA", "TRANSITIONS", "Connection", "ConnectionClosed", "Role", "State",
     # frames.py
-    "DEFAULT_MAX_FRAME", "HEADER_SIZE", "IGNORABLE_FROM", "MAGIC", "MAX_NAME", "MAX_REASON",
-    "PROTOCOL_MAX", "PROTOCOL_MIN", "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES",
-    "Ack", "Error", "Feature", "Frame", "FrameType", "Heartbeat", "Hello", "LocalProtocolError",
-    "ProtocolError", "Records", "Refusal", "Refuse", "RemoteProtocolError", "ResyncAck",
+    "ANY_SEQ", "DEFAULT_MAX_FRAME", "HASH_SIZE", "HEADER_SIZE", "IGNORABLE_FROM", "MAGIC",
+    "MAX_HASH_REGIONS", "MAX_NAME", "MAX_REASON", "PROTOCOL_MAX", "PROTOCOL_MIN",
+    "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES", "Ack", "Error", "Feature", "Frame", "FrameType", "HashReply", "HashRequest", "Heartbeat",
+    "Hello", "LocalProtocolError", "ProtocolError", "Records", "Refusal", "Refuse", "RemoteProtocolError", "ResyncAck",
     "ResyncData", "ResyncDone", "Welcome",
     "negotiate",
 ]

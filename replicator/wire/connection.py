@@ -102,6 +102,8 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.STREAMING, SEND, _F.RESYNC_DATA): State.STREAMING,
     (_S, State.STREAMING, SEND, _F.RESYNC_DONE): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.RESYNC_ACK): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.HASH_REQUEST): State.STREAMING,
+    (_S, State.STREAMING, RECV, _F.HASH_REPLY): State.STREAMING,
 
     (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
     (_R, State.HELLO_RECEIVED, SEND, _F.WELCOME): State.STREAMING,
@@ -113,6 +115,8 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_R, State.STREAMING, RECV, _F.RESYNC_DATA): State.STREAMING,
     (_R, State.STREAMING, RECV, _F.RESYNC_DONE): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.RESYNC_ACK): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.HASH_REQUEST): State.STREAMING,
+    (_R, State.STREAMING, SEND, _F.HASH_REPLY): State.STREAMING,
 }
 # ERROR: either way, in any open state, and it closes the connection.
 TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED

@@ -27,12 +27,23 @@ exactly after its last field):
     8 RESYNC_DATA  offset u64                                      volume str, data
     9 RESYNC_DONE  seq u64, crc u32
    10 RESYNC_ACK   count u64
+   11 HASH_REQUEST id u64, seq u64, offset u64, length u64,      volume str
+                   granularity u32
+   12 HASH_REPLY   id u64, seq u64                                 hashes (8 bytes a region)
 
 Resync (sender -> receiver, in STREAMING, instead of RECORDS): RESYNC_DATA carries the
 current content of one dirty region; RESYNC_ACK(count) says the first `count`
 RESYNC_DATA frames of this connection are durable on the receiver; RESYNC_DONE says the
 receiver now holds the sender's image after `seq` (header CRC `crc`): it rebases its
 journal there and answers with ACK(seq), after which RECORDS from seq + 1 follow.
+
+Hashes (sender -> receiver, in STREAMING): HASH_REQUEST asks the receiver for the hash
+of every `granularity`-sized region of [offset, offset + length) of a volume, taken on
+its image after `seq`: the sender sends it after RECORDS through seq and before any
+later one, so the receiver hashes exactly the image the sender hashed (online verify
+with no false mismatch from writes in flight). seq = ANY_SEQ asks for the current image
+(checksum resync, when no RECORDS flow). HASH_REPLY(id) answers with the hashes in
+region order, or the receiver sends ERROR.
 
 RECORDS: the payload is concatenated journal records, opaque here. raw_length is its
 size before compression; when COMPRESSED the payload on the wire is a single zstd frame
@@ -63,6 +74,9 @@ MAX_NAME = 255  # every str field...
 MAX_REASON = 1024  # ...except the free text of REFUSE and ERROR
 PROTOCOL_MIN = PROTOCOL_MAX = 1
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+ANY_SEQ = 2**64 - 1  # HASH_REQUEST: hash the receiver's current image
+HASH_SIZE = 8
+MAX_HASH_REGIONS = 4096  # per HASH_REQUEST
 
 
 class FrameType(enum.IntEnum):
@@ -77,6 +91,8 @@ class FrameType(enum.IntEnum):
     RESYNC_DATA = 8
     RESYNC_DONE = 9
     RESYNC_ACK = 10
+    HASH_REQUEST = 11
+    HASH_REPLY = 12
 
 
 class Refusal(enum.IntEnum):
@@ -225,7 +241,34 @@ class ResyncAck:
     count: int
 
 
-Frame = Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone | ResyncAck
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HashRequest:
+    """Sender -> receiver: hash the regions of [offset, offset + length) of `volume` on
+    the image after `seq` (ANY_SEQ: as it is now)."""
+    frame_type: ClassVar[FrameType] = FrameType.HASH_REQUEST
+    id: int
+    seq: int
+    volume: str
+    offset: int
+    length: int
+    granularity: int
+
+    @property
+    def regions(self) -> int:
+        return -(-self.length // self.granularity) if self.granularity else 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HashReply:
+    """Receiver -> sender: the hashes (HASH_SIZE bytes each) HASH_REQUEST `id` asked for."""
+    frame_type: ClassVar[FrameType] = FrameType.HASH_REPLY
+    id: int
+    seq: int
+    hashes: bytes
+
+
+Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
+         | ResyncAck | HashRequest | HashReply)
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -268,6 +311,8 @@ _HEARTBEAT = _Fixed("Q", "sent_ns")
 _RESYNC_DATA = _Fixed("Q", "offset")
 _RESYNC_DONE = _Fixed("QI", "seq", "crc")
 _RESYNC_ACK = _Fixed("Q", "count")
+_HASH_REQUEST = _Fixed("QQQQI", "id", "seq", "offset", "length", "granularity")
+_HASH_REPLY = _Fixed("QQ", "id", "seq")
 _STRLEN = struct.Struct("<H")
 
 
@@ -382,6 +427,14 @@ def encode_body(event: Frame, *, max_frame: int,
         parts = [_RESYNC_DONE.pack(kind, event.seq, event.crc)]
     elif isinstance(event, ResyncAck):
         parts = [_RESYNC_ACK.pack(kind, event.count)]
+    elif isinstance(event, HashRequest):
+        _check_hash_request(event, LocalProtocolError)
+        parts = [_HASH_REQUEST.pack(kind, event.id, event.seq, event.offset, event.length,
+                                    event.granularity), _pack_name(kind, "volume", event.volume)]
+    elif isinstance(event, HashReply):
+        if len(event.hashes) % HASH_SIZE:
+            raise LocalProtocolError(f"HASH_REPLY of {len(event.hashes)} bytes is not whole hashes")
+        parts = [_HASH_REPLY.pack(kind, event.id, event.seq), event.hashes]
     else:
         raise LocalProtocolError(f"{type(event).__name__} is not a frame")
     body_length = sum(map(len, parts))
@@ -462,11 +515,30 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = ResyncDone(seq=seq, crc=crc)
     elif kind == FrameType.RESYNC_ACK:
         event = ResyncAck(count=reader.fixed(_RESYNC_ACK)[0])
+    elif kind == FrameType.HASH_REQUEST:
+        id_, seq, offset, length, granularity = reader.fixed(_HASH_REQUEST)
+        event = HashRequest(id=id_, seq=seq, offset=offset, length=length,
+                            granularity=granularity, volume=reader.text("volume"))
+        _check_hash_request(event, RemoteProtocolError)
+    elif kind == FrameType.HASH_REPLY:
+        id_, seq = reader.fixed(_HASH_REPLY)
+        hashes = bytes(reader.rest())
+        if len(hashes) % HASH_SIZE:
+            raise RemoteProtocolError(f"HASH_REPLY of {len(hashes)} bytes is not whole hashes")
+        return HashReply(id=id_, seq=seq, hashes=hashes)
     else:
         assert kind == FrameType.HEARTBEAT, kind
         event = Heartbeat(sent_ns=reader.fixed(_HEARTBEAT)[0])
     reader.end()
     return event
+
+
+def _check_hash_request(event: HashRequest, error: type[ProtocolError]) -> None:
+    if event.length <= 0 or event.granularity <= 0:
+        raise error(f"HASH_REQUEST length {event.length} and granularity "
+                    f"{event.granularity} must be positive")
+    if event.regions > MAX_HASH_REGIONS:
+        raise error(f"HASH_REQUEST for {event.regions} regions exceeds {MAX_HASH_REGIONS}")
 
 
 def _decode_records(reader: _Reader, compressed: bool, max_frame: int,

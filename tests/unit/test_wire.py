@@ -8,8 +8,9 @@ import pytest
 import zstandard
 from crc32c import crc32c
 
-from replicator.wire import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEED_DATA, Ack, Connection,
-                             ConnectionClosed, Error, Feature, FrameType, Heartbeat, Hello,
+from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEED_DATA, Ack, Connection,
+                             ConnectionClosed, Error, Feature, FrameType, HashReply,
+                             HashRequest, Heartbeat, Hello,
                              LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
                              ResyncAck, ResyncData, ResyncDone, Role, State, Welcome,
                              negotiate)
@@ -263,6 +264,10 @@ ROUND_TRIP = [
     ResyncData(volume="data", offset=2**64 - 1, payload=b"x" * 65536),
     ResyncData(volume="v" * 255, offset=0, payload=b""),
     ResyncDone(seq=2**64 - 1, crc=2**32 - 1), ResyncAck(count=2**64 - 1),
+    HashRequest(id=2**64 - 1, seq=ANY_SEQ, volume="data", offset=0, length=1 << 20,
+                granularity=65536),
+    HashRequest(id=0, seq=7, volume="v", offset=2**63, length=1, granularity=4096),
+    HashReply(id=5, seq=9, hashes=bytes(range(16))), HashReply(id=0, seq=0, hashes=b""),
 ]
 
 
@@ -277,7 +282,7 @@ def round_trip(event):
         src, dst = Connection(Role.RECEIVER), Connection(Role.SENDER)
         src.receive_data(dst.send(hello))
         drain(src)
-    elif kind in (FrameType.ACK, FrameType.RESYNC_ACK):
+    elif kind in (FrameType.ACK, FrameType.RESYNC_ACK, FrameType.HASH_REPLY):
         dst, src = handshake()
     else:
         src, dst = handshake()
@@ -416,7 +421,8 @@ def fuzz_one(type_code, flags, body):
     RemoteProtocolError, never any other exception."""
     conn = {FrameType.HELLO: lambda: Connection(Role.RECEIVER),
             FrameType.WELCOME: hello_sent, FrameType.REFUSE: hello_sent,
-            FrameType.ACK: streaming_sender}.get(type_code, streaming_receiver)()
+            FrameType.ACK: streaming_sender, FrameType.RESYNC_ACK: streaming_sender,
+            FrameType.HASH_REPLY: streaming_sender}.get(type_code, streaming_receiver)()
     conn.receive_data(frame(type_code, body, flags=flags))
     try:
         conn.next_event()
@@ -518,6 +524,36 @@ def test_bad_records(body, flags, match):
     with pytest.raises(RemoteProtocolError, match=match):
         r.next_event()
     assert_failed(r, RemoteProtocolError)
+
+
+BAD_HASH_FRAMES = [
+    ("request, zero length", FrameType.HASH_REQUEST,
+     struct.pack("<QQQQI", 1, 1, 0, 0, 4096) + text(b"v"), "length 0 and granularity 4096"),
+    ("request, zero granularity", FrameType.HASH_REQUEST,
+     struct.pack("<QQQQI", 1, 1, 0, 4096, 0) + text(b"v"), "granularity 0 must be positive"),
+    ("request, too many regions", FrameType.HASH_REQUEST,
+     struct.pack("<QQQQI", 1, 1, 0, 4097 * 4096, 4096) + text(b"v"), "4097 regions exceeds"),
+    ("request, no volume", FrameType.HASH_REQUEST, struct.pack("<QQQQI", 1, 1, 0, 1, 1),
+     "too short for volume length"),
+    ("reply, partial hash", FrameType.HASH_REPLY, struct.pack("<QQ", 1, 1) + b"\0" * 12,
+     "12 bytes is not whole hashes"),
+]
+
+
+@pytest.mark.parametrize("kind,body,match", [c[1:] for c in BAD_HASH_FRAMES],
+                         ids=[c[0] for c in BAD_HASH_FRAMES])
+def test_bad_hash_frames(kind, body, match):
+    conn = streaming_sender() if kind == FrameType.HASH_REPLY else streaming_receiver()
+    conn.receive_data(frame(kind, body))
+    with pytest.raises(RemoteProtocolError, match=match):
+        conn.next_event()
+    assert_failed(conn, RemoteProtocolError)
+
+
+def test_hash_request_is_checked_before_sending():
+    s, _ = handshake()
+    with pytest.raises(LocalProtocolError, match="exceeds 4096"):
+        s.send(HashRequest(id=1, seq=1, volume="v", offset=0, length=1 << 30, granularity=4096))
 
 
 def test_decompression_bomb_is_bounded():
