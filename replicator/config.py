@@ -20,6 +20,8 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MODES = ("sync", "async")
 ROLES = ("primary", "secondary")
 COMPRESSIONS = ("none", "zstd")
+INITIAL_SYNCS = ("full", "checksum", "none")  # how a new target is first synced
+ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
 
 
 class ConfigError(Exception):
@@ -40,6 +42,8 @@ class TargetConfig:
     node: str
     mode: str
     compress: str = "none"
+    initial_sync: str = "full"
+    on_disconnect: str = "continue"
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,9 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
         raise ConfigError(r.sub("node"), f"{target!r} is not in peers (known: "
                                          f"{', '.join(sorted(peers)) or 'none'})")
     t = TargetConfig(node=target, mode=r.choice("mode", MODES),
-                     compress=r.choice("compress", COMPRESSIONS, "none"))
+                     compress=r.choice("compress", COMPRESSIONS, "none"),
+                     initial_sync=r.choice("initial_sync", INITIAL_SYNCS, "full"),
+                     on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"))
     r.done()
     return t
 

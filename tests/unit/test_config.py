@@ -35,6 +35,7 @@ def test_the_issue_example_is_valid():
     assert g.journal_size == 256 << 20 and g.volumes[0].size == 64 << 20
     assert [(t.node, t.mode, t.compress) for t in g.targets] == \
         [("dc2-dr", "sync", "none"), ("dc3-arc", "async", "zstd")]
+    assert [(t.initial_sync, t.on_disconnect) for t in g.targets] == [("full", "continue")] * 2
     assert cfg.admin_socket == "/var/lib/replicator/admin.sock"
     assert cfg.peers["dc2-dr"] == ("127.0.0.1", 7802)
 
@@ -60,6 +61,10 @@ def mutate(path, value):
     (("groups", 0, "targets", 1, "node"), "dc9", "groups[0].targets[1].node", "not in peers"),
     (("groups", 0, "targets", 0, "node"), "dc1-app", "groups[0].targets[0].node", "own node"),
     (("groups", 0, "targets", 1, "compress"), "lz4", "groups[0].targets[1].compress", "zstd"),
+    (("groups", 0, "targets", 1, "initial_sync"), "fast", "groups[0].targets[1].initial_sync",
+     "full, checksum, none"),
+    (("groups", 0, "targets", 0, "on_disconnect"), "wait", "groups[0].targets[0].on_disconnect",
+     "continue, block"),
     (("groups", 0, "volumes", 0, "size"), "64 parsecs", "groups[0].volumes[0].size", "size"),
     (("groups", 0, "volumes", 0, "size"), 1000, "groups[0].volumes[0].size", "512"),
     (("groups", 0, "volumes", 0, "path"), "data.img", "groups[0].volumes[0].path", "absolute"),
