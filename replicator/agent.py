@@ -20,7 +20,7 @@ from .capture.nbd import NbdServer
 from .config import Config
 from .group import Group, GroupError
 from .receiver import Receiver
-from .shipper import Shipper
+from .shipper import Shipper, ShipError
 from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
@@ -39,7 +39,8 @@ class Agent:
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
                                                     "rollback": self._rollback,
-                                                    "resync": self._resync})
+                                                    "resync": self._resync,
+                                                    "verify": self._verify})
         self.started = time.time()
 
     async def start(self) -> None:
@@ -54,7 +55,8 @@ class Agent:
                 Shipper(group, group.targets[t.node], node=self.cfg.node,
                         address=self.cfg.peers[t.node], compress=t.compress == "zstd",
                         heartbeat_interval=self.cfg.heartbeat_interval,
-                        heartbeat_timeout=self.cfg.heartbeat_timeout, tls=self.client_tls)
+                        heartbeat_timeout=self.cfg.heartbeat_timeout,
+                        initial_sync=t.initial_sync, tls=self.client_tls)
                 for t in group.cfg.targets]
         await self.receiver.start(*self.cfg.listen)
         await self.nbd.start(*self.cfg.nbd_listen)
@@ -115,13 +117,48 @@ class Agent:
                 "consistent_seq": group.journal.last_seq}
 
     async def _resync(self, request: dict) -> dict:
+        """Tune a target's resync rate, and/or start a resync of it: `full`, `checksum`
+        or `clean` (declare it identical: nothing is sent but later writes)."""
         group = self._group(request)
         shipper = self._shipper(group, request.get("target"))
-        rate = request.get("rate")
+        rate, mode = request.get("rate"), request.get("mode")
         if rate is not None:
             shipper.resync_rate = int(rate)
+        if mode is not None:
+            if mode not in ("full", "checksum", "clean"):
+                raise AdminError(f"resync mode {mode!r}: expected full, checksum or clean")
+            if group.inconsistent:
+                raise AdminError(f"group {group.name} on {self.cfg.node} is itself being "
+                                 "resynced: it has no consistent image to send")
+            group.request_resync(shipper.target, mode, "requested by the operator",
+                                 initial=shipper.target.resync_initial and shipper.target.logging)
+            shipper.poke()
         return {"group": group.name, "target": shipper.target.node,
                 "rate_limit_bytes_per_s": shipper.resync_rate, "state": shipper.status()["state"]}
+
+    async def _verify(self, request: dict) -> dict:
+        group = self._group(request)
+        shipper = self._shipper(group, request.get("target"))
+        volume = request.get("volume")
+        if volume is not None and volume not in group.volumes:
+            raise AdminError(f"group {group.name} has no volume {volume!r} "
+                             f"(volumes: {', '.join(group.volumes)})")
+        offset, length = int(request.get("offset") or 0), request.get("length")
+        ranges = [(name, offset if volume else 0, length if volume else None)
+                  for name in ([volume] if volume else group.volumes)]
+        try:
+            result = await shipper.verify(ranges)
+            result["repaired"] = result["repaired_bytes"] = 0
+            if request.get("repair") and result["mismatches"]:
+                repaired = await asyncio.wait_for(shipper.repair(result["mismatches"]),
+                                                  float(request.get("repair_timeout") or 3600))
+                result["repaired"], result["repaired_bytes"] = repaired["regions"], repaired["bytes"]
+        except ShipError as exc:
+            raise AdminError(f"verify of {group.name} -> {shipper.target.node}: {exc}") from None
+        except asyncio.TimeoutError:
+            raise AdminError(f"verify of {group.name} -> {shipper.target.node}: the repair "
+                             "resync did not finish in time; it goes on (see status)") from None
+        return result
 
     def _group_status(self, group: Group) -> dict:
         j = group.journal
@@ -134,6 +171,7 @@ class Agent:
             "applied_seq": group.applied_seq,
             "checkpoint_seq": group.checkpoint.seq,
             "inconsistent": group.inconsistent,
+            "writes_blocked_by": group.blocked_by,
             "consistent_seq": group.resync_base.seq if group.inconsistent else group.applied_seq,
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
                         "capacity_bytes": j.capacity, "full": group.journal_full},

@@ -35,6 +35,10 @@ def format_status(st: dict) -> str:
                 f"journal:{_human_bytes(j['used_bytes'])}/{_human_bytes(j['capacity_bytes'])}")
         if j["full"]:
             head += "  JOURNAL-FULL"
+        if g.get("writes_blocked_by"):
+            head += f"  WRITES-BLOCKED-BY:{','.join(g['writes_blocked_by'])}"
+        if g.get("inconsistent"):
+            head += f"  INCONSISTENT(consistent at seq {g['consistent_seq']})"
         if g["role"] == "secondary":
             up = g["upstream"]
             head += f"  source:{g['source']}" + (f" connected({up['peer']})" if up else " disconnected")
@@ -47,6 +51,13 @@ def format_status(st: dict) -> str:
                 f"lag:{t['lag_records']} rec/{_human_bytes(t['lag_bytes'])}/{t['lag_seconds']:.1f}s"
                 + ("  zstd" if t["compress"] == "zstd" else "")
                 + (f"  ({t['last_error']})" if t["last_error"] else ""))
+            for what in ("resync", "verify"):
+                p = t.get(what)
+                if p:
+                    eta = f", eta {p['eta_seconds']:.0f}s" if p.get("eta_seconds") is not None else ""
+                    lines.append(f"     {what}{' ' + p['mode'] if p.get('mode') else ''}: "
+                                 f"{_human_bytes(p['done_bytes'])}/{_human_bytes(p['total_bytes'])}"
+                                 f" at {_human_bytes(p['rate_bytes_per_s'])}/s{eta}")
     return "\n".join(lines)
 
 
@@ -70,15 +81,23 @@ def cmd_agent(args) -> int:
         return 1
 
 
-def _operate(args, op: str, human, **params) -> int:
-    """Send one operation to the agent named by the config; print JSON or a line."""
+def _call(args, op: str, timeout: float | None = 30.0, **params):
+    """Send one operation to the agent named by the config: its result, or None after
+    saying why not (on stderr, and as JSON with --json)."""
     cfg = _load(args.config)
     try:
-        result = admin.request(cfg.admin_socket, op, **params)
+        return admin.request(cfg.admin_socket, op, timeout=timeout, **params)
     except admin.AdminError as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
         print(f"replicator {op}: {exc}", file=sys.stderr)
+        return None
+
+
+def _operate(args, op: str, human, **params) -> int:
+    """One operation; print its result as JSON or as `human` puts it."""
+    result = _call(args, op, **params)
+    if result is None:
         return 1
     print(json.dumps(result, indent=2) if args.json else human(result))
     return 0
@@ -105,7 +124,40 @@ def cmd_resync(args) -> int:
     return _operate(args, "resync", lambda r: (
         f"group {r['group']} -> {r['target']}: {r['state']}, resync rate limit "
         f"{_human_bytes(r['rate_limit_bytes_per_s']) + '/s' if r['rate_limit_bytes_per_s'] else 'none'}"),
-        group=args.group, target=args.target, rate=rate)
+        group=args.group, target=args.target, rate=rate, mode=args.mode)
+
+
+EXIT_MISMATCH = 3
+
+
+def _verify_report(r: dict) -> str:
+    lines = [f"group {r['group']} -> {r['target']}: {_human_bytes(r['bytes_checked'])} in "
+             f"{r['regions_checked']} regions checked at seq {r['first_seq']}..{r['last_seq']} "
+             f"in {r['seconds']:.1f}s: {len(r['mismatches'])} mismatching region(s)"]
+    lines += [f"  {m['volume']} offset {m['offset']} length {m['length']}" for m in r["mismatches"]]
+    if r["repaired"]:
+        lines.append(f"repaired: {r['repaired']} region(s), {_human_bytes(r['repaired_bytes'])} "
+                     "resynced")
+    return "\n".join(lines)
+
+
+def cmd_verify(args) -> int:
+    try:
+        offset = config.parse_size(args.offset, "--offset") if args.offset else 0
+        length = config.parse_size(args.length, "--length") if args.length else None
+    except config.ConfigError as exc:
+        print(f"replicator verify: {exc}", file=sys.stderr)
+        return 2
+    if (args.offset or args.length) and not args.volume:
+        print("replicator verify: --offset/--length need --volume", file=sys.stderr)
+        return 2
+    result = _call(args, "verify", timeout=None, group=args.group, target=args.target,
+                   repair=args.repair, volume=args.volume, offset=offset, length=length,
+                   repair_timeout=args.repair_timeout)
+    if result is None:
+        return 1
+    print(json.dumps(result, indent=2) if args.json else _verify_report(result))
+    return EXIT_MISMATCH if result["mismatches"] else 0
 
 
 def cmd_config_check(args) -> int:
@@ -154,11 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
                                          "its last consistent image")
     rb.add_argument("group")
     rb.add_argument("--force", action="store_true", help="even while the source is connected")
-    rs = sub.add_parser("resync", help="show or tune the resync of a target (rate limit)")
+    rs = sub.add_parser("resync", help="start a resync of a target, or tune its rate limit")
     rs.add_argument("group")
     rs.add_argument("target")
     rs.add_argument("--rate", help="resync rate limit, e.g. 50MiB (per second), 0 = unlimited")
-    for op, func in ((rb, cmd_rollback), (rs, cmd_resync)):
+    how = rs.add_mutually_exclusive_group()
+    how.add_argument("--full", dest="mode", action="store_const", const="full",
+                     help="send every region now")
+    how.add_argument("--checksum", dest="mode", action="store_const", const="checksum",
+                     help="send only the regions whose hashes differ on the target (a seeded "
+                          "or copied replica)")
+    how.add_argument("--assume-clean", dest="mode", action="store_const", const="clean",
+                     help="send nothing: declare the target identical (two blank volumes); "
+                          "later writes are shipped")
+    vf = sub.add_parser("verify", help="compare a target's regions with ours, online; exit 3 "
+                                       "when some differ")
+    vf.add_argument("group")
+    vf.add_argument("target")
+    vf.add_argument("--repair", action="store_true", help="resync the regions that differ")
+    vf.add_argument("--volume", help="only this volume (default: every volume of the group)")
+    vf.add_argument("--offset", help="with --volume: start here (e.g. 1GiB)")
+    vf.add_argument("--length", help="with --volume: only this many bytes")
+    vf.add_argument("--repair-timeout", type=float, default=3600.0,
+                    help="seconds to wait for the repair resync (default 3600)")
+    for op, func in ((rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .bitmap import Bitmap, BitmapError
-from .config import GroupConfig
+from .config import GroupConfig, TargetConfig
 from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
 from .journal.segments import Journal, JournalError, Position
 from .undo import UndoError, UndoLog
@@ -46,7 +46,8 @@ CHECKPOINT_INTERVAL = 1.0
 MAX_IN_FLIGHT = 2
 
 
-def _wake(waiters: list) -> None:
+def wake_all(waiters: list) -> None:
+    """Resolve every future in `waiters` (and empty it)."""
     pending = waiters[:]
     waiters.clear()
     for fut in pending:
@@ -61,12 +62,18 @@ class GroupError(Exception):
 class TargetLink:
     """What the write path needs to know of one target; its shipper keeps it current."""
 
-    def __init__(self, node: str, mode: str, acked_seq: int, bitmap: Bitmap):
-        self.node = node
-        self.mode = mode
+    def __init__(self, cfg: TargetConfig, acked_seq: int, bitmap: Bitmap):
+        self.node = cfg.node
+        self.mode = cfg.mode
+        self.block = cfg.on_disconnect == "block"  # writes wait while it is not streaming
         self.acked_seq = acked_seq
         self.in_sync = False  # connected and caught up: sync writes wait for it
         self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
+        self.why = ""  # why it went to logging
+        self.resync_mode = "full"  # full | checksum | none: how the next resync starts
+        self.resync_initial = False  # that resync is the target's initial sync
+        self.resync_epoch = 0  # bumped by each resync request: a running pass starts over
+        self.synced = acked_seq > 0  # has had its initial sync (or streamed from seq 0)
         self.connected = False
         self.disconnected_at = time.monotonic()
         self.finishing = False  # RESYNC_DONE sent: the bitmap's `through` must stay put
@@ -74,6 +81,11 @@ class TargetLink:
     @property
     def logging(self) -> bool:
         return self.bitmap.active
+
+    @property
+    def streaming(self) -> bool:
+        """Connected and fed from the journal (not away, not logging, not resyncing)."""
+        return self.connected and not self.bitmap.active
 
 
 class _Batch:
@@ -117,6 +129,7 @@ class Group:
         self._checkpoint_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._saved_acked: dict = {}
+        self._state_changed = False  # group.json misses something besides positions
         self.logging_after = 5.0  # seconds a target may be away before it goes to logging
         self.resync_base: Position | None = None  # replica: inconsistent since this position
         self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
@@ -132,6 +145,7 @@ class Group:
         state = self._read_state()
         self.checkpoint = Position(*state.get("checkpoint", (0, 0)))
         acked = state.get("acked", {})
+        modes = state.get("resync_modes", {})
         os.makedirs(os.path.join(self.dir, "bitmaps"), exist_ok=True)
         sizes = {v.name: v.size for v in self.volumes.values()}
         for t in self.cfg.targets:
@@ -141,7 +155,11 @@ class Group:
                 bitmap.load()
             except BitmapError as exc:
                 raise GroupError(f"group {self.name}: {exc}") from None
-            self.targets[t.node] = TargetLink(t.node, t.mode, int(acked.get(t.node, 0)), bitmap)
+            link = self.targets[t.node] = TargetLink(t, int(acked.get(t.node, 0)), bitmap)
+            link.synced = link.synced or t.node in state.get("synced", ())
+            if bitmap.active:
+                link.why = "saved bitmap"
+                link.resync_mode, link.resync_initial = modes.get(t.node, ("full", False))
         j = self.journal
         if state.get("resync"):
             self.resync_base = Position(*state["resync"])
@@ -324,7 +342,7 @@ class Group:
                 self._fail_pending(errno.EIO)
                 self._poisoned = False
             if not self._batch.dones:
-                _wake(self._idle_waiters)
+                wake_all(self._idle_waiters)
 
     def _completed(self, batch: _Batch, seg) -> None:
         """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
@@ -340,7 +358,7 @@ class Group:
                 done(exc.errno or errno.EIO)
             return
         self.applied_seq = batch.last_seq
-        _wake(self._record_waiters)
+        wake_all(self._record_waiters)
         floor = self.sync_floor()
         for seq, done in batch.dones:
             if seq <= floor:
@@ -463,12 +481,19 @@ class Group:
 
     # ---- sync targets ------------------------------------------------------------------
     def sync_floor(self) -> float:
-        """Highest seq every in-sync sync target has acked (inf when none must be waited for)."""
+        """Highest seq every target writes must wait for has acked (inf when none): the
+        in-sync sync targets, and targets with on_disconnect: block that are not
+        streaming (their acked seq then holds every later write back)."""
         floor = float("inf")
         for t in self.targets.values():
-            if t.mode == "sync" and t.in_sync and t.acked_seq < floor:
-                floor = t.acked_seq
+            if (t.mode == "sync" and t.in_sync) or (t.block and not t.streaming):
+                floor = min(floor, t.acked_seq)
         return floor
+
+    @property
+    def blocked_by(self) -> list[str]:
+        """Targets with on_disconnect: block that hold writes back right now."""
+        return [t.node for t in self.targets.values() if t.block and not t.streaming]
 
     def targets_changed(self) -> None:
         """A target acked or changed state: release sync writes now covered, and let
@@ -481,6 +506,10 @@ class Group:
             self._checkpoint_now.set()
 
     # ---- readers: shippers ---------------------------------------------------------------
+    def poke_readers(self) -> None:
+        """Wake every shipper waiting for records (one has other work queued)."""
+        wake_all(self._record_waiters)
+
     async def wait_for_records(self, after_seq: int, timeout: float) -> bool:
         """Wait until a record after `after_seq` is durable; False on timeout."""
         if self.journal.last_seq > after_seq:
@@ -524,17 +553,39 @@ class Group:
         """The journal stops keeping records for `t`; its bitmap records what changed."""
         t.bitmap.through = t.acked_seq
         t.bitmap.active = True
+        t.why = why
+        t.resync_mode, t.resync_initial = "full", False
         self.mark_bitmap(t)
         t.bitmap.save()
         self.log.warning("group %s: target %s switches to logging (%s); %d regions dirty",
                          self.name, t.node, why, t.bitmap.count())
         self._checkpoint_now.set()
 
-    def start_full_resync(self, t: TargetLink) -> None:
-        """Every region of every volume will be sent to `t` (initial sync)."""
-        t.bitmap.set_all()
-        t.bitmap.through = self.journal.last_seq
-        t.bitmap.active = True
+    def request_resync(self, t: TargetLink, mode: str, why: str, initial: bool = False) -> None:
+        """Resync `t` from the image as it is now: `full` sends every region,
+        `checksum` every region whose hash differs on the target, `clean` none (the
+        operator declares the target identical; writes from now on are still sent)."""
+        bm = t.bitmap
+        bm.clear_all() if mode == "clean" else bm.set_all()
+        bm.through = self.journal.last_seq
+        bm.active = True
+        t.why = why
+        t.resync_mode = "none" if mode == "clean" else mode
+        t.resync_initial = initial
+        t.resync_epoch += 1
+        bm.save()
+        self._state_changed = True  # record the mode in group.json
+        self._checkpoint_now.set()
+        self.log.warning("group %s: %s resync of %s (%s)", self.name,
+                         "no-data" if mode == "clean" else mode, t.node, why)
+
+    def mark_for_repair(self, t: TargetLink, regions: list[tuple[str, int, int]]) -> None:
+        """Verify found `regions` (volume, offset, length) different on `t`: resync them
+        (with whatever else `t` has not acknowledged yet)."""
+        if not t.logging:
+            self.start_logging(t, f"verify --repair of {len(regions)} region(s)")
+        for volume, offset, length in regions:
+            t.bitmap.mark(volume, offset, length)
         t.bitmap.save()
 
     def stop_logging(self, t: TargetLink, seq: int) -> None:
@@ -544,7 +595,10 @@ class Group:
         bm.active, bm.through, bm.remarked = False, seq, None
         t.acked_seq = seq
         t.finishing = False
+        t.synced = True
         bm.save()
+        self._state_changed = True
+        self.targets_changed()
 
     def _update_logging(self) -> None:
         """Checkpointer: switch away or far-behind targets to logging; keep the bitmaps
@@ -591,7 +645,7 @@ class Group:
                 self._update_logging()
                 pos = self.journal.position(self.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
-                if pos != self.checkpoint or acked != self._saved_acked:
+                if pos != self.checkpoint or acked != self._saved_acked or self._state_changed:
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
                 low = self._needed_after()
                 if low > self.journal.base.seq:
@@ -605,8 +659,12 @@ class Group:
         for vol in self.volumes.values():
             vol.sync()
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
+        self._state_changed = False  # before the state is read: a later change saves again
         tmp = os.path.join(self.dir, "group.json.tmp")
-        state = {"checkpoint": [pos.seq, pos.hcrc], "acked": acked}
+        state = {"checkpoint": [pos.seq, pos.hcrc], "acked": acked,
+                 "resync_modes": {n: [t.resync_mode, t.resync_initial]
+                                  for n, t in self.targets.items() if t.logging},
+                 "synced": sorted(n for n, t in self.targets.items() if t.synced)}
         if self.resync_base is not None:
             state["resync"] = [self.resync_base.seq, self.resync_base.hcrc]
         elif self._resync_done:

@@ -4,7 +4,8 @@ local replica group (which journals, applies in seq order and forwards downstrea
 Per connection: HELLO is checked (protocol range, that this node is the target, that
 the group exists here as a secondary and that the sender is its configured source),
 then WELCOME reports the group's durable position. Each RECORDS batch goes to
-Group.submit_records; when it is durable (and acked by in-sync sync targets further
+Group.submit_records; HASH_REQUESTs are answered in stream order (online verify);
+when a batch is durable (and acked by in-sync sync targets further
 down a cascade) an ACK goes back. ACKs are coalesced: one per loop turn at most.
 A newer connection for the same group replaces an older one (a half-dead link must not
 block its own reconnection).
@@ -19,10 +20,11 @@ import ssl
 from .group import Group, GroupError
 from .journal.segments import Position
 from .transport import Link, peer_node
-from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
-                   ConnectionClosed, Error, Heartbeat, Hello, LocalProtocolError, Records,
-                   Refusal, Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role,
-                   Welcome, negotiate)
+from .verify import region_hashes
+from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
+                   ConnectionClosed, Error, HashReply, HashRequest, Heartbeat, Hello,
+                   LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
+                   ResyncData, ResyncDone, Role, Welcome, negotiate)
 
 
 class _Session:
@@ -151,6 +153,13 @@ class Receiver:
                 await s.group.finish_resync(Position(ev.seq, ev.crc))
                 s.ack_seq = ev.seq
                 await s.link.send(Ack(seq=ev.seq))
+            elif isinstance(ev, HashRequest):
+                problem = await self._hash(s, ev)
+                if problem:
+                    self.log.error("group %s: hash request from %s: %s", s.group.name,
+                                   s.source, problem)
+                    await s.link.send(Error(code=Refusal.POSITION, message=problem[:1000]))
+                    return
             elif isinstance(ev, Heartbeat):
                 await s.link.send(Heartbeat(sent_ns=ev.sent_ns))
             elif isinstance(ev, Error):
@@ -179,6 +188,27 @@ class Receiver:
             s.resync_applied += len(items)
             if not s.link.writer.is_closing():
                 s.link.writer.write(s.link.conn.send(ResyncAck(count=s.resync_applied)))
+
+    async def _hash(self, s: _Session, ev: HashRequest) -> str | None:
+        """Answer a HASH_REQUEST with the hashes of our regions (or say why we cannot).
+        The stream is not read meanwhile, so for an in-band request (seq given) the
+        volumes hold exactly the image after that seq while they are hashed."""
+        g = s.group
+        vol = g.volumes.get(ev.volume)
+        if vol is None or ev.offset + ev.length > vol.size:
+            return (f"hash request for {ev.volume!r} [{ev.offset}, +{ev.length}) which "
+                    f"group {g.name} does not have")
+        if ev.seq != ANY_SEQ:
+            await g.settle()
+            if g.inconsistent:
+                return f"group {g.name} is being resynced: no consistent image to hash"
+            if g.applied_seq != ev.seq:
+                return (f"hash request at seq {ev.seq} but group {g.name} holds seq "
+                        f"{g.applied_seq}")
+        hashes = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: region_hashes(vol.read(ev.offset, ev.length), ev.granularity))
+        await s.link.send(HashReply(id=ev.id, seq=g.applied_seq, hashes=hashes))
+        return None
 
     def _done(self, s: _Session, seq: int, err: int) -> None:
         if err:

@@ -27,20 +27,52 @@ interrupted by either side resumes where it was instead of starting over.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
 from collections import deque
 
-from .group import Group, TargetLink
+from .group import Group, TargetLink, wake_all
+from .journal.segments import JournalError
 from .transport import Link
-from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed, Error,
-                   Feature, Heartbeat, Hello, LocalProtocolError, Records, Refuse,
-                   RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role, Welcome)
+from .verify import CHUNK, chunks, differing, region_hashes
+from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
+                   Error, Feature, HashReply, HashRequest, Heartbeat, Hello, LocalProtocolError,
+                   Records, Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role,
+                   Welcome)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
 RESYNC_WINDOW = 8 << 20
+HASH_DEPTH = 8  # HASH_REQUESTs in flight (verify, checksum resync)
+STREAMING_STATES = ("replicating", "catching-up")
+
+
+class _Probe:
+    """One verify HASH_REQUEST: the regions, our copy of them at `seq`, the answer."""
+    __slots__ = ("volume", "offset", "length", "seq", "data", "reply")
+
+    def __init__(self, volume: str, offset: int, length: int, reply: asyncio.Future):
+        self.volume, self.offset, self.length, self.reply = volume, offset, length, reply
+        self.seq, self.data = 0, b""
+
+
+def _runs(regions, most: int):
+    """Dirty regions (volume, region, offset, length) grouped into runs of at most
+    `most` consecutive regions of one volume."""
+    run: list = []
+    for r in regions:
+        if run and (r[0] != run[-1][0] or r[1] != run[-1][1] + 1 or len(run) == most):
+            yield run
+            run = []
+        run.append(r)
+    if run:
+        yield run
+
+
+def _code(ev: Error) -> str:
+    return getattr(ev.code, "name", str(ev.code))
 
 
 class ShipError(Exception):
@@ -54,8 +86,8 @@ class ShipError(Exception):
 class Shipper:
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
-                 heartbeat_timeout: float, tls: ssl.SSLContext | None = None,
-                 log: logging.Logger | None = None):
+                 heartbeat_timeout: float, initial_sync: str = "full",
+                 tls: ssl.SSLContext | None = None, log: logging.Logger | None = None):
         self.group = group
         self.target = link
         self.node = node
@@ -77,6 +109,12 @@ class Shipper:
         self._needs_resync = False
         self.resync_rate = group.cfg.resync_rate  # bytes/s, 0 = unlimited; runtime-settable
         self.resync: dict | None = None  # progress of the running resync
+        self.initial_sync = initial_sync  # full | checksum | none, for a new target
+        self.verifying: dict | None = None  # progress of the running verify
+        self._probes: deque[_Probe] = deque()  # verify requests for the pump to place
+        self._hash_ids = itertools.count(1)
+        self._hash_waiters: dict[int, asyncio.Future] = {}
+        self._resync_waiters: list[asyncio.Future] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
@@ -96,13 +134,13 @@ class Shipper:
                 backoff = 0.1
                 await self._stream(link)
             except (OSError, asyncio.TimeoutError, ShipError, LocalProtocolError,
-                    RemoteProtocolError) as exc:
+                    RemoteProtocolError, JournalError) as exc:
                 state = exc.state if isinstance(exc, ShipError) else "connecting"
                 msg = str(exc) or type(exc).__name__
                 if msg != self.last_error or state != self.state:
                     self.log.warning("group %s -> %s: %s", self.group.name, self.target.node, msg)
                 self.last_error, self.state = msg, state
-                if state != "connecting":
+                if state in ("refused", "needs-resync"):
                     backoff = 5.0
             finally:
                 self._disconnected()
@@ -123,6 +161,12 @@ class Shipper:
             self.state = "connecting"
         self._inflight.clear()
         self._inflight_bytes = 0
+        lost = ShipError(f"the link to {self.target.node} went down")
+        for fut in list(self._hash_waiters.values()) + [p.reply for p in self._probes]:
+            if not fut.done():
+                fut.set_exception(lost)
+        self._hash_waiters.clear()
+        self._probes.clear()
 
     async def _connect(self) -> Link:
         host, port = self.address
@@ -168,19 +212,22 @@ class Shipper:
                             "from ours", state="needs-resync")
         t.connected = True
         self.last_error = ""
+        if not t.synced and not t.logging and welcome.seq == 0:
+            mode = "clean" if self.initial_sync == "none" else self.initial_sync
+            self.group.request_resync(t, mode, "initial sync of a new target", initial=True)
         self._needs_resync = t.logging or ours is None or welcome.seq < t.acked_seq
         if not self._needs_resync:
             self.sent_seq = welcome.seq
             t.acked_seq = welcome.seq
             self.state = "catching-up"
+            self.group.targets_changed()
             self.log.info("group %s -> %s: streaming from seq %d", self.group.name,
                           t.node, welcome.seq + 1)
             return
         if not t.logging or welcome.seq < t.acked_seq:
             why = (f"the journal no longer holds its position {welcome.seq}" if ours is None
                    else f"it is at seq {welcome.seq}, behind its acknowledged {t.acked_seq}")
-            self.log.warning("group %s -> %s: full resync: %s", self.group.name, t.node, why)
-            self.group.start_full_resync(t)
+            self.group.request_resync(t, "full", why)
         self.state = "resyncing"
 
     async def _stream(self, link: Link) -> None:
@@ -202,20 +249,18 @@ class Shipper:
         last_send = time.monotonic()
         while True:
             if self.target.logging:
-                raise ShipError(f"{self.target.node} fell behind by more than "
-                                "logging_high_water: resync from the bitmap", state="logging")
+                raise ShipError(f"{self.target.node} switched to logging ({self.target.why}): "
+                                "resync from the bitmap", state="logging")
+            if self._probes:
+                await self._send_probe(link, self._probes.popleft())
+                last_send = time.monotonic()
+                continue
             if self.sent_seq >= j.last_seq and not self.target.in_sync:
                 self.target.in_sync = True
                 self.state = "replicating"
                 self.group.targets_changed()
             if self.sent_seq < j.last_seq and self._inflight_bytes < WINDOW_BYTES:
-                first, last, data = j.read(self.sent_seq + 1, BATCH_BYTES)
-                await link.send(Records(first_seq=first, last_seq=last, payload=data,
-                                        compress=self.compress_now))
-                self.sent_seq = last
-                self.bytes_sent += len(data)
-                self._inflight.append((last, len(data)))
-                self._inflight_bytes += len(data)
+                await self._send_records(link)
                 last_send = time.monotonic()
                 continue
             wait = max(0.0, self.hb_interval - (time.monotonic() - last_send))
@@ -231,6 +276,52 @@ class Shipper:
                 await link.send(Heartbeat(sent_ns=time.time_ns()))
                 last_send = time.monotonic()
 
+    async def _send_records(self, link: Link, through: int | None = None) -> None:
+        first, last, data = self.group.journal.read(self.sent_seq + 1, BATCH_BYTES, through)
+        await link.send(Records(first_seq=first, last_seq=last, payload=data,
+                                compress=self.compress_now))
+        self.sent_seq = last
+        self.bytes_sent += len(data)
+        self._inflight.append((last, len(data)))
+        self._inflight_bytes += len(data)
+
+    async def _send_probe(self, link: Link, probe: _Probe) -> None:
+        """Place a verify HASH_REQUEST in the stream: our regions are read now, at the
+        journal's last seq (the loop applies each batch to the volumes as it indexes
+        it, so the two agree); RECORDS through that seq go first, later ones after."""
+        g = self.group
+        seq = g.journal.last_seq
+        if g.applied_seq != seq or g.inconsistent:
+            probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
+                                                "consistent image right now"))
+            return
+        probe.seq = seq
+        probe.data = g.volumes[probe.volume].read(probe.offset, probe.length)
+        while self.sent_seq < seq:
+            await self._send_records(link, seq)
+        await self._request_hashes(link, probe.reply, seq, probe.volume, probe.offset,
+                                   probe.length)
+
+    async def _request_hashes(self, link: Link, reply: asyncio.Future, seq: int, volume: str,
+                              offset: int, length: int) -> None:
+        req = HashRequest(id=next(self._hash_ids), seq=seq, volume=volume, offset=offset,
+                          length=length, granularity=self.group.cfg.bitmap_granularity)
+        self._hash_waiters[req.id] = reply
+        await link.send(req)
+
+    def _hash_reply(self, ev: HashReply) -> None:
+        fut = self._hash_waiters.pop(ev.id, None)
+        if fut is None:
+            raise ShipError(f"{self.target.node} answered hash request {ev.id}, which is not "
+                            "outstanding")
+        if not fut.done():
+            fut.set_result(ev)
+
+    def poke(self) -> None:
+        """Wake the pump: a verify request is queued, or the target must resync now."""
+        self._acked.set()
+        self.group.poke_readers()
+
     async def _acks(self, link: Link) -> None:
         while True:
             ev = await link.next_event(self.hb_timeout)
@@ -243,8 +334,10 @@ class Shipper:
                     self._inflight_bytes -= self._inflight.popleft()[1]
                 self._acked.set()
                 self.group.targets_changed()
+            elif isinstance(ev, HashReply):
+                self._hash_reply(ev)
             elif isinstance(ev, Error):
-                raise ShipError(f"{self.target.node} reported error {ev.code.name}: {ev.message}")
+                raise ShipError(f"{self.target.node} reported error {_code(ev)}: {ev.message}")
             elif isinstance(ev, ConnectionClosed):
                 raise ShipError(f"{self.target.node} closed the connection")
             elif not isinstance(ev, Heartbeat):
@@ -254,11 +347,13 @@ class Shipper:
     async def _resync(self, link: Link) -> None:
         g, t = self.group, self.target
         bm = t.bitmap
+        gran = g.cfg.bitmap_granularity
         pending: deque = deque()  # (volume, region, length) sent, not yet durable
-        progress = self.resync = {"done_bytes": 0, "total_bytes": 0, "started": time.monotonic(),
-                                  "passes": 0}
+        progress = self.resync = {"done_bytes": 0, "total_bytes": 0, "same_bytes": 0,
+                                  "started": time.monotonic(), "passes": 0}
         state = {"acked": 0, "sent": 0, "pending_bytes": 0, "done_seq": None, "error": None}
         wake = asyncio.Event()
+        rate = {"tokens": 0.0, "last": time.monotonic()}
 
         async def read_acks():
             try:
@@ -274,10 +369,12 @@ class Shipper:
                             progress["done_bytes"] += length
                             state["pending_bytes"] -= length
                         state["acked"] = ev.count
+                    elif isinstance(ev, HashReply):
+                        self._hash_reply(ev)
                     elif isinstance(ev, Ack):
                         state["done_seq"] = ev.seq
                     elif isinstance(ev, Error):
-                        raise ShipError(f"{t.node} reported error {ev.code.name}: {ev.message}")
+                        raise ShipError(f"{t.node} reported error {_code(ev)}: {ev.message}")
                     elif isinstance(ev, ConnectionClosed):
                         raise ShipError(f"{t.node} closed the connection during the resync")
                     wake.set()
@@ -296,55 +393,187 @@ class Shipper:
                 except asyncio.TimeoutError:
                     await link.send(Heartbeat(sent_ns=time.time_ns()))
 
+        async def send(volume: str, region: int, offset: int, data) -> None:
+            """RESYNC_DATA for one region, inside the window and the rate limit."""
+            await wait(lambda: state["pending_bytes"] < RESYNC_WINDOW)
+            await link.send(ResyncData(volume=volume, offset=offset, payload=bytes(data)))
+            pending.append((volume, region, len(data)))
+            state["pending_bytes"] += len(data)
+            state["sent"] += 1
+            self.bytes_sent += len(data)
+            if self.resync_rate:
+                now = time.monotonic()
+                rate["tokens"] = min(self.resync_rate,
+                                     rate["tokens"] + (now - rate["last"]) * self.resync_rate)
+                rate["last"] = now
+                rate["tokens"] -= len(data)
+                if rate["tokens"] < 0:
+                    await asyncio.sleep(-rate["tokens"] / self.resync_rate)
+
+        async def settle(run, data, reply) -> None:
+            """A checksum answer is in: send the regions whose hashes differ, clear the rest."""
+            await wait(reply.done)
+            theirs = reply.result().hashes
+            ours = region_hashes(data, gran)
+            if len(theirs) != len(ours):
+                raise ShipError(f"{t.node} returned {len(theirs)} bytes of hashes for "
+                                f"{len(ours)}")
+            diff = set(differing(ours, theirs))
+            base = run[0][2]
+            for i, (volume, region, offset, length) in enumerate(run):
+                if i in diff:
+                    await send(volume, region, offset,
+                               memoryview(data)[offset - base:offset - base + length])
+                elif bm.clear(volume, region):
+                    progress["done_bytes"] += length
+                    progress["same_bytes"] += length
+
         reader = asyncio.create_task(read_acks())
+        loop = asyncio.get_running_loop()
         try:
+            epoch, first = None, True
             while True:
+                if epoch != t.resync_epoch:  # (re)started, maybe in another mode
+                    epoch, first = t.resync_epoch, True
                 g.mark_bitmap(t)
                 bm.remarked = set()
                 regions = list(bm.dirty())
                 if not regions:
-                    break
+                    if g.inconsistent:
+                        # This node is itself being resynced: it has no image to finish
+                        # on; what its own resync writes gets marked meanwhile.
+                        await wait(lambda: not g.inconsistent or bm.count())
+                        continue
+                    bm.remarked = None
+                    seq = bm.through
+                    t.finishing = True  # the checkpointer must not move `through` any more
+                    await link.send(ResyncDone(seq=seq, crc=g.journal.position(seq).hcrc))
+                    await wait(lambda: state["done_seq"] is not None)
+                    t.finishing = False
+                    if state["done_seq"] != seq:
+                        raise ShipError(f"{t.node} finished the resync at seq "
+                                        f"{state['done_seq']}, expected {seq}")
+                    if not bm.count() and not g.inconsistent:
+                        break
+                    # Regions were marked while the target finished (this node's own
+                    # resync began): the target holds our image at seq; go on from there.
+                    state["done_seq"] = None
+                    continue
+                # The first pass goes as asked; later ones only carry regions written
+                # during it, which differ for sure.
+                mode = t.resync_mode if first else "full"
+                first = False
+                progress.update(mode=t.resync_mode, initial=t.resync_initial)
                 progress["passes"] += 1
                 progress["total_bytes"] = progress["done_bytes"] + sum(r[3] for r in regions)
-                tokens, last = 0.0, time.monotonic()
-                for volume, region, offset, length in regions:
-                    await wait(lambda: state["pending_bytes"] < RESYNC_WINDOW)
-                    data = g.volumes[volume].read(offset, length)
-                    await link.send(ResyncData(volume=volume, offset=offset, payload=data))
-                    pending.append((volume, region, length))
-                    state["pending_bytes"] += length
-                    state["sent"] += 1
-                    self.bytes_sent += length
-                    if self.resync_rate:
-                        now = time.monotonic()
-                        tokens = min(self.resync_rate, tokens + (now - last) * self.resync_rate)
-                        last = now
-                        tokens -= length
-                        if tokens < 0:
-                            await asyncio.sleep(-tokens / self.resync_rate)
+                if mode == "checksum":
+                    probes: deque = deque()
+                    for run in _runs(regions, CHUNK // gran or 1):
+                        if epoch != t.resync_epoch:
+                            break
+                        volume, offset = run[0][0], run[0][2]
+                        length = sum(r[3] for r in run)
+                        data = g.volumes[volume].read(offset, length)
+                        reply = loop.create_future()
+                        await self._request_hashes(link, reply, ANY_SEQ, volume, offset, length)
+                        probes.append((run, data, reply))
+                        if len(probes) >= HASH_DEPTH:
+                            await settle(*probes.popleft())
+                    while probes:
+                        await settle(*probes.popleft())
+                else:
+                    for volume, region, offset, length in regions:
+                        if epoch != t.resync_epoch:
+                            break
+                        await send(volume, region, offset, g.volumes[volume].read(offset, length))
                 await wait(lambda: not pending)
-            bm.remarked = None
-            seq = bm.through
-            t.finishing = True  # the checkpointer must not move `through` any more
-            pos = g.journal.position(seq)
-            await link.send(ResyncDone(seq=seq, crc=pos.hcrc))
-            await wait(lambda: state["done_seq"] is not None)
-            if state["done_seq"] != seq:
-                raise ShipError(f"{t.node} finished the resync at seq {state['done_seq']}, "
-                                f"expected {seq}")
             g.stop_logging(t, seq)
             self.sent_seq = seq
             self._needs_resync = False
             self.state = "catching-up"
-            self.log.info("group %s -> %s: resync complete at seq %d (%d bytes, %d pass(es)); "
-                          "streaming from seq %d", g.name, t.node, seq, progress["done_bytes"],
-                          progress["passes"], seq + 1)
+            self.log.info("group %s -> %s: %s resync complete at seq %d (%d bytes checked, %d "
+                          "sent, %d pass(es)); streaming from seq %d", g.name, t.node,
+                          progress.get("mode", "full"), seq, progress["done_bytes"],
+                          progress["done_bytes"] - progress["same_bytes"], progress["passes"],
+                          seq + 1)
+            wake_all(self._resync_waiters)
         finally:
             t.finishing = False
             bm.remarked = None
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             self.resync = None
+
+    # ---- online verify -----------------------------------------------------------------
+    async def verify(self, ranges: list[tuple[str, int, int | None]]) -> dict:
+        """Compare the hashes of every region of `ranges` (volume, offset, length or
+        None for the rest of the volume) on the target with ours, in-band: each chunk is
+        hashed here at some seq and on the target after exactly that seq."""
+        t, g = self.target, self.group
+        if not (t.streaming and self.state in STREAMING_STATES):
+            raise ShipError(f"{t.node} is {self._state()}: verify needs a target that is "
+                            "replicating")
+        if self.verifying is not None:
+            raise ShipError(f"a verify of {t.node} is already running")
+        gran = g.cfg.bitmap_granularity
+        pieces = [(volume, off, n) for volume, offset, length in ranges
+                  for off, n in chunks(g.volumes[volume].size, gran, offset, length)]
+        p = self.verifying = {"done_bytes": 0, "total_bytes": sum(n for *_, n in pieces),
+                              "mismatches": 0, "started": time.monotonic()}
+        loop = asyncio.get_running_loop()
+        mismatches: list[dict] = []
+        seqs: list[int] = []
+        inflight: deque[_Probe] = deque()
+
+        async def settle(probe: _Probe) -> None:
+            reply = await probe.reply
+            ours = region_hashes(probe.data, gran)
+            if len(reply.hashes) != len(ours) or reply.seq != probe.seq:
+                raise ShipError(f"{t.node} answered a hash request for seq {probe.seq} with "
+                                f"{len(reply.hashes)} bytes at seq {reply.seq}")
+            for i in differing(ours, reply.hashes):
+                offset = probe.offset + i * gran
+                mismatches.append({"volume": probe.volume, "offset": offset,
+                                   "length": min(gran, probe.offset + probe.length - offset)})
+            p["done_bytes"] += probe.length
+            p["mismatches"] = len(mismatches)
+            seqs.append(probe.seq)
+
+        try:
+            for piece in pieces:
+                probe = _Probe(*piece, loop.create_future())
+                self._probes.append(probe)
+                self.poke()
+                inflight.append(probe)
+                if len(inflight) >= HASH_DEPTH:
+                    await settle(inflight.popleft())
+            while inflight:
+                await settle(inflight.popleft())
+        finally:
+            self.verifying = None
+            for probe in inflight:
+                if probe in self._probes:
+                    self._probes.remove(probe)
+        seconds = time.monotonic() - p["started"]
+        self.log.info("group %s -> %s: verified %d bytes at seq %s..%s in %.1fs: %d "
+                      "mismatching region(s)", g.name, t.node, p["done_bytes"],
+                      min(seqs, default=None), max(seqs, default=None), seconds, len(mismatches))
+        return {"group": g.name, "target": t.node, "bytes_checked": p["done_bytes"],
+                "regions_checked": sum(-(-n // gran) for *_, n in pieces),
+                "first_seq": min(seqs, default=None), "last_seq": max(seqs, default=None),
+                "seconds": round(seconds, 3), "mismatches": mismatches}
+
+    async def repair(self, mismatches: list[dict]) -> dict:
+        """Resync exactly the regions verify found different (and anything else the target
+        has not acknowledged); returns when the target streams again."""
+        g, t = self.group, self.target
+        regions = [(m["volume"], m["offset"], m["length"]) for m in mismatches]
+        done = asyncio.get_running_loop().create_future()
+        self._resync_waiters.append(done)
+        g.mark_for_repair(t, regions)
+        self.poke()
+        await done
+        return {"regions": len(regions), "bytes": sum(r[2] for r in regions)}
 
     def _resync_status(self) -> dict | None:
         p = self.resync
@@ -354,9 +583,27 @@ class Shipper:
         rate = p["done_bytes"] / elapsed
         left = p["total_bytes"] - p["done_bytes"]
         return {"done_bytes": p["done_bytes"], "total_bytes": p["total_bytes"],
+                "same_bytes": p["same_bytes"], "mode": p.get("mode", self.target.resync_mode),
+                "initial": p.get("initial", self.target.resync_initial),
                 "rate_bytes_per_s": round(rate), "passes": p["passes"],
                 "eta_seconds": round(left / rate, 1) if rate > 0 else None,
                 "rate_limit_bytes_per_s": self.resync_rate}
+
+    def _verify_status(self) -> dict | None:
+        p = self.verifying
+        if p is None:
+            return None
+        rate = p["done_bytes"] / max(1e-6, time.monotonic() - p["started"])
+        return {"done_bytes": p["done_bytes"], "total_bytes": p["total_bytes"],
+                "mismatches": p["mismatches"], "rate_bytes_per_s": round(rate),
+                "eta_seconds": round((p["total_bytes"] - p["done_bytes"]) / rate, 1) if rate else None}
+
+    def _state(self) -> str:
+        if self.target.logging and self.state not in ("resyncing", "refused", "needs-resync"):
+            return "logging"
+        if self.verifying is not None and self.state in STREAMING_STATES:
+            return "verifying"
+        return self.state
 
     def status(self) -> dict:
         records, nbytes, seconds = self.group.lag(self.target.acked_seq)
@@ -365,11 +612,12 @@ class Shipper:
             "address": f"{self.address[0]}:{self.address[1]}",
             "mode": self.target.mode,
             "compress": "zstd" if self.compress else "none",
-            "state": ("logging" if self.target.logging and self.state != "resyncing"
-                      else self.state),
+            "state": self._state(),
             "in_sync": self.target.in_sync,
+            "on_disconnect": "block" if self.target.block else "continue",
             "dirty_bytes": self.target.bitmap.dirty_bytes() if self.target.logging else 0,
             "resync": self._resync_status(),
+            "verify": self._verify_status(),
             "acked_seq": self.target.acked_seq,
             "sent_seq": self.sent_seq,
             "lag_records": records,

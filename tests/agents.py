@@ -4,6 +4,7 @@ description, with status polling under a deadline and cleanup that always runs."
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import signal
 import socket
@@ -108,9 +109,27 @@ class AgentProc:
         self.kill(signal.SIGTERM)
 
 
+def _target(link: tuple) -> dict:
+    t = {"node": link[1], "mode": link[2]}
+    for extra in link[3:]:
+        t.update(extra if isinstance(extra, dict) else {"compress": extra})
+    return t
+
+
+def replicator_cli(agent: "AgentProc", *args: str, timeout: float = 120) -> tuple[int, dict]:
+    """Run `replicator ARGS -c <agent's config> --json`: (exit code, decoded JSON)."""
+    p = subprocess.run([sys.executable, "-m", "replicator.cli", *args, "-c", agent.config_path,
+                        "--json"], capture_output=True, text=True, timeout=timeout)
+    try:
+        return p.returncode, json.loads(p.stdout)
+    except ValueError:
+        raise AssertionError(f"replicator {' '.join(args)} exited {p.returncode} without JSON:"
+                             f"\n{p.stdout}\n{p.stderr}") from None
+
+
 class Topology:
-    """Nodes on loopback; `links` are (from, to, mode[, compress]) edges of one group
-    whose primary is the first node that is never a `to`."""
+    """Nodes on loopback; `links` are (from, to, mode[, compress][, {target keys}]) edges
+    of one group whose primary is the first node that is never a `to`."""
 
     def __init__(self, root, nodes, links, volumes=None, group="db", journal_size="64MiB",
                  heartbeat_timeout=3.0, tls=False, group_options=None):
@@ -123,8 +142,7 @@ class Topology:
         sources = {link[1]: link[0] for link in links}
         self.agents: dict[str, AgentProc] = {}
         for n in nodes:
-            targets = [{"node": l[1], "mode": l[2], **({"compress": l[3]} if len(l) > 3 else {})}
-                       for l in links if l[0] == n]
+            targets = [_target(link) for link in links if link[0] == n]
             if tls:
                 pki.issue(ca_dir, n, os.path.join(self.root, n, "pki"))
             cfg = {

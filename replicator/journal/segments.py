@@ -235,9 +235,10 @@ class Journal:
         seg.size = pos
 
     # ---- reading ---------------------------------------------------------------------
-    def read(self, from_seq: int, max_bytes: int) -> tuple[int, int, bytes]:
-        """Durable records from `from_seq` on, at most `max_bytes` (but at least one
-        record), never across a segment: (first_seq, last_seq, bytes)."""
+    def read(self, from_seq: int, max_bytes: int,
+             through: int | None = None) -> tuple[int, int, bytes]:
+        """Durable records from `from_seq` on (up to `through`), at most `max_bytes` (but
+        at least one record), never across a segment: (first_seq, last_seq, bytes)."""
         seg = self._segment_of(from_seq)
         if seg is None:
             raise JournalError(f"seq {from_seq} not held (journal has {self.first_seq}"
@@ -248,6 +249,8 @@ class Journal:
         j = bisect_right(seg.offsets, limit, lo=i)  # records i..j-1 start within budget
         k = j - 1 if j == len(seg.offsets) and seg.size <= limit else j - 2
         last = seg.first_seq + max(k, i)
+        if through is not None:
+            last = max(from_seq, min(last, through))
         end = seg.end_of(last)
         data = os.pread(self._reader(seg), end - start, start)
         if len(data) != end - start:

@@ -108,3 +108,33 @@ def test_interrupted_resync_rolls_back_to_the_last_consistent_image(topology, tm
         with open(b.volume_path("db", v), "rb") as f1, open(path, "rb") as f2:
             assert f1.read() == f2.read(), f"{v} is not the last consistent image"
     assert st["consistent_seq"] == b.group("db")["applied_seq"]
+
+
+def test_on_disconnect_block_holds_writes_until_the_target_is_back(topology):
+    """A target with on_disconnect: block: while it is away a write is journaled but not
+    completed; when it is back (and resynced) the write completes and is on it."""
+    topo = topology(["a", "b", "c"], [("a", "b", "async", {"on_disconnect": "block"}),
+                                      ("a", "c", "async")], heartbeat_timeout=1.5)
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    wait_until(lambda: _target_state(a, "b", "replicating"), 30, "b replicating")
+    assert a.group("db")["writes_blocked_by"] == []
+    b.kill()
+    wait_until(lambda: a.group("db")["writes_blocked_by"] == ["b"], 20, "writes blocked by b")
+    seq = a.group("db")["seq"]
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k",
+                               a.nbd_uri("data")], stdout=subprocess.PIPE, text=True)
+    try:
+        # Journaled and shipped to c, but not completed to the client.
+        wait_until(lambda: topo["c"].group("db")["applied_seq"] > seq, 20, "write on c")
+        assert writer.poll() is None, "a write completed while a blocking target was away"
+        b.start()
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0 and "wrote 65536/65536 bytes" in out
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert a.group("db")["writes_blocked_by"] == []
+    topo.wait_converged()
+    topo.assert_identical()
