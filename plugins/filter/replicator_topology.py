@@ -8,7 +8,8 @@
         links:
           - {from: dc1-app, to: dc2-dr, mode: sync}
           - {from: dc1-app, to: dc3-arc, mode: async, compress: zstd}
-          - {from: dc3-arc, to: dc4-vault, mode: async}
+          - {from: dc3-arc, to: dc4-vault, mode: async, initial_sync: checksum,
+             on_disconnect: continue}
 
 Each group's links must form a tree rooted at its primary: the primary receives
 nothing, every other member receives from exactly one node, and every member is
@@ -20,10 +21,11 @@ import re
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MODES = ("sync", "async")
-COMPRESSIONS = ("none", "zstd")
 GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size"}
 VOLUME_KEYS = {"name", "size", "path"}
-LINK_KEYS = {"from", "to", "mode", "compress"}
+LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "none"),
+                "on_disconnect": ("continue", "block")}  # optional keys, first = default
+LINK_KEYS = {"from", "to", "mode", *LINK_CHOICES}
 
 
 def _group_errors(i, g, hosts):
@@ -64,7 +66,7 @@ def _group_errors(i, g, hosts):
         if not isinstance(link, dict):
             errors.append(f"{lw}: expected {{from, to, mode[, compress]}}")
             continue
-        errors += [f"{lw}: unknown key {k!r} (known: from, to, mode, compress)"
+        errors += [f"{lw}: unknown key {k!r} (known: {', '.join(sorted(LINK_KEYS))})"
                    for k in sorted(set(link) - LINK_KEYS)]
         src, dst = link.get("from"), link.get("to")
         for end, node in (("from", src), ("to", dst)):
@@ -73,9 +75,10 @@ def _group_errors(i, g, hosts):
                               f"(hosts: {', '.join(hosts)})")
         if link.get("mode") not in MODES:
             errors.append(f"{lw}: mode must be one of {', '.join(MODES)}; got {link.get('mode')!r}")
-        if link.get("compress", "none") not in COMPRESSIONS:
-            errors.append(f"{lw}: compress must be one of {', '.join(COMPRESSIONS)}; "
-                          f"got {link.get('compress')!r}")
+        for key, choices in LINK_CHOICES.items():
+            if link.get(key, choices[0]) not in choices:
+                errors.append(f"{lw}: {key} must be one of {', '.join(choices)}; "
+                              f"got {link.get(key)!r}")
         if src == dst:
             errors.append(f"{lw}: {src} links to itself")
         elif dst == primary:
@@ -160,7 +163,8 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
             "volumes": [{"name": v["name"],
                          "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
                          "size": v["size"]} for v in g["volumes"]],
-            "targets": [{"node": l["to"], "mode": l["mode"], "compress": l.get("compress", "none")}
+            "targets": [{"node": l["to"], "mode": l["mode"],
+                         **{k: l.get(k, choices[0]) for k, choices in LINK_CHOICES.items()}}
                         for l in g.get("links", []) if l["from"] == node],
         })
     return out

@@ -15,7 +15,8 @@ LAB = [{
     "volumes": [{"name": "data", "size": "64MiB"}, {"name": "log", "size": "16MiB", "path": "/srv/log.img"}],
     "links": [
         {"from": "dc1-app", "to": "dc2-dr", "mode": "sync"},
-        {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "zstd"},
+        {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "zstd",
+         "initial_sync": "checksum"},
         {"from": "dc3-arc", "to": "dc4-vault", "mode": "async"},
     ],
 }]
@@ -40,6 +41,10 @@ def test_the_lab_topology_is_valid():
      "to 'dc9-x' is not a host of the inventory group"),
     (lambda g: g["links"][0].update(mode="asnyc"), "mode must be one of sync, async; got 'asnyc'"),
     (lambda g: g["links"][1].update(compress="lz4"), "compress must be one of none, zstd"),
+    (lambda g: g["links"][1].update(initial_sync="rsync"),
+     "initial_sync must be one of full, checksum, none"),
+    (lambda g: g["links"][0].update(on_disconnect="wait"),
+     "on_disconnect must be one of continue, block"),
     (lambda g: g.update(primary="dc5"), "primary 'dc5' is not a host of the inventory group"),
     (lambda g: g["links"].append({"from": "dc2-dr", "to": "dc2-dr", "mode": "sync"}),
      "dc2-dr links to itself"),
@@ -78,11 +83,15 @@ def test_node_groups_render_roles_sources_targets_and_default_paths():
     assert primary["journal_size"] == "32MiB"
     assert primary["volumes"] == [{"name": "data", "path": "/v/db/data.img", "size": "64MiB"},
                                   {"name": "log", "path": "/srv/log.img", "size": "16MiB"}]
-    assert primary["targets"] == [{"node": "dc2-dr", "mode": "sync", "compress": "none"},
-                                  {"node": "dc3-arc", "mode": "async", "compress": "zstd"}]
+    defaults = {"initial_sync": "full", "on_disconnect": "continue"}
+    assert primary["targets"] == [
+        {"node": "dc2-dr", "mode": "sync", "compress": "none", **defaults},
+        {"node": "dc3-arc", "mode": "async", "compress": "zstd", **defaults,
+         "initial_sync": "checksum"}]
     (cascade,) = node_groups(LAB, "dc3-arc")
     assert (cascade["role"], cascade["source"]) == ("secondary", "dc1-app")
-    assert cascade["targets"] == [{"node": "dc4-vault", "mode": "async", "compress": "none"}]
+    assert cascade["targets"] == [{"node": "dc4-vault", "mode": "async", "compress": "none",
+                                   **defaults}]
     assert cascade["volumes"][0]["path"] == "/var/lib/replicator/volumes/db/data.img"
     (leaf,) = node_groups(LAB, "dc4-vault")
     assert (leaf["role"], leaf["source"], leaf["targets"]) == ("secondary", "dc3-arc", [])
