@@ -1,19 +1,11 @@
 """The operation modules against real agents on loopback (tests/agents.py): status,
 wait, pair, resync and verify, in normal and check mode."""
 
-import subprocess
-
 import pytest
 
 from tests.agents import MiB, Topology, wait_until
 from tests.ansible.ansible_harness import CLI, run_module
 from tests.clients import qemu_io
-
-
-def cli_has(command: str, option: str = "") -> bool:
-    """The agent's CLI has this command (and option): commands of issue 3 land separately."""
-    p = subprocess.run([CLI, command, "--help"], capture_output=True, text=True)
-    return p.returncode == 0 and option in p.stdout
 
 
 @pytest.fixture
@@ -65,7 +57,6 @@ def test_resync_rate_is_applied_once(cascade):
     assert check["changed"] and check["results"][0]["rate_limit_bytes_per_s"] == 40 * MiB
 
 
-@pytest.mark.skipif(not cli_has("resync", "--full"), reason="replicator resync --full not there yet")
 def test_full_resync_returns_to_replicating(cascade):
     qemu_io(cascade["a"].nbd_uri("data"), "write -P 0x11 0 4M")
     res = run_module("replicator_resync", args(cascade, "a", mode="full"))
@@ -76,7 +67,6 @@ def test_full_resync_returns_to_replicating(cascade):
     cascade.assert_identical()
 
 
-@pytest.mark.skipif(not cli_has("verify"), reason="replicator verify not there yet")
 def test_verify_finds_and_repairs_a_corrupted_region(cascade):
     qemu_io(cascade["a"].nbd_uri("data"), "write -P 0x42 0 8M")
     cascade.wait_converged()
