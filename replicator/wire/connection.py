@@ -104,6 +104,7 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.STREAMING, RECV, _F.RESYNC_ACK): State.STREAMING,
     (_S, State.STREAMING, SEND, _F.HASH_REQUEST): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.HASH_REPLY): State.STREAMING,
+    (_S, State.STREAMING, RECV, _F.DIVERGED): State.STREAMING,
 
     (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
     (_R, State.HELLO_RECEIVED, SEND, _F.WELCOME): State.STREAMING,
@@ -117,6 +118,7 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_R, State.STREAMING, SEND, _F.RESYNC_ACK): State.STREAMING,
     (_R, State.STREAMING, RECV, _F.HASH_REQUEST): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.HASH_REPLY): State.STREAMING,
+    (_R, State.STREAMING, SEND, _F.DIVERGED): State.STREAMING,
 }
 # ERROR: either way, in any open state, and it closes the connection.
 TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED

@@ -17,8 +17,8 @@ exactly after its last field):
 
     type           fixed part                                      then
     1 HELLO        proto_min u16, proto_max u16, features u32      node str, group str,
-                                                                   target str
-    2 WELCOME      version u16, features u32, seq u64, crc u32     node str
+                                                                   target str, history
+    2 WELCOME      version u16, features u32, seq u64, crc u32     node str, history
     3 REFUSE       code u16                                        reason str (<= 1024)
     4 RECORDS      first_seq u64, last_seq u64, raw_length u32     payload
     5 ACK          seq u64
@@ -30,6 +30,15 @@ exactly after its last field):
    11 HASH_REQUEST id u64, seq u64, offset u64, length u64,      volume str
                    granularity u32
    12 HASH_REPLY   id u64, seq u64                                 hashes (8 bytes a region)
+   13 DIVERGED     fork u64, complete u8                           extents
+
+history = count u16 (at most MAX_GENERATIONS), then count x (id u64, first_seq u64): the
+generations the node's image descends from, oldest first (replicator/generations.py).
+extents = (volume str, offset u64, length u64) repeated to the end of the body.
+DIVERGED (receiver -> sender, right after WELCOME, only when the histories say the
+receiver holds records past `fork` that the sender's line does not have): the regions
+those records wrote (complete = 1), or complete = 0 when the receiver no longer knows
+them all; the sender then resyncs those regions (or checks every region) too.
 
 Resync (sender -> receiver, in STREAMING, instead of RECORDS): RESYNC_DATA carries the
 current content of one dirty region; RESYNC_ACK(count) says the first `count`
@@ -77,6 +86,7 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 ANY_SEQ = 2**64 - 1  # HASH_REQUEST: hash the receiver's current image
 HASH_SIZE = 8
 MAX_HASH_REGIONS = 4096  # per HASH_REQUEST
+MAX_GENERATIONS = 1024
 
 
 class FrameType(enum.IntEnum):
@@ -93,6 +103,7 @@ class FrameType(enum.IntEnum):
     RESYNC_ACK = 10
     HASH_REQUEST = 11
     HASH_REPLY = 12
+    DIVERGED = 13
 
 
 class Refusal(enum.IntEnum):
@@ -105,6 +116,8 @@ class Refusal(enum.IntEnum):
     BUSY = 6
     POSITION = 7  # diverged from the sender: needs a resync, never an incremental apply
     IDENTITY = 8  # the TLS certificate names another node than HELLO does
+    SPLIT_BRAIN = 9  # both nodes were primary after their lines parted
+    STALE = 10  # the sender's line is older than the receiver's: it is no primary any more
     INTERNAL = 99
 
     @classmethod
@@ -147,6 +160,7 @@ class Hello:
     node: str
     group: str
     target: str
+    history: tuple = ()  # ((id, first_seq), ...) of the sender's image
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -159,6 +173,7 @@ class Welcome:
     seq: int
     crc: int
     node: str
+    history: tuple = ()  # ((id, first_seq), ...) of the receiver's image
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -267,8 +282,18 @@ class HashReply:
     hashes: bytes
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Diverged:
+    """Receiver -> sender: the regions its records past `fork` wrote (complete=False:
+    not all of them are known any more)."""
+    frame_type: ClassVar[FrameType] = FrameType.DIVERGED
+    fork: int
+    complete: bool
+    extents: tuple = ()  # ((volume, offset, length), ...)
+
+
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
-         | ResyncAck | HashRequest | HashReply)
+         | ResyncAck | HashRequest | HashReply | Diverged)
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -313,6 +338,10 @@ _RESYNC_DONE = _Fixed("QI", "seq", "crc")
 _RESYNC_ACK = _Fixed("Q", "count")
 _HASH_REQUEST = _Fixed("QQQQI", "id", "seq", "offset", "length", "granularity")
 _HASH_REPLY = _Fixed("QQ", "id", "seq")
+_HISTORY = _Fixed("H", "history count")
+_GENERATION = _Fixed("QQ", "generation id", "first_seq")
+_DIVERGED = _Fixed("QB", "fork", "complete")
+_EXTENT = _Fixed("QQ", "offset", "length")
 _STRLEN = struct.Struct("<H")
 
 
@@ -406,10 +435,10 @@ def encode_body(event: Frame, *, max_frame: int,
                                      f"proto_max {event.proto_max}")
         parts = [_HELLO.pack(kind, event.proto_min, event.proto_max, int(event.features)),
                  _pack_name(kind, "node", event.node), _pack_name(kind, "group", event.group),
-                 _pack_name(kind, "target", event.target)]
+                 _pack_name(kind, "target", event.target), _pack_history(kind, event.history)]
     elif isinstance(event, Welcome):
         parts = [_WELCOME.pack(kind, event.version, int(event.features), event.seq, event.crc),
-                 _pack_name(kind, "node", event.node)]
+                 _pack_name(kind, "node", event.node), _pack_history(kind, event.history)]
     elif isinstance(event, Refuse):
         parts = [_CODE.pack(kind, int(event.code)),
                  _pack_text(kind, "reason", event.reason, MAX_REASON)]
@@ -431,6 +460,10 @@ def encode_body(event: Frame, *, max_frame: int,
         _check_hash_request(event, LocalProtocolError)
         parts = [_HASH_REQUEST.pack(kind, event.id, event.seq, event.offset, event.length,
                                     event.granularity), _pack_name(kind, "volume", event.volume)]
+    elif isinstance(event, Diverged):
+        parts = [_DIVERGED.pack(kind, event.fork, int(event.complete))]
+        for volume, offset, length in event.extents:
+            parts += [_pack_name(kind, "volume", volume), _EXTENT.pack(kind, offset, length)]
     elif isinstance(event, HashReply):
         if len(event.hashes) % HASH_SIZE:
             raise LocalProtocolError(f"HASH_REPLY of {len(event.hashes)} bytes is not whole hashes")
@@ -493,11 +526,11 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
             raise RemoteProtocolError(f"HELLO proto_min {proto_min} > proto_max {proto_max}")
         event = Hello(proto_min=proto_min, proto_max=proto_max, features=features,
                       node=reader.text("node"), group=reader.text("group"),
-                      target=reader.text("target"))
+                      target=reader.text("target"), history=_read_history(reader))
     elif kind == FrameType.WELCOME:
         version, features, seq, crc = reader.fixed(_WELCOME)
         event = Welcome(version=version, features=features, seq=seq, crc=crc,
-                        node=reader.text("node"))
+                        node=reader.text("node"), history=_read_history(reader))
     elif kind == FrameType.REFUSE:
         (code,) = reader.fixed(_CODE)
         event = Refuse(code=Refusal.of(code), reason=reader.text("reason", MAX_REASON))
@@ -520,6 +553,15 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = HashRequest(id=id_, seq=seq, offset=offset, length=length,
                             granularity=granularity, volume=reader.text("volume"))
         _check_hash_request(event, RemoteProtocolError)
+    elif kind == FrameType.DIVERGED:
+        fork, complete = reader.fixed(_DIVERGED)
+        if complete > 1:
+            raise RemoteProtocolError(f"DIVERGED complete must be 0 or 1, not {complete}")
+        extents = []
+        while reader.pos < len(reader.body):
+            volume = reader.text("volume")
+            extents.append((volume, *reader.fixed(_EXTENT)))
+        event = Diverged(fork=fork, complete=bool(complete), extents=tuple(extents))
     elif kind == FrameType.HASH_REPLY:
         id_, seq = reader.fixed(_HASH_REPLY)
         hashes = bytes(reader.rest())
@@ -531,6 +573,22 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = Heartbeat(sent_ns=reader.fixed(_HEARTBEAT)[0])
     reader.end()
     return event
+
+
+def _pack_history(kind: FrameType, history) -> bytes:
+    if len(history) > MAX_GENERATIONS:
+        raise LocalProtocolError(f"{kind.name} history of {len(history)} generations exceeds "
+                                 f"{MAX_GENERATIONS}")
+    return b"".join([_HISTORY.pack(kind, len(history))]
+                    + [_GENERATION.pack(kind, i, first) for i, first in history])
+
+
+def _read_history(reader: _Reader) -> tuple:
+    (count,) = reader.fixed(_HISTORY)
+    if count > MAX_GENERATIONS:
+        raise RemoteProtocolError(f"{reader.kind.name} history of {count} generations "
+                                  f"exceeds {MAX_GENERATIONS}")
+    return tuple(reader.fixed(_GENERATION) for _ in range(count))
 
 
 def _check_hash_request(event: HashRequest, error: type[ProtocolError]) -> None:

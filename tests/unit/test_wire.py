@@ -8,7 +8,8 @@ import pytest
 import zstandard
 from crc32c import crc32c
 
-from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEED_DATA, Ack, Connection,
+from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEED_DATA, Ack,
+                             Connection, Diverged,
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
                              LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
@@ -39,8 +40,12 @@ def text(value: bytes) -> bytes:
     return struct.pack("<H", len(value)) + value
 
 
+NO_HISTORY = struct.pack("<H", 0)
+
+
 def hello_body(pmin=1, pmax=1, features=1, node=b"dc1", group=b"db", target=b"dc2"):
-    return struct.pack("<HHI", pmin, pmax, features) + text(node) + text(group) + text(target)
+    return (struct.pack("<HHI", pmin, pmax, features) + text(node) + text(group) + text(target)
+            + NO_HISTORY)
 
 
 def records_body(first=1, last=1, raw_length=None, payload=b"x"):
@@ -86,7 +91,7 @@ def streaming_receiver(**kw):
 def streaming_sender(**kw):
     s = Connection(Role.SENDER, **kw)
     s.send(HELLO)
-    s.receive_data(frame(FrameType.WELCOME, struct.pack("<HIQI", 1, 1, 0, 0) + text(b"dc2")))
+    s.receive_data(frame(FrameType.WELCOME, struct.pack("<HIQI", 1, 1, 0, 0) + text(b"dc2") + NO_HISTORY))
     drain(s)
     return s
 
@@ -268,6 +273,11 @@ ROUND_TRIP = [
                 granularity=65536),
     HashRequest(id=0, seq=7, volume="v", offset=2**63, length=1, granularity=4096),
     HashReply(id=5, seq=9, hashes=bytes(range(16))), HashReply(id=0, seq=0, hashes=b""),
+    Hello(proto_min=1, proto_max=1, features=0, node="a", group="g", target="b",
+          history=((2**64 - 1, 1), (7, 2**64 - 1))),
+    Welcome(version=1, features=0, seq=3, crc=4, node="b", history=((1, 1),) * 1024),
+    Diverged(fork=100, complete=True, extents=(("data", 0, 65536), ("log", 2**63, 1))),
+    Diverged(fork=0, complete=False),
 ]
 
 
@@ -282,7 +292,7 @@ def round_trip(event):
         src, dst = Connection(Role.RECEIVER), Connection(Role.SENDER)
         src.receive_data(dst.send(hello))
         drain(src)
-    elif kind in (FrameType.ACK, FrameType.RESYNC_ACK, FrameType.HASH_REPLY):
+    elif kind in (FrameType.ACK, FrameType.RESYNC_ACK, FrameType.HASH_REPLY, FrameType.DIVERGED):
         dst, src = handshake()
     else:
         src, dst = handshake()
@@ -383,7 +393,7 @@ MALFORMED_AT_START = [
     ("short fixed", frame(1, hello_body()[:7]), "too short for proto_min, proto_max, features"),
     ("short string length", frame(1, hello_body()[:8 + 5 + 4] + b"\x03"),
      "too short for target length"),
-    ("string past body", frame(1, hello_body()[:-1]), "field target length 3 runs past"),
+    ("string past body", frame(1, hello_body()[:-3]), "field target length 3 runs past"),
     ("name too long", frame(1, hello_body(node=b"n" * 256)), "field node length 256 exceeds 255"),
     ("bad utf-8", frame(1, hello_body(group=b"\xff\xfe")), "field group is not valid UTF-8"),
     ("overlong utf-8", frame(1, hello_body(node=b"\xc0\xaf")), "field node is not valid UTF-8"),
@@ -391,11 +401,15 @@ MALFORMED_AT_START = [
     ("versions reversed", frame(1, hello_body(pmin=2, pmax=1)), "proto_min 2 > proto_max 1"),
     ("records first", frame(4, records_body()), "cannot receive RECORDS in state start"),
     ("ack first", frame(5, struct.pack("<Q", 1)), "cannot receive ACK in state start"),
-    ("welcome to receiver", frame(2, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x")),
+    ("welcome to receiver", frame(2, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x") + NO_HISTORY),
      "cannot receive WELCOME"),
     ("error too short", frame(7, b"\x01"), "ERROR body of 1 bytes is too short for code"),
     ("error message too long", frame(7, struct.pack("<H", 1) + text(b"m" * 1025)),
      "field message length 1025 exceeds 1024"),
+    ("history too long", frame(1, hello_body()[:-2] + struct.pack("<H", 1025)),
+     "history of 1025 generations exceeds 1024"),
+    ("history cut", frame(1, hello_body()[:-2] + struct.pack("<HQ", 1, 5)),
+     "too short for generation id, first_seq"),
     ("heartbeat trailing", frame(6, struct.pack("<Q", 1) + b"\0"), "HEARTBEAT body has 1 trailing"),
 ]
 
@@ -422,7 +436,7 @@ def fuzz_one(type_code, flags, body):
     conn = {FrameType.HELLO: lambda: Connection(Role.RECEIVER),
             FrameType.WELCOME: hello_sent, FrameType.REFUSE: hello_sent,
             FrameType.ACK: streaming_sender, FrameType.RESYNC_ACK: streaming_sender,
-            FrameType.HASH_REPLY: streaming_sender}.get(type_code, streaming_receiver)()
+            FrameType.HASH_REPLY: streaming_sender, FrameType.DIVERGED: streaming_sender}.get(type_code, streaming_receiver)()
     conn.receive_data(frame(type_code, body, flags=flags))
     try:
         conn.next_event()
@@ -440,7 +454,7 @@ def hello_sent():
 def test_random_bodies_only_raise_remote_errors(type_code):
     rng = random.Random(type_code)
     seeds = [b"", hello_body(), records_body(payload=zstd.compress(b"abc" * 50)),
-             struct.pack("<HIQI", 1, 1, 5, 5) + text(b"dc2")]
+             struct.pack("<HIQI", 1, 1, 5, 5) + text(b"dc2") + NO_HISTORY]
     for _ in range(400):
         if rng.random() < 0.7:
             body = bytearray(rng.choice(seeds))
@@ -535,6 +549,10 @@ BAD_HASH_FRAMES = [
      struct.pack("<QQQQI", 1, 1, 0, 4097 * 4096, 4096) + text(b"v"), "4097 regions exceeds"),
     ("request, no volume", FrameType.HASH_REQUEST, struct.pack("<QQQQI", 1, 1, 0, 1, 1),
      "too short for volume length"),
+    ("diverged, complete 2", FrameType.DIVERGED, struct.pack("<QB", 1, 2),
+     "complete must be 0 or 1"),
+    ("diverged, cut extent", FrameType.DIVERGED, struct.pack("<QB", 1, 1) + text(b"v") + b"\0" * 9,
+     "too short for offset, length"),
     ("reply, partial hash", FrameType.HASH_REPLY, struct.pack("<QQ", 1, 1) + b"\0" * 12,
      "12 bytes is not whole hashes"),
 ]
@@ -543,7 +561,8 @@ BAD_HASH_FRAMES = [
 @pytest.mark.parametrize("kind,body,match", [c[1:] for c in BAD_HASH_FRAMES],
                          ids=[c[0] for c in BAD_HASH_FRAMES])
 def test_bad_hash_frames(kind, body, match):
-    conn = streaming_sender() if kind == FrameType.HASH_REPLY else streaming_receiver()
+    conn = (streaming_sender() if kind in (FrameType.HASH_REPLY, FrameType.DIVERGED)
+            else streaming_receiver())
     conn.receive_data(frame(kind, body))
     with pytest.raises(RemoteProtocolError, match=match):
         conn.next_event()
@@ -583,8 +602,8 @@ def test_compressed_records_need_zstd_negotiated():
 
 
 @pytest.mark.parametrize("welcome,match", [
-    (struct.pack("<HIQI", 2, 0, 0, 0) + text(b"x"), "version 2 is outside the HELLO range 1..1"),
-    (struct.pack("<HIQI", 1, 3, 0, 0) + text(b"x"), "features 0x3 are not a subset"),
+    (struct.pack("<HIQI", 2, 0, 0, 0) + text(b"x") + NO_HISTORY, "version 2 is outside the HELLO range 1..1"),
+    (struct.pack("<HIQI", 1, 3, 0, 0) + text(b"x") + NO_HISTORY, "features 0x3 are not a subset"),
 ])
 def test_welcome_must_answer_the_hello(welcome, match):
     s = Connection(Role.SENDER)
@@ -602,7 +621,7 @@ def test_welcome_must_answer_the_hello(welcome, match):
     (hello_received, frame(FrameType.RECORDS, records_body()),
      "cannot receive RECORDS in state hello-received"),
     (streaming_sender, frame(FrameType.RECORDS, records_body()), "sender cannot receive RECORDS"),
-    (streaming_sender, frame(FrameType.WELCOME, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x")),
+    (streaming_sender, frame(FrameType.WELCOME, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x") + NO_HISTORY),
      "cannot receive WELCOME in state streaming"),
 ])
 def test_receiving_out_of_state_is_a_remote_error(make, wire, match):
@@ -622,7 +641,7 @@ def test_ack_before_welcome_and_frames_after_close():
     s = Connection(Role.SENDER)
     s.send(HELLO)
     s.receive_data(frame(FrameType.REFUSE, struct.pack("<H", 6) + text(b"busy"))
-                   + frame(FrameType.WELCOME, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x")))
+                   + frame(FrameType.WELCOME, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x") + NO_HISTORY))
     assert isinstance(s.next_event(), Refuse)
     with pytest.raises(RemoteProtocolError, match="cannot receive WELCOME in state closed"):
         s.next_event()
