@@ -1,0 +1,489 @@
+"""The DR drill's workload: a writer that logs every acknowledged write, and a checker.
+
+Writer (`run_workload`, `write` command). Connects to an NBD export and writes
+self-describing blocks (`replicator.drill.block`): write i goes to block
+`Order.block(i)`, so each block is written at most once per run and the expected
+content of every block is known. With queue depth 1 (the default) the next write is
+sent only after the previous reply, so acknowledgement order is write order; with
+`--iodepth N` up to N writes are in flight and replies are matched by cookie (= write
+index). Only after a write's reply arrives without error is it appended to the ledger,
+so the ledger lists exactly the acknowledged writes, in acknowledgement order. The
+writer stops after `--count` writes, after `--seconds`, when every block of the export
+has been written, on SIGTERM/SIGINT (outstanding replies are still collected), at the
+first write the server refuses, or when the connection is lost. Losing the connection
+is how a drill ends when the primary's site is crashed, so it is a clean stop: the
+reason is recorded in the ledger and the exit status is 0.
+
+Ledger: one JSON object per line, append-only, each line flushed to the OS as written
+and fsynced every `--fsync-every` acknowledgements and at the end:
+
+    {"event": "start", "format": "replicator-drill-ledger/1", "run_id": ..., "block_size":
+     ..., "iodepth": ..., "order": {"nblocks": n, "a": a, "b": b}, ...}
+    {"event": "ack", "index": i, "offset": byte offset, "hash": BLAKE2b-128 of the block,
+     "time": wall-clock seconds}
+    ...
+    {"event": "end", "reason": "count|seconds|exhausted|signal|connection_lost|
+     write_error|protocol_error", "issued": n, "acknowledged": n, "error": ..., "time": ...}
+
+A writer killed outright leaves no end line, possibly a last line without its newline:
+the checker ignores such a partial line (that write counts as unacknowledged) and says
+the ledger was truncated.
+
+Checker (`check`, `check` command). Reads each acknowledged write's block from a
+volume image (file or block device) and compares its hash: `present` or `missing`;
+missing acknowledged writes are the RPO (`rpo_writes_lost`), the smallest missing
+index is `first_missing_index`. Writes that were issued but not acknowledged (in flight
+when the primary died) may legitimately be present: each block of the order up to the
+number issued (from the end line, or bounded by acknowledged + iodepth + 1 when there is
+none) that is not acknowledged is compared with its expected content and counted in
+`unacknowledged_present`. With iodepth 1, write order is known, so the checker also
+says whether the present writes form a prefix of it (`prefix`; `holes` counts missing
+writes followed by a present one); with deeper queues the server may have applied
+in-flight writes in any order, so `prefix` and `holes` are null. `loss_window_seconds`
+is the time from the acknowledgement of the first missing write to the last
+acknowledgement in the ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
+
+from replicator.drill import block
+from replicator.drill.nbd_client import NbdClient, NbdError, strerror
+
+FORMAT = "replicator-drill-ledger/1"
+EXIT_OK, EXIT_ERROR, EXIT_LOST = 0, 1, 3
+_LISTED = 1000   # at most this many indices listed per category in a check result
+_DETAILED = 20   # at most this many missing writes described
+
+
+class LedgerError(Exception):
+    """A ledger that cannot be written or read back."""
+
+
+class Ack(NamedTuple):
+    index: int
+    offset: int
+    hash: str
+    time: float
+
+
+# --- the ledger file ---------------------------------------------------------------
+
+class LedgerFile:
+    """Append side of a ledger: created exclusively (a run never overwrites evidence)."""
+
+    def __init__(self, path: str, header: dict, fsync_every: int = 100):
+        self.path = path
+        self.fsync_every = fsync_every
+        self._unsynced = 0
+        try:
+            self._f = open(path, "x", encoding="utf-8")
+        except OSError as exc:
+            raise LedgerError(f"cannot create ledger {path}: {exc}") from exc
+        self._append({"event": "start", "format": FORMAT, **header}, sync=True)
+
+    def ack(self, index: int, offset: int, hash_: str) -> None:
+        self._append({"event": "ack", "index": index, "offset": offset, "hash": hash_,
+                      "time": round(time.time(), 6)},
+                     sync=self._unsynced + 1 >= self.fsync_every)
+
+    def end(self, **fields) -> None:
+        self._append({"event": "end", **fields, "time": round(time.time(), 6)}, sync=True)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _append(self, record: dict, sync: bool) -> None:
+        try:
+            self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._f.flush()
+            self._unsynced += 1
+            if sync:
+                os.fsync(self._f.fileno())
+                self._unsynced = 0
+        except OSError as exc:
+            raise LedgerError(f"cannot append to ledger {self.path}: {exc}") from exc
+
+
+@dataclass
+class Ledger:
+    header: dict
+    acks: list[Ack]
+    end: dict | None
+    truncated: bool
+
+    @property
+    def run_id(self) -> bytes:
+        return bytes.fromhex(self.header["run_id"])
+
+    @property
+    def order(self) -> block.Order:
+        o = self.header["order"]
+        return block.Order(o["nblocks"], o["a"], o["b"])
+
+
+def read_ledger(path: str) -> Ledger:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+    lines = raw.split(b"\n")
+    truncated = lines[-1] != b""  # the writer died in the middle of a line
+    lines = lines[:-1]
+    if not lines:
+        raise LedgerError(f"{path}: no start record")
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise LedgerError(f"{path}:{n}: not a JSON record") from None
+        if not isinstance(record, dict):
+            raise LedgerError(f"{path}:{n}: not a JSON object")
+        records.append(record)
+    header, end = records[0], None
+    if header.get("event") != "start" or header.get("format") != FORMAT:
+        raise LedgerError(f"{path}:1: not a {FORMAT} start record")
+    try:
+        bytes.fromhex(header["run_id"])
+        block.check_block_size(header["block_size"])
+        if header["iodepth"] < 1:
+            raise ValueError("iodepth < 1")
+        o = header["order"]
+        block.Order(o["nblocks"], o["a"], o["b"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LedgerError(f"{path}:1: bad start record: {exc}") from None
+    acks, seen = [], set()
+    for n, record in enumerate(records[1:], 2):
+        if end is not None:
+            raise LedgerError(f"{path}:{n}: record after the end record")
+        event = record.get("event")
+        if event == "end":
+            end = record
+        elif event == "ack":
+            try:
+                ack = Ack(int(record["index"]), int(record["offset"]), str(record["hash"]),
+                          float(record["time"]))
+            except (KeyError, TypeError, ValueError):
+                raise LedgerError(f"{path}:{n}: bad ack record") from None
+            if ack.index in seen:
+                raise LedgerError(f"{path}:{n}: write {ack.index} acknowledged twice")
+            seen.add(ack.index)
+            acks.append(ack)
+        else:
+            raise LedgerError(f"{path}:{n}: unknown event {event!r}")
+    return Ledger(header, acks, end, truncated)
+
+
+# --- the writer ------------------------------------------------------------------
+
+@dataclass
+class WorkloadResult:
+    reason: str
+    issued: int
+    acknowledged: int
+    seconds: float
+    error: str | None
+    run_id: str
+    ledger: str
+
+
+def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = None,
+                 seconds: float | None = None, block_size: int = 4096, iodepth: int = 1,
+                 seed: int = 0, shuffle: bool = True, fsync_every: int = 100,
+                 fua: bool = False, stop: Callable[[], bool] = lambda: False,
+                 server: str = "") -> WorkloadResult:
+    """Write the workload through `client`, logging acknowledged writes to a new ledger.
+    Raises ValueError (before creating the ledger) for a workload the export cannot
+    take, LedgerError when the ledger cannot be written."""
+    block.check_block_size(block_size)
+    if block_size % client.min_block or block_size > client.max_block:
+        raise ValueError(f"block size {block_size} does not fit the export's constraints "
+                         f"(minimum {client.min_block}, maximum {client.max_block})")
+    if client.read_only:
+        raise ValueError(f"export {client.export!r} is read-only")
+    if fua and not client.can_fua:
+        raise ValueError(f"export {client.export!r} does not accept FUA")
+    if iodepth < 1:
+        raise ValueError("iodepth must be at least 1")
+    nblocks = client.size // block_size
+    if nblocks < 1:
+        raise ValueError(f"export {client.export!r} ({client.size} bytes) is smaller than "
+                         f"one block")
+    if count is not None and not 0 < count <= nblocks:
+        raise ValueError(f"count {count} is not within 1..{nblocks}, the blocks of the "
+                         f"export (each is written once per run)")
+    order = block.Order.shuffled(nblocks, seed) if shuffle else block.Order.sequential(nblocks)
+    run_id = os.urandom(16)
+    ledger = LedgerFile(ledger_path, {
+        "run_id": run_id.hex(), "time": round(time.time(), 6), "server": server,
+        "export": client.export, "export_size": client.size, "block_size": block_size,
+        "iodepth": iodepth, "fua": fua, "seed": seed, "shuffled": shuffle,
+        "order": {"nblocks": nblocks, "a": order.a, "b": order.b},
+        "count": count, "seconds": seconds}, fsync_every)
+
+    limit = count if count is not None else nblocks
+    started = time.monotonic()
+    deadline = started + seconds if seconds is not None else None
+    inflight: dict[int, tuple[int, str]] = {}
+    issued = acknowledged = 0
+    reason = error = None
+    try:
+        while True:
+            while reason is None and len(inflight) < iodepth:
+                if stop():
+                    reason = "signal"
+                elif issued >= limit:
+                    reason = "count" if count is not None else "exhausted"
+                elif deadline is not None and time.monotonic() >= deadline:
+                    reason = "seconds"
+                else:
+                    offset = order.block(issued) * block_size
+                    data = block.encode(run_id, issued, offset, block_size)
+                    client.send_write(issued, offset, data, fua)
+                    inflight[issued] = (offset, block.digest(data))
+                    issued += 1
+            if not inflight:
+                break
+            cookie, err = client.recv_reply()
+            if cookie not in inflight:
+                raise NbdError(f"reply to a request never sent (cookie {cookie})")
+            offset, hash_ = inflight.pop(cookie)
+            if err:  # refused: not acknowledged; stop issuing, collect the rest
+                if error is None:
+                    reason = "write_error"
+                    error = f"write {cookie} at offset {offset}: {strerror(err)}"
+                continue
+            ledger.ack(cookie, offset, hash_)
+            acknowledged += 1
+    except OSError as exc:  # the socket: reset, closed, unreachable or timed out
+        reason, error = "connection_lost", str(exc) or type(exc).__name__
+    except NbdError as exc:
+        reason, error = "protocol_error", str(exc)
+    finally:
+        if reason is not None:
+            ledger.end(reason=reason, issued=issued, acknowledged=acknowledged, error=error)
+        ledger.close()
+    return WorkloadResult(reason, issued, acknowledged, round(time.monotonic() - started, 3),
+                          error, run_id.hex(), ledger_path)
+
+
+# --- the checker -----------------------------------------------------------------
+
+def check(ledger_path: str, image_path: str) -> dict:
+    """Compare a volume image with a ledger; see the module docstring for the fields."""
+    led = read_ledger(ledger_path)
+    bs, iodepth, order, run_id = led.header["block_size"], led.header["iodepth"], \
+        led.order, led.run_id
+    try:
+        fd = os.open(image_path, os.O_RDONLY)
+    except OSError as exc:
+        raise LedgerError(f"cannot open image {image_path}: {exc}") from exc
+    try:
+        def read(offset: int) -> bytes:
+            return os.pread(fd, bs, offset)
+
+        missing: list[Ack] = []
+        details = []
+        present_indices = []
+        for ack in led.acks:
+            if not 0 <= ack.index < order.nblocks or ack.offset != order.block(ack.index) * bs:
+                raise LedgerError(f"{ledger_path}: write {ack.index} logged at offset "
+                                  f"{ack.offset}, which is not where the run's order puts it")
+            data = read(ack.offset)
+            if len(data) == bs and block.digest(data) == ack.hash:
+                present_indices.append(ack.index)
+                continue
+            missing.append(ack)
+            if len(details) < _DETAILED:
+                details.append({"index": ack.index, "offset": ack.offset,
+                                "acknowledged_at": ack.time, "found": _describe(data, bs, run_id)})
+
+        acked = {ack.index for ack in led.acks}
+        if led.end is not None:
+            issued = int(led.end.get("issued", 0))
+        else:
+            issued = len(led.acks) + iodepth + 1
+        unacked_present = []
+        for index in range(min(issued, order.nblocks)):
+            if index not in acked:
+                offset = order.block(index) * bs
+                if read(offset) == block.encode(run_id, index, offset, bs):
+                    unacked_present.append(index)
+    finally:
+        os.close(fd)
+
+    prefix = holes = None
+    if iodepth == 1:
+        present = sorted(present_indices + unacked_present)
+        prefix = present == list(range(len(present)))
+        last_present = present[-1] if present else -1
+        holes = sum(1 for ack in missing if ack.index < last_present)
+    missing_indices = sorted(ack.index for ack in missing)
+    window = 0.0
+    if missing:
+        window = round(led.acks[-1].time - missing[0].time, 6)
+    return {
+        "ledger": ledger_path,
+        "image": image_path,
+        "run_id": run_id.hex(),
+        "block_size": bs,
+        "iodepth": iodepth,
+        "writer_stopped": led.end.get("reason") if led.end else None,
+        "ledger_truncated": led.truncated,
+        "acknowledged": len(led.acks),
+        "present": len(present_indices),
+        "missing": len(missing),
+        "rpo_writes_lost": len(missing),
+        "first_missing_index": missing_indices[0] if missing_indices else None,
+        "missing_indices": missing_indices[:_LISTED],
+        "missing_details": details,
+        "unacknowledged_present": len(unacked_present),
+        "unacknowledged_present_indices": unacked_present[:_LISTED],
+        "prefix": prefix,
+        "holes": holes,
+        "loss_window_seconds": window,
+    }
+
+
+def _describe(data: bytes, bs: int, run_id: bytes) -> str:
+    """What an image holds where an acknowledged write is missing."""
+    if len(data) < bs:
+        return "beyond the end of the image"
+    if not any(data):
+        return "zeros"
+    found = block.decode(data)
+    if found is None:
+        return "other data (not an intact drill block)"
+    run = "this run" if found.run_id == run_id else f"run {found.run_id.hex()}"
+    return f"write {found.index} of {run}"
+
+
+# --- command line ----------------------------------------------------------------
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return value
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m replicator.drill.ledger",
+        description="DR drill workload: write self-describing blocks over NBD, logging "
+                    "every acknowledged write; check a volume image against the log.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write the workload and its ledger",
+                       description="Exit 0 when stopped by count, time, signal, a full "
+                                   "export or a lost connection; 1 on an error.")
+    w.add_argument("--nbd", required=True, type=_host_port, metavar="HOST:PORT")
+    w.add_argument("--export", required=True, help="export name")
+    w.add_argument("--ledger", required=True, help="ledger file to create (must not exist)")
+    limit = w.add_mutually_exclusive_group()
+    limit.add_argument("--count", type=_positive(int), help="number of writes")
+    limit.add_argument("--seconds", type=_positive(float), help="stop issuing after this long")
+    w.add_argument("--block-size", type=_positive(int), default=4096)
+    w.add_argument("--iodepth", type=_positive(int), default=1, help="writes in flight (1)")
+    w.add_argument("--seed", type=int, help="seed of the write order (default: random)")
+    w.add_argument("--order", choices=("shuffled", "sequential"), default="shuffled")
+    w.add_argument("--fsync-every", type=_positive(int), default=100, metavar="N",
+                   help="fsync the ledger every N acknowledgements (100) and at the end")
+    w.add_argument("--fua", action="store_true", help="ask for durable writes (NBD FUA)")
+    w.add_argument("--timeout", type=_positive(float), default=30.0,
+                   help="seconds without a reply before the connection counts as lost (30)")
+    w.add_argument("--json", action="store_true")
+    c = sub.add_parser("check", help="check a volume image against a ledger",
+                       description="Exit 0 when no acknowledged write is missing, 3 when "
+                                   "some are, 1 on an error.")
+    c.add_argument("--ledger", required=True)
+    c.add_argument("--image", required=True, help="image file or block device")
+    c.add_argument("--json", action="store_true")
+    return parser
+
+
+def _write(args) -> int:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
+    stopping = []
+    previous = {sig: signal.signal(sig, lambda *_: stopping.append(True))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    host, port = args.nbd
+    try:
+        client = NbdClient.connect(host, port, args.export, timeout=args.timeout)
+        try:
+            result = run_workload(client, args.ledger, count=args.count, seconds=args.seconds,
+                                  block_size=args.block_size, iodepth=args.iodepth, seed=seed,
+                                  shuffle=args.order == "shuffled",
+                                  fsync_every=args.fsync_every, fua=args.fua,
+                                  stop=lambda: bool(stopping), server=f"{host}:{port}")
+        finally:
+            client.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print(f"{result.acknowledged} writes acknowledged of {result.issued} issued in "
+              f"{result.seconds}s, stopped by {result.reason}"
+              + (f" ({result.error})" if result.error else "")
+              + f"; ledger {result.ledger}, run {result.run_id}")
+    return EXIT_ERROR if result.reason in ("write_error", "protocol_error") else EXIT_OK
+
+
+def _check(args) -> int:
+    result = check(args.ledger, args.image)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        prefix = {None: "not judged (iodepth > 1)", True: "yes",
+                  False: f"no ({result['holes']} holes)"}[result["prefix"]]
+        print(f"ledger {result['ledger']}  run {result['run_id']}  image {result['image']}\n"
+              f"acknowledged {result['acknowledged']}  present {result['present']}  "
+              f"missing {result['missing']} (rpo_writes_lost)\n"
+              f"first missing write: {_or_dash(result['first_missing_index'])}  "
+              f"loss window: {result['loss_window_seconds']}s\n"
+              f"unacknowledged writes present: {result['unacknowledged_present']}\n"
+              f"present writes are a prefix of the write order: {prefix}\n"
+              f"writer stopped: {result['writer_stopped'] or 'no end record (killed?)'}"
+              + ("  (last ledger line truncated)" if result["ledger_truncated"] else ""))
+        for d in result["missing_details"]:
+            print(f"  missing write {d['index']} at offset {d['offset']}: found {d['found']}")
+    return EXIT_LOST if result["missing"] else EXIT_OK
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _write(args) if args.command == "write" else _check(args)
+    except (LedgerError, NbdError, ValueError, OSError) as exc:
+        print(f"{args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
