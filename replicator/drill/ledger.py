@@ -239,40 +239,40 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
     issued = acknowledged = 0
     reason = error = None
     try:
-        while True:
-            while reason is None and len(inflight) < iodepth:
-                if stop():
-                    reason = "signal"
-                elif issued >= limit:
-                    reason = "count" if count is not None else "exhausted"
-                elif deadline is not None and time.monotonic() >= deadline:
-                    reason = "seconds"
-                else:
-                    offset = order.block(issued) * block_size
-                    data = block.encode(run_id, issued, offset, block_size)
-                    client.send_write(issued, offset, data, fua)
-                    inflight[issued] = (offset, block.digest(data))
-                    issued += 1
-            if not inflight:
-                break
-            cookie, err = client.recv_reply()
-            if cookie not in inflight:
-                raise NbdError(f"reply to a request never sent (cookie {cookie})")
-            offset, hash_ = inflight.pop(cookie)
-            if err:  # refused: not acknowledged; stop issuing, collect the rest
-                if error is None:
-                    reason = "write_error"
-                    error = f"write {cookie} at offset {offset}: {strerror(err)}"
-                continue
-            ledger.ack(cookie, offset, hash_)
-            acknowledged += 1
-    except OSError as exc:  # the socket: reset, closed, unreachable or timed out
-        reason, error = "connection_lost", str(exc) or type(exc).__name__
-    except NbdError as exc:
-        reason, error = "protocol_error", str(exc)
+        try:
+            while True:
+                while reason is None and len(inflight) < iodepth:
+                    if stop():
+                        reason = "signal"
+                    elif issued >= limit:
+                        reason = "count" if count is not None else "exhausted"
+                    elif deadline is not None and time.monotonic() >= deadline:
+                        reason = "seconds"
+                    else:
+                        offset = order.block(issued) * block_size
+                        data = block.encode(run_id, issued, offset, block_size)
+                        client.send_write(issued, offset, data, fua)
+                        inflight[issued] = (offset, block.digest(data))
+                        issued += 1
+                if not inflight:
+                    break
+                cookie, err = client.recv_reply()
+                if cookie not in inflight:
+                    raise NbdError(f"reply to a request never sent (cookie {cookie})")
+                offset, hash_ = inflight.pop(cookie)
+                if err:  # refused: not acknowledged; stop issuing, collect the rest
+                    if error is None:
+                        reason = "write_error"
+                        error = f"write {cookie} at offset {offset}: {strerror(err)}"
+                    continue
+                ledger.ack(cookie, offset, hash_)
+                acknowledged += 1
+        except OSError as exc:  # the socket: reset, closed, unreachable or timed out
+            reason, error = "connection_lost", str(exc) or type(exc).__name__
+        except NbdError as exc:
+            reason, error = "protocol_error", str(exc)
+        ledger.end(reason=reason, issued=issued, acknowledged=acknowledged, error=error)
     finally:
-        if reason is not None:
-            ledger.end(reason=reason, issued=issued, acknowledged=acknowledged, error=error)
         ledger.close()
     return WorkloadResult(reason, issued, acknowledged, round(time.monotonic() - started, 3),
                           error, run_id.hex(), ledger_path)
@@ -283,8 +283,8 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
 def check(ledger_path: str, image_path: str) -> dict:
     """Compare a volume image with a ledger; see the module docstring for the fields."""
     led = read_ledger(ledger_path)
-    bs, iodepth, order, run_id = led.header["block_size"], led.header["iodepth"], \
-        led.order, led.run_id
+    bs, iodepth = led.header["block_size"], led.header["iodepth"]
+    order, run_id = led.order, led.run_id
     try:
         fd = os.open(image_path, os.O_RDONLY)
     except OSError as exc:

@@ -5,7 +5,7 @@ handshake flags), answer FIXED_NEWSTYLE (plus NO_ZEROES when offered), send one
 NBD_OPT_GO naming the export and asking for NBD_INFO_BLOCK_SIZE, collect the
 NBD_REP_INFO replies (size and transmission flags, block size constraints) until
 NBD_REP_ACK. Asking for the block sizes commits this client to honour them, which
-`check_io` enforces for every request. An error reply ends the session with an
+`send_write` enforces for every request. An error reply ends the session with an
 `NbdError` carrying the server's message. Old-style servers, servers without GO and
 TLS are refused rather than worked around.
 
@@ -138,9 +138,11 @@ class NbdClient:
                 block_sizes = struct.unpack_from(">III", data, 2)
         if size is None:
             raise NbdError("server acknowledged NBD_OPT_GO without NBD_INFO_EXPORT")
+        if not 1 <= block_sizes[0] <= block_sizes[2]:
+            raise NbdError(f"nonsensical block size constraints {block_sizes}")
         return cls(sock, export, size, flags, block_sizes)
 
-    def check_io(self, offset: int, length: int) -> None:
+    def _check_io(self, offset: int, length: int) -> None:
         """Refuse a request the export's size or block size constraints forbid."""
         if offset < 0 or length < 1 or offset + length > self.size:
             raise ValueError(f"request {offset}+{length} is outside the export ({self.size} bytes)")
@@ -152,7 +154,7 @@ class NbdClient:
                              f"{self.max_block}")
 
     def send_write(self, cookie: int, offset: int, data: bytes, fua: bool = False) -> None:
-        self.check_io(offset, len(data))
+        self._check_io(offset, len(data))
         if fua and not self.can_fua:
             raise ValueError("the export does not accept FUA")
         flags = CMD_FLAG_FUA if fua else 0

@@ -32,6 +32,9 @@ Checks: "RPO within objective", "RTO within objective", "failback restored prima
 (fails with the caller's reasons, or when the caller's result is "fail"). A check whose
 measure is missing fails (an unmeasured RPO is not a good RPO); one without an
 objective is skipped. The result is "pass" when no check failed.
+
+`python -m replicator.drill.report --input drill.json --dir DIR [--json]` does the same
+from a JSON file (or - for stdin) for a playbook: exit 0 pass, 3 fail, 1 bad input.
 """
 
 from __future__ import annotations
