@@ -15,9 +15,11 @@ import signal
 import time
 
 from .admin import AdminError, AdminServer
+from .bunker import BunkerError
+from .bunker import replay as bunker_replay
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
-from .config import Config
+from .config import COMPRESSIONS, MODES, Config, TargetConfig
 from .group import Group, GroupError
 from .receiver import Receiver
 from .shipper import Shipper, ShipError
@@ -35,12 +37,16 @@ class Agent:
         self.exports: dict[str, VolumeExport] = {}
         self.server_tls, self.client_tls = tls_contexts(cfg.tls)
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
-                                 tls=self.server_tls)
+                                 promote=self._promote_to, tls=self.server_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
                                                     "rollback": self._rollback,
                                                     "resync": self._resync,
-                                                    "verify": self._verify})
+                                                    "verify": self._verify,
+                                                    "promote": self._promote,
+                                                    "demote": self._demote,
+                                                    "switchover": self._switchover,
+                                                    "resolve": self._resolve})
         self.started = time.time()
 
     async def start(self) -> None:
@@ -51,13 +57,7 @@ class Agent:
             group.start()
             self.exports.update({name: VolumeExport(group, vol)
                                  for name, vol in group.volumes.items()})
-            self.shippers[group.name] = [
-                Shipper(group, group.targets[t.node], node=self.cfg.node,
-                        address=self.cfg.peers[t.node], compress=t.compress == "zstd",
-                        heartbeat_interval=self.cfg.heartbeat_interval,
-                        heartbeat_timeout=self.cfg.heartbeat_timeout,
-                        initial_sync=t.initial_sync, tls=self.client_tls)
-                for t in group.cfg.targets]
+            self.shippers[group.name] = [self._shipper_for(group, t) for t in group.target_cfgs]
         await self.receiver.start(*self.cfg.listen)
         await self.nbd.start(*self.cfg.nbd_listen)
         await self.admin.start()
@@ -66,6 +66,170 @@ class Agent:
                 shipper.start()
         log.info("node %s up: replication on %s:%d, NBD on %s:%d, %d group(s)",
                  self.cfg.node, *self.cfg.listen, *self.cfg.nbd_listen, len(self.groups))
+
+    def _shipper_for(self, group: Group, t: TargetConfig) -> Shipper:
+        if t.node not in self.cfg.peers:
+            raise AdminError(f"{t.node!r} is not in this node's peers (address book): "
+                             f"known: {', '.join(sorted(self.cfg.peers))}")
+        return Shipper(group, group.targets[t.node], node=self.cfg.node,
+                       address=self.cfg.peers[t.node], compress=t.compress == "zstd",
+                       heartbeat_interval=self.cfg.heartbeat_interval,
+                       heartbeat_timeout=self.cfg.heartbeat_timeout,
+                       initial_sync=t.initial_sync, tls=self.client_tls)
+
+    async def _sync_shippers(self, group: Group) -> None:
+        """Start and stop shippers so that they match the group's targets."""
+        keep = []
+        for shipper in self.shippers.get(group.name, []):
+            if group.targets.get(shipper.target.node) is shipper.target:
+                keep.append(shipper)
+            else:
+                await shipper.stop()
+        have = {s.target.node for s in keep}
+        for t in group.target_cfgs:
+            if t.node not in have:
+                shipper = self._shipper_for(group, t)
+                shipper.start()
+                keep.append(shipper)
+        self.shippers[group.name] = keep
+
+    def _check_targets(self, targets: list[TargetConfig]) -> None:
+        unknown = [t.node for t in targets if t.node not in self.cfg.peers]
+        if unknown:
+            raise AdminError(f"{', '.join(unknown)} not in this node's peers (address book); "
+                             f"known: {', '.join(sorted(self.cfg.peers))}")
+
+    async def _promote_to(self, group: Group, targets: list[TargetConfig] | None,
+                          force: bool = False) -> dict:
+        known = [t for t in targets or [] if t.node in self.cfg.peers]
+        for t in targets or []:
+            if t.node not in self.cfg.peers:
+                log.warning("group %s: cannot ship to %s after the promotion: not in peers",
+                            group.name, t.node)
+        started = time.monotonic()
+        gen = await group.promote(known if targets is not None else None, force)
+        await self._sync_shippers(group)
+        return {"group": group.name, "role": group.role, "generation": str(gen),
+                "seq": group.journal.last_seq, "targets": [t.node for t in group.target_cfgs],
+                "seconds": round(time.monotonic() - started, 3)}
+
+    async def _promote(self, request: dict) -> dict:
+        group = self._group(request)
+        targets = request.get("targets")
+        if targets is not None:
+            targets = [_target(t) for t in targets]
+            self._check_targets(targets)
+            targets = [t for t in group.target_cfgs if t.node not in {x.node for x in targets}] \
+                + targets
+        force = bool(request.get("force"))
+        if self.receiver.status(group.name) is not None and not force:
+            raise AdminError(f"group {group.name}: its source {group.source} is still connected; "
+                             "a planned move is `replicator switchover` on the primary (or force)")
+        if group.role != "secondary":
+            raise AdminError(f"group {group.name} is {group.role} here; only a secondary is "
+                             "promoted")
+        replayed = await self._replay_bunker(group, request)
+        try:
+            result = await self._promote_to(group, targets, force)
+        except GroupError as exc:
+            raise AdminError(str(exc)) from None
+        result["bunker_replay"] = replayed
+        # Every write the lost primary acknowledged was on its sync bunker first.
+        result["rpo_records"] = 0 if replayed and "error" not in replayed else None
+        return result
+
+    async def _replay_bunker(self, group: Group, request: dict) -> dict | None:
+        """Takeover: fetch what the bunker holds past us before promoting."""
+        bunker = request.get("bunker") or group.cfg.bunker
+        if not bunker or request.get("no_bunker"):
+            return None
+        if bunker not in self.cfg.peers:
+            raise AdminError(f"bunker {bunker!r} is not in this node's peers")
+        try:
+            result = await bunker_replay(group, self.cfg.node, bunker, self.cfg.peers[bunker],
+                                         timeout=self.cfg.heartbeat_timeout * 2,
+                                         tls=self.client_tls)
+        except BunkerError as exc:
+            if not request.get("force"):
+                raise AdminError(f"{exc}; nothing was promoted. Promote with --no-bunker (or "
+                                 "--force) to accept losing what only the bunker holds") from None
+            log.error("group %s: %s; promoting anyway (forced)", group.name, exc)
+            return {"bunker": bunker, "error": str(exc)}
+        log.warning("group %s: replayed %d record(s) (seq %d..%d) from bunker %s", group.name,
+                    result["replayed"], result["from_seq"], result["to_seq"], bunker)
+        return result
+
+    async def _demote(self, request: dict) -> dict:
+        group = self._group(request)
+        source = request.get("source")
+        if source not in self.cfg.peers:
+            raise AdminError(f"demote needs the new primary as --source, one of this node's "
+                             f"peers: {', '.join(sorted(self.cfg.peers))}")
+        try:
+            await group.demote(source)
+        except GroupError as exc:
+            raise AdminError(str(exc)) from None
+        await self._sync_shippers(group)
+        return {"group": group.name, "role": group.role, "source": group.source}
+
+    async def _switchover(self, request: dict) -> dict:
+        """Planned move of the primary role to a replicating target: hold new writes,
+        drain every connected target, hand over at the last seq, demote here."""
+        group = self._group(request)
+        if group.role != "primary":
+            raise AdminError(f"group {group.name} is {group.role} on {self.cfg.node}; run the "
+                             "switchover on the primary")
+        shipper = self._shipper(group, request.get("to"))
+        timeout = float(request.get("drain_timeout") or 60)
+        started = time.monotonic()
+        group.hold_writes()
+        try:
+            await group.settle()
+            seq = group.journal.last_seq
+            deadline = started + timeout
+            streaming = [s for s in self.shippers[group.name] if s.target.streaming]
+            while any(s.target.acked_seq < seq for s in streaming):
+                if time.monotonic() > deadline:
+                    behind = [s.target.node for s in streaming if s.target.acked_seq < seq]
+                    raise AdminError(f"switchover of {group.name}: {', '.join(behind)} did not "
+                                     f"acknowledge seq {seq} within {timeout:.0f}s; nothing changed")
+                await asyncio.sleep(0.01)
+            targets = [(self.cfg.node, shipper.target.mode, "zstd" if shipper.compress else "none",
+                        "continue")]
+            targets += [(t.node, t.mode, t.compress, t.on_disconnect) for t in group.target_cfgs
+                        if t.node != shipper.target.node]
+            try:
+                await shipper.handover(seq, tuple(targets), max(1.0, deadline - time.monotonic()))
+            except (ShipError, asyncio.TimeoutError) as exc:
+                raise AdminError(f"switchover of {group.name} to {shipper.target.node} failed "
+                                 f"before the handover: {exc or 'timed out'}; still primary "
+                                 "here") from None
+            await group.demote(shipper.target.node)
+        finally:
+            group.release_writes()
+        await self._sync_shippers(group)
+        drained = {s.target.node: s.target.acked_seq for s in streaming}
+        return {"group": group.name, "from": self.cfg.node, "to": shipper.target.node,
+                "seq": seq, "drained": drained, "role": group.role,
+                "seconds": round(time.monotonic() - started, 3)}
+
+    async def _resolve(self, request: dict) -> dict:
+        """Split brain, on the loser: take `survivor`'s line; what this node wrote since
+        the split is saved (path in status) before the survivor's data replaces it."""
+        group = self._group(request)
+        survivor = request.get("survivor")
+        if not request.get("discard_local"):
+            raise AdminError("resolve only takes --discard-local (run it on the node whose "
+                             "writes since the split are given up)")
+        if survivor not in self.cfg.peers:
+            raise AdminError(f"survivor {survivor!r} is not one of this node's peers")
+        if group.role == "primary":
+            await group.demote(survivor)
+            await self._sync_shippers(group)
+        group.survivor = survivor
+        group.adopt(group.history, survivor)
+        return {"group": group.name, "role": group.role, "survivor": survivor,
+                "split_brain": group.split_brain}
 
     async def stop(self) -> None:
         await self.admin.close()
@@ -165,12 +329,17 @@ class Agent:
         return {
             "name": group.name,
             "role": group.role,
-            "source": group.cfg.source,
+            "source": group.source,
             "upstream": self.receiver.status(group.name),
             "seq": j.last_seq,
             "applied_seq": group.applied_seq,
             "checkpoint_seq": group.checkpoint.seq,
             "inconsistent": group.inconsistent,
+            "generation": str(group.history[-1]) if group.history else None,
+            "generations": len(group.history),
+            "split_brain": group.split_brain,
+            "role_from": "runtime" if group.overridden else "config",
+            "discarded": group.discarded,
             "writes_blocked_by": group.blocked_by,
             "consistent_seq": group.resync_base.seq if group.inconsistent else group.applied_seq,
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
@@ -179,6 +348,18 @@ class Agent:
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
         }
+
+
+def _target(t: dict) -> TargetConfig:
+    try:
+        target = TargetConfig(node=t["node"], mode=t.get("mode", "async"),
+                              compress=t.get("compress", "none"))
+    except (KeyError, TypeError):
+        raise AdminError(f"bad target {t!r}: expected {{node, mode}}") from None
+    if target.mode not in MODES or target.compress not in COMPRESSIONS:
+        raise AdminError(f"target {target.node}: mode must be one of {', '.join(MODES)} and "
+                         f"compress one of {', '.join(COMPRESSIONS)}")
+    return target
 
 
 async def run(cfg: Config) -> int:

@@ -160,6 +160,55 @@ def cmd_verify(args) -> int:
     return EXIT_MISMATCH if result["mismatches"] else 0
 
 
+def cmd_promote(args) -> int:
+    targets = None
+    if args.target:
+        targets = []
+        for spec in args.target:
+            parts = spec.split(":")
+            if len(parts) not in (2, 3) or parts[1] not in config.MODES or \
+                    (len(parts) == 3 and parts[2] not in config.COMPRESSIONS):
+                print(f"replicator promote: --target {spec!r}: expected NODE:sync|async[:zstd]",
+                      file=sys.stderr)
+                return 2
+            targets.append({"node": parts[0], "mode": parts[1],
+                            "compress": parts[2] if len(parts) == 3 else "none"})
+    def human(r: dict) -> str:
+        replay = r.get("bunker_replay")
+        line = (f"group {r['group']}: primary here, generation {r['generation']} from seq "
+                f"{r['seq'] + 1}; ships to {', '.join(r['targets']) or 'nobody'}")
+        if replay and "error" not in replay:
+            line += (f"\nreplayed {replay['replayed']} record(s) from bunker {replay['bunker']}: "
+                     "no acknowledged write lost (RPO 0)")
+        elif replay:
+            line += f"\nbunker replay FAILED ({replay['error']}): RPO unknown"
+        return line
+
+    return _operate(args, "promote", human, timeout=None, group=args.group, force=args.force,
+                    targets=targets, bunker=args.bunker, no_bunker=args.no_bunker)
+
+
+def cmd_demote(args) -> int:
+    return _operate(args, "demote", lambda r: (
+        f"group {r['group']}: secondary here, source {r['source']}"),
+        group=args.group, source=args.source)
+
+
+def cmd_switchover(args) -> int:
+    return _operate(args, "switchover", lambda r: (
+        f"group {r['group']}: primary moved {r['from']} -> {r['to']} at seq {r['seq']} in "
+        f"{r['seconds']:.2f}s (every target drained: "
+        f"{', '.join(f'{n}@{q}' for n, q in r['drained'].items())})"),
+        timeout=None, group=args.group, to=args.to, drain_timeout=args.timeout)
+
+
+def cmd_resolve(args) -> int:
+    return _operate(args, "resolve", lambda r: (
+        f"group {r['group']}: this node gives up its writes since the split; {r['survivor']}'s "
+        "line wins when it connects (what is rolled back is kept: see status 'discarded')"),
+        group=args.group, survivor=args.survivor, discard_local=args.discard_local)
+
+
 def cmd_config_check(args) -> int:
     cfg = _load(args.file)
     if args.json:
@@ -229,7 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--length", help="with --volume: only this many bytes")
     vf.add_argument("--repair-timeout", type=float, default=3600.0,
                     help="seconds to wait for the repair resync (default 3600)")
-    for op, func in ((rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify)):
+    pr = sub.add_parser("promote", help="make this replica the primary (takeover); refused "
+                                        "for an inconsistent or split-brained image unless forced")
+    pr.add_argument("group")
+    pr.add_argument("--force", action="store_true")
+    pr.add_argument("--bunker", help="replay this bunker's journal first (default: the "
+                                     "group's `bunker` key)")
+    pr.add_argument("--no-bunker", action="store_true",
+                    help="do not replay from the bunker (accept losing what only it holds)")
+    pr.add_argument("--target", action="append", metavar="NODE:MODE[:zstd]",
+                    help="ship to this node once primary (repeatable; added to the current "
+                         "targets)")
+    dm = sub.add_parser("demote", help="make this primary a secondary of SOURCE")
+    dm.add_argument("group")
+    dm.add_argument("--source", required=True, help="the node that is (or becomes) the primary")
+    so = sub.add_parser("switchover", help="planned: move the primary role to a replicating "
+                                           "target with no write lost")
+    so.add_argument("group")
+    so.add_argument("--to", required=True)
+    so.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to drain the targets (default 60); writes wait meanwhile")
+    rv = sub.add_parser("resolve", help="split brain: on the losing node, give up its writes "
+                                        "since the split (they are kept in a file)")
+    rv.add_argument("group")
+    rv.add_argument("--discard-local", action="store_true", required=True)
+    rv.add_argument("--survivor", required=True, help="the node whose data wins")
+    for op, func in ((rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify), (pr, cmd_promote),
+                     (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)

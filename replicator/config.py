@@ -18,7 +18,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 MODES = ("sync", "async")
-ROLES = ("primary", "secondary")
+ROLES = ("primary", "secondary", "bunker")  # bunker: journal only, no volumes
 COMPRESSIONS = ("none", "zstd")
 INITIAL_SYNCS = ("full", "checksum", "none")  # how a new target is first synced
 ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
@@ -44,6 +44,7 @@ class TargetConfig:
     compress: str = "none"
     initial_sync: str = "full"
     on_disconnect: str = "continue"
+    bunker: bool = False  # the target keeps only the journal (a sync copy of it)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class GroupConfig:
     bitmap_granularity: int = 64 << 10
     logging_high_water: int = 0  # lag in journal bytes that switches a target to logging
     resync_rate: int = 0  # bytes per second per resync; 0: unlimited
+    bunker: str | None = None  # the node whose journal a takeover here replays first
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,11 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
     t = TargetConfig(node=target, mode=r.choice("mode", MODES),
                      compress=r.choice("compress", COMPRESSIONS, "none"),
                      initial_sync=r.choice("initial_sync", INITIAL_SYNCS, "full"),
-                     on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"))
+                     on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"),
+                     bunker=r.get("bunker", False, types=(bool,)))
+    if t.bunker and t.mode != "sync":
+        raise ConfigError(r.sub("bunker"), "a bunker keeps a synchronous copy of the journal: "
+                                           "its mode must be sync")
     r.done()
     return t
 
@@ -216,19 +222,22 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     name = r.name("name")
     role = r.choice("role", ROLES)
     source = r.get("source", None, types=(str,))
-    if role == "secondary":
+    if role in ("secondary", "bunker"):
         if source is None:
-            raise ConfigError(r.sub("source"), "a secondary needs the node allowed to ship to it")
+            raise ConfigError(r.sub("source"), f"a {role} needs the node allowed to ship to it")
         if source not in peers:
             raise ConfigError(r.sub("source"), f"{source!r} is not in peers")
     elif source is not None:
-        raise ConfigError(r.sub("source"), "only a secondary has a source; set it to null")
+        raise ConfigError(r.sub("source"), "only a secondary or bunker has a source; set it "
+                                           "to null")
     journal_size = parse_size(r.get("journal_size", "256MiB"), r.sub("journal_size"))
     if journal_size < (16 << 20):
         raise ConfigError(r.sub("journal_size"), f"expected at least 16MiB; got {journal_size}")
     volumes = [_volume(v, f"{r.sub('volumes')}[{i}]")
-               for i, v in enumerate(_items(r.get("volumes"), r.sub("volumes")))]
-    if not volumes:
+               for i, v in enumerate(_items(r.get("volumes", []), r.sub("volumes")))]
+    if role == "bunker" and volumes:
+        raise ConfigError(r.sub("volumes"), "a bunker keeps only the journal: no volumes")
+    if role != "bunker" and not volumes:
         raise ConfigError(r.sub("volumes"), "a group needs at least one volume")
     targets = [_target(t, f"{r.sub('targets')}[{i}]", node, peers)
                for i, t in enumerate(_items(r.get("targets", []), r.sub("targets")))]
@@ -249,13 +258,16 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     if high_water >= journal_size:
         raise ConfigError(r.sub("logging_high_water"),
                           f"expected less than journal_size ({journal_size}); got {high_water}")
+    bunker = r.get("bunker", None, types=(str,))
+    if bunker is not None and bunker not in peers:
+        raise ConfigError(r.sub("bunker"), f"{bunker!r} is not in peers")
     rate = r.get("resync_rate", 0)
     rate = 0 if rate in (0, "0", "unlimited") else parse_size(rate, r.sub("resync_rate"))
     r.done()
     return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
                        volumes=tuple(volumes), targets=tuple(targets),
                        bitmap_granularity=granularity, logging_high_water=high_water,
-                       resync_rate=rate)
+                       resync_rate=rate, bunker=bunker)
 
 
 def parse(data, source_path: str = "") -> Config:

@@ -29,6 +29,8 @@ import errno
 import json
 import logging
 import os
+import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,7 @@ from typing import Callable
 
 from .bitmap import Bitmap, BitmapError
 from .config import GroupConfig, TargetConfig
+from .generations import Generation, from_json, new_generation, to_json
 from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
 from .journal.segments import Journal, JournalError, Position
 from .undo import UndoError, UndoLog
@@ -66,6 +69,7 @@ class TargetLink:
         self.node = cfg.node
         self.mode = cfg.mode
         self.block = cfg.on_disconnect == "block"  # writes wait while it is not streaming
+        self.bunker = cfg.bunker
         self.acked_seq = acked_seq
         self.in_sync = False  # connected and caught up: sync writes wait for it
         self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
@@ -130,10 +134,21 @@ class Group:
         self._tasks: list[asyncio.Task] = []
         self._saved_acked: dict = {}
         self._state_changed = False  # group.json misses something besides positions
+        self._save_lock = threading.Lock()
         self.logging_after = 5.0  # seconds a target may be away before it goes to logging
         self.resync_base: Position | None = None  # replica: inconsistent since this position
         self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
         self._resync_done = False
+        # Role, source and targets as the config says, until promote/demote/switchover
+        # change them at runtime (kept in group.json until the config agrees again).
+        self.source = cfg.source
+        self.target_cfgs: list[TargetConfig] = list(cfg.targets)
+        self.overridden = False
+        self.history: list[Generation] = []  # generations this image descends from
+        self.split_brain: dict | None = None  # {peer, fork, ...} while a peer diverged
+        self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
+        self.discarded: list[str] = []  # where rolled-back divergent data was saved
+        self._held: list | None = None  # writes held during a switchover
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -144,22 +159,24 @@ class Group:
         self.journal.open()
         state = self._read_state()
         self.checkpoint = Position(*state.get("checkpoint", (0, 0)))
-        acked = state.get("acked", {})
-        modes = state.get("resync_modes", {})
+        self._acked_saved = state.get("acked", {})
+        self._modes_saved = state.get("resync_modes", {})
+        self._synced_saved = set(state.get("synced", ()))
+        self.history = from_json(state.get("generations"))
+        runtime = state.get("runtime")
+        if runtime:
+            if (runtime["role"], runtime["source"]) == (self.cfg.role, self.cfg.source):
+                self.log.info("group %s: the config now says what promote/demote set at "
+                              "runtime; the config applies again", self.name)
+            else:
+                self.role, self.source, self.overridden = runtime["role"], runtime["source"], True
+                self.target_cfgs = [TargetConfig(**t) for t in runtime["targets"]]
+                self.log.warning("group %s: %s here since a runtime role change (config says "
+                                 "%s); targets %s", self.name, self.role, self.cfg.role,
+                                 [t.node for t in self.target_cfgs] or "none")
         os.makedirs(os.path.join(self.dir, "bitmaps"), exist_ok=True)
-        sizes = {v.name: v.size for v in self.volumes.values()}
-        for t in self.cfg.targets:
-            bitmap = Bitmap(os.path.join(self.dir, "bitmaps", f"{t.node}.bm"), sizes,
-                            self.cfg.bitmap_granularity)
-            try:
-                bitmap.load()
-            except BitmapError as exc:
-                raise GroupError(f"group {self.name}: {exc}") from None
-            link = self.targets[t.node] = TargetLink(t, int(acked.get(t.node, 0)), bitmap)
-            link.synced = link.synced or t.node in state.get("synced", ())
-            if bitmap.active:
-                link.why = "saved bitmap"
-                link.resync_mode, link.resync_initial = modes.get(t.node, ("full", False))
+        for t in self.target_cfgs:
+            self._add_target(t)
         j = self.journal
         if state.get("resync"):
             self.resync_base = Position(*state["resync"])
@@ -191,6 +208,134 @@ class Group:
             if t.logging:  # rebuild what the journal holds past the saved bitmap
                 self.mark_bitmap(t)
                 t.bitmap.save()
+        if self.role == "primary" and not self.history:
+            self.history = [new_generation(j.last_seq + 1)]
+            self._sync_and_save(j.position(self.applied_seq))
+
+    def _add_target(self, t: TargetConfig) -> TargetLink:
+        sizes = {v.name: v.size for v in self.volumes.values()}
+        bitmap = Bitmap(os.path.join(self.dir, "bitmaps", f"{t.node}.bm"), sizes,
+                        self.cfg.bitmap_granularity)
+        try:
+            bitmap.load()
+        except BitmapError as exc:
+            raise GroupError(f"group {self.name}: {exc}") from None
+        link = self.targets[t.node] = TargetLink(t, int(self._acked_saved.get(t.node, 0)), bitmap)
+        link.synced = link.synced or t.node in self._synced_saved
+        if bitmap.active:
+            link.why = "saved bitmap"
+            link.resync_mode, link.resync_initial = self._modes_saved.get(t.node, ("full", False))
+        return link
+
+    def set_targets(self, targets: list[TargetConfig]) -> None:
+        """Ship to these targets from now on (runtime change; the agent starts and stops
+        the shippers). A target kept keeps its position and bitmap."""
+        self.target_cfgs = list(targets)
+        for node in set(self.targets) - {t.node for t in targets}:
+            del self.targets[node]
+        for t in targets:
+            if t.node not in self.targets:
+                self._add_target(t)
+        self.targets_changed()
+
+    async def promote(self, targets: list[TargetConfig] | None, force: bool) -> Generation:
+        """This replica becomes the primary: a new generation starts after its last
+        record. Refused for an inconsistent (being resynced) or split-brained image
+        unless forced."""
+        if self.role == "primary":
+            raise GroupError(f"group {self.name} is already primary here")
+        if self.inconsistent and not force:
+            raise GroupError(f"group {self.name} is inconsistent here (a resync was "
+                             f"interrupted; last consistent image: seq {self.resync_base.seq}); "
+                             "roll it back first (replicator rollback), or force")
+        if self.split_brain and not force:
+            raise GroupError(f"group {self.name} is in split brain with "
+                             f"{self.split_brain['peer']}; resolve it first, or force")
+        await self.settle()
+        gen = new_generation(self.journal.last_seq + 1)
+        self.history.append(gen)
+        self.role, self.source, self.overridden = "primary", None, True
+        self.resync_base = None
+        if targets is not None:
+            self.set_targets(targets)
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+        self.undo.remove()
+        self.log.warning("group %s: promoted to primary, generation %s", self.name, gen)
+        return gen
+
+    def hold_writes(self) -> None:
+        """Switchover: new writes wait (uncompleted) until release_writes()."""
+        self._held = []
+
+    def release_writes(self) -> None:
+        """Queue the held writes: written if this node is still primary, else refused."""
+        held, self._held = self._held or [], None
+        for item in held:
+            self._queue_local(*item)
+
+    async def demote(self, source: str) -> None:
+        """The primary becomes a secondary of `source`: writes are refused from now on,
+        and it ships to nobody (the new primary does)."""
+        if self.role != "primary":
+            raise GroupError(f"group {self.name} is not primary here")
+        self.role, self.source, self.overridden = "secondary", source, True
+        self.set_targets([])
+        await self.settle()
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+        self.log.warning("group %s: demoted to secondary of %s", self.name, source)
+
+    def adopt(self, history: list[Generation], source: str) -> None:
+        """A sender whose line this image descends from (or is rolled back onto) is now
+        its source: take its history (saved at the next checkpoint)."""
+        if history != self.history or source != self.source:
+            if source != self.source:
+                self.log.warning("group %s: source is now %s (was %s)", self.name, source,
+                                 self.source)
+                self.overridden = True
+            self.history, self.source = list(history), source
+            self._state_changed = True
+            self._checkpoint_now.set()
+
+    def save_diverged(self, fork: int, extents: list[tuple[str, int, int]] | None) -> str:
+        """Before a resync rolls back this node's records after `fork`, keep what they
+        wrote: the content of `extents` (or, when they are not all known, a copy of every
+        volume) under the group's state directory. Returns the path."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        base = os.path.join(self.dir, f"diverged-{fork}-{stamp}")
+        os.makedirs(base, exist_ok=True)
+        if extents is None:
+            for vol in self.volumes.values():
+                shutil.copyfile(vol.path, os.path.join(base, f"{vol.name}.img"))
+            index = {"fork": fork, "complete": False, "volumes": sorted(self.volumes)}
+        else:
+            with open(os.path.join(base, "regions.bin"), "wb") as f:
+                for volume, offset, length in extents:
+                    f.write(self.volumes[volume].read(offset, length))
+            index = {"fork": fork, "complete": True,
+                     "regions": [{"volume": v, "offset": o, "length": n} for v, o, n in extents]}
+        with open(os.path.join(base, "index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        self.discarded.append(base)
+        self.log.warning("group %s: data written here after seq %d is rolled back; kept in %s",
+                         self.name, fork, base)
+        return base
+
+    def diverged_extents(self, fork: int) -> tuple[bool, list[tuple[str, int, int]]]:
+        """The regions written by this node's records after `fork`: (complete, extents);
+        not complete when the journal no longer holds all of them."""
+        j = self.journal
+        complete = fork + 1 >= j.first_seq
+        extents = []
+        seq = max(fork + 1, j.first_seq)
+        while seq <= j.last_seq:
+            _, last, data = j.read(seq, 8 << 20)
+            extents += [(r.volume, r.offset, r.length) for r in iterate(data)]
+            seq = last + 1
+        return complete, extents
 
     def _replay(self, after_seq: int) -> int:
         seq, count = after_seq + 1, 0
@@ -234,6 +379,12 @@ class Group:
         self._queue_local(volume, Kind.ZERO, offset, length, b"", done)
 
     def _queue_local(self, volume, kind, offset, length, payload, done) -> None:
+        if self._held is not None:
+            self._held.append((volume, kind, offset, length, payload, done))
+            return
+        if self.role != "primary":
+            done(errno.EROFS)
+            return
         seq = self._next_seq
         self._next_seq = seq + 1
         hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time.time_ns(), payload)
@@ -271,13 +422,15 @@ class Group:
                 if rec.seq < expected:
                     skip += rec.size
                     continue
+                sizes.append(rec.size)
+                hcrcs.append(rec.hcrc)
+                if self.role == "bunker":  # journal only
+                    continue
                 vol = self.volumes.get(rec.volume)
                 if vol is None or rec.offset + rec.length > vol.size:
                     raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
                                      f"[{rec.offset}, +{rec.length}) which group "
                                      f"{self.name} does not have")
-                sizes.append(rec.size)
-                hcrcs.append(rec.hcrc)
                 applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
         except RecordError as exc:
             raise GroupError(f"group {self.name}: corrupt record in batch "
@@ -285,7 +438,7 @@ class Group:
         if seq - 1 != last_seq:
             raise GroupError(f"batch claims {first_seq}..{last_seq} but holds "
                              f"{first_seq}..{seq - 1}")
-        if not applies:
+        if not sizes:
             done(0)
             return
         self._next_seq = last_seq + 1
@@ -526,11 +679,26 @@ class Group:
     def _needed_after(self) -> int:
         """Records after this seq must stay in the journal: not yet in the volumes'
         checkpoint, not acked by a streaming target, not marked in a logging target's
-        saved bitmap."""
+        saved bitmap. A bunker keeps as much as 3/4 of its journal holds (a takeover
+        replays from it whatever the far replicas lack)."""
+        if self.role == "bunker":
+            return self._bunker_keep(self.journal.capacity * 3 // 4)
         low = self.checkpoint.seq
         for t in self.targets.values():
             low = min(low, t.bitmap.through if t.logging else t.acked_seq)
         return low
+
+    def _bunker_keep(self, budget: int) -> int:
+        """The lowest seq s such that the records after s fit in `budget` bytes."""
+        j = self.journal
+        lo, hi = j.base.seq, j.last_seq
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if j.bytes_between(mid, j.last_seq) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     # ---- logging: dirty-region bitmaps -------------------------------------------------
     def mark_bitmap(self, t: TargetLink) -> None:
@@ -566,6 +734,8 @@ class Group:
         `checksum` every region whose hash differs on the target, `clean` none (the
         operator declares the target identical; writes from now on are still sent)."""
         bm = t.bitmap
+        if t.bunker:
+            mode = "clean"  # a bunker holds no volumes: it restarts from our position
         bm.clear_all() if mode == "clean" else bm.set_all()
         bm.through = self.journal.last_seq
         bm.active = True
@@ -578,6 +748,34 @@ class Group:
         self._checkpoint_now.set()
         self.log.warning("group %s: %s resync of %s (%s)", self.name,
                          "no-data" if mode == "clean" else mode, t.node, why)
+
+    def request_rejoin(self, t: TargetLink, fork: int,
+                       extents: list[tuple[str, int, int]] | None) -> None:
+        """`t` diverged after `fork`: resync what our records after the fork wrote and
+        what its own records wrote (`extents`; None: unknown, so every region is checked
+        by checksum). Only what changed on either side moves, never a full copy."""
+        j, bm = self.journal, t.bitmap
+        bm.clear_all()
+        known = extents is not None and fork + 1 >= j.first_seq
+        if known:
+            bm.through = fork
+            self.mark_bitmap(t)
+            for volume, offset, length in extents:
+                if volume in self.volumes:
+                    bm.mark(volume, offset, length)
+        else:
+            bm.set_all()
+            bm.through = j.last_seq
+        bm.active = True
+        t.why = f"rejoin after the fork at seq {fork}"
+        t.resync_mode, t.resync_initial = ("full" if known else "checksum"), False
+        t.resync_epoch += 1
+        t.synced = True
+        bm.save()
+        self._state_changed = True
+        self._checkpoint_now.set()
+        self.log.warning("group %s: %s diverged after seq %d: resync of %s", self.name, t.node,
+                         fork, f"{bm.count()} region(s)" if known else "every region by checksum")
 
     def mark_for_repair(self, t: TargetLink, regions: list[tuple[str, int, int]]) -> None:
         """Verify found `regions` (volume, offset, length) different on `t`: resync them
@@ -655,16 +853,25 @@ class Group:
             self._space.set()
 
     def _sync_and_save(self, pos: Position, acked: dict | None = None) -> None:
-        """Make the volumes durable through `pos`, then record it (atomic rename)."""
+        """Make the volumes durable through `pos`, then record it (atomic rename). Runs
+        in the checkpointer's thread and in the commit worker: one at a time."""
+        with self._save_lock:
+            self._save(pos, acked)
+
+    def _save(self, pos: Position, acked: dict | None) -> None:
         for vol in self.volumes.values():
             vol.sync()
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
         self._state_changed = False  # before the state is read: a later change saves again
         tmp = os.path.join(self.dir, "group.json.tmp")
         state = {"checkpoint": [pos.seq, pos.hcrc], "acked": acked,
+                 "generations": to_json(self.history),
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
                  "synced": sorted(n for n, t in self.targets.items() if t.synced)}
+        if self.overridden:
+            state["runtime"] = {"role": self.role, "source": self.source,
+                                "targets": [vars(t) for t in self.target_cfgs]}
         if self.resync_base is not None:
             state["resync"] = [self.resync_base.seq, self.resync_base.hcrc]
         elif self._resync_done:

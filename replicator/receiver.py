@@ -17,21 +17,24 @@ import asyncio
 import logging
 import ssl
 
+from .config import TargetConfig
+from .generations import Generation, Relation, Verdict, compare
 from .group import Group, GroupError
 from .journal.segments import Position
 from .transport import Link, peer_node
 from .verify import region_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
-                   ConnectionClosed, Error, HashReply, HashRequest, Heartbeat, Hello,
+                   ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply, HashRequest, Heartbeat, Hello,
                    LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
                    ResyncData, ResyncDone, Role, Welcome, negotiate)
 
 
 class _Session:
-    def __init__(self, link: Link, group: Group, source: str):
+    def __init__(self, link: Link, group: Group, source: str, history: list[Generation]):
         self.link = link
         self.group = group
         self.source = source
+        self.history = history  # the sender's: ours once its image is ours
         self.ack_seq = 0
         self.ack_scheduled = False
         self.failed: str | None = None
@@ -42,8 +45,10 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 tls: ssl.SSLContext | None = None, log: logging.Logger | None = None):
+                 promote=None, tls: ssl.SSLContext | None = None,
+                 log: logging.Logger | None = None):
         self.node = node
+        self.promote = promote  # async (group, [TargetConfig]): HANDOVER makes us primary
         self.groups = groups
         self.hb_timeout = heartbeat_timeout
         self.tls = tls
@@ -105,11 +110,15 @@ class Receiver:
             refusal = (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
         elif group is None:
             refusal = (Refusal.UNKNOWN_GROUP, f"no group {ev.group!r} on node {self.node}")
-        elif group.role != "secondary":
-            refusal = (Refusal.NOT_REPLICA, f"group {ev.group} is {group.role} on {self.node}")
-        elif ev.node != group.cfg.source:
-            refusal = (Refusal.WRONG_SOURCE, f"group {ev.group} on {self.node} accepts "
-                                             f"{group.cfg.source!r} as source, not {ev.node!r}")
+        elif agreed[1] & Feature.FETCH:
+            await self._serve_fetch(link, ev, group, agreed)
+            return None
+        else:
+            verdict = compare([Generation(*g) for g in ev.history], ev.seq, group.history,
+                              group.journal.last_seq)
+            if verdict.relation == Relation.SPLIT_BRAIN and group.survivor == ev.node:
+                verdict = Verdict(Relation.DIVERGED, verdict.fork)  # resolve --discard-local
+            refusal = self._lineage(ev, group, verdict) or self._role(ev, group, verdict)
         if refusal:
             self.log.warning("refused %s from %s (%s): %s", ev.group, ev.node, link.peer, refusal[1])
             await link.send(Refuse(code=refusal[0], reason=refusal[1]))
@@ -120,15 +129,107 @@ class Receiver:
                           group.name, ev.node)
             old.failed = "replaced by a newer connection"
             await old.link.close()
-        session = _Session(link, group, ev.node)
+        history = [Generation(*g) for g in ev.history]
+        session = _Session(link, group, ev.node, history)
         self.sessions[group.name] = session
         await group.settle()
         pos = group.journal.position()
         version, features = agreed
         await link.send(Welcome(version=version, features=features, seq=pos.seq,
-                                crc=pos.hcrc, node=self.node))
+                                crc=pos.hcrc, node=self.node,
+                                history=tuple((g.id, g.first_seq) for g in group.history)))
+        if verdict.relation == Relation.DIVERGED:
+            complete, extents = group.diverged_extents(verdict.fork)
+            extents = _merge(extents)
+            self.log.warning("group %s: records %d..%d here never reached %s's line: they "
+                             "are rolled back by a resync of the regions they wrote",
+                             group.name, verdict.fork + 1, pos.seq, ev.node)
+            if not group.inconsistent:  # else saved before the resync began
+                await self._keep_alive(link, group.save_diverged, verdict.fork,
+                                       extents if complete else None)
+            await link.send(Diverged(fork=verdict.fork, complete=complete,
+                                     extents=tuple(extents)))
+        else:
+            group.adopt(history, ev.node)
+        if group.split_brain and group.split_brain.get("peer") == ev.node:
+            group.split_brain = None
         self.log.info("group %s: %s connected, resuming after seq %d", group.name, ev.node, pos.seq)
         return session
+
+    async def _serve_fetch(self, link: Link, ev: Hello, group: Group, agreed) -> None:
+        """A node of our line reads our journal after its position (takeover replay from a
+        bunker): RECORDS from there to our last seq, then ACK(last seq)."""
+        verdict = compare(group.history, group.journal.last_seq,
+                          [Generation(*g) for g in ev.history], ev.seq)
+        if verdict.relation not in (Relation.NEW, Relation.SAME, Relation.BEHIND):
+            why = (f"{ev.node}'s history ({verdict.relation.value} after seq {verdict.fork}) is "
+                   f"not a prefix of {self.node}'s: nothing here to replay onto it")
+            self.log.warning("group %s: fetch from %s refused: %s", group.name, ev.node, why)
+            await link.send(Refuse(code=Refusal.POSITION, reason=why))
+            return
+        await group.settle()
+        pos = group.journal.position()
+        await link.send(Welcome(version=agreed[0], features=agreed[1], seq=pos.seq, crc=pos.hcrc,
+                                node=self.node,
+                                history=tuple((g.id, g.first_seq) for g in group.history)))
+        req = await link.next_event(self.hb_timeout)
+        if not isinstance(req, Fetch):
+            return
+        j = group.journal
+        held = j.position(req.seq)
+        if held is None or held.hcrc != req.crc:
+            why = (f"{self.node} does not hold {ev.node}'s position {req.seq} "
+                   + ("(trimmed: the journal starts at seq "f"{j.first_seq})" if held is None
+                      else "(its record differs)"))
+            self.log.warning("group %s: fetch from %s: %s", group.name, ev.node, why)
+            await link.send(Error(code=Refusal.POSITION, message=why))
+            return
+        seq, last = req.seq, pos.seq
+        while seq < last:
+            first, end, data = j.read(seq + 1, 1 << 20, last)
+            await link.send(Records(first_seq=first, last_seq=end, payload=data,
+                                    compress=bool(agreed[1] & Feature.ZSTD)))
+            seq = end
+        await link.send(Ack(seq=last))
+        self.log.info("group %s: %s fetched records %d..%d", group.name, ev.node, req.seq + 1, last)
+
+    async def _keep_alive(self, link: Link, func, *args):
+        """Run func(*args) in a thread, sending heartbeats meanwhile."""
+        fut = asyncio.get_running_loop().run_in_executor(None, func, *args)
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=self.hb_timeout / 3)
+            if done:
+                return fut.result()
+            await link.send(Heartbeat(sent_ns=0))
+
+    def _lineage(self, ev: Hello, group: Group, verdict) -> tuple | None:
+        """A refusal when the generation histories say the sender may not ship here."""
+        if verdict.relation == Relation.DIVERGED and group.role == "primary":
+            # A newer line meets a primary that wrote past the fork: both wrote.
+            verdict = Verdict(Relation.SPLIT_BRAIN, verdict.fork)
+        if verdict.relation == Relation.SPLIT_BRAIN:
+            group.split_brain = {"peer": ev.node, "fork": verdict.fork}
+            self.log.error("group %s: SPLIT BRAIN with %s: both were primary after seq %d; "
+                           "choose the survivor (replicator resolve on the other)",
+                           group.name, ev.node, verdict.fork)
+            return (Refusal.SPLIT_BRAIN, f"split brain: {ev.node} and {self.node} were both "
+                                         f"primary of {group.name} after seq {verdict.fork}")
+        if verdict.relation == Relation.STALE:
+            return (Refusal.STALE, f"{self.node} descends from a later primary of {group.name} "
+                                   f"than {ev.node} (forked after seq {verdict.fork}): "
+                                   f"{ev.node} is no longer the primary; demote it")
+        return None
+
+    def _role(self, ev: Hello, group: Group, verdict) -> tuple | None:
+        """A refusal when this node's role in the group does not take `ev.node` as source:
+        a replica takes its source, or a node of a later line (a promoted replica)."""
+        if group.role not in ("secondary", "bunker"):
+            return (Refusal.NOT_REPLICA, f"group {ev.group} is {group.role} on {self.node}")
+        if ev.node != group.source and verdict.relation not in (Relation.BEHIND,
+                                                                 Relation.DIVERGED):
+            return (Refusal.WRONG_SOURCE, f"group {ev.group} on {self.node} accepts "
+                                          f"{group.source!r} as source, not {ev.node!r}")
+        return None
 
     async def _serve(self, s: _Session) -> None:
         while s.failed is None:
@@ -151,8 +252,12 @@ class Receiver:
                 if s.failed is not None:
                     break
                 await s.group.finish_resync(Position(ev.seq, ev.crc))
+                s.group.adopt(s.history, s.source)
                 s.ack_seq = ev.seq
                 await s.link.send(Ack(seq=ev.seq))
+            elif isinstance(ev, Handover):
+                await self._handover(s, ev)
+                return
             elif isinstance(ev, HashRequest):
                 problem = await self._hash(s, ev)
                 if problem:
@@ -188,6 +293,23 @@ class Receiver:
             s.resync_applied += len(items)
             if not s.link.writer.is_closing():
                 s.link.writer.write(s.link.conn.send(ResyncAck(count=s.resync_applied)))
+
+    async def _handover(self, s: _Session, ev: Handover) -> None:
+        """Planned switchover: we hold every record through ev.seq; become the primary."""
+        g = s.group
+        await g.settle()
+        if g.applied_seq != ev.seq or g.inconsistent or self.promote is None:
+            why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
+                   f"{g.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
+            self.log.error("group %s: %s", g.name, why)
+            await s.link.send(Error(code=Refusal.POSITION, message=why))
+            return
+        targets = [TargetConfig(node=n, mode=m, compress=c, on_disconnect=d)
+                   for n, m, c, d in ev.targets if n != self.node]
+        await self.promote(g, targets)
+        await s.link.send(Ack(seq=ev.seq))
+        self.log.warning("group %s: took over as primary from %s at seq %d (switchover)",
+                         g.name, s.source, ev.seq)
 
     async def _hash(self, s: _Session, ev: HashRequest) -> str | None:
         """Answer a HASH_REQUEST with the hashes of our regions (or say why we cannot).
@@ -231,3 +353,14 @@ class Receiver:
         if s is None:
             return None
         return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq}
+
+
+def _merge(extents):
+    """Sorted, coalesced (volume, offset, length) extents."""
+    out: list[list] = []
+    for volume, offset, length in sorted(extents):
+        if out and out[-1][0] == volume and offset <= out[-1][1] + out[-1][2]:
+            out[-1][2] = max(out[-1][2], offset + length - out[-1][1])
+        else:
+            out.append([volume, offset, length])
+    return [tuple(e) for e in out]

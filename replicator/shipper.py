@@ -33,13 +33,14 @@ import ssl
 import time
 from collections import deque
 
+from .generations import Generation, Relation, compare
 from .group import Group, TargetLink, wake_all
 from .journal.segments import JournalError
 from .transport import Link
 from .verify import CHUNK, chunks, differing, region_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
-                   Error, Feature, HashReply, HashRequest, Heartbeat, Hello, LocalProtocolError,
-                   Records, Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role,
+                   Diverged, Error, Feature, Handover, HashReply, HashRequest, Heartbeat, Hello, LocalProtocolError,
+                   Records, Refusal, Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role,
                    Welcome)
 
 BATCH_BYTES = 1 << 20
@@ -115,19 +116,24 @@ class Shipper:
         self._hash_ids = itertools.count(1)
         self._hash_waiters: dict[int, asyncio.Future] = {}
         self._resync_waiters: list[asyncio.Future] = []
+        self._handover: dict | None = None  # switchover: {seq, targets, fut, sent}
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
 
     async def stop(self) -> None:
-        if self._task:
+        self._stopping = True
+        # Cancel until it is done: asyncio.wait_for (Python 3.11) can swallow a
+        # cancellation that lands as its inner await completes.
+        while self._task and not self._task.done():
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=1.0)
         self._disconnected()
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             link = None
             try:
                 link = await self._connect()
@@ -140,7 +146,7 @@ class Shipper:
                 if msg != self.last_error or state != self.state:
                     self.log.warning("group %s -> %s: %s", self.group.name, self.target.node, msg)
                 self.last_error, self.state = msg, state
-                if state in ("refused", "needs-resync"):
+                if state in ("refused", "needs-resync", "split-brain", "stale"):
                     backoff = 5.0
             finally:
                 self._disconnected()
@@ -162,7 +168,10 @@ class Shipper:
         self._inflight.clear()
         self._inflight_bytes = 0
         lost = ShipError(f"the link to {self.target.node} went down")
-        for fut in list(self._hash_waiters.values()) + [p.reply for p in self._probes]:
+        waiters = list(self._hash_waiters.values()) + [p.reply for p in self._probes]
+        if self._handover:
+            waiters.append(self._handover["fut"])
+        for fut in waiters:
             if not fut.done():
                 fut.set_exception(lost)
         self._hash_waiters.clear()
@@ -182,24 +191,55 @@ class Shipper:
         link = Link(reader, writer, Connection(Role.SENDER))
         try:
             features = Feature.ZSTD if self.compress else Feature(0)
+            g = self.group
             await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
-                                  features=features, node=self.node,
-                                  group=self.group.name, target=self.target.node))
+                                  features=features, node=self.node, group=g.name,
+                                  target=self.target.node, seq=g.journal.last_seq,
+                                  history=tuple((x.id, x.first_seq) for x in g.history)))
             ev = await link.next_event(self.hb_timeout)
             if isinstance(ev, Refuse):
-                raise ShipError(f"refused by {self.target.node}: {ev.code.name}: {ev.reason}",
-                                state="refused")
+                state = {Refusal.SPLIT_BRAIN: "split-brain", Refusal.STALE: "stale"}.get(
+                    ev.code, "refused")
+                if state == "split-brain":
+                    g.split_brain = {"peer": self.target.node, "reason": ev.reason}
+                raise ShipError(f"refused by {self.target.node}: {_code(ev)}: {ev.reason}",
+                                state=state)
             if not isinstance(ev, Welcome):
                 raise ShipError(f"{self.target.node} closed the connection during the handshake")
             if ev.node != self.target.node:
                 raise ShipError(f"{host}:{port} answered as {ev.node!r}, expected "
                                 f"{self.target.node!r} (peers address book wrong?)", state="refused")
-            self._resume_from(ev)
+            verdict = compare(g.history, g.journal.last_seq,
+                              [Generation(*x) for x in ev.history], ev.seq)
+            if verdict.relation in (Relation.DIVERGED, Relation.SPLIT_BRAIN):
+                # (split brain accepted: the target was told we are the survivor)
+                diverged = await link.next_event(self.hb_timeout)
+                while isinstance(diverged, Heartbeat):  # it is saving what it rolls back
+                    diverged = await link.next_event(self.hb_timeout)
+                if not isinstance(diverged, Diverged):
+                    raise ShipError(f"{self.target.node} sent {type(diverged).__name__}, "
+                                    "expected DIVERGED")
+                self._rejoin(diverged)
+            else:
+                self._resume_from(ev)
+            if g.split_brain and g.split_brain.get("peer") == self.target.node:
+                g.split_brain = None
             self.compress_now = self.compress and bool(ev.features & Feature.ZSTD)
         except BaseException:
             await link.close()
             raise
         return link
+
+    def _rejoin(self, ev: Diverged) -> None:
+        """The target holds records past `fork` that our line does not have (it was the
+        primary of a takeover, or ahead of the replica promoted): resync the regions
+        written on either side since the fork, which rolls its records back."""
+        t = self.target
+        t.connected = True
+        self.last_error = ""
+        self.group.request_rejoin(t, ev.fork, ev.extents if ev.complete else None)
+        self._needs_resync = True
+        self.state = "resyncing"
 
     def _resume_from(self, welcome: Welcome) -> None:
         j, t = self.group.journal, self.target
@@ -255,6 +295,10 @@ class Shipper:
                 await self._send_probe(link, self._probes.popleft())
                 last_send = time.monotonic()
                 continue
+            h = self._handover
+            if h and not h["sent"] and self.sent_seq >= h["seq"]:
+                await link.send(Handover(seq=h["seq"], targets=h["targets"]))
+                h["sent"] = True
             if self.sent_seq >= j.last_seq and not self.target.in_sync:
                 self.target.in_sync = True
                 self.state = "replicating"
@@ -330,6 +374,9 @@ class Shipper:
                     raise ShipError(f"{self.target.node} acked seq {ev.seq} outside "
                                     f"{self.target.acked_seq}..{self.sent_seq}")
                 self.target.acked_seq = ev.seq
+                h = self._handover
+                if h and h["sent"] and ev.seq == h["seq"] and not h["fut"].done():
+                    h["fut"].set_result(None)  # the target is the primary now
                 while self._inflight and self._inflight[0][0] <= ev.seq:
                     self._inflight_bytes -= self._inflight.popleft()[1]
                 self._acked.set()
@@ -436,6 +483,8 @@ class Shipper:
                 if epoch != t.resync_epoch:  # (re)started, maybe in another mode
                     epoch, first = t.resync_epoch, True
                 g.mark_bitmap(t)
+                if t.bunker:  # journal only: it restarts at our position, no regions
+                    bm.clear_all()
                 bm.remarked = set()
                 regions = list(bm.dirty())
                 if not regions:
@@ -503,6 +552,21 @@ class Shipper:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             self.resync = None
+
+    # ---- switchover -----------------------------------------------------------------------
+    async def handover(self, seq: int, targets: tuple, timeout: float) -> None:
+        """Make the target the primary at `seq` (every record through it sent first):
+        returns when it says it is."""
+        if not (self.target.streaming and self.state in STREAMING_STATES):
+            raise ShipError(f"{self.target.node} is {self._state()}: a switchover needs it "
+                            "replicating")
+        fut = asyncio.get_running_loop().create_future()
+        self._handover = {"seq": seq, "targets": targets, "fut": fut, "sent": False}
+        self.poke()
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._handover = None
 
     # ---- online verify -----------------------------------------------------------------
     async def verify(self, ranges: list[tuple[str, int, int | None]]) -> dict:
@@ -599,7 +663,8 @@ class Shipper:
                 "eta_seconds": round((p["total_bytes"] - p["done_bytes"]) / rate, 1) if rate else None}
 
     def _state(self) -> str:
-        if self.target.logging and self.state not in ("resyncing", "refused", "needs-resync"):
+        if self.target.logging and self.state not in ("resyncing", "refused", "needs-resync",
+                                                      "split-brain", "stale"):
             return "logging"
         if self.verifying is not None and self.state in STREAMING_STATES:
             return "verifying"
@@ -614,6 +679,10 @@ class Shipper:
             "compress": "zstd" if self.compress else "none",
             "state": self._state(),
             "in_sync": self.target.in_sync,
+            **({"bunker": True, "far_lag_records": {
+                n: max(0, self.target.acked_seq - o.acked_seq)
+                for n, o in self.group.targets.items() if n != self.target.node and not o.bunker}}
+               if self.target.bunker else {}),
             "on_disconnect": "block" if self.target.block else "continue",
             "dirty_bytes": self.target.bitmap.dirty_bytes() if self.target.logging else 0,
             "resync": self._resync_status(),

@@ -132,7 +132,8 @@ class Topology:
     of one group whose primary is the first node that is never a `to`."""
 
     def __init__(self, root, nodes, links, volumes=None, group="db", journal_size="64MiB",
-                 heartbeat_timeout=3.0, tls=False, group_options=None):
+                 heartbeat_timeout=3.0, tls=False, group_options=None, bunkers=(),
+                 node_options=None):
         self.root = str(root)
         ca_dir = os.path.join(self.root, "ca")
         if tls:
@@ -159,19 +160,23 @@ class Topology:
                 "heartbeat_timeout": heartbeat_timeout,
                 "groups": [{
                     "name": group,
-                    "role": "secondary" if n in sources else "primary",
+                    "role": ("bunker" if n in bunkers else
+                             "secondary" if n in sources else "primary"),
                     "source": sources.get(n),
                     "journal_size": journal_size,
-                    "volumes": [{"name": v, "path": os.path.join(self.root, n, "vol", f"{v}.img"),
-                                 "size": size} for v, size in volumes.items()],
+                    "volumes": [] if n in bunkers else [
+                        {"name": v, "path": os.path.join(self.root, n, "vol", f"{v}.img"),
+                         "size": size} for v, size in volumes.items()],
                     "targets": targets,
                     **(group_options or {}),
+                    **((node_options or {}).get(n, {})),
                 }],
             }
             self.agents[n] = AgentProc(self.root, n, cfg)
         self.group = group
         self.volumes = list(volumes)
         self.primary = next(n for n in nodes if n not in sources)
+        self.bunkers = set(bunkers)
 
     def __getitem__(self, node: str) -> AgentProc:
         return self.agents[node]
@@ -188,11 +193,14 @@ class Topology:
             a.kill()
 
     def wait_converged(self, timeout: float = 60.0) -> int:
-        """Every node has applied everything the primary journaled."""
+        """Every node has applied everything the primary journaled, and every link is
+        back to replicating (no initial sync or resync still running)."""
         def converged():
             seq = self[self.primary].group(self.group)["seq"]
-            applied = {a.group(self.group)["applied_seq"] for a in self.agents.values()}
-            return applied == {seq} and (seq,)  # a tuple: truthy even at seq 0
+            groups = {n: a.group(self.group) for n, a in self.agents.items()}
+            applied = {g["applied_seq"] for n, g in groups.items() if n not in self.bunkers}
+            links = all(t["state"] == "replicating" for g in groups.values() for t in g["targets"])
+            return applied == {seq} and links and (seq,)  # a tuple: truthy even at seq 0
         (seq,) = wait_until(converged, timeout, "replicas to apply every record")
         return seq
 
@@ -201,7 +209,7 @@ class Topology:
         for vol in self.volumes:
             ref = self[self.primary].volume_path(self.group, vol)
             for n in nodes:
-                if n == self.primary:
+                if n == self.primary or n in self.bunkers:
                     continue
                 other = self[n].volume_path(self.group, vol)
                 assert filecmp.cmp(ref, other, shallow=False), \

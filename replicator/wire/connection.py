@@ -105,6 +105,9 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.STREAMING, SEND, _F.HASH_REQUEST): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.HASH_REPLY): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.DIVERGED): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.HANDOVER): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.FETCH): State.STREAMING,
+    (_S, State.STREAMING, RECV, _F.RECORDS): State.STREAMING,
 
     (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
     (_R, State.HELLO_RECEIVED, SEND, _F.WELCOME): State.STREAMING,
@@ -119,7 +122,13 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_R, State.STREAMING, RECV, _F.HASH_REQUEST): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.HASH_REPLY): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.DIVERGED): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.HANDOVER): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.FETCH): State.STREAMING,
+    (_R, State.STREAMING, SEND, _F.RECORDS): State.STREAMING,
 }
+# Rows only a connection that agreed Feature.FETCH may use (journal read from a bunker).
+FETCH_ONLY = {Role.SENDER: {_F.FETCH: SEND, _F.RECORDS: RECV},
+              Role.RECEIVER: {_F.FETCH: RECV, _F.RECORDS: SEND}}
 # ERROR: either way, in any open state, and it closes the connection.
 TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED
                     for role in Role
@@ -250,6 +259,9 @@ class Connection:
     # ---- state --------------------------------------------------------------------------
     def _next_state(self, direction: str, kind: FrameType, error: type[ProtocolError]) -> State:
         next_state = TRANSITIONS.get((self.our_role, self.state, direction, kind))
+        if FETCH_ONLY[self.our_role].get(kind) == direction and \
+                not (self.features or 0) & Feature.FETCH:
+            next_state = None  # those frames flow "backwards" only on a FETCH connection
         if next_state is None:
             verb = "send" if direction == SEND else "receive"
             raise error(f"{self.our_role.value} cannot {verb} {kind.name} in state "

@@ -16,8 +16,8 @@ Bodies (str = u16 byte length + UTF-8, at most 255 bytes unless noted; a body mu
 exactly after its last field):
 
     type           fixed part                                      then
-    1 HELLO        proto_min u16, proto_max u16, features u32      node str, group str,
-                                                                   target str, history
+    1 HELLO        proto_min u16, proto_max u16, features u32,     node str, group str,
+                   seq u64                                         target str, history
     2 WELCOME      version u16, features u32, seq u64, crc u32     node str, history
     3 REFUSE       code u16                                        reason str (<= 1024)
     4 RECORDS      first_seq u64, last_seq u64, raw_length u32     payload
@@ -31,10 +31,20 @@ exactly after its last field):
                    granularity u32
    12 HASH_REPLY   id u64, seq u64                                 hashes (8 bytes a region)
    13 DIVERGED     fork u64, complete u8                           extents
+   14 HANDOVER     seq u64                                         targets
+   15 FETCH        seq u64, crc u32
 
 history = count u16 (at most MAX_GENERATIONS), then count x (id u64, first_seq u64): the
 generations the node's image descends from, oldest first (replicator/generations.py).
 extents = (volume str, offset u64, length u64) repeated to the end of the body.
+targets = (node str, mode str, flags u8: bit 0 zstd, bit 1 on_disconnect block) repeated.
+FETCH (sender -> receiver, on a connection whose HELLO asked for Feature.FETCH): send
+me your records after seq (whose header CRC must be crc); the receiver answers with
+RECORDS (receiver -> sender) and ACK(its last seq), then closes: takeover replay from a
+bunker.
+HANDOVER (sender -> receiver, after every record through seq): planned switchover; the
+receiver, holding exactly seq, becomes the primary with these targets and answers
+ACK(seq); the sender then demotes itself.
 DIVERGED (receiver -> sender, right after WELCOME, only when the histories say the
 receiver holds records past `fork` that the sender's line does not have): the regions
 those records wrote (complete = 1), or complete = 0 when the receiver no longer knows
@@ -104,6 +114,8 @@ class FrameType(enum.IntEnum):
     HASH_REQUEST = 11
     HASH_REPLY = 12
     DIVERGED = 13
+    HANDOVER = 14
+    FETCH = 15
 
 
 class Refusal(enum.IntEnum):
@@ -131,9 +143,10 @@ class Refusal(enum.IntEnum):
 
 class Feature(enum.IntFlag):
     ZSTD = 1
+    FETCH = 2  # this connection reads the receiver's journal (bunker replay)
 
 
-SUPPORTED_FEATURES = Feature.ZSTD
+SUPPORTED_FEATURES = Feature.ZSTD | Feature.FETCH
 
 
 class ProtocolError(Exception):
@@ -160,6 +173,7 @@ class Hello:
     node: str
     group: str
     target: str
+    seq: int = 0  # the sender's last seq
     history: tuple = ()  # ((id, first_seq), ...) of the sender's image
 
 
@@ -292,8 +306,25 @@ class Diverged:
     extents: tuple = ()  # ((volume, offset, length), ...)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Handover:
+    """Sender -> receiver: become the primary at `seq`, shipping to `targets`
+    ((node, mode, compress, on_disconnect), ...)."""
+    frame_type: ClassVar[FrameType] = FrameType.HANDOVER
+    seq: int
+    targets: tuple = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fetch:
+    """Sender -> receiver: send me your records after `seq` (header CRC `crc`)."""
+    frame_type: ClassVar[FrameType] = FrameType.FETCH
+    seq: int
+    crc: int
+
+
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
-         | ResyncAck | HashRequest | HashReply | Diverged)
+         | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch)
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -326,7 +357,7 @@ class _Fixed:
         return self.struct.pack(*values)
 
 
-_HELLO = _Fixed("HHI", "proto_min", "proto_max", "features")
+_HELLO = _Fixed("HHIQ", "proto_min", "proto_max", "features", "seq")
 _WELCOME = _Fixed("HIQI", "version", "features", "seq", "crc")
 _CODE = _Fixed("H", "code")
 _RECORDS = _Fixed("QQI", "first_seq", "last_seq", "raw_length")
@@ -342,6 +373,9 @@ _HISTORY = _Fixed("H", "history count")
 _GENERATION = _Fixed("QQ", "generation id", "first_seq")
 _DIVERGED = _Fixed("QB", "fork", "complete")
 _EXTENT = _Fixed("QQ", "offset", "length")
+_HANDOVER = _Fixed("Q", "seq")
+_FETCH = _Fixed("QI", "seq", "crc")
+_TARGET_FLAGS = _Fixed("B", "target flags")
 _STRLEN = struct.Struct("<H")
 
 
@@ -433,7 +467,8 @@ def encode_body(event: Frame, *, max_frame: int,
         if event.proto_min > event.proto_max:
             raise LocalProtocolError(f"HELLO proto_min {event.proto_min} > "
                                      f"proto_max {event.proto_max}")
-        parts = [_HELLO.pack(kind, event.proto_min, event.proto_max, int(event.features)),
+        parts = [_HELLO.pack(kind, event.proto_min, event.proto_max, int(event.features),
+                             event.seq),
                  _pack_name(kind, "node", event.node), _pack_name(kind, "group", event.group),
                  _pack_name(kind, "target", event.target), _pack_history(kind, event.history)]
     elif isinstance(event, Welcome):
@@ -464,6 +499,14 @@ def encode_body(event: Frame, *, max_frame: int,
         parts = [_DIVERGED.pack(kind, event.fork, int(event.complete))]
         for volume, offset, length in event.extents:
             parts += [_pack_name(kind, "volume", volume), _EXTENT.pack(kind, offset, length)]
+    elif isinstance(event, Fetch):
+        parts = [_FETCH.pack(kind, event.seq, event.crc)]
+    elif isinstance(event, Handover):
+        parts = [_HANDOVER.pack(kind, event.seq)]
+        for node, mode, compress, on_disconnect in event.targets:
+            flags = (compress == "zstd") | (on_disconnect == "block") << 1
+            parts += [_pack_name(kind, "node", node), _pack_name(kind, "mode", mode),
+                      _TARGET_FLAGS.pack(kind, flags)]
     elif isinstance(event, HashReply):
         if len(event.hashes) % HASH_SIZE:
             raise LocalProtocolError(f"HASH_REPLY of {len(event.hashes)} bytes is not whole hashes")
@@ -521,10 +564,10 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
     if kind == FrameType.RECORDS:
         return _decode_records(reader, bool(flags), max_frame, decompressor)
     if kind == FrameType.HELLO:
-        proto_min, proto_max, features = reader.fixed(_HELLO)
+        proto_min, proto_max, features, seq = reader.fixed(_HELLO)
         if proto_min > proto_max:
             raise RemoteProtocolError(f"HELLO proto_min {proto_min} > proto_max {proto_max}")
-        event = Hello(proto_min=proto_min, proto_max=proto_max, features=features,
+        event = Hello(proto_min=proto_min, proto_max=proto_max, features=features, seq=seq,
                       node=reader.text("node"), group=reader.text("group"),
                       target=reader.text("target"), history=_read_history(reader))
     elif kind == FrameType.WELCOME:
@@ -562,6 +605,20 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
             volume = reader.text("volume")
             extents.append((volume, *reader.fixed(_EXTENT)))
         event = Diverged(fork=fork, complete=bool(complete), extents=tuple(extents))
+    elif kind == FrameType.FETCH:
+        seq, crc = reader.fixed(_FETCH)
+        event = Fetch(seq=seq, crc=crc)
+    elif kind == FrameType.HANDOVER:
+        (seq,) = reader.fixed(_HANDOVER)
+        targets = []
+        while reader.pos < len(reader.body):
+            node, mode = reader.text("node"), reader.text("mode")
+            (flags,) = reader.fixed(_TARGET_FLAGS)
+            if flags > 3:
+                raise RemoteProtocolError(f"HANDOVER target flags 0x{flags:02x} unknown")
+            targets.append((node, mode, "zstd" if flags & 1 else "none",
+                            "block" if flags & 2 else "continue"))
+        event = Handover(seq=seq, targets=tuple(targets))
     elif kind == FrameType.HASH_REPLY:
         id_, seq = reader.fixed(_HASH_REPLY)
         hashes = bytes(reader.rest())

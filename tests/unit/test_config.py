@@ -65,6 +65,8 @@ def mutate(path, value):
      "full, checksum, none"),
     (("groups", 0, "targets", 0, "on_disconnect"), "wait", "groups[0].targets[0].on_disconnect",
      "continue, block"),
+    (("groups", 0, "targets", 1, "bunker"), True, "groups[0].targets[1].bunker", "must be sync"),
+    (("groups", 0, "bunker"), "dc9", "groups[0].bunker", "not in peers"),
     (("groups", 0, "volumes", 0, "size"), "64 parsecs", "groups[0].volumes[0].size", "size"),
     (("groups", 0, "volumes", 0, "size"), 1000, "groups[0].volumes[0].size", "512"),
     (("groups", 0, "volumes", 0, "path"), "data.img", "groups[0].volumes[0].path", "absolute"),
@@ -110,3 +112,16 @@ def test_config_check_cli(tmp_path):
     ko = subprocess.run([sys.executable, "-m", "replicator.cli", "config", "check", str(broken)],
                         capture_output=True, text=True)
     assert ko.returncode == 2 and "not valid YAML" in ko.stderr
+
+
+def test_a_bunker_group_has_a_source_and_no_volumes():
+    data = yaml.safe_load(BASE)
+    g = data["groups"][0]
+    g.update(role="bunker", source="dc2-dr", volumes=[], targets=[])
+    assert parse(data).group("db").role == "bunker"
+    g["volumes"] = [{"name": "data", "path": "/srv/data.img", "size": "1MiB"}]
+    with pytest.raises(ConfigError, match="a bunker keeps only the journal"):
+        parse(data)
+    g.update(volumes=[], source=None)
+    with pytest.raises(ConfigError, match="a bunker needs the node allowed to ship to it"):
+        parse(data)

@@ -9,7 +9,7 @@ import zstandard
 from crc32c import crc32c
 
 from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEED_DATA, Ack,
-                             Connection, Diverged,
+                             Connection, Diverged, Fetch, Handover,
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
                              LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
@@ -44,7 +44,7 @@ NO_HISTORY = struct.pack("<H", 0)
 
 
 def hello_body(pmin=1, pmax=1, features=1, node=b"dc1", group=b"db", target=b"dc2"):
-    return (struct.pack("<HHI", pmin, pmax, features) + text(node) + text(group) + text(target)
+    return (struct.pack("<HHIQ", pmin, pmax, features, 0) + text(node) + text(group) + text(target)
             + NO_HISTORY)
 
 
@@ -273,11 +273,13 @@ ROUND_TRIP = [
                 granularity=65536),
     HashRequest(id=0, seq=7, volume="v", offset=2**63, length=1, granularity=4096),
     HashReply(id=5, seq=9, hashes=bytes(range(16))), HashReply(id=0, seq=0, hashes=b""),
-    Hello(proto_min=1, proto_max=1, features=0, node="a", group="g", target="b",
+    Hello(proto_min=1, proto_max=1, features=0, node="a", group="g", target="b", seq=2**64 - 1,
           history=((2**64 - 1, 1), (7, 2**64 - 1))),
     Welcome(version=1, features=0, seq=3, crc=4, node="b", history=((1, 1),) * 1024),
     Diverged(fork=100, complete=True, extents=(("data", 0, 65536), ("log", 2**63, 1))),
     Diverged(fork=0, complete=False),
+    Handover(seq=9, targets=(("dc1", "sync", "none", "continue"), ("dc3", "async", "zstd", "block"))),
+    Handover(seq=0),
 ]
 
 
@@ -390,8 +392,9 @@ MALFORMED_AT_START = [
     ("type 0x42", frame(0x42, b""), "unknown frame type 0x42"),
     ("type 0x7f", frame(0x7F, b"abc"), "unknown frame type 0x7f"),
     ("trailing", frame(1, hello_body() + b"X"), "1 trailing bytes"),
-    ("short fixed", frame(1, hello_body()[:7]), "too short for proto_min, proto_max, features"),
-    ("short string length", frame(1, hello_body()[:8 + 5 + 4] + b"\x03"),
+    ("short fixed", frame(1, hello_body()[:7]),
+     "too short for proto_min, proto_max, features, seq"),
+    ("short string length", frame(1, hello_body()[:16 + 5 + 4] + b"\x03"),
      "too short for target length"),
     ("string past body", frame(1, hello_body()[:-3]), "field target length 3 runs past"),
     ("name too long", frame(1, hello_body(node=b"n" * 256)), "field node length 256 exceeds 255"),
@@ -747,3 +750,19 @@ def test_defaults():
     assert conn.max_frame == DEFAULT_MAX_FRAME == 64 * 1024 * 1024
     assert conn.our_role == Role.SENDER and conn.state == State.START
     assert repr(NEED_DATA) == "NEED_DATA"
+
+
+def test_records_flow_back_only_on_a_fetch_connection():
+    hello = Hello(proto_min=1, proto_max=1, features=Feature.FETCH, node="c", group="db",
+                  target="k", seq=5)
+    welcome = Welcome(version=1, features=Feature.FETCH, seq=9, crc=1, node="k")
+    s, r = handshake(hello, welcome)
+    s.receive_data(r.send(Records(first_seq=6, last_seq=6, payload=b"x")))
+    assert isinstance(s.next_event(), Records)
+    r.receive_data(s.send(Fetch(seq=5, crc=1)))
+    assert r.next_event() == Fetch(seq=5, crc=1)
+    plain_s, plain_r = handshake()
+    with pytest.raises(LocalProtocolError, match="receiver cannot send RECORDS"):
+        plain_r.send(Records(first_seq=1, last_seq=1, payload=b"x"))
+    with pytest.raises(LocalProtocolError, match="sender cannot send FETCH"):
+        plain_s.send(Fetch(seq=0, crc=0))

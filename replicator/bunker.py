@@ -1,0 +1,80 @@
+"""Takeover replay from a bunker: before a replica is promoted, it reads the records it
+lacks from the bunker's journal (a synchronous copy of the lost primary's journal) and
+journals and applies them in seq order, so no acknowledged write is lost (seed 002:
+the staging log is this node's own journal, written before the volumes).
+
+One connection with Feature.FETCH: HELLO (our position and history), WELCOME (the
+bunker's), FETCH(our seq, its header CRC), then RECORDS from the bunker up to its last
+seq and ACK(last seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from .group import Group, GroupError
+from .transport import Link
+from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, Error, Feature, Fetch, Hello,
+                   Records, Refuse, Role, Welcome)
+
+
+class BunkerError(Exception):
+    """The bunker could not give us its records; the message says why."""
+
+
+async def replay(group: Group, node: str, bunker: str, address: tuple[str, int], *,
+                 timeout: float, tls: ssl.SSLContext | None = None) -> dict:
+    """Fetch and apply every record the bunker holds past ours; returns
+    {bunker, from_seq, to_seq, replayed}."""
+    host, port = address
+    await group.settle()
+    ours = group.journal.position()
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls,
+                                    server_hostname=bunker if tls else None), timeout)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise BunkerError(f"bunker {bunker} at {host}:{port} is unreachable: "
+                          f"{exc or type(exc).__name__}") from None
+    link = Link(reader, writer, Connection(Role.SENDER))
+    try:
+        await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
+                              features=Feature.ZSTD | Feature.FETCH, node=node,
+                              group=group.name, target=bunker, seq=ours.seq,
+                              history=tuple((g.id, g.first_seq) for g in group.history)))
+        ev = await link.next_event(timeout)
+        if isinstance(ev, Refuse):
+            raise BunkerError(f"bunker {bunker} refused: {getattr(ev.code, 'name', ev.code)}: "
+                              f"{ev.reason}")
+        if not isinstance(ev, Welcome) or not ev.features & Feature.FETCH:
+            raise BunkerError(f"bunker {bunker} did not accept a fetch")
+        await link.send(Fetch(seq=ours.seq, crc=ours.hcrc))
+        replayed, last = 0, ours.seq
+        failed: list[int] = []
+        while True:
+            ev = await link.next_event(timeout)
+            if isinstance(ev, Records):
+                try:
+                    group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
+                                         lambda err: err and failed.append(err))
+                except GroupError as exc:
+                    raise BunkerError(f"records from bunker {bunker}: {exc}") from None
+                replayed += ev.last_seq - max(ev.first_seq, last + 1) + 1
+                last = ev.last_seq
+            elif isinstance(ev, Ack):
+                if ev.seq != last:
+                    raise BunkerError(f"bunker {bunker} ended at seq {ev.seq} after sending "
+                                      f"records through {last}")
+                break
+            elif isinstance(ev, Error):
+                raise BunkerError(f"bunker {bunker}: {ev.message}")
+            else:
+                raise BunkerError(f"bunker {bunker} sent {type(ev).__name__} during a fetch")
+        await group.settle()
+        if failed:
+            raise BunkerError(f"applying the bunker's records failed (errno {failed[0]})")
+        return {"bunker": bunker, "from_seq": ours.seq + 1, "to_seq": last,
+                "replayed": replayed}
+    finally:
+        await link.close()

@@ -1,0 +1,202 @@
+"""Failover: planned switchover and back with no write lost, takeover of a replica when
+the primary is gone, fast failback of the old primary (its unshipped writes rolled back
+and kept, only changed regions sent), and split brain refused on both sides until the
+operator resolves it."""
+
+import filecmp
+import json
+import os
+import subprocess
+
+from tests.agents import MiB, replicator_cli, wait_until
+from tests.clients import qemu_io
+
+SIZE = 16 * MiB
+
+
+def _role(agent):
+    return agent.group("db")["role"]
+
+
+def _identical(topo, nodes, volume="data"):
+    ref = topo[nodes[0]].volume_path("db", volume)
+    return all(filecmp.cmp(ref, topo[n].volume_path("db", volume), shallow=False)
+               for n in nodes[1:])
+
+
+def _converged(topo, primary, nodes):
+    def ok():
+        g = topo[primary].group("db")
+        return (all(topo[n].group("db")["applied_seq"] == g["seq"] for n in nodes)
+                and all(t["state"] == "replicating" for t in g["targets"] if t["node"] in nodes))
+    wait_until(ok, 60, f"{nodes} to hold every record of {primary}")
+
+
+def _write_fails(agent):
+    p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x01 0 4k",
+                        agent.nbd_uri("data")], capture_output=True, text=True)
+    return p.returncode != 0 or "failed" in (p.stdout + p.stderr).lower()
+
+
+def test_switchover_and_back_loses_nothing(topology):
+    topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("a", "c", "async")],
+                    volumes={"data": SIZE})
+    qemu_io(topo["a"].nbd_uri("data"), "write -P 0x11 0 8M")
+    _converged(topo, "a", ["b", "c"])
+    wait_until(lambda: topo["a"].target("db", "b")["state"] == "replicating", 30, "a -> b")
+
+    rc, r = replicator_cli(topo["a"], "switchover", "db", "--to", "b")
+    assert rc == 0, r
+    assert (r["from"], r["to"]) == ("a", "b") and r["drained"]["b"] == r["seq"]
+    assert _role(topo["b"]) == "primary" and _role(topo["a"]) == "secondary"
+    assert topo["b"].group("db")["generations"] == 2
+    assert _write_fails(topo["a"])  # the old primary is read-only now
+    # b ships to a (reversed) and to c (re-pointed), and is writable.
+    qemu_io(topo["b"].nbd_uri("data"), "write -P 0x22 4M 8M")
+    _converged(topo, "b", ["a", "c"])
+    assert _identical(topo, ["b", "a", "c"])
+    assert {t["node"] for t in topo["b"].group("db")["targets"]} == {"a", "c"}
+
+    wait_until(lambda: topo["b"].target("db", "a")["state"] == "replicating", 30, "b -> a")
+    rc, back = replicator_cli(topo["b"], "switchover", "db", "--to", "a")
+    assert rc == 0, back
+    assert _role(topo["a"]) == "primary" and _role(topo["b"]) == "secondary"
+    qemu_io(topo["a"].nbd_uri("data"), "write -P 0x33 0 1M")
+    _converged(topo, "a", ["b", "c"])
+    assert _identical(topo, ["a", "b", "c"])
+    assert topo["a"].group("db")["seq"] > back["seq"] > r["seq"]
+
+
+def test_switchover_to_a_target_that_is_away_is_refused(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")])
+    topo["b"].kill()
+    rc, err = replicator_cli(topo["a"], "switchover", "db", "--to", "b")
+    assert rc == 1 and "needs it replicating" in err["error"]
+    assert _role(topo["a"]) == "primary"
+    qemu_io(topo["a"].nbd_uri("data"), "write -P 0x44 0 64k")  # still writable
+
+
+def test_takeover_then_fast_failback_of_the_old_primary(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": SIZE})
+    a, b = topo["a"], topo["b"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 16M")
+    _converged(topo, "a", ["b"])
+    b.kill()
+    qemu_io(a.nbd_uri("data"), "write -P 0x66 1M 128k")  # never reaches b
+    a.kill()  # the primary's site is lost
+
+    b.start()
+    rc, err = replicator_cli(b, "promote", "db")
+    assert rc == 0, err  # no source connected: allowed
+    assert _role(b) == "primary"
+    qemu_io(b.nbd_uri("data"), "write -P 0x77 8M 256k")  # the new primary's writes
+
+    a.start()  # comes back believing it is primary: demote it before anything else
+    rc, d = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0 and d["role"] == "secondary", d
+    rc, p = replicator_cli(b, "promote", "db", "--target", "a:async")
+    assert rc == 1 and "only a secondary is promoted" in p["error"]
+    # b learns of a as a target the way the failover playbook does it: config + restart.
+    b.config["groups"][0]["role"] = "primary"
+    b.config["groups"][0]["source"] = None
+    b.config["groups"][0]["targets"] = [{"node": "a", "mode": "async"}]
+    b.save_config()
+    b.stop()
+    b.start()
+    wait_until(lambda: b.target("db", "a")["state"] == "replicating", 60, "b -> a replicating")
+    _converged(topo, "b", ["a"])
+    assert _identical(topo, ["b", "a"])
+    shipped = b.target("db", "a")["bytes_sent"]
+    assert 0 < shipped <= 1 * MiB, f"failback shipped {shipped} bytes of a {SIZE}-byte volume"
+    (kept,) = a.group("db")["discarded"]
+    index = json.load(open(os.path.join(kept, "index.json")))
+    assert index["fork"] == int(b.group("db")["generation"].split("@")[1]) - 1
+    with open(a.volume_path("db", "data"), "rb") as f:
+        f.seek(1 * MiB)
+        assert f.read(4) == b"\x11" * 4  # a's unshipped write was rolled back
+
+    # fail back: the primary role returns to a with a switchover
+    rc, r = replicator_cli(b, "switchover", "db", "--to", "a")
+    assert rc == 0, r
+    qemu_io(a.nbd_uri("data"), "write -P 0x55 0 64k")
+    _converged(topo, "a", ["b"])
+    assert _identical(topo, ["a", "b"])
+
+
+def test_split_brain_is_refused_on_both_sides_until_resolved(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": SIZE})
+    a, b = topo["a"], topo["b"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
+    _converged(topo, "a", ["b"])
+    # Isolate a (its address book points nowhere), promote b, write on both.
+    good_peer = a.config["peers"]["b"]
+    a.stop()
+    a.config["peers"]["b"] = "127.0.0.1:9"
+    a.save_config()
+    a.start()
+    rc, _ = replicator_cli(b, "promote", "db", "--target", "a:async")
+    assert rc == 0
+    qemu_io(a.nbd_uri("data"), "write -P 0xaa 0 64k")
+    qemu_io(b.nbd_uri("data"), "write -P 0xbb 2M 64k")
+    a.stop()
+    a.config["peers"]["b"] = good_peer
+    a.save_config()
+    a.start()
+    wait_until(lambda: a.target("db", "b")["state"] == "split-brain", 30, "a: split-brain")
+    wait_until(lambda: b.group("db")["split_brain"], 30, "b: split brain")
+    assert a.group("db")["split_brain"]
+    assert b.target("db", "a")["state"] == "refused"  # a is a primary: no replica
+
+    rc, r = replicator_cli(a, "resolve", "db", "--discard-local", "--survivor", "b")
+    assert rc == 0, r
+    wait_until(lambda: b.target("db", "a")["state"] == "replicating", 60, "b -> a")
+    _converged(topo, "b", ["a"])
+    assert _identical(topo, ["b", "a"])
+    assert not b.group("db")["split_brain"]
+    (kept,) = a.group("db")["discarded"]
+    index = json.load(open(os.path.join(kept, "index.json")))
+    regions = {(r["volume"], r["offset"]) for r in index.get("regions", [])}
+    assert not index["complete"] or ("data", 0) in regions
+    if index["complete"]:
+        with open(os.path.join(kept, "regions.bin"), "rb") as f:
+            assert f.read(4) == b"\xaa" * 4  # a's discarded write is kept
+
+
+def test_takeover_through_a_bunker_loses_no_acknowledged_write(topology):
+    """a ships sync to bunker k (journal only) and async to the far c. c falls behind,
+    the primary's site is lost; promoting c first replays from k what c lacks."""
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    a, k, c = topo["a"], topo["k"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
+    _converged(topo, "a", ["c"])
+    c.kill()
+    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x33 12M 64k")
+    seq = a.group("db")["seq"]
+    assert k.group("db")["seq"] == seq  # sync: on the bunker before it was acknowledged
+    t = wait_until(lambda: a.target("db", "k") if a.target("db", "k")["far_lag_records"]["c"]
+                   else None, 10, "bunker lag shown")
+    assert t["bunker"] and t["far_lag_records"]["c"] > 0
+    a.kill()  # the primary's site is lost with the writes c never got
+
+    c.start()
+    rc, r = replicator_cli(c, "promote", "db")
+    assert rc == 0, r
+    assert r["bunker_replay"]["replayed"] > 0 and r["bunker_replay"]["to_seq"] == seq
+    assert r["rpo_records"] == 0
+    assert c.group("db")["seq"] == seq and _role(c) == "primary"
+    assert _identical(topo, ["a", "c"])  # every acknowledged write of a is on c
+
+
+def test_takeover_without_its_bunker_is_refused_unless_told(topology):
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    _converged(topo, "a", ["c"])
+    topo["a"].kill()
+    topo["k"].kill()
+    wait_until(lambda: topo["c"].group("db")["upstream"] is None, 20, "c to lose its source")
+    rc, err = replicator_cli(topo["c"], "promote", "db")
+    assert rc == 1 and "bunker k" in err["error"] and "unreachable" in err["error"]
+    assert _role(topo["c"]) == "secondary"
+    rc, r = replicator_cli(topo["c"], "promote", "db", "--no-bunker")
+    assert rc == 0 and r["bunker_replay"] is None and r["rpo_records"] is None, r
