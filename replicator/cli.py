@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)
 
+    sub.add_parser("drill", help="DR drill tools: `replicator drill ledger|report --help`")
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file (exit 2 on error)")
@@ -330,7 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DRILL = {"ledger": "a workload that logs every acknowledged write, and its check against "
+                   "a volume image (python -m replicator.drill.ledger)",
+         "report": "the DR drill report: report.json, report.xml (JUnit), report.md"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["drill"]:  # the drill tools keep their own argument parsers
+        tool = argv[1] if len(argv) > 1 else ""
+        if tool not in DRILL:
+            print("usage: replicator drill {ledger|report} ...\n" + "\n".join(
+                f"  {name}: {what}" for name, what in DRILL.items()), file=sys.stderr)
+            return 2
+        from importlib import import_module
+        return import_module(f"replicator.drill.{tool}").main(argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
