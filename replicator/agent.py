@@ -46,7 +46,9 @@ class Agent:
                                                     "promote": self._promote,
                                                     "demote": self._demote,
                                                     "switchover": self._switchover,
-                                                    "resolve": self._resolve})
+                                                    "resolve": self._resolve,
+                                                    "attach": self._attach,
+                                                    "reparent": self._reparent})
         self.started = time.time()
 
     async def start(self) -> None:
@@ -212,6 +214,30 @@ class Agent:
         return {"group": group.name, "from": self.cfg.node, "to": shipper.target.node,
                 "seq": seq, "drained": drained, "role": group.role,
                 "seconds": round(time.monotonic() - started, 3)}
+
+    async def _attach(self, request: dict) -> dict:
+        """Ship to one more target from now on (a re-parented downstream replica)."""
+        group = self._group(request)
+        target = _target(request.get("target") or {})
+        self._check_targets([target])
+        if target.node in group.targets:
+            raise AdminError(f"group {group.name} already ships to {target.node}")
+        group.overridden = True
+        group.set_targets(group.target_cfgs + [target])
+        await self._sync_shippers(group)
+        return {"group": group.name, "targets": [t.node for t in group.target_cfgs]}
+
+    async def _reparent(self, request: dict) -> dict:
+        group = self._group(request)
+        source = request.get("source")
+        if source not in self.cfg.peers:
+            raise AdminError(f"reparent needs the new source, one of this node's peers: "
+                             f"{', '.join(sorted(self.cfg.peers))}")
+        try:
+            await group.reparent(source)
+        except GroupError as exc:
+            raise AdminError(str(exc)) from None
+        return {"group": group.name, "source": group.source}
 
     async def _resolve(self, request: dict) -> dict:
         """Split brain, on the loser: take `survivor`'s line; what this node wrote since

@@ -202,6 +202,18 @@ def cmd_switchover(args) -> int:
         timeout=None, group=args.group, to=args.to, drain_timeout=args.timeout)
 
 
+def cmd_attach(args) -> int:
+    node, _, mode = args.target.partition(":")
+    return _operate(args, "attach", lambda r: (
+        f"group {r['group']}: ships to {', '.join(r['targets'])}"),
+        group=args.group, target={"node": node, "mode": mode or "async"})
+
+
+def cmd_reparent(args) -> int:
+    return _operate(args, "reparent", lambda r: (
+        f"group {r['group']}: source is now {r['source']}"), group=args.group, source=args.source)
+
+
 def cmd_resolve(args) -> int:
     return _operate(args, "resolve", lambda r: (
         f"group {r['group']}: this node gives up its writes since the split; {r['survivor']}'s "
@@ -303,8 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("group")
     rv.add_argument("--discard-local", action="store_true", required=True)
     rv.add_argument("--survivor", required=True, help="the node whose data wins")
+    at = sub.add_parser("attach", help="ship the group to one more target (re-parenting a "
+                                       "replica whose source was lost)")
+    at.add_argument("group")
+    at.add_argument("--target", required=True, metavar="NODE[:MODE]")
+    rp = sub.add_parser("reparent", help="on a replica whose source was lost: take records "
+                                         "from SOURCE (of the same line) from now on")
+    rp.add_argument("group")
+    rp.add_argument("--source", required=True)
     for op, func in ((rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify), (pr, cmd_promote),
-                     (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve)):
+                     (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve), (at, cmd_attach),
+                     (rp, cmd_reparent)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)

@@ -286,6 +286,16 @@ class Group:
             self._io, self._sync_and_save, self.journal.position(self.applied_seq))
         self.log.warning("group %s: demoted to secondary of %s", self.name, source)
 
+    async def reparent(self, source: str) -> None:
+        """Take records from `source` from now on (its parent was lost): it must be of
+        our line; the position decides whether it streams or resyncs by checksum."""
+        if self.role == "primary":
+            raise GroupError(f"group {self.name} is primary here: it has no source")
+        self.source, self.overridden = source, True
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+        self.log.warning("group %s: re-parented: source is now %s", self.name, source)
+
     def adopt(self, history: list[Generation], source: str) -> None:
         """A sender whose line this image descends from (or is rolled back onto) is now
         its source: take its history (saved at the next checkpoint)."""
@@ -578,9 +588,18 @@ class Group:
         for t in self.targets.values():
             if not t.logging:
                 self.start_logging(t, "this replica is being resynced")
+        await loop.run_in_executor(self._io, self._resync_io, items)
+        # Marked once written (a downstream pass that read the old content then resends
+        # it) and saved before the upstream hears the regions are durable here.
+        for t in self.targets.values():
             for volume, offset, data in items:
                 t.bitmap.mark(volume, offset, len(data))
-        await loop.run_in_executor(self._io, self._resync_io, items)
+        if self.targets:
+            await loop.run_in_executor(self._io, self._save_bitmaps)
+
+    def _save_bitmaps(self) -> None:
+        for t in list(self.targets.values()):
+            t.bitmap.save()
 
     def _resync_io(self, items) -> None:
         self.undo.save([(v, o, self.volumes[v].read(o, len(d))) for v, o, d in items])
@@ -635,11 +654,13 @@ class Group:
     # ---- sync targets ------------------------------------------------------------------
     def sync_floor(self) -> float:
         """Highest seq every target writes must wait for has acked (inf when none): the
-        in-sync sync targets, and targets with on_disconnect: block that are not
-        streaming (their acked seq then holds every later write back)."""
+        in-sync sync targets, a connected bunker even while it catches up (its copy of
+        the journal is what makes a takeover lossless), and targets with on_disconnect:
+        block that are not streaming (their acked seq then holds every later write back)."""
         floor = float("inf")
         for t in self.targets.values():
-            if (t.mode == "sync" and t.in_sync) or (t.block and not t.streaming):
+            if (t.mode == "sync" and (t.in_sync or (t.bunker and t.streaming))) or \
+                    (t.block and not t.streaming):
                 floor = min(floor, t.acked_seq)
         return floor
 

@@ -267,7 +267,8 @@ class Shipper:
         if not t.logging or welcome.seq < t.acked_seq:
             why = (f"the journal no longer holds its position {welcome.seq}" if ours is None
                    else f"it is at seq {welcome.seq}, behind its acknowledged {t.acked_seq}")
-            self.group.request_resync(t, "full", why)
+            # Its image is consistent at its seq: only regions that differ need to move.
+            self.group.request_resync(t, "checksum", why)
         self.state = "resyncing"
 
     async def _stream(self, link: Link) -> None:

@@ -169,7 +169,7 @@ def test_takeover_through_a_bunker_loses_no_acknowledged_write(topology):
                     volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
     a, k, c = topo["a"], topo["k"], topo["c"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
-    _converged(topo, "a", ["c"])
+    _converged(topo, "a", ["c", "k"])
     c.kill()
     qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x33 12M 64k")
     seq = a.group("db")["seq"]
@@ -200,3 +200,23 @@ def test_takeover_without_its_bunker_is_refused_unless_told(topology):
     assert _role(topo["c"]) == "secondary"
     rc, r = replicator_cli(topo["c"], "promote", "db", "--no-bunker")
     assert rc == 0 and r["bunker_replay"] is None and r["rpo_records"] is None, r
+
+
+def test_loss_of_an_intermediate_reparents_its_downstream_without_a_full_copy(topology):
+    topo = topology(["a", "b", "c"], [("a", "b", "async"), ("b", "c", "async")],
+                    volumes={"data": SIZE}, journal_size="16MiB")
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 16M")
+    topo.wait_converged()
+    b.kill()  # the intermediate is lost
+    qemu_io(a.nbd_uri("data"), "write -P 0x22 2M 256k")
+    rc, r = replicator_cli(c, "reparent", "db", "--source", "a")
+    assert rc == 0 and r["source"] == "a", r
+    rc, r = replicator_cli(a, "attach", "db", "--target", "c:async")
+    assert rc == 0 and r["targets"] == ["b", "c"], r
+    _converged(topo, "a", ["c"])
+    assert _identical(topo, ["a", "c"])
+    # c held a's line up to b's loss: only what it lacked moved, never the volume
+    assert a.target("db", "c")["bytes_sent"] < 2 * MiB
+    rc, err = replicator_cli(a, "attach", "db", "--target", "c:async")
+    assert rc == 1 and "already ships to c" in err["error"]
