@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 import subprocess
+import sys
 
 from tests.agents import MiB, replicator_cli, wait_until
 from tests.clients import qemu_io
@@ -220,3 +221,37 @@ def test_loss_of_an_intermediate_reparents_its_downstream_without_a_full_copy(to
     assert a.target("db", "c")["bytes_sent"] < 2 * MiB
     rc, err = replicator_cli(a, "attach", "db", "--target", "c:async")
     assert rc == 1 and "already ships to c" in err["error"]
+
+
+def test_without_a_bunker_the_promoted_replica_is_a_prefix_and_rpo_is_counted(topology, tmp_path):
+    """A writer logs every acknowledged write; the primary dies mid-workload; the async
+    replica promoted without a bunker holds a prefix of the writes (no hole, no
+    reordering), and the writes it lacks are exactly the acknowledged ones past its seq."""
+    topo = topology(["a", "c"], [("a", "c", "async")], volumes={"data": SIZE})
+    a, c = topo["a"], topo["c"]
+    topo.wait_converged()
+    s0 = c.group("db")["seq"]
+    ledger = str(tmp_path / "ledger.jsonl")
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "replicator.cli", "drill", "ledger", "write",
+         "--nbd", f"127.0.0.1:{a.nbd_port}", "--export", "data", "--ledger", ledger,
+         "--seconds", "60", "--timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: os.path.exists(ledger) and
+                   sum(1 for line in open(ledger) if '"ack"' in line) > 300, 30, "acked writes")
+        a.kill()  # mid-workload
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    rc, r = replicator_cli(c, "promote", "db")
+    assert rc == 0 and r["bunker_replay"] is None and r["rpo_records"] is None, r
+    check = subprocess.run([sys.executable, "-m", "replicator.cli", "drill", "ledger", "check",
+                            "--ledger", ledger, "--image", c.volume_path("db", "data"), "--json"],
+                           capture_output=True, text=True)
+    result = json.loads(check.stdout)
+    assert result["prefix"] is True and result["holes"] == 0, result
+    on_c = c.group("db")["seq"] - s0  # one 4 KiB write = one record
+    assert result["rpo_writes_lost"] == max(0, result["acknowledged"] - on_c), (result, on_c)
+    assert check.returncode == (3 if result["rpo_writes_lost"] else 0)
