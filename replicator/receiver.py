@@ -328,7 +328,7 @@ class Receiver:
                 return (f"hash request at seq {ev.seq} but group {g.name} holds seq "
                         f"{g.applied_seq}")
         hashes = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: region_hashes(vol.read(ev.offset, ev.length), ev.granularity))
+            None, lambda: region_hashes(vol.view(ev.offset, ev.length), ev.granularity))
         await s.link.send(HashReply(id=ev.id, seq=g.applied_seq, hashes=hashes))
         return None
 

@@ -51,12 +51,12 @@ STREAMING_STATES = ("replicating", "catching-up")
 
 
 class _Probe:
-    """One verify HASH_REQUEST: the regions, our copy of them at `seq`, the answer."""
-    __slots__ = ("volume", "offset", "length", "seq", "data", "reply")
+    """One verify HASH_REQUEST: the regions, our hashes of them at `seq`, the answer."""
+    __slots__ = ("volume", "offset", "length", "seq", "hashes", "reply")
 
     def __init__(self, volume: str, offset: int, length: int, reply: asyncio.Future):
         self.volume, self.offset, self.length, self.reply = volume, offset, length, reply
-        self.seq, self.data = 0, b""
+        self.seq, self.hashes = 0, b""
 
 
 def _runs(regions, most: int):
@@ -341,7 +341,8 @@ class Shipper:
                                                 "consistent image right now"))
             return
         probe.seq = seq
-        probe.data = g.volumes[probe.volume].read(probe.offset, probe.length)
+        probe.hashes = region_hashes(g.volumes[probe.volume].view(probe.offset, probe.length),
+                                     g.cfg.bitmap_granularity)
         while self.sent_seq < seq:
             await self._send_records(link, seq)
         await self._request_hashes(link, probe.reply, seq, probe.volume, probe.offset,
@@ -458,20 +459,18 @@ class Shipper:
                 if rate["tokens"] < 0:
                     await asyncio.sleep(-rate["tokens"] / self.resync_rate)
 
-        async def settle(run, data, reply) -> None:
-            """A checksum answer is in: send the regions whose hashes differ, clear the rest."""
+        async def settle(run, ours, reply) -> None:
+            """A checksum answer is in: send the regions whose hashes differ (as they are
+            now: a write since the hashing marks them again), clear the rest."""
             await wait(reply.done)
             theirs = reply.result().hashes
-            ours = region_hashes(data, gran)
             if len(theirs) != len(ours):
                 raise ShipError(f"{t.node} returned {len(theirs)} bytes of hashes for "
                                 f"{len(ours)}")
             diff = set(differing(ours, theirs))
-            base = run[0][2]
             for i, (volume, region, offset, length) in enumerate(run):
                 if i in diff:
-                    await send(volume, region, offset,
-                               memoryview(data)[offset - base:offset - base + length])
+                    await send(volume, region, offset, g.volumes[volume].read(offset, length))
                 elif bm.clear(volume, region):
                     progress["done_bytes"] += length
                     progress["same_bytes"] += length
@@ -523,10 +522,10 @@ class Shipper:
                             break
                         volume, offset = run[0][0], run[0][2]
                         length = sum(r[3] for r in run)
-                        data = g.volumes[volume].read(offset, length)
+                        ours = region_hashes(g.volumes[volume].view(offset, length), gran)
                         reply = loop.create_future()
                         await self._request_hashes(link, reply, ANY_SEQ, volume, offset, length)
-                        probes.append((run, data, reply))
+                        probes.append((run, ours, reply))
                         if len(probes) >= HASH_DEPTH:
                             await settle(*probes.popleft())
                     while probes:
@@ -542,10 +541,10 @@ class Shipper:
             self._needs_resync = False
             self.state = "catching-up"
             self.log.info("group %s -> %s: %s resync complete at seq %d (%d bytes checked, %d "
-                          "sent, %d pass(es)); streaming from seq %d", g.name, t.node,
+                          "sent, %d pass(es) in %.3fs); streaming from seq %d", g.name, t.node,
                           progress.get("mode", "full"), seq, progress["done_bytes"],
                           progress["done_bytes"] - progress["same_bytes"], progress["passes"],
-                          seq + 1)
+                          time.monotonic() - progress["started"], seq + 1)
             wake_all(self._resync_waiters)
         finally:
             t.finishing = False
@@ -592,7 +591,7 @@ class Shipper:
 
         async def settle(probe: _Probe) -> None:
             reply = await probe.reply
-            ours = region_hashes(probe.data, gran)
+            ours = probe.hashes
             if len(reply.hashes) != len(ours) or reply.seq != probe.seq:
                 raise ShipError(f"{t.node} answered a hash request for seq {probe.seq} with "
                                 f"{len(reply.hashes)} bytes at seq {reply.seq}")

@@ -19,7 +19,7 @@ import zlib
 from crc32c import crc32c
 
 HASH = struct.Struct("<II")
-CHUNK = 1 << 20  # bytes of a volume covered by one HASH_REQUEST
+CHUNK = 4 << 20  # bytes of a volume covered by one HASH_REQUEST
 
 
 def region_hashes(data, granularity: int) -> bytes:

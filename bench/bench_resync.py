@@ -1,0 +1,170 @@
+"""Outage benchmarks (issue 3), each side by side with the reference tool in one run.
+
+    .venv/bin/python -m bench.bench_resync [--runs 3] [--size 1G]
+
+1. resync after an outage: the target is stopped, 1% of the 64 KiB regions of the
+   volume are rewritten through NBD on the primary, the target is started again; time
+   until it is back to `replicating`, vs `rsync --inplace --no-whole-file` of the same
+   change between two plain files.
+2. checksum initial sync: the target's copy differs in 1% of its regions
+   (`replicator resync --checksum`), vs the same rsync.
+3. online verify of the volume (`replicator verify`, both agents hashing their own
+   copy) vs `xxhsum` and `sha256sum` of both files, page cache warm for all.
+Medians of the runs and their ratios go to stdout and bench/results/resync.json. Files
+live under /var/tmp (same file system as a state dir would be).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from replicator.config import parse_size  # noqa: E402
+from tests.agents import MiB, Topology, replicator_cli, wait_until  # noqa: E402
+
+GRAN = 64 << 10
+# --ignore-times: the quick check (size + mtime) must not skip the file
+RSYNC = ["rsync", "--inplace", "--no-whole-file", "--ignore-times"]
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.monotonic()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.monotonic() - start
+
+
+def regions(size: int, seed: int) -> list[int]:
+    n = size // GRAN
+    return sorted(random.Random(seed).sample(range(n), max(1, n // 100)))
+
+
+def patch_file(path: str, offsets: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        for r in offsets:
+            f.seek(r * GRAN)
+            f.write(rng.randbytes(GRAN))
+
+
+def resync_seconds(agent) -> float:
+    """The duration of the last resync, as the primary logged it."""
+    with open(agent.log_path) as f:
+        lines = [x for x in f if "resync complete" in x]
+    return float(re.search(r" in ([0-9.]+)s\)", lines[-1]).group(1))
+
+
+def replicating(agent) -> bool:
+    t = agent.target("db", "b")
+    return t["state"] == "replicating" and t["resync"] is None
+
+
+def one_run(root: str, size: int, seed: int) -> dict:
+    topo = Topology(root, ["a", "b"], [("a", "b", "async", {"initial_sync": "none"})],
+                    volumes={"data": size}, journal_size="64MiB", heartbeat_timeout=1.0)
+    a, b = topo["a"], topo["b"]
+    pa, pb = a.volume_path("db", "data"), b.volume_path("db", "data")
+    for p in (pa, pb):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(pa, "wb") as f:
+        block = random.Random(seed).randbytes(MiB)
+        for _ in range(size // MiB):
+            f.write(block[1:] + block[:1])
+            block = block[7:] + block[:7]
+    shutil.copyfile(pa, pb)
+    old = os.path.join(root, "old.img")
+    shutil.copyfile(pa, old)
+    out = {}
+    try:
+        topo.start()
+        wait_until(lambda: replicating(a), 60, "a -> b replicating")
+        # 1. resync after an outage vs rsync of the same change
+        b.stop()
+        changed = regions(size, seed)
+        cmds = []
+        for r in changed:
+            cmds += ["-c", f"write -P {r % 251 + 1} {r * GRAN} {GRAN}"]
+        subprocess.run(["qemu-io", "-f", "raw", *cmds, a.nbd_uri("data")], check=True,
+                       capture_output=True)
+        wait_until(lambda: a.target("db", "b")["state"] == "logging" and
+                   a.target("db", "b")["dirty_bytes"] >= len(changed) * GRAN, 30, "b logging")
+        start = time.monotonic()
+        b.start(wait=False)
+        wait_until(lambda: replicating(a), 120, "resync done")
+        out["resync_wall_s"] = time.monotonic() - start  # includes starting the agent
+        out["resync_s"] = resync_seconds(a)
+        out["rsync_s"] = timed(RSYNC + [pa, old])
+        subprocess.run(["cmp", pa, pb], check=True)
+        # 2. checksum sync of a copy that differs in 1% of its regions
+        b.stop()
+        patch_file(pb, regions(size, seed + 1), seed)
+        patch_file(old, regions(size, seed + 1), seed)
+        b.start()
+        start = time.monotonic()
+        rc, answer = replicator_cli(a, "resync", "db", "b", "--checksum")
+        assert rc == 0, answer
+        wait_until(lambda: a.target("db", "b")["resync"] is not None or replicating(a), 30)
+        wait_until(lambda: replicating(a), 120, "checksum resync done")
+        out["checksum_wall_s"] = time.monotonic() - start  # includes the CLI round trip
+        out["checksum_s"] = resync_seconds(a)
+        out["checksum_rsync_s"] = timed(RSYNC + [pa, old])
+        subprocess.run(["cmp", pa, pb], check=True)
+        # 3. online verify vs hashing both files (warm cache for everyone)
+        rc, v = replicator_cli(a, "verify", "db", "b")
+        assert rc == 0 and not v["mismatches"], v
+        out["verify_s"] = v["seconds"]
+        out["xxhsum_s"] = timed(["xxhsum", "-H64", pa, pb])
+        out["sha256sum_s"] = timed(["sha256sum", pa, pb])
+        out["regions_changed"] = len(changed)
+    finally:
+        topo.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--size", default="1G")
+    args = ap.parse_args()
+    size = parse_size(args.size, "--size")
+    runs = []
+    for i in range(args.runs):
+        root = tempfile.mkdtemp(prefix="bench-resync-", dir="/var/tmp")
+        try:
+            runs.append(one_run(root, size, seed=i + 1))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
+                                           f"{k} {v}" for k, v in runs[-1].items()), flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    gb = size / 1e9
+    summary = {
+        "size_bytes": size,
+        "runs": runs,
+        "median": med,
+        "resync_speedup_vs_rsync": med["rsync_s"] / med["resync_s"],
+        "resync_wall_speedup_vs_rsync": med["rsync_s"] / med["resync_wall_s"],
+        "checksum_speedup_vs_rsync": med["checksum_rsync_s"] / med["checksum_s"],
+        "verify_GBps": gb / med["verify_s"],
+        "xxhsum_both_GBps": gb / med["xxhsum_s"],
+        "sha256sum_both_GBps": gb / med["sha256sum_s"],
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "resync.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
