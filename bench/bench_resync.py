@@ -10,6 +10,9 @@
    (`replicator resync --checksum`), vs the same rsync.
 3. online verify of the volume (`replicator verify`, both agents hashing their own
    copy) vs `xxhsum` and `sha256sum` of both files, page cache warm for all.
+4. resync throughput over a rate-limited link: the two agents in two network
+   namespaces joined by a veth pair shaped with `tc qdisc ... tbf rate 100mbit` on
+   the primary's side; bytes resynced / resync seconds vs the link rate.
 Medians of the runs and their ratios go to stdout and bench/results/resync.json. Files
 live under /var/tmp (same file system as a state dir would be).
 """
@@ -131,10 +134,81 @@ def one_run(root: str, size: int, seed: int) -> dict:
     return out
 
 
+LINK_MBIT = 100
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def link_run(root: str, dirty: int, seed: int) -> dict:
+    """Resync `dirty` bytes over a 100 Mbit/s tbf link between two namespaces."""
+    tag = f"rbr{os.getpid() % 10000}"
+    ns = {"a": f"{tag}a", "b": f"{tag}b"}
+    ip = {"a": "10.214.0.1", "b": "10.214.0.2"}
+    procs = []
+    try:
+        for n in ns.values():
+            sh("ip", "netns", "add", n)
+            sh("ip", "-n", n, "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"{tag}va", "netns", ns["a"], "type", "veth", "peer", "name",
+           f"{tag}vb", "netns", ns["b"])
+        for n, dev in (("a", f"{tag}va"), ("b", f"{tag}vb")):
+            sh("ip", "-n", ns[n], "addr", "add", f"{ip[n]}/24", "dev", dev)
+            sh("ip", "-n", ns[n], "link", "set", dev, "up")
+        sh("ip", "netns", "exec", ns["a"], "tc", "qdisc", "add", "dev", f"{tag}va", "root",
+           "tbf", "rate", f"{LINK_MBIT}mbit", "burst", "64kb", "latency", "50ms")
+        topo = Topology(root, ["a", "b"], [("a", "b", "async", {"initial_sync": "none"})],
+                        volumes={"data": 4 * dirty}, heartbeat_timeout=5.0)
+        for n in ("a", "b"):
+            cfg = topo[n].config
+            cfg["listen"] = f"{ip[n]}:7800"
+            cfg["peers"] = {p: f"{ip[p]}:7800" for p in ("a", "b") if p != n}
+            topo[n].save_config()
+
+        def start(n):
+            log = open(topo[n].log_path, "a")
+            p = subprocess.Popen(["ip", "netns", "exec", ns[n], sys.executable, "-m",
+                                  "replicator.cli", "agent", "-c", topo[n].config_path],
+                                 stdout=log, stderr=log)
+            log.close()
+            procs.append(p)
+            wait_until(lambda: admin_status(topo[n]), 20, f"agent {n}")
+            return p
+
+        def admin_status(agent):
+            from replicator import admin
+            return admin.request(agent.config["admin_socket"], "status", timeout=5)
+
+        start("a")
+        pb = start("b")
+        a = topo["a"]
+        wait_until(lambda: replicating(a), 60, "a -> b replicating")
+        pb.terminate()
+        pb.wait(20)
+        subprocess.run(["ip", "netns", "exec", ns["a"], "qemu-io", "-f", "raw", "-c",
+                        f"write -P 0x5a 0 {dirty}", a.nbd_uri("data")], check=True,
+                       capture_output=True)
+        wait_until(lambda: a.target("db", "b")["state"] == "logging", 30, "b logging")
+        start("b")
+        wait_until(lambda: replicating(a), 300, "resync over the link")
+        seconds = resync_seconds(a)
+        return {"link_resync_bytes": dirty, "link_resync_s": seconds,
+                "link_mbit": dirty * 8 / seconds / 1e6}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for n in ns.values():
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", default="1G")
+    ap.add_argument("--link-dirty", default="128M", help="bytes resynced over the tbf link")
     args = ap.parse_args()
     size = parse_size(args.size, "--size")
     runs = []
@@ -142,6 +216,9 @@ def main() -> int:
         root = tempfile.mkdtemp(prefix="bench-resync-", dir="/var/tmp")
         try:
             runs.append(one_run(root, size, seed=i + 1))
+            shutil.rmtree(root)
+            os.makedirs(root)
+            runs[-1].update(link_run(root, parse_size(args.link_dirty, "--link-dirty"), i + 1))
         finally:
             shutil.rmtree(root, ignore_errors=True)
         print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
@@ -158,6 +235,7 @@ def main() -> int:
         "verify_GBps": gb / med["verify_s"],
         "xxhsum_both_GBps": gb / med["xxhsum_s"],
         "sha256sum_both_GBps": gb / med["sha256sum_s"],
+        "link_utilisation": med["link_mbit"] / LINK_MBIT,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
