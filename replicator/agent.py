@@ -95,6 +95,13 @@ class Agent:
                 keep.append(shipper)
         self.shippers[group.name] = keep
 
+    def _peer(self, request: dict, key: str, what: str) -> str:
+        node = request.get(key)
+        if node not in self.cfg.peers:
+            raise AdminError(f"{what}, one of this node's peers (got {node!r}): "
+                             f"{', '.join(sorted(self.cfg.peers))}")
+        return node
+
     def _check_targets(self, targets: list[TargetConfig]) -> None:
         unknown = [t.node for t in targets if t.node not in self.cfg.peers]
         if unknown:
@@ -163,10 +170,7 @@ class Agent:
 
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
-        source = request.get("source")
-        if source not in self.cfg.peers:
-            raise AdminError(f"demote needs the new primary as --source, one of this node's "
-                             f"peers: {', '.join(sorted(self.cfg.peers))}")
+        source = self._peer(request, "source", "demote needs the new primary as --source")
         try:
             await group.demote(source)
         except GroupError as exc:
@@ -229,10 +233,7 @@ class Agent:
 
     async def _reparent(self, request: dict) -> dict:
         group = self._group(request)
-        source = request.get("source")
-        if source not in self.cfg.peers:
-            raise AdminError(f"reparent needs the new source, one of this node's peers: "
-                             f"{', '.join(sorted(self.cfg.peers))}")
+        source = self._peer(request, "source", "reparent needs the new source")
         try:
             await group.reparent(source)
         except GroupError as exc:
@@ -243,12 +244,10 @@ class Agent:
         """Split brain, on the loser: take `survivor`'s line; what this node wrote since
         the split is saved (path in status) before the survivor's data replaces it."""
         group = self._group(request)
-        survivor = request.get("survivor")
         if not request.get("discard_local"):
             raise AdminError("resolve only takes --discard-local (run it on the node whose "
                              "writes since the split are given up)")
-        if survivor not in self.cfg.peers:
-            raise AdminError(f"survivor {survivor!r} is not one of this node's peers")
+        survivor = self._peer(request, "survivor", "resolve needs the --survivor")
         if group.role == "primary":
             await group.demote(survivor)
             await self._sync_shippers(group)

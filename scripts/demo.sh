@@ -5,8 +5,8 @@
 # Each host is a network namespace with its own address, sshd, hostname, private mounts and
 # process tree (playbooks/lab.yml). Then site.yml (CA and certificates, install, configure,
 # start: mutual TLS), pair.yml (every link replicating), a workload through NBD on the
-# primary host (qemu-io patterns, fio random writes), verify.yml (online verify, once the
-# agent has it), compare.yml (every replica equals the primary: sha256 on each host) and
+# primary host (qemu-io patterns, fio random writes), verify.yml (online verify of every
+# link: region hashes compared on both ends while replication runs), compare.yml (every replica equals the primary: sha256 on each host) and
 # status.yml (one table). Re-running it reuses the lab; the end says how to remove it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +37,7 @@ fio --name=demo --ioengine=nbd --uri="$nbd/data" --rw=randwrite --bs=4k --iodept
     --size=64M --runtime=10 --time_based --output-format=terse \
     | awk -F";" 'NF > 48 {printf "fio randwrite 4k iodepth 16 (sync target dc2-dr): %s IOPS\n", $49}'
 
-if replicator verify --help >/dev/null 2>&1; then
-    play verify.yml
-fi
+play verify.yml
 play compare.yml
 play status.yml
 
