@@ -37,7 +37,8 @@ class Agent:
         self.exports: dict[str, VolumeExport] = {}
         self.server_tls, self.client_tls = tls_contexts(cfg.tls)
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
-                                 promote=self._promote_to, tls=self.server_tls)
+                                 promote=self._promote_to, superseded=self._superseded,
+                                 tls=self.server_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
                                                     "rollback": self._rollback,
@@ -77,7 +78,8 @@ class Agent:
                        address=self.cfg.peers[t.node], compress=t.compress == "zstd",
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
-                       initial_sync=t.initial_sync, tls=self.client_tls)
+                       initial_sync=t.initial_sync, tls=self.client_tls,
+                       on_stale=lambda g, n: asyncio.ensure_future(self._superseded(g, n)))
 
     async def _sync_shippers(self, group: Group) -> None:
         """Start and stop shippers so that they match the group's targets."""
@@ -168,6 +170,12 @@ class Agent:
                     result["replayed"], result["from_seq"], result["to_seq"], bunker)
         return result
 
+    async def _superseded(self, group: Group, newer: str) -> None:
+        """`newer` holds a later generation of the group: a primary here stops being one."""
+        if group.role == "primary":
+            await group.demote(newer)
+            await self._sync_shippers(group)
+
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
         source = self._peer(request, "source", "demote needs the new primary as --source")
@@ -210,7 +218,7 @@ class Agent:
                 raise AdminError(f"switchover of {group.name} to {shipper.target.node} failed "
                                  f"before the handover: {exc or 'timed out'}; still primary "
                                  "here") from None
-            await group.demote(shipper.target.node)
+            await self._superseded(group, shipper.target.node)  # unless its link did it first
         finally:
             group.release_writes()
         await self._sync_shippers(group)

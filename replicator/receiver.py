@@ -45,10 +45,11 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 promote=None, tls: ssl.SSLContext | None = None,
+                 promote=None, superseded=None, tls: ssl.SSLContext | None = None,
                  log: logging.Logger | None = None):
         self.node = node
         self.promote = promote  # async (group, [TargetConfig]): HANDOVER makes us primary
+        self.superseded = superseded  # async (group, node): a later primary's line is here
         self.groups = groups
         self.hb_timeout = heartbeat_timeout
         self.tls = tls
@@ -118,6 +119,14 @@ class Receiver:
                               group.journal.last_seq)
             if verdict.relation == Relation.SPLIT_BRAIN and group.survivor == ev.node:
                 verdict = Verdict(Relation.DIVERGED, verdict.fork)  # resolve --discard-local
+            if (group.role == "primary" and self.superseded is not None
+                    and verdict.relation in (Relation.BEHIND, Relation.DIVERGED)):
+                # An old primary back after a takeover: the sender's line went on from
+                # ours, so it rejoins as its replica (what it wrote past the fork is saved,
+                # then rolled back), like VVR's fast failback.
+                self.log.warning("group %s: %s is primary of a later generation: this node "
+                                 "was replaced and becomes its replica", group.name, ev.node)
+                await self.superseded(group, ev.node)
             refusal = self._lineage(ev, group, verdict) or self._role(ev, group, verdict)
         if refusal:
             self.log.warning("refused %s from %s (%s): %s", ev.group, ev.node, link.peer, refusal[1])
@@ -204,9 +213,6 @@ class Receiver:
 
     def _lineage(self, ev: Hello, group: Group, verdict) -> tuple | None:
         """A refusal when the generation histories say the sender may not ship here."""
-        if verdict.relation == Relation.DIVERGED and group.role == "primary":
-            # A newer line meets a primary that wrote past the fork: both wrote.
-            verdict = Verdict(Relation.SPLIT_BRAIN, verdict.fork)
         if verdict.relation == Relation.SPLIT_BRAIN:
             group.split_brain = {"peer": ev.node, "fork": verdict.fork}
             self.log.error("group %s: SPLIT BRAIN with %s: both were primary after seq %d; "

@@ -88,7 +88,8 @@ class Shipper:
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
                  heartbeat_timeout: float, initial_sync: str = "full",
-                 tls: ssl.SSLContext | None = None, log: logging.Logger | None = None):
+                 tls: ssl.SSLContext | None = None, on_stale=None,
+                 log: logging.Logger | None = None):
         self.group = group
         self.target = link
         self.node = node
@@ -118,6 +119,7 @@ class Shipper:
         self._resync_waiters: list[asyncio.Future] = []
         self._handover: dict | None = None  # switchover: {seq, targets, fut, sent}
         self._stopping = False
+        self.on_stale = on_stale  # (group, node): the target holds a later primary's line
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
@@ -202,6 +204,8 @@ class Shipper:
                     ev.code, "refused")
                 if state == "split-brain":
                     g.split_brain = {"peer": self.target.node, "reason": ev.reason}
+                elif state == "stale" and self.on_stale is not None:
+                    self.on_stale(g, self.target.node)  # we wrote nothing past the fork
                 raise ShipError(f"refused by {self.target.node}: {_code(ev)}: {ev.reason}",
                                 state=state)
             if not isinstance(ev, Welcome):

@@ -92,9 +92,6 @@ def test_takeover_then_fast_failback_of_the_old_primary(topology):
     assert _role(b) == "primary"
     qemu_io(b.nbd_uri("data"), "write -P 0x77 8M 256k")  # the new primary's writes
 
-    a.start()  # comes back believing it is primary: demote it before anything else
-    rc, d = replicator_cli(a, "demote", "db", "--source", "b")
-    assert rc == 0 and d["role"] == "secondary", d
     rc, p = replicator_cli(b, "promote", "db", "--target", "a:async")
     assert rc == 1 and "only a secondary is promoted" in p["error"]
     # b learns of a as a target the way the failover playbook does it: config + restart.
@@ -104,7 +101,10 @@ def test_takeover_then_fast_failback_of_the_old_primary(topology):
     b.save_config()
     b.stop()
     b.start()
+    a.start()  # comes back believing it is primary; b's later generation replaces it
     wait_until(lambda: b.target("db", "a")["state"] == "replicating", 60, "b -> a replicating")
+    assert _role(a) == "secondary" and a.group("db")["source"] == "b"
+    assert _write_fails(a)
     _converged(topo, "b", ["a"])
     assert _identical(topo, ["b", "a"])
     shipped = b.target("db", "a")["bytes_sent"]
@@ -129,24 +129,30 @@ def test_split_brain_is_refused_on_both_sides_until_resolved(topology):
     a, b = topo["a"], topo["b"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
     _converged(topo, "a", ["b"])
-    # Isolate a (its address book points nowhere), promote b, write on both.
-    good_peer = a.config["peers"]["b"]
-    a.stop()
-    a.config["peers"]["b"] = "127.0.0.1:9"
-    a.save_config()
-    a.start()
+    # Isolate the two (address books point nowhere), promote both, write on both.
+    good = {n: topo[n].config["peers"][p] for n, p in (("a", "b"), ("b", "a"))}
+    for n, p in (("a", "b"), ("b", "a")):
+        topo[n].stop()
+        topo[n].config["peers"][p] = "127.0.0.1:9"
+        topo[n].save_config()
+        topo[n].start()
     rc, _ = replicator_cli(b, "promote", "db", "--target", "a:async")
+    assert rc == 0
+    rc, _ = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0
+    rc, _ = replicator_cli(a, "promote", "db", "--target", "b:async")
     assert rc == 0
     qemu_io(a.nbd_uri("data"), "write -P 0xaa 0 64k")
     qemu_io(b.nbd_uri("data"), "write -P 0xbb 2M 64k")
-    a.stop()
-    a.config["peers"]["b"] = good_peer
-    a.save_config()
-    a.start()
-    wait_until(lambda: a.target("db", "b")["state"] == "split-brain", 30, "a: split-brain")
-    wait_until(lambda: b.group("db")["split_brain"], 30, "b: split brain")
-    assert a.group("db")["split_brain"]
-    assert b.target("db", "a")["state"] == "refused"  # a is a primary: no replica
+    for n, p in (("a", "b"), ("b", "a")):  # the network heals
+        topo[n].stop()
+        topo[n].config["peers"][p] = good[n]
+        topo[n].save_config()
+        topo[n].start()
+    for n, p in (("a", "b"), ("b", "a")):
+        wait_until(lambda: topo[n].target("db", p)["state"] == "split-brain", 30,
+                   f"{n}: split-brain")
+        assert topo[n].group("db")["split_brain"] and _role(topo[n]) == "primary"
 
     rc, r = replicator_cli(a, "resolve", "db", "--discard-local", "--survivor", "b")
     assert rc == 0, r
