@@ -179,12 +179,14 @@ class Agent:
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
         source = self._peer(request, "source", "demote needs the new primary as --source")
+        if group.role == "secondary" and group.source == source:  # done (maybe by itself)
+            return {"group": group.name, "role": group.role, "source": source, "changed": False}
         try:
             await group.demote(source)
         except GroupError as exc:
             raise AdminError(str(exc)) from None
         await self._sync_shippers(group)
-        return {"group": group.name, "role": group.role, "source": group.source}
+        return {"group": group.name, "role": group.role, "source": group.source, "changed": True}
 
     async def _switchover(self, request: dict) -> dict:
         """Planned move of the primary role to a replicating target: hold new writes,
