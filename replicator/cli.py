@@ -39,7 +39,11 @@ def format_status(st: dict) -> str:
             head += f"  WRITES-BLOCKED-BY:{','.join(g['writes_blocked_by'])}"
         if g.get("inconsistent"):
             head += f"  INCONSISTENT(consistent at seq {g['consistent_seq']})"
-        if g["role"] == "secondary":
+        if g.get("split_brain"):
+            head += f"  SPLIT-BRAIN(with {g['split_brain']['peer']})"
+        if g.get("generation"):
+            head += f"  gen:{g['generation']}" + ("(runtime role)" if g.get("role_from") == "runtime" else "")
+        if g["role"] in ("secondary", "bunker"):
             up = g["upstream"]
             head += f"  source:{g['source']}" + (f" connected({up['peer']})" if up else " disconnected")
         lines.append(head)

@@ -163,6 +163,7 @@ class Group:
         self._modes_saved = state.get("resync_modes", {})
         self._synced_saved = set(state.get("synced", ()))
         self.history = from_json(state.get("generations"))
+        self.discarded = list(state.get("discarded", []))
         runtime = state.get("runtime")
         if runtime:
             if (runtime["role"], runtime["source"]) == (self.cfg.role, self.cfg.source):
@@ -330,6 +331,7 @@ class Group:
             f.flush()
             os.fsync(f.fileno())
         self.discarded.append(base)
+        self._state_changed = True
         self.log.warning("group %s: data written here after seq %d is rolled back; kept in %s",
                          self.name, fork, base)
         return base
@@ -886,7 +888,7 @@ class Group:
         self._state_changed = False  # before the state is read: a later change saves again
         tmp = os.path.join(self.dir, "group.json.tmp")
         state = {"checkpoint": [pos.seq, pos.hcrc], "acked": acked,
-                 "generations": to_json(self.history),
+                 "generations": to_json(self.history), "discarded": self.discarded,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
                  "synced": sorted(n for n, t in self.targets.items() if t.synced)}

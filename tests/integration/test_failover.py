@@ -263,3 +263,29 @@ def test_without_a_bunker_the_promoted_replica_is_a_prefix_and_rpo_is_counted(to
     on_c = c.group("db")["seq"] - s0  # one 4 KiB write = one record
     assert result["rpo_writes_lost"] == max(0, result["acknowledged"] - on_c), (result, on_c)
     assert check.returncode == (3 if result["rpo_writes_lost"] else 0)
+
+
+def test_old_primary_killed_during_its_rollback_resumes_and_converges(topology):
+    """kill -9 of the returning old primary in the middle of the resync that rolls its
+    divergent writes back: it restarts inconsistent, the resync resumes, nothing is lost."""
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 64 * MiB},
+                    group_options={"resync_rate": "16MiB"})
+    a, b = topo["a"], topo["b"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 64M")
+    _converged(topo, "a", ["b"])
+    b.kill()
+    qemu_io(a.nbd_uri("data"), "write -P 0x66 0 32M")  # a lot that never reaches b
+    a.kill()
+    b.start()
+    rc, _ = replicator_cli(b, "promote", "db", "--target", "a:async")
+    assert rc == 0
+    a.start()
+    wait_until(lambda: (b.target("db", "a")["resync"] or {}).get("done_bytes", 0) > 4 * MiB,
+               60, "rollback resync under way")
+    a.kill()
+    a.start()
+    assert a.group("db")["inconsistent"] is True  # restarted mid-resync, knows it
+    wait_until(lambda: b.target("db", "a")["state"] == "replicating", 120, "b -> a again")
+    _converged(topo, "b", ["a"])
+    assert _identical(topo, ["b", "a"])
+    assert len(a.group("db")["discarded"]) == 1  # saved once, before anything was overwritten
