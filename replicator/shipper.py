@@ -578,6 +578,9 @@ class Shipper:
         None for the rest of the volume) on the target with ours, in-band: each chunk is
         hashed here at some seq and on the target after exactly that seq."""
         t, g = self.target, self.group
+        if t.bunker:
+            raise ShipError(f"{t.node} is a bunker: it holds no volumes to verify (every "
+                            "record it keeps is checksummed)")
         if not (t.streaming and self.state in STREAMING_STATES):
             raise ShipError(f"{t.node} is {self._state()}: verify needs a target that is "
                             "replicating")

@@ -10,6 +10,11 @@
           - {from: dc1-app, to: dc3-arc, mode: async, compress: zstd}
           - {from: dc3-arc, to: dc4-vault, mode: async, initial_sync: checksum,
              on_disconnect: continue}
+          - {from: dc1-app, to: dc1-bunker, mode: sync, bunker: true}
+
+A link with `bunker: true` (sync, at most one per group, from the primary) makes its
+target a bunker: it keeps only the journal; the other members replay from it when
+promoted (`replicator promote`).
 
 Each group's links must form a tree rooted at its primary: the primary receives
 nothing, every other member receives from exactly one node, and every member is
@@ -25,7 +30,7 @@ GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size"}
 VOLUME_KEYS = {"name", "size", "path"}
 LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "none"),
                 "on_disconnect": ("continue", "block")}  # optional keys, first = default
-LINK_KEYS = {"from", "to", "mode", *LINK_CHOICES}
+LINK_KEYS = {"from", "to", "mode", "bunker", *LINK_CHOICES}
 
 
 def _group_errors(i, g, hosts):
@@ -79,6 +84,11 @@ def _group_errors(i, g, hosts):
             if link.get(key, choices[0]) not in choices:
                 errors.append(f"{lw}: {key} must be one of {', '.join(choices)}; "
                               f"got {link.get(key)!r}")
+        if link.get("bunker", False) not in (True, False):
+            errors.append(f"{lw}: bunker must be true or false")
+        elif link.get("bunker") and (link.get("mode") != "sync" or src != primary):
+            errors.append(f"{lw}: a bunker keeps a synchronous copy of the primary's journal: "
+                          f"it must be linked from the primary {primary} with mode sync")
         if src == dst:
             errors.append(f"{lw}: {src} links to itself")
         elif dst == primary:
@@ -89,6 +99,13 @@ def _group_errors(i, g, hosts):
                           "has exactly one source (remove one of the two links)")
         else:
             source_of[dst] = src
+    bunkers = [link.get("to") for link in links if isinstance(link, dict) and link.get("bunker")]
+    if len(bunkers) > 1:
+        errors.append(f"{where}: more than one bunker ({', '.join(map(str, bunkers))}); a group "
+                      "has at most one")
+    feeds = {link.get("from") for link in links if isinstance(link, dict)}
+    errors += [f"{where}: bunker {b} cannot ship to other nodes (it has no volumes)"
+               for b in bunkers if b in feeds]
     # every member must be reachable from the primary (this also rules out cycles)
     reached, frontier = {primary}, [primary]
     while frontier:
@@ -155,17 +172,23 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
         if node not in members(g):
             continue
         source = next((l["from"] for l in g.get("links", []) if l["to"] == node), None)
+        bunker = next((l["to"] for l in g.get("links", []) if l.get("bunker")), None)
+        role = ("primary" if node == g["primary"] else "bunker" if node == bunker
+                else "secondary")
         out.append({
             "name": g["name"],
-            "role": "primary" if node == g["primary"] else "secondary",
+            "role": role,
             "source": source,
             "journal_size": g.get("journal_size", journal_size),
-            "volumes": [{"name": v["name"],
-                         "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
-                         "size": v["size"]} for v in g["volumes"]],
+            "volumes": [] if role == "bunker" else [
+                {"name": v["name"],
+                 "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
+                 "size": v["size"]} for v in g["volumes"]],
             "targets": [{"node": l["to"], "mode": l["mode"],
-                         **{k: l.get(k, choices[0]) for k, choices in LINK_CHOICES.items()}}
+                         **{k: l.get(k, choices[0]) for k, choices in LINK_CHOICES.items()},
+                         **({"bunker": True} if l.get("bunker") else {})}
                         for l in g.get("links", []) if l["from"] == node],
+            **({"bunker": bunker} if bunker and role == "secondary" else {}),
         })
     return out
 
@@ -178,18 +201,19 @@ def replicator_node_volumes(groups, node, volume_dir="/var/lib/replicator/volume
 
 
 def replicator_node_peers(groups, node):
-    """Nodes `node` exchanges data with (its sources and targets), sorted."""
+    """Nodes `node` may exchange data with, sorted: every other member of its groups (a
+    promoted replica ships to all of them, a takeover reads the bunker)."""
     peers = set()
     for g in groups or []:
-        for link in g.get("links", []):
-            if node in (link["from"], link["to"]):
-                peers.add(link["to"] if link["from"] == node else link["from"])
+        if node in members(g):
+            peers.update(members(g))
+    peers.discard(node)
     return sorted(peers)
 
 
 def replicator_links(groups, group=None, source=None, target=None):
-    """Links of the topology as [{group, from, to, mode, compress}], optionally only
-    those of one group, from one node or to one node (None/'' selects all)."""
+    """Links of the topology as [{group, from, to, mode, compress, bunker}], optionally
+    only those of one group, from one node or to one node (None/'' selects all)."""
     out = []
     for g in groups or []:
         if group and g["name"] != group:
@@ -198,7 +222,8 @@ def replicator_links(groups, group=None, source=None, target=None):
             if source and link["from"] != source or target and link["to"] != target:
                 continue
             out.append({"group": g["name"], "from": link["from"], "to": link["to"],
-                        "mode": link["mode"], "compress": link.get("compress", "none")})
+                        "mode": link["mode"], "compress": link.get("compress", "none"),
+                        "bunker": bool(link.get("bunker"))})
     return out
 
 

@@ -99,8 +99,10 @@ def test_node_groups_render_roles_sources_targets_and_default_paths():
 
 
 def test_peers_links_and_endpoints():
-    assert F["replicator_node_peers"](LAB, "dc3-arc") == ["dc1-app", "dc4-vault"]
-    assert F["replicator_node_peers"](LAB, "dc2-dr") == ["dc1-app"]
+    # every other member: a promoted replica ships to any of them
+    assert F["replicator_node_peers"](LAB, "dc3-arc") == ["dc1-app", "dc2-dr", "dc4-vault"]
+    assert F["replicator_node_peers"](LAB, "dc2-dr") == ["dc1-app", "dc3-arc", "dc4-vault"]
+    assert F["replicator_node_peers"](LAB, "elsewhere") == []
     links = F["replicator_links"]
     assert [(l["from"], l["to"]) for l in links(LAB, source="dc1-app")] == [
         ("dc1-app", "dc2-dr"), ("dc1-app", "dc3-arc")]
@@ -111,3 +113,35 @@ def test_peers_links_and_endpoints():
     assert endpoint({"inventory_hostname": "a", "replicator_agent_address": "192.0.2.1",
                      "replicator_agent_port": 7000}, 7789) == "192.0.2.1:7000"
     assert endpoint({"inventory_hostname": "a"}, 7789) == "a:7789"
+
+
+def test_a_bunker_link_renders_a_journal_only_member():
+    groups = copy.deepcopy(LAB)
+    groups[0]["links"].append({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync",
+                               "bunker": True})
+    assert F["replicator_topology_errors"](groups, HOSTS + ["dc1-bunker"]) == []
+    node_groups = F["replicator_node_groups"]
+    (bunker,) = node_groups(groups, "dc1-bunker")
+    assert (bunker["role"], bunker["source"], bunker["volumes"]) == ("bunker", "dc1-app", [])
+    (primary,) = node_groups(groups, "dc1-app")
+    assert primary["targets"][-1]["bunker"] is True and "bunker" not in primary
+    (far,) = node_groups(groups, "dc3-arc")
+    assert far["bunker"] == "dc1-bunker"  # what a takeover on dc3-arc replays from
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda links: links.append({"from": "dc1-app", "to": "dc1-bunker", "mode": "async",
+                                 "bunker": True}), "must be linked from the primary dc1-app"),
+    (lambda links: links.append({"from": "dc3-arc", "to": "dc1-bunker", "mode": "sync",
+                                 "bunker": True}), "must be linked from the primary dc1-app"),
+    (lambda links: links.extend([{"from": "dc1-app", "to": "dc1-bunker", "mode": "sync",
+                                  "bunker": True},
+                                 {"from": "dc1-bunker", "to": "dc4-vault", "mode": "async"}]),
+     "bunker dc1-bunker cannot ship"),
+])
+def test_bad_bunker_links(change, message):
+    groups = copy.deepcopy(LAB)
+    change(groups[0]["links"])
+    errors = F["replicator_topology_errors"](groups, HOSTS + ["dc1-bunker"])
+    assert any(message in e for e in errors), errors
+

@@ -186,6 +186,8 @@ def test_takeover_through_a_bunker_loses_no_acknowledged_write(topology):
     t = wait_until(lambda: a.target("db", "k") if a.target("db", "k")["far_lag_records"]["c"]
                    else None, 10, "bunker lag shown")
     assert t["bunker"] and t["far_lag_records"]["c"] > 0
+    rc, err = replicator_cli(a, "verify", "db", "k")
+    assert rc == 1 and "is a bunker" in err["error"]
     a.kill()  # the primary's site is lost with the writes c never got
 
     c.start()
