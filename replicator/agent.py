@@ -49,7 +49,8 @@ class Agent:
                                                     "switchover": self._switchover,
                                                     "resolve": self._resolve,
                                                     "attach": self._attach,
-                                                    "reparent": self._reparent})
+                                                    "reparent": self._reparent,
+                                                    "restore": self._restore})
         self.started = time.time()
 
     async def start(self) -> None:
@@ -179,8 +180,12 @@ class Agent:
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
         source = self._peer(request, "source", "demote needs the new primary as --source")
-        if group.role == "secondary" and group.source == source:  # done (maybe by itself)
-            return {"group": group.name, "role": group.role, "source": source, "changed": False}
+        if group.role == "secondary":  # done already (maybe by itself, on a later line)
+            changed = group.source != source
+            if changed:
+                await group.reparent(source)
+            return {"group": group.name, "role": group.role, "source": source,
+                    "changed": changed}
         try:
             await group.demote(source)
         except GroupError as exc:
@@ -249,6 +254,16 @@ class Agent:
         except GroupError as exc:
             raise AdminError(str(exc)) from None
         return {"group": group.name, "source": group.source}
+
+    async def _restore(self, request: dict) -> dict:
+        group = self._group(request)
+        try:
+            changed = await group.restore()
+        except GroupError as exc:
+            raise AdminError(str(exc)) from None
+        await self._sync_shippers(group)
+        return {"group": group.name, "role": group.role, "source": group.source,
+                "targets": [t.node for t in group.target_cfgs], "changed": changed}
 
     async def _resolve(self, request: dict) -> dict:
         """Split brain, on the loser: take `survivor`'s line; what this node wrote since

@@ -218,6 +218,13 @@ def cmd_reparent(args) -> int:
         f"group {r['group']}: source is now {r['source']}"), group=args.group, source=args.source)
 
 
+def cmd_restore(args) -> int:
+    return _operate(args, "restore", lambda r: (
+        f"group {r['group']}: {r['role']}, source {r['source']}, targets "
+        f"{', '.join(r['targets']) or 'none'} (as configured)"
+        + ("" if r["changed"] else "; nothing to change")), group=args.group)
+
+
 def cmd_resolve(args) -> int:
     return _operate(args, "resolve", lambda r: (
         f"group {r['group']}: this node gives up its writes since the split; {r['survivor']}'s "
@@ -327,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "from SOURCE (of the same line) from now on")
     rp.add_argument("group")
     rp.add_argument("--source", required=True)
-    for op, func in ((rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify), (pr, cmd_promote),
+    rt = sub.add_parser("restore", help="back to the configured source and targets once the "
+                                        "role is where the config has it (after a failback)")
+    rt.add_argument("group")
+    for op, func in ((rt, cmd_restore), (rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify), (pr, cmd_promote),
                      (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve), (at, cmd_attach),
                      (rp, cmd_reparent)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)

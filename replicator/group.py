@@ -228,15 +228,23 @@ class Group:
             link.resync_mode, link.resync_initial = self._modes_saved.get(t.node, ("full", False))
         return link
 
-    def set_targets(self, targets: list[TargetConfig]) -> None:
+    def set_targets(self, targets: list[TargetConfig], member_at: int | None = None) -> None:
         """Ship to these targets from now on (runtime change; the agent starts and stops
-        the shippers). A target kept keeps its position and bitmap."""
+        the shippers). A target kept keeps its position and bitmap; one dropped leaves
+        them behind for when it comes back. A target never shipped to that is a member
+        of our line (`member_at`: the seq our line had when it joined it) is taken to be
+        there until it connects and says where it is: it needs no full copy, and a
+        position off that is caught by the handshake (checksum resync or rejoin)."""
         self.target_cfgs = list(targets)
         for node in set(self.targets) - {t.node for t in targets}:
-            del self.targets[node]
+            gone = self.targets.pop(node)
+            self._acked_saved[node] = gone.acked_seq
+            gone.bitmap.save()
         for t in targets:
             if t.node not in self.targets:
-                self._add_target(t)
+                link = self._add_target(t)
+                if member_at is not None and not link.synced and not link.logging:
+                    link.acked_seq, link.synced = member_at, True
         self.targets_changed()
 
     async def promote(self, targets: list[TargetConfig] | None, force: bool) -> Generation:
@@ -258,7 +266,7 @@ class Group:
         self.role, self.source, self.overridden = "primary", None, True
         self.resync_base = None
         if targets is not None:
-            self.set_targets(targets)
+            self.set_targets(targets, member_at=gen.first_seq - 1)
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.applied_seq))
         self.undo.remove()
@@ -287,6 +295,23 @@ class Group:
             self._io, self._sync_and_save, self.journal.position(self.applied_seq))
         self.log.warning("group %s: demoted to secondary of %s", self.name, source)
 
+    async def restore(self) -> bool:
+        """Back to the configured source and targets (after a failover and failback put
+        the primary role back where the config has it). Only when the role agrees."""
+        if self.role != self.cfg.role:
+            raise GroupError(f"group {self.name} is {self.role} here but the config says "
+                             f"{self.cfg.role}: fail back (or switch over) first, or update the "
+                             "config")
+        if not self.overridden:
+            return False
+        self.source, self.overridden = self.cfg.source, False
+        self.set_targets(list(self.cfg.targets))
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+        self.log.warning("group %s: back to the configured topology (source %s, targets %s)",
+                         self.name, self.source, [t.node for t in self.target_cfgs] or "none")
+        return True
+
     async def reparent(self, source: str) -> None:
         """Take records from `source` from now on (its parent was lost): it must be of
         our line; the position decides whether it streams or resyncs by checksum."""
@@ -306,6 +331,7 @@ class Group:
                                  self.source)
                 self.overridden = True
             self.history, self.source = list(history), source
+            self.split_brain = None  # now of the sender's line: what diverged is rolled back
             self._state_changed = True
             self._checkpoint_now.set()
 
@@ -730,8 +756,10 @@ class Group:
         seq = bm.through + 1
         if seq < j.first_seq:
             self.log.warning("group %s: records %d..%d for %s are no longer in the journal; "
-                             "marking every region", self.name, seq, j.first_seq - 1, t.node)
+                             "every region is checked by checksum", self.name, seq,
+                             j.first_seq - 1, t.node)
             bm.set_all()
+            t.resync_mode = "checksum"  # its image is ours at some seq: most regions agree
             seq = j.first_seq
         while seq <= j.last_seq:
             _, last, data = j.read(seq, 8 << 20)
@@ -887,7 +915,7 @@ class Group:
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
         self._state_changed = False  # before the state is read: a later change saves again
         tmp = os.path.join(self.dir, "group.json.tmp")
-        state = {"checkpoint": [pos.seq, pos.hcrc], "acked": acked,
+        state = {"checkpoint": [pos.seq, pos.hcrc], "acked": {**self._acked_saved, **acked},
                  "generations": to_json(self.history), "discarded": self.discarded,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},

@@ -147,7 +147,13 @@ class Receiver:
         await link.send(Welcome(version=version, features=features, seq=pos.seq,
                                 crc=pos.hcrc, node=self.node,
                                 history=tuple((g.id, g.first_seq) for g in group.history)))
-        if verdict.relation == Relation.DIVERGED:
+        if verdict.relation == Relation.DIVERGED and group.role == "bunker":
+            # Records past the fork were never acknowledged on the new line; a bunker has
+            # no volumes to roll back: the sender just restarts its journal at its position.
+            self.log.warning("group %s: records %d..%d of this bunker are not on %s's line: "
+                             "dropped", group.name, verdict.fork + 1, pos.seq, ev.node)
+            await link.send(Diverged(fork=verdict.fork, complete=True))
+        elif verdict.relation == Relation.DIVERGED:
             complete, extents = group.diverged_extents(verdict.fork)
             extents = _merge(extents)
             self.log.warning("group %s: records %d..%d here never reached %s's line: they "
@@ -312,7 +318,12 @@ class Receiver:
             return
         targets = [TargetConfig(node=n, mode=m, compress=c, on_disconnect=d)
                    for n, m, c, d in ev.targets if n != self.node]
-        await self.promote(g, targets)
+        try:
+            await self.promote(g, targets)
+        except GroupError as exc:
+            self.log.error("group %s: handover from %s refused: %s", g.name, s.source, exc)
+            await s.link.send(Error(code=Refusal.POSITION, message=f"handover refused: {exc}"))
+            return
         await s.link.send(Ack(seq=ev.seq))
         self.log.warning("group %s: took over as primary from %s at seq %d (switchover)",
                          g.name, s.source, ev.seq)

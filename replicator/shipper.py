@@ -119,6 +119,7 @@ class Shipper:
         self._resync_waiters: list[asyncio.Future] = []
         self._handover: dict | None = None  # switchover: {seq, targets, fut, sent}
         self._stopping = False
+        self._hello_history: list = []  # the history this session's HELLO carried
         self.on_stale = on_stale  # (group, node): the target holds a later primary's line
 
     def start(self) -> None:
@@ -169,7 +170,8 @@ class Shipper:
             self.state = "connecting"
         self._inflight.clear()
         self._inflight_bytes = 0
-        lost = ShipError(f"the link to {self.target.node} went down")
+        lost = ShipError(f"the link to {self.target.node} went down"
+                         + (f": {self.last_error}" if self.last_error else ""))
         waiters = list(self._hash_waiters.values()) + [p.reply for p in self._probes]
         if self._handover:
             waiters.append(self._handover["fut"])
@@ -194,6 +196,7 @@ class Shipper:
         try:
             features = Feature.ZSTD if self.compress else Feature(0)
             g = self.group
+            self._hello_history = list(g.history)
             await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                                   features=features, node=self.node, group=g.name,
                                   target=self.target.node, seq=g.journal.last_seq,
@@ -296,6 +299,10 @@ class Shipper:
             if self.target.logging:
                 raise ShipError(f"{self.target.node} switched to logging ({self.target.why}): "
                                 "resync from the bitmap", state="logging")
+            if self.group.history != self._hello_history:
+                # This node took a new line (a promotion upstream): the target must hear
+                # it in a new HELLO, or it would refuse the new primary later.
+                raise ShipError(f"generation changed to {self.group.history[-1]}: reconnecting")
             if self._probes:
                 await self._send_probe(link, self._probes.popleft())
                 last_send = time.monotonic()

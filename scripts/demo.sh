@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The demo: four hosts on this machine, deployed and operated with Ansible over real SSH.
+# The demo: five hosts on this machine, deployed and operated with Ansible over real SSH.
 #   dc1-app --sync--> dc2-dr                                   (site uplinks 1 Gbit/s)
+#   dc1-app --sync--> dc1-bunker                               (journal only)
 #   dc1-app --async, zstd--> dc3-arc --async--> dc4-vault      (100 and 50 Mbit/s: a cascade)
 # Each host is a network namespace with its own address, sshd, hostname, private mounts and
 # process tree (playbooks/lab.yml). Then site.yml (CA and certificates, install, configure,
 # start: mutual TLS), pair.yml (every link replicating), a workload through NBD on the
 # primary host (qemu-io patterns, fio random writes), verify.yml (online verify of every
 # link: region hashes compared on both ends while replication runs), compare.yml (every replica equals the primary: sha256 on each host) and
-# status.yml (one table). Re-running it reuses the lab; the end says how to remove it.
+# status.yml (one table), then the DR drill (dr_exercise.yml: dc1-app crashed under a
+# ledger-logged workload, dc3-arc promoted through the bunker, ledger checked, failback,
+# report in /var/tmp/replicator-dr). Re-running it reuses the lab; the end says how to
+# remove it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -40,11 +44,14 @@ fio --name=demo --ioengine=nbd --uri="$nbd/data" --rw=randwrite --bs=4k --iodept
 play verify.yml
 play compare.yml
 play status.yml
+play dr_exercise.yml -e dr_report_dir=/var/tmp/replicator-dr
+sed -n '1,12p' /var/tmp/replicator-dr/report.md
 
 lab_dir=$(inventory "hostvars['$primary']['replicator_lab_dir']")
 cat <<TEXT
 
-demo ok in $((SECONDS - started))s. The lab is still up; try:
+demo ok in $((SECONDS - started))s. The DR report: /var/tmp/replicator-dr/report.{md,json,xml}.
+The lab is still up; try:
   ssh -i $lab_dir/ssh/id_ed25519 -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no root@$address
   sudo .venv/bin/ansible-playbook -i inventories/lab playbooks/status.yml
   sudo .venv/bin/ansible-playbook -i inventories/lab playbooks/lab_fault.yml -e lab_fault=isolate -l dc3-arc
