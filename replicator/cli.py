@@ -337,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("restore", help="back to the configured source and targets once the "
                                         "role is where the config has it (after a failback)")
     rt.add_argument("group")
-    for op, func in ((rt, cmd_restore), (rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify), (pr, cmd_promote),
-                     (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve), (at, cmd_attach),
-                     (rp, cmd_reparent)):
+    for op, func in ((rt, cmd_restore), (rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify),
+                     (pr, cmd_promote), (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve),
+                     (at, cmd_attach), (rp, cmd_reparent)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)
