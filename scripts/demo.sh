@@ -53,8 +53,8 @@ cat <<TEXT
 demo ok in $((SECONDS - started))s. The DR report: /var/tmp/replicator-dr/report.{md,json,xml}.
 The lab is still up; try:
   ssh -i $lab_dir/ssh/id_ed25519 -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no root@$address
-  sudo .venv/bin/ansible-playbook -i inventories/lab playbooks/status.yml
-  sudo .venv/bin/ansible-playbook -i inventories/lab playbooks/lab_fault.yml -e lab_fault=isolate -l dc3-arc
+  .venv/bin/ansible-playbook -i inventories/lab playbooks/status.yml
+  .venv/bin/ansible-playbook -i inventories/lab playbooks/lab_fault.yml -e lab_fault=isolate -l dc3-arc
 Tear it down (removes every namespace, link, process and file it made):
-  sudo .venv/bin/ansible-playbook -i inventories/lab playbooks/lab.yml -e lab_state=down
+  .venv/bin/ansible-playbook -i inventories/lab playbooks/lab.yml -e lab_state=down
 TEXT
