@@ -49,6 +49,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                               f"{ev.reason}")
         if not isinstance(ev, Welcome) or not ev.features & Feature.FETCH:
             raise BunkerError(f"bunker {bunker} did not accept a fetch")
+        welcome = ev
         await link.send(Fetch(seq=ours.seq, crc=ours.hcrc))
         replayed, last = 0, ours.seq
         failed: list[int] = []
@@ -63,6 +64,9 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                 replayed += ev.last_seq - max(ev.first_seq, last + 1) + 1
                 last = ev.last_seq
             elif isinstance(ev, Ack):
+                if ev.seq < ours.seq and not replayed:
+                    _check_ahead(group, bunker, welcome)
+                    break
                 if ev.seq != last:
                     raise BunkerError(f"bunker {bunker} ended at seq {ev.seq} after sending "
                                       f"records through {last}")
@@ -78,3 +82,13 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                 "replayed": replayed}
     finally:
         await link.close()
+
+
+def _check_ahead(group: Group, bunker: str, welcome: Welcome) -> None:
+    """We hold records past the bunker's last (the lost primary shipped them to us but
+    never had them acknowledged): the bunker has nothing for us if its last record is
+    ours too."""
+    mine = group.journal.position(welcome.seq)
+    if mine is not None and mine.hcrc != welcome.crc:
+        raise BunkerError(f"bunker {bunker}'s record {welcome.seq} differs from ours: it is "
+                          "not of our line")

@@ -43,6 +43,10 @@ def format_status(st: dict) -> str:
             head += f"  SPLIT-BRAIN(with {g['split_brain']['peer']})"
         if g.get("generation"):
             head += f"  gen:{g['generation']}" + ("(runtime role)" if g.get("role_from") == "runtime" else "")
+        b = g.get("bunker")
+        if b and b["far_seq"] is not None:
+            head += (f"  far-lag:{b['far_lag_records']} rec"
+                     + ("" if b["covers_far_replicas"] else "  OVERRUN(a takeover replay is short)"))
         if g["role"] in ("secondary", "bunker"):
             up = g["upstream"]
             head += f"  source:{g['source']}" + (f" connected({up['peer']})" if up else " disconnected")

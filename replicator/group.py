@@ -146,6 +146,7 @@ class Group:
         self.overridden = False
         self.history: list[Generation] = []  # generations this image descends from
         self.split_brain: dict | None = None  # {peer, fork, ...} while a peer diverged
+        self.bunker_far_seq: int | None = None  # bunker: RETAIN from the primary
         self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
         self.discarded: list[str] = []  # where rolled-back divergent data was saved
         self._held: list | None = None  # writes held during a switchover
@@ -198,7 +199,7 @@ class Group:
         if j.position(self.checkpoint.seq) != self.checkpoint:
             raise GroupError(f"group {self.name}: journal record {self.checkpoint.seq} does "
                              "not match the checkpoint (journal replaced?)")
-        replayed = self._replay(self.checkpoint.seq)
+        replayed = 0 if self.role == "bunker" else self._replay(self.checkpoint.seq)
         self.applied_seq = j.last_seq
         self._next_seq = j.last_seq + 1
         if replayed:
@@ -730,12 +731,47 @@ class Group:
         checkpoint, not acked by a streaming target, not marked in a logging target's
         saved bitmap. A bunker keeps as much as 3/4 of its journal holds (a takeover
         replays from it whatever the far replicas lack)."""
-        if self.role == "bunker":
-            return self._bunker_keep(self.journal.capacity * 3 // 4)
+        if self.role == "bunker":  # journal only; a restart still checks its checkpoint
+            return min(self._bunker_needed_after(), self.checkpoint.seq)
         low = self.checkpoint.seq
         for t in self.targets.values():
             low = min(low, t.bitmap.through if t.logging else t.acked_seq)
         return low
+
+    def far_seq(self) -> int:
+        """Primary: the records through this seq are on every target but the bunkers
+        (what a bunker may drop; RETAIN tells it)."""
+        return min((t.acked_seq for t in self.targets.values() if not t.bunker),
+                   default=self.journal.last_seq)
+
+    def retain(self, seq: int) -> None:
+        """Bunker: the primary's far replicas hold every record through `seq`."""
+        self.bunker_far_seq = seq
+
+    def _bunker_needed_after(self) -> int:
+        """Keep every record the far replicas lack (after RETAIN's seq; all of them before
+        the first RETAIN), but at most logging_high_water bytes: the primary switches a
+        far replica that lags more than that to logging, and no replay can help it then."""
+        j = self.journal
+        ring = self._bunker_keep(self.cfg.logging_high_water)
+        far = self.bunker_far_seq
+        if far is None:
+            return ring
+        if far >= j.base.seq and ring > far:  # about to drop what the far replicas lack
+            self.log.warning("group %s: bunker journal overrun: the far replicas lack records "
+                             "from seq %d, but it holds at most %d bytes (logging_high_water); "
+                             "a takeover can no longer replay records %d..%d", self.name,
+                             far + 1, self.cfg.logging_high_water, far + 1, ring)
+        return max(ring, min(far, j.last_seq))
+
+    def bunker_status(self) -> dict | None:
+        """Bunker: how far the far replicas lag, and whether a takeover replay still has
+        every record they lack."""
+        if self.role != "bunker":
+            return None
+        j, far = self.journal, self.bunker_far_seq
+        return {"far_seq": far, "far_lag_records": None if far is None else max(0, j.last_seq - far),
+                "covers_far_replicas": None if far is None else far >= j.base.seq}
 
     def _bunker_keep(self, budget: int) -> int:
         """The lowest seq s such that the records after s fit in `budget` bytes."""

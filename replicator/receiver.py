@@ -24,9 +24,10 @@ from .journal.segments import Position
 from .transport import Link, peer_node
 from .verify import region_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
-                   ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply, HashRequest, Heartbeat, Hello,
-                   LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
-                   ResyncData, ResyncDone, Role, Welcome, negotiate)
+                   ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply,
+                   HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
+                   RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Retain, Role,
+                   Welcome, negotiate)
 
 
 class _Session:
@@ -191,6 +192,11 @@ class Receiver:
         if not isinstance(req, Fetch):
             return
         j = group.journal
+        if req.seq > pos.seq:  # it holds more than we do (records the primary never acked)
+            await link.send(Ack(seq=pos.seq))  # it checks our last record against its own
+            self.log.info("group %s: %s is at seq %d, past our %d: nothing to replay",
+                          group.name, ev.node, req.seq, pos.seq)
+            return
         held = j.position(req.seq)
         if held is None or held.hcrc != req.crc:
             why = (f"{self.node} does not hold {ev.node}'s position {req.seq} "
@@ -277,6 +283,8 @@ class Receiver:
                                    s.source, problem)
                     await s.link.send(Error(code=Refusal.POSITION, message=problem[:1000]))
                     return
+            elif isinstance(ev, Retain):
+                s.group.retain(ev.seq)
             elif isinstance(ev, Heartbeat):
                 await s.link.send(Heartbeat(sent_ns=ev.sent_ns))
             elif isinstance(ev, Error):

@@ -39,9 +39,9 @@ from .journal.segments import JournalError
 from .transport import Link
 from .verify import CHUNK, chunks, differing, region_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
-                   Diverged, Error, Feature, Handover, HashReply, HashRequest, Heartbeat, Hello, LocalProtocolError,
-                   Records, Refusal, Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Role,
-                   Welcome)
+                   Diverged, Error, Feature, Handover, HashReply, HashRequest, Heartbeat, Hello,
+                   LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
+                   ResyncData, ResyncDone, Retain, Role, Welcome)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
@@ -103,6 +103,7 @@ class Shipper:
         self.state = "connecting"
         self.last_error = ""
         self.sent_seq = 0
+        self.retained_seq = -1  # bunker: the last RETAIN sent in this session
         self.bytes_sent = 0
         self._inflight: deque = deque()  # (last_seq, nbytes)
         self._inflight_bytes = 0
@@ -279,6 +280,7 @@ class Shipper:
         self.state = "resyncing"
 
     async def _stream(self, link: Link) -> None:
+        self.retained_seq = -1
         if self._needs_resync:
             await self._resync(link)
         pump = asyncio.create_task(self._pump(link))
@@ -311,6 +313,8 @@ class Shipper:
             if h and not h["sent"] and self.sent_seq >= h["seq"]:
                 await link.send(Handover(seq=h["seq"], targets=h["targets"]))
                 h["sent"] = True
+            if self.target.bunker:
+                await self._retain(link)
             if self.sent_seq >= j.last_seq and not self.target.in_sync:
                 self.target.in_sync = True
                 self.state = "replicating"
@@ -331,6 +335,13 @@ class Shipper:
             if time.monotonic() - last_send >= self.hb_interval:
                 await link.send(Heartbeat(sent_ns=time.time_ns()))
                 last_send = time.monotonic()
+
+    async def _retain(self, link: Link) -> None:
+        """Tell the bunker how far every other target got: it keeps the records after."""
+        far = min(self.group.far_seq(), self.sent_seq)
+        if far != self.retained_seq:
+            await link.send(Retain(seq=far))
+            self.retained_seq = far
 
     async def _send_records(self, link: Link, through: int | None = None) -> None:
         first, last, data = self.group.journal.read(self.sent_seq + 1, BATCH_BYTES, through)

@@ -7,8 +7,8 @@ from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, IGNORAB
                      PROTOCOL_MIN, RECORDS_FIXED_SIZE, SUPPORTED_FEATURES, Ack, Diverged,
                      Error, Feature, Fetch, Frame, FrameType, Handover, HashReply, HashRequest,
                      Heartbeat, Hello, LocalProtocolError, ProtocolError, Records, Refusal,
-                     Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Welcome,
-                     negotiate)
+                     Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Retain,
+                     Welcome, negotiate)
 
 __all__ = [
     # connection.py
@@ -19,5 +19,6 @@ __all__ = [
     "PROTOCOL_MIN", "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES", "Ack", "Diverged", "Error",
     "Feature", "Fetch", "Frame", "FrameType", "Handover", "HashReply", "HashRequest",
     "Heartbeat", "Hello", "LocalProtocolError", "ProtocolError", "Records", "Refusal", "Refuse",
-    "RemoteProtocolError", "ResyncAck", "ResyncData", "ResyncDone", "Welcome", "negotiate",
+    "RemoteProtocolError", "ResyncAck", "ResyncData", "ResyncDone", "Retain", "Welcome",
+    "negotiate",
 ]

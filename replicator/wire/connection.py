@@ -107,6 +107,7 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.STREAMING, RECV, _F.DIVERGED): State.STREAMING,
     (_S, State.STREAMING, SEND, _F.HANDOVER): State.STREAMING,
     (_S, State.STREAMING, SEND, _F.FETCH): State.STREAMING,
+    (_S, State.STREAMING, SEND, _F.RETAIN): State.STREAMING,
     (_S, State.STREAMING, RECV, _F.RECORDS): State.STREAMING,
 
     (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
@@ -124,6 +125,7 @@ TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_R, State.STREAMING, SEND, _F.DIVERGED): State.STREAMING,
     (_R, State.STREAMING, RECV, _F.HANDOVER): State.STREAMING,
     (_R, State.STREAMING, RECV, _F.FETCH): State.STREAMING,
+    (_R, State.STREAMING, RECV, _F.RETAIN): State.STREAMING,
     (_R, State.STREAMING, SEND, _F.RECORDS): State.STREAMING,
 }
 # Rows only a connection that agreed Feature.FETCH may use (journal read from a bunker).

@@ -33,6 +33,7 @@ exactly after its last field):
    13 DIVERGED     fork u64, complete u8                           extents
    14 HANDOVER     seq u64                                         targets
    15 FETCH        seq u64, crc u32
+   16 RETAIN       seq u64
 
 history = count u16 (at most MAX_GENERATIONS), then count x (id u64, first_seq u64): the
 generations the node's image descends from, oldest first (replicator/generations.py).
@@ -41,7 +42,11 @@ targets = (node str, mode str, flags u8: bit 0 zstd, bit 1 on_disconnect block) 
 FETCH (sender -> receiver, on a connection whose HELLO asked for Feature.FETCH): send
 me your records after seq (whose header CRC must be crc); the receiver answers with
 RECORDS (receiver -> sender) and ACK(its last seq), then closes: takeover replay from a
-bunker.
+bunker. A sender already past the receiver's last seq gets ACK(that seq) alone and checks
+WELCOME's crc against its own record there.
+RETAIN (sender -> receiver, to a bunker, in STREAMING, seq at most the last seq sent):
+every far replica of the sender holds the records through seq; the bunker may drop them,
+and must keep every later one for a takeover replay.
 HANDOVER (sender -> receiver, after every record through seq): planned switchover; the
 receiver, holding exactly seq, becomes the primary with these targets and answers
 ACK(seq); the sender then demotes itself.
@@ -116,6 +121,7 @@ class FrameType(enum.IntEnum):
     DIVERGED = 13
     HANDOVER = 14
     FETCH = 15
+    RETAIN = 16
 
 
 class Refusal(enum.IntEnum):
@@ -323,8 +329,15 @@ class Fetch:
     crc: int
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Retain:
+    """Sender -> bunker: the far replicas hold every record through `seq`."""
+    frame_type: ClassVar[FrameType] = FrameType.RETAIN
+    seq: int
+
+
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
-         | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch)
+         | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch | Retain)
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -375,6 +388,7 @@ _DIVERGED = _Fixed("QB", "fork", "complete")
 _EXTENT = _Fixed("QQ", "offset", "length")
 _HANDOVER = _Fixed("Q", "seq")
 _FETCH = _Fixed("QI", "seq", "crc")
+_RETAIN = _Fixed("Q", "seq")
 _TARGET_FLAGS = _Fixed("B", "target flags")
 _STRLEN = struct.Struct("<H")
 
@@ -501,6 +515,8 @@ def encode_body(event: Frame, *, max_frame: int,
             parts += [_pack_name(kind, "volume", volume), _EXTENT.pack(kind, offset, length)]
     elif isinstance(event, Fetch):
         parts = [_FETCH.pack(kind, event.seq, event.crc)]
+    elif isinstance(event, Retain):
+        parts = [_RETAIN.pack(kind, event.seq)]
     elif isinstance(event, Handover):
         parts = [_HANDOVER.pack(kind, event.seq)]
         for node, mode, compress, on_disconnect in event.targets:
@@ -608,6 +624,8 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
     elif kind == FrameType.FETCH:
         seq, crc = reader.fixed(_FETCH)
         event = Fetch(seq=seq, crc=crc)
+    elif kind == FrameType.RETAIN:
+        event = Retain(seq=reader.fixed(_RETAIN)[0])
     elif kind == FrameType.HANDOVER:
         (seq,) = reader.fixed(_HANDOVER)
         targets = []

@@ -6,6 +6,7 @@ operator resolves it."""
 import filecmp
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -197,6 +198,76 @@ def test_takeover_through_a_bunker_loses_no_acknowledged_write(topology):
     assert r["rpo_records"] == 0
     assert c.group("db")["seq"] == seq and _role(c) == "primary"
     assert _identical(topo, ["a", "c"])  # every acknowledged write of a is on c
+
+
+def test_bunker_keeps_what_the_far_replica_lacks_and_says_when_it_cannot(topology):
+    """The primary tells its bunker (RETAIN) how far the far replicas got: the bunker
+    keeps every record after that and trims the rest. When the far replica lags more
+    than logging_high_water, the bunker says a takeover replay is short, and a
+    takeover through it is refused with the reason."""
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    volumes={"data": SIZE}, bunkers=["k"], journal_size="16MiB",
+                    node_options={"c": {"bunker": "k"}})
+    a, k, c = topo["a"], topo["k"], topo["c"]
+    qemu_io(a.nbd_uri("data"), *(f"write -P 0x11 {m}M 1M" for m in range(6)))
+    _converged(topo, "a", ["c", "k"])
+    seq = a.group("db")["seq"]
+    b = wait_until(lambda: k.group("db")["bunker"] if k.group("db")["bunker"]["far_seq"] == seq
+                   else None, 10, "the bunker to hear how far c got")
+    assert b == {"far_seq": seq, "far_lag_records": 0, "covers_far_replicas": True}
+    # 6 MiB is half of what it may hold (logging_high_water): only c's position trims it
+    wait_until(lambda: k.group("db")["journal"]["first_seq"] > 1, 20,
+               "the bunker to drop what c holds")
+
+    c.kill()
+    qemu_io(a.nbd_uri("data"), *(f"write -P 0x22 {m}M 1M" for m in range(6)))
+    b = wait_until(lambda: k.group("db")["bunker"] if k.group("db")["bunker"]["far_lag_records"]
+                   else None, 10, "the bunker to count what c lacks")
+    assert b["far_seq"] == seq and b["covers_far_replicas"]
+    assert k.group("db")["journal"]["first_seq"] <= seq + 1  # kept for c
+
+    qemu_io(a.nbd_uri("data"), *(f"write -P 0x33 {m}M 1M" for m in range(14)))  # > high water
+    b = wait_until(lambda: k.group("db")["bunker"] if not k.group("db")["bunker"]
+                   ["covers_far_replicas"] else None, 30, "the bunker to report its overrun")
+    assert b["far_seq"] == seq and "OVERRUN" in subprocess.run(
+        [sys.executable, "-m", "replicator.cli", "status", "-c", k.config_path],
+        capture_output=True, text=True).stdout
+    a.kill()
+    c.start()
+    wait_until(lambda: c.group("db")["upstream"] is None, 20, "c to have no source")
+    rc, err = replicator_cli(c, "promote", "db")
+    assert rc == 1 and f"does not hold c's position {seq}" in err["error"], err
+    assert _role(c) == "secondary"
+
+
+def test_takeover_of_a_replica_past_its_bunker_replays_nothing(topology):
+    """The primary is lost with a write in flight that reached the far replica but not
+    the bunker (so it was never acknowledged): the promote through the bunker finds
+    nothing to replay and succeeds, keeping that write."""
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    a, k, c = topo["a"], topo["k"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
+    _converged(topo, "a", ["c", "k"])
+    seq = a.group("db")["seq"]
+    k.proc.send_signal(signal.SIGSTOP)
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x44 2M 64k",
+                               a.nbd_uri("data")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: c.group("db")["seq"] > seq, 10, "c to get the unacknowledged write")
+        assert writer.poll() is None  # still waiting for the bunker
+        a.kill()
+        k.kill()  # stopped before the record reached it: it never held it
+    finally:
+        writer.kill()
+        writer.wait()
+    k.start()
+    wait_until(lambda: c.group("db")["upstream"] is None, 20, "c to have no source")
+    rc, r = replicator_cli(c, "promote", "db")
+    assert rc == 0, r
+    assert r["bunker_replay"]["replayed"] == 0 and r["rpo_records"] == 0, r
+    assert c.group("db")["seq"] == seq + 1 and _role(c) == "primary"
 
 
 def test_takeover_without_its_bunker_is_refused_unless_told(topology):

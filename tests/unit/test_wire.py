@@ -13,7 +13,7 @@ from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, NEE
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
                              LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
-                             ResyncAck, ResyncData, ResyncDone, Role, State, Welcome,
+                             ResyncAck, ResyncData, ResyncDone, Retain, Role, State, Welcome,
                              negotiate)
 
 try:
@@ -280,6 +280,7 @@ ROUND_TRIP = [
     Diverged(fork=0, complete=False),
     Handover(seq=9, targets=(("dc1", "sync", "none", "continue"), ("dc3", "async", "zstd", "block"))),
     Handover(seq=0),
+    Retain(seq=0), Retain(seq=2**64 - 1),
 ]
 
 
@@ -414,6 +415,7 @@ MALFORMED_AT_START = [
     ("history cut", frame(1, hello_body()[:-2] + struct.pack("<HQ", 1, 5)),
      "too short for generation id, first_seq"),
     ("heartbeat trailing", frame(6, struct.pack("<Q", 1) + b"\0"), "HEARTBEAT body has 1 trailing"),
+    ("retain short", frame(16, b"\0" * 7), "RETAIN"),
 ]
 
 
@@ -663,6 +665,7 @@ def test_ack_before_welcome_and_frames_after_close():
     (hello_received, Records(first_seq=1, last_seq=1, payload=b""), "receiver cannot send RECORDS"),
     (streaming_sender, HELLO, "cannot send HELLO in state streaming"),
     (streaming_sender, Ack(seq=3), "sender cannot send ACK"),
+    (streaming_receiver, Retain(seq=3), "receiver cannot send RETAIN"),
     (streaming_receiver, Refuse(code=6, reason="late"), "cannot send REFUSE in state streaming"),
     (lambda: Connection(Role.SENDER),
      Hello(proto_min=1, proto_max=1, features=0, node="n" * 256, group="g", target="t"),
