@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+from . import snapshot
 from .admin import AdminError, AdminServer
 from .bunker import BunkerError
 from .bunker import replay as bunker_replay
@@ -134,6 +135,8 @@ class Agent:
             targets = [t for t in group.target_cfgs if t.node not in {x.node for x in targets}] \
                 + targets
         force = bool(request.get("force"))
+        if request.get("copy"):
+            return await self._promote_copy(group, request)
         if self.receiver.status(group.name) is not None and not force:
             raise AdminError(f"group {group.name}: its source {group.source} is still connected; "
                              "a planned move is `replicator switchover` on the primary (or force)")
@@ -150,8 +153,38 @@ class Agent:
         result["rpo_records"] = 0 if replayed and "error" not in replayed else None
         return result
 
-    async def _replay_bunker(self, group: Group, request: dict) -> dict | None:
-        """Takeover: fetch what the bunker holds past us before promoting."""
+    async def _promote_copy(self, group: Group, request: dict) -> dict:
+        """The non-destructive takeover of a DR drill: a snapshot of this replica (which
+        goes on replicating), brought forward from the bunker like a promoted replica,
+        writable, in its own directory."""
+        if group.role != "secondary":
+            raise AdminError(f"group {group.name} is {group.role} here; only a secondary's "
+                             "copy is promoted")
+        directory = os.path.abspath(request["copy"])
+        started = time.monotonic()
+        try:
+            snap = await snapshot.take(group, directory)
+        except (GroupError, OSError) as exc:
+            raise AdminError(f"copy of group {group.name} into {directory}: {exc}") from None
+        try:
+            replayed = await self._replay_bunker(group, request, into=snap)
+            manifest = await asyncio.get_running_loop().run_in_executor(None, snap.seal)
+        except BaseException:
+            snap.discard()
+            snapshot.remove(directory)
+            raise
+        log.warning("group %s: promoted a copy at seq %d into %s", group.name, manifest["seq"],
+                    directory)
+        return {"group": group.name, "role": "copy", "copy": manifest, "seq": manifest["seq"],
+                "generation": str(group.history[-1]) if group.history else None,
+                "bunker_replay": replayed,
+                "rpo_records": 0 if replayed and "error" not in replayed else None,
+                "seconds": round(time.monotonic() - started, 3)}
+
+    async def _replay_bunker(self, group: Group, request: dict,
+                             into: snapshot.Snapshot | None = None) -> dict | None:
+        """Takeover: fetch what the bunker holds past us (or past `into`) before
+        promoting."""
         bunker = request.get("bunker") or group.cfg.bunker
         if not bunker or request.get("no_bunker"):
             return None
@@ -160,7 +193,7 @@ class Agent:
         try:
             result = await bunker_replay(group, self.cfg.node, bunker, self.cfg.peers[bunker],
                                          timeout=self.cfg.heartbeat_timeout * 2,
-                                         tls=self.client_tls)
+                                         tls=self.client_tls, into=into)
         except BunkerError as exc:
             if not request.get("force"):
                 raise AdminError(f"{exc}; nothing was promoted. Promote with --no-bunker (or "

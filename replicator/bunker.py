@@ -1,7 +1,8 @@
 """Takeover replay from a bunker: before a replica is promoted, it reads the records it
 lacks from the bunker's journal (a synchronous copy of the lost primary's journal) and
 journals and applies them in seq order, so no acknowledged write is lost (seed 002:
-the staging log is this node's own journal, written before the volumes).
+the staging log is this node's own journal, written before the volumes). The drill's
+non-destructive takeover replays them into a snapshot of the replica instead.
 
 One connection with Feature.FETCH: HELLO (our position and history), WELCOME (the
 bunker's), FETCH(our seq, its header CRC), then RECORDS from the bunker up to its last
@@ -14,6 +15,7 @@ import asyncio
 import ssl
 
 from .group import Group, GroupError
+from .snapshot import Snapshot
 from .transport import Link
 from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, Error, Feature, Fetch, Hello,
                    Records, Refuse, Role, Welcome)
@@ -24,12 +26,14 @@ class BunkerError(Exception):
 
 
 async def replay(group: Group, node: str, bunker: str, address: tuple[str, int], *,
-                 timeout: float, tls: ssl.SSLContext | None = None) -> dict:
-    """Fetch and apply every record the bunker holds past ours; returns
-    {bunker, from_seq, to_seq, replayed}."""
+                 timeout: float, tls: ssl.SSLContext | None = None,
+                 into: Snapshot | None = None) -> dict:
+    """Fetch and apply every record the bunker holds past ours (past the snapshot's,
+    applied to it, with `into`); returns {bunker, from_seq, to_seq, replayed}."""
     host, port = address
     await group.settle()
-    ours = group.journal.position()
+    ours = into.position if into else group.journal.position()
+    history = into.history if into else group.history
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=tls,
@@ -42,7 +46,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
         await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                               features=Feature.ZSTD | Feature.FETCH, node=node,
                               group=group.name, target=bunker, seq=ours.seq,
-                              history=tuple((g.id, g.first_seq) for g in group.history)))
+                              history=tuple((g.id, g.first_seq) for g in history)))
         ev = await link.next_event(timeout)
         if isinstance(ev, Refuse):
             raise BunkerError(f"bunker {bunker} refused: {getattr(ev.code, 'name', ev.code)}: "
@@ -57,8 +61,11 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
             ev = await link.next_event(timeout)
             if isinstance(ev, Records):
                 try:
-                    group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
-                                         lambda err: err and failed.append(err))
+                    if into:
+                        into.apply(ev.first_seq, ev.last_seq, ev.payload)
+                    else:
+                        group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
+                                             lambda err: err and failed.append(err))
                 except GroupError as exc:
                     raise BunkerError(f"records from bunker {bunker}: {exc}") from None
                 replayed += ev.last_seq - max(ev.first_seq, last + 1) + 1

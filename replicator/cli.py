@@ -183,8 +183,13 @@ def cmd_promote(args) -> int:
                             "compress": parts[2] if len(parts) == 3 else "none"})
     def human(r: dict) -> str:
         replay = r.get("bunker_replay")
-        line = (f"group {r['group']}: primary here, generation {r['generation']} from seq "
-                f"{r['seq'] + 1}; ships to {', '.join(r['targets']) or 'nobody'}")
+        if r.get("copy"):
+            line = (f"group {r['group']}: a writable copy at seq {r['seq']} in "
+                    + ", ".join(v["path"] for v in r["copy"]["volumes"].values())
+                    + " (this replica goes on replicating)")
+        else:
+            line = (f"group {r['group']}: primary here, generation {r['generation']} from seq "
+                    f"{r['seq'] + 1}; ships to {', '.join(r['targets']) or 'nobody'}")
         if replay and "error" not in replay:
             line += (f"\nreplayed {replay['replayed']} record(s) from bunker {replay['bunker']}: "
                      "no acknowledged write lost (RPO 0)")
@@ -193,7 +198,8 @@ def cmd_promote(args) -> int:
         return line
 
     return _operate(args, "promote", human, timeout=None, group=args.group, force=args.force,
-                    targets=targets, bunker=args.bunker, no_bunker=args.no_bunker)
+                    targets=targets, bunker=args.bunker, no_bunker=args.no_bunker,
+                    copy=os.path.abspath(args.copy) if args.copy else None)
 
 
 def cmd_demote(args) -> int:
@@ -313,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "group's `bunker` key)")
     pr.add_argument("--no-bunker", action="store_true",
                     help="do not replay from the bunker (accept losing what only it holds)")
+    pr.add_argument("--copy", metavar="DIR",
+                    help="promote a copy instead (DR drill): a snapshot of this replica in "
+                         "DIR, brought forward from the bunker; the replica is untouched")
     pr.add_argument("--target", action="append", metavar="NODE:MODE[:zstd]",
                     help="ship to this node once primary (repeatable; added to the current "
                          "targets)")

@@ -280,9 +280,14 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
 
 # --- the checker -----------------------------------------------------------------
 
-def check(ledger_path: str, image_path: str) -> dict:
-    """Compare a volume image with a ledger; see the module docstring for the fields."""
+def check(ledger_path: str, image_path: str, acked_before: float | None = None) -> dict:
+    """Compare a volume image with a ledger; see the module docstring for the fields.
+    With `acked_before` (epoch seconds), writes acknowledged later count as in flight: an
+    image taken at that instant while the workload went on (a drill's copy) may or may
+    not hold them."""
     led = read_ledger(ledger_path)
+    if acked_before is not None:
+        led.acks = [ack for ack in led.acks if ack.time <= acked_before]
     bs, iodepth = led.header["block_size"], led.header["iodepth"]
     order, run_id = led.order, led.run_id
     try:
@@ -342,6 +347,7 @@ def check(ledger_path: str, image_path: str) -> dict:
         "writer_stopped": led.end.get("reason") if led.end else None,
         "ledger_truncated": led.truncated,
         "acknowledged": len(led.acks),
+        "acked_before": acked_before,
         "present": len(present_indices),
         "missing": len(missing),
         "rpo_writes_lost": len(missing),
@@ -418,6 +424,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "some are, 1 on an error.")
     c.add_argument("--ledger", required=True)
     c.add_argument("--image", required=True, help="image file or block device")
+    c.add_argument("--acked-before", type=float, metavar="EPOCH",
+                   help="only writes acknowledged by then must be present (an image taken "
+                        "at that instant while the workload went on)")
     c.add_argument("--json", action="store_true")
     return parser
 
@@ -452,7 +461,7 @@ def _write(args) -> int:
 
 
 def _check(args) -> int:
-    result = check(args.ledger, args.image)
+    result = check(args.ledger, args.image, args.acked_before)
     if args.json:
         print(json.dumps(result))
     else:

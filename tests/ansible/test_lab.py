@@ -147,3 +147,30 @@ def test_dr_exercise_through_the_bunker(deployed, tmp_path):
     assert lab.group_status("dc1-app")["role"] == "primary"
     lab.wait_converged()
     lab.assert_identical()
+
+
+def test_dr_exercise_copy_mode_leaves_production_running(deployed, tmp_path):
+    """The non-destructive drill for real hosts: nothing is stopped; the far replica
+    promotes a copy of itself through the bunker, the copy is checked against the
+    ledger and deleted, and the replica and its primary are left as they were."""
+    lab = deployed
+    before = {n: lab.group_status(n) for n in ("dc1-app", "dc3-arc")}
+    report_dir = str(tmp_path / "dr")
+    out = playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}",
+                   "-e", "dr_exercise_mode=copy", check=False)
+    assert "set aside for drills" in out  # copy mode refuses to write a volume not named
+    playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", "-e", "dr_exercise_mode=copy",
+             "-e", "dr_exercise_volume_name=log", "-e", "dr_exercise_writes=300", timeout=900)
+    with open(os.path.join(report_dir, "report.json")) as f:
+        report = json.load(f)
+    assert report["result"] == "pass", report
+    assert report["rpo_writes_lost"] == 0 and report["ledger"]["acknowledged"] >= 300
+    assert report["ledger"]["acked_before"] is not None
+    assert report["takeover"]["role"] == "copy" and report["takeover"]["rpo_records"] == 0
+    assert [e["event"] for e in report["timeline"]][-1] == "copy_deleted"
+    assert not os.path.exists(lab.host_path("dc3-arc", "/var/lib/replicator/drill/db"))
+    for node, was in before.items():
+        now = lab.group_status(node)
+        assert (now["role"], now["generation"]) == (was["role"], was["generation"])
+    lab.wait_converged()
+    lab.assert_identical()

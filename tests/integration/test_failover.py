@@ -270,6 +270,47 @@ def test_takeover_of_a_replica_past_its_bunker_replays_nothing(topology):
     assert c.group("db")["seq"] == seq + 1 and _role(c) == "primary"
 
 
+def test_promoting_a_copy_leaves_the_replica_replicating(topology, tmp_path):
+    """The non-destructive drill: `promote --copy DIR` on the far replica, while its
+    primary is unreachable, snapshots the replica and replays the bunker into the
+    snapshot: the copy holds every acknowledged write; the replica itself is untouched
+    and catches up when its primary is back."""
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    a, k, c = topo["a"], topo["k"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
+    _converged(topo, "a", ["c", "k"])
+    c.kill()
+    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x33 12M 64k")
+    seq = a.group("db")["seq"]
+    behind = c_before = None
+    a.proc.send_signal(signal.SIGSTOP)  # c gets nothing more from a
+    try:
+        c.start()
+        c_before = c.group("db")
+        behind = c_before["seq"]
+        assert behind < seq
+        copy = tmp_path / "drill"
+        rc, r = replicator_cli(c, "promote", "db", "--copy", str(copy))
+        assert rc == 0, r
+        assert r["role"] == "copy" and r["seq"] == seq and r["rpo_records"] == 0
+        assert r["bunker_replay"]["replayed"] == seq - behind
+        assert filecmp.cmp(str(copy / "data.img"), a.volume_path("db", "data"), shallow=False)
+        with open(copy / "snapshot.json") as f:
+            assert json.load(f)["seq"] == seq
+        after = c.group("db")
+        assert (after["role"], after["seq"], after["generation"]) == \
+            ("secondary", behind, c_before["generation"])
+        rc, err = replicator_cli(c, "promote", "db", "--copy", str(copy))
+        assert rc == 1 and "not empty" in err["error"]
+        rc, err = replicator_cli(k, "promote", "db", "--copy", str(tmp_path / "k"))
+        assert rc == 1 and "only a secondary" in err["error"]
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    _converged(topo, "a", ["c", "k"])
+    assert _role(a) == "primary" and _role(c) == "secondary" and _identical(topo, ["a", "c"])
+
+
 def test_takeover_without_its_bunker_is_refused_unless_told(topology):
     topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
                     bunkers=["k"], node_options={"c": {"bunker": "k"}})

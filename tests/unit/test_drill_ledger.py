@@ -211,3 +211,25 @@ def test_missing_files_are_errors(tmp_path):
     assert ledger.main(["check", "--ledger", str(tmp_path / "nope"), "--image", run.image]) == 1
     os.unlink(run.image)
     assert ledger.main(["check", "--ledger", run.path, "--image", run.image]) == 1
+
+
+def test_a_copy_taken_mid_workload_is_judged_at_its_instant(tmp_path):
+    """A drill's copy is taken at `cut` while the workload goes on: the writes
+    acknowledged by then must be in it, later ones may or may not be."""
+    import time
+    run = Run(tmp_path)
+    run.ack(*range(10))
+    cut = time.time()
+    while time.time() <= cut:  # the next acknowledgement is strictly later
+        pass
+    run.ack(*range(10, 20))
+    run.end(issued=20)
+    run.write(*range(15))  # the copy holds 5 writes acknowledged after the cut
+    r = ledger.check(run.path, run.image, acked_before=cut)
+    assert r["acknowledged"] == 10 and r["acked_before"] == cut
+    assert r["rpo_writes_lost"] == 0 and r["unacknowledged_present"] == 5
+    assert r["prefix"] is True
+    assert run.check()["rpo_writes_lost"] == 5  # without the cut they would be lost
+    run.overwrite(9, bytes(BS))  # acknowledged before the cut, missing from the copy
+    assert ledger.main(["check", "--ledger", run.path, "--image", run.image,
+                        "--acked-before", repr(cut)]) == 3

@@ -1,0 +1,174 @@
+"""A snapshot: a consistent, writable copy of a replica's volumes in a directory of its
+own, taken while replication runs on (the non-destructive DR drill promotes one of
+these instead of the replica).
+
+The copy is fuzzy, then made exact from the journal, as a database's online backup is:
+the volumes are copied while records keep being applied (reflinked when the file
+system can, else only their data extents), and every record applied between the
+copy's start (seq s0) and its end (seq s1) is applied to the copy again, in order. A
+region no record touched in (s0, s1] never changed; a region one did ends as its last
+write there left it. The copy is then the image after s1, a prefix of the group's
+history like the replica itself. A bunker replay can add the records after s1
+(`apply`), exactly as a takeover adds them to the replica.
+
+The directory holds one image per volume and snapshot.json (group, seq, history, the
+images), written last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import json
+import os
+
+from .generations import Generation, to_json
+from .group import Group, GroupError
+from .journal.record import Kind, RecordError, iterate
+from .journal.segments import Position
+from .volume import Volume
+
+_FICLONE = 0x40049409
+
+
+class Snapshot:
+    def __init__(self, group: Group, directory: str, position: Position,
+                 history: list[Generation], volumes: dict[str, Volume]):
+        self.group = group.name
+        self.directory = directory
+        self.position = position
+        self.history = history
+        self.volumes = volumes
+
+    def apply(self, first_seq: int, last_seq: int, payload: bytes) -> None:
+        """Apply records that follow the copy's position (a bunker replay); records it
+        already holds are skipped, a gap or a stray record raises GroupError."""
+        seq = self.position.seq
+        if first_seq > seq + 1:
+            raise GroupError(f"records start at seq {first_seq}, the copy holds {seq}")
+        try:
+            for rec in iterate(payload):
+                if rec.seq <= seq:
+                    continue
+                if rec.seq != seq + 1:
+                    raise GroupError(f"seq {rec.seq} after {seq} in the copy of {self.group}")
+                vol = self.volumes.get(rec.volume)
+                if vol is None or rec.offset + rec.length > vol.size:
+                    raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
+                                     f"[{rec.offset}, +{rec.length}) outside the copy")
+                if rec.kind == Kind.WRITE:
+                    vol.write(rec.offset, rec.payload)
+                else:
+                    vol.zero(rec.offset, rec.length)
+                seq = rec.seq
+                self.position = Position(seq, rec.hcrc)
+        except RecordError as exc:
+            raise GroupError(f"corrupt record in batch {first_seq}..{last_seq}: {exc}") from None
+
+    def seal(self) -> dict:
+        """Make the images durable, write snapshot.json, close; returns the manifest."""
+        for vol in self.volumes.values():
+            vol.sync()
+            vol.close()
+        manifest = {"group": self.group, "seq": self.position.seq, "crc": self.position.hcrc,
+                    "history": to_json(self.history),
+                    "volumes": {n: {"path": v.path, "size": v.size}
+                                for n, v in self.volumes.items()}}
+        path = os.path.join(self.directory, "snapshot.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+        return manifest
+
+    def discard(self) -> None:
+        for vol in self.volumes.values():
+            vol.close()
+
+
+async def take(group: Group, directory: str) -> Snapshot:
+    """Copy `group`'s volumes into `directory` (which must not exist or be empty) as the
+    image after one seq, without pausing replication."""
+    if not group.volumes:
+        raise GroupError(f"group {group.name} has no volumes here (a bunker): nothing to copy")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise GroupError(f"{directory} is not empty: a snapshot needs a directory of its own")
+    if group.inconsistent:
+        raise GroupError(f"group {group.name} is being resynced here: no consistent image "
+                         "to copy")
+    os.makedirs(directory, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    copies = {n: Volume(n, os.path.join(directory, f"{n}.img"), v.size)
+              for n, v in group.volumes.items()}
+    snap = None
+    try:
+        start = group.applied_seq  # applies run on this loop: the image is after it
+        for name, vol in group.volumes.items():
+            copies[name].open()
+            await loop.run_in_executor(None, _copy, vol.fd, copies[name].fd, vol.size)
+        end = group.applied_seq
+        if group.inconsistent:
+            raise GroupError(f"group {group.name}: a resync started during the copy")
+        pos = group.journal.position(end)
+        if pos is None or (end > start and group.journal.first_seq > start + 1):
+            raise GroupError(f"group {group.name}: the journal no longer holds records "
+                             f"{start + 1}..{end} applied during the copy; try again")
+        snap = Snapshot(group, directory, group.journal.position(start) or pos,
+                        list(group.history), copies)
+        seq = start
+        while seq < end:  # redo what was applied while the copy ran
+            first, last, data = group.journal.read(seq + 1, 8 << 20, end)
+            snap.apply(first, last, data)
+            seq = last
+        snap.position = pos
+        return snap
+    except BaseException:
+        for vol in copies.values():
+            vol.close()
+        raise
+
+
+def remove(directory: str) -> None:
+    """Delete a snapshot (its images, its manifest, then the directory if empty)."""
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        if name.endswith((".img", ".json", ".tmp")):
+            os.unlink(os.path.join(directory, name))
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
+def _copy(src: int, dst: int, size: int) -> None:
+    """Copy a volume into an image file: a reflink when the file system shares extents,
+    else its data extents only (holes stay holes)."""
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+        return
+    except OSError:
+        pass
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole is left
+            data = pos  # no SEEK_DATA (a block device): copy everything
+        try:
+            hole = min(size, os.lseek(src, data, os.SEEK_HOLE))
+        except OSError:
+            hole = size
+        while data < hole:
+            try:
+                n = os.copy_file_range(src, dst, hole - data, data, data)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                n = os.pwrite(dst, os.pread(src, min(hole - data, 1 << 20), data), data)
+            if n == 0:
+                raise OSError(errno.EIO, f"short copy at offset {data}")
+            data += n
+        pos = hole
