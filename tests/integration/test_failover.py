@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from tests.agents import MiB, replicator_cli, wait_until
 from tests.clients import qemu_io
@@ -309,6 +310,38 @@ def test_promoting_a_copy_leaves_the_replica_replicating(topology, tmp_path):
         a.proc.send_signal(signal.SIGCONT)
     _converged(topo, "a", ["c", "k"])
     assert _role(a) == "primary" and _role(c) == "secondary" and _identical(topo, ["a", "c"])
+
+
+def test_a_copy_taken_under_load_holds_every_write_acknowledged_before_it(topology, tmp_path):
+    """The replica applies records all through the copy: the snapshot is still one
+    image of the primary's history (a prefix of the ledger's writes), and with the
+    bunker's records replayed into it, holds every write acknowledged before it began."""
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    volumes={"data": 64 * MiB}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    a, c = topo["a"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x5a 0 64M")  # a copy with data to read
+    _converged(topo, "a", ["c", "k"])
+    led = str(tmp_path / "ledger.jsonl")
+    writer = subprocess.Popen([sys.executable, "-m", "replicator.drill.ledger", "write", "--nbd",
+                               f"127.0.0.1:{a.nbd_port}", "--export", "data", "--ledger", led,
+                               "--seconds", "60", "--fsync-every", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: open(led).read().count('"ack"') >= 200, 30, "200 acknowledged writes")
+        cut = time.time()
+        rc, r = replicator_cli(c, "promote", "db", "--copy", str(tmp_path / "copy"))
+        assert rc == 0 and r["rpo_records"] == 0, r
+        assert writer.poll() is None  # the workload ran all through the copy
+    finally:
+        writer.terminate()
+        writer.wait(30)
+    p = subprocess.run([sys.executable, "-m", "replicator.drill.ledger", "check", "--ledger", led,
+                        "--image", str(tmp_path / "copy" / "data.img"), "--acked-before", repr(cut),
+                        "--json"], capture_output=True, text=True)
+    result = json.loads(p.stdout)
+    assert p.returncode == 0 and result["rpo_writes_lost"] == 0, result
+    assert result["prefix"] is True and result["acknowledged"] >= 200
+    assert _role(c) == "secondary"
 
 
 def test_takeover_without_its_bunker_is_refused_unless_told(topology):
