@@ -48,6 +48,7 @@ class Agent:
                                                     "promote": self._promote,
                                                     "demote": self._demote,
                                                     "switchover": self._switchover,
+                                                    "failback": self._failback,
                                                     "resolve": self._resolve,
                                                     "attach": self._attach,
                                                     "reparent": self._reparent,
@@ -225,6 +226,30 @@ class Agent:
             raise AdminError(str(exc)) from None
         await self._sync_shippers(group)
         return {"group": group.name, "role": group.role, "source": group.source, "changed": True}
+
+    async def _failback(self, request: dict) -> dict:
+        """After a takeover: wait until the old primary has rejoined as our replica (its
+        unshipped writes rolled back, the changed regions resynced), then give the
+        primary role back with a switchover."""
+        group = self._group(request)
+        if group.role != "primary":
+            raise AdminError(f"group {group.name} is {group.role} on {self.cfg.node}; run the "
+                             "failback on the current primary")
+        shipper = self._shipper(group, request.get("to"))
+        timeout = float(request.get("rejoin_timeout") or 600)
+        deadline = time.monotonic() + timeout
+        while shipper.status()["state"] != "replicating":
+            if time.monotonic() > deadline:
+                st = shipper.status()
+                raise AdminError(f"failback of {group.name}: {shipper.target.node} has not "
+                                 f"rejoined within {timeout:.0f}s (state {st['state']}"
+                                 + (f": {st['last_error']}" if st["last_error"] else "")
+                                 + "); still primary here")
+            await asyncio.sleep(0.05)
+        rejoin_bytes = shipper.bytes_sent
+        result = await self._switchover(request)
+        return {**result, "rejoin_bytes": rejoin_bytes,
+                "volume_bytes": sum(v.size for v in group.volumes.values())}
 
     async def _switchover(self, request: dict) -> dict:
         """Planned move of the primary role to a replicating target: hold new writes,

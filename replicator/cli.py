@@ -216,6 +216,15 @@ def cmd_switchover(args) -> int:
         timeout=None, group=args.group, to=args.to, drain_timeout=args.timeout)
 
 
+def cmd_failback(args) -> int:
+    return _operate(args, "failback", lambda r: (
+        f"group {r['group']}: {r['to']} rejoined as a replica ({_human_bytes(r['rejoin_bytes'])} "
+        f"sent for {_human_bytes(r['volume_bytes'])} of volumes), then the primary moved "
+        f"{r['from']} -> {r['to']} at seq {r['seq']}"),
+        timeout=None, group=args.group, to=args.to, drain_timeout=args.timeout,
+        rejoin_timeout=args.rejoin_timeout)
+
+
 def cmd_attach(args) -> int:
     node, _, mode = args.target.partition(":")
     return _operate(args, "attach", lambda r: (
@@ -334,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--to", required=True)
     so.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to drain the targets (default 60); writes wait meanwhile")
+    fb = sub.add_parser("failback", help="after a takeover, on the new primary: wait until "
+                                         "the old primary rejoined as a replica (only changed "
+                                         "regions sent), then switch the role back to it")
+    fb.add_argument("group")
+    fb.add_argument("--to", required=True, help="the old primary")
+    fb.add_argument("--rejoin-timeout", type=float, default=600.0,
+                    help="seconds to wait for its rejoin resync (default 600)")
+    fb.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to drain the targets (default 60); writes wait meanwhile")
     rv = sub.add_parser("resolve", help="split brain: on the losing node, give up its writes "
                                         "since the split (they are kept in a file)")
     rv.add_argument("group")
@@ -351,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "role is where the config has it (after a failback)")
     rt.add_argument("group")
     for op, func in ((rt, cmd_restore), (rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify),
-                     (pr, cmd_promote), (dm, cmd_demote), (so, cmd_switchover), (rv, cmd_resolve),
-                     (at, cmd_attach), (rp, cmd_reparent)):
+                     (pr, cmd_promote), (dm, cmd_demote), (so, cmd_switchover), (fb, cmd_failback),
+                     (rv, cmd_resolve), (at, cmd_attach), (rp, cmd_reparent)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)

@@ -121,8 +121,12 @@ def test_takeover_then_fast_failback_of_the_old_primary(topology):
         assert f.read(4) == b"\x11" * 4  # a's unshipped write was rolled back
 
     # fail back: the primary role returns to a with a switchover
-    rc, r = replicator_cli(b, "switchover", "db", "--to", "a")
+    rc, r = replicator_cli(b, "failback", "db", "--to", "a")
     assert rc == 0, r
+    assert r["to"] == "a" and r["rejoin_bytes"] == shipped and r["volume_bytes"] == SIZE
+    assert _role(a) == "primary" and _role(b) == "secondary"
+    rc, err = replicator_cli(b, "failback", "db", "--to", "a")
+    assert rc == 1 and "run the failback on the current primary" in err["error"]
     qemu_io(a.nbd_uri("data"), "write -P 0x55 0 64k")
     _converged(topo, "a", ["b"])
     assert _identical(topo, ["a", "b"])
