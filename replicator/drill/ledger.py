@@ -226,7 +226,7 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
     order = block.Order.shuffled(nblocks, seed) if shuffle else block.Order.sequential(nblocks)
     run_id = os.urandom(16)
     ledger = LedgerFile(ledger_path, {
-        "run_id": run_id.hex(), "time": round(time.time(), 6), "server": server,
+        "run_id": run_id.hex(), "time": round(time.time(), 6), "pid": os.getpid(), "server": server,
         "export": client.export, "export_size": client.size, "block_size": block_size,
         "iodepth": iodepth, "fua": fua, "seed": seed, "shuffled": shuffle,
         "order": {"nblocks": nblocks, "a": order.a, "b": order.b},

@@ -166,6 +166,7 @@ def test_dr_exercise_copy_mode_leaves_production_running(deployed, tmp_path):
     assert report["result"] == "pass", report
     assert report["rpo_writes_lost"] == 0 and report["ledger"]["acknowledged"] >= 300
     assert report["ledger"]["acked_before"] is not None
+    assert report["ledger"]["writer_stopped"] == "signal"  # it wrote on through the copy
     assert report["takeover"]["role"] == "copy" and report["takeover"]["rpo_records"] == 0
     assert [e["event"] for e in report["timeline"]][-1] == "copy_deleted"
     assert not os.path.exists(lab.host_path("dc3-arc", "/var/lib/replicator/drill/db"))
