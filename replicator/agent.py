@@ -88,7 +88,8 @@ class Agent:
         """Start and stop shippers so that they match the group's targets."""
         keep = []
         for shipper in self.shippers.get(group.name, []):
-            if group.targets.get(shipper.target.node) is shipper.target:
+            t = shipper.target
+            if group.targets.get(t.node) is t and shipper.compress == (t.cfg.compress == "zstd"):
                 keep.append(shipper)
             else:
                 await shipper.stop()

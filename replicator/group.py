@@ -67,9 +67,7 @@ class TargetLink:
 
     def __init__(self, cfg: TargetConfig, acked_seq: int, bitmap: Bitmap):
         self.node = cfg.node
-        self.mode = cfg.mode
-        self.block = cfg.on_disconnect == "block"  # writes wait while it is not streaming
-        self.bunker = cfg.bunker
+        self.configure(cfg)
         self.acked_seq = acked_seq
         self.in_sync = False  # connected and caught up: sync writes wait for it
         self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
@@ -81,6 +79,13 @@ class TargetLink:
         self.connected = False
         self.disconnected_at = time.monotonic()
         self.finishing = False  # RESYNC_DONE sent: the bitmap's `through` must stay put
+
+    def configure(self, cfg: TargetConfig) -> None:
+        """Take this target's (possibly changed) configuration; its position stays."""
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.block = cfg.on_disconnect == "block"  # writes wait while it is not streaming
+        self.bunker = cfg.bunker
 
     @property
     def logging(self) -> bool:
@@ -242,10 +247,12 @@ class Group:
             self._acked_saved[node] = gone.acked_seq
             gone.bitmap.save()
         for t in targets:
-            if t.node not in self.targets:
-                link = self._add_target(t)
-                if member_at is not None and not link.synced and not link.logging:
-                    link.acked_seq, link.synced = member_at, True
+            if t.node in self.targets:
+                self.targets[t.node].configure(t)  # e.g. back to sync after a failback
+                continue
+            link = self._add_target(t)
+            if member_at is not None and not link.synced and not link.logging:
+                link.acked_seq, link.synced = member_at, True
         self.targets_changed()
 
     async def promote(self, targets: list[TargetConfig] | None, force: bool) -> Generation:

@@ -145,6 +145,9 @@ def test_dr_exercise_through_the_bunker(deployed, tmp_path):
     assert "PASS" in open(os.path.join(report_dir, "report.md")).read()
     # back to the declared topology, every link replicating, replicas identical
     assert lab.group_status("dc1-app")["role"] == "primary"
+    links = {t["node"]: (t["mode"], t["compress"]) for t in lab.group_status("dc1-app")["targets"]}
+    assert links == {"dc2-dr": ("sync", "none"), "dc1-bunker": ("sync", "none"),
+                     "dc3-arc": ("async", "zstd")}  # not the takeover's all-async links
     lab.wait_converged()
     lab.assert_identical()
 

@@ -132,6 +132,35 @@ def test_takeover_then_fast_failback_of_the_old_primary(topology):
     assert _identical(topo, ["a", "b"])
 
 
+def test_restore_after_failback_returns_every_link_to_its_configured_mode(topology):
+    """A takeover ships async to everyone; after the failback, `restore` must bring back
+    the configured links: b sync again (not just listed), c async with zstd."""
+    topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("a", "c", "async", "zstd")],
+                    volumes={"data": SIZE})
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
+    _converged(topo, "a", ["b", "c"])
+    a.kill()
+    wait_until(lambda: b.group("db")["upstream"] is None, 20, "b to lose its source")
+    rc, r = replicator_cli(b, "promote", "db", "--target", "a:async", "--target", "c:async")
+    assert rc == 0, r
+    a.start()
+    rc, r = replicator_cli(b, "failback", "db", "--to", "a")
+    assert rc == 0, r
+    assert {t["node"]: t["mode"] for t in a.group("db")["targets"]} == {"b": "async", "c": "async"}
+    for node in ("a", "b", "c"):
+        rc, r = replicator_cli(topo[node], "restore", "db")
+        assert rc == 0, r
+    links = {t["node"]: (t["mode"], t["compress"]) for t in a.group("db")["targets"]}
+    assert links == {"b": ("sync", "none"), "c": ("async", "zstd")}
+    assert a.group("db")["role_from"] == "config"
+    _converged(topo, "a", ["b", "c"])
+    qemu_io(a.nbd_uri("data"), "write -P 0x99 2M 64k")
+    assert b.group("db")["seq"] == a.group("db")["seq"]  # sync again: on b when it returns
+    _converged(topo, "a", ["b", "c"])
+    assert _identical(topo, ["a", "b", "c"])
+
+
 def test_split_brain_is_refused_on_both_sides_until_resolved(topology):
     topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": SIZE})
     a, b = topo["a"], topo["b"]
