@@ -27,6 +27,11 @@ def _row(group, link, result, notes):
     if t is None:
         return [group["name"], name, mode, f"unknown: {link['from']}'s agent does not ship "
                                             f"{group['name']} to {link['to']} (run site.yml)"]
+    running = t["mode"] + ("/zstd" if t.get("compress", "none") == "zstd" else "")
+    if running != mode:
+        notes.append(f"{name}: runs {running} but the inventory says {mode} (after a failback, "
+                     "`replicator restore` returns to the inventory's links)")
+        mode = f"{running}!"
     j = g["journal"]
     state = t["state"]
     r = t.get("resync") or {}

@@ -60,7 +60,8 @@ def test_status_table_covers_every_link_even_unreachable_sources():
         {"from": "dc1-app", "to": "dc2-dr", "mode": "sync"},
         {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "zstd"},
         {"from": "dc3-arc", "to": "dc4-vault", "mode": "async"}]}]
-    st = status(targets=[target("dc2-dr"), target("dc3-arc", "logging", last_error="peer away")])
+    st = status(targets=[target("dc2-dr", mode="sync"),
+                         target("dc3-arc", "logging", compress="zstd", last_error="peer away")])
     table = filters("replicator_status")["replicator_status_table"](
         groups, {"dc1-app": {"status": st}, "dc3-arc": {"unreachable": True}})
     lines = table.splitlines()
@@ -70,6 +71,16 @@ def test_status_table_covers_every_link_even_unreachable_sources():
     assert lines[2].split()[4:6] == ["async/zstd", "logging"]
     assert "unknown: dc3-arc unreachable" in lines[3]
     assert lines[4] == "dc1-app -> dc3-arc: peer away"
+
+
+def test_status_table_shows_the_mode_a_link_really_runs():
+    groups = [{"name": "db", "primary": "dc1-app", "volumes": [], "links": [
+        {"from": "dc1-app", "to": "dc2-dr", "mode": "sync"}]}]
+    st = status(targets=[target("dc2-dr")])  # async since a takeover, not restored
+    lines = filters("replicator_status")["replicator_status_table"](
+        groups, {"dc1-app": {"status": st}}).splitlines()
+    assert lines[1].split()[4] == "async!"
+    assert "runs async but the inventory says sync" in lines[2]
 
 
 def test_pair_asks_for_a_resync_only_when_one_is_needed():
