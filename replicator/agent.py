@@ -232,11 +232,7 @@ class Agent:
         """After a takeover: wait until the old primary has rejoined as our replica (its
         unshipped writes rolled back, the changed regions resynced), then give the
         primary role back with a switchover."""
-        group = self._group(request)
-        if group.role != "primary":
-            raise AdminError(f"group {group.name} is {group.role} on {self.cfg.node}; run the "
-                             "failback on the current primary")
-        shipper = self._shipper(group, request.get("to"))
+        group, shipper = self._on_primary(request, "failback", "the current primary")
         timeout = float(request.get("rejoin_timeout") or 600)
         deadline = time.monotonic() + timeout
         while shipper.status()["state"] != "replicating":
@@ -255,11 +251,7 @@ class Agent:
     async def _switchover(self, request: dict) -> dict:
         """Planned move of the primary role to a replicating target: hold new writes,
         drain every connected target, hand over at the last seq, demote here."""
-        group = self._group(request)
-        if group.role != "primary":
-            raise AdminError(f"group {group.name} is {group.role} on {self.cfg.node}; run the "
-                             "switchover on the primary")
-        shipper = self._shipper(group, request.get("to"))
+        group, shipper = self._on_primary(request, "switchover", "the primary")
         timeout = float(request.get("drain_timeout") or 60)
         started = time.monotonic()
         group.hold_writes()
@@ -369,6 +361,14 @@ class Agent:
             raise AdminError(f"no group {name!r} on node {self.cfg.node} "
                              f"(groups: {', '.join(self.groups) or 'none'})")
         return self.groups[name]
+
+    def _on_primary(self, request: dict, op: str, where: str) -> tuple[Group, Shipper]:
+        """The group of `request`, which must be primary here, and its shipper to `to`."""
+        group = self._group(request)
+        if group.role != "primary":
+            raise AdminError(f"group {group.name} is {group.role} on {self.cfg.node}; run the "
+                             f"{op} on {where}")
+        return group, self._shipper(group, request.get("to"))
 
     def _shipper(self, group: Group, target: str) -> Shipper:
         for shipper in self.shippers.get(group.name, []):

@@ -35,6 +35,14 @@ def _converged(topo, primary, nodes):
     wait_until(ok, 60, f"{nodes} to hold every record of {primary}")
 
 
+def _with_bunker(topology, size=SIZE, **options):
+    """a ships sync to the bunker k (journal only) and async to the far replica c, whose
+    group names k as its bunker."""
+    return topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
+                    volumes={"data": size}, bunkers=["k"], node_options={"c": {"bunker": "k"}},
+                    **options)
+
+
 def _write_fails(agent):
     p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x01 0 4k",
                         agent.nbd_uri("data")], capture_output=True, text=True)
@@ -137,7 +145,7 @@ def test_restore_after_failback_returns_every_link_to_its_configured_mode(topolo
     the configured links: b sync again (not just listed), c async with zstd."""
     topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("a", "c", "async", "zstd")],
                     volumes={"data": SIZE})
-    a, b, c = topo["a"], topo["b"], topo["c"]
+    a, b = topo["a"], topo["b"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
     _converged(topo, "a", ["b", "c"])
     a.kill()
@@ -209,8 +217,7 @@ def test_split_brain_is_refused_on_both_sides_until_resolved(topology):
 def test_takeover_through_a_bunker_loses_no_acknowledged_write(topology):
     """a ships sync to bunker k (journal only) and async to the far c. c falls behind,
     the primary's site is lost; promoting c first replays from k what c lacks."""
-    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
-                    volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    topo = _with_bunker(topology)
     a, k, c = topo["a"], topo["k"], topo["c"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
     _converged(topo, "a", ["c", "k"])
@@ -239,9 +246,7 @@ def test_bunker_keeps_what_the_far_replica_lacks_and_says_when_it_cannot(topolog
     keeps every record after that and trims the rest. When the far replica lags more
     than logging_high_water, the bunker says a takeover replay is short, and a
     takeover through it is refused with the reason."""
-    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
-                    volumes={"data": SIZE}, bunkers=["k"], journal_size="16MiB",
-                    node_options={"c": {"bunker": "k"}})
+    topo = _with_bunker(topology, journal_size="16MiB")
     a, k, c = topo["a"], topo["k"], topo["c"]
     qemu_io(a.nbd_uri("data"), *(f"write -P 0x11 {m}M 1M" for m in range(6)))
     _converged(topo, "a", ["c", "k"])
@@ -278,8 +283,7 @@ def test_takeover_of_a_replica_past_its_bunker_replays_nothing(topology):
     """The primary is lost with a write in flight that reached the far replica but not
     the bunker (so it was never acknowledged): the promote through the bunker finds
     nothing to replay and succeeds, keeping that write."""
-    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
-                    volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    topo = _with_bunker(topology)
     a, k, c = topo["a"], topo["k"], topo["c"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
     _converged(topo, "a", ["c", "k"])
@@ -309,8 +313,7 @@ def test_promoting_a_copy_leaves_the_replica_replicating(topology, tmp_path):
     primary is unreachable, snapshots the replica and replays the bunker into the
     snapshot: the copy holds every acknowledged write; the replica itself is untouched
     and catches up when its primary is back."""
-    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
-                    volumes={"data": SIZE}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    topo = _with_bunker(topology)
     a, k, c = topo["a"], topo["k"], topo["c"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
     _converged(topo, "a", ["c", "k"])
@@ -349,8 +352,7 @@ def test_a_copy_taken_under_load_holds_every_write_acknowledged_before_it(topolo
     """The replica applies records all through the copy: the snapshot is still one
     image of the primary's history (a prefix of the ledger's writes), and with the
     bunker's records replayed into it, holds every write acknowledged before it began."""
-    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
-                    volumes={"data": 64 * MiB}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    topo = _with_bunker(topology, size=64 * MiB)
     a, c = topo["a"], topo["c"]
     qemu_io(a.nbd_uri("data"), "write -P 0x5a 0 64M")  # a copy with data to read
     _converged(topo, "a", ["c", "k"])
@@ -378,8 +380,7 @@ def test_a_copy_taken_under_load_holds_every_write_acknowledged_before_it(topolo
 
 
 def test_takeover_without_its_bunker_is_refused_unless_told(topology):
-    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}), ("a", "c", "async")],
-                    bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    topo = _with_bunker(topology)
     _converged(topo, "a", ["c"])
     topo["a"].kill()
     topo["k"].kill()
