@@ -342,6 +342,11 @@ def test_promoting_a_copy_leaves_the_replica_replicating(topology, tmp_path):
         assert rc == 1 and "not empty" in err["error"]
         rc, err = replicator_cli(k, "promote", "db", "--copy", str(tmp_path / "k"))
         assert rc == 1 and "only a secondary" in err["error"]
+        k.kill()
+        rc, err = replicator_cli(c, "promote", "db", "--copy", str(tmp_path / "again"))
+        assert rc == 1 and "unreachable" in err["error"], err
+        assert not os.path.exists(tmp_path / "again")  # a failed copy leaves nothing behind
+        k.start()
     finally:
         a.proc.send_signal(signal.SIGCONT)
     _converged(topo, "a", ["c", "k"])
