@@ -39,6 +39,9 @@ def _row(group, link, result, notes):
         state += f" {100 * r.get('done_bytes', 0) / r['total_bytes']:.0f}%"
     if t.get("last_error") and t["state"] != "replicating":
         notes.append(f"{name}: {t['last_error']}")
+    if t.get("bunker"):
+        lacks = ", ".join(f"{n} {c}" for n, c in sorted(t.get("far_lag_records", {}).items()))
+        notes.append(f"{name}: bunker; records the far replicas lack: {lacks or 'none tracked'}")
     journal = (f"{human_bytes(j['used_bytes'])}/{human_bytes(j['capacity_bytes'])} "
                f"{100 * j['used_bytes'] / j['capacity_bytes']:.0f}%" + (" FULL" if j["full"] else ""))
     return [group["name"], name, mode, state, str(g["seq"]), str(t["acked_seq"]),

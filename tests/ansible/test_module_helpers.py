@@ -83,6 +83,17 @@ def test_status_table_shows_the_mode_a_link_really_runs():
     assert "runs async but the inventory says sync" in lines[2]
 
 
+def test_status_table_says_what_the_far_replicas_lack_per_bunker():
+    groups = [{"name": "db", "primary": "dc1-app", "volumes": [], "links": [
+        {"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "bunker": True}]}]
+    st = status(targets=[target("dc1-bunker", mode="sync", bunker=True,
+                                far_lag_records={"dc3-arc": 12, "dc2-dr": 0})])
+    lines = filters("replicator_status")["replicator_status_table"](
+        groups, {"dc1-app": {"status": st}}).splitlines()
+    assert lines[-1] == ("dc1-app -> dc1-bunker: bunker; records the far replicas lack: "
+                         "dc2-dr 0, dc3-arc 12")
+
+
 def test_pair_asks_for_a_resync_only_when_one_is_needed():
     pair = library_module("replicator_pair")
     assert pair.wanted({"state": "needs-resync"}, "full")
