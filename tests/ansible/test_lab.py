@@ -77,8 +77,10 @@ def test_write_through_nbd_and_compare_replicas(deployed):
     table = playbook("status.yml")
     for link in ("dc1-app -> dc2-dr", "dc1-app -> dc1-bunker", "dc1-app -> dc3-arc",
                  "dc3-arc -> dc4-vault"):
-        (row,) = [line for line in table.splitlines() if link in line]
+        (row,) = [line for line in table.splitlines() if line.split()[:4] == ["db", *link.split()]]
         assert "replicating" in row and f" {seq} " in row, table
+    assert "dc1-app -> dc1-bunker: bunker; records the far replicas lack: dc2-dr 0, dc3-arc 0" \
+        in table
     assert "0 mismatching region(s)" in playbook("verify.yml")
 
 
