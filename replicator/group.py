@@ -736,8 +736,8 @@ class Group:
     def _needed_after(self) -> int:
         """Records after this seq must stay in the journal: not yet in the volumes'
         checkpoint, not acked by a streaming target, not marked in a logging target's
-        saved bitmap. A bunker keeps as much as 3/4 of its journal holds (a takeover
-        replays from it whatever the far replicas lack)."""
+        saved bitmap. A bunker keeps what the far replicas lack (a takeover replays it
+        from there), within logging_high_water bytes."""
         if self.role == "bunker":  # journal only; a restart still checks its checkpoint
             return min(self._bunker_needed_after(), self.checkpoint.seq)
         low = self.checkpoint.seq
