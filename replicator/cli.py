@@ -35,6 +35,8 @@ def format_status(st: dict) -> str:
                 f"journal:{_human_bytes(j['used_bytes'])}/{_human_bytes(j['capacity_bytes'])}")
         if j["full"]:
             head += "  JOURNAL-FULL"
+        if g.get("writes_halted"):
+            head += f"  WRITES-HALTED({g['writes_halted']})"
         if g.get("writes_blocked_by"):
             head += f"  WRITES-BLOCKED-BY:{','.join(g['writes_blocked_by'])}"
         if g.get("inconsistent"):

@@ -98,7 +98,8 @@ class TargetLink:
 
 
 class _Batch:
-    __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones")
+    __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
+                 "shipped")
 
     def __init__(self):
         self.first_seq = 0
@@ -109,6 +110,7 @@ class _Batch:
         self.hcrcs: list[int] = []
         self.applies: list = []  # (volume, kind, offset, length, payload)
         self.dones: list = []  # (seq, done)
+        self.shipped = False  # a target got it before its fdatasync
 
 
 class Group:
@@ -152,6 +154,9 @@ class Group:
         self.history: list[Generation] = []  # generations this image descends from
         self.split_brain: dict | None = None  # {peer, fork, ...} while a peer diverged
         self.bunker_far_seq: int | None = None  # bunker: RETAIN from the primary
+        self.early_senders: set = set()  # shippers taking batches before their fdatasync
+        self.halted: str | None = None  # why writes stopped (a shipped batch failed here)
+        self.on_rewind: set = set()  # told the last durable seq after a failed batch
         self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
         self.discarded: list[str] = []  # where rolled-back divergent data was saved
         self._held: list | None = None  # writes held during a switchover
@@ -395,6 +400,7 @@ class Group:
         return count
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self._committer(), name=f"commit-{self.name}"),
                        asyncio.create_task(self._checkpointer(), name=f"checkpoint-{self.name}")]
 
@@ -515,6 +521,11 @@ class Group:
             batch, self._batch = self._batch, _Batch()
             if not batch.dones:
                 continue
+            if self.halted:
+                for _, done in batch.dones:
+                    done(errno.EIO)
+                self._next_seq = self.journal.last_seq + 1
+                continue
             await self._wait_for_space(batch.nbytes)
             seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
             self._in_flight += 1
@@ -529,6 +540,12 @@ class Group:
             err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
             self.log.error("group %s: journal write of seq %d..%d failed: %s",
                            self.name, batch.first_seq, batch.last_seq, exc)
+            if batch.shipped and self.halted is None:
+                # A target holds these records: reusing their seqs would fork it silently.
+                self.halted = (f"the journal's fdatasync failed ({exc}) after seq "
+                               f"{batch.first_seq}..{batch.last_seq} was shipped: no more "
+                               "writes until the agent restarts")
+                self.log.error("group %s: %s", self.name, self.halted)
             for _, done in batch.dones:
                 done(err)
         else:
@@ -536,10 +553,13 @@ class Group:
         if self._in_flight == 0:
             if self._poisoned:
                 # Seqs of the failed batches are free again: fail what queued behind
-                # them and restart numbering after the last durable record.
+                # them and restart numbering after the last durable record. A target
+                # that got them early must reconnect (the handshake sees what it has).
                 self.journal.cancel_reservations()
                 self._fail_pending(errno.EIO)
                 self._poisoned = False
+                for rewind in list(self.on_rewind):
+                    rewind(self.journal.last_seq)
             if not self._batch.dones:
                 wake_all(self._idle_waiters)
 
@@ -579,11 +599,21 @@ class Group:
         unwritten until the loop resets, so the journal never gets a gap in seq."""
         if self._poisoned:
             raise OSError(errno.EIO, "an earlier batch failed")
+        early = None
+        if self.early_senders:  # in the page cache now: ship while fdatasync runs
+            early = lambda: self._loop.call_soon_threadsafe(self._send_early, batch)  # noqa: E731
         try:
-            Journal.write(fd, batch.bufs, at)
+            Journal.write(fd, batch.bufs, at, early)
         except BaseException:
             self._poisoned = True
             raise
+
+    def _send_early(self, batch: _Batch) -> None:
+        """Loop: hand a batch whose journal write is done (its fdatasync may still be
+        running) to the shippers that take it early (in-sync sync targets)."""
+        for send in list(self.early_senders):
+            if send(batch.first_seq, batch.last_seq, batch.bufs):
+                batch.shipped = True
 
     @staticmethod
     def _apply(applies) -> None:

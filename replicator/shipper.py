@@ -104,6 +104,9 @@ class Shipper:
         self.last_error = ""
         self.sent_seq = 0
         self.retained_seq = -1  # bunker: the last RETAIN sent in this session
+        self._link: Link | None = None  # the stream, for early batches (sync targets)
+        self._rewound: int | None = None  # a batch shipped early then failed here
+        self.early_batches = 0  # batches shipped before their local fdatasync finished
         self.bytes_sent = 0
         self._inflight: deque = deque()  # (last_seq, nbytes)
         self._inflight_bytes = 0
@@ -285,19 +288,54 @@ class Shipper:
             await self._resync(link)
         pump = asyncio.create_task(self._pump(link))
         acks = asyncio.create_task(self._acks(link))
+        g = self.group
+        if self.target.mode == "sync":
+            self._link = link
+            g.early_senders.add(self._send_early)
+        g.on_rewind.add(self._rewind)
         try:
             done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
+            g.early_senders.discard(self._send_early)
+            g.on_rewind.discard(self._rewind)
+            self._link = None
             for task in (pump, acks):
                 task.cancel()
             await asyncio.gather(pump, acks, return_exceptions=True)
+
+    def _send_early(self, first: int, last: int, bufs: list) -> bool:
+        """A batch whose journal write is done, before its fdatasync: ship it now if the
+        stream is exactly there (DRBD protocol C overlaps the two the same way). The
+        write still completes only once it is durable here and acknowledged there."""
+        link = self._link
+        if (link is None or self.sent_seq != first - 1 or not self.target.in_sync
+                or self._inflight_bytes >= WINDOW_BYTES or self._probes or self.verifying
+                or self._handover or link.writer.transport.get_write_buffer_size()):
+            return False  # the pump sends it from the journal once it is durable
+        payload = b"".join(bufs)
+        link.writer.write(link.conn.send(Records(first_seq=first, last_seq=last,
+                                                 payload=payload, compress=self.compress_now)))
+        self._sent(last, len(payload))
+        self.early_batches += 1
+        return True
+
+    def _rewind(self, durable_seq: int) -> None:
+        """A batch failed after it was shipped early: the target holds records that are
+        not ours any more; reconnect (the handshake sees its position)."""
+        if self.sent_seq > durable_seq:
+            self._rewound = durable_seq
+            self.poke()
 
     async def _pump(self, link: Link) -> None:
         j = self.group.journal
         last_send = time.monotonic()
         while True:
+            if self._rewound is not None:
+                seq, self._rewound = self._rewound, None
+                raise ShipError(f"records after seq {seq} were shipped to {self.target.node} "
+                                "before a local journal write failed: reconnecting")
             if self.target.logging:
                 raise ShipError(f"{self.target.node} switched to logging ({self.target.why}): "
                                 "resync from the bitmap", state="logging")
@@ -345,18 +383,25 @@ class Shipper:
 
     async def _send_records(self, link: Link, through: int | None = None) -> None:
         first, last, data = self.group.journal.read(self.sent_seq + 1, BATCH_BYTES, through)
-        await link.send(Records(first_seq=first, last_seq=last, payload=data,
-                                compress=self.compress_now))
+        frame = Records(first_seq=first, last_seq=last, payload=data, compress=self.compress_now)
+        self._sent(last, len(data))  # before the await: an early batch must follow it
+        await link.send(frame)
+
+    def _sent(self, last: int, nbytes: int) -> None:
         self.sent_seq = last
-        self.bytes_sent += len(data)
-        self._inflight.append((last, len(data)))
-        self._inflight_bytes += len(data)
+        self.bytes_sent += nbytes
+        self._inflight.append((last, nbytes))
+        self._inflight_bytes += nbytes
 
     async def _send_probe(self, link: Link, probe: _Probe) -> None:
         """Place a verify HASH_REQUEST in the stream: our regions are read now, at the
         journal's last seq (the loop applies each batch to the volumes as it indexes
         it, so the two agree); RECORDS through that seq go first, later ones after."""
         g = self.group
+        while g.journal.last_seq < self.sent_seq:  # batches shipped early, not durable yet
+            if self._rewound is not None:
+                raise ShipError("a batch shipped early failed here: reconnecting")
+            await g.wait_for_records(g.journal.last_seq, self.hb_interval)
         seq = g.journal.last_seq
         if g.applied_seq != seq or g.inconsistent:
             probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
@@ -718,5 +763,6 @@ class Shipper:
             "lag_bytes": nbytes,
             "lag_seconds": round(seconds, 3),
             "bytes_sent": self.bytes_sent,
+            "early_batches": self.early_batches,
             "last_error": self.last_error,
         }

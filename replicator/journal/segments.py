@@ -206,10 +206,11 @@ class Journal:
             seg.tail = seg.size
 
     @staticmethod
-    def write(fd: int, buffers: list, at_size: int) -> None:
-        """Worker thread: append a batch and make it durable (one writev, one fdatasync).
-        On any failure the segment is cut back to `at_size`, so a failed batch never
-        leaves a torn record in the middle of the log."""
+    def write(fd: int, buffers: list, at_size: int, written=None) -> None:
+        """Worker thread: append a batch and make it durable (one writev, one fdatasync;
+        `written()` is called between the two). On any failure the segment is cut back
+        to `at_size`, so a failed batch never leaves a torn record in the middle of the
+        log."""
         try:
             for i in range(0, len(buffers), 1024):  # IOV_MAX
                 chunk = buffers[i:i + 1024]
@@ -219,6 +220,8 @@ class Journal:
                     tail = b"".join(bytes(b) for b in chunk)[n:]
                     while tail:
                         tail = tail[os.write(fd, tail):]
+            if written is not None:
+                written()
             os.fdatasync(fd)
         except BaseException:
             os.ftruncate(fd, at_size)

@@ -60,6 +60,15 @@ def test_sync_write_is_on_target_when_the_client_returns(topology):
         with open(target_file, "rb") as f:  # no waiting: the write has returned
             f.seek(i * 8 * 1024)
             assert f.read(4096) == bytes([pattern]) * 4096, f"write {i} not on target"
+    # the batches went out while the primary's own fdatasync ran, not after it
+    assert topo["a"].target("db", "b")["early_batches"] > 0
+
+
+def test_async_targets_are_shipped_durable_records_only(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")])
+    qemu_io(topo["a"].nbd_uri("data"), "write -P 0x31 0 64k", "write -P 0x32 1M 64k")
+    topo.wait_converged()
+    assert topo["a"].target("db", "b")["early_batches"] == 0
 
 
 def test_replica_exports_are_read_only(topology):

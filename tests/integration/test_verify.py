@@ -3,6 +3,8 @@ mismatch; a corrupted replica region is reported exactly and `--repair` fixes it
 
 import subprocess
 
+import pytest
+
 from tests.agents import MiB, replicator_cli, wait_until
 from tests.clients import qemu_io
 
@@ -56,8 +58,9 @@ def test_corrupt_region_is_reported_exactly_and_repaired(topology):
     assert topo["a"].target("db", "b")["bytes_sent"] - sent_before == 3 * GRAN
 
 
-def test_verify_under_a_running_workload_reports_no_mismatch(topology):
-    topo = topology(["a", "b", "c"], [("a", "b", "async"), ("b", "c", "async")],
+@pytest.mark.parametrize("first_hop", ["async", "sync"])  # sync: batches also ship early
+def test_verify_under_a_running_workload_reports_no_mismatch(topology, first_hop):
+    topo = topology(["a", "b", "c"], [("a", "b", first_hop), ("b", "c", "async")],
                     volumes={"data": 32 * MiB})
     topo.wait_converged()
     _replicating(topo)
