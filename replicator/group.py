@@ -58,6 +58,15 @@ def wake_all(waiters: list) -> None:
             fut.set_result(None)
 
 
+def apply_to_volumes(applies) -> None:
+    """Write records' effects, in order: (volume, kind, offset, length, payload)."""
+    for vol, kind, offset, length, payload in applies:
+        if kind == Kind.WRITE:
+            vol.write(offset, payload)
+        else:
+            vol.zero(offset, length)
+
+
 class GroupError(Exception):
     """The group cannot start or cannot accept a batch."""
 
@@ -156,7 +165,6 @@ class Group:
         self.bunker_far_seq: int | None = None  # bunker: RETAIN from the primary
         self.early_senders: set = set()  # shippers taking batches before their fdatasync
         self.halted: str | None = None  # why writes stopped (a shipped batch failed here)
-        self.on_rewind: set = set()  # told the last durable seq after a failed batch
         self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
         self.discarded: list[str] = []  # where rolled-back divergent data was saved
         self._held: list | None = None  # writes held during a switchover
@@ -394,7 +402,7 @@ class Group:
             first, last, data = self.journal.read(seq, 8 << 20)
             applies = [(self.volumes[r.volume], r.kind, r.offset, r.length, r.payload)
                        for r in iterate(data)]
-            self._apply(applies)
+            apply_to_volumes(applies)
             count += last - first + 1
             seq = last + 1
         return count
@@ -518,13 +526,11 @@ class Group:
             while self._in_flight >= MAX_IN_FLIGHT or self._poisoned:
                 await self._slot.wait()
                 self._slot.clear()
+            if self.halted:
+                self._fail_pending(errno.EIO)
+                continue
             batch, self._batch = self._batch, _Batch()
             if not batch.dones:
-                continue
-            if self.halted:
-                for _, done in batch.dones:
-                    done(errno.EIO)
-                self._next_seq = self.journal.last_seq + 1
                 continue
             await self._wait_for_space(batch.nbytes)
             seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
@@ -553,13 +559,11 @@ class Group:
         if self._in_flight == 0:
             if self._poisoned:
                 # Seqs of the failed batches are free again: fail what queued behind
-                # them and restart numbering after the last durable record. A target
-                # that got them early must reconnect (the handshake sees what it has).
+                # them and restart numbering after the last durable record (unless
+                # halted: a target already holds them).
                 self.journal.cancel_reservations()
                 self._fail_pending(errno.EIO)
                 self._poisoned = False
-                for rewind in list(self.on_rewind):
-                    rewind(self.journal.last_seq)
             if not self._batch.dones:
                 wake_all(self._idle_waiters)
 
@@ -568,7 +572,7 @@ class Group:
         seq order, before any later batch), index it, wake shippers, complete writes."""
         self.journal.commit(seg, batch.sizes, batch.hcrcs)
         try:
-            self._apply(batch.applies)
+            apply_to_volumes(batch.applies)
         except OSError as exc:
             # Durable in the journal (replayed at the next start) but not in the volume.
             self.log.error("group %s: volume write failed after journaling seq %d..%d: %s",
@@ -614,14 +618,6 @@ class Group:
         for send in list(self.early_senders):
             if send(batch.first_seq, batch.last_seq, batch.bufs):
                 batch.shipped = True
-
-    @staticmethod
-    def _apply(applies) -> None:
-        for vol, kind, offset, length, payload in applies:
-            if kind == Kind.WRITE:
-                vol.write(offset, payload)
-            else:
-                vol.zero(offset, length)
 
     def _fail_pending(self, err: int) -> None:
         pending, self._batch = self._batch, _Batch()

@@ -105,7 +105,6 @@ class Shipper:
         self.sent_seq = 0
         self.retained_seq = -1  # bunker: the last RETAIN sent in this session
         self._link: Link | None = None  # the stream, for early batches (sync targets)
-        self._rewound: int | None = None  # a batch shipped early then failed here
         self.early_batches = 0  # batches shipped before their local fdatasync finished
         self.bytes_sent = 0
         self._inflight: deque = deque()  # (last_seq, nbytes)
@@ -292,14 +291,12 @@ class Shipper:
         if self.target.mode == "sync":
             self._link = link
             g.early_senders.add(self._send_early)
-        g.on_rewind.add(self._rewind)
         try:
             done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
             g.early_senders.discard(self._send_early)
-            g.on_rewind.discard(self._rewind)
             self._link = None
             for task in (pump, acks):
                 task.cancel()
@@ -321,21 +318,10 @@ class Shipper:
         self.early_batches += 1
         return True
 
-    def _rewind(self, durable_seq: int) -> None:
-        """A batch failed after it was shipped early: the target holds records that are
-        not ours any more; reconnect (the handshake sees its position)."""
-        if self.sent_seq > durable_seq:
-            self._rewound = durable_seq
-            self.poke()
-
     async def _pump(self, link: Link) -> None:
         j = self.group.journal
         last_send = time.monotonic()
         while True:
-            if self._rewound is not None:
-                seq, self._rewound = self._rewound, None
-                raise ShipError(f"records after seq {seq} were shipped to {self.target.node} "
-                                "before a local journal write failed: reconnecting")
             if self.target.logging:
                 raise ShipError(f"{self.target.node} switched to logging ({self.target.why}): "
                                 "resync from the bitmap", state="logging")
@@ -399,8 +385,8 @@ class Shipper:
         it, so the two agree); RECORDS through that seq go first, later ones after."""
         g = self.group
         while g.journal.last_seq < self.sent_seq:  # batches shipped early, not durable yet
-            if self._rewound is not None:
-                raise ShipError("a batch shipped early failed here: reconnecting")
+            if g.halted:  # that batch will never be durable here
+                raise ShipError(f"group {g.name}: {g.halted}")
             await g.wait_for_records(g.journal.last_seq, self.hb_interval)
         seq = g.journal.last_seq
         if g.applied_seq != seq or g.inconsistent:

@@ -24,8 +24,8 @@ import json
 import os
 
 from .generations import Generation, to_json
-from .group import Group, GroupError
-from .journal.record import Kind, RecordError, iterate
+from .group import Group, GroupError, apply_to_volumes
+from .journal.record import RecordError, iterate
 from .journal.segments import Position
 from .volume import Volume
 
@@ -44,9 +44,10 @@ class Snapshot:
     def apply(self, first_seq: int, last_seq: int, payload: bytes) -> None:
         """Apply records that follow the copy's position (a bunker replay); records it
         already holds are skipped, a gap or a stray record raises GroupError."""
-        seq = self.position.seq
+        seq, position = self.position.seq, self.position
         if first_seq > seq + 1:
             raise GroupError(f"records start at seq {first_seq}, the copy holds {seq}")
+        applies = []
         try:
             for rec in iterate(payload):
                 if rec.seq <= seq:
@@ -57,14 +58,12 @@ class Snapshot:
                 if vol is None or rec.offset + rec.length > vol.size:
                     raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
                                      f"[{rec.offset}, +{rec.length}) outside the copy")
-                if rec.kind == Kind.WRITE:
-                    vol.write(rec.offset, rec.payload)
-                else:
-                    vol.zero(rec.offset, rec.length)
-                seq = rec.seq
-                self.position = Position(seq, rec.hcrc)
+                applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
+                seq, position = rec.seq, Position(rec.seq, rec.hcrc)
         except RecordError as exc:
             raise GroupError(f"corrupt record in batch {first_seq}..{last_seq}: {exc}") from None
+        apply_to_volumes(applies)
+        self.position = position
 
     def seal(self) -> dict:
         """Make the images durable, write snapshot.json, close; returns the manifest."""
@@ -102,7 +101,6 @@ async def take(group: Group, directory: str) -> Snapshot:
     loop = asyncio.get_running_loop()
     copies = {n: Volume(n, os.path.join(directory, f"{n}.img"), v.size)
               for n, v in group.volumes.items()}
-    snap = None
     try:
         start = group.applied_seq  # applies run on this loop: the image is after it
         for name, vol in group.volumes.items():
@@ -122,7 +120,6 @@ async def take(group: Group, directory: str) -> Snapshot:
             first, last, data = group.journal.read(seq + 1, 8 << 20, end)
             snap.apply(first, last, data)
             seq = last
-        snap.position = pos
         return snap
     except BaseException:
         for vol in copies.values():

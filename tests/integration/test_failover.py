@@ -43,6 +43,17 @@ def _with_bunker(topology, size=SIZE, **options):
                     **options)
 
 
+def _far_replica_behind(topo) -> int:
+    """Everyone holds a first image; then c is down while a writes more (k, sync, gets
+    it). Returns a's last seq."""
+    a = topo["a"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
+    _converged(topo, "a", ["c", "k"])
+    topo["c"].kill()
+    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x33 12M 64k")
+    return a.group("db")["seq"]
+
+
 def _write_fails(agent):
     p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x01 0 4k",
                         agent.nbd_uri("data")], capture_output=True, text=True)
@@ -219,11 +230,7 @@ def test_takeover_through_a_bunker_loses_no_acknowledged_write(topology):
     the primary's site is lost; promoting c first replays from k what c lacks."""
     topo = _with_bunker(topology)
     a, k, c = topo["a"], topo["k"], topo["c"]
-    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
-    _converged(topo, "a", ["c", "k"])
-    c.kill()
-    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x33 12M 64k")
-    seq = a.group("db")["seq"]
+    seq = _far_replica_behind(topo)
     assert k.group("db")["seq"] == seq  # sync: on the bunker before it was acknowledged
     t = wait_until(lambda: a.target("db", "k") if a.target("db", "k")["far_lag_records"]["c"]
                    else None, 10, "bunker lag shown")
@@ -315,11 +322,7 @@ def test_promoting_a_copy_leaves_the_replica_replicating(topology, tmp_path):
     and catches up when its primary is back."""
     topo = _with_bunker(topology)
     a, k, c = topo["a"], topo["k"], topo["c"]
-    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 4M")
-    _converged(topo, "a", ["c", "k"])
-    c.kill()
-    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x33 12M 64k")
-    seq = a.group("db")["seq"]
+    seq = _far_replica_behind(topo)
     behind = c_before = None
     a.proc.send_signal(signal.SIGSTOP)  # c gets nothing more from a
     try:
