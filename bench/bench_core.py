@@ -144,6 +144,7 @@ def main() -> int:
                             volumes={"data": vol_size}, journal_size="1GiB").start()
             q = QemuNbd(os.path.join(work, f"qemu{run}.img"), vol_size)
             try:
+                topo.wait_converged(300)  # the initial sync must not run under the workload
                 agent = fio_json(topo["p"].nbd_uri("data"), iodepth=16, seconds=args.seconds,
                                  size="256M")
                 ref = fio_json(q.uri, iodepth=16, seconds=args.seconds, size="256M")

@@ -3,14 +3,17 @@
 Every write to any volume of the group, whether it comes from an NBD client on the
 primary or from the upstream node on a replica, goes through one pipeline:
 
-    submit_write / submit_records   (loop thread)  assign or check seq, encode, queue
-    _committer                      (loop thread)  take everything queued as one batch
-      worker thread                                one writev + one fdatasync of the
-                                                   journal, then pwrite each record to
-                                                   its volume, in seq order
-    _committer                      (loop thread)  index the batch, wake the shippers,
-                                                   complete each write as soon as every
-                                                   in-sync sync target has acked it
+    submit_write / submit_records   assign or check seq, encode, queue
+    _committer, _write              take everything queued as one batch, one writev
+                                    into the journal, ship it early to in-sync sync
+                                    targets, start its fdatasync (journal/flusher.py)
+    _flushed, _completed            when durable, in seq order: index the batch, pwrite
+                                    each record to its volume, wake the shippers,
+                                    complete each write as soon as every in-sync sync
+                                    target has acked it
+
+All of it runs on the event loop thread; only the fdatasync runs elsewhere (a kernel
+AIO worker), so a write costs no thread hand-off.
 
 So a write completes only when it is durable in the local journal, visible in the local
 volume and (for sync targets) durable on those targets. Batches are serial, so the
@@ -40,6 +43,7 @@ from .bitmap import Bitmap, BitmapError
 from .config import GroupConfig, TargetConfig
 from .generations import Generation, from_json, new_generation, to_json
 from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
+from .journal.flusher import Flusher
 from .journal.segments import Journal, JournalError, Position
 from .undo import UndoError, UndoLog
 from .volume import Volume
@@ -108,7 +112,7 @@ class TargetLink:
 
 class _Batch:
     __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
-                 "shipped")
+                 "shipped", "seg", "err")
 
     def __init__(self):
         self.first_seq = 0
@@ -120,6 +124,8 @@ class _Batch:
         self.applies: list = []  # (volume, kind, offset, length, payload)
         self.dones: list = []  # (seq, done)
         self.shipped = False  # a target got it before its fdatasync
+        self.seg = None  # the journal segment it was written to
+        self.err: int | None = None  # its fdatasync's outcome (None: still running)
 
 
 class Group:
@@ -140,9 +146,10 @@ class Group:
         self._sync_waits: deque = deque()  # (seq, done), seq ascending
         self._record_waiters: list[asyncio.Future] = []
         self._idle_waiters: list[asyncio.Future] = []
-        self._in_flight = 0  # batches handed to the commit worker, not yet completed
-        self._poisoned = False  # a batch failed: the worker writes nothing until reset
-        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"commit-{cfg.name}")
+        self._flushing: deque[_Batch] = deque()  # written, completing in order
+        self._poisoned = False  # a batch failed: nothing is written until reset
+        self._flusher: Flusher | None = None
+        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
         self._kick = asyncio.Event()
         self._slot = asyncio.Event()
         self._space = asyncio.Event()
@@ -409,6 +416,7 @@ class Group:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._flusher = Flusher(self._loop, log=self.log)
         self._tasks = [asyncio.create_task(self._committer(), name=f"commit-{self.name}"),
                        asyncio.create_task(self._checkpointer(), name=f"checkpoint-{self.name}")]
 
@@ -420,6 +428,8 @@ class Group:
         self._tasks = []
         if self._batch.dones:
             self._fail_pending(errno.ESHUTDOWN)
+        await self.settle()  # the fdatasyncs in flight
+        self._flusher.close()
         for _, done in self._sync_waits:
             done(errno.ESHUTDOWN)
         self._sync_waits.clear()
@@ -516,14 +526,13 @@ class Group:
         b.dones.append((last_seq, done))
 
     async def _committer(self) -> None:
-        """Hands batches to the single commit worker as soon as they exist, up to
-        MAX_IN_FLIGHT at once, so the worker starts the next fdatasync while the loop
-        is still completing the previous batch. The worker runs them in order."""
-        loop = asyncio.get_running_loop()
+        """Writes each batch into the journal as soon as it exists (one writev, on the
+        loop) and has the Flusher make it durable, up to MAX_IN_FLIGHT batches at once,
+        so the next batch is written while the previous one's fdatasync runs."""
         while True:
             await self._kick.wait()
             self._kick.clear()
-            while self._in_flight >= MAX_IN_FLIGHT or self._poisoned:
+            while len(self._flushing) >= MAX_IN_FLIGHT or self._poisoned:
                 await self._slot.wait()
                 self._slot.clear()
             if self.halted:
@@ -533,39 +542,57 @@ class Group:
             if not batch.dones:
                 continue
             await self._wait_for_space(batch.nbytes)
-            seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
-            self._in_flight += 1
-            fut = loop.run_in_executor(self._io, self._write_batch, fd, at, batch)
-            fut.add_done_callback(lambda f, b=batch, s=seg: self._batch_done(f, b, s))
+            self._write(batch)
 
-    def _batch_done(self, fut, batch: _Batch, seg) -> None:
-        self._in_flight -= 1
+    def _write(self, batch: _Batch) -> None:
+        seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
+        batch.seg = seg
+        self._flushing.append(batch)
+        try:
+            Journal.append(fd, batch.bufs, at)
+        except OSError as exc:
+            self._flushed(batch, exc.errno or errno.EIO)
+            return
+        if self.early_senders:  # in the page cache now: ship while fdatasync runs
+            self._send_early(batch)
+        self._flusher.fdatasync(fd, lambda err: self._flushed(batch, err))
+
+    def _flushed(self, batch: _Batch, err: int) -> None:
+        """A batch's fdatasync ended: complete every batch at the head that is done,
+        in order (fdatasyncs may end out of order)."""
+        batch.err = err
+        flushing = self._flushing
+        while flushing and flushing[0].err is not None:
+            self._batch_done(flushing.popleft())
         self._slot.set()
-        exc = fut.exception()
-        if exc is not None:
-            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-            self.log.error("group %s: journal write of seq %d..%d failed: %s",
-                           self.name, batch.first_seq, batch.last_seq, exc)
-            if batch.shipped and self.halted is None:
-                # A target holds these records: reusing their seqs would fork it silently.
-                self.halted = (f"the journal's fdatasync failed ({exc}) after seq "
-                               f"{batch.first_seq}..{batch.last_seq} was shipped: no more "
-                               "writes until the agent restarts")
-                self.log.error("group %s: %s", self.name, self.halted)
-            for _, done in batch.dones:
-                done(err)
-        else:
-            self._completed(batch, seg)
-        if self._in_flight == 0:
+        if not flushing:
             if self._poisoned:
-                # Seqs of the failed batches are free again: fail what queued behind
-                # them and restart numbering after the last durable record (unless
-                # halted: a target already holds them).
+                # Seqs of the failed batches are free again: cut the journal back to its
+                # durable records, fail what queued behind them and restart numbering
+                # after the last durable record (unless halted: a target holds them).
                 self.journal.cancel_reservations()
                 self._fail_pending(errno.EIO)
                 self._poisoned = False
             if not self._batch.dones:
                 wake_all(self._idle_waiters)
+
+    def _batch_done(self, batch: _Batch) -> None:
+        err = batch.err or (errno.EIO if self._poisoned else 0)
+        if not err:
+            self._completed(batch, batch.seg)
+            return
+        if not self._poisoned:
+            self.log.error("group %s: journal write of seq %d..%d failed: %s",
+                           self.name, batch.first_seq, batch.last_seq, os.strerror(err))
+        self._poisoned = True  # every later batch fails too (never a gap in seq)
+        if batch.shipped and self.halted is None:
+            # A target holds these records: reusing their seqs would fork it silently.
+            self.halted = (f"the journal's fdatasync failed ({os.strerror(err)}) after seq "
+                           f"{batch.first_seq}..{batch.last_seq} was shipped: no more "
+                           "writes until the agent restarts")
+            self.log.error("group %s: %s", self.name, self.halted)
+        for _, done in batch.dones:
+            done(err)
 
     def _completed(self, batch: _Batch, seg) -> None:
         """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
@@ -592,25 +619,10 @@ class Group:
     async def settle(self) -> None:
         """Wait until nothing is queued or being committed (the journal's last record
         is then everything this node has accepted)."""
-        while self._batch.dones or self._in_flight:
+        while self._batch.dones or self._flushing:
             fut = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(fut)
             await fut
-
-    def _write_batch(self, fd: int, at: int, batch: _Batch) -> None:
-        """Worker thread: one writev and one fdatasync, nothing else, so the worker
-        needs the GIL twice per batch. After one failure every later batch fails
-        unwritten until the loop resets, so the journal never gets a gap in seq."""
-        if self._poisoned:
-            raise OSError(errno.EIO, "an earlier batch failed")
-        early = None
-        if self.early_senders:  # in the page cache now: ship while fdatasync runs
-            early = lambda: self._loop.call_soon_threadsafe(self._send_early, batch)  # noqa: E731
-        try:
-            Journal.write(fd, batch.bufs, at, early)
-        except BaseException:
-            self._poisoned = True
-            raise
 
     def _send_early(self, batch: _Batch) -> None:
         """Loop: hand a batch whose journal write is done (its fdatasync may still be
@@ -974,7 +986,7 @@ class Group:
 
     def _sync_and_save(self, pos: Position, acked: dict | None = None) -> None:
         """Make the volumes durable through `pos`, then record it (atomic rename). Runs
-        in the checkpointer's thread and in the commit worker: one at a time."""
+        in the checkpointer's thread and in the io worker: one at a time."""
         with self._save_lock:
             self._save(pos, acked)
 

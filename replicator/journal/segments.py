@@ -5,9 +5,9 @@ Files under the journal directory:
     base                   "<seq> <hcrc>": the position just before the oldest kept
                            record (what was trimmed away), written before any trim
 
-Only one writer (the group's commit worker) appends, whole batches at a time; the
+Only the group's write path appends, whole batches at a time, on the event loop; the
 in-memory index (per segment: first seq, record offsets and header CRCs) is updated
-on the event loop when the batch is durable, so readers only ever see durable records.
+when the batch is durable, so readers only ever see durable records.
 
 Recovery (`open`) scans every segment: a short record at the very end of the last
 segment is a torn tail and is cut off; anything else that does not decode, or a seq
@@ -77,7 +77,7 @@ class Journal:
         self.segment_size = segment_size or max(1 << 20, min(64 << 20, capacity // 8))
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []
-        self._fds: dict[str, int] = {}  # append descriptors (commit worker)
+        self._fds: dict[str, int] = {}  # append descriptors
         self._rfds: dict[str, int] = {}  # read descriptors (shippers, status), kept open
         self.base = Position(0, 0)
 
@@ -179,12 +179,11 @@ class Journal:
             seq = last + 1
         return total
 
-    # ---- appending (commit worker thread + loop) --------------------------------------
+    # ---- appending (loop) --------------------------------------------------------------
     def reserve(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
         """Called on the loop before a batch is written: returns (segment, fd, offset)
         the batch goes to, starting a new segment when the current one is full. Several
-        batches may be reserved before the first is committed; the single commit worker
-        writes them in order."""
+        batches may be reserved before the first is committed; they are written in order."""
         seg = self._segments[-1] if self._segments else None
         if seg is None or (seg.tail and seg.tail + nbytes > self.segment_size):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
@@ -200,17 +199,29 @@ class Journal:
         return seg, self._fds[seg.path], at
 
     def cancel_reservations(self) -> None:
-        """After a failed batch (and once nothing is in flight): forget what was reserved
-        but never committed."""
+        """After a failed batch, once nothing is in flight: cut every segment back to its
+        durable, indexed records (later batches may have been written behind the failed
+        one) and drop segments that hold none, so the next batch reuses their seqs."""
         for seg in self._segments:
-            seg.tail = seg.size
+            if seg.tail != seg.size:
+                fd = self._fds.get(seg.path)
+                if fd is not None:
+                    os.ftruncate(fd, seg.size)
+                seg.tail = seg.size
+        while len(self._segments) > 1 and not self._segments[-1].offsets:
+            seg = self._segments.pop()
+            self._firsts.pop()
+            for fds in (self._fds, self._rfds):
+                fd = fds.pop(seg.path, None)
+                if fd is not None:
+                    os.close(fd)
+            os.unlink(seg.path)
 
     @staticmethod
-    def write(fd: int, buffers: list, at_size: int, written=None) -> None:
-        """Worker thread: append a batch and make it durable (one writev, one fdatasync;
-        `written()` is called between the two). On any failure the segment is cut back
-        to `at_size`, so a failed batch never leaves a torn record in the middle of the
-        log."""
+    def append(fd: int, buffers: list, at_size: int) -> None:
+        """Loop: write a batch into the page cache with one writev (IOV_MAX permitting);
+        the Flusher makes it durable. On failure the segment is cut back to `at_size`,
+        so a failed batch never leaves a torn record in the middle of the log."""
         try:
             for i in range(0, len(buffers), 1024):  # IOV_MAX
                 chunk = buffers[i:i + 1024]
@@ -220,9 +231,6 @@ class Journal:
                     tail = b"".join(bytes(b) for b in chunk)[n:]
                     while tail:
                         tail = tail[os.write(fd, tail):]
-            if written is not None:
-                written()
-            os.fdatasync(fd)
         except BaseException:
             os.ftruncate(fd, at_size)
             raise
