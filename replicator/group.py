@@ -49,7 +49,8 @@ from .undo import UndoError, UndoLog
 from .volume import Volume
 
 Done = Callable[[int], None]
-CHECKPOINT_INTERVAL = 1.0
+CHECKPOINT_INTERVAL = 1.0  # how often the checkpointer looks
+SYNC_INTERVAL = 10.0  # seconds the volumes may go without an fdatasync while written
 MAX_IN_FLIGHT = 2
 
 
@@ -964,19 +965,32 @@ class Group:
             await self._space.wait()
 
     async def _checkpointer(self) -> None:
+        """Looks every CHECKPOINT_INTERVAL (or when asked) whether a checkpoint is due:
+        state changed, or the volumes have not been made durable for SYNC_INTERVAL, or
+        more than a quarter of the journal would be replayed after a crash. Syncing the
+        volumes more often only competes with the journal's own fdatasyncs for the disk
+        (the journal already holds every write durably)."""
         loop = asyncio.get_running_loop()
+        synced_at = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._checkpoint_now.wait(), CHECKPOINT_INTERVAL)
+                asked = True
             except asyncio.TimeoutError:
-                pass
+                asked = False
             self._checkpoint_now.clear()
             try:
                 self._update_logging()
                 pos = self.journal.position(self.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
-                if pos != self.checkpoint or acked != self._saved_acked or self._state_changed:
+                changed = pos != self.checkpoint or acked != self._saved_acked
+                due = (asked or self._state_changed
+                       or time.monotonic() - synced_at >= SYNC_INTERVAL
+                       or self.journal.bytes_between(self.checkpoint.seq, pos.seq)
+                       > self.journal.capacity // 4)
+                if self._state_changed or (changed and due):
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
+                    synced_at = time.monotonic()
                 low = self._needed_after()
                 if low > self.journal.base.seq:
                     self.journal.trim_through(low)
