@@ -696,6 +696,8 @@ class Group:
         self.journal.rebase(pos)
         self._resync_done = False
         self.undo.remove()
+        for vol in self.volumes.values():
+            vol.forget(0, vol.size)  # what the resync read and wrote (see Volume.forget)
         self.applied_seq = pos.seq
         self._next_seq = pos.seq + 1
         for t in self.targets.values():

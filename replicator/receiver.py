@@ -22,7 +22,7 @@ from .generations import Generation, Relation, Verdict, compare
 from .group import Group, GroupError
 from .journal.segments import Position
 from .transport import Link, peer_node
-from .verify import region_hashes
+from .verify import volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
                    ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply,
                    HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
@@ -353,7 +353,9 @@ class Receiver:
                 return (f"hash request at seq {ev.seq} but group {g.name} holds seq "
                         f"{g.applied_seq}")
         hashes = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: region_hashes(vol.view(ev.offset, ev.length), ev.granularity))
+            None, volume_hashes, vol, ev.offset, ev.length, ev.granularity)
+        if ev.offset + ev.length == vol.size:  # the end of a pass (see Volume.forget)
+            vol.forget(0, vol.size)
         await s.link.send(HashReply(id=ev.id, seq=g.applied_seq, hashes=hashes))
         return None
 

@@ -37,7 +37,7 @@ from .generations import Generation, Relation, compare
 from .group import Group, TargetLink, wake_all
 from .journal.segments import JournalError
 from .transport import Link
-from .verify import CHUNK, chunks, differing, region_hashes
+from .verify import CHUNK, chunks, differing, volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
                    Diverged, Error, Feature, Handover, HashReply, HashRequest, Heartbeat, Hello,
                    LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
@@ -394,7 +394,7 @@ class Shipper:
                                                 "consistent image right now"))
             return
         probe.seq = seq
-        probe.hashes = region_hashes(g.volumes[probe.volume].view(probe.offset, probe.length),
+        probe.hashes = volume_hashes(g.volumes[probe.volume], probe.offset, probe.length,
                                      g.cfg.bitmap_granularity)
         while self.sent_seq < seq:
             await self._send_records(link, seq)
@@ -575,7 +575,7 @@ class Shipper:
                             break
                         volume, offset = run[0][0], run[0][2]
                         length = sum(r[3] for r in run)
-                        ours = region_hashes(g.volumes[volume].view(offset, length), gran)
+                        ours = volume_hashes(g.volumes[volume], offset, length, gran)
                         reply = loop.create_future()
                         await self._request_hashes(link, reply, ANY_SEQ, volume, offset, length)
                         probes.append((run, ours, reply))
@@ -593,6 +593,8 @@ class Shipper:
             self.sent_seq = seq
             self._needs_resync = False
             self.state = "catching-up"
+            for vol in g.volumes.values():
+                vol.forget(0, vol.size)  # what the passes read (see Volume.forget)
             self.log.info("group %s -> %s: %s resync complete at seq %d (%d bytes checked, %d "
                           "sent, %d pass(es) in %.3fs); streaming from seq %d", g.name, t.node,
                           progress.get("mode", "full"), seq, progress["done_bytes"],
@@ -671,6 +673,8 @@ class Shipper:
                 await settle(inflight.popleft())
         finally:
             self.verifying = None
+            for volume in {piece[0] for piece in pieces}:
+                g.volumes[volume].forget(0, g.volumes[volume].size)  # see Volume.forget
             for probe in inflight:
                 if probe in self._probes:
                     self._probes.remove(probe)

@@ -32,6 +32,12 @@ def region_hashes(data, granularity: int) -> bytes:
     return bytes(out)
 
 
+def volume_hashes(volume, offset: int, length: int, granularity: int) -> bytes:
+    """region_hashes of [offset, offset + length) of a Volume, read from the page cache."""
+    with volume.mapped(offset, length) as view:
+        return region_hashes(view, granularity)
+
+
 def differing(ours: bytes, theirs: bytes) -> list[int]:
     """Indexes of the regions whose hashes differ (all of them past a short answer)."""
     n = len(ours) // HASH.size

@@ -1,7 +1,7 @@
 """A volume: an image file (created sparse at its configured size when missing) or a
 block device (which must be at least the configured size). Reads and writes are
-positional on one O_RDWR descriptor, so the loop thread (reads) and the group's commit
-worker (writes) never share a file offset."""
+positional on one O_RDWR descriptor, so the loop and the group's io worker (resync,
+rollback) never share a file offset."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import stat
+from contextlib import contextmanager
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -31,7 +32,6 @@ class Volume:
         self.size = size
         self.fd = -1
         self.is_block = False
-        self._map: mmap.mmap | None = None
 
     def open(self) -> None:
         exists = os.path.exists(self.path)
@@ -58,12 +58,30 @@ class Volume:
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
-    def view(self, offset: int, length: int) -> memoryview:
+    def forget(self, offset: int, length: int) -> None:
+        """Drop the range's clean pages from the page cache after a bulk pass (resync,
+        verify). Besides sparing the cache, this matters for speed: the large folios
+        (up to 2 MiB) that reading caches over a sparse file make every later 4 KiB
+        write into them about 5x dearer in CPU (17.7 vs 3.6 us here). Readahead caches
+        more than a read asked for, and only folios wholly inside the range are
+        dropped, so passes forget the whole volume once they are done."""
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    @contextmanager
+    def mapped(self, offset: int, length: int):
         """The range as it is in the page cache right now, without a copy (hashing a
-        gigabyte reads it once instead of twice). Release the view before close()."""
-        if self._map is None:
-            self._map = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
-        return memoryview(self._map)[offset:offset + length]
+        gigabyte reads it once instead of twice), unmapped again on exit."""
+        if length == 0:
+            yield memoryview(b"")
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self.fd, offset + length - start, prot=mmap.PROT_READ, offset=start)
+        view = memoryview(m)[offset - start:offset - start + length]
+        try:
+            yield view
+        finally:
+            view.release()
+            m.close()
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data)
@@ -93,9 +111,6 @@ class Volume:
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
