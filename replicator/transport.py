@@ -61,7 +61,10 @@ class Link:
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
     async def send(self, *events) -> None:
-        self.writer.write(b"".join(self.conn.send(ev) for ev in events))
+        write = self.writer.write
+        for ev in events:
+            for part in self.conn.send_parts(ev):
+                write(part)
         await self.writer.drain()
 
     async def next_event(self, timeout: float):

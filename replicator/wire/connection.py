@@ -164,6 +164,11 @@ class Connection:
     def send(self, event: Frame) -> bytes:
         """The wire bytes of `event`. Raises LocalProtocolError (and the connection goes
         to ERROR) when the event is not allowed in this state or cannot be encoded."""
+        return b"".join(self.send_parts(event))
+
+    def send_parts(self, event: Frame) -> list:
+        """Like send(), as the frame header followed by the body's parts uncopied (a
+        Records payload is sent as it is, without joining a megabyte to its header)."""
         self._check_not_failed()
         try:
             kind = getattr(type(event), "frame_type", None)
@@ -184,7 +189,7 @@ class Connection:
             crc = crc32c(part, crc)
         _CRC.pack_into(header, CRC_OFFSET, crc)
         self.state = next_state
-        return b"".join((header, *parts))
+        return [header, *parts]
 
     # ---- receiving ----------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
