@@ -995,7 +995,9 @@ class Group:
                     synced_at = time.monotonic()
                 low = self._needed_after()
                 if low > self.journal.base.seq:
-                    self.journal.trim_through(low)
+                    gone = self.journal.trim_through(low)
+                    if gone:
+                        await loop.run_in_executor(None, self.journal.delete, gone)
             except (OSError, JournalError) as exc:
                 self.log.error("group %s: checkpoint failed: %s", self.name, exc)
             self._space.set()

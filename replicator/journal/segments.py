@@ -91,17 +91,17 @@ class Journal:
             self.base = Position(int(seq), int(hcrc))
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
         expected = self.base.seq + 1
-        for i, name in enumerate(names):
+        for name in names:
             path = os.path.join(self.directory, name)
             first = int(name[:-4])
-            if first < expected and i == 0:
+            if first < expected and not self._segments:
                 # Left over by a trim interrupted after `base` was written.
                 os.unlink(path)
                 continue
             if first != expected:
                 raise JournalCorruptError(path, 0, f"segment starts at seq {first}, "
                                                    f"expected {expected}")
-            seg = self._scan(path, first, last=(i == len(names) - 1))
+            seg = self._scan(path, first, last=(name == names[-1]))
             self._add(seg)
             expected = seg.last_seq + 1
 
@@ -283,9 +283,11 @@ class Journal:
         return fd
 
     # ---- trimming --------------------------------------------------------------------
-    def trim_through(self, seq: int) -> int:
-        """Delete whole segments whose records are all <= seq (never the active one).
-        Returns the number of bytes freed."""
+    def trim_through(self, seq: int) -> list[str]:
+        """Forget whole segments whose records are all <= seq (never the active one):
+        `base` moves past them and their descriptors close. Returns their paths, for
+        delete() (which the group runs off the loop: freeing a big file's extents takes
+        a while)."""
         drop = []
         for seg in self._segments[:-1]:
             if seg.last_seq <= seq and seg.tail == seg.size:
@@ -293,21 +295,23 @@ class Journal:
             else:
                 break
         if not drop:
-            return 0
+            return []
         last = drop[-1]
         self._write_base(Position(last.last_seq, last.hcrcs[-1]))
-        freed = 0
         for seg in drop:
             for fds in (self._fds, self._rfds):
                 fd = fds.pop(seg.path, None)
                 if fd is not None:
                     os.close(fd)
-            os.unlink(seg.path)
-            freed += seg.size
         del self._segments[:len(drop)]
         del self._firsts[:len(drop)]
+        return [seg.path for seg in drop]
+
+    def delete(self, paths: list[str]) -> None:
+        """Remove segments that trim_through() let go of (any thread)."""
+        for path in paths:
+            os.unlink(path)
         _fsync_dir(self.directory)
-        return freed
 
     def rebase(self, pos: Position) -> None:
         """Drop every record and restart the journal after `pos` (a replica that a

@@ -104,13 +104,29 @@ def test_segments_roll_and_trim(tmp_path):
         _fill(j, 1 + i * 10, 10, size=50_000)  # ~500 KB per batch -> new segment every 2
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".seg")]) == 3
     last = j.position(20)
-    freed = j.trim_through(25)  # only whole segments: 1..20 go
-    assert freed > 0 and j.base == last and j.first_seq == 21
+    gone = j.trim_through(25)  # only whole segments: 1..20 go
+    assert len(gone) == 1 and j.base == last and j.first_seq == 21
     assert j.position(20) == last and j.position(19) is None
+    j.delete(gone)
+    assert not any(os.path.exists(p) for p in gone)
     j.close()
     j2 = Journal(str(tmp_path), capacity=16 << 20)
     j2.open()
     assert (j2.first_seq, j2.last_seq, j2.base) == (21, 60, last)
+
+
+def test_segments_a_trim_let_go_of_are_removed_at_open_if_never_deleted(tmp_path):
+    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20)
+    j.open()
+    for i in range(6):
+        _fill(j, 1 + i * 10, 10, size=50_000)
+    gone = j.trim_through(45)  # 1..20 and 21..40; a crash before delete()
+    assert len(gone) == 2
+    j.close()
+    j2 = Journal(str(tmp_path), capacity=16 << 20)
+    j2.open()
+    assert (j2.first_seq, j2.last_seq) == (41, 60)
+    assert not any(os.path.exists(p) for p in gone)
 
 
 def test_recovery_truncates_torn_tail_at_every_offset(tmp_path):
