@@ -149,6 +149,7 @@ def main() -> int:
                                  size="256M")
                 ref = fio_json(q.uri, iodepth=16, seconds=args.seconds, size="256M")
                 results["randwrite"].append({"agent": agent["iops"], "qemu_nbd": ref["iops"]})
+                topo.wait_converged(300)  # the copy starts on an idle pair, as qemu-nbd's does
                 results["copy"].append({"agent": nbdcopy_seconds(src, topo["p"].nbd_uri("data")),
                                         "qemu_nbd": nbdcopy_seconds(src, q.uri)})
                 topo.wait_converged(300)
