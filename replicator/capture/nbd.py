@@ -39,7 +39,8 @@ CAN_MULTI_CONN, and READ_ONLY for read-only exports. Simple replies only.
 
 Commands
     READ          `Export.read`, synchronous, answered in the same loop turn.
-    WRITE         `Export.write(offset, data, fua, done)`.
+    WRITE         `Export.write(offset, data, fua, done)`; data is the export's to keep
+                  (bytes, or a bytearray the server never touches again).
     TRIM, WRITE_ZEROES
                   `Export.zero(offset, length, fua, done)`; NO_HOLE accepted and ignored
                   (zeroes are always written as data or journal records).
@@ -174,6 +175,8 @@ MAX_DISCARD = 16 * 1024 * 1024  # ...and above this the client is not worth list
 MAX_NAME_LIST = 4096            # bytes of export names quoted in an ERR_UNKNOWN message
 MAX_IN_FLIGHT = 128             # outstanding requests per connection before pausing
 MAX_PENDING_BYTES = 64 << 20    # outstanding write payload per connection before pausing
+SCRATCH_BYTES = 256 << 10       # receive buffer per connection
+DIRECT_PAYLOAD = 64 << 10       # WRITE payloads from this size are received in place
 LINGER_SECONDS = 2.0            # input discarded after refusing an oversized WRITE
 CLOSE_TIMEOUT = 5.0             # NbdServer.close(): wait for outstanding requests
 EXPORT_ERRORS_LOGGED = 10       # per connection; the rest are counted
@@ -210,7 +213,7 @@ class Export(Protocol):
     read_only: bool
 
     def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes, fua: bool, done: Done) -> None: ...
+    def write(self, offset: int, data: bytes | bytearray, fua: bool, done: Done) -> None: ...
     def zero(self, offset: int, length: int, fua: bool, done: Done) -> None: ...
     def flush(self, done: Done) -> None: ...
 
@@ -237,9 +240,14 @@ def transmission_flags(export: Export) -> int:
     return int(flags)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client. Cleanup happens in connection_lost only; everything else that wants
-    the connection gone closes (or aborts) the transport."""
+    the connection gone closes (or aborts) the transport.
+
+    Input is received into a reusable scratch buffer and parsed from `_buf`, except the
+    payload of a large WRITE (DIRECT_PAYLOAD or more): once its header is parsed, the
+    socket is read straight into a buffer of the payload's size, which then goes to
+    the export as it is (one copy of the data instead of three)."""
 
     def __init__(self, server: NbdServer):
         self._server = server
@@ -250,6 +258,11 @@ class _Connection(asyncio.Protocol):
         self._peer = "?"
         self._state = _FLAGS
         self._buf = bytearray()
+        self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+        self._payload: bytearray | None = None  # a large WRITE's payload being received
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_write: tuple = ()  # (handle, offset, fua) of that WRITE
         self._skip = 0                 # bytes of an oversized option still to discard
         self._skip_option = 0
         self._no_zeroes = False
@@ -286,6 +299,7 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         self._out = []
         self._buf = bytearray()
+        self._drop_payload()
         if self._export_errors > EXPORT_ERRORS_LOGGED:
             self._log.error("NBD client %s: %d export errors in all (%d not logged)", self._peer,
                             self._export_errors, self._export_errors - EXPORT_ERRORS_LOGGED)
@@ -309,11 +323,31 @@ class _Connection(asyncio.Protocol):
         self._write_blocked = False
         self._maybe_resume()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_got:]
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
         state = self._state
         if state is not _TRANSMISSION and state is not _FLAGS and state is not _OPTIONS:
             return  # draining after DISC, lingering or closed: input is ignored
-        self._buf += data
+        if self._payload_view is not None:
+            self._payload_got += nbytes
+            if self._payload_got < len(self._payload):
+                return
+            handle, offset, fua = self._payload_write
+            payload = self._payload
+            self._drop_payload()
+            self._receiving = True
+            try:
+                self._write(handle, offset, payload, fua)
+            finally:
+                self._receiving = False
+                if self._out:
+                    self._flush()
+            return
+        self._buf += self._scratch[:nbytes]
         self._receiving = True
         try:
             if state is not _TRANSMISSION:
@@ -362,6 +396,7 @@ class _Connection(asyncio.Protocol):
         if self._state is _TRANSMISSION:
             self._state = _DRAINING
             self._buf = bytearray()
+            self._drop_payload()  # a WRITE not received whole was never started
             if self._paused:
                 self._paused = False
                 self._transport.resume_reading()
@@ -555,7 +590,16 @@ class _Connection(asyncio.Protocol):
                         self._linger(f"WRITE of {length} bytes exceeds max_request {max_request}")
                         return
                     start = pos + _REQUEST_SIZE
+                    valid = not (flags & _NOT_FUA or read_only or offset + length > size)
                     if end - start < length:
+                        if valid and length >= DIRECT_PAYLOAD:
+                            # Receive the rest straight into the payload's own buffer.
+                            payload = bytearray(length)
+                            payload[:end - start] = view[start:end]
+                            self._payload, self._payload_got = payload, end - start
+                            self._payload_view = memoryview(payload)
+                            self._payload_write = (handle, offset, flags & _FUA != 0)
+                            pos = end
                         break  # wait for the payload
                     pos = start + length
                     if flags & _NOT_FUA:
@@ -567,11 +611,7 @@ class _Connection(asyncio.Protocol):
                     elif length == 0:
                         reply(handle, 0)
                     else:
-                        done = self._start(handle, length)
-                        try:
-                            export.write(offset, bytes(view[start:pos]), flags & _FUA != 0, done)
-                        except Exception as exc:  # noqa: BLE001
-                            self._export_raised("write", offset, length, exc, done)
+                        self._write(handle, offset, bytes(view[start:pos]), flags & _FUA != 0)
                     continue
                 pos += _REQUEST_SIZE
                 if command == _READ:
@@ -624,6 +664,19 @@ class _Connection(asyncio.Protocol):
             del buf[:pos]
         if disconnect:
             self._drain()
+
+    def _write(self, handle: int, offset: int, data, fua: bool) -> None:
+        done = self._start(handle, len(data))
+        try:
+            self._export.write(offset, data, fua, done)
+        except Exception as exc:  # noqa: BLE001
+            self._export_raised("write", offset, len(data), exc, done)
+
+    def _drop_payload(self) -> None:
+        if self._payload_view is not None:
+            self._payload_view.release()
+        self._payload = self._payload_view = None
+        self._payload_got = 0
 
     def _start(self, handle: int, nbytes: int) -> Done:
         """Count one outstanding request; return its completion callback."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import socket
 import struct
@@ -317,6 +318,43 @@ def test_write_read_flush_trim_zero_with_fua(server):
     with open(export.path, "rb") as f:
         f.seek(4096)
         assert f.read(8) == b"\0\0\0\0efgh"
+
+
+def test_large_writes_in_odd_pieces_mixed_with_small_requests(server):
+    """Payloads of DIRECT_PAYLOAD bytes and more are received into their own buffer:
+    split anywhere, followed at once by more requests, refused ones still consumed."""
+    c = connect(server)
+    rng = random.Random(7)
+    big = [rng.randbytes(n) for n in (N.DIRECT_PAYLOAD, 3 * N.DIRECT_PAYLOAD + 17, 1 * MiB)]
+    stream = b"".join([
+        Client.pack(N.Cmd.WRITE, 0, len(big[0]), handle=1) + big[0],
+        Client.pack(N.Cmd.WRITE, 2 * MiB + 5, 3, handle=2) + b"abc",
+        Client.pack(N.Cmd.WRITE, 3 * MiB + 1, len(big[1]), handle=3) + big[1],
+        Client.pack(N.Cmd.WRITE, DATA_SIZE - 4096, len(big[2]), handle=4) + big[2],  # ENOSPC
+        Client.pack(N.Cmd.WRITE, 4 * MiB, len(big[2]), handle=5, flags=N.CMD_FLAG_FUA) + big[2],
+        Client.pack(N.Cmd.READ, 3 * MiB + 1, len(big[1]), handle=6),
+    ])
+    cuts = sorted(rng.sample(range(1, len(stream)), 40)) + [len(stream)]
+    at = 0
+    for cut in cuts:
+        c.s.sendall(stream[at:cut])
+        at = cut
+    assert [c.reply()[:2] for _ in range(5)] == [(0, 1), (0, 2), (0, 3), (errno.ENOSPC, 4),
+                                                 (0, 5)]
+    assert c.reply(len(big[1])) == (0, 6, big[1])
+    export = server.exports["data"]
+    with open(export.path, "rb") as f:
+        assert os.pread(f.fileno(), len(big[0]), 0) == big[0]
+        assert os.pread(f.fileno(), 3, 2 * MiB + 5) == b"abc"
+        assert os.pread(f.fileno(), len(big[2]), 4 * MiB) == big[2]
+    assert export.fua_writes == 1
+    # a client gone halfway through a large payload: nothing of it is written
+    c.request(N.Cmd.WRITE, 6 * MiB, MiB, handle=7)
+    c.s.sendall(b"\xee" * (MiB // 2))
+    c.close()
+    assert_serves(server)
+    with open(export.path, "rb") as f:
+        assert os.pread(f.fileno(), 16, 6 * MiB) == bytes(16)
 
 
 def test_zero_length_requests_succeed(server):
