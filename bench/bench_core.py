@@ -8,7 +8,9 @@
 3. sync mode, iodepth 1: fio write latency p50/p99 vs the floor measured in the same
    run (local 4 KiB write+fdatasync, loopback round trip, remote 4 KiB write+fdatasync).
 4. peak RSS (VmHWM) of the agents.
-Runs alternate between the two servers; the medians and their ratio are printed and
+Runs alternate between the two servers, each measurement starting on a pair that has
+caught up (no initial sync or backlog running) and with no dirty data in the page cache
+(`sync` first); the medians and their ratio are printed and
 written to bench/results/core.json. Everything runs under a temporary directory on the
 same file system as the state dirs would be.
 """
@@ -33,6 +35,7 @@ from tests.agents import MiB, Topology, free_port, wait_until  # noqa: E402
 
 
 def fio_json(uri: str, *, iodepth: int, seconds: int, size: str, rw="randwrite") -> dict:
+    os.sync()  # each measurement starts with no dirty data from the one before
     out = subprocess.run(
         ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
          f"--iodepth={iodepth}", f"--size={size}", f"--runtime={seconds}", "--time_based",
@@ -61,6 +64,7 @@ class QemuNbd:
 
 
 def nbdcopy_seconds(src: str, uri: str) -> float:
+    os.sync()
     t = time.monotonic()
     subprocess.run(["nbdcopy", src, uri], check=True)
     return time.monotonic() - t
