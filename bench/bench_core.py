@@ -9,8 +9,8 @@
    run (local 4 KiB write+fdatasync, loopback round trip, remote 4 KiB write+fdatasync).
 4. peak RSS (VmHWM) of the agents.
 Runs alternate between the two servers, each measurement starting on a pair that has
-caught up (no initial sync or backlog running) and with no dirty data in the page cache
-(`sync` first); the medians and their ratio are printed and
+caught up (no initial sync or backlog running), after `sync` and `drop_caches` (root
+only); the medians and their ratio are printed and
 written to bench/results/core.json. Everything runs under a temporary directory on the
 same file system as the state dirs would be.
 """
@@ -34,8 +34,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.agents import MiB, Topology, free_port, wait_until  # noqa: E402
 
 
+def settle_memory() -> None:
+    """Each measurement starts from the same memory and disk state: nothing dirty left
+    by the step before (sync), nothing it cached (drop_caches). On this VM, a page
+    cache left large by the previous step halved qemu-nbd's copy speed."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
 def fio_json(uri: str, *, iodepth: int, seconds: int, size: str, rw="randwrite") -> dict:
-    os.sync()  # each measurement starts with no dirty data from the one before
+    settle_memory()
     out = subprocess.run(
         ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
          f"--iodepth={iodepth}", f"--size={size}", f"--runtime={seconds}", "--time_based",
@@ -64,7 +73,7 @@ class QemuNbd:
 
 
 def nbdcopy_seconds(src: str, uri: str) -> float:
-    os.sync()
+    settle_memory()
     t = time.monotonic()
     subprocess.run(["nbdcopy", src, uri], check=True)
     return time.monotonic() - t
@@ -148,15 +157,18 @@ def main() -> int:
                             volumes={"data": vol_size}, journal_size="1GiB").start()
             q = QemuNbd(os.path.join(work, f"qemu{run}.img"), vol_size)
             try:
-                topo.wait_converged(300)  # the initial sync must not run under the workload
+                # Every step starts on an idle pair: no initial sync, and no backlog of the
+                # step before still being shipped (not even under qemu-nbd's run).
+                topo.wait_converged(300)
                 agent = fio_json(topo["p"].nbd_uri("data"), iodepth=16, seconds=args.seconds,
                                  size="256M")
+                topo.wait_converged(300)
                 ref = fio_json(q.uri, iodepth=16, seconds=args.seconds, size="256M")
                 results["randwrite"].append({"agent": agent["iops"], "qemu_nbd": ref["iops"]})
-                topo.wait_converged(300)  # the copy starts on an idle pair, as qemu-nbd's does
-                results["copy"].append({"agent": nbdcopy_seconds(src, topo["p"].nbd_uri("data")),
-                                        "qemu_nbd": nbdcopy_seconds(src, q.uri)})
+                agent_copy = nbdcopy_seconds(src, topo["p"].nbd_uri("data"))
                 topo.wait_converged(300)
+                results["copy"].append({"agent": agent_copy,
+                                        "qemu_nbd": nbdcopy_seconds(src, q.uri)})
                 results.setdefault("peak_rss_kib", []).append(
                     {n: peak_rss_kib(topo[n].proc.pid) for n in ("p", "t")})
             finally:
