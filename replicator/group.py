@@ -969,9 +969,11 @@ class Group:
     async def _checkpointer(self) -> None:
         """Looks every CHECKPOINT_INTERVAL (or when asked) whether a checkpoint is due:
         state changed, or the volumes have not been made durable for SYNC_INTERVAL, or
-        more than a quarter of the journal would be replayed after a crash. Syncing the
-        volumes more often only competes with the journal's own fdatasyncs for the disk
-        (the journal already holds every write durably)."""
+        more than a quarter of the journal would be replayed after a crash, or the
+        journal is more than half full (then every CHECKPOINT_INTERVAL, so trimming
+        keeps pace instead of writes waiting for one large volume sync when it is
+        full). Syncing the volumes more often only competes with the journal's own
+        fdatasyncs for the disk (the journal already holds every write durably)."""
         loop = asyncio.get_running_loop()
         synced_at = time.monotonic()
         while True:
@@ -986,10 +988,11 @@ class Group:
                 pos = self.journal.position(self.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
                 changed = pos != self.checkpoint or acked != self._saved_acked
+                j = self.journal
                 due = (asked or self._state_changed
                        or time.monotonic() - synced_at >= SYNC_INTERVAL
-                       or self.journal.bytes_between(self.checkpoint.seq, pos.seq)
-                       > self.journal.capacity // 4)
+                       or j.bytes_between(self.checkpoint.seq, pos.seq) > j.capacity // 4
+                       or j.used_bytes > j.capacity // 2)  # trim as it fills, not when full
                 if self._state_changed or (changed and due):
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
                     synced_at = time.monotonic()
