@@ -1,0 +1,90 @@
+"""CPU per write: where the randwrite ratio of bench_core comes from (issue 2).
+
+    .venv/bin/python -m bench.bench_cpu [--rounds 2] [--seconds 10]
+
+The same fio job as bench_core (4 KiB randwrite, iodepth 16, nbd engine) against the
+agent pair (primary `p` with one async target `t`) and against `qemu-nbd -f raw
+--cache=writeback`, alternating. For each it reports IOPS, the CPU each server process
+spent per write (user + system, children included, from /proc/<pid>/stat over the
+middle of the run) and how busy the machine was. On 2 shared cores the ratio of the
+IOPS follows the ratio of the CPU per write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_core import QemuNbd, settle_memory  # noqa: E402
+from tests.agents import MiB, Topology  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # busy (not idle/iowait), all
+
+
+def measure(uri: str, pids: dict[str, int], seconds: int) -> dict:
+    settle_memory()
+    fio = subprocess.Popen(
+        ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=16", "--size=256M", f"--runtime={seconds}", "--time_based",
+         "--output-format=json"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1)  # past connection set-up
+    c0 = {n: cpu_seconds(p) for n, p in pids.items()}
+    b0, t0 = machine_busy(), time.monotonic()
+    time.sleep(seconds - 2)
+    c1 = {n: cpu_seconds(p) for n, p in pids.items()}
+    b1, elapsed = machine_busy(), time.monotonic() - t0
+    out = fio.communicate()[0]
+    iops = json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+    writes = iops * elapsed
+    return {"iops": round(iops),
+            "cpu_us_per_write": {n: round((c1[n] - c0[n]) / writes * 1e6, 1) for n in pids},
+            "machine_busy_pct": round((b1[0] - b0[0]) / (b1[1] - b0[1]) * 100)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=int, default=10)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="replicator-bench-cpu-", dir="/var/tmp")
+    topo = q = None
+    try:
+        topo = Topology(os.path.join(work, "pair"), ["p", "t"], [("p", "t", "async")],
+                        volumes={"data": 256 * MiB}, journal_size="1GiB").start()
+        q = QemuNbd(os.path.join(work, "qemu.img"), 256 * MiB)
+        for _ in range(args.rounds):
+            topo.wait_converged(300)
+            agent = measure(topo["p"].nbd_uri("data"), {n: topo[n].proc.pid for n in "pt"},
+                            args.seconds)
+            topo.wait_converged(300)
+            ref = measure(q.uri, {"qemu-nbd": q.proc.pid}, args.seconds)
+            print(json.dumps({"agent": agent, "qemu_nbd": ref}), flush=True)
+    finally:
+        if q is not None:
+            q.stop()
+        if topo is not None:
+            topo.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
