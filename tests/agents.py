@@ -19,10 +19,20 @@ from replicator import admin, pki
 MiB = 1 << 20
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, never one this process handed out before
+    (the kernel may offer the same free port twice before anyone binds it: two agents
+    of one topology then collided)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
