@@ -546,12 +546,11 @@ class Group:
             self._write(batch)
 
     def _write(self, batch: _Batch) -> None:
-        seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
-        batch.seg = seg
         self._flushing.append(batch)
         try:
+            batch.seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
             Journal.append(fd, batch.bufs, at)
-        except OSError as exc:
+        except OSError as exc:  # a full disk, say: this batch and those behind it fail
             self._flushed(batch, exc.errno or errno.EIO)
             return
         if self.early_senders:  # in the page cache now: ship while fdatasync runs

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+import subprocess
 
 import pytest
 
@@ -62,9 +63,9 @@ class _HeldFlusher:
         pass
 
 
-def _group(tmp_path) -> Group:
+def _group(tmp_path, state_dir=None) -> Group:
     cfg = parse({"node": "p", "listen": "127.0.0.1:1", "nbd_listen": "127.0.0.1:2",
-                 "state_dir": str(tmp_path / "state"), "tls": False, "peers": {},
+                 "state_dir": str(state_dir or tmp_path / "state"), "tls": False, "peers": {},
                  "groups": [{"name": "db", "role": "primary", "journal_size": "16MiB",
                              "volumes": [{"name": "data", "path": str(tmp_path / "d.img"),
                                           "size": "1MiB"}], "targets": []}]})
@@ -122,6 +123,53 @@ def test_batches_complete_in_seq_order_and_a_failure_frees_its_seqs(tmp_path):
         j = Journal(os.path.join(g.dir, "journal"), capacity=16 << 20)
         j.open()
         assert j.last_seq == 3
+        j.close()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 512 KiB tmpfs: a state directory on a disk that fills up for real."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_fails_the_writes_that_do_not_fit_and_loses_nothing(tmp_path, small_fs):
+    async def main():
+        g = _group(tmp_path, state_dir=small_fs)
+        g.start()
+        vol = g.volumes["data"]
+        results: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        async def write(i: int) -> int:
+            fut = loop.create_future()
+            g.submit_write(vol, (i % 16) * 65536, bytes([i]) * 65536, fut.set_result)
+            return await asyncio.wait_for(fut, 10)
+
+        for i in range(1, 40):
+            results.append(await write(i))
+            if results[-1]:
+                break
+        assert results[-1] == errno.ENOSPC, results
+        written = len(results) - 1
+        assert written >= 3 and all(r == 0 for r in results[:-1])
+        assert g.journal.last_seq == written and g.halted is None
+        subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
+        assert await write(100) == 0  # room again: the next write takes the freed seq
+        assert g.journal.last_seq == written + 1
+        await g.stop()
+
+        j = Journal(os.path.join(g.dir, "journal"), capacity=16 << 20)
+        j.open()  # no torn or partial record was left by the failed batch
+        first, last, data = j.read(written + 1, 1 << 20)
+        assert (first, last) == (written + 1, written + 1) and data.endswith(bytes([100]) * 65536)
         j.close()
 
     asyncio.run(main())
