@@ -416,8 +416,7 @@ class Group:
         return count
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._flusher = Flusher(self._loop, log=self.log)
+        self._flusher = Flusher(asyncio.get_running_loop(), log=self.log)
         self._tasks = [asyncio.create_task(self._committer(), name=f"commit-{self.name}"),
                        asyncio.create_task(self._checkpointer(), name=f"checkpoint-{self.name}")]
 
@@ -533,7 +532,8 @@ class Group:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            while len(self._flushing) >= MAX_IN_FLIGHT or self._poisoned:
+            while (len(self._flushing) >= MAX_IN_FLIGHT or self._poisoned
+                   or (self._flushing and self._flushing[-1].err)):  # none behind a failure
                 await self._slot.wait()
                 self._slot.clear()
             if self.halted:
@@ -579,9 +579,9 @@ class Group:
     def _batch_done(self, batch: _Batch) -> None:
         err = batch.err or (errno.EIO if self._poisoned else 0)
         if not err:
-            self._completed(batch, batch.seg)
+            self._completed(batch)
             return
-        if not self._poisoned:
+        if batch.err:  # its own failure, not only one behind it
             self.log.error("group %s: journal write of seq %d..%d failed: %s",
                            self.name, batch.first_seq, batch.last_seq, os.strerror(err))
         self._poisoned = True  # every later batch fails too (never a gap in seq)
@@ -594,10 +594,10 @@ class Group:
         for _, done in batch.dones:
             done(err)
 
-    def _completed(self, batch: _Batch, seg) -> None:
+    def _completed(self, batch: _Batch) -> None:
         """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
         seq order, before any later batch), index it, wake shippers, complete writes."""
-        self.journal.commit(seg, batch.sizes, batch.hcrcs)
+        self.journal.commit(batch.seg, batch.sizes, batch.hcrcs)
         try:
             apply_to_volumes(batch.applies)
         except OSError as exc:
@@ -696,7 +696,7 @@ class Group:
         self._resync_done = False
         self.undo.remove()
         for vol in self.volumes.values():
-            vol.forget(0, vol.size)  # what the resync read and wrote (see Volume.forget)
+            vol.forget()  # what the resync read and wrote
         self.applied_seq = pos.seq
         self._next_seq = pos.seq + 1
         for t in self.targets.values():

@@ -355,7 +355,7 @@ class Receiver:
         hashes = await asyncio.get_running_loop().run_in_executor(
             None, volume_hashes, vol, ev.offset, ev.length, ev.granularity)
         if ev.offset + ev.length == vol.size:  # the end of a pass (see Volume.forget)
-            vol.forget(0, vol.size)
+            vol.forget()
         await s.link.send(HashReply(id=ev.id, seq=g.applied_seq, hashes=hashes))
         return None
 

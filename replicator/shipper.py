@@ -594,7 +594,7 @@ class Shipper:
             self._needs_resync = False
             self.state = "catching-up"
             for vol in g.volumes.values():
-                vol.forget(0, vol.size)  # what the passes read (see Volume.forget)
+                vol.forget()  # what the passes read
             self.log.info("group %s -> %s: %s resync complete at seq %d (%d bytes checked, %d "
                           "sent, %d pass(es) in %.3fs); streaming from seq %d", g.name, t.node,
                           progress.get("mode", "full"), seq, progress["done_bytes"],
@@ -674,7 +674,7 @@ class Shipper:
         finally:
             self.verifying = None
             for volume in {piece[0] for piece in pieces}:
-                g.volumes[volume].forget(0, g.volumes[volume].size)  # see Volume.forget
+                g.volumes[volume].forget()
             for probe in inflight:
                 if probe in self._probes:
                     self._probes.remove(probe)

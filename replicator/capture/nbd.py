@@ -259,8 +259,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._state = _FLAGS
         self._buf = bytearray()
         self._scratch = memoryview(bytearray(SCRATCH_BYTES))
-        self._payload: bytearray | None = None  # a large WRITE's payload being received
-        self._payload_view: memoryview | None = None
+        self._payload_view: memoryview | None = None  # a large WRITE's payload, arriving
         self._payload_got = 0
         self._payload_write: tuple = ()  # (handle, offset, fua) of that WRITE
         self._skip = 0                 # bytes of an oversized option still to discard
@@ -332,24 +331,20 @@ class _Connection(asyncio.BufferedProtocol):
         state = self._state
         if state is not _TRANSMISSION and state is not _FLAGS and state is not _OPTIONS:
             return  # draining after DISC, lingering or closed: input is ignored
-        if self._payload_view is not None:
+        payload = self._payload_view
+        if payload is not None:
             self._payload_got += nbytes
-            if self._payload_got < len(self._payload):
+            if self._payload_got < len(payload):
                 return
-            handle, offset, fua = self._payload_write
-            payload = self._payload
-            self._drop_payload()
-            self._receiving = True
-            try:
-                self._write(handle, offset, payload, fua)
-            finally:
-                self._receiving = False
-                if self._out:
-                    self._flush()
-            return
-        self._buf += self._scratch[:nbytes]
+        else:
+            self._buf += self._scratch[:nbytes]
         self._receiving = True
         try:
+            if payload is not None:  # complete: it goes to the export as it is
+                handle, offset, fua = self._payload_write
+                data = payload.obj
+                self._drop_payload()
+                self._write(handle, offset, data, fua)
             if state is not _TRANSMISSION:
                 self._negotiate()
             if self._state is _TRANSMISSION and not self._paused:
@@ -590,24 +585,21 @@ class _Connection(asyncio.BufferedProtocol):
                         self._linger(f"WRITE of {length} bytes exceeds max_request {max_request}")
                         return
                     start = pos + _REQUEST_SIZE
-                    valid = not (flags & _NOT_FUA or read_only or offset + length > size)
+                    err = (errno.EINVAL if flags & _NOT_FUA else errno.EPERM if read_only
+                           else errno.ENOSPC if offset + length > size else 0)
                     if end - start < length:
-                        if valid and length >= DIRECT_PAYLOAD:
+                        if not err and length >= DIRECT_PAYLOAD:
                             # Receive the rest straight into the payload's own buffer.
                             payload = bytearray(length)
                             payload[:end - start] = view[start:end]
-                            self._payload, self._payload_got = payload, end - start
                             self._payload_view = memoryview(payload)
+                            self._payload_got = end - start
                             self._payload_write = (handle, offset, flags & _FUA != 0)
                             pos = end
                         break  # wait for the payload
                     pos = start + length
-                    if flags & _NOT_FUA:
-                        reply(handle, errno.EINVAL)
-                    elif read_only:
-                        reply(handle, errno.EPERM)
-                    elif offset + length > size:
-                        reply(handle, errno.ENOSPC)
+                    if err:
+                        reply(handle, err)
                     elif length == 0:
                         reply(handle, 0)
                     else:
@@ -675,7 +667,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _drop_payload(self) -> None:
         if self._payload_view is not None:
             self._payload_view.release()
-        self._payload = self._payload_view = None
+        self._payload_view = None
         self._payload_got = 0
 
     def _start(self, handle: int, nbytes: int) -> Done:

@@ -56,12 +56,9 @@ class Flusher:
         self._free = list(range(SLOTS))
         self._thread: ThreadPoolExecutor | None = None
         self._ctx = None
-        why = self._setup_aio() if use_aio else "disabled"
+        why = self._setup_aio() if use_aio else "AIO not asked for"
         if why:
-            if use_aio:
-                self._log.warning("journal fdatasync runs on a worker thread (Linux AIO "
-                                  "unavailable: %s)", why)
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="fdatasync")
+            self._use_thread(why)
 
     @property
     def mode(self) -> str:
@@ -70,14 +67,14 @@ class Flusher:
     def _setup_aio(self) -> str | None:
         nrs = _SYSCALLS.get(platform.machine())
         if nrs is None:
-            return f"no AIO syscall table for {platform.machine()}"
+            return f"Linux AIO unavailable: no syscall table for {platform.machine()}"
         libc = ctypes.CDLL(None, use_errno=True)
         self._syscall = libc.syscall
         self._syscall.restype = ctypes.c_long
         self._nr_setup, self._nr_destroy, self._nr_getevents, self._nr_submit = nrs
         ctx = ctypes.c_ulong(0)
         if self._syscall(self._nr_setup, SLOTS, ctypes.byref(ctx)) != 0:
-            return f"io_setup: {os.strerror(ctypes.get_errno())}"
+            return f"Linux AIO unavailable: io_setup: {os.strerror(ctypes.get_errno())}"
         self._ctx = ctypes.c_ulong(ctx.value)
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._iocbs = ctypes.create_string_buffer(_IOCB.size * SLOTS)
@@ -103,15 +100,17 @@ class Flusher:
             self._free.append(slot)
             if err == errno.EINVAL and not self._callbacks:
                 # A kernel older than 4.18 has no AIO fdatasync: use the thread from now on.
-                self._log.warning("journal fdatasync runs on a worker thread (this kernel "
-                                  "refuses AIO fdatasync)")
                 self._close_aio()
-                self._thread = ThreadPoolExecutor(1, thread_name_prefix="fdatasync")
+                self._use_thread("this kernel refuses AIO fdatasync")
                 self.fdatasync(fd, callback)
                 return
             self._loop.call_soon(callback, err or errno.EIO)
             return
         self._callbacks[slot] = callback
+
+    def _use_thread(self, why: str) -> None:
+        self._log.warning("journal fdatasync runs on a worker thread (%s)", why)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fdatasync")
 
     def _reap(self) -> None:
         try:

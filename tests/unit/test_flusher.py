@@ -83,9 +83,15 @@ def test_batches_complete_in_seq_order_and_a_failure_frees_its_seqs(tmp_path):
         results: dict[str, int] = {}
 
         async def write(name, offset, data):
+            """Submit; return once the committer has written it (its fdatasync is
+            pending) or it was refused."""
+            pending = len(held.pending)
             g.submit_write(vol, offset, data, lambda err: results.setdefault(name, err))
-            for _ in range(20):  # let the committer write it
-                await asyncio.sleep(0)
+
+            async def written():
+                while len(held.pending) == pending and name not in results:
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(written(), 5)
 
         await write("a", 0, b"A" * 512)
         await write("b", 512, b"B" * 512)

@@ -20,16 +20,16 @@ def test_what_a_pass_read_leaves_the_cache_and_mappings_are_let_go(tmp_path):
     try:
         vol.write(5 << 20, b"x" * 4096)
         vol.sync()
-        vol.forget(0, vol.size)
+        vol.forget()
         for off in range(0, vol.size, 64 << 10):  # what a resync pass reads
             vol.read(off, 64 << 10)
         assert _resident_bytes(vol.path) >= 4 << 20
-        vol.forget(0, vol.size)
+        vol.forget()
         assert _resident_bytes(vol.path) == 0
         hashes = volume_hashes(vol, 4 << 20, 4 << 20, 64 << 10)  # what verify hashes
         assert hashes == region_hashes(vol.read(4 << 20, 4 << 20), 64 << 10)
         assert _resident_bytes(vol.path) > 0
-        vol.forget(0, vol.size)
+        vol.forget()
         assert _resident_bytes(vol.path) == 0
         assert volume_hashes(vol, 0, 0, 64 << 10) == b""
     finally:
