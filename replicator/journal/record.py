@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from crc32c import crc32c
 
 MAGIC = b"RJR1"
-HEADER = struct.Struct("<4sIQQIIQBBH")
+_FIELDS = "QQIIQBBH"  # seq .. reserved: the checksummed header fields
+HEADER = struct.Struct("<4sI" + _FIELDS)
 HEADER_SIZE = HEADER.size  # 44
 MAX_LENGTH = 64 * 1024 * 1024  # largest payload of one WRITE record
 _HCRC_AT = 4
 _CRC_FROM = 8
+_PREFIX = struct.Struct("<4sI")  # magic, hcrc: what precedes the checksummed part
+_BODIES: dict[int, struct.Struct] = {}  # by volume name length
 
 
 class Kind(enum.IntEnum):
@@ -53,8 +56,8 @@ class RecordError(Exception):
         self.torn = torn
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Record:
+class Record(NamedTuple):
+    """A decoded record (a tuple: built once per record on every replica's hot path)."""
     seq: int
     volume: str
     offset: int
@@ -71,7 +74,7 @@ def encoded_size(volume_name: bytes, kind: Kind, length: int) -> int:
 
 
 def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: Kind,
-                  time_ns: int, payload) -> bytearray:
+                  time_ns: int, payload) -> bytes:
     """Header and name of a record whose payload (for WRITE) follows separately, so a
     writer can hand header and payload to one writev without copying the payload."""
     if not 0 < len(volume_name) < 256:
@@ -79,24 +82,41 @@ def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: 
     if kind == Kind.WRITE and length > MAX_LENGTH:
         raise ValueError(f"write length {length} exceeds {MAX_LENGTH}")
     pcrc = crc32c(payload) if kind == Kind.WRITE else 0
-    buf = bytearray(HEADER_SIZE + len(volume_name))
-    HEADER.pack_into(buf, 0, MAGIC, 0, seq, offset, length, pcrc, time_ns, kind,
-                     len(volume_name), 0)
-    buf[HEADER_SIZE:] = volume_name
-    struct.pack_into("<I", buf, _HCRC_AT, crc32c(memoryview(buf)[_CRC_FROM:]))
-    return buf
+    body = _BODIES.get(len(volume_name))
+    if body is None:  # the checksummed part: header fields from seq on, then the name
+        body = _BODIES[len(volume_name)] = struct.Struct(
+            f"<{_FIELDS}{len(volume_name)}s")
+    rest = body.pack(seq, offset, length, pcrc, time_ns, kind, len(volume_name), 0, volume_name)
+    return _PREFIX.pack(MAGIC, crc32c(rest)) + rest
 
 
 def header_crc(header: bytes | bytearray) -> int:
     return struct.unpack_from("<I", header, _HCRC_AT)[0]
 
 
+_KINDS = {int(k): k for k in Kind}
+_names: dict[bytes, str] = {}  # volume names seen, decoded once (a group has a few)
+
+
+def _volume_name(raw: bytes, seq: int) -> str:
+    name = _names.get(raw)
+    if name is None:
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            raise RecordError(f"volume name is not UTF-8 (seq {seq})", torn=False) from None
+        if len(_names) < 4096:
+            _names[raw] = name
+    return name
+
+
 def decode(buf, pos: int = 0) -> Record:
     """Decode the record at `pos` of `buf` (bytes-like). Raises RecordError."""
-    view = memoryview(buf)
-    avail = len(view) - pos
-    if avail < HEADER_SIZE:
-        raise RecordError(f"{avail} bytes left, header needs {HEADER_SIZE}", torn=True)
+    view = buf if type(buf) is memoryview else memoryview(buf)
+    end_of_buf = len(view)
+    if end_of_buf - pos < HEADER_SIZE:
+        raise RecordError(f"{end_of_buf - pos} bytes left, header needs {HEADER_SIZE}",
+                          torn=True)
     magic, hcrc, seq, offset, length, pcrc, time_ns, kind, name_len, reserved = \
         HEADER.unpack_from(view, pos)
     if magic != MAGIC:
@@ -104,26 +124,23 @@ def decode(buf, pos: int = 0) -> Record:
     if kind == Kind.WRITE and length > MAX_LENGTH:
         raise RecordError(f"length {length} exceeds {MAX_LENGTH}", torn=False)
     name_end = pos + HEADER_SIZE + name_len
-    if name_end > len(view):
+    if name_end > end_of_buf:
         raise RecordError("record name cut short", torn=True)
     if crc32c(view[pos + _CRC_FROM:name_end]) != hcrc:
         raise RecordError(f"header checksum mismatch at seq field {seq}", torn=False)
-    if reserved or name_len == 0 or kind not in (Kind.WRITE, Kind.ZERO):
+    known = _KINDS.get(kind)
+    if reserved or name_len == 0 or known is None:
         raise RecordError(f"invalid header fields (kind {kind}, name_len {name_len})",
                           torn=False)
-    paylen = length if kind == Kind.WRITE else 0
-    end = name_end + paylen
-    if end > len(view):
+    kind = known
+    end = name_end + length if kind is Kind.WRITE else name_end
+    if end > end_of_buf:
         raise RecordError(f"payload cut short (seq {seq})", torn=True)
     payload = view[name_end:end]
-    if paylen and crc32c(payload) != pcrc:
+    if end != name_end and crc32c(payload) != pcrc:
         raise RecordError(f"payload checksum mismatch (seq {seq})", torn=False)
-    try:
-        volume = bytes(view[pos + HEADER_SIZE:name_end]).decode()
-    except UnicodeDecodeError:
-        raise RecordError(f"volume name is not UTF-8 (seq {seq})", torn=False) from None
-    return Record(seq=seq, volume=volume, offset=offset, length=length, kind=Kind(kind),
-                  time_ns=time_ns, hcrc=hcrc, payload=payload, size=end - pos)
+    volume = _volume_name(bytes(view[pos + HEADER_SIZE:name_end]), seq)
+    return Record(seq, volume, offset, length, kind, time_ns, hcrc, payload, end - pos)
 
 
 def iterate(buf, pos: int = 0):
