@@ -767,8 +767,9 @@ class Group:
         fut = asyncio.get_running_loop().create_future()
         self._record_waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
             return False
         return self.journal.last_seq > after_seq
 

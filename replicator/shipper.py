@@ -351,7 +351,8 @@ class Shipper:
             if self.sent_seq < j.last_seq:  # window full: wait for an ack
                 self._acked.clear()
                 try:
-                    await asyncio.wait_for(self._acked.wait(), wait or self.hb_interval)
+                    async with asyncio.timeout(wait or self.hb_interval):
+                        await self._acked.wait()
                 except asyncio.TimeoutError:
                     pass
             elif await self.group.wait_for_records(self.sent_seq, wait):

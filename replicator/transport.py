@@ -74,7 +74,8 @@ class Link:
             ev = self.conn.next_event()
             if ev is not NEED_DATA:
                 return ev
-            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            async with asyncio.timeout(timeout):  # no task per read, unlike wait_for
+                data = await self.reader.read(READ_CHUNK)
             self.conn.receive_data(data)
 
     async def close(self) -> None:
