@@ -6,8 +6,15 @@ The same fio job as bench_core (4 KiB randwrite, iodepth 16, nbd engine) against
 agent pair (primary `p` with one async target `t`) and against `qemu-nbd -f raw
 --cache=writeback`, alternating. For each it reports IOPS, the CPU each server process
 spent per write (user + system, children included, from /proc/<pid>/stat over the
-middle of the run) and how busy the machine was. On 2 shared cores the ratio of the
-IOPS follows the ratio of the CPU per write.
+middle of the run), split into user space and kernel, the same for fio (run with
+--thread so its job is in its own process), and how much CPU the whole machine
+spent per write (interrupts and kernel threads included).
+
+The bound: 2 cores give 2,000,000 µs of CPU a second, so no server can exceed
+2e6 / (µs per write the machine must spend) IOPS. `bound_iops_kernel_only` applies
+that to what the agent setup spends outside the agents' user space (their kernel
+time, fio, interrupts, kernel threads): the IOPS this design would reach even if
+its Python took no time at all.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from bench.bench_core import QemuNbd, settle_memory  # noqa: E402
 from tests.agents import MiB, Topology  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of a process, waited-for children included."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        f = [int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (f[0] + f[2]) / tick, (f[1] + f[3]) / tick
 
 
 def machine_busy() -> tuple[int, int]:
@@ -44,7 +53,8 @@ def measure(uri: str, pids: dict[str, int], seconds: int) -> dict:
     fio = subprocess.Popen(
         ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
          "--iodepth=16", "--size=256M", f"--runtime={seconds}", "--time_based",
-         "--output-format=json"], stdout=subprocess.PIPE, text=True)
+         "--thread", "--output-format=json"], stdout=subprocess.PIPE, text=True)
+    pids = {**pids, "fio": fio.pid}
     time.sleep(1)  # past connection set-up
     c0 = {n: cpu_seconds(p) for n, p in pids.items()}
     b0, t0 = machine_busy(), time.monotonic()
@@ -54,9 +64,14 @@ def measure(uri: str, pids: dict[str, int], seconds: int) -> dict:
     out = fio.communicate()[0]
     iops = json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
     writes = iops * elapsed
-    return {"iops": round(iops),
-            "cpu_us_per_write": {n: round((c1[n] - c0[n]) / writes * 1e6, 1) for n in pids},
-            "machine_busy_pct": round((b1[0] - b0[0]) / (b1[1] - b0[1]) * 100)}
+    per_write = {n: {"user": round((c1[n][0] - c0[n][0]) / writes * 1e6, 1),
+                     "system": round((c1[n][1] - c0[n][1]) / writes * 1e6, 1)} for n in pids}
+    busy = (b1[0] - b0[0]) / (b1[1] - b0[1])
+    machine_us = busy * os.cpu_count() * elapsed / writes * 1e6
+    servers_user = sum(v["user"] for n, v in per_write.items() if n != "fio")
+    return {"iops": round(iops), "cpu_us_per_write": per_write,
+            "machine_busy_pct": round(busy * 100), "machine_us_per_write": round(machine_us, 1),
+            "bound_iops_kernel_only": round(os.cpu_count() * 1e6 / (machine_us - servers_user))}
 
 
 def main() -> int:
