@@ -4,7 +4,11 @@
 
 1. fio --ioengine=nbd 4 KiB random write, iodepth 16: the agent (group with one async
    target, a second agent on loopback) vs `qemu-nbd -f raw --cache=writeback` on a file.
-2. nbdcopy of a 1 GiB random file into the replicated export vs into qemu-nbd.
+2. nbdcopy of a 1 GiB random file into the replicated export vs into qemu-nbd, with
+   the bytes the disk took during each copy (the pair journals and applies every byte
+   on both nodes, all on this one disk), and into qemu-nbd once more with --flush
+   (plain nbdcopy leaves qemu-nbd's copy in the page cache; the agent acknowledges
+   each write once it is durable in the journal).
 3. sync mode, iodepth 1: fio write latency p50/p99 vs the floor measured in the same
    run (local 4 KiB write+fdatasync, loopback round trip, remote 4 KiB write+fdatasync).
 4. peak RSS (VmHWM) of the agents.
@@ -72,11 +76,23 @@ class QemuNbd:
         self.proc.wait(10)
 
 
-def nbdcopy_seconds(src: str, uri: str) -> float:
+def disk_bytes_written(path: str) -> int | None:
+    """Bytes written so far to the block device holding `path` (None if it has none)."""
+    dev = os.stat(path).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
+            return int(f.read().split()[6]) * 512  # sectors written
+    except OSError:
+        return None
+
+
+def nbdcopy(src: str, uri: str, *flags: str) -> tuple[float, int | None]:
+    """Seconds the copy took and bytes the disk under `src` took in meanwhile."""
     settle_memory()
-    t = time.monotonic()
-    subprocess.run(["nbdcopy", src, uri], check=True)
-    return time.monotonic() - t
+    d0, t = disk_bytes_written(src), time.monotonic()
+    subprocess.run(["nbdcopy", *flags, src, uri], check=True)
+    seconds, d1 = time.monotonic() - t, disk_bytes_written(src)
+    return seconds, None if d0 is None else d1 - d0
 
 
 def latency_floor(directory: str, n: int = 2000) -> dict:
@@ -165,10 +181,17 @@ def main() -> int:
                 topo.wait_converged(300)
                 ref = fio_json(q.uri, iodepth=16, seconds=args.seconds, size="256M")
                 results["randwrite"].append({"agent": agent["iops"], "qemu_nbd": ref["iops"]})
-                agent_copy = nbdcopy_seconds(src, topo["p"].nbd_uri("data"))
+                agent_copy, agent_disk = nbdcopy(src, topo["p"].nbd_uri("data"))
                 topo.wait_converged(300)
-                results["copy"].append({"agent": agent_copy,
-                                        "qemu_nbd": nbdcopy_seconds(src, q.uri)})
+                ref_copy, ref_disk = nbdcopy(src, q.uri)
+                # The agent acknowledges a write once its journal made it durable; plain
+                # nbdcopy into qemu-nbd leaves it in the page cache: also time it with
+                # --flush (durable when nbdcopy exits).
+                flush_copy, flush_disk = nbdcopy(src, q.uri, "--flush")
+                results["copy"].append({"agent": agent_copy, "qemu_nbd": ref_copy,
+                                        "qemu_nbd_flush": flush_copy,
+                                        "disk_bytes": {"agent": agent_disk, "qemu_nbd": ref_disk,
+                                                       "qemu_nbd_flush": flush_disk}})
                 results.setdefault("peak_rss_kib", []).append(
                     {n: peak_rss_kib(topo[n].proc.pid) for n in ("p", "t")})
             finally:
@@ -200,6 +223,7 @@ def main() -> int:
     rw_q = med(r["qemu_nbd"] for r in results["randwrite"])
     cp_a = med(r["agent"] for r in results["copy"])
     cp_q = med(r["qemu_nbd"] for r in results["copy"])
+    cp_f = med(r["qemu_nbd_flush"] for r in results["copy"])
     lat50 = med(r["p50_us"] for r in results["sync_latency"])
     lat99 = med(r["p99_us"] for r in results["sync_latency"])
     fl50 = med(r["p50_us"] for r in results["floor"])
@@ -208,7 +232,13 @@ def main() -> int:
     summary = {
         "randwrite_iops": {"agent": round(rw_a), "qemu_nbd": round(rw_q), "ratio": round(rw_a / rw_q, 2)},
         "copy_MBps": {"agent": round(copy_bytes / cp_a / 1e6), "qemu_nbd": round(copy_bytes / cp_q / 1e6),
-                      "ratio": round(cp_q / cp_a, 2)},
+                      "ratio": round(cp_q / cp_a, 2),
+                      "qemu_nbd_flush": round(copy_bytes / cp_f / 1e6),
+                      "ratio_to_flush": round(cp_f / cp_a, 2)},
+        # what reached the disk while the copy ran, per byte copied (journals, volumes)
+        "copy_disk_bytes_per_byte": {
+            side: round(med(r["disk_bytes"][side] for r in results["copy"]) / copy_bytes, 2)
+            for side in ("agent", "qemu_nbd", "qemu_nbd_flush") if results["copy"][0]["disk_bytes"][side] is not None},
         "sync_latency_us": {"p50": round(lat50), "p99": round(lat99), "floor_p50": round(fl50),
                             "floor_p99": round(fl99), "p50_over_floor": round(lat50 / fl50, 2)},
         "agent_peak_rss_MiB": round(rss / 1024, 1),

@@ -43,9 +43,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def machine_busy() -> tuple[int, int]:
+    """(busy, elapsed) ticks of all CPUs: busy is user, nice, system, irq and softirq;
+    idle, iowait and steal (another guest's time) are not ours."""
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # busy (not idle/iowait), all
+        t = [int(x) for x in f.readline().split()[1:9]]
+    busy = t[0] + t[1] + t[2] + t[5] + t[6]
+    return busy, busy + t[3] + t[4] + t[7]
 
 
 def measure(uri: str, pids: dict[str, int], seconds: int) -> dict:
