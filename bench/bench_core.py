@@ -47,12 +47,17 @@ def settle_memory() -> None:
         f.write("3")
 
 
+def fio_command(uri: str, *, iodepth: int, seconds: int, size: str, rw="randwrite") -> list:
+    """The 4 KiB fio job over NBD every benchmark of the write path runs (JSON output)."""
+    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+            f"--iodepth={iodepth}", f"--size={size}", f"--runtime={seconds}", "--time_based",
+            "--output-format=json"]
+
+
 def fio_json(uri: str, *, iodepth: int, seconds: int, size: str, rw="randwrite") -> dict:
     settle_memory()
-    out = subprocess.run(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-         f"--iodepth={iodepth}", f"--size={size}", f"--runtime={seconds}", "--time_based",
-         "--output-format=json"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(fio_command(uri, iodepth=iodepth, seconds=seconds, size=size, rw=rw),
+                         capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     return {"iops": job["iops"], "p50_us": job["clat_ns"]["percentile"]["50.000000"] / 1000,
             "p99_us": job["clat_ns"]["percentile"]["99.000000"] / 1000}

@@ -353,7 +353,7 @@ class Shipper:
                 try:
                     async with asyncio.timeout(wait or self.hb_interval):
                         await self._acked.wait()
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             elif await self.group.wait_for_records(self.sent_seq, wait):
                 continue

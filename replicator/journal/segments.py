@@ -211,10 +211,7 @@ class Journal:
         while len(self._segments) > 1 and not self._segments[-1].offsets:
             seg = self._segments.pop()
             self._firsts.pop()
-            for fds in (self._fds, self._rfds):
-                fd = fds.pop(seg.path, None)
-                if fd is not None:
-                    os.close(fd)
+            self._close_fds(seg.path)
             os.unlink(seg.path)
 
     @staticmethod
@@ -299,10 +296,7 @@ class Journal:
         last = drop[-1]
         self._write_base(Position(last.last_seq, last.hcrcs[-1]))
         for seg in drop:
-            for fds in (self._fds, self._rfds):
-                fd = fds.pop(seg.path, None)
-                if fd is not None:
-                    os.close(fd)
+            self._close_fds(seg.path)
         del self._segments[:len(drop)]
         del self._firsts[:len(drop)]
         return [seg.path for seg in drop]
@@ -319,10 +313,7 @@ class Journal:
         `base` is replaced, so a crash in between leaves an empty journal at the old
         base, which the group's recovery rebases again from its checkpoint."""
         for seg in self._segments:
-            for fds in (self._fds, self._rfds):
-                fd = fds.pop(seg.path, None)
-                if fd is not None:
-                    os.close(fd)
+            self._close_fds(seg.path)
             os.unlink(seg.path)
         self._segments.clear()
         self._firsts.clear()
@@ -338,6 +329,13 @@ class Journal:
         os.replace(tmp, os.path.join(self.directory, "base"))
         _fsync_dir(self.directory)
         self.base = pos
+
+    def _close_fds(self, path: str) -> None:
+        """Close the append and read descriptors of one segment, if open."""
+        for fds in (self._fds, self._rfds):
+            fd = fds.pop(path, None)
+            if fd is not None:
+                os.close(fd)
 
     def close(self) -> None:
         for fds in (self._fds, self._rfds):
