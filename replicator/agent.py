@@ -20,7 +20,7 @@ from .bunker import BunkerError
 from .bunker import replay as bunker_replay
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
-from .config import COMPRESSIONS, MODES, Config, TargetConfig
+from .config import COMPRESSIONS, MODES, ON_DISCONNECT, Config, TargetConfig
 from .group import Group, GroupError
 from .receiver import Receiver
 from .shipper import Shipper, ShipError
@@ -219,6 +219,7 @@ class Agent:
             changed = group.source != source
             if changed:
                 await group.reparent(source)
+                await self._sync_shippers(group)
             return {"group": group.name, "role": group.role, "source": source,
                     "changed": changed}
         try:
@@ -304,7 +305,9 @@ class Agent:
             await group.reparent(source)
         except GroupError as exc:
             raise AdminError(str(exc)) from None
-        return {"group": group.name, "source": group.source}
+        await self._sync_shippers(group)  # the new source is no longer a target
+        return {"group": group.name, "source": group.source,
+                "targets": [t.node for t in group.target_cfgs]}
 
     async def _restore(self, request: dict) -> dict:
         group = self._group(request)
@@ -464,12 +467,19 @@ class Agent:
 def _target(t: dict) -> TargetConfig:
     try:
         target = TargetConfig(node=t["node"], mode=t.get("mode", "async"),
-                              compress=t.get("compress", "none"))
+                              compress=t.get("compress", "none"),
+                              on_disconnect=t.get("on_disconnect", "continue"),
+                              bunker=t.get("bunker", False))
     except (KeyError, TypeError):
         raise AdminError(f"bad target {t!r}: expected {{node, mode}}") from None
-    if target.mode not in MODES or target.compress not in COMPRESSIONS:
-        raise AdminError(f"target {target.node}: mode must be one of {', '.join(MODES)} and "
-                         f"compress one of {', '.join(COMPRESSIONS)}")
+    if target.mode not in MODES or target.compress not in COMPRESSIONS \
+            or target.on_disconnect not in ON_DISCONNECT or target.bunker not in (True, False):
+        raise AdminError(f"target {target.node}: mode must be one of {', '.join(MODES)}, "
+                         f"compress one of {', '.join(COMPRESSIONS)}, on_disconnect one of "
+                         f"{', '.join(ON_DISCONNECT)}, bunker true or false")
+    if target.bunker and target.mode != "sync":
+        raise AdminError(f"target {target.node}: a bunker keeps a synchronous copy of the "
+                         "journal: its mode must be sync")
     return target
 
 

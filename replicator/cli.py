@@ -170,19 +170,32 @@ def cmd_verify(args) -> int:
     return EXIT_MISMATCH if result["mismatches"] else 0
 
 
+TARGET_SPEC = "NODE:sync|async[:zstd][:bunker][:block]"
+
+
+def parse_target(spec: str) -> dict:
+    """NODE:MODE[:OPTION...] -> the admin API's target: options `zstd` (compress the
+    link), `bunker` (the target keeps only the journal), `block` (on_disconnect: block)."""
+    node, *rest = spec.split(":")
+    if not node or not rest or rest[0] not in config.MODES:
+        raise ValueError(f"--target {spec!r}: expected {TARGET_SPEC}")
+    options = set(rest[1:])
+    unknown = options - {"zstd", "bunker", "block"}
+    if unknown or len(options) != len(rest) - 1:
+        raise ValueError(f"--target {spec!r}: unknown or repeated option(s) "
+                         f"{', '.join(sorted(unknown)) or ', '.join(rest[1:])}; expected {TARGET_SPEC}")
+    return {"node": node, "mode": rest[0], "compress": "zstd" if "zstd" in options else "none",
+            "bunker": "bunker" in options,
+            "on_disconnect": "block" if "block" in options else "continue"}
+
+
 def cmd_promote(args) -> int:
-    targets = None
-    if args.target:
-        targets = []
-        for spec in args.target:
-            parts = spec.split(":")
-            if len(parts) not in (2, 3) or parts[1] not in config.MODES or \
-                    (len(parts) == 3 and parts[2] not in config.COMPRESSIONS):
-                print(f"replicator promote: --target {spec!r}: expected NODE:sync|async[:zstd]",
-                      file=sys.stderr)
-                return 2
-            targets.append({"node": parts[0], "mode": parts[1],
-                            "compress": parts[2] if len(parts) == 3 else "none"})
+    try:
+        targets = [parse_target(spec) for spec in args.target] if args.target else None
+    except ValueError as exc:
+        print(f"replicator promote: {exc}", file=sys.stderr)
+        return 2
+
     def human(r: dict) -> str:
         replay = r.get("bunker_replay")
         if r.get("copy"):
@@ -228,10 +241,15 @@ def cmd_failback(args) -> int:
 
 
 def cmd_attach(args) -> int:
-    node, _, mode = args.target.partition(":")
+    spec = args.target if ":" in args.target else args.target + ":async"
+    try:
+        target = parse_target(spec)
+    except ValueError as exc:
+        print(f"replicator attach: {exc}", file=sys.stderr)
+        return 2
     return _operate(args, "attach", lambda r: (
         f"group {r['group']}: ships to {', '.join(r['targets'])}"),
-        group=args.group, target={"node": node, "mode": mode or "async"})
+        group=args.group, target=target)
 
 
 def cmd_reparent(args) -> int:
@@ -333,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--copy", metavar="DIR",
                     help="promote a copy instead (DR drill): a snapshot of this replica in "
                          "DIR, brought forward from the bunker; the replica is untouched")
-    pr.add_argument("--target", action="append", metavar="NODE:MODE[:zstd]",
+    pr.add_argument("--target", action="append", metavar=TARGET_SPEC,
                     help="ship to this node once primary (repeatable; added to the current "
                          "targets)")
     dm = sub.add_parser("demote", help="make this primary a secondary of SOURCE")
@@ -362,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     at = sub.add_parser("attach", help="ship the group to one more target (re-parenting a "
                                        "replica whose source was lost)")
     at.add_argument("group")
-    at.add_argument("--target", required=True, metavar="NODE[:MODE]")
+    at.add_argument("--target", required=True, metavar=TARGET_SPEC,
+                    help="MODE defaults to async")
     rp = sub.add_parser("reparent", help="on a replica whose source was lost: take records "
-                                         "from SOURCE (of the same line) from now on")
+                                         "from SOURCE (of the same line) from now on; a "
+                                         "target that becomes the source is dropped")
     rp.add_argument("group")
     rp.add_argument("--source", required=True)
     rt = sub.add_parser("restore", help="back to the configured source and targets once the "

@@ -343,10 +343,13 @@ class Group:
 
     async def reparent(self, source: str) -> None:
         """Take records from `source` from now on (its parent was lost): it must be of
-        our line; the position decides whether it streams or resyncs by checksum."""
+        our line; the position decides whether it streams or resyncs by checksum. A target
+        that becomes the source stops being one (a node never feeds its own source)."""
         if self.role == "primary":
             raise GroupError(f"group {self.name} is primary here: it has no source")
         self.source, self.overridden = source, True
+        if source in self.targets:  # a failover reversed the link: we no longer feed it
+            self.set_targets([t for t in self.target_cfgs if t.node != source])
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.applied_seq))
         self.log.warning("group %s: re-parented: source is now %s", self.name, source)
