@@ -10,7 +10,7 @@
 # link: region hashes compared on both ends while replication runs), compare.yml (every replica equals the primary: sha256 on each host) and
 # status.yml (one table), then the DR drill (dr_exercise.yml: dc1-app crashed under a
 # ledger-logged workload, dc3-arc promoted through the bunker, ledger checked, failback,
-# report in /var/tmp/replicator-dr). Re-running it reuses the lab; the end says how to
+# report in /var/tmp/replicator-dr/db). Re-running it reuses the lab; the end says how to
 # remove it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,12 +45,12 @@ play verify.yml
 play compare.yml
 play status.yml
 play dr_exercise.yml -e dr_report_dir=/var/tmp/replicator-dr
-sed -n '1,12p' /var/tmp/replicator-dr/report.md
+sed -n '1,12p' /var/tmp/replicator-dr/db/report.md
 
 lab_dir=$(inventory "hostvars['$primary']['replicator_lab_dir']")
 cat <<TEXT
 
-demo ok in $((SECONDS - started))s. The DR report: /var/tmp/replicator-dr/report.{md,json,xml}.
+demo ok in $((SECONDS - started))s. The DR report: /var/tmp/replicator-dr/db/report.{md,json,xml}.
 The lab is still up; try:
   ssh -i $lab_dir/ssh/id_ed25519 -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no root@$address
   .venv/bin/ansible-playbook -i inventories/lab playbooks/status.yml

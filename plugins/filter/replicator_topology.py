@@ -4,6 +4,7 @@
       - name: db
         primary: dc1-app
         journal_size: 256MiB                  # optional
+        drill_volume: log                     # optional: the volume DR exercises overwrite
         volumes: [{name: data, size: 256MiB}, {name: log, size: 64MiB, path: /srv/log.img}]
         links:
           - {from: dc1-app, to: dc2-dr, mode: sync}
@@ -26,7 +27,7 @@ import re
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MODES = ("sync", "async")
-GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size"}
+GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size", "drill_volume"}
 VOLUME_KEYS = {"name", "size", "path"}
 LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "none"),
                 "on_disconnect": ("continue", "block")}  # optional keys, first = default
@@ -62,6 +63,9 @@ def _group_errors(i, g, hosts):
         if v["name"] in seen:
             errors.append(f"{where}: volume {v['name']!r} is declared twice")
         seen.add(v["name"])
+    if "drill_volume" in g and g["drill_volume"] not in seen:
+        errors.append(f"{where}: drill_volume {g['drill_volume']!r} is not one of its volumes "
+                      f"({', '.join(sorted(seen)) or 'none'})")
     links = g.get("links", [])
     if not isinstance(links, list):
         return errors + [f"{where}: links must be a list of {{from, to, mode[, compress]}}"]
@@ -227,6 +231,109 @@ def replicator_links(groups, group=None, source=None, target=None):
     return out
 
 
+def _target_spec(link):
+    """A link as the agent's `--target` takes it: NODE:MODE[:zstd][:bunker][:block]."""
+    return ":".join([link["to"], link["mode"]]
+                    + (["zstd"] if link.get("compress", "none") == "zstd" else [])
+                    + (["bunker"] if link.get("bunker") else [])
+                    + (["block"] if link.get("on_disconnect", "continue") == "block" else []))
+
+
+def replicator_failover_plan(groups, group, lost, promoted):
+    """What a takeover of `group` by `promoted` after the loss of its primary `lost` does
+    to the group's tree, from the declared topology:
+
+    - the promoted node takes over the lost primary's links: a sync link stays sync, the
+      bunker stays the bunker, compression stays;
+    - when the promoted node sat below an intermediate, the links on the way up to the
+      lost primary are reversed (each keeps its mode), so every survivor still has one
+      source and the cascade keeps its intermediates;
+    - every other link stays as declared; the lost primary is nobody's target until it
+      comes back (failback: `failback_link`, the link to it mirrored).
+
+    Returns {group, lost, promoted, survivors, bunker, links (the new tree), promote_targets
+    (the promoted node's outgoing links as `--target` specs), steps (the survivors' source
+    changes, in the order they must happen, before the promotion: [{node, source, attach:
+    [specs]}]), wait ({node: [targets that must replicate]}), failback_link (the spec of the
+    link that brings `lost` back as a replica)}. Raises ValueError for a plan that cannot be
+    made, with a sentence an operator can act on."""
+    g = next((x for x in groups or [] if x["name"] == group), None)
+    if g is None:
+        raise ValueError(f"no group {group!r} in replicator_groups "
+                         f"({', '.join(x['name'] for x in groups or []) or 'none'})")
+    nodes = members(g)
+    links = [dict(link) for link in g.get("links", [])]
+    bunker = next((link["to"] for link in links if link.get("bunker")), None)
+    if lost != g["primary"]:
+        raise ValueError(f"{lost} is not the primary of {group} ({g['primary']} is): only the "
+                         "primary's loss is failed over")
+    if promoted not in nodes or promoted == lost:
+        raise ValueError(f"{promoted!r} is not a replica of {group} "
+                         f"(members: {', '.join(nodes)})")
+    if promoted == bunker:
+        raise ValueError(f"{promoted} is the bunker of {group}: it holds no volumes; promote a "
+                         "replica (it replays from the bunker)")
+    source_of = {link["to"]: link for link in links}
+    path = [promoted]  # promoted, its source, ... up to the node right below `lost`
+    while source_of[path[-1]]["from"] != lost:
+        path.append(source_of[path[-1]]["from"])
+    on_path = {(source_of[n]["from"], n) for n in path}
+    new = []
+    for link in links:
+        end = (link["from"], link["to"])
+        if end in on_path:
+            if link["from"] != lost:  # reversed; the link from `lost` into the path goes
+                new.append({**link, "from": link["to"], "to": link["from"]})
+        elif link["from"] == lost:
+            new.append({**link, "from": promoted})
+        else:
+            new.append(link)
+    declared = {link["to"]: link["from"] for link in links}
+    # Every survivor is told its new source before the promotion, so the new primary's
+    # first connection to it is accepted. The path first, from the top: each node takes
+    # the one below it as its source (which drops that node as a target), so the promoted
+    # node no longer hears anyone when it is promoted.
+    steps = []
+    for upper, lower in zip(reversed(path), reversed(path[:-1])):
+        steps.append({"node": upper, "source": lower, "attach": []})
+    new_source = {link["to"]: link["from"] for link in new}
+    for node in nodes:
+        if node in (lost, promoted) or node in path:
+            continue
+        if new_source.get(node) != declared.get(node):
+            steps.append({"node": node, "source": new_source[node], "attach": []})
+    # a reversed link below the promoted node's own: its upper end attaches it
+    declared_links = {(x["from"], x["to"]) for x in links}
+    for step in steps:
+        step["attach"] = [_target_spec(link) for link in new if link["from"] == step["node"]
+                          and (link["from"], link["to"]) not in declared_links]
+    promote_targets = [_target_spec(link) for link in new if link["from"] == promoted]
+    wait = {}
+    for link in new:
+        wait.setdefault(link["from"], []).append(link["to"])
+    into_lost = source_of[path[-1]]  # the link from the lost primary towards the promoted
+    return {
+        "group": group, "lost": lost, "promoted": promoted,
+        "survivors": [n for n in nodes if n != lost],
+        "bunker": bunker,
+        "links": new,
+        "promote_targets": promote_targets,
+        "steps": steps,
+        "wait": wait,
+        "failback_link": _target_spec({**into_lost, "to": lost, "bunker": False}),
+    }
+
+
+def replicator_drill_target(groups, group):
+    """The replica a DR exercise of `group` promotes by default: the first async replica
+    (a far site, the classic DR copy), else the first sync one; never the bunker."""
+    g = next(x for x in groups if x["name"] == group)
+    replicas = [link for link in g.get("links", []) if not link.get("bunker")]
+    if not replicas:
+        raise ValueError(f"group {group} has no replica to promote (only a bunker)")
+    return next((link["to"] for link in replicas if link["mode"] == "async"), replicas[0]["to"])
+
+
 def replicator_endpoint(hostvars_of_host, default_port, address_var="replicator_agent_address",
                         port_var="replicator_agent_port"):
     """HOST:PORT where a node's agent listens, from its inventory variables."""
@@ -244,4 +351,6 @@ class FilterModule:
             "replicator_node_volumes": replicator_node_volumes,
             "replicator_links": replicator_links,
             "replicator_endpoint": replicator_endpoint,
+            "replicator_failover_plan": replicator_failover_plan,
+            "replicator_drill_target": replicator_drill_target,
         }

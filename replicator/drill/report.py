@@ -131,6 +131,8 @@ def _rpo_check(rpo, limit) -> dict:
     name = "RPO within objective"
     if rpo is None:
         return _check(name, FAILED, "RPO not measured (no ledger check)")
+    if limit is None:  # async, no bunker: the RPO is measured, not promised
+        return _check(name, SKIPPED, f"{rpo} acknowledged writes lost; no objective")
     status = PASSED if rpo <= limit else FAILED
     return _check(name, status, f"{rpo} acknowledged writes lost; objective at most {limit}")
 
@@ -265,7 +267,7 @@ def markdown(report: dict) -> str:
     rto_objective = "-" if rto_limit is None else f"at most {rto_limit} s"
     lines += ["; ".join(about), "", "| Measure | Value | Objective |", "|---|---|---|",
               f"| RPO: acknowledged writes lost | {_text(report['rpo_writes_lost'], '-')} "
-              f"| at most {obj['max_rpo_writes']} |",
+              f"| {'-' if obj['max_rpo_writes'] is None else 'at most %d' % obj['max_rpo_writes']} |",
               f"| RTO: declared failure to writable | {rto_text} | {rto_objective} |"]
     if report["failback_bytes_shipped"] is not None:
         value = _bytes(report["failback_bytes_shipped"])

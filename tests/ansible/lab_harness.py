@@ -17,13 +17,17 @@ from tests.agents import wait_until
 from tests.ansible.ansible_harness import ROOT
 
 BIN = os.path.dirname(sys.executable)
-INVENTORY = os.path.join(ROOT, "inventories", "lab")
 
 
-def playbook(name: str, *args: str, check: bool = True, timeout: float = 900) -> str:
+def inventory_dir(name: str) -> str:
+    return os.path.join(ROOT, "inventories", name)
+
+
+def playbook(name: str, *args: str, check: bool = True, timeout: float = 900,
+             inventory: str = "lab") -> str:
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    p = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", INVENTORY,
+    p = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", inventory_dir(inventory),
                         os.path.join(ROOT, "playbooks", name), *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -33,15 +37,19 @@ def playbook(name: str, *args: str, check: bool = True, timeout: float = 900) ->
 
 
 class Lab:
-    """The lab inventory, read the way the playbooks read it."""
+    """A lab inventory (inventories/NAME), read the way the playbooks read it. Methods
+    that take `group` default to the inventory's first group."""
 
-    def __init__(self):
-        with open(os.path.join(INVENTORY, "hosts.yml")) as f:
+    def __init__(self, inventory: str = "lab"):
+        self.inventory = inventory
+        vars_dir = os.path.join(inventory_dir(inventory), "group_vars", "replicator")
+        with open(os.path.join(inventory_dir(inventory), "hosts.yml")) as f:
             hosts = yaml.safe_load(f)["all"]["children"]["replicator"]["hosts"]
-        with open(os.path.join(INVENTORY, "group_vars", "replicator", "lab.yml")) as f:
+        with open(os.path.join(vars_dir, "lab.yml")) as f:
             self.dir = yaml.safe_load(f)["replicator_lab_dir"]
-        with open(os.path.join(INVENTORY, "group_vars", "replicator", "topology.yml")) as f:
-            (self.group,) = yaml.safe_load(f)["replicator_groups"]
+        with open(os.path.join(vars_dir, "topology.yml")) as f:
+            self.groups = {g["name"]: g for g in yaml.safe_load(f)["replicator_groups"]}
+        self.group = next(iter(self.groups.values()))
         self.address = {name: h["ansible_host"] for name, h in hosts.items()}
         self.nodes = list(hosts)
         self.primary = self.group["primary"]
@@ -49,12 +57,21 @@ class Lab:
         # journal-only members: no volumes to compare
         self.bunkers = {link["to"] for link in self.group["links"] if link.get("bunker")}
 
+    def playbook(self, name: str, *args: str, **kwargs) -> str:
+        return playbook(name, *args, inventory=self.inventory, **kwargs)
+
+    def members(self, group: str | None = None) -> list[str]:
+        g = self.groups[group] if group else self.group
+        return [n for n in self.nodes
+                if n == g["primary"] or any(n in (l["from"], l["to"]) for l in g["links"])]
+
     def host_path(self, node: str, path: str) -> str:
         """A path of a lab host's private directories, as seen from the root namespace."""
         return os.path.join(self.dir, "hosts", node, "root", path.lstrip("/"))
 
-    def volume(self, node: str, volume: str) -> str:
-        return self.host_path(node, f"/var/lib/replicator/volumes/{self.group['name']}/{volume}.img")
+    def volume(self, node: str, volume: str, group: str | None = None) -> str:
+        name = group or self.group["name"]
+        return self.host_path(node, f"/var/lib/replicator/volumes/{name}/{volume}.img")
 
     def nbd_uri(self, volume: str, node: str | None = None) -> str:
         return f"nbd://{self.address[node or self.primary]}:10809/{volume}"
@@ -62,31 +79,38 @@ class Lab:
     def status(self, node: str) -> dict:
         return admin.request(self.host_path(node, "/run/replicator/admin.sock"), "status", timeout=5)
 
-    def group_status(self, node: str) -> dict:
-        return next(g for g in self.status(node)["groups"] if g["name"] == self.group["name"])
+    def group_status(self, node: str, group: str | None = None) -> dict:
+        name = group or self.group["name"]
+        return next(g for g in self.status(node)["groups"] if g["name"] == name)
 
     def state(self) -> dict:
         with open(os.path.join(self.dir, "lab.json")) as f:
             return json.load(f)
 
-    def wait_converged(self, timeout: float = 120) -> int:
-        """Every node applied everything the primary journaled, and every link replicates."""
+    def wait_converged(self, timeout: float = 120, group: str | None = None) -> int:
+        """Every member applied everything the primary journaled, and every link
+        replicates."""
+        g = self.groups[group] if group else self.group
+
         def converged():
-            seq = self.group_status(self.primary)["seq"]
-            groups = [self.group_status(n) for n in self.nodes]
-            ok = ({g["applied_seq"] for g in groups} == {seq}
-                  and all(t["state"] == "replicating" for g in groups for t in g["targets"]))
+            seq = self.group_status(g["primary"], g["name"])["seq"]
+            states = [self.group_status(n, g["name"]) for n in self.members(g["name"])]
+            ok = ({s["applied_seq"] for s in states} == {seq}
+                  and all(t["state"] == "replicating" for s in states for t in s["targets"]))
             return ok and (seq,)
-        (seq,) = wait_until(converged, timeout, "every replica to apply every record", interval=0.2)
+        (seq,) = wait_until(converged, timeout, f"every replica of {g['name']} to apply every "
+                            "record", interval=0.2)
         return seq
 
-    def assert_identical(self) -> None:
-        for vol in self.volumes:
-            ref = self.volume(self.primary, vol)
-            for node in self.nodes:
-                if node != self.primary and node not in self.bunkers:
-                    assert filecmp.cmp(ref, self.volume(node, vol), shallow=False), \
-                        f"volume {vol} of {node} differs from {self.primary}'s"
+    def assert_identical(self, group: str | None = None) -> None:
+        g = self.groups[group] if group else self.group
+        bunkers = {link["to"] for link in g["links"] if link.get("bunker")}
+        for vol in (v["name"] for v in g["volumes"]):
+            ref = self.volume(g["primary"], vol, g["name"])
+            for node in self.members(g["name"]):
+                if node != g["primary"] and node not in bunkers:
+                    assert filecmp.cmp(ref, self.volume(node, vol, g["name"]), shallow=False), \
+                        f"volume {vol} of group {g['name']} on {node} differs from {g['primary']}'s"
 
     def leftovers(self) -> list[str]:
         """What a lab teardown must have removed, if anything is still there."""

@@ -136,6 +136,7 @@ def test_dr_exercise_through_the_bunker(deployed, tmp_path):
     lab = deployed
     report_dir = str(tmp_path / "dr")
     playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", timeout=900)
+    report_dir = os.path.join(report_dir, "db")  # one directory per group drilled
     with open(os.path.join(report_dir, "report.json")) as f:
         report = json.load(f)
     assert report["result"] == "pass", report
@@ -145,11 +146,37 @@ def test_dr_exercise_through_the_bunker(deployed, tmp_path):
     suite = ET.parse(os.path.join(report_dir, "report.xml")).getroot().find("testsuite")
     assert suite is not None and int(suite.get("failures")) == 0
     assert "PASS" in open(os.path.join(report_dir, "report.md")).read()
+    # during the takeover, dc3-arc had taken over dc1-app's links as declared: the sync
+    # replica stayed sync, the bunker stayed its bunker, the cascade kept its far hop
+    during = {(lk["source"], lk["target"]): lk["mode"] for lk in report["takeover_links"]}
+    assert during == {("dc3-arc", "dc2-dr"): "sync", ("dc3-arc", "dc1-bunker"): "sync",
+                      ("dc3-arc", "dc4-vault"): "async"}, during
     # back to the declared topology, every link replicating, replicas identical
     assert lab.group_status("dc1-app")["role"] == "primary"
     links = {t["node"]: (t["mode"], t["compress"]) for t in lab.group_status("dc1-app")["targets"]}
     assert links == {"dc2-dr": ("sync", "none"), "dc1-bunker": ("sync", "none"),
                      "dc3-arc": ("async", "zstd")}  # not the takeover's all-async links
+    lab.wait_converged()
+    lab.assert_identical()
+
+
+def test_dr_exercise_promoting_the_leaf_below_the_intermediate(deployed, tmp_path):
+    """Promoting dc4-vault, which receives from the intermediate dc3-arc: the link
+    between them is reversed (dc3-arc becomes dc4-vault's replica) and dc4-vault takes
+    over dc1-app's links; failback puts every link back as declared."""
+    lab = deployed
+    report_dir = str(tmp_path / "dr")
+    playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", "-e", "dr_exercise_target=dc4-vault",
+             "-e", "dr_exercise_writes=300", timeout=900)
+    with open(os.path.join(report_dir, "db", "report.json")) as f:
+        report = json.load(f)
+    assert report["result"] == "pass", report
+    assert report["promoted"] == "dc4-vault" and report["rpo_writes_lost"] == 0
+    during = {(lk["source"], lk["target"]): lk["mode"] for lk in report["takeover_links"]}
+    assert during == {("dc4-vault", "dc2-dr"): "sync", ("dc4-vault", "dc1-bunker"): "sync",
+                      ("dc4-vault", "dc3-arc"): "async"}, during
+    assert lab.group_status("dc3-arc")["source"] == "dc1-app"
+    assert [t["node"] for t in lab.group_status("dc3-arc")["targets"]] == ["dc4-vault"]
     lab.wait_converged()
     lab.assert_identical()
 
@@ -166,7 +193,7 @@ def test_dr_exercise_copy_mode_leaves_production_running(deployed, tmp_path):
     assert "set aside for drills" in out  # copy mode refuses to write a volume not named
     playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", "-e", "dr_exercise_mode=copy",
              "-e", "dr_exercise_volume_name=log", "-e", "dr_exercise_writes=300", timeout=900)
-    with open(os.path.join(report_dir, "report.json")) as f:
+    with open(os.path.join(report_dir, "db", "report.json")) as f:
         report = json.load(f)
     assert report["result"] == "pass", report
     assert report["rpo_writes_lost"] == 0 and report["ledger"]["acknowledged"] >= 300

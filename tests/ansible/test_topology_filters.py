@@ -2,6 +2,7 @@
 agent configuration they render."""
 
 import copy
+import re
 
 import pytest
 
@@ -145,3 +146,95 @@ def test_bad_bunker_links(change, message):
     errors = F["replicator_topology_errors"](groups, HOSTS + ["dc1-bunker"])
     assert any(message in e for e in errors), errors
 
+
+
+# The takeover plans of the DR playbooks: the five-host lab topology, then small ones.
+FIVE = [{
+    "name": "db", "primary": "dc1-app", "volumes": [{"name": "data", "size": "64MiB"}],
+    "links": [
+        {"from": "dc1-app", "to": "dc2-dr", "mode": "sync"},
+        {"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "bunker": True},
+        {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "zstd"},
+        {"from": "dc3-arc", "to": "dc4-vault", "mode": "async"},
+    ],
+}]
+plan = F["replicator_failover_plan"]
+
+
+def test_the_promoted_intermediate_takes_over_the_lost_primarys_links():
+    p = plan(FIVE, "db", "dc1-app", "dc3-arc")
+    assert p["promote_targets"] == ["dc2-dr:sync", "dc1-bunker:sync:bunker", "dc4-vault:async"]
+    assert p["steps"] == [{"node": "dc2-dr", "source": "dc3-arc", "attach": []},
+                          {"node": "dc1-bunker", "source": "dc3-arc", "attach": []}]
+    assert p["wait"] == {"dc3-arc": ["dc2-dr", "dc1-bunker", "dc4-vault"]}
+    assert "dc1-app" not in p["survivors"] and p["bunker"] == "dc1-bunker"
+    # the lost primary comes back over the link it had towards the promoted node, mirrored
+    assert p["failback_link"] == "dc1-app:async:zstd"
+
+
+def test_promoting_the_sync_replica_keeps_the_cascade_below_it():
+    p = plan(FIVE, "db", "dc1-app", "dc2-dr")
+    assert p["promote_targets"] == ["dc1-bunker:sync:bunker", "dc3-arc:async:zstd"]
+    assert p["wait"] == {"dc2-dr": ["dc1-bunker", "dc3-arc"], "dc3-arc": ["dc4-vault"]}
+    assert [s["node"] for s in p["steps"]] == ["dc1-bunker", "dc3-arc"]  # dc4-vault keeps dc3-arc
+    assert p["failback_link"] == "dc1-app:sync"
+
+
+def test_promoting_a_leaf_reverses_the_links_above_it():
+    """dc4-vault below dc3-arc: dc3-arc becomes its replica (told first, so dc4-vault no
+    longer hears it when promoted) and dc4-vault takes over dc1-app's links."""
+    p = plan(FIVE, "db", "dc1-app", "dc4-vault")
+    assert p["steps"][0] == {"node": "dc3-arc", "source": "dc4-vault", "attach": []}
+    assert sorted(p["promote_targets"]) == ["dc1-bunker:sync:bunker", "dc2-dr:sync", "dc3-arc:async"]
+    assert {(lk["from"], lk["to"]) for lk in p["links"]} == {
+        ("dc4-vault", "dc2-dr"), ("dc4-vault", "dc1-bunker"), ("dc4-vault", "dc3-arc")}
+
+
+def test_a_longer_path_is_reversed_hop_by_hop():
+    chain = [{"name": "c", "primary": "a", "volumes": [{"name": "v", "size": 1}], "links": [
+        {"from": "a", "to": "b", "mode": "async"}, {"from": "b", "to": "c", "mode": "sync"},
+        {"from": "c", "to": "d", "mode": "async", "on_disconnect": "block"}]}]
+    p = plan(chain, "c", "a", "d")
+    assert p["steps"] == [{"node": "b", "source": "c", "attach": []},
+                          {"node": "c", "source": "d", "attach": ["b:sync"]}]
+    assert p["promote_targets"] == ["c:async:block"]
+    assert p["wait"] == {"d": ["c"], "c": ["b"]}
+    assert p["failback_link"] == "a:async"
+
+
+def test_a_pair_has_no_survivor_to_wait_for():
+    pair = [{"name": "p", "primary": "a", "volumes": [{"name": "v", "size": 1}],
+             "links": [{"from": "a", "to": "b", "mode": "sync"}]}]
+    p = plan(pair, "p", "a", "b")
+    assert p["promote_targets"] == [] and p["steps"] == [] and p["wait"] == {}
+    assert p["survivors"] == ["b"] and p["failback_link"] == "a:sync"
+
+
+@pytest.mark.parametrize("lost, promoted, message", [
+    ("dc2-dr", "dc3-arc", "dc2-dr is not the primary of db (dc1-app is)"),
+    ("dc1-app", "dc1-bunker", "dc1-bunker is the bunker of db: it holds no volumes"),
+    ("dc1-app", "dc9-x", "'dc9-x' is not a replica of db"),
+    ("dc1-app", "dc1-app", "'dc1-app' is not a replica of db"),
+])
+def test_impossible_takeovers_are_explained(lost, promoted, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan(FIVE, "db", lost, promoted)
+    with pytest.raises(ValueError, match="no group 'nope'"):
+        plan(FIVE, "nope", lost, promoted)
+
+
+def test_the_drill_promotes_an_async_replica_else_a_sync_one():
+    assert F["replicator_drill_target"](FIVE, "db") == "dc3-arc"
+    pair = [{"name": "p", "primary": "a", "volumes": [], "links": [
+        {"from": "a", "to": "k", "mode": "sync", "bunker": True},
+        {"from": "a", "to": "b", "mode": "sync"}]}]
+    assert F["replicator_drill_target"](pair, "p") == "b"
+
+
+def test_drill_volume_must_be_a_volume_of_the_group():
+    groups = copy.deepcopy(LAB)
+    groups[0]["drill_volume"] = "log"
+    assert F["replicator_topology_errors"](groups, HOSTS) == []
+    groups[0]["drill_volume"] = "nope"
+    (error,) = F["replicator_topology_errors"](groups, HOSTS)
+    assert "drill_volume 'nope' is not one of its volumes (data, log)" in error

@@ -205,3 +205,16 @@ def test_command_line(tmp_path, capsys):
     src.write_text("[]")
     assert report.main(["--input", str(src), "--dir", str(out)]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_an_rpo_without_objective_is_measured_not_judged(tmp_path):
+    """An async replica with no bunker: the writes lost are reported, the check skipped."""
+    d = drill(rpo_writes_lost=7)
+    d["objectives"]["max_rpo_writes"] = None
+    j, x, md = written(tmp_path, d)
+    assert j["result"] == "pass" and j["rpo_writes_lost"] == 7
+    (rpo,) = [c for c in j["checks"] if c["name"] == "RPO within objective"]
+    assert rpo["status"] == "skipped" and "7 acknowledged writes lost" in rpo["message"]
+    _, found = cases(x)
+    assert found["RPO within objective"].find("skipped") is not None
+    assert "| RPO: acknowledged writes lost | 7 | - |" in open(tmp_path / "out" / "report.md").read()
