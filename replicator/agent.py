@@ -81,6 +81,7 @@ class Agent:
                        address=self.cfg.peers[t.node], compress=t.compress == "zstd",
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
+                       sync_ack_timeout=self.cfg.sync_ack_timeout,
                        initial_sync=t.initial_sync, tls=self.client_tls,
                        on_stale=lambda g, n: asyncio.ensure_future(self._superseded(g, n)))
 

@@ -80,6 +80,7 @@ class Config:
     tls: TlsConfig | None  # None: plain TCP, chosen explicitly with `tls: false`
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    sync_ack_timeout: float = 10.0  # a sync target silent on ACKs this long leaves sync
     log_level: str = "info"
     source_path: str = field(default="", compare=False)
 
@@ -311,12 +312,17 @@ def parse(data, source_path: str = "") -> Config:
     timeout = r.get("heartbeat_timeout", 5.0, types=(int, float))
     if not 0 < interval < timeout:
         raise ConfigError("heartbeat_timeout", "expected 0 < heartbeat_interval < heartbeat_timeout")
+    sync_ack_timeout = r.get("sync_ack_timeout", 10.0, types=(int, float))
+    if not interval < sync_ack_timeout:
+        raise ConfigError("sync_ack_timeout", f"expected seconds more than heartbeat_interval "
+                                              f"({interval:g}); got {sync_ack_timeout!r}")
     log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
     tls = _tls(r)
     r.done()
     return Config(node=node, listen=listen, nbd_listen=nbd_listen, state_dir=state_dir,
                   admin_socket=admin_socket, peers=peers, groups=tuple(groups), tls=tls,
                   heartbeat_interval=float(interval), heartbeat_timeout=float(timeout),
+                  sync_ack_timeout=float(sync_ack_timeout),
                   log_level=log_level, source_path=source_path)
 
 
