@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import time
 
@@ -40,7 +41,10 @@ class Agent:
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  promote=self._promote_to, superseded=self._superseded,
                                  tls=self.server_tls)
-        self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
+        self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
+                             handshake_timeout=cfg.nbd_handshake_timeout,
+                             max_connections=cfg.nbd_max_connections,
+                             max_connections_per_export=cfg.nbd_max_connections_per_export)
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
                                                     "rollback": self._rollback,
                                                     "resync": self._resync,
@@ -352,6 +356,7 @@ class Agent:
             "node": self.cfg.node,
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
+            "nbd": self.nbd.connection_counts(),
             "groups": [self._group_status(g) for g in self.groups.values()
                        if wanted in (None, g.name)],
         }
@@ -474,7 +479,24 @@ def _target(t: dict) -> TargetConfig:
     return target
 
 
+def raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: the default soft limit (1024) is
+    what idle NBD clients once exhausted. The NBD server keeps a reserve below whatever
+    limit is in force (capture/nbd.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        log.info("RLIMIT_NOFILE is %s", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
+        return
+    log.info("RLIMIT_NOFILE raised from %d to its hard limit %d", soft, hard)
+
+
 async def run(cfg: Config) -> int:
+    raise_nofile_limit()
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
