@@ -14,7 +14,6 @@ idle connections must be dropped once the handshake timeout expires.
 from __future__ import annotations
 
 import os
-import resource
 import select
 import socket
 import struct
@@ -201,14 +200,14 @@ def test_flipped_length_bit_in_an_ack_does_not_stall_sync_writes(proxied_sync_pa
 def test_sync_target_that_stops_acknowledging_leaves_sync(proxied_sync_pair):
     """ACKs vanish but heartbeats flow: within sync_ack_timeout the target leaves sync
     (logging; status and log say why) and writes complete again."""
-    topo, proxy = proxied_sync_pair(sync_ack_timeout=2)
+    topo, proxy = proxied_sync_pair()  # the default sync_ack_timeout: 10 s
     a = topo["a"]
     drop = threading.Event()
     proxy.mutate = lambda ftype, header, body: b"" if ftype == ACK_TYPE and drop.is_set() \
         else header + body
     drop.set()
     try:
-        done = _writes(a.nbd_uri("data"), 5, 0x33, timeout=20)
+        done = _writes(a.nbd_uri("data"), 5, 0x33, timeout=30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"sync writes stalled behind a target that never acks: {a.target('db', 'b')}")
     assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout
@@ -248,3 +247,151 @@ def test_blocking_sync_target_that_stops_acknowledging_fails_the_waiting_writes(
     assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout
     topo.wait_converged()
     topo.assert_identical()
+
+
+# ---- item 9: idle NBD connections, descriptors, log floods -------------------------------
+
+class InteractiveQemuIo:
+    """One qemu-io process holding one NBD connection, fed commands on stdin: a real
+    client that stays connected while the test does other things."""
+
+    def __init__(self, uri: str):
+        self.proc = subprocess.Popen(["qemu-io", "-f", "raw", uri], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.replace("qemu-io> ", ""))
+
+    def write(self, pattern: int, offset: int, timeout: float = 10.0) -> str:
+        """One 4 KiB write: its result line ("wrote ..." or the error)."""
+        start = len(self.lines)
+        self.proc.stdin.write(f"write -P {pattern} {offset} 4k\n")
+        self.proc.stdin.flush()
+
+        def answered():
+            return next((line for line in self.lines[start:]
+                         if line.startswith("wrote") or "error" in line.lower()
+                         or "failed" in line.lower()), None)
+        return wait_until(answered, timeout, f"qemu-io to answer a write at {offset}")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(5)
+        self._reader.join(5)
+
+
+def _idle_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` TCP connections that never say a word (non-blocking connects: a server
+    that stopped accepting must not hang the test)."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    if not select.select([s], [], [], 0)[0]:
+        return False
+    try:
+        while s.recv(4096):  # the greeting, then EOF
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_nbd_connections_do_not_starve_a_connected_client(topology):
+    """An agent limited to 256 descriptors gets idle anonymous connections (up to 320)
+    until it refuses some. Before: the descriptors ran out, every write of the client
+    already connected failed EIO ('Too many open files'), status timed out and the log
+    grew by megabytes."""
+    topo = topology(["a", "b"], [("a", "b", "sync")], start=False)
+    a = topo["a"]
+    a.nofile = 256
+    topo.start()
+    topo.wait_converged()
+    client = InteractiveQemuIo(a.nbd_uri("data"))
+    idle: list[socket.socket] = []
+    try:
+        assert client.write(0x21, 0).startswith("wrote 4096/4096"), client.lines
+        log_before = os.path.getsize(a.log_path)
+        # In waves below the listen backlog, so the kernel does not hold connects back.
+        while len(idle) < 320 and "refused: descriptor" not in _log(a):
+            wave = _idle_connections(a.nbd_port, 16)
+            idle += wave
+            try:  # greeted (accepted) or closed (refused); an agent out of descriptors
+                wait_until(lambda: all(select.select([s], [], [], 0)[0] for s in wave), 5,
+                           "the agent to take the connections")
+            except AssertionError:
+                pass  # it stopped accepting: what the writes below must survive
+        for i in range(1, 21):
+            result = client.write(0x21 + i, i * 4096)
+            assert result.startswith("wrote 4096/4096"), f"write {i}: {result}"
+            assert a.status()["node"] == "a"  # the admin socket answers (5 s timeout)
+            time.sleep(0.05)
+        status = a.status()
+        assert status["nbd"]["per_export"] == {"data": 1}
+        wait_until(lambda: "refused: descriptor" in (log := _log(a)) and "RLIMIT_NOFILE 256" in log,
+                   20, "connections past the descriptor reserve refused")
+        assert "Too many open files" not in _log(a)
+        # Idle connections that never pick an export go after nbd_handshake_timeout (10 s)
+        # (connects the full backlog held back come in later, and wait their 10 s too).
+        wait_until(lambda: all(_closed_by_server(s) for s in idle), 45,
+                   "every idle socket closed by the agent")
+        assert a.status()["nbd"]["handshaking"] == 0
+        # ... and repeated lines were collapsed: a few KiB, not megabytes.
+        grown = os.path.getsize(a.log_path) - log_before
+        assert grown < 64 * 1024, f"the log grew by {grown} bytes"
+        assert "more messages like this are suppressed" in _log(a)
+        # A new client gets in again.
+        done = _writes(a.nbd_uri("data"), 3, 0x77, timeout=30)
+        assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout
+        assert client.write(0x78, 0).startswith("wrote 4096/4096")
+        assert "similar messages suppressed" in _log(a)
+    finally:
+        for s in idle:
+            s.close()
+        client.close()
+    topo.wait_converged()
+    topo.assert_identical()
+
+
+def test_nbd_connections_per_export_are_limited(topology):
+    topo = topology(["a"], [], start=False)
+    a = topo["a"]
+    a.config.update(nbd_max_connections_per_export=2, nbd_handshake_timeout=2)
+    a.save_config()
+    topo.start()
+    clients = [InteractiveQemuIo(a.nbd_uri("data")) for _ in range(2)]
+    try:
+        for i, c in enumerate(clients):
+            assert c.write(0x30 + i, i * 4096).startswith("wrote 4096/4096")
+        third = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 4k", a.nbd_uri("data")],
+                               capture_output=True, text=True, timeout=30)
+        assert "nbd_max_connections_per_export 2" in third.stdout + third.stderr, third
+        other = _writes(a.nbd_uri("log"), 1, 0x40, timeout=30)  # another export has room
+        assert other.returncode == 0 and "error" not in other.stdout.lower(), other.stdout
+        # A connection that never negotiates is dropped after nbd_handshake_timeout.
+        (silent,) = _idle_connections(a.nbd_port, 1)
+        try:
+            wait_until(lambda: _closed_by_server(silent), 15, "the silent client dropped")
+        finally:
+            silent.close()
+    finally:
+        for c in clients:
+            c.close()
