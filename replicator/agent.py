@@ -28,6 +28,7 @@ from .shipper import Shipper, ShipError
 from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
+NOFILE_CAP = 1 << 20  # the soft RLIMIT_NOFILE is raised to the hard limit, at most this
 log = logging.getLogger("replicator.agent")
 
 
@@ -480,19 +481,21 @@ def _target(t: dict) -> TargetConfig:
 
 
 def raise_nofile_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit: the default soft limit (1024) is
-    what idle NBD clients once exhausted. The NBD server keeps a reserve below whatever
-    limit is in force (capture/nbd.py)."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit (at most NOFILE_CAP): the default
+    soft limit (1024) is what idle NBD clients once exhausted. The NBD server keeps a
+    reserve below whatever limit is in force (capture/nbd.py)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard or soft == resource.RLIM_INFINITY:
+    # (some containers allow ~2**30: of no use, and slow for anything that scans them)
+    want = NOFILE_CAP if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CAP)
+    if soft == resource.RLIM_INFINITY or soft >= want:
         log.info("RLIMIT_NOFILE is %s", soft)
         return
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     except (OSError, ValueError) as exc:
-        log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
+        log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, want, exc)
         return
-    log.info("RLIMIT_NOFILE raised from %d to its hard limit %d", soft, hard)
+    log.info("RLIMIT_NOFILE raised from %d to %d (hard limit %s)", soft, want, hard)
 
 
 async def run(cfg: Config) -> int:
