@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import time
 
@@ -27,6 +28,7 @@ from .shipper import Shipper, ShipError
 from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
+NOFILE_CAP = 1 << 20  # the soft RLIMIT_NOFILE is raised to the hard limit, at most this
 log = logging.getLogger("replicator.agent")
 
 
@@ -40,7 +42,10 @@ class Agent:
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  promote=self._promote_to, superseded=self._superseded,
                                  tls=self.server_tls)
-        self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST)
+        self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
+                             handshake_timeout=cfg.nbd_handshake_timeout,
+                             max_connections=cfg.nbd_max_connections,
+                             max_connections_per_export=cfg.nbd_max_connections_per_export)
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
                                                     "rollback": self._rollback,
                                                     "resync": self._resync,
@@ -81,6 +86,7 @@ class Agent:
                        address=self.cfg.peers[t.node], compress=t.compress == "zstd",
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
+                       sync_ack_timeout=self.cfg.sync_ack_timeout,
                        initial_sync=t.initial_sync, tls=self.client_tls,
                        on_stale=lambda g, n: asyncio.ensure_future(self._superseded(g, n)))
 
@@ -354,6 +360,7 @@ class Agent:
             "node": self.cfg.node,
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
+            "nbd": self.nbd.connection_counts(),
             "groups": [self._group_status(g) for g in self.groups.values()
                        if wanted in (None, g.name)],
         }
@@ -483,7 +490,26 @@ def _target(t: dict) -> TargetConfig:
     return target
 
 
+def raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (at most NOFILE_CAP): the default
+    soft limit (1024) is what idle NBD clients once exhausted. The NBD server keeps a
+    reserve below whatever limit is in force (capture/nbd.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # (some containers allow ~2**30: of no use, and slow for anything that scans them)
+    want = NOFILE_CAP if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CAP)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        log.info("RLIMIT_NOFILE is %s", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, want, exc)
+        return
+    log.info("RLIMIT_NOFILE raised from %d to %d (hard limit %s)", soft, want, hard)
+
+
 async def run(cfg: Config) -> int:
+    raise_nofile_limit()
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from . import admin, config
+from . import admin, config, logfilter
 from .group import GroupError
 from .journal.segments import JournalError
 from .volume import VolumeError
@@ -83,12 +83,17 @@ def cmd_agent(args) -> int:
     cfg = _load(args.config)
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
                         format=f"%(asctime)s {cfg.node} %(levelname)s %(name)s: %(message)s")
+    # Floods (clients, failing writes) must not drown the log: repeats are collapsed.
+    repeats = [logfilter.install(h) for h in logging.getLogger().handlers]
     from .agent import run  # the agent's imports are not needed by the client commands
     try:
         return asyncio.run(run(cfg))
     except (GroupError, JournalError, VolumeError, OSError) as exc:
         logging.getLogger("replicator").error("cannot start: %s", exc)
         return 1
+    finally:
+        for f in repeats:
+            f.report()
 
 
 def _call(args, op: str, timeout: float | None = 30.0, **params):

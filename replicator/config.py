@@ -80,6 +80,10 @@ class Config:
     tls: TlsConfig | None  # None: plain TCP, chosen explicitly with `tls: false`
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    sync_ack_timeout: float = 10.0  # a sync target silent on ACKs this long leaves sync
+    nbd_max_connections: int = 256  # NBD connections at once, handshaking ones included
+    nbd_max_connections_per_export: int = 64  # of those, on one export
+    nbd_handshake_timeout: float = 10.0  # a connection that picks no export is dropped
     log_level: str = "info"
     source_path: str = field(default="", compare=False)
 
@@ -311,12 +315,29 @@ def parse(data, source_path: str = "") -> Config:
     timeout = r.get("heartbeat_timeout", 5.0, types=(int, float))
     if not 0 < interval < timeout:
         raise ConfigError("heartbeat_timeout", "expected 0 < heartbeat_interval < heartbeat_timeout")
+    sync_ack_timeout = r.get("sync_ack_timeout", 10.0, types=(int, float))
+    if not interval < sync_ack_timeout:
+        raise ConfigError("sync_ack_timeout", f"expected seconds more than heartbeat_interval "
+                                              f"({interval:g}); got {sync_ack_timeout!r}")
+    nbd_max = r.get("nbd_max_connections", 256, types=(int,))
+    if nbd_max < 1:
+        raise ConfigError("nbd_max_connections", f"expected at least 1; got {nbd_max}")
+    nbd_per_export = r.get("nbd_max_connections_per_export", min(64, nbd_max), types=(int,))
+    if not 1 <= nbd_per_export <= nbd_max:
+        raise ConfigError("nbd_max_connections_per_export",
+                          f"expected 1..nbd_max_connections ({nbd_max}); got {nbd_per_export}")
+    nbd_handshake = r.get("nbd_handshake_timeout", 10.0, types=(int, float))
+    if nbd_handshake <= 0:
+        raise ConfigError("nbd_handshake_timeout", f"expected positive seconds; got {nbd_handshake}")
     log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
     tls = _tls(r)
     r.done()
     return Config(node=node, listen=listen, nbd_listen=nbd_listen, state_dir=state_dir,
                   admin_socket=admin_socket, peers=peers, groups=tuple(groups), tls=tls,
                   heartbeat_interval=float(interval), heartbeat_timeout=float(timeout),
+                  sync_ack_timeout=float(sync_ack_timeout), nbd_max_connections=nbd_max,
+                  nbd_max_connections_per_export=nbd_per_export,
+                  nbd_handshake_timeout=float(nbd_handshake),
                   log_level=log_level, source_path=source_path)
 
 

@@ -758,6 +758,19 @@ class Group:
         if self.journal_full:
             self._checkpoint_now.set()
 
+    def fail_sync_waits(self, t: TargetLink, err: int) -> int:
+        """Complete with `err` every write waiting for `t` (seq past its acked seq): a
+        sync target with on_disconnect: block that stopped acknowledging. Returns how many."""
+        keep, failed = deque(), 0
+        for seq, done in self._sync_waits:
+            if seq > t.acked_seq:
+                done(err)
+                failed += 1
+            else:
+                keep.append((seq, done))
+        self._sync_waits = keep
+        return failed
+
     # ---- readers: shippers ---------------------------------------------------------------
     def poke_readers(self) -> None:
         """Wake every shipper waiting for records (one has other work queued)."""

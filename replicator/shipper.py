@@ -5,6 +5,10 @@ One session = connect, HELLO/WELCOME, then two loops until either fails:
   pump: read durable records after `sent_seq` from the journal (at most BATCH_BYTES a
         frame, at most WINDOW_BYTES unacked) and send them; a heartbeat when idle.
   acks: read ACKs and heartbeats; silence longer than heartbeat_timeout ends the session.
+        A sync target that sends no ACK for sync_ack_timeout while records are in flight
+        (its link alive, heartbeats flowing) leaves sync: it goes to logging, so writes
+        stop waiting for it, or with on_disconnect: block the writes waiting for it fail
+        (EIO) and later ones are held as for any target that is not streaming.
 Between sessions the shipper backs off (0.1 s doubling to 5 s) and reconnects; it always
 resumes from the position the target reports in WELCOME, so nothing is skipped and
 nothing is applied twice.
@@ -27,6 +31,7 @@ interrupted by either side resumes where it was instead of starting over.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import ssl
@@ -87,7 +92,8 @@ class ShipError(Exception):
 class Shipper:
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
-                 heartbeat_timeout: float, initial_sync: str = "full",
+                 heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
+                 initial_sync: str = "full",
                  tls: ssl.SSLContext | None = None, on_stale=None,
                  log: logging.Logger | None = None):
         self.group = group
@@ -99,6 +105,7 @@ class Shipper:
         self.compress_now = False
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
+        self.sync_ack_timeout = sync_ack_timeout
         self.log = log or logging.getLogger(f"replicator.ship.{group.name}.{link.node}")
         self.state = "connecting"
         self.last_error = ""
@@ -109,6 +116,7 @@ class Shipper:
         self.bytes_sent = 0
         self._inflight: deque = deque()  # (last_seq, nbytes)
         self._inflight_bytes = 0
+        self._ack_wait_since: float | None = None  # the oldest batch in flight waits since
         self._acked = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._needs_resync = False
@@ -173,6 +181,7 @@ class Shipper:
             self.state = "connecting"
         self._inflight.clear()
         self._inflight_bytes = 0
+        self._ack_wait_since = None
         lost = ShipError(f"the link to {self.target.node} went down"
                          + (f": {self.last_error}" if self.last_error else ""))
         waiters = list(self._hash_waiters.values()) + [p.reply for p in self._probes]
@@ -375,6 +384,8 @@ class Shipper:
         await link.send(frame)
 
     def _sent(self, last: int, nbytes: int) -> None:
+        if not self._inflight:
+            self._ack_wait_since = time.monotonic()
         self.sent_seq = last
         self.bytes_sent += nbytes
         self._inflight.append((last, nbytes))
@@ -423,8 +434,21 @@ class Shipper:
         self.group.poke_readers()
 
     async def _acks(self, link: Link) -> None:
+        sync = self.target.mode == "sync"
         while True:
-            ev = await link.next_event(self.hb_timeout)
+            timeout = self.hb_timeout
+            if sync and self._ack_wait_since is not None:
+                left = self._ack_wait_since + self.sync_ack_timeout - time.monotonic()
+                if left <= 0:
+                    self._left_sync()
+                timeout = min(timeout, left)
+            try:
+                ev = await link.next_event(timeout)
+            except TimeoutError:
+                if sync and self._ack_wait_since is not None and \
+                        time.monotonic() - self._ack_wait_since >= self.sync_ack_timeout:
+                    self._left_sync()
+                raise
             if isinstance(ev, Ack):
                 if not self.target.acked_seq <= ev.seq <= self.sent_seq:
                     raise ShipError(f"{self.target.node} acked seq {ev.seq} outside "
@@ -435,6 +459,8 @@ class Shipper:
                     h["fut"].set_result(None)  # the target is the primary now
                 while self._inflight and self._inflight[0][0] <= ev.seq:
                     self._inflight_bytes -= self._inflight.popleft()[1]
+                    # the next batch's wait for its ACK starts now, not when it was sent
+                    self._ack_wait_since = time.monotonic() if self._inflight else None
                 self._acked.set()
                 self.group.targets_changed()
             elif isinstance(ev, HashReply):
@@ -445,6 +471,25 @@ class Shipper:
                 raise ShipError(f"{self.target.node} closed the connection")
             elif not isinstance(ev, Heartbeat):
                 raise ShipError(f"unexpected {type(ev).__name__} from {self.target.node}")
+
+    def _left_sync(self) -> None:
+        """The sync target has acknowledged nothing for sync_ack_timeout though records
+        are in flight: stop making writes wait for it, say so, and end the session (the
+        next one resyncs it from its bitmap)."""
+        t, g = self.target, self.group
+        waited = time.monotonic() - self._ack_wait_since
+        why = (f"no ACK for seq {t.acked_seq + 1}..{self.sent_seq} in {waited:.1f}s "
+               f"(sync_ack_timeout {self.sync_ack_timeout:g}s) while the link was up")
+        outcome = "writes no longer wait for it"
+        if t.block:  # first: once it is out of sync nothing would hold these back
+            failed = g.fail_sync_waits(t, errno.EIO)
+            outcome = (f"{failed} write(s) waiting for it failed (EIO) and new ones wait "
+                       "until it is back (on_disconnect: block)")
+        t.in_sync = False
+        if not t.logging:
+            g.start_logging(t, why)
+        g.targets_changed()
+        raise ShipError(f"{t.node} left sync: {why}; {outcome}", state="logging")
 
     # ---- resync ---------------------------------------------------------------------------
     async def _resync(self, link: Link) -> None:

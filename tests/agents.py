@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -61,6 +62,7 @@ class AgentProc:
         self.log_path = os.path.join(self.dir, "agent.log")
         self.save_config()
         self.proc: subprocess.Popen | None = None
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) to start it with
 
     def save_config(self) -> None:
         with open(self.config_path, "w") as f:
@@ -79,8 +81,15 @@ class AgentProc:
 
     def start(self, wait: bool = True) -> "AgentProc":
         log = open(self.log_path, "a")
+        nofile = self.nofile
+
+        def limits():
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "agent", "-c",
-                                      self.config_path], stdout=log, stderr=log)
+                                      self.config_path], stdout=log, stderr=log,
+                                     preexec_fn=limits if nofile is not None else None)
         log.close()
         if wait:
             wait_until(lambda: self.status(), 20, f"agent {self.node} to answer status")

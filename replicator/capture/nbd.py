@@ -20,6 +20,22 @@ anything else closes) and then sends options. It must reach TRANSMISSION within
 `handshake_timeout` seconds. `exports()` is called for every option that names or lists
 exports, so the set may change at runtime.
 
+Connection limits (so that idle or hostile clients cannot take what the write path of
+the clients already connected needs: 1,011 idle connections once exhausted the
+agent's descriptors and every journal write failed EMFILE):
+    max_connections              connections at once, handshaking ones included; a
+                                 connection beyond it is closed as soon as accepted.
+    max_connections_per_export   connections in transmission on one export; GO for a
+                                 full export is answered ERR_POLICY, EXPORT_NAME closes.
+    fd_reserve                   a connection accepted on a descriptor number within
+                                 fd_reserve of RLIMIT_NOFILE is closed at once: Linux
+                                 hands out the lowest free number, so every lower one is
+                                 in use and only the reserve is left for journal
+                                 segments, checkpoints, replication and admin sockets.
+                                 The listen backlog (LISTEN_BACKLOG) stays below it, as
+                                 asyncio accepts up to that many sockets in one go.
+Refusals are logged at WARNING (repeats are collapsed by the agent's log filter).
+
 Options
     EXPORT_NAME   enters transmission; unknown or empty name closes (the spec leaves no
                   way to answer an error).
@@ -83,6 +99,7 @@ import asyncio
 import enum
 import errno
 import logging
+import resource
 import struct
 from typing import Callable, Mapping, Protocol
 
@@ -179,6 +196,8 @@ SCRATCH_BYTES = 256 << 10       # receive buffer per connection
 DIRECT_PAYLOAD = 64 << 10       # WRITE payloads from this size are received in place
 LINGER_SECONDS = 2.0            # input discarded after refusing an oversized WRITE
 CLOSE_TIMEOUT = 5.0             # NbdServer.close(): wait for outstanding requests
+FD_RESERVE = 64                 # descriptors never handed to NBD clients (see above)
+LISTEN_BACKLOG = 32             # < FD_RESERVE: asyncio accepts up to this many at once
 EXPORT_ERRORS_LOGGED = 10       # per connection; the rest are counted
 
 PREFERRED_BLOCK = 4096
@@ -285,11 +304,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if self._server._closing:  # accepted just before close(): nothing to offer
+        server = self._server
+        refusal = "shutting down" if server._closing else server._refusal(transport)
+        if refusal:
             self._state = _CLOSED
             transport.abort()
+            if not server._closing:
+                self._log.warning("NBD client %s refused: %s", self._peer, refusal)
             return
-        self._server._connections.add(self)
+        server._connections.add(self)
         transport.write(_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         self._timer = self._loop.call_later(self._server.handshake_timeout, self._handshake_expired)
 
@@ -526,6 +549,10 @@ class _Connection(asyncio.BufferedProtocol):
         export, why = self._find_export(raw_name)
         if export is None:
             return self._option_reply(option, Rep.ERR_UNKNOWN, why.encode())
+        full = option == Opt.GO and self._server._export_full(export.name)
+        if full:
+            self._log.warning("NBD client %s refused: %s", self._peer, full)
+            return self._option_reply(option, Rep.ERR_POLICY, full.encode())
         self._option_reply(option, Rep.INFO, _EXPORT_INFO.pack(
             Info.EXPORT, export.size, transmission_flags(export)))
         self._option_reply(option, Rep.INFO, _BLOCK_INFO.pack(
@@ -540,6 +567,9 @@ class _Connection(asyncio.BufferedProtocol):
         export, why = self._find_export(raw_name)
         if export is None:
             return self._hang_up(f"EXPORT_NAME: {why}")
+        full = self._server._export_full(export.name)
+        if full:
+            return self._hang_up(f"EXPORT_NAME refused: {full}", logging.WARNING)
         self._out.append(_EXPORT_NAME_REPLY.pack(export.size, transmission_flags(export)))
         if not self._no_zeroes:
             self._out.append(bytes(124))
@@ -548,6 +578,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _enter_transmission(self, export: Export) -> None:
         self._cancel_timer()
         self._export = export
+        self._server._joined(export.name)
         self._size = export.size
         self._state = _TRANSMISSION
 
@@ -763,14 +794,19 @@ class NbdServer:
     """Serves `exports()` (name -> Export, consulted at every handshake) over NBD."""
 
     def __init__(self, exports: Callable[[], Mapping[str, Export]], *,
-                 max_request: int = 32 * 1024 * 1024, handshake_timeout: float = 30.0,
-                 log: logging.Logger | None = None):
+                 max_request: int = 32 * 1024 * 1024, handshake_timeout: float = 10.0,
+                 max_connections: int = 256, max_connections_per_export: int = 64,
+                 fd_reserve: int = FD_RESERVE, log: logging.Logger | None = None):
         if not PREFERRED_BLOCK <= max_request <= 0xFFFFFFFF:
             raise ValueError(f"max_request {max_request} must be within "
                              f"[{PREFERRED_BLOCK}, 2**32-1]")
         self.exports = exports
         self.max_request = max_request
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_export = max_connections_per_export
+        self.fd_reserve = fd_reserve
+        self._per_export: dict[str, int] = {}  # connections in transmission, by export
         self.log = log or logging.getLogger("replicator.nbd")
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -782,7 +818,8 @@ class NbdServer:
         """Listen on host:port (0 picks a free port; see `port`)."""
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(lambda: _Connection(self), host, port,
-                                                     reuse_address=True)
+                                                     reuse_address=True,
+                                                     backlog=LISTEN_BACKLOG)
         self.log.info("NBD listening on %s:%d", host, self.port)
 
     @property
@@ -820,7 +857,43 @@ class NbdServer:
         except asyncio.TimeoutError:
             pass
 
+    def _refusal(self, transport: asyncio.BaseTransport) -> str:
+        """Why a connection just accepted must be closed at once ("" to serve it)."""
+        if len(self._connections) >= self.max_connections:
+            return (f"{len(self._connections)} NBD connections are open "
+                    f"(nbd_max_connections {self.max_connections})")
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit != resource.RLIM_INFINITY and fd >= limit - self.fd_reserve:
+            return (f"descriptor {fd} is within {self.fd_reserve} of RLIMIT_NOFILE {limit}: "
+                    "the rest is kept for the journal, volumes and replication")
+        return ""
+
+    def _export_full(self, name: str) -> str:
+        """Why one more connection may not use export `name` ("" when it may)."""
+        n = self._per_export.get(name, 0)
+        if n >= self.max_connections_per_export:
+            return (f"export {name!r} has {n} connections "
+                    f"(nbd_max_connections_per_export {self.max_connections_per_export})")
+        return ""
+
+    def _joined(self, name: str) -> None:
+        self._per_export[name] = self._per_export.get(name, 0) + 1
+
+    def connection_counts(self) -> dict:
+        """Open connections: in all, still handshaking, and in transmission per export."""
+        total = len(self._connections)
+        return {"connections": total,
+                "handshaking": sum(c._export is None for c in self._connections),
+                "per_export": dict(self._per_export)}
+
     def _forget(self, conn: _Connection) -> None:
+        if conn in self._connections and conn._export is not None:
+            name = conn._export.name
+            self._per_export[name] -= 1
+            if not self._per_export[name]:
+                del self._per_export[name]
         self._connections.discard(conn)
         if not self._connections and self._all_gone is not None:
             self._all_gone.set()

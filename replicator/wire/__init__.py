@@ -2,23 +2,24 @@
 connection state machine (connection.py). asyncio lives in replicator/transport.py."""
 
 from .connection import NEED_DATA, TRANSITIONS, Connection, ConnectionClosed, Role, State
-from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, IGNORABLE_FROM, MAGIC,
-                     MAX_GENERATIONS, MAX_HASH_REGIONS, MAX_NAME, MAX_REASON, PROTOCOL_MAX,
+from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, IGNORABLE_FROM,
+                     LEGACY_MAGIC, MAGIC, MAX_GENERATIONS, MAX_HASH_REGIONS, MAX_NAME, MAX_REASON, PROTOCOL_MAX,
                      PROTOCOL_MIN, RECORDS_FIXED_SIZE, SUPPORTED_FEATURES, Ack, Diverged,
                      Error, Feature, Fetch, Frame, FrameType, Handover, HashReply, HashRequest,
                      Heartbeat, Hello, LocalProtocolError, ProtocolError, Records, Refusal,
                      Refuse, RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Retain,
-                     Welcome, negotiate)
+                     Welcome, decode_header, encode_header, negotiate)
 
 __all__ = [
     # connection.py
     "NEED_DATA", "TRANSITIONS", "Connection", "ConnectionClosed", "Role", "State",
     # frames.py
-    "ANY_SEQ", "DEFAULT_MAX_FRAME", "HASH_SIZE", "HEADER_SIZE", "IGNORABLE_FROM", "MAGIC",
+    "ANY_SEQ", "DEFAULT_MAX_FRAME", "HASH_SIZE", "HEADER_SIZE", "IGNORABLE_FROM", "LEGACY_MAGIC",
+    "MAGIC",
     "MAX_GENERATIONS", "MAX_HASH_REGIONS", "MAX_NAME", "MAX_REASON", "PROTOCOL_MAX",
     "PROTOCOL_MIN", "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES", "Ack", "Diverged", "Error",
     "Feature", "Fetch", "Frame", "FrameType", "Handover", "HashReply", "HashRequest",
     "Heartbeat", "Hello", "LocalProtocolError", "ProtocolError", "Records", "Refusal", "Refuse",
     "RemoteProtocolError", "ResyncAck", "ResyncData", "ResyncDone", "Retain", "Welcome",
-    "negotiate",
+    "decode_header", "encode_header", "negotiate",
 ]

@@ -27,8 +27,10 @@ No I/O happens here: `send(event)` returns the bytes to write, `receive_data(dat
 buffers what arrived (b"" = EOF), and `next_event()` returns the next event, NEED_DATA,
 or ConnectionClosed once the peer's EOF is reached between frames.
 
-Bounds: a frame body above max_frame is refused from its header, before it is
-buffered, so an incomplete frame never holds more than max_frame + 12 bytes; feeding
+Bounds: a frame header is checked (its own CRC, then the length against max_frame) as
+soon as its 16 bytes are in, so a damaged length is refused at once instead of waited
+for, and a body above max_frame is never buffered: an incomplete frame never holds
+more than max_frame + 16 bytes; feeding
 more data while a whole max_frame frame is still waiting to be taken out is refused
 too. RECORDS may not inflate past raw_length, and raw_length not past max_frame. Both
 peers must use the same max_frame. A partial header is left in the buffer untouched.
@@ -39,15 +41,14 @@ a RECORDS payload is copied out of the buffer once.
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
 
 import zstandard
 from crc32c import crc32c
 
-from .frames import (CRC_OFFSET, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAGIC, Feature, Frame,
-                     FrameType, Hello, LocalProtocolError, ProtocolError, RemoteProtocolError,
-                     Welcome, decode_body, encode_body)
+from .frames import (DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, Feature, Frame, FrameType, Hello,
+                     LocalProtocolError, ProtocolError, RemoteProtocolError, Welcome,
+                     decode_body, decode_header, encode_body, encode_header)
 
 
 class Role(enum.Enum):
@@ -84,8 +85,6 @@ NEED_DATA = _NeedData()
 class ConnectionClosed:
     """The peer closed its side of the stream (EOF between frames)."""
 
-
-_CRC = struct.Struct("<I")  # the header's last field, patched in once the body is summed
 
 SEND, RECV = "send", "recv"
 _S, _R = Role.SENDER, Role.RECEIVER
@@ -183,11 +182,7 @@ class Connection:
             raise self._fail(exc)
         if kind == _F.HELLO:
             self._hello = event
-        header = bytearray(HEADER.pack(MAGIC, kind, flags, sum(map(len, parts)), 0))
-        crc = crc32c(memoryview(header)[:CRC_OFFSET])
-        for part in parts:
-            crc = crc32c(part, crc)
-        _CRC.pack_into(header, CRC_OFFSET, crc)
+        header = encode_header(kind, flags, parts)
         self.state = next_state
         return [header, *parts]
 
@@ -226,20 +221,15 @@ class Connection:
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return self._out_of_data(partial=bool(buf))
-        magic, type_code, flags, length, crc = HEADER.unpack_from(buf)
-        if magic != MAGIC:
-            raise RemoteProtocolError(f"bad frame magic 0x{magic:04x} (want 0x{MAGIC:04x})")
-        if length > self.max_frame:
-            raise RemoteProtocolError(f"frame body length {length} exceeds max_frame "
-                                      f"{self.max_frame}")
+        type_code, flags, length, crc = decode_header(buf, max_frame=self.max_frame)
         end = HEADER_SIZE + length
         if len(buf) < end:
             return self._out_of_data(partial=True)
         with memoryview(buf) as view:
-            with view[:CRC_OFFSET] as head, view[HEADER_SIZE:end] as body:
-                actual = crc32c(body, crc32c(head))
+            with view[HEADER_SIZE:end] as body:
+                actual = crc32c(body)
                 if actual != crc:
-                    raise RemoteProtocolError(f"frame crc mismatch on type 0x{type_code:02x}: "
+                    raise RemoteProtocolError(f"frame body crc mismatch on type 0x{type_code:02x}: "
                                               f"header says 0x{crc:08x}, bytes give 0x{actual:08x}")
                 event = decode_body(type_code, flags, body, max_frame=self.max_frame,
                                     decompressor=self._decompressor)
@@ -253,6 +243,17 @@ class Connection:
             self._agree(event, RemoteProtocolError)
         self.state = next_state
         return event
+
+    @property
+    def missing_bytes(self) -> int:
+        """After next_event() returned NEED_DATA: the bytes still to come of the frame
+        whose header (checked) is buffered, 0 when no whole header is. What a caller may
+        allow time for (the transport's per-frame read deadline)."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE or self._failure is not None:
+            return 0
+        length = HEADER.unpack_from(buf)[3]
+        return max(0, HEADER_SIZE + length - len(buf))
 
     def _out_of_data(self, partial: bool):
         if not self._eof:

@@ -1,16 +1,27 @@
 """Replication protocol frames: byte layout, events, body encoding and strict decoding.
 
-A frame is a 12-byte header followed by a body; all integers are little-endian:
+A frame is a 16-byte header followed by a body; all integers are little-endian:
 
     off size field
-    0   2    magic   0x5250 (b"PR")
-    2   1    type    FrameType
-    3   1    flags   bit 0 COMPRESSED: the body after its fixed part is one zstd frame.
-                     Only RECORDS may set it, and only once ZSTD was negotiated; every
-                     other bit must be 0.
-    4   4    length  body bytes as on the wire (at most the receiver's max_frame)
-    8   4    crc     CRC32C of header bytes 0..8 followed by the body as on the wire, so
-                     it covers magic, type, flags, length and every body byte.
+    0   2    magic      0x3252 (b"R2": protocol 2; protocol 1 used 0x5250, b"PR")
+    2   1    type       FrameType
+    3   1    flags      bit 0 COMPRESSED: the body after its fixed part is one zstd frame.
+                        Only RECORDS may set it, and only once ZSTD was negotiated; every
+                        other bit must be 0.
+    4   4    length     body bytes as on the wire (at most the receiver's max_frame)
+    8   4    body_crc   CRC32C of the body as on the wire
+    12  4    header_crc CRC32C of bytes 0..12 (magic, type, flags, length, body_crc)
+
+The header has its own checksum (like a journal record's) so that a damaged length is
+refused the moment the 16 header bytes are in, never trusted to say how many bytes to
+wait for: with one CRC over header and body (protocol 1), a length flipped from 8 to
+16 KiB made the receiver wait for a body that never came, while the peer's heartbeats
+were taken as part of it. The checks run in this order: magic, header_crc, length
+against max_frame; then, once the body is complete, body_crc.
+
+Protocol versions: 2 is the only one spoken (PROTOCOL_MIN = PROTOCOL_MAX = 2). A peer
+that speaks 1 is recognised by its magic and refused with a RemoteProtocolError naming
+both versions (its frames cannot be checked the new way, and it cannot read ours).
 
 Bodies (str = u16 byte length + UTF-8, at most 255 bytes unless noted; a body must end
 exactly after its last field):
@@ -87,16 +98,19 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import zstandard
+from crc32c import crc32c
 
-MAGIC = 0x5250
-HEADER = struct.Struct("<HBBII")  # magic, type, flags, length, crc
-HEADER_SIZE = HEADER.size  # 12
-CRC_OFFSET = struct.calcsize("<HBBI")  # 8: the CRC covers the header up to here
+MAGIC = 0x3252  # b"R2" on the wire
+LEGACY_MAGIC = 0x5250  # b"PR": protocol 1, whose header had no checksum of its own
+HEADER = struct.Struct("<HBBIII")  # magic, type, flags, length, body_crc, header_crc
+HEADER_SIZE = HEADER.size  # 16
+HEADER_CRC_OFFSET = struct.calcsize("<HBBII")  # 12: header_crc covers the bytes before it
+_HEADER_CRC = struct.Struct("<I")
 FLAG_COMPRESSED = 0x01
 IGNORABLE_FROM = 0x80  # types from here up may be skipped by a peer that does not know them
 MAX_NAME = 255  # every str field...
 MAX_REASON = 1024  # ...except the free text of REFUSE and ERROR
-PROTOCOL_MIN = PROTOCOL_MAX = 1
+PROTOCOL_MIN = PROTOCOL_MAX = 2  # 2: the frame header has its own CRC
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 ANY_SEQ = 2**64 - 1  # HASH_REQUEST: hash the receiver's current image
 HASH_SIZE = 8
@@ -465,6 +479,45 @@ class _Reader:
         if self.pos != len(self.body):
             raise RemoteProtocolError(f"{self.kind.name} body has {len(self.body) - self.pos} "
                                       "trailing bytes after its last field")
+
+
+# ---- header -------------------------------------------------------------------------------
+
+def encode_header(kind: int, flags: int, parts: list) -> bytearray:
+    """The 16 header bytes of a frame whose body is `parts` joined (parts are summed in
+    place, never joined)."""
+    body_crc = 0
+    length = 0
+    for part in parts:
+        body_crc = crc32c(part, body_crc)
+        length += len(part)
+    header = bytearray(HEADER.pack(MAGIC, kind, flags, length, body_crc, 0))
+    with memoryview(header) as view:
+        _HEADER_CRC.pack_into(header, HEADER_CRC_OFFSET, crc32c(view[:HEADER_CRC_OFFSET]))
+    return header
+
+
+def decode_header(buf, *, max_frame: int) -> tuple[int, int, int, int]:
+    """(type, flags, length, body_crc) of the header at the start of `buf` (at least
+    HEADER_SIZE bytes). Raises RemoteProtocolError at once for a header that is not
+    intact, so that no byte count from a damaged header is ever waited for."""
+    magic, type_code, flags, length, body_crc, header_crc = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        if magic == LEGACY_MAGIC:
+            raise RemoteProtocolError(
+                f"the peer speaks replication protocol 1 (frame magic 0x{LEGACY_MAGIC:04x}); "
+                f"this node speaks {PROTOCOL_MIN}..{PROTOCOL_MAX}: upgrade the peer")
+        raise RemoteProtocolError(f"bad frame magic 0x{magic:04x} (want 0x{MAGIC:04x})")
+    with memoryview(buf) as view, view[:HEADER_CRC_OFFSET] as head:
+        actual = crc32c(head)
+    if actual != header_crc:
+        raise RemoteProtocolError(
+            f"frame header crc mismatch: header says 0x{header_crc:08x}, bytes give "
+            f"0x{actual:08x}; a damaged header (type 0x{type_code:02x}, length {length}) "
+            "is not trusted")
+    if length > max_frame:
+        raise RemoteProtocolError(f"frame body length {length} exceeds max_frame {max_frame}")
+    return type_code, flags, length, body_crc
 
 
 # ---- encoding -----------------------------------------------------------------------------

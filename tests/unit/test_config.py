@@ -79,6 +79,13 @@ def mutate(path, value):
     (("groups", 0, "jurnal_size"), "1GiB", "groups[0].jurnal_size", "unknown key"),
     (("peers",), ["a"], "peers", "dict"),
     (("heartbeat_timeout",), 0.5, "heartbeat_timeout", "heartbeat_interval"),
+    (("sync_ack_timeout",), 0.5, "sync_ack_timeout", "more than heartbeat_interval"),
+    (("sync_ack_timeout",), "soon", "sync_ack_timeout", "int or float"),
+    (("nbd_max_connections",), 0, "nbd_max_connections", "at least 1"),
+    (("nbd_max_connections",), 1.5, "nbd_max_connections", "int"),
+    (("nbd_max_connections_per_export",), 300, "nbd_max_connections_per_export",
+     "1..nbd_max_connections (256)"),
+    (("nbd_handshake_timeout",), 0, "nbd_handshake_timeout", "positive"),
     (("groups", 0, "bitmap_granularity"), "3KiB", "groups[0].bitmap_granularity", "power of two"),
     (("groups", 0, "logging_high_water"), "1GiB", "groups[0].logging_high_water", "journal_size"),
     (("groups", 0, "resync_rate"), "fast", "groups[0].resync_rate", "size"),
@@ -125,3 +132,16 @@ def test_a_bunker_group_has_a_source_and_no_volumes():
     g.update(volumes=[], source=None)
     with pytest.raises(ConfigError, match="a bunker needs the node allowed to ship to it"):
         parse(data)
+
+
+def test_sync_ack_timeout():
+    assert parse(yaml.safe_load(BASE)).sync_ack_timeout == 10.0
+    assert parse(mutate(("sync_ack_timeout",), 2)).sync_ack_timeout == 2.0
+
+
+def test_nbd_limits():
+    cfg = parse(yaml.safe_load(BASE))
+    assert (cfg.nbd_max_connections, cfg.nbd_max_connections_per_export,
+            cfg.nbd_handshake_timeout) == (256, 64, 10.0)
+    small = parse(mutate(("nbd_max_connections",), 8))
+    assert (small.nbd_max_connections, small.nbd_max_connections_per_export) == (8, 8)

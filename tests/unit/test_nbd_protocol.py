@@ -251,6 +251,65 @@ def test_handshake_timeout_closes_silent_and_slow_clients(nbd_server):
     assert c.reply(4)[0] == 0
 
 
+def refused_at_once(port: int) -> bool:
+    """A connection the server closes as soon as it accepts it (no greeting)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        return s.recv(18) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        s.close()
+
+
+def test_connections_beyond_max_connections_are_refused_at_once(nbd_server, caplog):
+    srv = nbd_server(max_connections=3)
+    working = connect(srv)
+    idle = [Client(srv.port), Client(srv.port)]  # greeted, never negotiate
+    with caplog.at_level(logging.WARNING, "replicator.nbd"):
+        assert refused_at_once(srv.port)
+        wait_for(lambda: "nbd_max_connections 3" in caplog.text, "the refusal logged")
+    # the client in transmission is untouched
+    working.request(N.Cmd.WRITE, 0, 4, handle=7, data=b"abcd")
+    assert working.reply()[:2] == (0, 7)
+    idle[0].close()
+    wait_for(lambda: srv.call(lambda: srv.server.connection_counts())["connections"] == 2,
+             "the idle connection to go")
+    assert_serves(srv)
+    wait_for(lambda: srv.call(lambda: srv.server.connection_counts()) ==
+             {"connections": 2, "handshaking": 1, "per_export": {"data": 1}},
+             "the counts to match the clients left")
+
+
+def test_connections_per_export_are_limited(nbd_server):
+    srv = nbd_server(max_connections_per_export=2)
+    first, second = connect(srv), connect(srv)
+    third = Client(srv.port)
+    third.start()
+    rep, data = third.go("data")[-1]
+    assert rep == N.Rep.ERR_POLICY and b"nbd_max_connections_per_export 2" in data
+    assert third.go("ro")[-1][0] == N.Rep.ACK  # another export has room
+    by_name = Client(srv.port)
+    by_name.start()
+    by_name.option(N.Opt.EXPORT_NAME, b"data")
+    by_name.wait_closed()
+    first.close()
+    wait_for(lambda: srv.call(lambda: srv.server.connection_counts())["per_export"]
+             .get("data") == 1, "the closed client to be forgotten")
+    again = connect(srv)
+    second.request(N.Cmd.READ, 0, 4, handle=3)
+    assert second.reply(4)[:2] == (0, 3)
+    again.close()
+
+
+def test_descriptors_near_the_limit_are_kept_for_the_write_path(nbd_server):
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    srv = nbd_server(fd_reserve=soft)  # every descriptor is "near the limit"
+    assert refused_at_once(srv.port)
+    assert srv.call(lambda: srv.server.connection_counts())["connections"] == 0
+
+
 def test_handshake_and_requests_sent_one_byte_at_a_time(server):
     c = Client(server.port)
     stream = (struct.pack(">I", N.FLAG_FIXED_NEWSTYLE | N.FLAG_NO_ZEROES)
