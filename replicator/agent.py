@@ -450,7 +450,7 @@ class Agent:
             "role_from": "runtime" if group.overridden else "config",
             "discarded": group.discarded,
             "writes_blocked_by": group.blocked_by,
-            "writes_halted": group.halted,
+            "writes_halted": group.halted or group.volume_error,
             "bunker": group.bunker_status(),
             "consistent_seq": group.resync_base.seq if group.inconsistent else group.applied_seq,
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,

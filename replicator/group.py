@@ -136,7 +136,8 @@ class Group:
         self.role = cfg.role
         self.dir = os.path.join(state_dir, "groups", cfg.name)
         self.log = log or logging.getLogger(f"replicator.group.{cfg.name}")
-        self.volumes = {v.name: Volume(v.name, v.path, v.size) for v in cfg.volumes}
+        self.volumes = {v.name: Volume(v.name, v.path, v.size, v.allocation)
+                        for v in cfg.volumes}
         self.journal = Journal(os.path.join(self.dir, "journal"), capacity=cfg.journal_size)
         self.targets: dict[str, TargetLink] = {}
         self.checkpoint = Position(0, 0)
@@ -176,6 +177,9 @@ class Group:
         self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
         self.discarded: list[str] = []  # where rolled-back divergent data was saved
         self._held: list | None = None  # writes held during a switchover
+        self._unapplied: deque[_Batch] = deque()  # journaled, not yet in the volumes
+        self._unapplied_errno = 0
+        self.volume_error: str | None = None  # why the volumes lag the journal
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -225,7 +229,11 @@ class Group:
         if j.position(self.checkpoint.seq) != self.checkpoint:
             raise GroupError(f"group {self.name}: journal record {self.checkpoint.seq} does "
                              "not match the checkpoint (journal replaced?)")
-        replayed = 0 if self.role == "bunker" else self._replay(self.checkpoint.seq)
+        try:
+            replayed = 0 if self.role == "bunker" else self._replay(self.checkpoint.seq)
+        except OSError as exc:
+            raise GroupError(f"group {self.name}: cannot replay the journal after seq "
+                             f"{self.checkpoint.seq} onto the volumes: {exc}") from None
         self.applied_seq = j.last_seq
         self._next_seq = j.last_seq + 1
         if replayed:
@@ -455,6 +463,9 @@ class Group:
         if self.role != "primary":
             done(errno.EROFS)
             return
+        if self._unapplied:  # the volumes lack journaled records: see _completed
+            done(self._unapplied_errno)
+            return
         seq = self._next_seq
         self._next_seq = seq + 1
         hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time.time_ns(), payload)
@@ -596,25 +607,62 @@ class Group:
 
     def _completed(self, batch: _Batch) -> None:
         """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
-        seq order, before any later batch), index it, wake shippers, complete writes."""
+        seq order, before any later batch), index it, wake shippers, complete writes.
+
+        A volume write that fails (ENOSPC on a sparse image, EIO) leaves a record that
+        is journaled, maybe replicated, but not in the volume. The batch then waits in
+        `_unapplied`, with every batch after it (the volumes stay a prefix of the
+        journal), `applied_seq` and with it the checkpoint stay before it (so a restart
+        replays it), the checkpointer retries it every second, and until the volumes
+        have taken them all the primary refuses new writes (a read would not see them).
+        The writes of a failed batch fail with the volume's error; a replica completes
+        them (durable in its journal is what the upstream needs)."""
         self.journal.commit(batch.seg, batch.sizes, batch.hcrcs)
-        try:
-            apply_to_volumes(batch.applies)
-        except OSError as exc:
-            # Durable in the journal (replayed at the next start) but not in the volume.
-            self.log.error("group %s: volume write failed after journaling seq %d..%d: %s",
-                           self.name, batch.first_seq, batch.last_seq, exc)
+        wake_all(self._record_waiters)  # shippers send what is journaled
+        if not self._unapplied:
+            try:
+                apply_to_volumes(batch.applies)
+            except OSError as exc:
+                self._volume_failed(batch, exc)
+        else:
+            self._unapplied.append(batch)
+        if self._unapplied:
+            err = 0 if self.role != "primary" else self._unapplied_errno
             for _, done in batch.dones:
-                done(exc.errno or errno.EIO)
+                done(err)
             return
         self.applied_seq = batch.last_seq
-        wake_all(self._record_waiters)
         floor = self.sync_floor()
         for seq, done in batch.dones:
             if seq <= floor:
                 done(0)
             else:
                 self._sync_waits.append((seq, done))
+
+    def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
+        self._unapplied.append(batch)
+        self._unapplied_errno = exc.errno or errno.EIO
+        self.volume_error = (f"a volume write failed after seq {batch.first_seq}..{batch.last_seq} "
+                             f"was journaled ({exc}); writes are refused until the volumes "
+                             "take every journaled record (retried every second)")
+        self.log.error("group %s: %s", self.name, self.volume_error)
+
+    def _retry_applies(self) -> None:
+        """Checkpointer (loop): apply the journaled batches the volumes refused, in order."""
+        while self._unapplied:
+            batch = self._unapplied[0]
+            try:
+                apply_to_volumes(batch.applies)
+            except OSError as exc:
+                self.log.debug("group %s: volume write of seq %d..%d still fails: %s",
+                               self.name, batch.first_seq, batch.last_seq, exc)
+                return
+            self._unapplied.popleft()
+            self.applied_seq = batch.last_seq
+        self.log.warning("group %s: the volumes hold every journaled record again (through "
+                         "seq %d); writes are accepted", self.name, self.applied_seq)
+        self.volume_error = None
+        wake_all(self._record_waiters)
 
     async def settle(self) -> None:
         """Wait until nothing is queued or being committed (the journal's last record
@@ -698,6 +746,8 @@ class Group:
         for vol in self.volumes.values():
             vol.forget()  # what the resync read and wrote
         self.applied_seq = pos.seq
+        self._unapplied.clear()  # the resync wrote the image they belong to
+        self.volume_error = None
         self._next_seq = pos.seq + 1
         for t in self.targets.values():
             if t.logging:
@@ -984,6 +1034,8 @@ class Group:
                 asked = False
             self._checkpoint_now.clear()
             try:
+                if self._unapplied:
+                    self._retry_applies()
                 self._update_logging()
                 pos = self.journal.position(self.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}

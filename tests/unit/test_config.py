@@ -82,6 +82,9 @@ def mutate(path, value):
     (("groups", 0, "bitmap_granularity"), "3KiB", "groups[0].bitmap_granularity", "power of two"),
     (("groups", 0, "logging_high_water"), "1GiB", "groups[0].logging_high_water", "journal_size"),
     (("groups", 0, "resync_rate"), "fast", "groups[0].resync_rate", "size"),
+    (("groups", 0, "allocation"), "thin", "groups[0].allocation", "preallocate, check, sparse"),
+    (("groups", 0, "volumes", 1, "allocation"), "lazy", "groups[0].volumes[1].allocation",
+     "preallocate, check, sparse"),
     (("tls",), KeyError, "tls", "false for plain TCP"),
     (("tls",), True, "tls", "mapping"),
     (("tls",), {"ca": "/a", "cert": "/b"}, "tls.key", "required"),
@@ -125,3 +128,11 @@ def test_a_bunker_group_has_a_source_and_no_volumes():
     g.update(volumes=[], source=None)
     with pytest.raises(ConfigError, match="a bunker needs the node allowed to ship to it"):
         parse(data)
+
+
+def test_volumes_are_preallocated_unless_the_group_or_the_volume_says_otherwise():
+    assert [v.allocation for v in parse(yaml.safe_load(BASE)).group("db").volumes] == \
+        ["preallocate", "preallocate"]
+    data = mutate(("groups", 0, "allocation"), "check")
+    data["groups"][0]["volumes"][1]["allocation"] = "sparse"
+    assert [v.allocation for v in parse(data).group("db").volumes] == ["check", "sparse"]

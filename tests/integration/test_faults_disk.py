@@ -1,0 +1,74 @@
+"""Full disks and outages, on real agents (issue 13, items 1, 2 and 10): a volume or a
+state directory on a small tmpfs that fills up for real, mounted here and always
+unmounted."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from replicator.capture import nbd as N
+from tests.agents import MiB, resize_fs, small_fs, wait_until
+from tests.nbd_fixtures import Client
+
+
+class Writer:
+    """One NBD connection to one export; each write returns the NBD error (0: done)."""
+
+    def __init__(self, agent, volume: str):
+        self.c = Client(agent.nbd_port)
+        self.c.start()
+        assert self.c.go(volume)[-1][0] == N.Rep.ACK
+        self.handle = 0
+
+    def write(self, offset: int, data: bytes) -> int:
+        self.handle += 1
+        self.c.request(N.Cmd.WRITE, offset, len(data), handle=self.handle, data=data)
+        err, handle, _ = self.c.reply()
+        assert handle == self.handle
+        return err
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def test_a_volume_write_that_fails_enospc_reaches_the_volume_when_space_returns(topology, tmp_path):
+    """Item 1: records journaled and replicated whose volume write fails ENOSPC (a sparse
+    image on a full file system) are applied once there is room; applied_seq and the
+    checkpoint never pass them; after kill -9 and restart both nodes are identical."""
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB}, start=False)
+    a = topo["a"]
+    with small_fs(tmp_path / "avol", "1m") as mnt:
+        vol = a.config["groups"][0]["volumes"][0]
+        vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
+        a.save_config()
+        topo.start()
+        w = Writer(a, "data")
+        results = [w.write(i * 64 * 1024, bytes([i + 1]) * 64 * 1024) for i in range(24)]
+        w.close()
+        assert results[0] == 0 and errno.ENOSPC in results, results
+        g = a.group("db")
+        assert g["applied_seq"] < g["seq"], g  # journaled, not in the volume
+        assert g["checkpoint_seq"] <= g["applied_seq"] and g["writes_halted"], g
+        assert all(r == errno.ENOSPC for r in results[results.index(errno.ENOSPC):]), results
+        # The checkpointer keeps retrying; it must not move past the missing records.
+        wait_until(lambda: a.target("db", "b")["acked_seq"] == g["seq"], 30, "b to have them")
+        g2 = a.group("db")
+        assert (g2["applied_seq"], g2["seq"]) == (g["applied_seq"], g["seq"])
+        assert g2["checkpoint_seq"] <= g["applied_seq"], g2
+        resize_fs(mnt, "16m")
+        wait_until(lambda: (lambda g: g["applied_seq"] == g["seq"] and not g["writes_halted"])(
+            a.group("db")), 20, "a to apply the records its volume refused")
+        w = Writer(a, "data")
+        assert w.write(0, b"\xee" * 4096) == 0  # writes are accepted again
+        w.close()
+        a.kill(signal.SIGKILL)
+        a.start()
+        topo.wait_converged()
+        topo.assert_identical()
+        failed = results.index(errno.ENOSPC)  # journaled, refused by the volume, then applied
+        with open(a.volume_path("db", "data"), "rb") as f:
+            f.seek(failed * 64 * 1024)
+            assert f.read(64 * 1024) == bytes([failed + 1]) * 64 * 1024
+        topo.stop()
