@@ -93,6 +93,9 @@ class TargetLink:
         self.connected = False
         self.disconnected_at = time.monotonic()
         self.finishing = False  # RESYNC_DONE sent: the bitmap's `through` must stay put
+        # Logging: when the oldest write it lacks was journaled (wall clock ns; 0: not
+        # known yet), kept because the journal trims that record away (lag_seconds).
+        self.lacks_since_ns = 0
 
     def configure(self, cfg: TargetConfig) -> None:
         """Take this target's (possibly changed) configuration; its position stays."""
@@ -193,6 +196,7 @@ class Group:
         self._acked_saved = state.get("acked", {})
         self._modes_saved = state.get("resync_modes", {})
         self._synced_saved = set(state.get("synced", ()))
+        self._lacks_saved = state.get("lacks_since_ns", {})
         self.history = from_json(state.get("generations"))
         self.discarded = list(state.get("discarded", []))
         runtime = state.get("runtime")
@@ -260,6 +264,7 @@ class Group:
         link.synced = link.synced or t.node in self._synced_saved
         if bitmap.active:
             link.why = "saved bitmap"
+            link.lacks_since_ns = int(self._lacks_saved.get(t.node, 0))
             link.resync_mode, link.resync_initial = self._modes_saved.get(t.node, ("full", False))
         return link
 
@@ -908,6 +913,7 @@ class Group:
         t.bitmap.active = True
         t.why = why
         t.resync_mode, t.resync_initial = "full", False
+        self._note_lacks_since(t)
         self.mark_bitmap(t)
         t.bitmap.save()
         self.log.warning("group %s: target %s switches to logging (%s); %d regions dirty",
@@ -922,6 +928,7 @@ class Group:
         if t.bunker:
             mode = "clean"  # a bunker holds no volumes: it restarts from our position
         bm.clear_all() if mode == "clean" else bm.set_all()
+        self._note_lacks_since(t)
         bm.through = self.journal.last_seq
         bm.active = True
         t.why = why
@@ -941,6 +948,7 @@ class Group:
         by checksum). Only what changed on either side moves, never a full copy."""
         j, bm = self.journal, t.bitmap
         bm.clear_all()
+        self._note_lacks_since(t)
         known = extents is not None and fork + 1 >= j.first_seq
         if known:
             bm.through = fork
@@ -977,6 +985,7 @@ class Group:
         bm.clear_all()
         bm.active, bm.through, bm.remarked = False, seq, None
         t.acked_seq = seq
+        t.lacks_since_ns = 0  # the journal holds what it lacks from now on
         t.finishing = False
         t.synced = True
         bm.save()
@@ -990,6 +999,7 @@ class Group:
         j = self.journal
         for t in self.targets.values():
             if t.logging:
+                self._note_lacks_since(t)  # before the trim below lets the record go
                 if not t.finishing and t.bitmap.through < j.last_seq:
                     self.mark_bitmap(t)
                     t.bitmap.save()
@@ -998,6 +1008,12 @@ class Group:
                     self.start_logging(t, f"unreachable for {now - t.disconnected_at:.0f}s")
             elif j.bytes_between(t.acked_seq, j.last_seq) > self.cfg.logging_high_water:
                 self.start_logging(t, "behind by more than logging_high_water")
+
+    def _note_lacks_since(self, t: TargetLink) -> None:
+        """Remember when the oldest write `t` lacks was journaled, while the journal
+        still holds it (a logging target's records are trimmed away)."""
+        if not t.lacks_since_ns and t.acked_seq < self.journal.last_seq:
+            t.lacks_since_ns = self.journal.time_ns(t.acked_seq + 1) or time.time_ns()
 
     async def _wait_for_space(self, nbytes: int) -> None:
         j = self.journal
@@ -1073,7 +1089,9 @@ class Group:
                  "generations": to_json(self.history), "discarded": self.discarded,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
-                 "synced": sorted(n for n, t in self.targets.items() if t.synced)}
+                 "synced": sorted(n for n, t in self.targets.items() if t.synced),
+                 "lacks_since_ns": {n: t.lacks_since_ns for n, t in self.targets.items()
+                                    if t.logging and t.lacks_since_ns}}
         if self.overridden:
             state["runtime"] = {"role": self.role, "source": self.source,
                                 "targets": [vars(t) for t in self.target_cfgs]}
@@ -1099,13 +1117,14 @@ class Group:
             raise GroupError(f"group {self.name}: cannot read {self.dir}/group.json: {exc}") from None
 
     # ---- status -------------------------------------------------------------------------
-    def lag(self, acked_seq: int) -> tuple[int, int, float]:
-        """(records, bytes, seconds) a target at `acked_seq` is behind."""
-        last = self.journal.last_seq
-        if acked_seq >= last:
+    def lag(self, t: TargetLink) -> tuple[int, int, float]:
+        """(records, bytes, seconds) target `t` is behind: the seconds are the age of
+        the oldest write it lacks, whether the journal still holds it or (logging) not;
+        the bytes count only what the journal holds."""
+        last, acked = self.journal.last_seq, t.acked_seq
+        if acked >= last:
             return 0, 0, 0.0
-        records = last - acked_seq
-        nbytes = self.journal.bytes_between(acked_seq, last)
-        oldest = self.journal.time_ns(acked_seq + 1)
+        nbytes = self.journal.bytes_between(acked, last)
+        oldest = self.journal.time_ns(acked + 1) or (t.lacks_since_ns if t.logging else 0)
         seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
-        return records, nbytes, seconds
+        return last - acked, nbytes, seconds

@@ -732,7 +732,7 @@ class Shipper:
         return self.state
 
     def status(self) -> dict:
-        records, nbytes, seconds = self.group.lag(self.target.acked_seq)
+        records, nbytes, seconds = self.group.lag(self.target)
         return {
             "node": self.target.node,
             "address": f"{self.address[0]}:{self.address[1]}",

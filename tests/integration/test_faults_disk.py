@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 from replicator.capture import nbd as N
+from tests.clients import qemu_io
 from tests.agents import MiB, resize_fs, small_fs, wait_until
 from tests.nbd_fixtures import Client
 
@@ -72,3 +74,31 @@ def test_a_volume_write_that_fails_enospc_reaches_the_volume_when_space_returns(
             f.seek(failed * 64 * 1024)
             assert f.read(64 * 1024) == bytes([failed + 1]) * 64 * 1024
         topo.stop()
+
+
+def test_lag_seconds_is_the_age_of_the_oldest_write_a_logging_target_lacks(topology):
+    """Item 10: with an async target stopped, lag_seconds keeps growing after the target
+    went to logging and the journal trimmed the records it lacks (it used to read 0.0)."""
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB},
+                    journal_size="16MiB", heartbeat_timeout=2.0)
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        qemu_io(a.nbd_uri("data"), "write -P 0x51 0 64k")  # the oldest write b lacks
+        wait_until(lambda: a.target("db", "b")["state"] == "logging", 30, "b to go to logging")
+        for i in range(12):  # 6 journal segments of 2 MiB: the first one is trimmed
+            qemu_io(a.nbd_uri("data"), f"write -P {i} {(i % 8) * MiB} 1M")
+        acked = a.target("db", "b")["acked_seq"]
+        wait_until(lambda: a.group("db")["journal"]["first_seq"] > acked + 1, 30,
+                   "the journal to trim the records b lacks")
+        t1 = a.target("db", "b")
+        assert t1["lag_records"] > 0 and t1["lag_seconds"] >= time.monotonic() - started - 0.5, t1
+        first = t1["lag_seconds"]
+        wait_until(lambda: a.target("db", "b")["lag_seconds"] >= first + 1.0, 10,
+                   "lag_seconds to keep growing")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    topo.wait_converged()
+    assert a.target("db", "b")["lag_seconds"] == 0.0
