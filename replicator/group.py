@@ -167,6 +167,7 @@ class Group:
         self.resync_base: Position | None = None  # replica: inconsistent since this position
         self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
         self._resync_done = False
+        self._had_image = False  # these volumes held a consistent image of the group once
         # Role, source and targets as the config says, until promote/demote/switchover
         # change them at runtime (kept in group.json until the config agrees again).
         self.source = cfg.source
@@ -199,6 +200,8 @@ class Group:
         self._lacks_saved = state.get("lacks_since_ns", {})
         self.history = from_json(state.get("generations"))
         self.discarded = list(state.get("discarded", []))
+        # A state saved before has_image existed is taken to have one (keep protecting).
+        self._had_image = bool(state.get("has_image", bool(state)))
         runtime = state.get("runtime")
         if runtime:
             if (runtime["role"], runtime["source"]) == (self.cfg.role, self.cfg.source):
@@ -386,18 +389,29 @@ class Group:
         os.makedirs(base, exist_ok=True)
         if extents is None:
             for vol in self.volumes.values():
-                shutil.copyfile(vol.path, os.path.join(base, f"{vol.name}.img"))
+                copy = os.path.join(base, f"{vol.name}.img")
+                shutil.copyfile(vol.path, copy)
+                with open(copy, "rb") as f:
+                    os.fsync(f.fileno())
             index = {"fork": fork, "complete": False, "volumes": sorted(self.volumes)}
         else:
             with open(os.path.join(base, "regions.bin"), "wb") as f:
                 for volume, offset, length in extents:
                     f.write(self.volumes[volume].read(offset, length))
+                f.flush()
+                os.fsync(f.fileno())  # durable before the resync overwrites the regions
             index = {"fork": fork, "complete": True,
                      "regions": [{"volume": v, "offset": o, "length": n} for v, o, n in extents]}
         with open(os.path.join(base, "index.json"), "w") as f:
             json.dump(index, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        for d in (base, self.dir):  # the new names too
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.discarded.append(base)
         self._state_changed = True
         self.log.warning("group %s: data written here after seq %d is rolled back; kept in %s",
@@ -692,6 +706,13 @@ class Group:
 
     # ---- replica side of a resync -------------------------------------------------------
     @property
+    def has_image(self) -> bool:
+        """The volumes hold, or held before a resync began, an image of the group after
+        some seq: a primary's, or a replica's once it applied a record or finished a
+        resync. A new target's initial sync has none, so it keeps no undo log."""
+        return self._had_image or self.role == "primary" or self.journal.last_seq > 0
+
+    @property
     def inconsistent(self) -> bool:
         """A resync is overwriting regions out of order: not a prefix image until done."""
         return self.resync_base is not None
@@ -710,8 +731,13 @@ class Group:
             self.resync_base = self.journal.position()
             await loop.run_in_executor(self._io, self.undo.open)
             await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
-            self.log.warning("group %s: resync started; inconsistent until it completes "
-                             "(last consistent image: seq %d)", self.name, self.resync_base.seq)
+            if self.has_image:
+                self.log.warning("group %s: resync started; inconsistent until it completes "
+                                 "(last consistent image: seq %d)", self.name,
+                                 self.resync_base.seq)
+            else:
+                self.log.warning("group %s: initial sync started: these volumes held no image "
+                                 "of the group, so none is kept (no undo log)", self.name)
         for t in self.targets.values():
             if not t.logging:
                 self.start_logging(t, "this replica is being resynced")
@@ -729,7 +755,8 @@ class Group:
             t.bitmap.save()
 
     def _resync_io(self, items) -> None:
-        self.undo.save([(v, o, self.volumes[v].read(o, len(d))) for v, o, d in items])
+        if self.has_image:
+            self.undo.save([(v, o, self.volumes[v].read(o, len(d))) for v, o, d in items])
         touched = set()
         for volume, offset, data in items:
             self.volumes[volume].write(offset, data)
@@ -744,6 +771,7 @@ class Group:
         await self.settle()
         self.resync_base = None
         self._resync_done = True
+        self._had_image = True
         await loop.run_in_executor(self._io, self._sync_and_save, pos)
         self.journal.rebase(pos)
         self._resync_done = False
@@ -765,22 +793,27 @@ class Group:
         volumes hold the last consistent image again. Returns the regions restored."""
         if self.resync_base is None:
             raise GroupError(f"group {self.name} is not being resynced: nothing to roll back")
+        if not self.has_image:
+            raise GroupError(f"group {self.name} is in its initial sync here: these volumes "
+                             "never held an image of the group, there is none to roll back to")
         loop = asyncio.get_running_loop()
-        entries = await loop.run_in_executor(self._io, self.undo.entries_newest_first)
-        await loop.run_in_executor(self._io, self._resync_io_rollback, entries)
+        restored = await loop.run_in_executor(self._io, self._resync_io_rollback)
         base = self.resync_base
         self.resync_base = None
         await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
         self.undo.remove()
         self.log.warning("group %s: resync rolled back (%d regions restored); consistent "
-                         "at seq %d", self.name, len(entries), base.seq)
-        return len(entries)
+                         "at seq %d", self.name, restored, base.seq)
+        return restored
 
-    def _resync_io_rollback(self, entries) -> None:
-        for volume, offset, old in entries:
+    def _resync_io_rollback(self) -> int:
+        restored = 0
+        for volume, offset, old in self.undo.entries_newest_first():
             self.volumes[volume].write(offset, old)
+            restored += 1
         for vol in self.volumes.values():
             vol.sync()
+        return restored
 
     # ---- sync targets ------------------------------------------------------------------
     def sync_floor(self) -> float:
@@ -1087,6 +1120,7 @@ class Group:
         tmp = os.path.join(self.dir, "group.json.tmp")
         state = {"checkpoint": [pos.seq, pos.hcrc], "acked": {**self._acked_saved, **acked},
                  "generations": to_json(self.history), "discarded": self.discarded,
+                 "has_image": self.has_image,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
                  "synced": sorted(n for n, t in self.targets.items() if t.synced),

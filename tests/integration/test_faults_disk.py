@@ -11,7 +11,7 @@ import time
 
 from replicator.capture import nbd as N
 from tests.clients import qemu_io
-from tests.agents import MiB, resize_fs, small_fs, wait_until
+from tests.agents import MiB, replicator_cli, resize_fs, small_fs, wait_until
 from tests.nbd_fixtures import Client
 
 
@@ -102,3 +102,33 @@ def test_lag_seconds_is_the_age_of_the_oldest_write_a_logging_target_lacks(topol
         b.proc.send_signal(signal.SIGCONT)
     topo.wait_converged()
     assert a.target("db", "b")["lag_seconds"] == 0.0
+
+
+def test_an_initial_sync_keeps_no_undo_log_and_a_later_resync_does(topology):
+    """Item 3: a new target has no consistent image to protect, so its initial sync must
+    not save the old content of every region first (a volume's worth of extra writes);
+    a resync of a target that holds an image still does."""
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB},
+                    group_options={"resync_rate": "2MiB"}, start=False)
+    a, b = topo["a"], topo["b"]
+    a.start()
+    qemu_io(a.nbd_uri("data"), "write -P 0x33 0 8M")
+    b.start()
+    undo = os.path.join(b.config["state_dir"], "groups", "db", "resync.undo")
+    sizes = []
+
+    def resync_at(done_bytes):
+        sizes.append(os.path.getsize(undo) if os.path.exists(undo) else 0)
+        return (a.target("db", "b")["resync"] or {}).get("done_bytes", 0) >= done_bytes
+
+    wait_until(lambda: resync_at(4 * MiB), 30, "the initial sync to be half done")
+    assert max(sizes) == 0, sizes
+    topo.wait_converged()
+    topo.assert_identical()
+    rc, _ = replicator_cli(a, "resync", "db", "b", "--full")
+    assert rc == 0
+    sizes.clear()
+    wait_until(lambda: resync_at(4 * MiB), 30, "the full resync to be half done")
+    assert max(sizes) > 0, sizes  # b's image is protected while it is overwritten
+    topo.wait_converged()
+    topo.assert_identical()
