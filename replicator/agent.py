@@ -454,7 +454,8 @@ class Agent:
             "bunker": group.bunker_status(),
             "consistent_seq": group.resync_base.seq if group.inconsistent else group.applied_seq,
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
-                        "capacity_bytes": j.capacity, "full": group.journal_full},
+                        "capacity_bytes": j.capacity,
+                        "full": group.journal_full or group.journal_no_space},
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],

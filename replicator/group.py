@@ -39,6 +39,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from . import statefile
 from .bitmap import Bitmap, BitmapError
 from .config import GroupConfig, TargetConfig
 from .generations import Generation, from_json, new_generation, to_json
@@ -145,7 +146,8 @@ class Group:
         self.targets: dict[str, TargetLink] = {}
         self.checkpoint = Position(0, 0)
         self.applied_seq = 0
-        self.journal_full = False
+        self.journal_full = False  # writes wait for the journal to be trimmed
+        self.journal_no_space = False  # the last journal write failed ENOSPC
         self._next_seq = 1
         self._batch = _Batch()
         self._sync_waits: deque = deque()  # (seq, done), seq ascending
@@ -579,7 +581,7 @@ class Group:
         self._flushing.append(batch)
         try:
             batch.seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
-            Journal.append(fd, batch.bufs, at)
+            self.journal.append(fd, batch.bufs, at)
         except OSError as exc:  # a full disk, say: this batch and those behind it fail
             self._flushed(batch, exc.errno or errno.EIO)
             return
@@ -614,6 +616,8 @@ class Group:
         if batch.err:  # its own failure, not only one behind it
             self.log.error("group %s: journal write of seq %d..%d failed: %s",
                            self.name, batch.first_seq, batch.last_seq, os.strerror(err))
+            if err == errno.ENOSPC:  # beyond what the journal reserved (a huge batch)
+                self.journal_no_space = True
         self._poisoned = True  # every later batch fails too (never a gap in seq)
         if batch.shipped and self.halted is None:
             # A target holds these records: reusing their seqs would fork it silently.
@@ -637,6 +641,7 @@ class Group:
         The writes of a failed batch fail with the volume's error; a replica completes
         them (durable in its journal is what the upstream needs)."""
         self.journal.commit(batch.seg, batch.sizes, batch.hcrcs)
+        self.journal_no_space = False
         wake_all(self._record_waiters)  # shippers send what is journaled
         if not self._unapplied:
             try:
@@ -1039,6 +1044,8 @@ class Group:
             elif not t.connected and now - t.disconnected_at >= self.logging_after:
                 if t.acked_seq < j.last_seq:
                     self.start_logging(t, f"unreachable for {now - t.disconnected_at:.0f}s")
+            elif self.journal_full and not t.block and t.acked_seq < j.last_seq:
+                self.start_logging(t, "the journal is full")  # writes wait for room
             elif j.bytes_between(t.acked_seq, j.last_seq) > self.cfg.logging_high_water:
                 self.start_logging(t, "behind by more than logging_high_water")
 
@@ -1048,11 +1055,32 @@ class Group:
         if not t.lacks_since_ns and t.acked_seq < self.journal.last_seq:
             t.lacks_since_ns = self.journal.time_ns(t.acked_seq + 1) or time.time_ns()
 
+    def _could_free(self) -> bool:
+        """A checkpoint, a trim or switching targets to logging (what the checkpointer
+        does while the journal is full) would free the journal's oldest segment; an
+        on_disconnect: block target is never switched: writes wait for it."""
+        oldest = self.journal.oldest_segment_last_seq()
+        if oldest is None:
+            return False
+        if self.role == "bunker":
+            return self._needed_after() >= oldest
+        low = self.applied_seq
+        for t in self.targets.values():
+            low = min(low, t.bitmap.through if t.logging else
+                      t.acked_seq if t.block else self.journal.last_seq)
+        return low >= oldest
+
     async def _wait_for_space(self, nbytes: int) -> None:
+        """The journal is full (writes wait, status says `full`) while the records its
+        targets and the checkpoint need do not leave room for `nbytes`, or its reserved
+        segments are used up (records rarely fill a segment to the byte) and trimming
+        can free one. Meanwhile the checkpointer switches the targets that hold it to
+        logging (see _update_logging)."""
         j = self.journal
         while True:
             needed = j.bytes_between(self._needed_after(), j.last_seq)
-            if needed == 0 or needed + nbytes <= j.capacity:
+            if (needed == 0 or needed + nbytes <= j.capacity) and (
+                    j.has_room(nbytes) or not self._could_free()):
                 if self.journal_full:
                     self.log.info("group %s: journal has room again", self.name)
                 self.journal_full = False
@@ -1117,7 +1145,6 @@ class Group:
             vol.sync()
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
         self._state_changed = False  # before the state is read: a later change saves again
-        tmp = os.path.join(self.dir, "group.json.tmp")
         state = {"checkpoint": [pos.seq, pos.hcrc], "acked": {**self._acked_saved, **acked},
                  "generations": to_json(self.history), "discarded": self.discarded,
                  "has_image": self.has_image,
@@ -1133,11 +1160,8 @@ class Group:
             state["resync"] = [self.resync_base.seq, self.resync_base.hcrc]
         elif self._resync_done:
             state["resync_done"] = True  # the journal may still need rebasing to `checkpoint`
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.dir, "group.json"))
+        statefile.replace(os.path.join(self.dir, "group.json"), json.dumps(state).encode(),
+                          pad=True)  # no fresh space needed: a full disk still checkpoints
         self.checkpoint = pos
         self._saved_acked = acked
 

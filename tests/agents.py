@@ -247,3 +247,19 @@ def small_fs(path, size: str):
 def resize_fs(path, size: str) -> None:
     """Grow or shrink a small_fs (tmpfs refuses to shrink below what it holds)."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def fill_up(directory) -> str:
+    """Take every free byte of `directory`'s file system; returns the filler's path."""
+    path = os.path.join(str(directory), "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for n in (65536, 4096, 1):  # down to the last partial page
+            try:
+                while os.write(fd, b"f" * n):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path

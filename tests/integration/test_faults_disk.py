@@ -11,7 +11,7 @@ import time
 
 from replicator.capture import nbd as N
 from tests.clients import qemu_io
-from tests.agents import MiB, replicator_cli, resize_fs, small_fs, wait_until
+from tests.agents import MiB, fill_up, replicator_cli, resize_fs, small_fs, wait_until
 from tests.nbd_fixtures import Client
 
 
@@ -132,3 +132,33 @@ def test_an_initial_sync_keeps_no_undo_log_and_a_later_resync_does(topology):
     assert max(sizes) > 0, sizes  # b's image is protected while it is overwritten
     topo.wait_converged()
     topo.assert_identical()
+
+
+def test_a_full_state_file_system_neither_fails_writes_nor_stops_a_restart(topology, tmp_path):
+    """Item 2: the primary's state directory on a small file system that something else
+    fills up, an async target stopped: the journal's space was reserved at start, so
+    writes go on (the target goes to logging when the journal is full), checkpoints
+    still trim it, kill -9 and restart work, and the target catches up afterwards."""
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB},
+                    journal_size="16MiB", heartbeat_timeout=2.0, start=False)
+    a, b = topo["a"], topo["b"]
+    with small_fs(a.config["state_dir"], "24m") as state:
+        topo.start()
+        topo.wait_converged()
+        fill_up(state)
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(40):  # 40 MiB through a 16 MiB journal
+                qemu_io(a.nbd_uri("data"), f"write -P {i + 1} {(i % 8) * MiB} 1M")
+            g = a.group("db")
+            assert a.target("db", "b")["state"] == "logging" and not g["writes_halted"], g
+            assert g["journal"]["used_bytes"] <= g["journal"]["capacity_bytes"], g
+            a.kill(signal.SIGKILL)
+            a.start()  # on a full disk: needs no fresh space
+            for i in range(4):
+                qemu_io(a.nbd_uri("data"), f"write -P {0x80 + i} {i * MiB} 1M")
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        topo.wait_converged(90)
+        topo.assert_identical()
+        topo.stop()

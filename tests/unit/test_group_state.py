@@ -1,5 +1,6 @@
 """What a group keeps on disk besides the journal: the data a split-brain loser rolls
-back is durable before the resync overwrites it."""
+back is durable before the resync overwrites it, and state files are replaced without
+fresh space (a full disk still checkpoints)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def test_the_data_a_split_brain_loser_rolls_back_is_fsynced(tmp_path, monkeypatc
     assert base in synced  # the directory: the new names survive a crash too
     with open(os.path.join(base, "regions.bin"), "rb") as f:
         assert f.read() == b"L" * 8192
+
+
+def test_a_state_file_is_replaced_over_a_spare_that_keeps_its_blocks(tmp_path):
+    from replicator import statefile
+    from tests.agents import fill_up, small_fs
+    with small_fs(tmp_path / "fs", "1m") as mnt:
+        path = os.path.join(mnt, "group.json")
+        statefile.replace(path, b'{"checkpoint": 1}', pad=True)
+        fill_up(mnt)
+        for i in range(3):  # the file system is full: each replace reuses the spare
+            statefile.replace(path, b'{"checkpoint": %d}' % (i + 2), pad=True)
+        with open(path) as f:
+            assert f.read().rstrip() == '{"checkpoint": 4}'
+        # A crash after the rename left the old content under .old and no spare.
+        os.replace(path + ".tmp", path + ".old")
+        statefile.replace(path, b'{"checkpoint": 5}', pad=True)
+        # A crash after the link left .old as a second name of the file itself.
+        os.link(path, path + ".old")
+        statefile.replace(path, b'{"checkpoint": 6}', pad=True)
+        with open(path) as f:
+            assert f.read().rstrip() == '{"checkpoint": 6}'
+        assert sorted(os.listdir(mnt)) == ["filler", "group.json", "group.json.tmp"]
