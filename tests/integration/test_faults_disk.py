@@ -46,6 +46,7 @@ def test_a_volume_write_that_fails_enospc_reaches_the_volume_when_space_returns(
         vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
         a.save_config()
         topo.start()
+        topo.wait_converged()
         w = Writer(a, "data")
         results = [w.write(i * 64 * 1024, bytes([i + 1]) * 64 * 1024) for i in range(24)]
         w.close()
@@ -73,6 +74,30 @@ def test_a_volume_write_that_fails_enospc_reaches_the_volume_when_space_returns(
         with open(a.volume_path("db", "data"), "rb") as f:
             f.seek(failed * 64 * 1024)
             assert f.read(64 * 1024) == bytes([failed + 1]) * 64 * 1024
+        topo.stop()
+
+
+
+def test_a_resync_waits_for_the_volumes_to_hold_every_journaled_record(topology, tmp_path):
+    """Item 1: a target's initial sync reads the primary's volumes as the image after
+    the journal's last seq; while a volume write is refused (full file system) that
+    image lacks records, so the resync must wait instead of shipping it."""
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB}, start=False)
+    a, b = topo["a"], topo["b"]
+    with small_fs(tmp_path / "avol", "1m") as mnt:
+        vol = a.config["groups"][0]["volumes"][0]
+        vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
+        a.save_config()
+        a.start()
+        w = Writer(a, "data")
+        results = [w.write(i * 64 * 1024, bytes([i + 1]) * 64 * 1024) for i in range(24)]
+        w.close()
+        assert errno.ENOSPC in results, results
+        b.start()  # its initial sync starts while a's volume lacks a record
+        wait_until(lambda: a.target("db", "b")["state"] == "resyncing", 20, "b's initial sync")
+        resize_fs(mnt, "16m")
+        topo.wait_converged()
+        topo.assert_identical()
         topo.stop()
 
 
