@@ -409,11 +409,7 @@ class Group:
             f.flush()
             os.fsync(f.fileno())
         for d in (base, self.dir):  # the new names too
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            statefile.fsync_dir(d)
         self.discarded.append(base)
         self._state_changed = True
         self.log.warning("group %s: data written here after seq %d is rolled back; kept in %s",
