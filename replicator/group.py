@@ -1062,8 +1062,10 @@ class Group:
             return self._needed_after() >= oldest
         low = self.applied_seq
         for t in self.targets.values():
-            low = min(low, t.bitmap.through if t.logging else
-                      t.acked_seq if t.block else self.journal.last_seq)
+            if t.logging:  # its bitmap is marked through the end, unless a resync finishes
+                low = min(low, t.bitmap.through if t.finishing else self.journal.last_seq)
+            elif t.block:
+                low = min(low, t.acked_seq)
         return low >= oldest
 
     async def _wait_for_space(self, nbytes: int) -> None:

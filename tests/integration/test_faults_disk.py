@@ -171,12 +171,21 @@ def test_a_full_state_file_system_neither_fails_writes_nor_stops_a_restart(topol
         topo.start()
         topo.wait_converged()
         fill_up(state)
+        # A write larger than a journal segment is the one thing that needs fresh
+        # space: it fails, and status says the journal is full until a write succeeds.
+        w = Writer(a, "data")
+        assert w.write(0, b"\x77" * (4 * MiB)) == errno.ENOSPC
+        w.close()
+        assert a.group("db")["journal"]["full"] is True
+        qemu_io(a.nbd_uri("data"), "write -P 0x78 0 1M")
+        assert a.group("db")["journal"]["full"] is False
         b.proc.send_signal(signal.SIGSTOP)
         try:
             for i in range(40):  # 40 MiB through a 16 MiB journal
                 qemu_io(a.nbd_uri("data"), f"write -P {i + 1} {(i % 8) * MiB} 1M")
             g = a.group("db")
             assert a.target("db", "b")["state"] == "logging" and not g["writes_halted"], g
+            assert "journal is full" in a.log_tail(400)  # why b went to logging
             assert g["journal"]["used_bytes"] <= g["journal"]["capacity_bytes"], g
             a.kill(signal.SIGKILL)
             a.start()  # on a full disk: needs no fresh space
