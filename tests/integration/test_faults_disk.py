@@ -123,6 +123,9 @@ def test_lag_seconds_is_the_age_of_the_oldest_write_a_logging_target_lacks(topol
         first = t1["lag_seconds"]
         wait_until(lambda: a.target("db", "b")["lag_seconds"] >= first + 1.0, 10,
                    "lag_seconds to keep growing")
+        a.kill(signal.SIGKILL)  # the age survives a restart (the journal no longer has it)
+        a.start()
+        assert a.target("db", "b")["lag_seconds"] >= first + 1.0
     finally:
         b.proc.send_signal(signal.SIGCONT)
     topo.wait_converged()
