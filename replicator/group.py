@@ -662,9 +662,11 @@ class Group:
     def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
         self._unapplied.append(batch)
         self._unapplied_errno = exc.errno or errno.EIO
+        until = ("writes are refused until the volumes take every journaled record"
+                 if self.role == "primary" else "records are journaled, not applied, until "
+                 "the volumes take them")
         self.volume_error = (f"a volume write failed after seq {batch.first_seq}..{batch.last_seq} "
-                             f"was journaled ({exc}); writes are refused until the volumes "
-                             "take every journaled record (retried every second)")
+                             f"was journaled ({exc}); {until} (retried every second)")
         self.log.error("group %s: %s", self.name, self.volume_error)
 
     def _retry_applies(self) -> None:

@@ -101,6 +101,35 @@ def test_a_resync_waits_for_the_volumes_to_hold_every_journaled_record(topology,
         topo.stop()
 
 
+
+def test_a_replica_whose_volume_write_fails_applies_the_record_when_space_returns(topology,
+                                                                                  tmp_path):
+    """Item 1 on a replica: records it journaled but could not write to its (sparse,
+    full) volume are applied later, never skipped, and survive its kill -9."""
+    topo = topology(["a", "b"], [("a", "b", "async", {"initial_sync": "none"})],
+                    volumes={"data": 8 * MiB}, start=False)  # both blank: b stays sparse
+    a, b = topo["a"], topo["b"]
+    with small_fs(tmp_path / "bvol", "1m") as mnt:
+        vol = b.config["groups"][0]["volumes"][0]
+        vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
+        b.save_config()
+        topo.start()
+        topo.wait_converged()
+        w = Writer(a, "data")
+        assert [w.write(i * 64 * 1024, bytes([i + 1]) * 64 * 1024) for i in range(24)] == [0] * 24
+        w.close()
+        seq = a.group("db")["seq"]
+        wait_until(lambda: b.group("db")["seq"] == seq, 20, "b to journal every record")
+        g = b.group("db")
+        assert g["applied_seq"] < seq and g["writes_halted"], g
+        b.kill(signal.SIGKILL)  # what it journaled and did not apply is replayed...
+        resize_fs(mnt, "16m")  # ...once there is room
+        b.start()
+        topo.wait_converged()
+        topo.assert_identical()
+        topo.stop()
+
+
 def test_lag_seconds_is_the_age_of_the_oldest_write_a_logging_target_lacks(topology):
     """Item 10: with an async target stopped, lag_seconds keeps growing after the target
     went to logging and the journal trimmed the records it lacks (it used to read 0.0)."""
