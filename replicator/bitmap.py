@@ -13,7 +13,7 @@ a saved bitmap does not cover. After a crash the bitmap on disk plus the journal
 records after its `through` rebuild exactly the same set (the group re-marks them at
 open). So a bit is never lost, though a region may be marked that a crash left unwritten.
 
-File layout (little-endian), replaced atomically (write tmp, fsync, rename):
+File layout (little-endian), replaced atomically without fresh space (statefile.py):
     magic "RBM1", granularity u32, through u64, active u8, volume count u16,
     then per volume: name length u16, name (UTF-8), size u64, bits (ceil(regions/8) bytes,
     bit i of byte j = region 8*j+i), then CRC32C u32 of everything before it.
@@ -25,6 +25,8 @@ import os
 import struct
 
 from crc32c import crc32c
+
+from . import statefile
 
 MAGIC = b"RBM1"
 DEFAULT_GRANULARITY = 64 << 10
@@ -115,14 +117,7 @@ class Bitmap:
             raw = name.encode()
             parts += [_VOL.pack(len(raw)), raw, _SIZE.pack(self.sizes[name]), bytes(bits)]
         body = b"".join(parts)
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, body + _CRC.pack(crc32c(body)))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        statefile.replace(self.path, body + _CRC.pack(crc32c(body)))  # same size each time
 
     def load(self) -> bool:
         """Read the saved bitmap; False when there is none. Raises BitmapError when the

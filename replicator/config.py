@@ -22,6 +22,7 @@ ROLES = ("primary", "secondary", "bunker")  # bunker: journal only, no volumes
 COMPRESSIONS = ("none", "zstd")
 INITIAL_SYNCS = ("full", "checksum", "none")  # how a new target is first synced
 ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
+ALLOCATIONS = ("preallocate", "check", "sparse")  # how an image file's blocks are allocated
 
 
 class ConfigError(Exception):
@@ -35,6 +36,7 @@ class VolumeConfig:
     name: str
     path: str
     size: int
+    allocation: str = "preallocate"  # see volume.py: preallocate | check | sparse
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def _items(value, path: str) -> list:
     return value
 
 
-def _volume(data, path: str) -> VolumeConfig:
+def _volume(data, path: str, allocation: str) -> VolumeConfig:
     r = _Reader(data, path)
     vol_path = r.get("path", types=(str,))
     if not os.path.isabs(vol_path):
@@ -175,7 +177,8 @@ def _volume(data, path: str) -> VolumeConfig:
     size = parse_size(r.get("size"), r.sub("size"))
     if size % 512:
         raise ConfigError(r.sub("size"), f"expected a multiple of 512 bytes; got {size}")
-    v = VolumeConfig(name=r.name("name"), path=vol_path, size=size)
+    v = VolumeConfig(name=r.name("name"), path=vol_path, size=size,
+                     allocation=r.choice("allocation", ALLOCATIONS, allocation))
     r.done()
     return v
 
@@ -237,7 +240,8 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     journal_size = parse_size(r.get("journal_size", "256MiB"), r.sub("journal_size"))
     if journal_size < (16 << 20):
         raise ConfigError(r.sub("journal_size"), f"expected at least 16MiB; got {journal_size}")
-    volumes = [_volume(v, f"{r.sub('volumes')}[{i}]")
+    allocation = r.choice("allocation", ALLOCATIONS, "preallocate")
+    volumes = [_volume(v, f"{r.sub('volumes')}[{i}]", allocation)
                for i, v in enumerate(_items(r.get("volumes", []), r.sub("volumes")))]
     if role == "bunker" and volumes:
         raise ConfigError(r.sub("volumes"), "a bunker keeps only the journal: no volumes")

@@ -39,6 +39,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from . import statefile
 from .bitmap import Bitmap, BitmapError
 from .config import GroupConfig, TargetConfig
 from .generations import Generation, from_json, new_generation, to_json
@@ -93,6 +94,9 @@ class TargetLink:
         self.connected = False
         self.disconnected_at = time.monotonic()
         self.finishing = False  # RESYNC_DONE sent: the bitmap's `through` must stay put
+        # Logging: when the oldest write it lacks was journaled (wall clock ns; 0: not
+        # known yet), kept because the journal trims that record away (lag_seconds).
+        self.lacks_since_ns = 0
 
     def configure(self, cfg: TargetConfig) -> None:
         """Take this target's (possibly changed) configuration; its position stays."""
@@ -136,12 +140,14 @@ class Group:
         self.role = cfg.role
         self.dir = os.path.join(state_dir, "groups", cfg.name)
         self.log = log or logging.getLogger(f"replicator.group.{cfg.name}")
-        self.volumes = {v.name: Volume(v.name, v.path, v.size) for v in cfg.volumes}
+        self.volumes = {v.name: Volume(v.name, v.path, v.size, v.allocation)
+                        for v in cfg.volumes}
         self.journal = Journal(os.path.join(self.dir, "journal"), capacity=cfg.journal_size)
         self.targets: dict[str, TargetLink] = {}
         self.checkpoint = Position(0, 0)
         self.applied_seq = 0
-        self.journal_full = False
+        self.journal_full = False  # writes wait for the journal to be trimmed
+        self.journal_no_space = False  # the last journal write failed ENOSPC
         self._next_seq = 1
         self._batch = _Batch()
         self._sync_waits: deque = deque()  # (seq, done), seq ascending
@@ -163,6 +169,7 @@ class Group:
         self.resync_base: Position | None = None  # replica: inconsistent since this position
         self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
         self._resync_done = False
+        self._had_image = False  # these volumes held a consistent image of the group once
         # Role, source and targets as the config says, until promote/demote/switchover
         # change them at runtime (kept in group.json until the config agrees again).
         self.source = cfg.source
@@ -176,6 +183,9 @@ class Group:
         self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
         self.discarded: list[str] = []  # where rolled-back divergent data was saved
         self._held: list | None = None  # writes held during a switchover
+        self._unapplied: deque[_Batch] = deque()  # journaled, not yet in the volumes
+        self._unapplied_errno = 0
+        self.volume_error: str | None = None  # why the volumes lag the journal
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -189,8 +199,11 @@ class Group:
         self._acked_saved = state.get("acked", {})
         self._modes_saved = state.get("resync_modes", {})
         self._synced_saved = set(state.get("synced", ()))
+        self._lacks_saved = state.get("lacks_since_ns", {})
         self.history = from_json(state.get("generations"))
         self.discarded = list(state.get("discarded", []))
+        # A state saved before has_image existed is taken to have one (keep protecting).
+        self._had_image = bool(state.get("has_image", bool(state)))
         runtime = state.get("runtime")
         if runtime:
             if (runtime["role"], runtime["source"]) == (self.cfg.role, self.cfg.source):
@@ -225,7 +238,11 @@ class Group:
         if j.position(self.checkpoint.seq) != self.checkpoint:
             raise GroupError(f"group {self.name}: journal record {self.checkpoint.seq} does "
                              "not match the checkpoint (journal replaced?)")
-        replayed = 0 if self.role == "bunker" else self._replay(self.checkpoint.seq)
+        try:
+            replayed = 0 if self.role == "bunker" else self._replay(self.checkpoint.seq)
+        except OSError as exc:
+            raise GroupError(f"group {self.name}: cannot replay the journal after seq "
+                             f"{self.checkpoint.seq} onto the volumes: {exc}") from None
         self.applied_seq = j.last_seq
         self._next_seq = j.last_seq + 1
         if replayed:
@@ -252,6 +269,7 @@ class Group:
         link.synced = link.synced or t.node in self._synced_saved
         if bitmap.active:
             link.why = "saved bitmap"
+            link.lacks_since_ns = int(self._lacks_saved.get(t.node, 0))
             link.resync_mode, link.resync_initial = self._modes_saved.get(t.node, ("full", False))
         return link
 
@@ -376,18 +394,25 @@ class Group:
         os.makedirs(base, exist_ok=True)
         if extents is None:
             for vol in self.volumes.values():
-                shutil.copyfile(vol.path, os.path.join(base, f"{vol.name}.img"))
+                copy = os.path.join(base, f"{vol.name}.img")
+                shutil.copyfile(vol.path, copy)
+                with open(copy, "rb") as f:
+                    os.fsync(f.fileno())
             index = {"fork": fork, "complete": False, "volumes": sorted(self.volumes)}
         else:
             with open(os.path.join(base, "regions.bin"), "wb") as f:
                 for volume, offset, length in extents:
                     f.write(self.volumes[volume].read(offset, length))
+                f.flush()
+                os.fsync(f.fileno())  # durable before the resync overwrites the regions
             index = {"fork": fork, "complete": True,
                      "regions": [{"volume": v, "offset": o, "length": n} for v, o, n in extents]}
         with open(os.path.join(base, "index.json"), "w") as f:
             json.dump(index, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        for d in (base, self.dir):  # the new names too
+            statefile.fsync_dir(d)
         self.discarded.append(base)
         self._state_changed = True
         self.log.warning("group %s: data written here after seq %d is rolled back; kept in %s",
@@ -457,6 +482,9 @@ class Group:
             return
         if self.role != "primary":
             done(errno.EROFS)
+            return
+        if self._unapplied:  # the volumes lack journaled records: see _completed
+            done(self._unapplied_errno)
             return
         seq = self._next_seq
         self._next_seq = seq + 1
@@ -552,7 +580,7 @@ class Group:
         self._flushing.append(batch)
         try:
             batch.seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
-            Journal.append(fd, batch.bufs, at)
+            self.journal.append(fd, batch.bufs, at)
         except OSError as exc:  # a full disk, say: this batch and those behind it fail
             self._flushed(batch, exc.errno or errno.EIO)
             return
@@ -587,6 +615,8 @@ class Group:
         if batch.err:  # its own failure, not only one behind it
             self.log.error("group %s: journal write of seq %d..%d failed: %s",
                            self.name, batch.first_seq, batch.last_seq, os.strerror(err))
+            if err == errno.ENOSPC:  # beyond what the journal reserved (a huge batch)
+                self.journal_no_space = True
         self._poisoned = True  # every later batch fails too (never a gap in seq)
         if batch.shipped and self.halted is None:
             # A target holds these records: reusing their seqs would fork it silently.
@@ -599,25 +629,65 @@ class Group:
 
     def _completed(self, batch: _Batch) -> None:
         """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
-        seq order, before any later batch), index it, wake shippers, complete writes."""
+        seq order, before any later batch), index it, wake shippers, complete writes.
+
+        A volume write that fails (ENOSPC on a sparse image, EIO) leaves a record that
+        is journaled, maybe replicated, but not in the volume. The batch then waits in
+        `_unapplied`, with every batch after it (the volumes stay a prefix of the
+        journal), `applied_seq` and with it the checkpoint stay before it (so a restart
+        replays it), the checkpointer retries it every second, and until the volumes
+        have taken them all the primary refuses new writes (a read would not see them).
+        The writes of a failed batch fail with the volume's error; a replica completes
+        them (durable in its journal is what the upstream needs)."""
         self.journal.commit(batch.seg, batch.sizes, batch.hcrcs)
-        try:
-            apply_to_volumes(batch.applies)
-        except OSError as exc:
-            # Durable in the journal (replayed at the next start) but not in the volume.
-            self.log.error("group %s: volume write failed after journaling seq %d..%d: %s",
-                           self.name, batch.first_seq, batch.last_seq, exc)
+        self.journal_no_space = False
+        wake_all(self._record_waiters)  # shippers send what is journaled
+        if not self._unapplied:
+            try:
+                apply_to_volumes(batch.applies)
+            except OSError as exc:
+                self._volume_failed(batch, exc)
+        else:
+            self._unapplied.append(batch)
+        if self._unapplied:
+            err = 0 if self.role != "primary" else self._unapplied_errno
             for _, done in batch.dones:
-                done(exc.errno or errno.EIO)
+                done(err)
             return
         self.applied_seq = batch.last_seq
-        wake_all(self._record_waiters)
         floor = self.sync_floor()
         for seq, done in batch.dones:
             if seq <= floor:
                 done(0)
             else:
                 self._sync_waits.append((seq, done))
+
+    def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
+        self._unapplied.append(batch)
+        self._unapplied_errno = exc.errno or errno.EIO
+        until = ("writes are refused until the volumes take every journaled record"
+                 if self.role == "primary" else "records are journaled, not applied, until "
+                 "the volumes take them")
+        self.volume_error = (f"a volume write failed after seq {batch.first_seq}..{batch.last_seq} "
+                             f"was journaled ({exc}); {until} (retried every second)")
+        self.log.error("group %s: %s", self.name, self.volume_error)
+
+    def _retry_applies(self) -> None:
+        """Checkpointer (loop): apply the journaled batches the volumes refused, in order."""
+        while self._unapplied:
+            batch = self._unapplied[0]
+            try:
+                apply_to_volumes(batch.applies)
+            except OSError as exc:
+                self.log.debug("group %s: volume write of seq %d..%d still fails: %s",
+                               self.name, batch.first_seq, batch.last_seq, exc)
+                return
+            self._unapplied.popleft()
+            self.applied_seq = batch.last_seq
+        self.log.warning("group %s: the volumes hold every journaled record again (through "
+                         "seq %d); writes are accepted", self.name, self.applied_seq)
+        self.volume_error = None
+        wake_all(self._record_waiters)
 
     async def settle(self) -> None:
         """Wait until nothing is queued or being committed (the journal's last record
@@ -642,6 +712,13 @@ class Group:
 
     # ---- replica side of a resync -------------------------------------------------------
     @property
+    def has_image(self) -> bool:
+        """The volumes hold, or held before a resync began, an image of the group after
+        some seq: a primary's, or a replica's once it applied a record or finished a
+        resync. A new target's initial sync has none, so it keeps no undo log."""
+        return self._had_image or self.role == "primary" or self.journal.last_seq > 0
+
+    @property
     def inconsistent(self) -> bool:
         """A resync is overwriting regions out of order: not a prefix image until done."""
         return self.resync_base is not None
@@ -660,8 +737,13 @@ class Group:
             self.resync_base = self.journal.position()
             await loop.run_in_executor(self._io, self.undo.open)
             await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
-            self.log.warning("group %s: resync started; inconsistent until it completes "
-                             "(last consistent image: seq %d)", self.name, self.resync_base.seq)
+            if self.has_image:
+                self.log.warning("group %s: resync started; inconsistent until it completes "
+                                 "(last consistent image: seq %d)", self.name,
+                                 self.resync_base.seq)
+            else:
+                self.log.warning("group %s: initial sync started: these volumes held no image "
+                                 "of the group, so none is kept (no undo log)", self.name)
         for t in self.targets.values():
             if not t.logging:
                 self.start_logging(t, "this replica is being resynced")
@@ -679,7 +761,8 @@ class Group:
             t.bitmap.save()
 
     def _resync_io(self, items) -> None:
-        self.undo.save([(v, o, self.volumes[v].read(o, len(d))) for v, o, d in items])
+        if self.has_image:
+            self.undo.save([(v, o, self.volumes[v].read(o, len(d))) for v, o, d in items])
         touched = set()
         for volume, offset, data in items:
             self.volumes[volume].write(offset, data)
@@ -694,6 +777,7 @@ class Group:
         await self.settle()
         self.resync_base = None
         self._resync_done = True
+        self._had_image = True
         await loop.run_in_executor(self._io, self._sync_and_save, pos)
         self.journal.rebase(pos)
         self._resync_done = False
@@ -701,6 +785,8 @@ class Group:
         for vol in self.volumes.values():
             vol.forget()  # what the resync read and wrote
         self.applied_seq = pos.seq
+        self._unapplied.clear()  # the resync wrote the image they belong to
+        self.volume_error = None
         self._next_seq = pos.seq + 1
         for t in self.targets.values():
             if t.logging:
@@ -713,22 +799,27 @@ class Group:
         volumes hold the last consistent image again. Returns the regions restored."""
         if self.resync_base is None:
             raise GroupError(f"group {self.name} is not being resynced: nothing to roll back")
+        if not self.has_image:
+            raise GroupError(f"group {self.name} is in its initial sync here: these volumes "
+                             "never held an image of the group, there is none to roll back to")
         loop = asyncio.get_running_loop()
-        entries = await loop.run_in_executor(self._io, self.undo.entries_newest_first)
-        await loop.run_in_executor(self._io, self._resync_io_rollback, entries)
+        restored = await loop.run_in_executor(self._io, self._resync_io_rollback)
         base = self.resync_base
         self.resync_base = None
         await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
         self.undo.remove()
         self.log.warning("group %s: resync rolled back (%d regions restored); consistent "
-                         "at seq %d", self.name, len(entries), base.seq)
-        return len(entries)
+                         "at seq %d", self.name, restored, base.seq)
+        return restored
 
-    def _resync_io_rollback(self, entries) -> None:
-        for volume, offset, old in entries:
+    def _resync_io_rollback(self) -> int:
+        restored = 0
+        for volume, offset, old in self.undo.entries_newest_first():
             self.volumes[volume].write(offset, old)
+            restored += 1
         for vol in self.volumes.values():
             vol.sync()
+        return restored
 
     # ---- sync targets ------------------------------------------------------------------
     def sync_floor(self) -> float:
@@ -874,6 +965,7 @@ class Group:
         t.bitmap.active = True
         t.why = why
         t.resync_mode, t.resync_initial = "full", False
+        self._note_lacks_since(t)
         self.mark_bitmap(t)
         t.bitmap.save()
         self.log.warning("group %s: target %s switches to logging (%s); %d regions dirty",
@@ -888,6 +980,7 @@ class Group:
         if t.bunker:
             mode = "clean"  # a bunker holds no volumes: it restarts from our position
         bm.clear_all() if mode == "clean" else bm.set_all()
+        self._note_lacks_since(t)
         bm.through = self.journal.last_seq
         bm.active = True
         t.why = why
@@ -907,6 +1000,7 @@ class Group:
         by checksum). Only what changed on either side moves, never a full copy."""
         j, bm = self.journal, t.bitmap
         bm.clear_all()
+        self._note_lacks_since(t)
         known = extents is not None and fork + 1 >= j.first_seq
         if known:
             bm.through = fork
@@ -943,6 +1037,7 @@ class Group:
         bm.clear_all()
         bm.active, bm.through, bm.remarked = False, seq, None
         t.acked_seq = seq
+        t.lacks_since_ns = 0  # the journal holds what it lacks from now on
         t.finishing = False
         t.synced = True
         bm.save()
@@ -956,20 +1051,52 @@ class Group:
         j = self.journal
         for t in self.targets.values():
             if t.logging:
+                self._note_lacks_since(t)  # before the trim below lets the record go
                 if not t.finishing and t.bitmap.through < j.last_seq:
                     self.mark_bitmap(t)
                     t.bitmap.save()
             elif not t.connected and now - t.disconnected_at >= self.logging_after:
                 if t.acked_seq < j.last_seq:
                     self.start_logging(t, f"unreachable for {now - t.disconnected_at:.0f}s")
+            elif self.journal_full and not t.block and t.acked_seq < j.last_seq:
+                self.start_logging(t, "the journal is full")  # writes wait for room
             elif j.bytes_between(t.acked_seq, j.last_seq) > self.cfg.logging_high_water:
                 self.start_logging(t, "behind by more than logging_high_water")
 
+    def _note_lacks_since(self, t: TargetLink) -> None:
+        """Remember when the oldest write `t` lacks was journaled, while the journal
+        still holds it (a logging target's records are trimmed away)."""
+        if not t.lacks_since_ns and t.acked_seq < self.journal.last_seq:
+            t.lacks_since_ns = self.journal.time_ns(t.acked_seq + 1) or time.time_ns()
+
+    def _could_free(self) -> bool:
+        """A checkpoint, a trim or switching targets to logging (what the checkpointer
+        does while the journal is full) would free the journal's oldest segment; an
+        on_disconnect: block target is never switched: writes wait for it."""
+        oldest = self.journal.oldest_segment_last_seq()
+        if oldest is None:
+            return False
+        if self.role == "bunker":
+            return self._needed_after() >= oldest
+        low = self.applied_seq
+        for t in self.targets.values():
+            if t.logging:  # its bitmap is marked through the end, unless a resync finishes
+                low = min(low, t.bitmap.through if t.finishing else self.journal.last_seq)
+            elif t.block:
+                low = min(low, t.acked_seq)
+        return low >= oldest
+
     async def _wait_for_space(self, nbytes: int) -> None:
+        """The journal is full (writes wait, status says `full`) while the records its
+        targets and the checkpoint need do not leave room for `nbytes`, or its reserved
+        segments are used up (records rarely fill a segment to the byte) and trimming
+        can free one. Meanwhile the checkpointer switches the targets that hold it to
+        logging (see _update_logging)."""
         j = self.journal
         while True:
             needed = j.bytes_between(self._needed_after(), j.last_seq)
-            if needed == 0 or needed + nbytes <= j.capacity:
+            if (needed == 0 or needed + nbytes <= j.capacity) and (
+                    j.has_room(nbytes) or not self._could_free()):
                 if self.journal_full:
                     self.log.info("group %s: journal has room again", self.name)
                 self.journal_full = False
@@ -1000,6 +1127,8 @@ class Group:
                 asked = False
             self._checkpoint_now.clear()
             try:
+                if self._unapplied:
+                    self._retry_applies()
                 self._update_logging()
                 pos = self.journal.position(self.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
@@ -1032,12 +1161,14 @@ class Group:
             vol.sync()
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
         self._state_changed = False  # before the state is read: a later change saves again
-        tmp = os.path.join(self.dir, "group.json.tmp")
         state = {"checkpoint": [pos.seq, pos.hcrc], "acked": {**self._acked_saved, **acked},
                  "generations": to_json(self.history), "discarded": self.discarded,
+                 "has_image": self.has_image,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
-                 "synced": sorted(n for n, t in self.targets.items() if t.synced)}
+                 "synced": sorted(n for n, t in self.targets.items() if t.synced),
+                 "lacks_since_ns": {n: t.lacks_since_ns for n, t in self.targets.items()
+                                    if t.logging and t.lacks_since_ns}}
         if self.overridden:
             state["runtime"] = {"role": self.role, "source": self.source,
                                 "targets": [vars(t) for t in self.target_cfgs]}
@@ -1045,11 +1176,8 @@ class Group:
             state["resync"] = [self.resync_base.seq, self.resync_base.hcrc]
         elif self._resync_done:
             state["resync_done"] = True  # the journal may still need rebasing to `checkpoint`
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.dir, "group.json"))
+        statefile.replace(os.path.join(self.dir, "group.json"), json.dumps(state).encode(),
+                          pad=True)  # no fresh space needed: a full disk still checkpoints
         self.checkpoint = pos
         self._saved_acked = acked
 
@@ -1063,13 +1191,14 @@ class Group:
             raise GroupError(f"group {self.name}: cannot read {self.dir}/group.json: {exc}") from None
 
     # ---- status -------------------------------------------------------------------------
-    def lag(self, acked_seq: int) -> tuple[int, int, float]:
-        """(records, bytes, seconds) a target at `acked_seq` is behind."""
-        last = self.journal.last_seq
-        if acked_seq >= last:
+    def lag(self, t: TargetLink) -> tuple[int, int, float]:
+        """(records, bytes, seconds) target `t` is behind: the seconds are the age of
+        the oldest write it lacks, whether the journal still holds it or (logging) not;
+        the bytes count only what the journal holds."""
+        last, acked = self.journal.last_seq, t.acked_seq
+        if acked >= last:
             return 0, 0, 0.0
-        records = last - acked_seq
-        nbytes = self.journal.bytes_between(acked_seq, last)
-        oldest = self.journal.time_ns(acked_seq + 1)
+        nbytes = self.journal.bytes_between(acked, last)
+        oldest = self.journal.time_ns(acked + 1) or (t.lacks_since_ns if t.logging else 0)
         seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
-        return records, nbytes, seconds
+        return last - acked, nbytes, seconds

@@ -581,6 +581,8 @@ class Shipper:
             while True:
                 if epoch != t.resync_epoch:  # (re)started, maybe in another mode
                     epoch, first = t.resync_epoch, True
+                if g.volume_error:  # the volumes lack journaled records: no image to send
+                    await wait(lambda: not g.volume_error)
                 g.mark_bitmap(t)
                 if t.bunker:  # journal only: it restarts at our position, no regions
                     bm.clear_all()
@@ -777,7 +779,7 @@ class Shipper:
         return self.state
 
     def status(self) -> dict:
-        records, nbytes, seconds = self.group.lag(self.target.acked_seq)
+        records, nbytes, seconds = self.group.lag(self.target)
         return {
             "node": self.target.node,
             "address": f"{self.address[0]}:{self.address[1]}",

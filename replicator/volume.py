@@ -1,7 +1,17 @@
-"""A volume: an image file (created sparse at its configured size when missing) or a
-block device (which must be at least the configured size). Reads and writes are
-positional on one O_RDWR descriptor, so the loop and the group's io worker (resync,
-rollback) never share a file offset."""
+"""A volume: an image file (created at its configured size when missing) or a block
+device (which must be at least the configured size). Reads and writes are positional
+on one O_RDWR descriptor, so the loop and the group's io worker (resync, rollback)
+never share a file offset.
+
+An image file's blocks are allocated as `allocation` says (block devices ignore it):
+    preallocate  every block is allocated at open (posix_fallocate) and stays allocated
+                 (zeroing writes zeroes into place instead of punching a hole), so a
+                 write journaled and replicated can never fail ENOSPC on this volume
+    check        the file stays sparse, but open refuses a volume whose unallocated
+                 blocks do not fit in the file system's free space right now
+    sparse       no check: a full file system fails volume writes (the group then
+                 halts its writes until they succeed again; see group.py)
+"""
 
 from __future__ import annotations
 
@@ -13,8 +23,11 @@ import os
 import stat
 from contextlib import contextmanager
 
+from .config import ALLOCATIONS
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _ZEROES = bytes(1 << 20)
@@ -25,11 +38,14 @@ class VolumeError(Exception):
 
 
 class Volume:
-    def __init__(self, name: str, path: str, size: int):
+    def __init__(self, name: str, path: str, size: int, allocation: str = "sparse"):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation {allocation!r}: expected one of {ALLOCATIONS}")
         self.name = name
         self.name_bytes = name.encode()
         self.path = path
         self.size = size
+        self.allocation = allocation
         self.fd = -1
         self.is_block = False
 
@@ -54,6 +70,33 @@ class Volume:
             self.close()
             raise VolumeError(f"volume {self.name}: {self.path} has {actual} bytes, "
                               f"configured size is {self.size} (resize it or fix the config)")
+        try:
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self) -> None:
+        if self.allocation == "sparse":
+            return
+        st = os.fstat(self.fd)
+        missing = max(0, self.size - st.st_blocks * 512)
+        if self.allocation == "check":
+            fs = os.fstatvfs(self.fd)
+            free = fs.f_bavail * fs.f_frsize
+            if missing > free:
+                raise VolumeError(
+                    f"volume {self.name}: {self.path} is sparse and {missing} of its bytes "
+                    f"are not allocated, but its file system has only {free} bytes free; "
+                    "free space, or use allocation: preallocate")
+            return
+        if missing:
+            try:
+                os.posix_fallocate(self.fd, 0, self.size)
+            except OSError as exc:
+                raise VolumeError(f"volume {self.name}: cannot allocate the {self.size} bytes "
+                                  f"of {self.path} (allocation: preallocate): "
+                                  f"{exc.strerror}") from None
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
@@ -92,11 +135,13 @@ class Volume:
 
     def zero(self, offset: int, length: int) -> None:
         """The range reads back as zeroes: a punched hole where the file system or
-        device supports it, written zeroes otherwise."""
+        device supports it, written zeroes otherwise. A preallocated image keeps its
+        blocks (zeroed in place), so no later write of the range needs fresh space."""
         if length == 0:
             return
-        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                           offset, length) == 0:
+        mode = (_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE if self.allocation == "preallocate"
+                and not self.is_block else _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+        if _libc.fallocate(self.fd, mode, offset, length) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):

@@ -3,6 +3,7 @@ description, with status polling under a deadline and cleanup that always runs."
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -236,3 +237,38 @@ class Topology:
 
     def logs(self) -> str:
         return "\n".join(f"--- {n} ---\n{a.log_tail()}" for n, a in self.agents.items())
+
+
+@contextlib.contextmanager
+def small_fs(path, size: str):
+    """A tmpfs of `size` (e.g. "2m") mounted at `path`: a file system that fills up for
+    real. Unmounted on exit, whatever happened (lazily: a killed agent may still hold
+    a file open for a moment)."""
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def resize_fs(path, size: str) -> None:
+    """Grow or shrink a small_fs (tmpfs refuses to shrink below what it holds)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def fill_up(directory) -> str:
+    """Take every free byte of `directory`'s file system; returns the filler's path."""
+    path = os.path.join(str(directory), "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for n in (65536, 4096, 1):  # down to the last partial page
+            try:
+                while os.write(fd, b"f" * n):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path

@@ -4,6 +4,18 @@ Files under the journal directory:
     <first_seq:020d>.seg   records, contiguous in seq, the next file starts at last+1
     base                   "<seq> <hcrc>": the position just before the oldest kept
                            record (what was trimmed away), written before any trim
+                           (replaced in place: statefile.py)
+    reserve                blocks held for the segments to come
+
+Space is reserved up front, so a journal never finds its file system full: every
+segment has segment_size bytes allocated beyond its end (fallocate KEEP_SIZE, so its
+size is still where its records end, and recovery reads it as before), and `reserve`
+holds the rest of capacity + 2 segments (what the records a full journal keeps can
+span, see Group._wait_for_space). A new segment takes its blocks from `reserve`, a
+deleted one gives them back, and a cut (torn tail, failed batch) allocates again what
+ftruncate released. Opening a journal whose reservation does not fit raises
+JournalError: the operator learns at start, not when the disk is full. Only a batch
+larger than a segment can still need fresh space (and fail ENOSPC, see Group).
 
 Only the group's write path appends, whole batches at a time, on the event loop; the
 in-memory index (per segment: first seq, record offsets and header CRCs) is updated
@@ -16,12 +28,19 @@ that does not follow its predecessor, raises JournalCorruptError(path, offset).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+import threading
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
+from .. import statefile
 from .record import HEADER, HEADER_SIZE, RecordError, decode
+
+_FALLOC_FL_KEEP_SIZE = 0x01
 
 
 class JournalError(Exception):
@@ -62,12 +81,11 @@ class _Segment:
         return self.offsets[i] if i < len(self.offsets) else self.size
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+_fsync_dir = statefile.fsync_dir
 
 
 class Journal:
@@ -80,6 +98,14 @@ class Journal:
         self._fds: dict[str, int] = {}  # append descriptors
         self._rfds: dict[str, int] = {}  # read descriptors (shippers, status), kept open
         self.base = Position(0, 0)
+        self._reserve_fd = -1
+        self._reserved = 0  # bytes `reserve` holds
+        self._reserve_lock = threading.Lock()  # segments come on the loop, go in a worker
+
+    @property
+    def reservation(self) -> int:
+        """Bytes the journal keeps allocated: capacity plus two segments."""
+        return self.capacity + 2 * self.segment_size
 
     # ---- recovery -------------------------------------------------------------------
     def open(self) -> None:
@@ -89,6 +115,8 @@ class Journal:
             with open(base_path) as f:
                 seq, hcrc = f.read().split()
             self.base = Position(int(seq), int(hcrc))
+        else:  # now, while there is room: a trim on a full disk only rewrites it
+            self._write_base(self.base)
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
         expected = self.base.seq + 1
         for name in names:
@@ -104,6 +132,59 @@ class Journal:
             seg = self._scan(path, first, last=(name == names[-1]))
             self._add(seg)
             expected = seg.last_seq + 1
+        self._reserve_space()
+
+    # ---- space ------------------------------------------------------------------------
+    def _reserve_space(self) -> None:
+        """Open: every segment keeps segment_size allocated, `reserve` the rest. After a
+        crash this is what was held already, so it needs no fresh space."""
+        path = os.path.join(self.directory, "reserve")
+        self._reserve_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._reserved = os.fstat(self._reserve_fd).st_size
+        want = max(0, self.reservation - len(self._segments) * self.segment_size)
+        if self._reserved > want:
+            self._resize_reserve(want)
+        for seg in self._segments:
+            fd = os.open(seg.path, os.O_WRONLY)
+            try:
+                self._preallocate(fd, seg.path)
+            finally:
+                os.close(fd)
+        if self._reserved < want:
+            self._resize_reserve(want)
+
+    def _resize_reserve(self, size: int) -> None:
+        try:
+            if size < self._reserved:
+                os.ftruncate(self._reserve_fd, size)
+            elif size > self._reserved:
+                os.posix_fallocate(self._reserve_fd, self._reserved, size - self._reserved)
+        except OSError as exc:
+            os.ftruncate(self._reserve_fd, self._reserved)
+            fs = os.fstatvfs(self._reserve_fd)
+            raise JournalError(
+                f"journal {self.directory}: cannot reserve its {self.reservation} bytes "
+                f"(journal_size plus two segments): {exc.strerror}; the file system has "
+                f"{fs.f_bavail * fs.f_frsize} bytes free") from None
+        self._reserved = size
+
+    def _preallocate(self, fd: int, path: str) -> None:
+        """Keep segment_size bytes allocated in a segment past its end (again: after a
+        cut, ftruncate gave the blocks past the new end back)."""
+        if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, self.segment_size) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOTSUP):  # no fallocate: no reservation
+                raise OSError(err, os.strerror(err), path)
+
+    def _cut(self, fd: int, path: str, size: int) -> None:
+        """Cut a segment back to `size` and allocate again the blocks ftruncate freed
+        past it (which nobody else had time to take; if somebody did, the segment
+        simply has fewer spare blocks)."""
+        os.ftruncate(fd, size)
+        try:
+            self._preallocate(fd, path)
+        except OSError:
+            pass
 
     def _scan(self, path: str, first: int, *, last: bool) -> _Segment:
         seg = _Segment(path, first)
@@ -125,7 +206,7 @@ class Journal:
             seq += 1
         if pos < len(data):
             with open(path, "r+b") as f:
-                f.truncate(pos)
+                self._cut(f.fileno(), path, pos)
                 os.fsync(f.fileno())
         seg.size = seg.tail = pos
         return seg
@@ -179,6 +260,20 @@ class Journal:
             seq = last + 1
         return total
 
+    def oldest_segment_last_seq(self) -> int | None:
+        """Last seq of the oldest segment, if it is not the one being appended to (a
+        trim through it frees a segment)."""
+        return self._segments[0].last_seq if len(self._segments) > 1 else None
+
+    def has_room(self, nbytes: int) -> bool:
+        """reserve(nbytes) would be served from the reserved space. A batch larger
+        than a segment never is (it takes fresh space): True, nothing to wait for."""
+        seg = self._segments[-1] if self._segments else None
+        if nbytes > self.segment_size or seg is not None and (
+                seg.tail == 0 or seg.tail + nbytes <= self.segment_size):
+            return True
+        return self._reserved >= self.segment_size
+
     # ---- appending (loop) --------------------------------------------------------------
     def reserve(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
         """Called on the loop before a batch is written: returns (segment, fd, offset)
@@ -188,7 +283,17 @@ class Journal:
         if seg is None or (seg.tail and seg.tail + nbytes > self.segment_size):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            _fsync_dir(self.directory)
+            try:
+                with self._reserve_lock:  # its blocks come out of `reserve`
+                    self._resize_reserve(max(0, self._reserved - self.segment_size))
+                    self._preallocate(fd, path)
+                _fsync_dir(self.directory)
+            except (OSError, JournalError) as exc:
+                os.close(fd)
+                os.unlink(path)
+                if isinstance(exc, JournalError):
+                    raise OSError(errno.ENOSPC, str(exc)) from None
+                raise
             self._fds[path] = fd
             self._add(_Segment(path, first_seq))
             seg = self._segments[-1]
@@ -206,16 +311,15 @@ class Journal:
             if seg.tail != seg.size:
                 fd = self._fds.get(seg.path)
                 if fd is not None:
-                    os.ftruncate(fd, seg.size)
+                    self._cut(fd, seg.path, seg.size)
                 seg.tail = seg.size
         while len(self._segments) > 1 and not self._segments[-1].offsets:
             seg = self._segments.pop()
             self._firsts.pop()
             self._close_fds(seg.path)
-            os.unlink(seg.path)
+            self._unlink_segments([seg.path])
 
-    @staticmethod
-    def append(fd: int, buffers: list, at_size: int) -> None:
+    def append(self, fd: int, buffers: list, at_size: int) -> None:
         """Loop: write a batch into the page cache with one writev (IOV_MAX permitting);
         the Flusher makes it durable. On failure the segment is cut back to `at_size`,
         so a failed batch never leaves a torn record in the middle of the log."""
@@ -229,7 +333,7 @@ class Journal:
                     while tail:
                         tail = tail[os.write(fd, tail):]
         except BaseException:
-            os.ftruncate(fd, at_size)
+            self._cut(fd, f"fd {fd}", at_size)
             raise
 
     def commit(self, seg: _Segment, sizes: list[int], hcrcs: list[int]) -> None:
@@ -303,31 +407,40 @@ class Journal:
 
     def delete(self, paths: list[str]) -> None:
         """Remove segments that trim_through() let go of (any thread)."""
-        for path in paths:
-            os.unlink(path)
+        self._unlink_segments(paths)
         _fsync_dir(self.directory)
+
+    def _unlink_segments(self, paths: list[str]) -> None:
+        """Remove segments and give their blocks back to `reserve` (without growing it
+        past what the journal reserves: a segment may have been made without them)."""
+        with self._reserve_lock:
+            for path in paths:
+                os.unlink(path)
+                held = len(self._segments) * self.segment_size
+                want = min(self._reserved + self.segment_size, max(0, self.reservation - held))
+                if want > self._reserved:
+                    try:
+                        self._resize_reserve(want)
+                    except JournalError:
+                        pass  # taken by someone else meanwhile: the next open says so
 
     def rebase(self, pos: Position) -> None:
         """Drop every record and restart the journal after `pos` (a replica that a
         resync brought to the sender's image at pos.seq). Segments go first, then
         `base` is replaced, so a crash in between leaves an empty journal at the old
         base, which the group's recovery rebases again from its checkpoint."""
-        for seg in self._segments:
-            self._close_fds(seg.path)
-            os.unlink(seg.path)
+        paths = [seg.path for seg in self._segments]
+        for path in paths:
+            self._close_fds(path)
         self._segments.clear()
         self._firsts.clear()
+        self._unlink_segments(paths)
         _fsync_dir(self.directory)
         self._write_base(pos)
 
     def _write_base(self, pos: Position) -> None:
-        tmp = os.path.join(self.directory, "base.tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{pos.seq} {pos.hcrc}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.directory, "base"))
-        _fsync_dir(self.directory)
+        statefile.replace(os.path.join(self.directory, "base"),
+                          f"{pos.seq} {pos.hcrc}\n".encode(), pad=True)
         self.base = pos
 
     def _close_fds(self, path: str) -> None:
@@ -342,3 +455,6 @@ class Journal:
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1

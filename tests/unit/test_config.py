@@ -89,6 +89,9 @@ def mutate(path, value):
     (("groups", 0, "bitmap_granularity"), "3KiB", "groups[0].bitmap_granularity", "power of two"),
     (("groups", 0, "logging_high_water"), "1GiB", "groups[0].logging_high_water", "journal_size"),
     (("groups", 0, "resync_rate"), "fast", "groups[0].resync_rate", "size"),
+    (("groups", 0, "allocation"), "thin", "groups[0].allocation", "preallocate, check, sparse"),
+    (("groups", 0, "volumes", 1, "allocation"), "lazy", "groups[0].volumes[1].allocation",
+     "preallocate, check, sparse"),
     (("tls",), KeyError, "tls", "false for plain TCP"),
     (("tls",), True, "tls", "mapping"),
     (("tls",), {"ca": "/a", "cert": "/b"}, "tls.key", "required"),
@@ -145,3 +148,11 @@ def test_nbd_limits():
             cfg.nbd_handshake_timeout) == (256, 64, 10.0)
     small = parse(mutate(("nbd_max_connections",), 8))
     assert (small.nbd_max_connections, small.nbd_max_connections_per_export) == (8, 8)
+
+
+def test_volumes_are_preallocated_unless_the_group_or_the_volume_says_otherwise():
+    assert [v.allocation for v in parse(yaml.safe_load(BASE)).group("db").volumes] == \
+        ["preallocate", "preallocate"]
+    data = mutate(("groups", 0, "allocation"), "check")
+    data["groups"][0]["volumes"][1]["allocation"] = "sparse"
+    assert [v.allocation for v in parse(data).group("db").volumes] == ["check", "sparse"]

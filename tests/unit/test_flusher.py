@@ -7,14 +7,15 @@ import asyncio
 import errno
 import logging
 import os
-import subprocess
 
 import pytest
+
+import tests.agents
 
 from replicator.config import parse
 from replicator.group import Group
 from replicator.journal.flusher import SLOTS, Flusher
-from replicator.journal.segments import Journal
+from replicator.journal.segments import Journal, JournalError
 
 LOG = logging.getLogger("test")
 
@@ -136,46 +137,50 @@ def test_batches_complete_in_seq_order_and_a_failure_frees_its_seqs(tmp_path):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A 512 KiB tmpfs: a state directory on a disk that fills up for real."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
-    try:
+    """A 24 MiB tmpfs: a state directory on a disk that fills up for real (the 16 MiB
+    journal reserves 20 MiB at open)."""
+    with tests.agents.small_fs(tmp_path / "small", "24m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-def test_a_full_disk_fails_the_writes_that_do_not_fit_and_loses_nothing(tmp_path, small_fs):
+def test_a_full_disk_does_not_fail_writes_the_journal_reserved_room_for(tmp_path, small_fs):
+    """The journal's space is taken at open: with every other byte of its file system
+    gone, writes roll through new segments and checkpoints trim and save. Only a batch
+    larger than a segment needs fresh space; it fails ENOSPC, status says the journal
+    is full, and nothing torn is left."""
     async def main():
         g = _group(tmp_path, state_dir=small_fs)
         g.start()
         vol = g.volumes["data"]
-        results: list[int] = []
         loop = asyncio.get_running_loop()
 
-        async def write(i: int) -> int:
+        async def write(i: int, size: int = 65536) -> int:
             fut = loop.create_future()
-            g.submit_write(vol, (i % 16) * 65536, bytes([i]) * 65536, fut.set_result)
+            g.submit_write(vol, (i % 16) * 65536, bytes([i % 256]) * size, fut.set_result)
             return await asyncio.wait_for(fut, 10)
 
-        for i in range(1, 40):
-            results.append(await write(i))
-            if results[-1]:
-                break
-        assert results[-1] == errno.ENOSPC, results
-        written = len(results) - 1
-        assert written >= 3 and all(r == 0 for r in results[:-1])
-        assert g.journal.last_seq == written and g.halted is None
-        subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
-        assert await write(100) == 0  # room again: the next write takes the freed seq
-        assert g.journal.last_seq == written + 1
+        filler = tests.agents.fill_up(small_fs)
+        for i in range(1, 401):  # 25 MiB through a 16 MiB journal: segments come and go
+            assert await write(i) == 0, i
+        last = g.journal.last_seq
+        assert await write(500, 3 << 20) == errno.ENOSPC  # bigger than a 2 MiB segment
+        assert g.journal_no_space and g.journal.last_seq == last and g.halted is None
+        os.unlink(filler)
+        assert await write(501) == 0  # room again: the next write takes the freed seq
+        assert g.journal.last_seq == last + 1 and not g.journal_no_space
         await g.stop()
 
         j = Journal(os.path.join(g.dir, "journal"), capacity=16 << 20)
         j.open()  # no torn or partial record was left by the failed batch
-        first, last, data = j.read(written + 1, 1 << 20)
-        assert (first, last) == (written + 1, written + 1) and data.endswith(bytes([100]) * 65536)
+        first, last_seq, data = j.read(last + 1, 1 << 20)
+        assert (first, last_seq) == (last + 1, last + 1)
+        assert data.endswith(bytes([501 % 256]) * 65536)
         j.close()
 
     asyncio.run(main())
+
+
+def test_a_journal_whose_reservation_does_not_fit_is_refused_at_open(tmp_path):
+    with tests.agents.small_fs(tmp_path / "tiny", "8m") as mnt:
+        with pytest.raises(JournalError, match="cannot reserve its 20971520 bytes"):
+            _group(tmp_path, state_dir=mnt)

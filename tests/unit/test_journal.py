@@ -71,7 +71,7 @@ def _fill(journal, first, count, size=100):
         sizes.append(len(rec))
         crcs.append(decode(rec).hcrc)
     seg, fd, at = journal.reserve(first, sum(sizes))
-    Journal.append(fd, bufs, at)
+    journal.append(fd, bufs, at)
     os.fdatasync(fd)
     journal.commit(seg, sizes, crcs)
 
@@ -171,7 +171,7 @@ def test_failed_write_leaves_no_partial_batch(tmp_path):
     _fill(j, 1, 2)
     _, fd, at = j.reserve(3, 10)
     with pytest.raises(TypeError):
-        Journal.append(fd, [b"partial-bytes", object()], at)
+        j.append(fd, [b"partial-bytes", object()], at)
     assert os.path.getsize(j._segments[-1].path) == at
     j.close()
     j2 = Journal(str(tmp_path), capacity=16 << 20)
