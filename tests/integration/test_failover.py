@@ -122,12 +122,16 @@ def test_takeover_then_fast_failback_of_the_old_primary(topology):
     b.save_config()
     b.stop()
     b.start()
-    a.start()  # comes back believing it is primary; b's later generation replaces it
+    a.start()  # comes back believing it is primary, and stays so: b's later generation
+    # is no authority over a; the operator demotes it (what failback.yml runs)
+    wait_until(lambda: b.target("db", "a")["state"] == "refused", 30, "b -> a refused")
+    assert "NOT_REPLICA" in b.target("db", "a")["last_error"]
+    assert _role(a) == "primary"
+    rc, d = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0 and d["changed"] is True, d
     wait_until(lambda: b.target("db", "a")["state"] == "replicating", 60, "b -> a replicating")
     assert _role(a) == "secondary" and a.group("db")["source"] == "b"
     assert _write_fails(a)
-    rc, d = replicator_cli(a, "demote", "db", "--source", "b")  # what a playbook still runs
-    assert rc == 0 and d["changed"] is False, d
     _converged(topo, "b", ["a"])
     assert _identical(topo, ["b", "a"])
     shipped = b.target("db", "a")["bytes_sent"]
@@ -163,7 +167,13 @@ def test_restore_after_failback_returns_every_link_to_its_configured_mode(topolo
     wait_until(lambda: b.group("db")["upstream"] is None, 20, "b to lose its source")
     rc, r = replicator_cli(b, "promote", "db", "--target", "a:async", "--target", "c:async")
     assert rc == 0, r
+    # the operator's acts of a takeover (failover.yml / failback.yml): the survivor c is
+    # re-pointed to b, the old primary a demoted to a replica of b when it is back
+    rc, r = replicator_cli(topo["c"], "reparent", "db", "--source", "b")
+    assert rc == 0, r
     a.start()
+    rc, r = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0, r
     rc, r = replicator_cli(b, "failback", "db", "--to", "a")
     assert rc == 0, r
     assert {t["node"]: t["mode"] for t in a.group("db")["targets"]} == {"b": "async", "c": "async"}
@@ -469,6 +479,8 @@ def test_old_primary_killed_during_its_rollback_resumes_and_converges(topology):
     rc, _ = replicator_cli(b, "promote", "db", "--target", "a:async")
     assert rc == 0
     a.start()
+    rc, _ = replicator_cli(a, "demote", "db", "--source", "b")  # the operator's act
+    assert rc == 0
     wait_until(lambda: (b.target("db", "a")["resync"] or {}).get("done_bytes", 0) > 4 * MiB,
                60, "rollback resync under way")
     a.kill()
