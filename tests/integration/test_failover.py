@@ -70,6 +70,7 @@ def test_switchover_and_back_loses_nothing(topology):
     rc, r = replicator_cli(topo["a"], "switchover", "db", "--to", "b")
     assert rc == 0, r
     assert (r["from"], r["to"]) == ("a", "b") and r["drained"]["b"] == r["seq"]
+    assert r["reparent_needed"] == []  # c was named b in the stream (SUCCESSOR)
     assert _role(topo["b"]) == "primary" and _role(topo["a"]) == "secondary"
     assert topo["b"].group("db")["generations"] == 2
     assert _write_fails(topo["a"])  # the old primary is read-only now
@@ -87,6 +88,30 @@ def test_switchover_and_back_loses_nothing(topology):
     _converged(topo, "a", ["b", "c"])
     assert _identical(topo, ["a", "b", "c"])
     assert topo["a"].group("db")["seq"] > back["seq"] > r["seq"]
+
+
+def test_a_target_away_during_a_switchover_is_reparented_by_hand(topology):
+    """The old primary names the new one to its other targets in the stream (SUCCESSOR);
+    one that was away cannot hear it, and a later generation is no authority: it keeps
+    refusing the new primary until the operator re-points it."""
+    topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("a", "c", "async")],
+                    volumes={"data": SIZE})
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
+    _converged(topo, "a", ["b", "c"])
+    c.kill()
+    rc, r = replicator_cli(a, "switchover", "db", "--to", "b")
+    assert rc == 0 and r["reparent_needed"] == ["c"], r
+    qemu_io(b.nbd_uri("data"), "write -P 0x22 0 64k")
+    c.start()
+    t = wait_until(lambda: b.target("db", "c") if b.target("db", "c")["state"] == "refused"
+                   else None, 30, "b -> c refused")
+    assert "WRONG_SOURCE" in t["last_error"] and "reparent db --source b" in t["last_error"]
+    assert c.group("db")["source"] == "a"
+    rc, r = replicator_cli(c, "reparent", "db", "--source", "b")
+    assert rc == 0, r
+    _converged(topo, "b", ["a", "c"])
+    assert _identical(topo, ["b", "a", "c"])
 
 
 def test_switchover_to_a_target_that_is_away_is_refused(topology):
