@@ -216,7 +216,8 @@ class Receiver:
         if verdict.relation not in (Relation.NEW, Relation.SAME, Relation.BEHIND):
             why = (f"{ev.node}'s history ({verdict.relation.value} after seq {verdict.fork}) is "
                    f"not a prefix of {self.node}'s: nothing here to replay onto it")
-            self.log.warning("group %s: fetch from %s refused: %s", group.name, ev.node, why)
+            self.log.warning("group %s: fetch from %s refused: %s", group.name,
+                             link.who(ev.node), why)
             await link.send(Refuse(code=Refusal.POSITION, reason=why))
             return
         await group.settle()
@@ -238,7 +239,7 @@ class Receiver:
             why = (f"{self.node} does not hold {ev.node}'s position {req.seq} "
                    + ("(trimmed: the journal starts at seq "f"{j.first_seq})" if held is None
                       else "(its record differs)"))
-            self.log.warning("group %s: fetch from %s: %s", group.name, ev.node, why)
+            self.log.warning("group %s: fetch from %s: %s", group.name, link.who(ev.node), why)
             await link.send(Error(code=Refusal.POSITION, message=why))
             return
         seq, last = req.seq, pos.seq
@@ -248,7 +249,8 @@ class Receiver:
                                     compress=bool(agreed[1] & Feature.ZSTD)))
             seq = end
         await link.send(Ack(seq=last))
-        self.log.info("group %s: %s fetched records %d..%d", group.name, ev.node, req.seq + 1, last)
+        self.log.warning("group %s: %s fetched records %d..%d (takeover replay)", group.name,
+                         link.who(ev.node), req.seq + 1, last)
 
     async def _keep_alive(self, link: Link, func, *args):
         """Run func(*args) in a thread, sending heartbeats meanwhile."""
