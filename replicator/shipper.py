@@ -208,7 +208,8 @@ class Shipper:
                 # stale: the target follows a later primary. That is no reason to stop
                 # being primary here (a peer's claim is no authority): the operator
                 # demotes this node (replicator demote) once it knows who took over.
-                raise ShipError(f"refused by {self.target.node}: {code_name(ev.code)}: {ev.reason}",
+                raise ShipError(f"refused by {self.target.node}: {code_name(ev.code)}: "
+                                f"{ev.reason}",
                                 state=state)
             if not isinstance(ev, Welcome):
                 raise ShipError(f"{self.target.node} closed the connection during the handshake")
