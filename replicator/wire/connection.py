@@ -30,7 +30,9 @@ receives (frames in flight the other way are allowed where they can cross):
 Every allowed (role, state, direction, frame type) is a row of TRANSITIONS. Anything
 else is a protocol error naming whose fault it is: LocalProtocolError when we try to
 send it, RemoteProtocolError when the peer sent it. Either one moves the connection to
-State.ERROR, and from then on every call re-raises (the stream can no longer be trusted).
+State.ERROR, and from then on every call re-raises (the stream can no longer be trusted);
+after a RemoteProtocolError, send_failure() still gives one ERROR(PROTOCOL) frame that
+tells the peer what it did wrong, to write before closing.
 The handshake also fixes what may follow: the version in WELCOME must lie in the HELLO
 range, its features must be a subset of the HELLO features, and COMPRESSED RECORDS are
 only allowed once ZSTD was agreed.
@@ -65,9 +67,9 @@ import zstandard
 from crc32c import crc32c
 
 from .frames import (ANY_SEQ, CRC_OFFSET, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAGIC,
-                     MAX_SEQ, Ack, Diverged, Feature, Fetch, Frame, FrameType, Handover,
+                     MAX_SEQ, Ack, Diverged, Error, Feature, Fetch, Frame, FrameType, Handover,
                      HashReply, HashRequest, Hello, LocalProtocolError, ProtocolError, Records,
-                     RemoteProtocolError, ResyncBegin, ResyncDone, Retain, Successor, Welcome,
+                     Refusal, RemoteProtocolError, ResyncBegin, ResyncDone, Retain, Successor, Welcome,
                      decode_body, encode_body)
 
 
@@ -171,6 +173,16 @@ TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED
                     for role in Role for state in OPEN_STATES for direction in (SEND, RECV)})
 
 
+def _framed(kind: FrameType, flags: int, parts: list) -> list:
+    """The header (CRC patched in) followed by the body's parts."""
+    header = bytearray(HEADER.pack(MAGIC, kind, flags, sum(map(len, parts)), 0))
+    crc = crc32c(memoryview(header)[:CRC_OFFSET])
+    for part in parts:
+        crc = crc32c(part, crc)
+    _CRC.pack_into(header, CRC_OFFSET, crc)
+    return [header, *parts]
+
+
 class Connection:
     """One end of a replication stream, as a sans-IO state machine (h11 style)."""
 
@@ -219,13 +231,8 @@ class Connection:
             raise self._fail(exc)
         if kind == _F.HELLO:
             self._hello = event
-        header = bytearray(HEADER.pack(MAGIC, kind, flags, sum(map(len, parts)), 0))
-        crc = crc32c(memoryview(header)[:CRC_OFFSET])
-        for part in parts:
-            crc = crc32c(part, crc)
-        _CRC.pack_into(header, CRC_OFFSET, crc)
         self.state = next_state
-        return [header, *parts]
+        return _framed(kind, flags, parts)
 
     # ---- receiving ----------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -386,6 +393,16 @@ class Connection:
             self._compressor = zstandard.ZstdCompressor(level=self._zstd_level)
             self._decompressor = zstandard.ZstdDecompressor()
         return State.FETCH_READY if self.features & Feature.FETCH else next_state
+
+    def send_failure(self) -> bytes:
+        """After the peer broke the protocol (this connection failed with a
+        RemoteProtocolError): one ERROR(PROTOCOL) frame saying why, to send before closing,
+        so that the peer's log tells what it did wrong. The connection stays failed."""
+        if not isinstance(self._failure, RemoteProtocolError):
+            raise LocalProtocolError("send_failure() is only for a connection the peer broke")
+        flags, parts = encode_body(Error(code=Refusal.PROTOCOL, message=str(self._failure)),
+                                   max_frame=self.max_frame)
+        return b"".join(_framed(_F.ERROR, flags, parts))
 
     def _check_not_failed(self) -> None:
         if self._failure is not None:

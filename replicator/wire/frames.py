@@ -157,6 +157,7 @@ class Refusal(enum.IntEnum):
     STALE = 10  # the sender's line is older than the receiver's: it is no primary any more
     UNKNOWN_PEER = 11  # the node is not in the receiver's peers (address book)
     NOT_MEMBER = 12  # the node is a peer, but not a member of this group on the receiver
+    PROTOCOL = 13  # the peer broke the protocol (a frame out of its state or range)
     INTERNAL = 99
 
     @classmethod

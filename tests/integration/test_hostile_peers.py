@@ -328,6 +328,7 @@ def test_frames_out_of_their_state_or_range_are_refused(topology, stream):
     finally:
         peer.close()
     assert not [ev for ev in got if isinstance(ev, Ack)], got
+    assert isinstance(got[-1], Error) and got[-1].code == Refusal.PROTOCOL, got  # and why
     wait_until(lambda: _warned(b, "protocol error from", "'a'"), 10, "the refusal logged")
     g = b.group("db")
     assert (g["seq"], g["applied_seq"], g["role"], g["inconsistent"]) == \

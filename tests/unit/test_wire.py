@@ -2,6 +2,7 @@
 parsers fed whole, byte by byte and with trailing bytes, and every malformed input."""
 
 import random
+import re
 import struct
 
 import pytest
@@ -845,11 +846,15 @@ HOSTILE = [
 def test_frames_out_of_state_or_range_are_refused_both_ways(events, match):
     """The receiver refuses what a hostile sender puts on the wire, and an honest sender
     refuses to send it in the first place (the same table and checks on both ends)."""
-    r = handshake()[1]
+    s, r = handshake()
     r.receive_data(hostile(*events))
     with pytest.raises(RemoteProtocolError, match=match):
         drain(r)
     assert_failed(r, RemoteProtocolError)
+    s.receive_data(r.send_failure())  # the last words: what the peer did wrong
+    (farewell,) = drain(s)
+    assert farewell.code == Refusal.PROTOCOL and re.search(match, farewell.message), farewell
+    assert r.state == State.ERROR and s.state == State.CLOSED
     s = handshake()[0]
     with pytest.raises(LocalProtocolError, match=match.replace("receive", "send")):
         for ev in events:
@@ -947,3 +952,9 @@ if given is not None:
     @given(st.lists(st.sampled_from(STEPS), max_size=16))
     def test_both_ends_agree_property(steps):
         check_lockstep(steps)
+
+
+def test_send_failure_is_only_for_a_connection_the_peer_broke():
+    s, _ = handshake()
+    with pytest.raises(LocalProtocolError, match="only for a connection the peer broke"):
+        s.send_failure()
