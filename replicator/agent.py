@@ -40,7 +40,7 @@ class Agent:
         self.exports: dict[str, VolumeExport] = {}
         self.server_tls, self.client_tls = tls_contexts(cfg.tls)
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
-                                 promote=self._promote_to, superseded=self._superseded,
+                                 peers=cfg.peers, promote=self._promote_to,
                                  tls=self.server_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
                              handshake_timeout=cfg.nbd_handshake_timeout,
@@ -87,8 +87,7 @@ class Agent:
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
                        sync_ack_timeout=self.cfg.sync_ack_timeout,
-                       initial_sync=t.initial_sync, tls=self.client_tls,
-                       on_stale=lambda g, n: asyncio.ensure_future(self._superseded(g, n)))
+                       initial_sync=t.initial_sync, tls=self.client_tls)
 
     async def _sync_shippers(self, group: Group) -> None:
         """Start and stop shippers so that they match the group's targets."""
@@ -212,12 +211,6 @@ class Agent:
                     result["replayed"], result["from_seq"], result["to_seq"], bunker)
         return result
 
-    async def _superseded(self, group: Group, newer: str) -> None:
-        """`newer` holds a later generation of the group: a primary here stops being one."""
-        if group.role == "primary":
-            await group.demote(newer)
-            await self._sync_shippers(group)
-
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
         source = self._peer(request, "source", "demote needs the new primary as --source")
@@ -257,11 +250,16 @@ class Agent:
 
     async def _switchover(self, request: dict) -> dict:
         """Planned move of the primary role to a replicating target: hold new writes,
-        drain every connected target, hand over at the last seq, demote here."""
+        drain every connected target, name the new primary to the other targets (their
+        source is this node: only it can move them), hand over at the last seq, demote
+        here."""
         group, shipper = self._on_primary(request, "switchover", "the primary")
         timeout = float(request.get("drain_timeout") or 60)
         started = time.monotonic()
         group.hold_writes()
+        switching = self.receiver.switching[group.name] = \
+            asyncio.get_running_loop().create_future()
+        told: dict[str, str | None] = {}
         try:
             await group.settle()
             seq = group.journal.last_seq
@@ -273,6 +271,7 @@ class Agent:
                     raise AdminError(f"switchover of {group.name}: {', '.join(behind)} did not "
                                      f"acknowledge seq {seq} within {timeout:.0f}s; nothing changed")
                 await asyncio.sleep(0.01)
+            told = await self._name_successor(group, shipper.target.node, seq, deadline)
             targets = [(self.cfg.node, shipper.target.mode, "zstd" if shipper.compress else "none",
                         "continue")]
             targets += [(t.node, t.mode, t.compress, t.on_disconnect) for t in group.target_cfgs
@@ -283,14 +282,33 @@ class Agent:
                 raise AdminError(f"switchover of {group.name} to {shipper.target.node} failed "
                                  f"before the handover: {exc or 'timed out'}; still primary "
                                  "here") from None
-            await self._superseded(group, shipper.target.node)  # unless its link did it first
+            await group.demote(shipper.target.node)
         finally:
             group.release_writes()
+            switching.set_result(None)
+            if self.receiver.switching.get(group.name) is switching:
+                del self.receiver.switching[group.name]
         await self._sync_shippers(group)
         drained = {s.target.node: s.target.acked_seq for s in streaming}
+        behind = sorted(n for n, why in told.items() if why)
+        for node in behind:
+            log.warning("group %s: %s did not hear that %s is its new source (%s): run "
+                        "`replicator reparent %s --source %s` on %s", group.name, node,
+                        shipper.target.node, told[node], group.name, shipper.target.node, node)
         return {"group": group.name, "from": self.cfg.node, "to": shipper.target.node,
                 "seq": seq, "drained": drained, "role": group.role,
-                "seconds": round(time.monotonic() - started, 3)}
+                "reparent_needed": behind, "seconds": round(time.monotonic() - started, 3)}
+
+    async def _name_successor(self, group: Group, successor: str, seq: int,
+                              deadline: float) -> dict[str, str | None]:
+        """Tell every other target (SUCCESSOR) that `successor` takes over after `seq`, so
+        that they take it as their source: {node: None when told, else why not}."""
+        others = [s for s in self.shippers[group.name] if s.target.node != successor]
+        results = await asyncio.gather(
+            *(s.name_successor(successor, seq, max(1.0, deadline - time.monotonic()))
+              for s in others), return_exceptions=True)
+        return {s.target.node: (None if r is None else str(r) or type(r).__name__)
+                for s, r in zip(others, results)}
 
     async def _attach(self, request: dict) -> dict:
         """Ship to one more target from now on (a re-parented downstream replica)."""

@@ -18,7 +18,7 @@ from .group import Group, GroupError
 from .snapshot import Snapshot
 from .transport import Link
 from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, Error, Feature, Fetch, Hello,
-                   Records, Refuse, Role, Welcome)
+                   Records, Refuse, Role, Welcome, code_name)
 
 
 class BunkerError(Exception):
@@ -49,7 +49,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                               history=tuple((g.id, g.first_seq) for g in history)))
         ev = await link.next_event(timeout)
         if isinstance(ev, Refuse):
-            raise BunkerError(f"bunker {bunker} refused: {getattr(ev.code, 'name', ev.code)}: "
+            raise BunkerError(f"bunker {bunker} refused: {code_name(ev.code)}: "
                               f"{ev.reason}")
         if not isinstance(ev, Welcome) or not ev.features & Feature.FETCH:
             raise BunkerError(f"bunker {bunker} did not accept a fetch")

@@ -61,6 +61,9 @@ class GroupConfig:
     logging_high_water: int = 0  # lag in journal bytes that switches a target to logging
     resync_rate: int = 0  # bytes per second per resync; 0: unlimited
     bunker: str | None = None  # the node whose journal a takeover here replays first
+    # Other members of the group, besides source, targets and bunker: nodes that may read
+    # this node's journal (FETCH), e.g. the far replicas a bunker serves at a takeover.
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,11 +274,15 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
         raise ConfigError(r.sub("bunker"), f"{bunker!r} is not in peers")
     rate = r.get("resync_rate", 0)
     rate = 0 if rate in (0, "0", "unlimited") else parse_size(rate, r.sub("resync_rate"))
+    members = r.get("members", [], types=(list,))
+    for i, member in enumerate(members):
+        if not isinstance(member, str) or member not in peers:
+            raise ConfigError(f"{r.sub('members')}[{i}]", f"{member!r} is not in peers")
     r.done()
     return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
                        volumes=tuple(volumes), targets=tuple(targets),
                        bitmap_granularity=granularity, logging_high_water=high_water,
-                       resync_rate=rate, bunker=bunker)
+                       resync_rate=rate, bunker=bunker, members=tuple(members))
 
 
 def parse(data, source_path: str = "") -> Config:

@@ -1,14 +1,30 @@
 """Replication listener: accepts upstream senders and feeds their records into the
 local replica group (which journals, applies in seq order and forwards downstream).
 
-Per connection: HELLO is checked (protocol range, that this node is the target, that
-the group exists here as a secondary and that the sender is its configured source),
-then WELCOME reports the group's durable position. Each RECORDS batch goes to
-Group.submit_records; HASH_REQUESTs are answered in stream order (online verify);
-when a batch is durable (and acked by in-sync sync targets further
+Per connection: the TLS handshake (refusals logged with the reason), then HELLO is
+checked (see Authority), then WELCOME reports the group's durable position. Each
+RECORDS batch goes to Group.submit_records; HASH_REQUESTs are answered in stream order
+(online verify); when a batch is durable (and acked by in-sync sync targets further
 down a cascade) an ACK goes back. ACKs are coalesced: one per loop turn at most.
 A newer connection for the same group replaces an older one (a half-dead link must not
 block its own reconnection).
+
+Authority (who may do what here), checked in this order, each refusal logged at WARNING
+with the peer's name, address and certificate subject:
+- connect at all: a node of `peers`, whose TLS certificate names the node its HELLO
+  claims (plain TCP: the claim alone, so keep plain TCP to trusted networks);
+- members of a group, as this node knows them (`members()`): its source and targets,
+  as configured and as operator acts changed them (promote, demote, reparent, attach,
+  resolve), its bunker, its configured `members`, and the successor its source named;
+- read the journal (FETCH): members only (NOT_MEMBER);
+- be judged by generation history (split brain, stale: what it records here): members
+  only; anyone else is refused by role and source without its history counting;
+- ship records: only the group's source, or the successor its source named in-band
+  (SUCCESSOR, during a switchover) once that node connects as the primary of a
+  generation that begins right after the named seq. A newer generation claimed by a
+  peer changes neither this node's role nor its source: a primary stays primary (an old
+  primary back after a takeover is demoted by the operator, `replicator demote`), and
+  a replica whose source was lost is re-pointed by the operator (`replicator reparent`).
 """
 
 from __future__ import annotations
@@ -21,13 +37,13 @@ from .config import TargetConfig
 from .generations import Generation, Relation, Verdict, compare
 from .group import Group, GroupError
 from .journal.segments import Position
-from .transport import Link, peer_node
+from .transport import Link, peer_node, tls_failure
 from .verify import volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
                    ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply,
                    HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
-                   RemoteProtocolError, ResyncAck, ResyncData, ResyncDone, Retain, Role,
-                   Welcome, negotiate)
+                   RemoteProtocolError, ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain,
+                   Role, Successor, Welcome, code_name, negotiate)
 
 
 class _Session:
@@ -46,12 +62,17 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 promote=None, superseded=None, tls: ssl.SSLContext | None = None,
+                 peers=(), promote=None, tls: ssl.SSLContext | None = None,
                  log: logging.Logger | None = None):
         self.node = node
+        self.peers = set(peers)  # the address book: nobody else may connect
         self.promote = promote  # async (group, [TargetConfig]): HANDOVER makes us primary
-        self.superseded = superseded  # async (group, node): a later primary's line is here
         self.groups = groups
+        # group -> (node, seq): the successor our source named (SUCCESSOR), until it connects
+        self.successors: dict[str, tuple[str, int]] = {}
+        # group -> future done when a switchover of it here ends (set by the agent): a
+        # HELLO meanwhile waits for it, so that the new primary finds this node demoted
+        self.switching: dict[str, asyncio.Future] = {}
         self.hb_timeout = heartbeat_timeout
         self.tls = tls
         self.log = log or logging.getLogger("replicator.receiver")
@@ -60,8 +81,9 @@ class Receiver:
         self._conns: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True,
-                                                  ssl=self.tls)
+        # TLS is started per connection (_start_tls), not by the server, so that a refused
+        # handshake (a certificate of another CA, or none) is logged with its reason.
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
 
     async def close(self) -> None:
         if self._server:
@@ -73,24 +95,44 @@ class Receiver:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._conns.add(task)
-        link = Link(reader, writer, Connection(Role.RECEIVER))
-        session = None
+        link = session = None
         try:
+            if self.tls is not None and not await self._start_tls(writer):
+                return
+            link = Link(reader, writer, Connection(Role.RECEIVER))
             session = await self._handshake(link)
             if session:
                 await self._serve(session)
         except (OSError, asyncio.TimeoutError) as exc:
-            self.log.info("replication link from %s ended: %s", link.peer, exc or type(exc).__name__)
+            self.log.info("replication link from %s ended: %s", _who(link, session),
+                          exc or type(exc).__name__)
         except (LocalProtocolError, RemoteProtocolError) as exc:
-            self.log.warning("protocol error from %s: %s", link.peer, exc)
+            self.log.warning("protocol error from %s: %s", _who(link, session), exc)
+            if isinstance(exc, RemoteProtocolError) and not link.writer.is_closing():
+                link.writer.write(link.conn.send_failure())  # tell it why, then close
         finally:
             if session and self.sessions.get(session.group.name) is session:
                 del self.sessions[session.group.name]
             if session and session.resync_task is not None:
                 session.failed = session.failed or "connection ended"
                 await asyncio.gather(session.resync_task, return_exceptions=True)
-            await link.close()
+            if link is not None:
+                await link.close()
+            else:
+                writer.close()
             self._conns.discard(task)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
+        """The server side of the TLS handshake; False (logged) when it fails."""
+        peer = writer.get_extra_info("peername")
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        try:
+            await writer.start_tls(self.tls, ssl_handshake_timeout=self.hb_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self.log.warning("refused a replication connection from %s: TLS handshake "
+                             "failed: %s", where, tls_failure(exc))
+            return False
+        return True
 
     async def _handshake(self, link: Link) -> _Session | None:
         ev = await link.next_event(self.hb_timeout)
@@ -100,39 +142,35 @@ class Receiver:
             raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
         agreed = negotiate(ev, PROTOCOL_MIN, PROTOCOL_MAX, SUPPORTED_FEATURES)
         group = self.groups.get(ev.group)
-        refusal = None
-        cert_node = peer_node(link.writer)
-        if self.tls and cert_node != ev.node:
-            refusal = (Refusal.IDENTITY, f"HELLO says node {ev.node!r} but its TLS "
-                                         f"certificate is for {cert_node!r}")
-        elif agreed is None:
-            refusal = (Refusal.VERSION, f"protocol {ev.proto_min}..{ev.proto_max} not in "
-                                        f"{PROTOCOL_MIN}..{PROTOCOL_MAX}")
-        elif ev.target != self.node:
-            refusal = (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
-        elif group is None:
-            refusal = (Refusal.UNKNOWN_GROUP, f"no group {ev.group!r} on node {self.node}")
-        elif agreed[1] & Feature.FETCH:
-            await self._serve_fetch(link, ev, group, agreed)
-            return None
-        else:
+        refusal = self._admit(link, ev, group, agreed)
+        member = refusal is None and ev.node in self.members(group)
+        if refusal is None and agreed[1] & Feature.FETCH:
+            if member:
+                await self._serve_fetch(link, ev, group, agreed)
+                return None
+            refusal = (Refusal.NOT_MEMBER, f"{ev.node!r} is not a member of group {group.name} "
+                                           f"on {self.node}, so it may not read its journal "
+                                           f"(members: {', '.join(sorted(self.members(group)))})")
+        if refusal is None:
             verdict = compare([Generation(*g) for g in ev.history], ev.seq, group.history,
                               group.journal.last_seq)
             if verdict.relation == Relation.SPLIT_BRAIN and group.survivor == ev.node:
                 verdict = Verdict(Relation.DIVERGED, verdict.fork)  # resolve --discard-local
-            if (group.role == "primary" and self.superseded is not None
-                    and verdict.relation in (Relation.BEHIND, Relation.DIVERGED)):
-                # An old primary back after a takeover: the sender's line went on from
-                # ours, so it rejoins as its replica (what it wrote past the fork is saved,
-                # then rolled back), like VVR's fast failback.
-                self.log.warning("group %s: %s is primary of a later generation: this node "
-                                 "was replaced and becomes its replica", group.name, ev.node)
-                await self.superseded(group, ev.node)
-            refusal = self._lineage(ev, group, verdict) or self._role(ev, group, verdict)
+            switching = self.switching.get(group.name)
+            if switching is not None and not switching.done():
+                # A switchover here is handing over to (maybe) this sender: judge its HELLO
+                # by the role the switchover leaves, not the one it is leaving.
+                await asyncio.wait({switching}, timeout=self.hb_timeout)
+            # Lineage verdicts (and the split brain they record) only for members: anyone
+            # else is refused by _role without its history being taken into account.
+            refusal = ((self._lineage(ev, group, verdict) if member else None)
+                       or self._role(ev, group, verdict))
         if refusal:
-            self.log.warning("refused %s from %s (%s): %s", ev.group, ev.node, link.peer, refusal[1])
+            self.log.warning("refused group %s to %s: %s: %s", ev.group, link.who(ev.node),
+                             code_name(refusal[0]), refusal[1])
             await link.send(Refuse(code=refusal[0], reason=refusal[1]))
             return None
+        self.successors.pop(group.name, None)  # taken as source now, or superseded
         old = self.sessions.get(group.name)
         if old is not None:
             self.log.info("group %s: new connection from %s replaces the old one",
@@ -180,7 +218,8 @@ class Receiver:
         if verdict.relation not in (Relation.NEW, Relation.SAME, Relation.BEHIND):
             why = (f"{ev.node}'s history ({verdict.relation.value} after seq {verdict.fork}) is "
                    f"not a prefix of {self.node}'s: nothing here to replay onto it")
-            self.log.warning("group %s: fetch from %s refused: %s", group.name, ev.node, why)
+            self.log.warning("group %s: fetch from %s refused: %s", group.name,
+                             link.who(ev.node), why)
             await link.send(Refuse(code=Refusal.POSITION, reason=why))
             return
         await group.settle()
@@ -202,7 +241,7 @@ class Receiver:
             why = (f"{self.node} does not hold {ev.node}'s position {req.seq} "
                    + ("(trimmed: the journal starts at seq "f"{j.first_seq})" if held is None
                       else "(its record differs)"))
-            self.log.warning("group %s: fetch from %s: %s", group.name, ev.node, why)
+            self.log.warning("group %s: fetch from %s: %s", group.name, link.who(ev.node), why)
             await link.send(Error(code=Refusal.POSITION, message=why))
             return
         seq, last = req.seq, pos.seq
@@ -212,7 +251,8 @@ class Receiver:
                                     compress=bool(agreed[1] & Feature.ZSTD)))
             seq = end
         await link.send(Ack(seq=last))
-        self.log.info("group %s: %s fetched records %d..%d", group.name, ev.node, req.seq + 1, last)
+        self.log.warning("group %s: %s fetched records %d..%d (takeover replay)", group.name,
+                         link.who(ev.node), req.seq + 1, last)
 
     async def _keep_alive(self, link: Link, func, *args):
         """Run func(*args) in a thread, sending heartbeats meanwhile."""
@@ -222,6 +262,48 @@ class Receiver:
             if done:
                 return fut.result()
             await link.send(Heartbeat(sent_ns=0))
+
+    def members(self, group: Group) -> set[str]:
+        """The nodes this node knows as members of `group` (see Authority)."""
+        cfg = group.cfg
+        nodes = {cfg.source, group.source, cfg.bunker, group.survivor, *cfg.members}
+        nodes.update(t.node for t in cfg.targets)
+        nodes.update(t.node for t in group.target_cfgs)
+        named = self.successors.get(group.name)
+        if named is not None:
+            nodes.add(named[0])
+        nodes.discard(None)
+        nodes.discard(self.node)
+        return nodes
+
+    def _admit(self, link: Link, ev: Hello, group: Group | None, agreed) -> tuple | None:
+        """A refusal when the sender may not talk to this node about this group at all."""
+        cert_node = peer_node(link.writer)
+        if self.tls and cert_node != ev.node:
+            return (Refusal.IDENTITY, f"HELLO says node {ev.node!r} but its TLS certificate "
+                                      f"is for {cert_node!r}")
+        if ev.node not in self.peers:
+            return (Refusal.UNKNOWN_PEER, f"{ev.node!r} is not in the peers of {self.node}")
+        if agreed is None:
+            return (Refusal.VERSION, f"protocol {ev.proto_min}..{ev.proto_max} not in "
+                                     f"{PROTOCOL_MIN}..{PROTOCOL_MAX}")
+        if ev.target != self.node:
+            return (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
+        if group is None:
+            return (Refusal.UNKNOWN_GROUP, f"no group {ev.group!r} on node {self.node}")
+        return None
+
+    def _named(self, ev: Hello, group: Group) -> bool:
+        """Whether `ev.node` is the successor our source named, connecting as the primary
+        of exactly the generation the switchover began: our line plus one generation
+        starting right after the named seq, which we hold as our last record."""
+        named = self.successors.get(group.name)
+        if named is None or named[0] != ev.node:
+            return False
+        history = [Generation(*g) for g in ev.history]
+        return (group.journal.last_seq == named[1] and history[:-1] == group.history
+                and len(history) == len(group.history) + 1
+                and history[-1].first_seq == named[1] + 1)
 
     def _lineage(self, ev: Hello, group: Group, verdict) -> tuple | None:
         """A refusal when the generation histories say the sender may not ship here."""
@@ -240,13 +322,23 @@ class Receiver:
 
     def _role(self, ev: Hello, group: Group, verdict) -> tuple | None:
         """A refusal when this node's role in the group does not take `ev.node` as source:
-        a replica takes its source, or a node of a later line (a promoted replica)."""
+        a replica takes its source (or the successor its source named), nobody else; a
+        later generation is no authority (see Authority)."""
+        later = verdict.relation in (Relation.BEHIND, Relation.DIVERGED)
         if group.role not in ("secondary", "bunker"):
-            return (Refusal.NOT_REPLICA, f"group {ev.group} is {group.role} on {self.node}")
-        if ev.node != group.source and verdict.relation not in (Relation.BEHIND,
-                                                                 Relation.DIVERGED):
-            return (Refusal.WRONG_SOURCE, f"group {ev.group} on {self.node} accepts "
-                                          f"{group.source!r} as source, not {ev.node!r}")
+            why = f"group {ev.group} is {group.role} on {self.node}"
+            if later:
+                why += (f"; {ev.node} claims a later generation: if it took over, make this "
+                        f"node its replica with `replicator demote {ev.group} --source "
+                        f"{ev.node}`")
+            return (Refusal.NOT_REPLICA, why)
+        if ev.node != group.source and not self._named(ev, group):
+            why = (f"group {ev.group} on {self.node} takes records from {group.source!r}, "
+                   f"not {ev.node!r}")
+            if later:
+                why += (f"; a later generation is no authority: if {ev.node} took over, run "
+                        f"`replicator reparent {ev.group} --source {ev.node}` here")
+            return (Refusal.WRONG_SOURCE, why)
         return None
 
     async def _serve(self, s: _Session) -> None:
@@ -264,11 +356,21 @@ class Receiver:
                 s.resync_items.append((ev.volume, ev.offset, ev.payload))
                 if s.resync_task is None or s.resync_task.done():
                     s.resync_task = asyncio.create_task(self._apply_resync(s))
+            elif isinstance(ev, ResyncBegin):
+                pass  # the connection checks that RESYNC_DONE ends the pass at this seq
             elif isinstance(ev, ResyncDone):
                 if s.resync_task is not None:
                     await s.resync_task
                 if s.failed is not None:
                     break
+                first = s.history[-1].first_seq if s.history else 1
+                if ev.seq < first - 1:
+                    why = (f"RESYNC_DONE at seq {ev.seq}, before {s.source}'s generation "
+                           f"{s.history[-1]} began: not a position of its line")
+                    self.log.warning("group %s: refused from %s: %s", s.group.name,
+                                     s.link.who(s.source), why)
+                    await s.link.send(Error(code=Refusal.POSITION, message=why))
+                    return
                 await s.group.finish_resync(Position(ev.seq, ev.crc))
                 s.group.adopt(s.history, s.source)
                 s.ack_seq = ev.seq
@@ -276,6 +378,9 @@ class Receiver:
             elif isinstance(ev, Handover):
                 await self._handover(s, ev)
                 return
+            elif isinstance(ev, Successor):
+                if not await self._successor(s, ev):
+                    return
             elif isinstance(ev, HashRequest):
                 problem = await self._hash(s, ev)
                 if problem:
@@ -289,7 +394,7 @@ class Receiver:
                 await s.link.send(Heartbeat(sent_ns=ev.sent_ns))
             elif isinstance(ev, Error):
                 self.log.warning("group %s: %s reported %s: %s", s.group.name, s.source,
-                                 ev.code.name, ev.message)
+                                 code_name(ev.code), ev.message)
                 return
             elif isinstance(ev, ConnectionClosed):
                 return
@@ -336,6 +441,28 @@ class Receiver:
         self.log.warning("group %s: took over as primary from %s at seq %d (switchover)",
                          g.name, s.source, ev.seq)
 
+    async def _successor(self, s: _Session, ev: Successor) -> bool:
+        """Our source names the next primary (switchover): take it as source when it
+        connects as the primary of the generation that begins after ev.seq."""
+        g = s.group
+        await g.settle()
+        why = None
+        if ev.node not in self.peers or ev.node == self.node:
+            why = f"successor {ev.node!r} is not one of the peers of {self.node}"
+        elif g.journal.last_seq != ev.seq:
+            why = (f"successor {ev.node} named at seq {ev.seq} but group {g.name} on "
+                   f"{self.node} holds seq {g.journal.last_seq}")
+        if why:
+            self.log.warning("group %s: refused from %s: %s", g.name, s.link.who(s.source), why)
+            await s.link.send(Error(code=Refusal.POSITION, message=why))
+            return False
+        self.successors[g.name] = (ev.node, ev.seq)
+        self.log.warning("group %s: %s names %s the next primary after seq %d: %s becomes "
+                         "the source when it connects as primary from seq %d", g.name,
+                         s.source, ev.node, ev.seq, ev.node, ev.seq + 1)
+        await s.link.send(Ack(seq=ev.seq))
+        return True
+
     async def _hash(self, s: _Session, ev: HashRequest) -> str | None:
         """Answer a HASH_REQUEST with the hashes of our regions (or say why we cannot).
         The stream is not read meanwhile, so for an in-band request (seq given) the
@@ -380,6 +507,12 @@ class Receiver:
         if s is None:
             return None
         return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq}
+
+
+def _who(link: Link | None, session: _Session | None) -> str:
+    if link is None:
+        return "a peer"
+    return link.who(session.source if session else None)
 
 
 def _merge(extents):

@@ -46,7 +46,8 @@ from .verify import CHUNK, chunks, differing, volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
                    Diverged, Error, Feature, Handover, HashReply, HashRequest, Heartbeat, Hello,
                    LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
-                   ResyncData, ResyncDone, Retain, Role, Welcome)
+                   ResyncBegin, ResyncData, ResyncDone, Retain, Role, Successor, Welcome,
+                   code_name)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
@@ -77,10 +78,6 @@ def _runs(regions, most: int):
         yield run
 
 
-def _code(ev: Error) -> str:
-    return getattr(ev.code, "name", str(ev.code))
-
-
 class ShipError(Exception):
     """A session with a target ended for a reason worth reporting."""
 
@@ -94,8 +91,7 @@ class Shipper:
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
                  heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
                  initial_sync: str = "full",
-                 tls: ssl.SSLContext | None = None, on_stale=None,
-                 log: logging.Logger | None = None):
+                 tls: ssl.SSLContext | None = None, log: logging.Logger | None = None):
         self.group = group
         self.target = link
         self.node = node
@@ -129,9 +125,9 @@ class Shipper:
         self._hash_waiters: dict[int, asyncio.Future] = {}
         self._resync_waiters: list[asyncio.Future] = []
         self._handover: dict | None = None  # switchover: {seq, targets, fut, sent}
+        self._successor: dict | None = None  # switchover: {seq, node, fut, sent}
         self._stopping = False
         self._hello_history: list = []  # the history this session's HELLO carried
-        self.on_stale = on_stale  # (group, node): the target holds a later primary's line
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
@@ -185,8 +181,7 @@ class Shipper:
         lost = ShipError(f"the link to {self.target.node} went down"
                          + (f": {self.last_error}" if self.last_error else ""))
         waiters = list(self._hash_waiters.values()) + [p.reply for p in self._probes]
-        if self._handover:
-            waiters.append(self._handover["fut"])
+        waiters += [h["fut"] for h in (self._handover, self._successor) if h]
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(lost)
@@ -219,9 +214,11 @@ class Shipper:
                     ev.code, "refused")
                 if state == "split-brain":
                     g.split_brain = {"peer": self.target.node, "reason": ev.reason}
-                elif state == "stale" and self.on_stale is not None:
-                    self.on_stale(g, self.target.node)  # we wrote nothing past the fork
-                raise ShipError(f"refused by {self.target.node}: {_code(ev)}: {ev.reason}",
+                # stale: the target follows a later primary. That is no reason to stop
+                # being primary here (a peer's claim is no authority): the operator
+                # demotes this node (replicator demote) once it knows who took over.
+                raise ShipError(f"refused by {self.target.node}: {code_name(ev.code)}: "
+                                f"{ev.reason}",
                                 state=state)
             if not isinstance(ev, Welcome):
                 raise ShipError(f"{self.target.node} closed the connection during the handshake")
@@ -342,6 +339,10 @@ class Shipper:
                 await self._send_probe(link, self._probes.popleft())
                 last_send = time.monotonic()
                 continue
+            h = self._successor
+            if h and not h["sent"] and self.sent_seq >= h["seq"]:
+                h["sent"] = True
+                await link.send(Successor(seq=h["seq"], node=h["node"]))
             h = self._handover
             if h and not h["sent"] and self.sent_seq >= h["seq"]:
                 await link.send(Handover(seq=h["seq"], targets=h["targets"]))
@@ -454,9 +455,9 @@ class Shipper:
                     raise ShipError(f"{self.target.node} acked seq {ev.seq} outside "
                                     f"{self.target.acked_seq}..{self.sent_seq}")
                 self.target.acked_seq = ev.seq
-                h = self._handover
-                if h and h["sent"] and ev.seq == h["seq"] and not h["fut"].done():
-                    h["fut"].set_result(None)  # the target is the primary now
+                for h in (self._handover, self._successor):  # the target did as told
+                    if h and h["sent"] and ev.seq == h["seq"] and not h["fut"].done():
+                        h["fut"].set_result(None)
                 while self._inflight and self._inflight[0][0] <= ev.seq:
                     self._inflight_bytes -= self._inflight.popleft()[1]
                     # the next batch's wait for its ACK starts now, not when it was sent
@@ -466,7 +467,8 @@ class Shipper:
             elif isinstance(ev, HashReply):
                 self._hash_reply(ev)
             elif isinstance(ev, Error):
-                raise ShipError(f"{self.target.node} reported error {_code(ev)}: {ev.message}")
+                raise ShipError(f"{self.target.node} reported error {code_name(ev.code)}: "
+                                f"{ev.message}")
             elif isinstance(ev, ConnectionClosed):
                 raise ShipError(f"{self.target.node} closed the connection")
             elif not isinstance(ev, Heartbeat):
@@ -522,7 +524,8 @@ class Shipper:
                     elif isinstance(ev, Ack):
                         state["done_seq"] = ev.seq
                     elif isinstance(ev, Error):
-                        raise ShipError(f"{t.node} reported error {_code(ev)}: {ev.message}")
+                        raise ShipError(f"{t.node} reported error {code_name(ev.code)}: "
+                                        f"{ev.message}")
                     elif isinstance(ev, ConnectionClosed):
                         raise ShipError(f"{t.node} closed the connection during the resync")
                     wake.set()
@@ -576,6 +579,14 @@ class Shipper:
 
         reader = asyncio.create_task(read_acks())
         loop = asyncio.get_running_loop()
+        begun = None  # the seq the running pass's RESYNC_BEGIN named (None: no pass yet)
+
+        async def begin(seq: int) -> None:
+            nonlocal begun
+            if seq != begun:
+                await link.send(ResyncBegin(seq=seq))
+                begun = seq
+
         try:
             epoch, first = None, True
             while True:
@@ -588,6 +599,8 @@ class Shipper:
                     bm.clear_all()
                 bm.remarked = set()
                 regions = list(bm.dirty())
+                if regions:
+                    await begin(bm.through)
                 if not regions:
                     if g.inconsistent:
                         # This node is itself being resynced: it has no image to finish
@@ -595,11 +608,13 @@ class Shipper:
                         await wait(lambda: not g.inconsistent or bm.count())
                         continue
                     bm.remarked = None
-                    seq = bm.through
                     t.finishing = True  # the checkpointer must not move `through` any more
+                    seq = bm.through
+                    await begin(seq)
                     await link.send(ResyncDone(seq=seq, crc=g.journal.position(seq).hcrc))
                     await wait(lambda: state["done_seq"] is not None)
                     t.finishing = False
+                    begun = None  # the pass is over: another one announces itself
                     if state["done_seq"] != seq:
                         raise ShipError(f"{t.node} finished the resync at seq "
                                         f"{state['done_seq']}, expected {seq}")
@@ -670,6 +685,19 @@ class Shipper:
             await asyncio.wait_for(fut, timeout)
         finally:
             self._handover = None
+
+    async def name_successor(self, node: str, seq: int, timeout: float) -> None:
+        """Tell the target (SUCCESSOR) that `node` becomes its source after `seq` (every
+        record through it sent first): returns when it says it heard."""
+        if not (self.target.streaming and self.state in STREAMING_STATES):
+            raise ShipError(f"{self.target.node} is {self._state()}")
+        fut = asyncio.get_running_loop().create_future()
+        self._successor = {"seq": seq, "node": node, "fut": fut, "sent": False}
+        self.poke()
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._successor = None
 
     # ---- online verify -----------------------------------------------------------------
     async def verify(self, ranges: list[tuple[str, int, int | None]]) -> dict:

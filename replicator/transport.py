@@ -61,6 +61,26 @@ def peer_node(writer: asyncio.StreamWriter) -> str | None:
     return ""
 
 
+def peer_subject(writer: asyncio.StreamWriter) -> str | None:
+    """The subject of a TLS peer's verified certificate, as `CN=b,O=...`; None on plain
+    TCP. For log lines that must say who was refused."""
+    cert = writer.get_extra_info("peercert")
+    if not cert:
+        return None
+    return ",".join(f"{_SHORT.get(key, key)}={value}"
+                    for rdn in cert.get("subject", ()) for key, value in rdn)
+
+
+_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+          "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+
+
+def tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in the words of the check that failed."""
+    return (getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+            or str(exc) or type(exc).__name__)
+
+
 class Link:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  conn: Connection):
@@ -69,6 +89,14 @@ class Link:
         self.conn = conn
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.subject = peer_subject(writer)
+
+    def who(self, node: str | None = None) -> str:
+        """The peer as a log line names it: its node name (as it claims), address and,
+        on TLS, the subject of its certificate."""
+        return " ".join(filter(None, [repr(node) if node is not None else None,
+                                      f"at {self.peer}",
+                                      f"(certificate {self.subject})" if self.subject else None]))
 
     async def send(self, *events) -> None:
         write = self.writer.write

@@ -188,6 +188,9 @@ class Topology:
                         {"name": v, "path": os.path.join(self.root, n, "vol", f"{v}.img"),
                          "size": size} for v, size in volumes.items()],
                     "targets": targets,
+                    # a bunker serves the takeover replay (FETCH) of the far replicas
+                    **({"members": [p for p in nodes if p not in (n, sources.get(n))]}
+                       if n in bunkers else {}),
                     **(group_options or {}),
                     **((node_options or {}).get(n, {})),
                 }],

@@ -193,6 +193,9 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
                          **({"bunker": True} if l.get("bunker") else {})}
                         for l in g.get("links", []) if l["from"] == node],
             **({"bunker": bunker} if bunker and role == "secondary" else {}),
+            # a bunker serves the takeover replay (FETCH) of the group's other members
+            **({"members": [m for m in members(g) if m not in (node, source)]}
+               if role == "bunker" else {}),
         })
     return out
 

@@ -15,13 +15,34 @@ journal; the RECEIVER (responder) is a replica of that group.
               <--------------REFUSE--------  CLOSED (the receiver then closes)
     ERROR frames may go either way in any open state; both ends are then CLOSED.
 
+After WELCOME both ends walk the same states, each moved by the frames it sends and
+receives (frames in flight the other way are allowed where they can cross):
+
+    STREAMING     RECORDS, RETAIN, SUCCESSOR, HASH_REQUEST(seq) down; ACK, HASH_REPLY,
+                  DIVERGED up; HEARTBEAT both ways
+      --RESYNC_BEGIN-->  RESYNCING     RESYNC_BEGIN, RESYNC_DATA, HASH_REQUEST(ANY_SEQ)
+                                       down; RESYNC_ACK, HASH_REPLY up
+      <-----ACK(seq)---  RESYNC_DONE   after RESYNC_DONE(seq): late RESYNC_ACKs, then
+                                       ACK(seq), back to STREAMING
+      --HANDOVER------>  HANDING_OVER  nothing more down but heartbeats; ACKs up
+    FETCH_READY   (WELCOME agreed FETCH) --FETCH--> FETCHING: RECORDS up, then ACK: CLOSED
+
 Every allowed (role, state, direction, frame type) is a row of TRANSITIONS. Anything
 else is a protocol error naming whose fault it is: LocalProtocolError when we try to
 send it, RemoteProtocolError when the peer sent it. Either one moves the connection to
-State.ERROR, and from then on every call re-raises (the stream can no longer be trusted).
+State.ERROR, and from then on every call re-raises (the stream can no longer be trusted);
+after a RemoteProtocolError, send_failure() still gives one ERROR(PROTOCOL) frame that
+tells the peer what it did wrong, to write before closing.
 The handshake also fixes what may follow: the version in WELCOME must lie in the HELLO
 range, its features must be a subset of the HELLO features, and COMPRESSED RECORDS are
 only allowed once ZSTD was agreed.
+
+Ranges, checked both ways: every seq is at most MAX_SEQ; an ACK, RETAIN, HANDOVER or
+SUCCESSOR names no seq past the highest this stream has named (WELCOME's position, the
+last RECORDS, RESYNC_DONE); RECORDS leave no gap after it; RESYNC_DONE's seq is the seq
+of the pass's RESYNC_BEGIN and its ACK repeats it; a HASH_REPLY answers an outstanding
+HASH_REQUEST id (at most MAX_HASHES_OUTSTANDING). What only the group can judge (a seq
+against the journal, an offset against a volume) is checked where the group is.
 
 No I/O happens here: `send(event)` returns the bytes to write, `receive_data(data)`
 buffers what arrived (b"" = EOF), and `next_event()` returns the next event, NEED_DATA,
@@ -46,8 +67,10 @@ from dataclasses import dataclass
 import zstandard
 from crc32c import crc32c
 
-from .frames import (DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, Feature, Frame, FrameType, Hello,
-                     LocalProtocolError, ProtocolError, RemoteProtocolError, Welcome,
+from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAX_SEQ, Ack, Diverged,
+                     Error, Feature, Fetch, Frame, FrameType, Handover, HashReply, HashRequest,
+                     Hello, LocalProtocolError, ProtocolError, Records, Refusal,
+                     RemoteProtocolError, ResyncBegin, ResyncDone, Retain, Successor, Welcome,
                      decode_body, decode_header, encode_body, encode_header)
 
 
@@ -61,6 +84,11 @@ class State(enum.Enum):
     HELLO_SENT = "hello-sent"  # sender only
     HELLO_RECEIVED = "hello-received"  # receiver only
     STREAMING = "streaming"
+    RESYNCING = "resyncing"  # between RESYNC_BEGIN and RESYNC_DONE
+    RESYNC_DONE = "resync-done"  # RESYNC_DONE sent, its ACK not yet taken
+    HANDING_OVER = "handing-over"  # after HANDOVER: only its ACK (and heartbeats) follow
+    FETCH_READY = "fetch-ready"  # WELCOME agreed FETCH: the FETCH request comes next
+    FETCHING = "fetching"  # after FETCH: RECORDS up to the sender, then ACK
     CLOSED = "closed"
     ERROR = "error"
 
@@ -89,53 +117,64 @@ class ConnectionClosed:
 SEND, RECV = "send", "recv"
 _S, _R = Role.SENDER, Role.RECEIVER
 _F = FrameType
+_DOWN, _UP = "down", "up"  # sender -> receiver, receiver -> sender
+MAX_HASHES_OUTSTANDING = 256  # HASH_REQUESTs not yet answered, per connection
 
 TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.START, SEND, _F.HELLO): State.HELLO_SENT,
-    (_S, State.HELLO_SENT, RECV, _F.WELCOME): State.STREAMING,
-    (_S, State.HELLO_SENT, RECV, _F.REFUSE): State.CLOSED,
-    (_S, State.STREAMING, SEND, _F.RECORDS): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.HEARTBEAT): State.STREAMING,
-    (_S, State.STREAMING, RECV, _F.ACK): State.STREAMING,
-    (_S, State.STREAMING, RECV, _F.HEARTBEAT): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.RESYNC_DATA): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.RESYNC_DONE): State.STREAMING,
-    (_S, State.STREAMING, RECV, _F.RESYNC_ACK): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.HASH_REQUEST): State.STREAMING,
-    (_S, State.STREAMING, RECV, _F.HASH_REPLY): State.STREAMING,
-    (_S, State.STREAMING, RECV, _F.DIVERGED): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.HANDOVER): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.FETCH): State.STREAMING,
-    (_S, State.STREAMING, SEND, _F.RETAIN): State.STREAMING,
-    (_S, State.STREAMING, RECV, _F.RECORDS): State.STREAMING,
-
     (_R, State.START, RECV, _F.HELLO): State.HELLO_RECEIVED,
+    (_S, State.HELLO_SENT, RECV, _F.WELCOME): State.STREAMING,  # FETCH_READY: see _agree
     (_R, State.HELLO_RECEIVED, SEND, _F.WELCOME): State.STREAMING,
+    (_S, State.HELLO_SENT, RECV, _F.REFUSE): State.CLOSED,
     (_R, State.HELLO_RECEIVED, SEND, _F.REFUSE): State.CLOSED,
-    (_R, State.STREAMING, RECV, _F.RECORDS): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.HEARTBEAT): State.STREAMING,
-    (_R, State.STREAMING, SEND, _F.ACK): State.STREAMING,
-    (_R, State.STREAMING, SEND, _F.HEARTBEAT): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.RESYNC_DATA): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.RESYNC_DONE): State.STREAMING,
-    (_R, State.STREAMING, SEND, _F.RESYNC_ACK): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.HASH_REQUEST): State.STREAMING,
-    (_R, State.STREAMING, SEND, _F.HASH_REPLY): State.STREAMING,
-    (_R, State.STREAMING, SEND, _F.DIVERGED): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.HANDOVER): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.FETCH): State.STREAMING,
-    (_R, State.STREAMING, RECV, _F.RETAIN): State.STREAMING,
-    (_R, State.STREAMING, SEND, _F.RECORDS): State.STREAMING,
 }
-# Rows only a connection that agreed Feature.FETCH may use (journal read from a bunker).
-FETCH_ONLY = {Role.SENDER: {_F.FETCH: SEND, _F.RECORDS: RECV},
-              Role.RECEIVER: {_F.FETCH: RECV, _F.RECORDS: SEND}}
+# After WELCOME both ends follow the same rows: (state, which way, frame) -> next state.
+_FLOWS = [
+    (State.STREAMING, _DOWN, _F.RECORDS, State.STREAMING),
+    (State.STREAMING, _DOWN, _F.HEARTBEAT, State.STREAMING),
+    (State.STREAMING, _DOWN, _F.HASH_REQUEST, State.STREAMING),  # online verify
+    (State.STREAMING, _DOWN, _F.RETAIN, State.STREAMING),
+    (State.STREAMING, _DOWN, _F.SUCCESSOR, State.STREAMING),
+    (State.STREAMING, _DOWN, _F.RESYNC_BEGIN, State.RESYNCING),
+    (State.STREAMING, _DOWN, _F.HANDOVER, State.HANDING_OVER),
+    (State.STREAMING, _UP, _F.ACK, State.STREAMING),
+    (State.STREAMING, _UP, _F.HEARTBEAT, State.STREAMING),
+    (State.STREAMING, _UP, _F.HASH_REPLY, State.STREAMING),
+    (State.STREAMING, _UP, _F.DIVERGED, State.STREAMING),
+    (State.RESYNCING, _DOWN, _F.RESYNC_BEGIN, State.RESYNCING),  # the next pass
+    (State.RESYNCING, _DOWN, _F.RESYNC_DATA, State.RESYNCING),
+    (State.RESYNCING, _DOWN, _F.HASH_REQUEST, State.RESYNCING),  # checksum resync
+    (State.RESYNCING, _DOWN, _F.HEARTBEAT, State.RESYNCING),
+    (State.RESYNCING, _DOWN, _F.RESYNC_DONE, State.RESYNC_DONE),
+    (State.RESYNCING, _UP, _F.RESYNC_ACK, State.RESYNCING),
+    (State.RESYNCING, _UP, _F.HASH_REPLY, State.RESYNCING),
+    (State.RESYNCING, _UP, _F.HEARTBEAT, State.RESYNCING),
+    (State.RESYNC_DONE, _DOWN, _F.HEARTBEAT, State.RESYNC_DONE),
+    (State.RESYNC_DONE, _UP, _F.RESYNC_ACK, State.RESYNC_DONE),
+    (State.RESYNC_DONE, _UP, _F.HEARTBEAT, State.RESYNC_DONE),
+    (State.RESYNC_DONE, _UP, _F.ACK, State.STREAMING),
+    (State.HANDING_OVER, _DOWN, _F.HEARTBEAT, State.HANDING_OVER),
+    (State.HANDING_OVER, _UP, _F.ACK, State.HANDING_OVER),
+    (State.HANDING_OVER, _UP, _F.HEARTBEAT, State.HANDING_OVER),
+    (State.HANDING_OVER, _UP, _F.HASH_REPLY, State.HANDING_OVER),  # a verify's, crossing
+    (State.FETCH_READY, _DOWN, _F.FETCH, State.FETCHING),
+    (State.FETCHING, _UP, _F.RECORDS, State.FETCHING),
+    (State.FETCHING, _UP, _F.ACK, State.CLOSED),
+]
+for _state, _way, _kind, _next in _FLOWS:
+    TRANSITIONS[(_S, _state, SEND if _way == _DOWN else RECV, _kind)] = _next
+    TRANSITIONS[(_R, _state, RECV if _way == _DOWN else SEND, _kind)] = _next
 # ERROR: either way, in any open state, and it closes the connection.
+OPEN_STATES = (State.START, State.HELLO_SENT, State.HELLO_RECEIVED, State.STREAMING,
+               State.RESYNCING, State.RESYNC_DONE, State.HANDING_OVER, State.FETCH_READY,
+               State.FETCHING)
 TRANSITIONS.update({(role, state, direction, _F.ERROR): State.CLOSED
-                    for role in Role
-                    for state in (State.START, State.HELLO_SENT, State.HELLO_RECEIVED,
-                                  State.STREAMING)
-                    for direction in (SEND, RECV)})
+                    for role in Role for state in OPEN_STATES for direction in (SEND, RECV)})
+
+
+def _framed(kind: FrameType, flags: int, parts: list) -> list:
+    """The header (its checksums computed) followed by the body's parts."""
+    return [encode_header(kind, flags, parts), *parts]
 
 
 class Connection:
@@ -152,6 +191,9 @@ class Connection:
         self.version: int | None = None  # agreed in the handshake
         self.features: Feature | None = None  # agreed in the handshake
         self._hello: Hello | None = None
+        self._top = 0  # the highest seq this stream named (see "Ranges")
+        self._pass_seq: int | None = None  # the running resync pass's RESYNC_BEGIN seq
+        self._hashes: set[int] = set()  # HASH_REQUEST ids not yet answered
         self._buf = bytearray()
         self._eof = False
         self._failure: ProtocolError | None = None
@@ -175,16 +217,16 @@ class Connection:
                 raise LocalProtocolError(f"{type(event).__name__} is not a frame")
             next_state = self._next_state(SEND, kind, LocalProtocolError)
             if kind == _F.WELCOME:
-                self._agree(event, LocalProtocolError)
+                next_state = self._agree(event, LocalProtocolError, next_state)
             flags, parts = encode_body(event, max_frame=self.max_frame,
                                        compressor=self._compressor)
+            self._check(event, LocalProtocolError)
         except LocalProtocolError as exc:
             raise self._fail(exc)
         if kind == _F.HELLO:
             self._hello = event
-        header = encode_header(kind, flags, parts)
         self.state = next_state
-        return [header, *parts]
+        return _framed(kind, flags, parts)
 
     # ---- receiving ----------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -240,7 +282,8 @@ class Connection:
         if isinstance(event, Hello):
             self._hello = event
         elif isinstance(event, Welcome):
-            self._agree(event, RemoteProtocolError)
+            next_state = self._agree(event, RemoteProtocolError, next_state)
+        self._check(event, RemoteProtocolError)
         self.state = next_state
         return event
 
@@ -267,17 +310,76 @@ class Connection:
     # ---- state --------------------------------------------------------------------------
     def _next_state(self, direction: str, kind: FrameType, error: type[ProtocolError]) -> State:
         next_state = TRANSITIONS.get((self.our_role, self.state, direction, kind))
-        if FETCH_ONLY[self.our_role].get(kind) == direction and \
-                not (self.features or 0) & Feature.FETCH:
-            next_state = None  # those frames flow "backwards" only on a FETCH connection
         if next_state is None:
             verb = "send" if direction == SEND else "receive"
             raise error(f"{self.our_role.value} cannot {verb} {kind.name} in state "
                         f"{self.state.value}")
         return next_state
 
-    def _agree(self, welcome: Welcome, error: type[ProtocolError]) -> None:
-        """Check a WELCOME against the HELLO it answers and adopt its terms."""
+    def _check(self, event: Frame, error: type[ProtocolError]) -> None:
+        """The ranges of an event the table allows here (see "Ranges"); keeps what later
+        checks need. Raises `error` for an event out of range."""
+        kind = event.frame_type
+        name = kind.name
+        seqs = {"seq": getattr(event, "seq", 0)}
+        if isinstance(event, Records):
+            seqs = {"first_seq": event.first_seq, "last_seq": event.last_seq}
+        elif isinstance(event, Diverged):
+            seqs = {"fork": event.fork}
+        elif isinstance(event, (Hello, Welcome)):
+            seqs.update({f"history first_seq {i}": first
+                         for i, (_, first) in enumerate(event.history)})
+        elif isinstance(event, HashRequest) and event.seq == ANY_SEQ:
+            seqs = {}
+        for field, value in seqs.items():
+            if value > MAX_SEQ:
+                raise error(f"{name} {field} {value} exceeds the highest seq {MAX_SEQ}")
+        if isinstance(event, Welcome):
+            self._top = event.seq
+        elif isinstance(event, Records):
+            if event.first_seq > self._top + 1:
+                raise error(f"RECORDS {event.first_seq}..{event.last_seq} leave a gap after "
+                            f"seq {self._top}")
+            self._top = max(self._top, event.last_seq)
+        elif isinstance(event, (Ack, Retain, Handover, Successor)):
+            if event.seq > self._top:
+                raise error(f"{name} of seq {event.seq}, past seq {self._top}, the highest "
+                            "this stream named")
+            if kind == _F.ACK and self.state == State.RESYNC_DONE \
+                    and event.seq != self._pass_seq:
+                raise error(f"ACK of seq {event.seq} answers RESYNC_DONE of seq "
+                            f"{self._pass_seq}")
+        elif isinstance(event, ResyncBegin):
+            if self._pass_seq is not None and event.seq < self._pass_seq:
+                raise error(f"RESYNC_BEGIN of seq {event.seq} after a pass to seq "
+                            f"{self._pass_seq}: passes only go forward")
+            self._pass_seq = event.seq
+        elif isinstance(event, ResyncDone):
+            if event.seq != self._pass_seq:
+                raise error(f"RESYNC_DONE at seq {event.seq}, but the resync pass began "
+                            f"towards seq {self._pass_seq}")
+            self._top = max(self._top, event.seq)
+        elif isinstance(event, HashRequest):
+            streaming = self.state == State.STREAMING
+            if streaming == (event.seq == ANY_SEQ):
+                raise error("HASH_REQUEST " + ("for the current image (ANY_SEQ) outside a resync"
+                                               if streaming else f"at seq {event.seq} during a "
+                                               "resync (only ANY_SEQ)"))
+            if event.id in self._hashes:
+                raise error(f"HASH_REQUEST id {event.id} is already outstanding")
+            if len(self._hashes) >= MAX_HASHES_OUTSTANDING:
+                raise error(f"more than {MAX_HASHES_OUTSTANDING} HASH_REQUESTs outstanding")
+            self._hashes.add(event.id)
+        elif isinstance(event, HashReply):
+            if event.id not in self._hashes:
+                raise error(f"HASH_REPLY for id {event.id}, which no HASH_REQUEST asked for")
+            self._hashes.discard(event.id)
+        elif isinstance(event, Fetch):
+            self._top = max(self._top, event.seq)
+
+    def _agree(self, welcome: Welcome, error: type[ProtocolError], next_state: State) -> State:
+        """Check a WELCOME against the HELLO it answers and adopt its terms; the state it
+        leads to (FETCH_READY on a connection that agreed FETCH)."""
         hello = self._hello
         if not hello.proto_min <= welcome.version <= hello.proto_max:
             raise error(f"WELCOME version {welcome.version} is outside the HELLO range "
@@ -290,6 +392,17 @@ class Connection:
         if self.features & Feature.ZSTD:
             self._compressor = zstandard.ZstdCompressor(level=self._zstd_level)
             self._decompressor = zstandard.ZstdDecompressor()
+        return State.FETCH_READY if self.features & Feature.FETCH else next_state
+
+    def send_failure(self) -> bytes:
+        """After the peer broke the protocol (this connection failed with a
+        RemoteProtocolError): one ERROR(PROTOCOL) frame saying why, to send before closing,
+        so that the peer's log tells what it did wrong. The connection stays failed."""
+        if not isinstance(self._failure, RemoteProtocolError):
+            raise LocalProtocolError("send_failure() is only for a connection the peer broke")
+        flags, parts = encode_body(Error(code=Refusal.PROTOCOL, message=str(self._failure)),
+                                   max_frame=self.max_frame)
+        return b"".join(_framed(_F.ERROR, flags, parts))
 
     def _check_not_failed(self) -> None:
         if self._failure is not None:

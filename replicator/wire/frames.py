@@ -45,6 +45,8 @@ exactly after its last field):
    14 HANDOVER     seq u64                                         targets
    15 FETCH        seq u64, crc u32
    16 RETAIN       seq u64
+   17 RESYNC_BEGIN seq u64                                         (protocol 2)
+   18 SUCCESSOR    seq u64                                         node str (protocol 2)
 
 history = count u16 (at most MAX_GENERATIONS), then count x (id u64, first_seq u64): the
 generations the node's image descends from, oldest first (replicator/generations.py).
@@ -61,16 +63,28 @@ and must keep every later one for a takeover replay.
 HANDOVER (sender -> receiver, after every record through seq): planned switchover; the
 receiver, holding exactly seq, becomes the primary with these targets and answers
 ACK(seq); the sender then demotes itself.
+SUCCESSOR (sender -> receiver, after every record through seq, before the HANDOVER to
+`node`): the sender, the receiver's source, names `node` as the next primary; the
+receiver, holding exactly seq, answers ACK(seq) and from then on takes `node` as its
+source once it connects as the primary of a generation that begins at seq + 1 (and only
+then). This is how a switchover moves the other replicas: a peer claiming a newer
+generation is never taken as a source on its own word.
 DIVERGED (receiver -> sender, right after WELCOME, only when the histories say the
 receiver holds records past `fork` that the sender's line does not have): the regions
 those records wrote (complete = 1), or complete = 0 when the receiver no longer knows
 them all; the sender then resyncs those regions (or checks every region) too.
 
-Resync (sender -> receiver, in STREAMING, instead of RECORDS): RESYNC_DATA carries the
-current content of one dirty region; RESYNC_ACK(count) says the first `count`
-RESYNC_DATA frames of this connection are durable on the receiver; RESYNC_DONE says the
-receiver now holds the sender's image after `seq` (header CRC `crc`): it rebases its
-journal there and answers with ACK(seq), after which RECORDS from seq + 1 follow.
+Resync (sender -> receiver, instead of RECORDS): RESYNC_BEGIN(seq) opens a pass that
+brings the receiver to the sender's image after `seq` (each later pass names a seq at
+least as high); RESYNC_DATA carries the current content of one dirty region;
+RESYNC_ACK(count) says the first `count` RESYNC_DATA frames of this connection are
+durable on the receiver; RESYNC_DONE says the receiver now holds the sender's image
+after `seq`, which must be the seq of the last RESYNC_BEGIN (header CRC `crc`): it
+rebases its journal there and answers with ACK(seq), after which another pass or
+RECORDS from seq + 1 follow. Outside a pass these frames are protocol errors.
+
+Seqs: every seq on the wire (and every generation's first_seq) is at most MAX_SEQ, so a
+journal started at any of them still has room to grow; ANY_SEQ is only a HASH_REQUEST's.
 
 Hashes (sender -> receiver, in STREAMING): HASH_REQUEST asks the receiver for the hash
 of every `granularity`-sized region of [offset, offset + length) of a volume, taken on
@@ -110,9 +124,12 @@ FLAG_COMPRESSED = 0x01
 IGNORABLE_FROM = 0x80  # types from here up may be skipped by a peer that does not know them
 MAX_NAME = 255  # every str field...
 MAX_REASON = 1024  # ...except the free text of REFUSE and ERROR
-PROTOCOL_MIN = PROTOCOL_MAX = 2  # 2: the frame header has its own CRC
+# Protocol 2: the frame header has its own CRC; RESYNC_BEGIN, SUCCESSOR and the states they
+# open. Version 1 peers (another header, no resync announcement, no successor) are refused.
+PROTOCOL_MIN = PROTOCOL_MAX = 2
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 ANY_SEQ = 2**64 - 1  # HASH_REQUEST: hash the receiver's current image
+MAX_SEQ = 2**63 - 1  # the highest seq a peer may name: a journal there still has room
 HASH_SIZE = 8
 MAX_HASH_REGIONS = 4096  # per HASH_REQUEST
 MAX_GENERATIONS = 1024
@@ -136,6 +153,8 @@ class FrameType(enum.IntEnum):
     HANDOVER = 14
     FETCH = 15
     RETAIN = 16
+    RESYNC_BEGIN = 17
+    SUCCESSOR = 18
 
 
 class Refusal(enum.IntEnum):
@@ -150,6 +169,9 @@ class Refusal(enum.IntEnum):
     IDENTITY = 8  # the TLS certificate names another node than HELLO does
     SPLIT_BRAIN = 9  # both nodes were primary after their lines parted
     STALE = 10  # the sender's line is older than the receiver's: it is no primary any more
+    UNKNOWN_PEER = 11  # the node is not in the receiver's peers (address book)
+    NOT_MEMBER = 12  # the node is a peer, but not a member of this group on the receiver
+    PROTOCOL = 13  # the peer broke the protocol (a frame out of its state or range)
     INTERNAL = 99
 
     @classmethod
@@ -159,6 +181,15 @@ class Refusal(enum.IntEnum):
             return cls(code)
         except ValueError:
             return code
+
+
+def code_name(code: "Refusal | int") -> str:
+    """The name of a REFUSE or ERROR code, also for codes this version does not know
+    (a newer peer's): `code 1234`."""
+    try:
+        return Refusal(int(code)).name
+    except (ValueError, TypeError):
+        return f"code {code}"
 
 
 class Feature(enum.IntFlag):
@@ -344,6 +375,22 @@ class Fetch:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ResyncBegin:
+    """Sender -> receiver: a resync pass towards the sender's image after `seq` begins."""
+    frame_type: ClassVar[FrameType] = FrameType.RESYNC_BEGIN
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Successor:
+    """Sender (the receiver's source) -> receiver: `node` becomes the primary after `seq`;
+    take it as source when it connects with a generation beginning at seq + 1."""
+    frame_type: ClassVar[FrameType] = FrameType.SUCCESSOR
+    seq: int
+    node: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Retain:
     """Sender -> bunker: the far replicas hold every record through `seq`."""
     frame_type: ClassVar[FrameType] = FrameType.RETAIN
@@ -351,7 +398,8 @@ class Retain:
 
 
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
-         | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch | Retain)
+         | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch | Retain
+         | ResyncBegin | Successor)
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -403,6 +451,8 @@ _EXTENT = _Fixed("QQ", "offset", "length")
 _HANDOVER = _Fixed("Q", "seq")
 _FETCH = _Fixed("QI", "seq", "crc")
 _RETAIN = _Fixed("Q", "seq")
+_RESYNC_BEGIN = _Fixed("Q", "seq")
+_SUCCESSOR = _Fixed("Q", "seq")
 _TARGET_FLAGS = _Fixed("B", "target flags")
 _STRLEN = struct.Struct("<H")
 
@@ -570,6 +620,10 @@ def encode_body(event: Frame, *, max_frame: int,
         parts = [_FETCH.pack(kind, event.seq, event.crc)]
     elif isinstance(event, Retain):
         parts = [_RETAIN.pack(kind, event.seq)]
+    elif isinstance(event, ResyncBegin):
+        parts = [_RESYNC_BEGIN.pack(kind, event.seq)]
+    elif isinstance(event, Successor):
+        parts = [_SUCCESSOR.pack(kind, event.seq), _pack_name(kind, "node", event.node)]
     elif isinstance(event, Handover):
         parts = [_HANDOVER.pack(kind, event.seq)]
         for node, mode, compress, on_disconnect in event.targets:
@@ -679,6 +733,11 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = Fetch(seq=seq, crc=crc)
     elif kind == FrameType.RETAIN:
         event = Retain(seq=reader.fixed(_RETAIN)[0])
+    elif kind == FrameType.RESYNC_BEGIN:
+        event = ResyncBegin(seq=reader.fixed(_RESYNC_BEGIN)[0])
+    elif kind == FrameType.SUCCESSOR:
+        (seq,) = reader.fixed(_SUCCESSOR)
+        event = Successor(seq=seq, node=reader.text("node"))
     elif kind == FrameType.HANDOVER:
         (seq,) = reader.fixed(_HANDOVER)
         targets = []

@@ -124,6 +124,9 @@ def test_a_bunker_link_renders_a_journal_only_member():
     node_groups = F["replicator_node_groups"]
     (bunker,) = node_groups(groups, "dc1-bunker")
     assert (bunker["role"], bunker["source"], bunker["volumes"]) == ("bunker", "dc1-app", [])
+    # the far replicas may read its journal at a takeover (FETCH is for members only)
+    assert sorted(bunker["members"]) == sorted(
+        h for h in HOSTS if h not in ("dc1-app", "dc1-bunker")) and "dc1-app" not in bunker["members"]
     (primary,) = node_groups(groups, "dc1-app")
     assert primary["targets"][-1]["bunker"] is True and "bunker" not in primary
     (far,) = node_groups(groups, "dc3-arc")

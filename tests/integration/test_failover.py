@@ -70,6 +70,7 @@ def test_switchover_and_back_loses_nothing(topology):
     rc, r = replicator_cli(topo["a"], "switchover", "db", "--to", "b")
     assert rc == 0, r
     assert (r["from"], r["to"]) == ("a", "b") and r["drained"]["b"] == r["seq"]
+    assert r["reparent_needed"] == []  # c was named b in the stream (SUCCESSOR)
     assert _role(topo["b"]) == "primary" and _role(topo["a"]) == "secondary"
     assert topo["b"].group("db")["generations"] == 2
     assert _write_fails(topo["a"])  # the old primary is read-only now
@@ -87,6 +88,30 @@ def test_switchover_and_back_loses_nothing(topology):
     _converged(topo, "a", ["b", "c"])
     assert _identical(topo, ["a", "b", "c"])
     assert topo["a"].group("db")["seq"] > back["seq"] > r["seq"]
+
+
+def test_a_target_away_during_a_switchover_is_reparented_by_hand(topology):
+    """The old primary names the new one to its other targets in the stream (SUCCESSOR);
+    one that was away cannot hear it, and a later generation is no authority: it keeps
+    refusing the new primary until the operator re-points it."""
+    topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("a", "c", "async")],
+                    volumes={"data": SIZE})
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
+    _converged(topo, "a", ["b", "c"])
+    c.kill()
+    rc, r = replicator_cli(a, "switchover", "db", "--to", "b")
+    assert rc == 0 and r["reparent_needed"] == ["c"], r
+    qemu_io(b.nbd_uri("data"), "write -P 0x22 0 64k")
+    c.start()
+    t = wait_until(lambda: b.target("db", "c") if b.target("db", "c")["state"] == "refused"
+                   else None, 30, "b -> c refused")
+    assert "WRONG_SOURCE" in t["last_error"] and "reparent db --source b" in t["last_error"]
+    assert c.group("db")["source"] == "a"
+    rc, r = replicator_cli(c, "reparent", "db", "--source", "b")
+    assert rc == 0, r
+    _converged(topo, "b", ["a", "c"])
+    assert _identical(topo, ["b", "a", "c"])
 
 
 def test_switchover_to_a_target_that_is_away_is_refused(topology):
@@ -122,12 +147,16 @@ def test_takeover_then_fast_failback_of_the_old_primary(topology):
     b.save_config()
     b.stop()
     b.start()
-    a.start()  # comes back believing it is primary; b's later generation replaces it
+    a.start()  # comes back believing it is primary, and stays so: b's later generation
+    # is no authority over a; the operator demotes it (what failback.yml runs)
+    wait_until(lambda: b.target("db", "a")["state"] == "refused", 30, "b -> a refused")
+    assert "NOT_REPLICA" in b.target("db", "a")["last_error"]
+    assert _role(a) == "primary"
+    rc, d = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0 and d["changed"] is True, d
     wait_until(lambda: b.target("db", "a")["state"] == "replicating", 60, "b -> a replicating")
     assert _role(a) == "secondary" and a.group("db")["source"] == "b"
     assert _write_fails(a)
-    rc, d = replicator_cli(a, "demote", "db", "--source", "b")  # what a playbook still runs
-    assert rc == 0 and d["changed"] is False, d
     _converged(topo, "b", ["a"])
     assert _identical(topo, ["b", "a"])
     shipped = b.target("db", "a")["bytes_sent"]
@@ -163,7 +192,13 @@ def test_restore_after_failback_returns_every_link_to_its_configured_mode(topolo
     wait_until(lambda: b.group("db")["upstream"] is None, 20, "b to lose its source")
     rc, r = replicator_cli(b, "promote", "db", "--target", "a:async", "--target", "c:async")
     assert rc == 0, r
+    # the operator's acts of a takeover (failover.yml / failback.yml): the survivor c is
+    # re-pointed to b, the old primary a demoted to a replica of b when it is back
+    rc, r = replicator_cli(topo["c"], "reparent", "db", "--source", "b")
+    assert rc == 0, r
     a.start()
+    rc, r = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0, r
     rc, r = replicator_cli(b, "failback", "db", "--to", "a")
     assert rc == 0, r
     assert {t["node"]: t["mode"] for t in a.group("db")["targets"]} == {"b": "async", "c": "async"}
@@ -469,6 +504,8 @@ def test_old_primary_killed_during_its_rollback_resumes_and_converges(topology):
     rc, _ = replicator_cli(b, "promote", "db", "--target", "a:async")
     assert rc == 0
     a.start()
+    rc, _ = replicator_cli(a, "demote", "db", "--source", "b")  # the operator's act
+    assert rc == 0
     wait_until(lambda: (b.target("db", "a")["resync"] or {}).get("done_bytes", 0) > 4 * MiB,
                60, "rollback resync under way")
     a.kill()

@@ -67,6 +67,8 @@ def mutate(path, value):
      "continue, block"),
     (("groups", 0, "targets", 1, "bunker"), True, "groups[0].targets[1].bunker", "must be sync"),
     (("groups", 0, "bunker"), "dc9", "groups[0].bunker", "not in peers"),
+    (("groups", 0, "members"), ["dc9"], "groups[0].members[0]", "not in peers"),
+    (("groups", 0, "members"), "dc2-dr", "groups[0].members", "list"),
     (("groups", 0, "volumes", 0, "size"), "64 parsecs", "groups[0].volumes[0].size", "size"),
     (("groups", 0, "volumes", 0, "size"), 1000, "groups[0].volumes[0].size", "512"),
     (("groups", 0, "volumes", 0, "path"), "data.img", "groups[0].volumes[0].path", "absolute"),

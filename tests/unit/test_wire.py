@@ -2,6 +2,7 @@
 parsers fed whole, byte by byte and with trailing bytes, and every malformed input."""
 
 import random
+import re
 import struct
 
 import pytest
@@ -14,8 +15,9 @@ from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, LEGACY_MAG
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
                              LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
-                             ResyncAck, ResyncData, ResyncDone, Retain, Role, State, Welcome,
-                             negotiate)
+                             ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain, Role, State,
+                             Successor, Welcome, code_name, negotiate)
+from replicator.wire.frames import decode_body, encode_body
 
 try:
     from hypothesis import given, settings
@@ -97,7 +99,8 @@ def streaming_receiver(**kw):
 def streaming_sender(**kw):
     s = Connection(Role.SENDER, **kw)
     s.send(HELLO)
-    s.receive_data(frame(FrameType.WELCOME, struct.pack("<HIQI", V, 1, 0, 0) + text(b"dc2") + NO_HISTORY))
+    s.receive_data(frame(FrameType.WELCOME, struct.pack("<HIQI", V, 1, 41, 0) + text(b"dc2")
+                         + NO_HISTORY))
     drain(s)
     return s
 
@@ -204,7 +207,7 @@ def sender_stream():
 
 def receiver_stream():
     _, r = handshake()
-    events = [Ack(seq=42), Heartbeat(sent_ns=1), Ack(seq=2**64 - 1),
+    events = [Ack(seq=40), Heartbeat(sent_ns=1), Ack(seq=41),
               Error(code=Refusal.INTERNAL, message="é" * 20)]
     return b"".join(r.send(ev) for ev in events), events
 
@@ -287,27 +290,19 @@ ROUND_TRIP = [
     Handover(seq=9, targets=(("dc1", "sync", "none", "continue"), ("dc3", "async", "zstd", "block"))),
     Handover(seq=0),
     Retain(seq=0), Retain(seq=2**64 - 1),
+    ResyncBegin(seq=0), ResyncBegin(seq=2**64 - 1),
+    Successor(seq=7, node="dc2"), Successor(seq=2**64 - 1, node="n" * 255),
 ]
 
 
 def round_trip(event):
-    """Encode with one connection, decode with the peer in the right state."""
-    kind = type(event).frame_type
-    if kind == FrameType.HELLO:
-        src, dst = Connection(Role.SENDER), Connection(Role.RECEIVER)
-    elif kind in (FrameType.WELCOME, FrameType.REFUSE):
-        hello = Hello(proto_min=0, proto_max=65535, features=2**32 - 1, node="a", group="b",
-                      target="c")
-        src, dst = Connection(Role.RECEIVER), Connection(Role.SENDER)
-        src.receive_data(dst.send(hello))
-        drain(src)
-    elif kind in (FrameType.ACK, FrameType.RESYNC_ACK, FrameType.HASH_REPLY, FrameType.DIVERGED):
-        dst, src = handshake()
-    else:
-        src, dst = handshake()
-    dst.receive_data(src.send(event))
-    (got,) = drain(dst)
-    return got
+    """Encode a frame body and decode it again: the codec over every value a field can
+    hold (the connection's states and ranges, which refuse some of them, are tested
+    with sessions below)."""
+    flags, parts = encode_body(event, max_frame=DEFAULT_MAX_FRAME,
+                               compressor=zstandard.ZstdCompressor())
+    return decode_body(type(event).frame_type, flags, memoryview(b"".join(parts)),
+                       max_frame=DEFAULT_MAX_FRAME, decompressor=zstandard.ZstdDecompressor())
 
 
 @pytest.mark.parametrize("event", ROUND_TRIP, ids=lambda ev: type(ev).__name__)
@@ -864,12 +859,206 @@ def test_records_flow_back_only_on_a_fetch_connection():
                   target="k", seq=5)
     welcome = Welcome(version=1, features=Feature.FETCH, seq=9, crc=1, node="k")
     s, r = handshake(hello, welcome)
-    s.receive_data(r.send(Records(first_seq=6, last_seq=6, payload=b"x")))
-    assert isinstance(s.next_event(), Records)
+    assert s.state == r.state == State.FETCH_READY
+    with pytest.raises(LocalProtocolError, match="receiver cannot send RECORDS in state fetch-ready"):
+        Connection.send(handshake(hello, welcome)[1], Records(first_seq=6, last_seq=6, payload=b"x"))
     r.receive_data(s.send(Fetch(seq=5, crc=1)))
     assert r.next_event() == Fetch(seq=5, crc=1)
+    s.receive_data(r.send(Records(first_seq=6, last_seq=6, payload=b"x")) + r.send(Ack(seq=9)))
+    assert isinstance(s.next_event(), Records) and s.next_event() == Ack(seq=9)
+    assert s.state == r.state == State.CLOSED
+    with pytest.raises(LocalProtocolError, match="sender cannot send FETCH in state closed"):
+        s.send(Fetch(seq=5, crc=1))
     plain_s, plain_r = handshake()
     with pytest.raises(LocalProtocolError, match="receiver cannot send RECORDS"):
         plain_r.send(Records(first_seq=1, last_seq=1, payload=b"x"))
     with pytest.raises(LocalProtocolError, match="sender cannot send FETCH"):
         plain_s.send(Fetch(seq=0, crc=0))
+
+
+# ---- states and ranges (issue 13, item 6) --------------------------------------------------
+
+class LaxConnection(Connection):
+    """Encodes whatever it is given in any state: the bytes a broken or hostile peer
+    sends (framing and checksums stay valid)."""
+
+    def _next_state(self, direction, kind, error):
+        return self.state
+
+    def _check(self, event, error):
+        pass
+
+
+def hostile(*events) -> bytes:
+    lax = LaxConnection(Role.SENDER)
+    return b"".join(lax.send(ev) for ev in events)
+
+
+def test_a_resync_pass_walks_its_states():
+    s, r = handshake()  # the receiver is at seq 41
+    r.receive_data(s.send(ResyncBegin(seq=41)) + s.send(ResyncData(volume="v", offset=0, payload=b"x"))
+                   + s.send(ResyncBegin(seq=45)))
+    assert drain(r)[-1] == ResyncBegin(seq=45) and s.state == r.state == State.RESYNCING
+    with pytest.raises(LocalProtocolError, match="cannot send RECORDS in state resyncing"):
+        s.send(Records(first_seq=42, last_seq=42, payload=b""))
+    s, r = handshake()  # that failed s for good: again
+    r.receive_data(s.send(ResyncBegin(seq=45)))
+    drain(r)
+    r.receive_data(s.send(ResyncDone(seq=45, crc=7)))
+    assert drain(r) == [ResyncDone(seq=45, crc=7)] and r.state == State.RESYNC_DONE
+    s.receive_data(r.send(ResyncAck(count=1)) + r.send(Ack(seq=45)))
+    assert drain(s) == [ResyncAck(count=1), Ack(seq=45)]
+    assert s.state == r.state == State.STREAMING
+    r.receive_data(s.send(Records(first_seq=46, last_seq=46, payload=b"r")))
+    assert drain(r)[0].first_seq == 46
+
+
+HOSTILE = [
+    ("resync done with no resync", [ResyncDone(seq=2**64 - 1, crc=0)],
+     "cannot receive RESYNC_DONE in state streaming"),
+    ("resync data with no resync", [ResyncData(volume="v", offset=0, payload=b"x")],
+     "cannot receive RESYNC_DATA in state streaming"),
+    ("resync done off its pass", [ResyncBegin(seq=50), ResyncDone(seq=51, crc=0)],
+     "RESYNC_DONE at seq 51, but the resync pass began towards seq 50"),
+    ("pass going back", [ResyncBegin(seq=50), ResyncBegin(seq=49)], "passes only go forward"),
+    ("pass to an impossible seq", [ResyncBegin(seq=2**63)], "exceeds the highest seq"),
+    ("records in a resync", [ResyncBegin(seq=50), Records(first_seq=42, last_seq=42, payload=b"")],
+     "cannot receive RECORDS in state resyncing"),
+    ("records after a handover", [Handover(seq=41), Records(first_seq=42, last_seq=42, payload=b"")],
+     "cannot receive RECORDS in state handing-over"),
+    ("handover past the stream", [Handover(seq=2**64 - 1)], "exceeds the highest seq"),
+    ("handover of unsent records", [Handover(seq=42)], "HANDOVER of seq 42, past seq 41"),
+    ("successor past the stream", [Successor(seq=99, node="c")], "SUCCESSOR of seq 99, past"),
+    ("retain of unsent records", [Retain(seq=42)], "RETAIN of seq 42, past seq 41"),
+    ("records with a gap", [Records(first_seq=43, last_seq=43, payload=b"")], "gap after seq 41"),
+    ("records at an impossible seq", [Records(first_seq=42, last_seq=2**64 - 1, payload=b"")],
+     "last_seq 18446744073709551615 exceeds"),
+    ("current-image hash outside a resync",
+     [HashRequest(id=1, seq=ANY_SEQ, volume="v", offset=0, length=1, granularity=1)],
+     "ANY_SEQ\\) outside a resync"),
+    ("in-band hash during a resync",
+     [ResyncBegin(seq=41), HashRequest(id=1, seq=41, volume="v", offset=0, length=1, granularity=1)],
+     "only ANY_SEQ"),
+    ("hash id twice",
+     [HashRequest(id=1, seq=41, volume="v", offset=0, length=1, granularity=1)] * 2,
+     "id 1 is already outstanding"),
+    ("fetch on a streaming connection", [Fetch(seq=1, crc=0)], "cannot receive FETCH"),
+]
+
+
+@pytest.mark.parametrize("events,match", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_frames_out_of_state_or_range_are_refused_both_ways(events, match):
+    """The receiver refuses what a hostile sender puts on the wire, and an honest sender
+    refuses to send it in the first place (the same table and checks on both ends)."""
+    s, r = handshake()
+    r.receive_data(hostile(*events))
+    with pytest.raises(RemoteProtocolError, match=match):
+        drain(r)
+    assert_failed(r, RemoteProtocolError)
+    s.receive_data(r.send_failure())  # the last words: what the peer did wrong
+    (farewell,) = drain(s)
+    assert farewell.code == Refusal.PROTOCOL and re.search(match, farewell.message), farewell
+    assert r.state == State.ERROR and s.state == State.CLOSED
+    s = handshake()[0]
+    with pytest.raises(LocalProtocolError, match=match.replace("receive", "send")):
+        for ev in events:
+            s.send(ev)
+
+
+UP_HOSTILE = [
+    ("ack past the stream", [Ack(seq=42)], "ACK of seq 42, past seq 41"),
+    ("ack at an impossible seq", [Ack(seq=2**64 - 1)], "exceeds the highest seq"),
+    ("unasked hash reply", [HashReply(id=9, seq=41, hashes=b"")], "no HASH_REQUEST asked for"),
+    ("resync ack with no resync", [ResyncAck(count=1)], "cannot receive RESYNC_ACK in state streaming"),
+    ("records to the sender", [Records(first_seq=42, last_seq=42, payload=b"")],
+     "sender cannot receive RECORDS in state streaming"),
+]
+
+
+@pytest.mark.parametrize("events,match", [c[1:] for c in UP_HOSTILE], ids=[c[0] for c in UP_HOSTILE])
+def test_a_hostile_receiver_is_refused_too(events, match):
+    s = handshake()[0]
+    s.receive_data(hostile(*events))
+    with pytest.raises(RemoteProtocolError, match=match):
+        drain(s)
+
+
+def test_the_ack_of_resync_done_must_name_its_seq():
+    s, r = handshake()
+    r.receive_data(s.send(ResyncBegin(seq=41)) + s.send(ResyncDone(seq=41, crc=0)))
+    drain(r)
+    s.receive_data(hostile(Ack(seq=40)))
+    with pytest.raises(RemoteProtocolError, match="ACK of seq 40 answers RESYNC_DONE of seq 41"):
+        drain(s)
+
+
+def test_successor_and_handover_sessions():
+    s, r = handshake()
+    r.receive_data(s.send(Successor(seq=41, node="dc3")) + s.send(Handover(seq=41)))
+    assert drain(r) == [Successor(seq=41, node="dc3"), Handover(seq=41)]
+    s.receive_data(r.send(Ack(seq=41)) + r.send(Heartbeat(sent_ns=1)))
+    assert drain(s) == [Ack(seq=41), Heartbeat(sent_ns=1)]
+    assert s.state == r.state == State.HANDING_OVER
+
+
+def test_code_names_of_known_and_unknown_codes():
+    assert code_name(Refusal.STALE) == "STALE" and code_name(10) == "STALE"
+    assert code_name(4242) == "code 4242"
+    r = handshake()[1]
+    r.receive_data(hostile(Error(code=4242, message="newer")))
+    assert drain(r) == [Error(code=4242, message="newer")]
+
+
+# Both ends must agree on every step: whatever one end refuses to send, the other refuses
+# to receive (and the reverse), and after each allowed frame both are in the same state.
+_DOWN = [Records(first_seq=f, last_seq=f + n, payload=b"") for f in (41, 42, 43) for n in (0, 1)] + [
+    Heartbeat(sent_ns=1), ResyncData(volume="v", offset=0, payload=b"x"), Retain(seq=41),
+    *(ResyncBegin(seq=q) for q in (41, 42, 44, 2**63)), *(ResyncDone(seq=q, crc=0) for q in (41, 42, 44)),
+    *(HashRequest(id=i, seq=q, volume="v", offset=0, length=1, granularity=1)
+      for i in (1, 2) for q in (41, ANY_SEQ)),
+    Handover(seq=41), Handover(seq=43), Successor(seq=42, node="c"), Fetch(seq=1, crc=0)]
+_UP = [*(Ack(seq=q) for q in (40, 41, 42, 43, 44, 2**63)), Heartbeat(sent_ns=2), ResyncAck(count=1),
+       *(HashReply(id=i, seq=41, hashes=b"") for i in (1, 2)), Diverged(fork=1, complete=True),
+       Records(first_seq=42, last_seq=42, payload=b"")]
+STEPS = [(Role.SENDER, ev) for ev in _DOWN] + [(Role.RECEIVER, ev) for ev in _UP]
+
+
+def check_lockstep(steps) -> None:
+    s, r = handshake()
+    ends = {Role.SENDER: (s, r), Role.RECEIVER: (r, s)}
+    for who, ev in steps:
+        src, dst = ends[who]
+        wire = hostile(ev)
+        try:
+            src.send(ev)
+            sent = True
+        except LocalProtocolError:
+            sent = False
+        dst.receive_data(wire)
+        try:
+            got = drain(dst)
+        except RemoteProtocolError:
+            got = None
+        assert sent == (got is not None), (who, ev, src.state, dst.state)
+        if not sent:
+            return
+        assert got == [ev] and src.state == dst.state, (ev, src.state, dst.state)
+
+
+def test_both_ends_agree_on_random_streams():
+    rng = random.Random(13)
+    for _ in range(400):
+        check_lockstep([rng.choice(STEPS) for _ in range(rng.randint(1, 12))])
+
+
+if given is not None:
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(STEPS), max_size=16))
+    def test_both_ends_agree_property(steps):
+        check_lockstep(steps)
+
+
+def test_send_failure_is_only_for_a_connection_the_peer_broke():
+    s, _ = handshake()
+    with pytest.raises(LocalProtocolError, match="only for a connection the peer broke"):
+        s.send_failure()
