@@ -6,8 +6,10 @@ lives on. Records are "similar" when they come from the same logger at the same 
 with the same message template (its first line: asyncio's tracebacks vary below it),
 whatever their arguments. Of each kind, the first `burst` records of a `window` pass;
 the last of them says that more are being suppressed; the rest are counted, and the
-count is reported as "N similar messages suppressed" by the first record of any kind
-after the window has passed (or by `report()`, which the agent calls as it stops).
+count is reported as "N similar messages suppressed" once the window has passed: by the
+first record of any kind after it, or by the reporting thread `install` starts (so a
+flood that simply stops is summed up within a window, not at the next log line), and by
+`report()`, which the agent calls as it stops.
 """
 
 from __future__ import annotations
@@ -85,7 +87,15 @@ class RepeatFilter(logging.Filter):
 
 
 def install(handler: logging.Handler, **kwargs) -> RepeatFilter:
-    """Put a RepeatFilter on `handler` (every record the agent logs passes there)."""
+    """Put a RepeatFilter on `handler` (every record the agent logs passes there), and
+    report what it suppressed every window from a daemon thread."""
     f = RepeatFilter(**kwargs)
     handler.addFilter(f)
+
+    def reporter() -> None:
+        while True:
+            time.sleep(f.window)
+            f.report(f.clock())
+
+    threading.Thread(target=reporter, name="log-repeats", daemon=True).start()
     return f

@@ -261,7 +261,11 @@ def test_only_members_may_fetch_a_journal(topology, tls):
                            f"{node}: refused fetch logged")
             else:  # a member: the takeover replay still works
                 assert isinstance(reply, Welcome), reply
-                assert isinstance(got[-1], Ack) and got[-1].seq == seq, got
+                # (a journal may already have trimmed what c acknowledged: then it says so
+                # for the position 0 asked here, which is an answer, not a refusal)
+                trimmed = (isinstance(got[-1], Error)
+                           and got[-1].code == Refusal.POSITION and "trimmed" in got[-1].message)
+                assert trimmed or isinstance(got[-1], Ack) and got[-1].seq == seq, got
 
 
 # ---- item 5: TLS with a certificate of another CA ------------------------------------------

@@ -429,11 +429,13 @@ def test_missing_bytes_of_the_frame_in_progress():
 
 
 if given is not None:
-    EVENTS = st.one_of(st.builds(Ack, seq=st.integers(0, 2**64 - 1)),
+    # what an honest end may send after WELCOME(seq=41): an ACK of a seq the stream named,
+    # the RECORDS that follow it without a gap
+    EVENTS = st.one_of(st.builds(Ack, seq=st.integers(0, 41)),
                        st.builds(Heartbeat, sent_ns=st.integers(0, 2**64 - 1)),
-                       st.builds(lambda first, payload: Records(first_seq=first, last_seq=first,
-                                                                 payload=payload),
-                                 st.integers(1, 2**63), st.binary(max_size=300)))
+                       st.builds(lambda payload: Records(first_seq=42, last_seq=42,
+                                                         payload=payload),
+                                 st.binary(max_size=300)))
 
     @settings(max_examples=300, deadline=None)
     @given(EVENTS, st.lists(st.tuples(st.integers(0, HEADER_SIZE - 1), st.integers(1, 255)),
