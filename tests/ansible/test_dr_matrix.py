@@ -78,6 +78,8 @@ def test_destructive_drill_of_every_group(matrix, tmp_path):
         assert report["result"] == "pass", (group, report["checks"], report.get("failed_step"))
         assert report["promoted"] == promoted
         assert report["ledger"]["acknowledged"] >= 200 and report["ledger"]["prefix"] is True
+        if group in ("asyncpair", "syncpair"):  # crashed mid-workload, not after it
+            assert report["ledger"]["writer_stopped"] == "connection_lost", report["ledger"]
         if covered:
             assert report["rpo_writes_lost"] == 0, (group, report["ledger"])
         else:  # measured, not judged: the report says how many were lost
