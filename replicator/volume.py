@@ -15,21 +15,15 @@ An image file's blocks are allocated as `allocation` says (block devices ignore 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 import stat
 from contextlib import contextmanager
 
+from . import fallocate as falloc
 from .config import ALLOCATIONS
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _ZEROES = bytes(1 << 20)
 
 
@@ -139,13 +133,14 @@ class Volume:
         blocks (zeroed in place), so no later write of the range needs fresh space."""
         if length == 0:
             return
-        mode = (_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE if self.allocation == "preallocate"
-                and not self.is_block else _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
-        if _libc.fallocate(self.fd, mode, offset, length) == 0:
+        mode = (falloc.ZERO_RANGE | falloc.KEEP_SIZE if self.allocation == "preallocate"
+                and not self.is_block else falloc.PUNCH_HOLE | falloc.KEEP_SIZE)
+        try:
+            falloc.fallocate(self.fd, mode, offset, length, self.path)
             return
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
-            raise OSError(err, os.strerror(err), self.path)
+        except OSError as exc:
+            if exc.errno not in (*falloc.UNSUPPORTED, errno.EINVAL):
+                raise
         end = offset + length
         while offset < end:
             n = min(len(_ZEROES), end - offset)

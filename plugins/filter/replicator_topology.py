@@ -311,9 +311,6 @@ def replicator_failover_plan(groups, group, lost, promoted):
         step["attach"] = [_target_spec(link) for link in new if link["from"] == step["node"]
                           and (link["from"], link["to"]) not in declared_links]
     promote_targets = [_target_spec(link) for link in new if link["from"] == promoted]
-    wait = {}
-    for link in new:
-        wait.setdefault(link["from"], []).append(link["to"])
     into_lost = source_of[path[-1]]  # the link from the lost primary towards the promoted
     return {
         "group": group, "lost": lost, "promoted": promoted,
@@ -322,9 +319,24 @@ def replicator_failover_plan(groups, group, lost, promoted):
         "links": new,
         "promote_targets": promote_targets,
         "steps": steps,
-        "wait": wait,
+        "wait": _outgoing(new),
         "failback_link": _target_spec({**into_lost, "to": lost, "bunker": False}),
     }
+
+
+def _outgoing(links) -> dict:
+    """{node: [the nodes it ships to]} of a list of links, in their order."""
+    out = {}
+    for link in links:
+        out.setdefault(link["from"], []).append(link["to"])
+    return out
+
+
+def replicator_outgoing(groups, group):
+    """{node: [targets]} of the declared links of `group`: what must replicate when the
+    group is as the inventory declares it."""
+    g = next(x for x in groups if x["name"] == group)
+    return _outgoing(g.get("links", []))
 
 
 def replicator_drill_target(groups, group):
@@ -356,4 +368,5 @@ class FilterModule:
             "replicator_endpoint": replicator_endpoint,
             "replicator_failover_plan": replicator_failover_plan,
             "replicator_drill_target": replicator_drill_target,
+            "replicator_outgoing": replicator_outgoing,
         }

@@ -28,8 +28,6 @@ that does not follow its predecessor, raises JournalCorruptError(path, offset).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import threading
@@ -37,10 +35,10 @@ from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
+from .. import fallocate as falloc
 from .. import statefile
 from .record import HEADER, HEADER_SIZE, RecordError, decode
 
-_FALLOC_FL_KEEP_SIZE = 0x01
 
 
 class JournalError(Exception):
@@ -81,11 +79,6 @@ class _Segment:
         return self.offsets[i] if i < len(self.offsets) else self.size
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-_fsync_dir = statefile.fsync_dir
 
 
 class Journal:
@@ -171,10 +164,11 @@ class Journal:
     def _preallocate(self, fd: int, path: str) -> None:
         """Keep segment_size bytes allocated in a segment past its end (again: after a
         cut, ftruncate gave the blocks past the new end back)."""
-        if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, self.segment_size) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOTSUP):  # no fallocate: no reservation
-                raise OSError(err, os.strerror(err), path)
+        try:
+            falloc.fallocate(fd, falloc.KEEP_SIZE, 0, self.segment_size, path)
+        except OSError as exc:
+            if exc.errno not in falloc.UNSUPPORTED:  # no fallocate: no reservation
+                raise
 
     def _cut(self, fd: int, path: str, size: int) -> None:
         """Cut a segment back to `size` and allocate again the blocks ftruncate freed
@@ -287,7 +281,7 @@ class Journal:
                 with self._reserve_lock:  # its blocks come out of `reserve`
                     self._resize_reserve(max(0, self._reserved - self.segment_size))
                     self._preallocate(fd, path)
-                _fsync_dir(self.directory)
+                statefile.fsync_dir(self.directory)
             except (OSError, JournalError) as exc:
                 os.close(fd)
                 os.unlink(path)
@@ -408,7 +402,7 @@ class Journal:
     def delete(self, paths: list[str]) -> None:
         """Remove segments that trim_through() let go of (any thread)."""
         self._unlink_segments(paths)
-        _fsync_dir(self.directory)
+        statefile.fsync_dir(self.directory)
 
     def _unlink_segments(self, paths: list[str]) -> None:
         """Remove segments and give their blocks back to `reserve` (without growing it
@@ -435,7 +429,7 @@ class Journal:
         self._segments.clear()
         self._firsts.clear()
         self._unlink_segments(paths)
-        _fsync_dir(self.directory)
+        statefile.fsync_dir(self.directory)
         self._write_base(pos)
 
     def _write_base(self, pos: Position) -> None:

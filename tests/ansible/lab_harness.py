@@ -7,9 +7,11 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from replicator import admin
@@ -17,6 +19,18 @@ from tests.agents import wait_until
 from tests.ansible.ansible_harness import ROOT
 
 BIN = os.path.dirname(sys.executable)
+
+
+def lab_marks(timeout: float) -> list:
+    """pytest marks of a module that drives a lab: it needs root and sshd."""
+    return [
+        pytest.mark.integration,
+        pytest.mark.timeout(timeout),
+        pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, bridges, "
+                           "mounts)"),
+        pytest.mark.skipif(not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"),
+                           reason="the lab needs openssh-server (scripts/setup.sh installs it)"),
+    ]
 
 
 def inventory_dir(name: str) -> str:

@@ -6,21 +6,14 @@ The five-host lab topology is drilled in tests/ansible/test_lab.py."""
 
 import json
 import os
-import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from tests.agents import wait_until
-from tests.ansible.lab_harness import Lab
+from tests.ansible.lab_harness import Lab, lab_marks
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(1500),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, bridges, mounts)"),
-    pytest.mark.skipif(not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"),
-                       reason="the lab needs openssh-server (scripts/setup.sh installs it)"),
-]
+pytestmark = lab_marks(timeout=1500)
 
 # group: (promoted by default, RPO promised to be 0, the links of the promoted node
 # while it is primary: {(source, target): mode})

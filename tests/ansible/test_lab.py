@@ -6,7 +6,6 @@ The lab is always torn down, and the teardown is checked to leave nothing behind
 
 import json
 import os
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 
@@ -14,16 +13,10 @@ import pytest
 
 from tests.agents import wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
-from tests.ansible.lab_harness import Lab, playbook
+from tests.ansible.lab_harness import Lab, lab_marks, playbook
 from tests.clients import fio, qemu_io
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, bridges, mounts)"),
-    pytest.mark.skipif(not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"),
-                       reason="the lab needs openssh-server (scripts/setup.sh installs it)"),
-]
+pytestmark = lab_marks(timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -241,3 +241,8 @@ def test_drill_volume_must_be_a_volume_of_the_group():
     groups[0]["drill_volume"] = "nope"
     (error,) = F["replicator_topology_errors"](groups, HOSTS)
     assert "drill_volume 'nope' is not one of its volumes (data, log)" in error
+
+
+def test_outgoing_links_of_the_declared_topology():
+    assert F["replicator_outgoing"](FIVE, "db") == {
+        "dc1-app": ["dc2-dr", "dc1-bunker", "dc3-arc"], "dc3-arc": ["dc4-vault"]}

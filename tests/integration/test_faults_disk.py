@@ -35,6 +35,13 @@ class Writer:
         self.c.close()
 
 
+def sparse_volume_in(agent, mnt: str) -> None:
+    """The agent's first volume becomes a sparse image in `mnt` (a small file system)."""
+    vol = agent.config["groups"][0]["volumes"][0]
+    vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
+    agent.save_config()
+
+
 def test_a_volume_write_that_fails_enospc_reaches_the_volume_when_space_returns(topology, tmp_path):
     """Item 1: records journaled and replicated whose volume write fails ENOSPC (a sparse
     image on a full file system) are applied once there is room; applied_seq and the
@@ -42,9 +49,7 @@ def test_a_volume_write_that_fails_enospc_reaches_the_volume_when_space_returns(
     topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB}, start=False)
     a = topo["a"]
     with small_fs(tmp_path / "avol", "1m") as mnt:
-        vol = a.config["groups"][0]["volumes"][0]
-        vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
-        a.save_config()
+        sparse_volume_in(a, mnt)
         topo.start()
         topo.wait_converged()
         w = Writer(a, "data")
@@ -85,9 +90,7 @@ def test_a_resync_waits_for_the_volumes_to_hold_every_journaled_record(topology,
     topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB}, start=False)
     a, b = topo["a"], topo["b"]
     with small_fs(tmp_path / "avol", "1m") as mnt:
-        vol = a.config["groups"][0]["volumes"][0]
-        vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
-        a.save_config()
+        sparse_volume_in(a, mnt)
         a.start()
         w = Writer(a, "data")
         results = [w.write(i * 64 * 1024, bytes([i + 1]) * 64 * 1024) for i in range(24)]
@@ -110,9 +113,7 @@ def test_a_replica_whose_volume_write_fails_applies_the_record_when_space_return
                     volumes={"data": 8 * MiB}, start=False)  # both blank: b stays sparse
     a, b = topo["a"], topo["b"]
     with small_fs(tmp_path / "bvol", "1m") as mnt:
-        vol = b.config["groups"][0]["volumes"][0]
-        vol["path"], vol["allocation"] = os.path.join(mnt, "data.img"), "sparse"
-        b.save_config()
+        sparse_volume_in(b, mnt)
         topo.start()
         topo.wait_converged()
         w = Writer(a, "data")
