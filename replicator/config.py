@@ -23,6 +23,7 @@ COMPRESSIONS = ("none", "zstd")
 INITIAL_SYNCS = ("full", "checksum", "none")  # how a new target is first synced
 ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
 ALLOCATIONS = ("preallocate", "check", "sparse")  # how an image file's blocks are allocated
+DURABILITIES = ("flush", "write")  # when a write completes: see GroupConfig.durability
 
 
 class ConfigError(Exception):
@@ -64,6 +65,10 @@ class GroupConfig:
     # Other members of the group, besides source, targets and bunker: nodes that may read
     # this node's journal (FETCH), e.g. the far replicas a bunker serves at a takeover.
     members: tuple[str, ...] = ()
+    # The durability contract (DESIGN.md): "flush" completes a write once journaled (FLUSH
+    # and FUA are the durability points); "write" makes every write durable first.
+    durability: str = "flush"
+    commit_interval: float = 1.0  # seconds an unflushed write may stay not durable
 
 
 @dataclass(frozen=True)
@@ -278,11 +283,17 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     for i, member in enumerate(members):
         if not isinstance(member, str) or member not in peers:
             raise ConfigError(f"{r.sub('members')}[{i}]", f"{member!r} is not in peers")
+    durability = r.choice("durability", DURABILITIES, "flush")
+    commit_interval = r.get("commit_interval", 1.0, types=(int, float))
+    if isinstance(commit_interval, bool) or not 0.001 <= commit_interval <= 60:
+        raise ConfigError(r.sub("commit_interval"),
+                          f"expected seconds between 0.001 and 60; got {commit_interval!r}")
     r.done()
     return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
                        volumes=tuple(volumes), targets=tuple(targets),
                        bitmap_granularity=granularity, logging_high_water=high_water,
-                       resync_rate=rate, bunker=bunker, members=tuple(members))
+                       resync_rate=rate, bunker=bunker, members=tuple(members),
+                       durability=durability, commit_interval=float(commit_interval))
 
 
 def parse(data, source_path: str = "") -> Config:
