@@ -468,7 +468,11 @@ class Agent:
             "role": group.role,
             "source": group.source,
             "upstream": self.receiver.status(group.name),
-            "seq": j.last_seq,
+            # The durability contract's points: journaled (written), durable (fdatasync'd)
+            # and the last flush point (what a completed FLUSH or FUA promised).
+            "seq": group.written_seq,
+            "durable_seq": group.durable_seq,
+            "flush_seq": group.flush_seq,
             "applied_seq": group.applied_seq,
             "checkpoint_seq": group.checkpoint.seq,
             "inconsistent": group.inconsistent,

@@ -1,28 +1,42 @@
 """A consistency group on one node: the write path and its ordering.
 
 Every write to any volume of the group, whether it comes from an NBD client on the
-primary or from the upstream node on a replica, goes through one pipeline:
+primary or from the upstream node on a replica, goes through one pipeline, all of it
+on the event loop thread (only the fdatasync runs elsewhere, a kernel AIO worker):
 
     submit_write / submit_records   assign or check seq, encode, queue
     _committer, _write              take everything queued as one batch, one writev
-                                    into the journal, ship it early to in-sync sync
-                                    targets, start its fdatasync (journal/flusher.py)
-    _flushed, _completed            when durable, in seq order: index the batch, pwrite
-                                    each record to its volume, wake the shippers,
-                                    complete each write as soon as every in-sync sync
-                                    target has acked it
+                                    into the journal's page cache; the batch is now
+                                    written: readable (memtable.py), shipped early to
+                                    in-sync sync targets, and its writes complete
+                                    (primary: once every in-sync sync target has
+                                    written it too; replica: the receiver acks it)
+    commit_soon, _synced           one fdatasync for everything written (a group
+                                    commit), when a FLUSH or FUA write waits for it, a
+                                    shipper waits for records, the memtable grows past
+                                    MEMTABLE_COMMIT_BYTES, or commit_interval passed
+    _durable                        in seq order: index the batch (shippers read it),
+                                    pwrite each record to its volume
+    submit_flush                    completes once its writes are durable here and on
+                                    every in-sync sync target (they ack durable apart)
 
-All of it runs on the event loop thread; only the fdatasync runs elsewhere (a kernel
-AIO worker), so a write costs no thread hand-off.
+This is the durability contract of DESIGN.md (NBD's: a disk with a volatile write
+cache). `durability: write` makes each write wait for its commit, like a FLUSH.
 
-So a write completes only when it is durable in the local journal, visible in the local
-volume and (for sync targets) durable on those targets. Batches are serial, so the
-volumes always show a prefix of the journal (DESIGN.md invariant 1).
+Why a volume never holds a write that its journal lost: records reach the volumes
+only once durable in the journal (_durable), and reads see the newer ones from the
+memtable until then. So after kill -9 or power loss the volumes hold the image after
+the checkpoint's seq, every record the journal lost is newer than anything in them,
+and recovery replays the journal's durable prefix onto them: the image after some seq
+k >= the last flush point (DESIGN.md invariant 1). The other design, writing the volume
+at once and resyncing an activity log of regions with non-durable writes after a crash
+(DRBD), leaves a primary's own volume a mix that no seq describes, which invariant 1
+forbids; its one advantage, no memory for unapplied writes, is bounded here by
+MEMTABLE_COMMIT_BYTES.
 
 Checkpoints make the volumes durable (fdatasync) and record the seq they hold in
-`group.json`, together with every target's acked seq; the journal is then trimmed up
-to min(checkpoint, acked of every target). Recovery replays the journal past the
-checkpoint onto the volumes, so kill -9 at any point leaves a consistent group.
+`group.json`, together with every target's acked (durable) seq; the journal is then
+trimmed up to min(checkpoint, acked of every target).
 """
 
 from __future__ import annotations
@@ -46,13 +60,14 @@ from .generations import Generation, from_json, new_generation, to_json
 from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
 from .journal.flusher import Flusher
 from .journal.segments import Journal, JournalError, Position
+from .memtable import Memtable
 from .undo import UndoError, UndoLog
 from .volume import Volume
 
 Done = Callable[[int], None]
 CHECKPOINT_INTERVAL = 1.0  # how often the checkpointer looks
 SYNC_INTERVAL = 10.0  # seconds the volumes may go without an fdatasync while written
-MAX_IN_FLIGHT = 2
+MEMTABLE_COMMIT_BYTES = 32 << 20  # written, not durable: past this, commit at once
 
 
 def wake_all(waiters: list) -> None:
@@ -83,7 +98,8 @@ class TargetLink:
     def __init__(self, cfg: TargetConfig, acked_seq: int, bitmap: Bitmap):
         self.node = cfg.node
         self.configure(cfg)
-        self.acked_seq = acked_seq
+        self.acked_seq = acked_seq  # durable on the target (what the journal may trim)
+        self.written_seq = acked_seq  # written to its journal (what sync writes wait for)
         self.in_sync = False  # connected and caught up: sync writes wait for it
         self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
         self.why = ""  # why it went to logging
@@ -105,6 +121,15 @@ class TargetLink:
         self.block = cfg.on_disconnect == "block"  # writes wait while it is not streaming
         self.bunker = cfg.bunker
 
+    def acked(self, written: int, durable: int) -> None:
+        """The target acknowledged: written through `written`, durable through `durable`."""
+        self.written_seq = max(self.written_seq, written)
+        self.acked_seq = max(self.acked_seq, durable)
+
+    def reset_position(self, seq: int) -> None:
+        """The target holds exactly seq (a handshake or a resync said so)."""
+        self.written_seq = self.acked_seq = seq
+
     @property
     def logging(self) -> bool:
         return self.bitmap.active
@@ -117,7 +142,7 @@ class TargetLink:
 
 class _Batch:
     __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
-                 "shipped", "seg", "err")
+                 "seg", "fd")
 
     def __init__(self):
         self.first_seq = 0
@@ -128,9 +153,8 @@ class _Batch:
         self.hcrcs: list[int] = []
         self.applies: list = []  # (volume, kind, offset, length, payload)
         self.dones: list = []  # (seq, done)
-        self.shipped = False  # a target got it before its fdatasync
         self.seg = None  # the journal segment it was written to
-        self.err: int | None = None  # its fdatasync's outcome (None: still running)
+        self.fd = -1  # and that segment's descriptor, for its fdatasync
 
 
 class Group:
@@ -150,15 +174,29 @@ class Group:
         self.journal_no_space = False  # the last journal write failed ENOSPC
         self._next_seq = 1
         self._batch = _Batch()
-        self._sync_waits: deque = deque()  # (seq, done), seq ascending
+        # The durability points (DESIGN.md, "The durability contract"): written_seq is
+        # in the journal's page cache and readable, durable_seq fdatasync'd (and in the
+        # journal's index, and applied to the volumes unless they refuse it), flush_seq
+        # the last seq a completed FLUSH or FUA covered.
+        self.written_seq = 0
+        self.durable_seq = 0
+        self.flush_seq = 0
+        self.flush_wanted = 0  # the highest seq a flush waits for (sync shippers pass it on)
+        self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order
+        self._memtable = Memtable()  # what they wrote, for reads until they are applied
+        self._syncing = 0  # fdatasyncs of the commit in flight
+        self._sync_errors = 0
+        self._commit_again = False  # something asked for a commit while one ran
+        self._commit_timer: asyncio.TimerHandle | None = None  # commit_interval
+        self._sync_waits: deque = deque()  # (seq, done): writes waiting for sync targets
+        self._flush_waits: deque = deque()  # (seq, done): flushes waiting for durability
+        self.durable_listeners: set[Callable[[int], None]] = set()  # receivers: ack durable
         self._record_waiters: list[asyncio.Future] = []
         self._idle_waiters: list[asyncio.Future] = []
-        self._flushing: deque[_Batch] = deque()  # written, completing in order
-        self._poisoned = False  # a batch failed: nothing is written until reset
+        self._durable_waiters: list[asyncio.Future] = []
         self._flusher: Flusher | None = None
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
         self._kick = asyncio.Event()
-        self._slot = asyncio.Event()
         self._space = asyncio.Event()
         self._checkpoint_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -243,7 +281,7 @@ class Group:
         except OSError as exc:
             raise GroupError(f"group {self.name}: cannot replay the journal after seq "
                              f"{self.checkpoint.seq} onto the volumes: {exc}") from None
-        self.applied_seq = j.last_seq
+        self.applied_seq = self.written_seq = self.durable_seq = j.last_seq
         self._next_seq = j.last_seq + 1
         if replayed:
             self.log.info("group %s: replayed %d journal records onto the volumes",
@@ -291,7 +329,8 @@ class Group:
                 continue
             link = self._add_target(t)
             if member_at is not None and not link.synced and not link.logging:
-                link.acked_seq, link.synced = member_at, True
+                link.reset_position(member_at)
+                link.synced = True
         self.targets_changed()
 
     async def promote(self, targets: list[TargetConfig] | None, force: bool) -> Generation:
@@ -444,23 +483,53 @@ class Group:
         return count
 
     def start(self) -> None:
-        self._flusher = Flusher(asyncio.get_running_loop(), log=self.log)
-        self._tasks = [asyncio.create_task(self._committer(), name=f"commit-{self.name}"),
-                       asyncio.create_task(self._checkpointer(), name=f"checkpoint-{self.name}")]
+        loop = asyncio.get_running_loop()
+        self._flusher = Flusher(loop, log=self.log)
+        self._tasks = [loop.create_task(self._guarded(self._committer(), "committer"),
+                                        name=f"commit-{self.name}"),
+                       loop.create_task(self._guarded(self._checkpointer(), "checkpointer"),
+                                        name=f"checkpoint-{self.name}")]
+
+    async def _guarded(self, loop_coro, what: str) -> None:
+        """Run one of the group's long-running loops; should it ever raise, the group
+        fails loudly (status, log, every write answered with EIO), never a hang."""
+        try:
+            await loop_coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - anything: the group must say so
+            self.log.exception("group %s: the %s failed", self.name, what)
+            self._halt(f"the {what} failed ({type(exc).__name__}: {exc}): no more writes "
+                       "until the agent restarts")
+
+    def _halt(self, why: str) -> None:
+        """Stop accepting writes for good (until a restart), failing what waits."""
+        if self.halted is None:
+            self.halted = why
+            self.log.error("group %s: %s", self.name, why)
+        self._fail_pending(errno.EIO)
+        for waits in (self._sync_waits, self._flush_waits):
+            while waits:
+                waits.popleft()[1](errno.EIO)
+        wake_all(self._idle_waiters)
+        wake_all(self._durable_waiters)
+        wake_all(self._record_waiters)
 
     async def stop(self) -> None:
-        """Finish what is queued, checkpoint, close files."""
+        """Finish what is queued, make it durable, checkpoint, close files."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._batch.dones:
             self._fail_pending(errno.ESHUTDOWN)
-        await self.settle()  # the fdatasyncs in flight
+        await self.settle()  # what is written becomes durable and applied
+        while self._syncing:  # a failed group still waits for its fdatasync in flight
+            await self._wait(self._durable_waiters)
         self._flusher.close()
-        for _, done in self._sync_waits:
-            done(errno.ESHUTDOWN)
-        self._sync_waits.clear()
+        for waits in (self._sync_waits, self._flush_waits):
+            while waits:
+                waits.popleft()[1](errno.ESHUTDOWN)
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.applied_seq))
         self._io.shutdown()
@@ -470,11 +539,32 @@ class Group:
 
     # ---- the write path (loop thread) ------------------------------------------------
     def submit_write(self, volume: Volume, offset: int, data, done: Done) -> None:
-        """Primary: journal and apply one WRITE; done(0) when durable as the mode asks."""
+        """Primary: journal and apply one WRITE; done(0) once it completes under the
+        durability contract (see the module docstring)."""
         self._queue_local(volume, Kind.WRITE, offset, len(data), data, done)
 
     def submit_zero(self, volume: Volume, offset: int, length: int, done: Done) -> None:
         self._queue_local(volume, Kind.ZERO, offset, length, b"", done)
+
+    def submit_flush(self, done: Done) -> None:
+        """NBD FLUSH (and the flush half of a FUA write): done(0) once every write that
+        completed before it is durable here and on every in-sync sync target."""
+        if self.halted:
+            done(errno.EIO)
+            return
+        seq = self.written_seq
+        if seq <= self.durable_seq and seq <= self.durable_floor():
+            self.flush_seq = max(self.flush_seq, seq)
+            done(0)
+            return
+        self._flush_waits.append((seq, done))
+        self.flush_wanted = max(self.flush_wanted, seq)
+        self.commit_soon()
+        wake_all(self._record_waiters)  # sync shippers pass the flush on
+
+    def read(self, volume: Volume, offset: int, length: int) -> bytes:
+        """What a client reads: the volume, with completed writes not applied yet."""
+        return self._memtable.overlay(volume.name, offset, volume.read(offset, length))
 
     def _queue_local(self, volume, kind, offset, length, payload, done) -> None:
         if self._held is not None:
@@ -483,7 +573,10 @@ class Group:
         if self.role != "primary":
             done(errno.EROFS)
             return
-        if self._unapplied:  # the volumes lack journaled records: see _completed
+        if self.halted:
+            done(errno.EIO)
+            return
+        if self._unapplied:  # the volumes lack journaled records: see _applied
             done(self._unapplied_errno)
             return
         seq = self._next_seq
@@ -506,9 +599,10 @@ class Group:
         b.dones.append((seq, done))
 
     def submit_records(self, first_seq: int, last_seq: int, payload: bytes, done: Done) -> None:
-        """Replica: journal and apply records received from upstream, as they are.
-        Records we already hold are skipped (a resent batch); a gap or a record that
-        does not fit this group raises GroupError and nothing is queued."""
+        """Replica: journal and apply records received from upstream, as they are;
+        done(0) once written to the journal (durable_listeners hear when they are
+        durable). Records we already hold are skipped (a resent batch); a gap or a
+        record that does not fit this group raises GroupError and nothing is queued."""
         expected = self._next_seq
         if first_seq > expected:
             raise GroupError(f"group {self.name}: records start at seq {first_seq}, "
@@ -542,6 +636,9 @@ class Group:
         if not sizes:
             done(0)
             return
+        if self.halted:
+            done(errno.EIO)
+            return
         self._next_seq = last_seq + 1
         b = self._batch
         if not b.dones:
@@ -558,15 +655,10 @@ class Group:
 
     async def _committer(self) -> None:
         """Writes each batch into the journal as soon as it exists (one writev, on the
-        loop) and has the Flusher make it durable, up to MAX_IN_FLIGHT batches at once,
-        so the next batch is written while the previous one's fdatasync runs."""
+        loop) and completes its writes (_written); durability follows in _commit."""
         while True:
             await self._kick.wait()
             self._kick.clear()
-            while (len(self._flushing) >= MAX_IN_FLIGHT or self._poisoned
-                   or (self._flushing and self._flushing[-1].err)):  # none behind a failure
-                await self._slot.wait()
-                self._slot.clear()
             if self.halted:
                 self._fail_pending(errno.EIO)
                 continue
@@ -574,93 +666,155 @@ class Group:
             if not batch.dones:
                 continue
             await self._wait_for_space(batch.nbytes)
+            if self._unsynced and self.journal.starts_segment(batch.nbytes):
+                # Every segment but the last is durable to its end, so a power loss
+                # can only ever tear the last one (journal/segments.py, recovery).
+                await self.commit_now()
+            if self.halted:
+                for _, done in batch.dones:
+                    done(errno.EIO)
+                continue
             self._write(batch)
 
     def _write(self, batch: _Batch) -> None:
-        self._flushing.append(batch)
+        """Loop: one writev of the batch into the journal's page cache. It is then
+        readable (memtable), shipped early to in-sync sync targets, and its writes
+        complete (or wait for the sync targets); a failed writev fails the batch."""
         try:
             batch.seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
             self.journal.append(fd, batch.bufs, at)
-        except OSError as exc:  # a full disk, say: this batch and those behind it fail
-            self._flushed(batch, exc.errno or errno.EIO)
-            return
-        if self.early_senders:  # in the page cache now: ship while fdatasync runs
-            self._send_early(batch)
-        self._flusher.fdatasync(fd, lambda err: self._flushed(batch, err))
-
-    def _flushed(self, batch: _Batch, err: int) -> None:
-        """A batch's fdatasync ended: complete every batch at the head that is done,
-        in order (fdatasyncs may end out of order)."""
-        batch.err = err
-        flushing = self._flushing
-        while flushing and flushing[0].err is not None:
-            self._batch_done(flushing.popleft())
-        self._slot.set()
-        if not flushing:
-            if self._poisoned:
-                # Seqs of the failed batches are free again: cut the journal back to its
-                # durable records, fail what queued behind them and restart numbering
-                # after the last durable record (unless halted: a target holds them).
-                self.journal.cancel_reservations()
-                self._fail_pending(errno.EIO)
-                self._poisoned = False
-            if not self._batch.dones:
-                wake_all(self._idle_waiters)
-
-    def _batch_done(self, batch: _Batch) -> None:
-        err = batch.err or (errno.EIO if self._poisoned else 0)
-        if not err:
-            self._completed(batch)
-            return
-        if batch.err:  # its own failure, not only one behind it
+        except OSError as exc:  # a full disk, say: this batch and those queued behind fail
+            err = exc.errno or errno.EIO
             self.log.error("group %s: journal write of seq %d..%d failed: %s",
                            self.name, batch.first_seq, batch.last_seq, os.strerror(err))
+            if batch.seg is not None:
+                self.journal.unreserve(batch.seg, at)
             if err == errno.ENOSPC:  # beyond what the journal reserved (a huge batch)
                 self.journal_no_space = True
-        self._poisoned = True  # every later batch fails too (never a gap in seq)
-        if batch.shipped and self.halted is None:
-            # A target holds these records: reusing their seqs would fork it silently.
-            self.halted = (f"the journal's fdatasync failed ({os.strerror(err)}) after seq "
-                           f"{batch.first_seq}..{batch.last_seq} was shipped: no more "
-                           "writes until the agent restarts")
-            self.log.error("group %s: %s", self.name, self.halted)
-        for _, done in batch.dones:
-            done(err)
+            for _, done in batch.dones:
+                done(err)
+            self._fail_pending(err)
+            return
+        self.journal_no_space = False
+        batch.fd = fd
+        self._unsynced.append(batch)
+        self.written_seq = batch.last_seq
+        if self.role != "bunker":
+            self._memtable.add(batch.last_seq, (
+                (seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
+                for seq, (vol, kind, offset, length, payload)
+                in zip(range(batch.first_seq, batch.last_seq + 1), batch.applies)))
+        if self.early_senders:  # in the page cache now: ship while it is not durable yet
+            self._send_early(batch)
+        if self.role != "primary":
+            for _, done in batch.dones:  # written: the receiver acks it
+                done(0)
+        elif self.cfg.durability == "write":
+            self._flush_waits.extend(batch.dones)
+            self.flush_wanted = max(self.flush_wanted, batch.last_seq)
+        else:
+            floor = self.written_floor()
+            for seq, done in batch.dones:
+                if seq <= floor:
+                    done(0)
+                else:
+                    self._sync_waits.append((seq, done))
+        batch.dones = []
+        if self._flush_waits or self._memtable.nbytes > MEMTABLE_COMMIT_BYTES or \
+                self._record_waiters or self._idle_waiters:
+            self.commit_soon()
+        elif self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(
+                self.cfg.commit_interval, self._commit_due)
 
-    def _completed(self, batch: _Batch) -> None:
-        """Loop: the batch is durable. Apply it to the volumes (page cache writes, in
-        seq order, before any later batch), index it, wake shippers, complete writes.
+    def _commit_due(self) -> None:
+        self._commit_timer = None
+        self.commit_soon()
+
+    def commit_soon(self) -> None:
+        """Make everything written durable now: one fdatasync for all of it (a group
+        commit), or, while one runs, another right after it for what came since."""
+        if self._syncing:
+            self._commit_again = True
+            return
+        if not self._unsynced or self.halted:
+            return
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        batches = list(self._unsynced)
+        fds = list(dict.fromkeys(b.fd for b in batches))  # one segment, two at most
+        self._syncing = len(fds)
+        self._sync_errors = 0
+        through = batches[-1].last_seq
+        for fd in fds:
+            self._flusher.fdatasync(fd, lambda err: self._synced(through, err))
+
+    def _synced(self, through: int, err: int) -> None:
+        """Loop: an fdatasync of the commit through `through` ended."""
+        self._syncing -= 1
+        self._sync_errors = self._sync_errors or err
+        if self._syncing:
+            return
+        if self._sync_errors:
+            # Records that completed may be lost: nobody may build on them (a restart
+            # recovers what the journal really holds).
+            self._halt(f"the journal's fdatasync failed ({os.strerror(self._sync_errors)}) "
+                       f"with seq {self._unsynced[0].first_seq}..{through} written: no "
+                       "more writes until the agent restarts")
+            return
+        self.durable_seq = through
+        unsynced = self._unsynced
+        while unsynced and unsynced[0].last_seq <= through:
+            self._durable(unsynced.popleft())
+        self._memtable.drop_through(self.applied_seq)
+        self.journal_no_space = False
+        self._release_flushes()
+        wake_all(self._durable_waiters)
+        for listener in list(self.durable_listeners):
+            listener(through)
+        wake_all(self._record_waiters)  # shippers send what is durable
+        again, self._commit_again = self._commit_again, False
+        if self._unsynced and (again or self._flush_waits or self._record_waiters
+                               or self._idle_waiters):
+            self.commit_soon()
+        elif self._unsynced and self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(
+                self.cfg.commit_interval, self._commit_due)
+        if not self._unsynced and not self._batch.dones:
+            wake_all(self._idle_waiters)
+
+    def _durable(self, batch: _Batch) -> None:
+        """Loop: the batch is durable. Index it (shippers read it from now on) and
+        apply it to the volumes (page cache writes, in seq order).
 
         A volume write that fails (ENOSPC on a sparse image, EIO) leaves a record that
         is journaled, maybe replicated, but not in the volume. The batch then waits in
         `_unapplied`, with every batch after it (the volumes stay a prefix of the
-        journal), `applied_seq` and with it the checkpoint stay before it (so a restart
-        replays it), the checkpointer retries it every second, and until the volumes
-        have taken them all the primary refuses new writes (a read would not see them).
-        The writes of a failed batch fail with the volume's error; a replica completes
-        them (durable in its journal is what the upstream needs)."""
+        journal; the memtable keeps serving their writes), `applied_seq` and with it the
+        checkpoint stay before it (so a restart replays it), the checkpointer retries it
+        every second, and until the volumes have taken them all the primary refuses new
+        writes."""
         self.journal.commit(batch.seg, batch.sizes, batch.hcrcs)
-        self.journal_no_space = False
-        wake_all(self._record_waiters)  # shippers send what is journaled
         if not self._unapplied:
             try:
                 apply_to_volumes(batch.applies)
             except OSError as exc:
                 self._volume_failed(batch, exc)
+                return
+            self.applied_seq = batch.last_seq
         else:
             self._unapplied.append(batch)
-        if self._unapplied:
-            err = 0 if self.role != "primary" else self._unapplied_errno
-            for _, done in batch.dones:
-                done(err)
-            return
-        self.applied_seq = batch.last_seq
-        floor = self.sync_floor()
-        for seq, done in batch.dones:
-            if seq <= floor:
-                done(0)
-            else:
-                self._sync_waits.append((seq, done))
+
+    def _release_flushes(self) -> None:
+        """Complete the flushes (and durability: write writes) now durable everywhere
+        they must be: here and on every in-sync sync target."""
+        waits = self._flush_waits
+        floor = min(self.durable_seq, self.durable_floor())
+        while waits and waits[0][0] <= floor:
+            seq, done = waits.popleft()
+            self.flush_seq = max(self.flush_seq, seq)
+            done(0)
 
     def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
         self._unapplied.append(batch)
@@ -684,31 +838,44 @@ class Group:
                 return
             self._unapplied.popleft()
             self.applied_seq = batch.last_seq
+        self._memtable.drop_through(self.applied_seq)
         self.log.warning("group %s: the volumes hold every journaled record again (through "
                          "seq %d); writes are accepted", self.name, self.applied_seq)
         self.volume_error = None
         wake_all(self._record_waiters)
 
+    async def commit_now(self) -> None:
+        """Make everything written so far durable (and applied) before returning."""
+        target = self.written_seq
+        while self.durable_seq < target and not self.halted:
+            self.commit_soon()
+            await self._wait(self._durable_waiters)
+
+    @staticmethod
+    async def _wait(waiters: list) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append(fut)
+        await fut
+
     async def settle(self) -> None:
-        """Wait until nothing is queued or being committed (the journal's last record
-        is then everything this node has accepted)."""
-        while self._batch.dones or self._flushing:
-            fut = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(fut)
-            await fut
+        """Wait until nothing is queued, written but not durable, or being committed:
+        the journal's last record is then everything this node has accepted, and the
+        volumes hold it."""
+        while (self._batch.dones or self._unsynced or self._syncing) and not self.halted:
+            self.commit_soon()
+            await self._wait(self._idle_waiters)
 
     def _send_early(self, batch: _Batch) -> None:
-        """Loop: hand a batch whose journal write is done (its fdatasync may still be
-        running) to the shippers that take it early (in-sync sync targets)."""
+        """Loop: hand a batch whose journal write is done (not durable yet) to the
+        shippers that take it early (in-sync sync targets)."""
         for send in list(self.early_senders):
-            if send(batch.first_seq, batch.last_seq, batch.bufs):
-                batch.shipped = True
+            send(batch.first_seq, batch.last_seq, batch.bufs)
 
     def _fail_pending(self, err: int) -> None:
         pending, self._batch = self._batch, _Batch()
         for _, done in pending.dones:
             done(err)
-        self._next_seq = self.journal.last_seq + 1
+        self._next_seq = self.written_seq + 1
 
     # ---- replica side of a resync -------------------------------------------------------
     @property
@@ -784,7 +951,7 @@ class Group:
         self.undo.remove()
         for vol in self.volumes.values():
             vol.forget()  # what the resync read and wrote
-        self.applied_seq = pos.seq
+        self.applied_seq = self.written_seq = self.durable_seq = pos.seq
         self._unapplied.clear()  # the resync wrote the image they belong to
         self.volume_error = None
         self._next_seq = pos.seq + 1
@@ -822,17 +989,22 @@ class Group:
         return restored
 
     # ---- sync targets ------------------------------------------------------------------
-    def sync_floor(self) -> float:
-        """Highest seq every target writes must wait for has acked (inf when none): the
-        in-sync sync targets, a connected bunker even while it catches up (its copy of
-        the journal is what makes a takeover lossless), and targets with on_disconnect:
-        block that are not streaming (their acked seq then holds every later write back)."""
-        floor = float("inf")
-        for t in self.targets.values():
-            if (t.mode == "sync" and (t.in_sync or (t.bunker and t.streaming))) or \
-                    (t.block and not t.streaming):
-                floor = min(floor, t.acked_seq)
-        return floor
+    def _holding(self):
+        """The targets writes wait for: the in-sync sync targets, a connected bunker even
+        while it catches up (its copy of the journal is what makes a takeover lossless),
+        and targets with on_disconnect: block that are not streaming (their position then
+        holds every later write back)."""
+        return (t for t in self.targets.values()
+                if (t.mode == "sync" and (t.in_sync or (t.bunker and t.streaming)))
+                or (t.block and not t.streaming))
+
+    def written_floor(self) -> float:
+        """Highest seq every target a write waits for has written (inf when none)."""
+        return min((t.written_seq for t in self._holding()), default=float("inf"))
+
+    def durable_floor(self) -> float:
+        """Highest seq every target a flush waits for has made durable (inf when none)."""
+        return min((t.acked_seq for t in self._holding()), default=float("inf"))
 
     @property
     def blocked_by(self) -> list[str]:
@@ -842,24 +1014,28 @@ class Group:
     def targets_changed(self) -> None:
         """A target acked or changed state: release sync writes now covered, and let
         a waiting committer retry trimming."""
-        floor = self.sync_floor()
+        floor = self.written_floor()
         waits = self._sync_waits
         while waits and waits[0][0] <= floor:
             waits.popleft()[1](0)
+        self._release_flushes()
         if self.journal_full:
             self._checkpoint_now.set()
 
     def fail_sync_waits(self, t: TargetLink, err: int) -> int:
-        """Complete with `err` every write waiting for `t` (seq past its acked seq): a
-        sync target with on_disconnect: block that stopped acknowledging. Returns how many."""
-        keep, failed = deque(), 0
-        for seq, done in self._sync_waits:
-            if seq > t.acked_seq:
-                done(err)
-                failed += 1
-            else:
-                keep.append((seq, done))
-        self._sync_waits = keep
+        """Complete with `err` every write and flush waiting for `t` (a seq it has not
+        written, or not made durable): a sync target with on_disconnect: block that
+        stopped acknowledging. Returns how many."""
+        failed = 0
+        for name, reached in (("_sync_waits", t.written_seq), ("_flush_waits", t.acked_seq)):
+            keep = deque()
+            for seq, done in getattr(self, name):
+                if seq > reached:
+                    done(err)
+                    failed += 1
+                else:
+                    keep.append((seq, done))
+            setattr(self, name, keep)
         return failed
 
     # ---- readers: shippers ---------------------------------------------------------------
@@ -868,9 +1044,12 @@ class Group:
         wake_all(self._record_waiters)
 
     async def wait_for_records(self, after_seq: int, timeout: float) -> bool:
-        """Wait until a record after `after_seq` is durable; False on timeout."""
+        """Wait until a record after `after_seq` is durable; False on timeout. A shipper
+        waiting for records that are written makes them durable now."""
         if self.journal.last_seq > after_seq:
             return True
+        if self.written_seq > after_seq:
+            self.commit_soon()
         fut = asyncio.get_running_loop().create_future()
         self._record_waiters.append(fut)
         try:
@@ -1036,7 +1215,7 @@ class Group:
         bm = t.bitmap
         bm.clear_all()
         bm.active, bm.through, bm.remarked = False, seq, None
-        t.acked_seq = seq
+        t.reset_position(seq)
         t.lacks_since_ns = 0  # the journal holds what it lacks from now on
         t.finishing = False
         t.synced = True

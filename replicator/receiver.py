@@ -43,7 +43,7 @@ from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack,
                    ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply,
                    HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
                    RemoteProtocolError, ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain,
-                   Role, Successor, Welcome, code_name, negotiate)
+                   Flush, Role, Successor, Welcome, code_name, negotiate)
 
 
 class _Session:
@@ -102,7 +102,12 @@ class Receiver:
             link = Link(reader, writer, Connection(Role.RECEIVER))
             session = await self._handshake(link)
             if session:
-                await self._serve(session)
+                listener = lambda _seq, s=session: self._ack_soon(s)  # noqa: E731
+                session.group.durable_listeners.add(listener)
+                try:
+                    await self._serve(session)
+                finally:
+                    session.group.durable_listeners.discard(listener)
         except (OSError, asyncio.TimeoutError) as exc:
             self.log.info("replication link from %s ended: %s", _who(link, session),
                           exc or type(exc).__name__)
@@ -232,7 +237,7 @@ class Receiver:
             return
         j = group.journal
         if req.seq > pos.seq:  # it holds more than we do (records the primary never acked)
-            await link.send(Ack(seq=pos.seq))  # it checks our last record against its own
+            await link.send(Ack(seq=pos.seq, durable=pos.seq))  # it checks our last record against its own
             self.log.info("group %s: %s is at seq %d, past our %d: nothing to replay",
                           group.name, ev.node, req.seq, pos.seq)
             return
@@ -250,7 +255,7 @@ class Receiver:
             await link.send(Records(first_seq=first, last_seq=end, payload=data,
                                     compress=bool(agreed[1] & Feature.ZSTD)))
             seq = end
-        await link.send(Ack(seq=last))
+        await link.send(Ack(seq=last, durable=last))
         self.log.warning("group %s: %s fetched records %d..%d (takeover replay)", group.name,
                          link.who(ev.node), req.seq + 1, last)
 
@@ -344,7 +349,12 @@ class Receiver:
     async def _serve(self, s: _Session) -> None:
         while s.failed is None:
             ev = await s.link.next_event(self.hb_timeout)
-            if isinstance(ev, Records):
+            if isinstance(ev, Flush):
+                if s.group.durable_seq >= ev.seq:
+                    self._ack_soon(s)
+                else:
+                    s.group.commit_soon()  # its durable_listener acks
+            elif isinstance(ev, Records):
                 try:
                     s.group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
                                            lambda err, seq=ev.last_seq: self._done(s, seq, err))
@@ -374,7 +384,7 @@ class Receiver:
                 await s.group.finish_resync(Position(ev.seq, ev.crc))
                 s.group.adopt(s.history, s.source)
                 s.ack_seq = ev.seq
-                await s.link.send(Ack(seq=ev.seq))
+                await s.link.send(Ack(seq=ev.seq, durable=ev.seq))
             elif isinstance(ev, Handover):
                 await self._handover(s, ev)
                 return
@@ -410,14 +420,11 @@ class Receiver:
             except Exception as exc:  # noqa: BLE001 - any failure ends this session cleanly
                 self.log.error("group %s: resync write failed: %r", s.group.name, exc)
                 s.failed = f"resync write failed: {exc}"
-                if not s.link.writer.is_closing():
-                    s.link.writer.write(s.link.conn.send(
-                        Error(code=Refusal.INTERNAL, message=str(exc)[:1000])))
+                s.link.post(Error(code=Refusal.INTERNAL, message=str(exc)[:1000]))
                 await s.link.close()
                 return
             s.resync_applied += len(items)
-            if not s.link.writer.is_closing():
-                s.link.writer.write(s.link.conn.send(ResyncAck(count=s.resync_applied)))
+            s.link.post(ResyncAck(count=s.resync_applied))
 
     async def _handover(self, s: _Session, ev: Handover) -> None:
         """Planned switchover: we hold every record through ev.seq; become the primary."""
@@ -437,7 +444,7 @@ class Receiver:
             self.log.error("group %s: handover from %s refused: %s", g.name, s.source, exc)
             await s.link.send(Error(code=Refusal.POSITION, message=f"handover refused: {exc}"))
             return
-        await s.link.send(Ack(seq=ev.seq))
+        await s.link.send(Ack(seq=ev.seq, durable=ev.seq))
         self.log.warning("group %s: took over as primary from %s at seq %d (switchover)",
                          g.name, s.source, ev.seq)
 
@@ -460,7 +467,7 @@ class Receiver:
         self.log.warning("group %s: %s names %s the next primary after seq %d: %s becomes "
                          "the source when it connects as primary from seq %d", g.name,
                          s.source, ev.node, ev.seq, ev.node, ev.seq + 1)
-        await s.link.send(Ack(seq=ev.seq))
+        await s.link.send(Ack(seq=ev.seq, durable=ev.seq))
         return True
 
     async def _hash(self, s: _Session, ev: HashRequest) -> str | None:
@@ -487,26 +494,33 @@ class Receiver:
         return None
 
     def _done(self, s: _Session, seq: int, err: int) -> None:
+        """Records through `seq` are written to our journal (or failed)."""
         if err:
             s.failed = f"applying records through seq {seq} failed (errno {err})"
             asyncio.ensure_future(s.link.close())
             return
         if seq > s.ack_seq:
             s.ack_seq = seq
+        self._ack_soon(s)
+
+    def _ack_soon(self, s: _Session) -> None:
+        """One ACK (written and durable seq) for everything that happened in this turn
+        of the loop: records written, a commit made them durable, a FLUSH asked."""
         if not s.ack_scheduled:
             s.ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_ack, s)
 
     def _send_ack(self, s: _Session) -> None:
         s.ack_scheduled = False
-        if s.failed is None and not s.link.writer.is_closing():
-            s.link.writer.write(s.link.conn.send(Ack(seq=s.ack_seq)))
+        if s.failed is None:
+            s.link.post(Ack(seq=s.ack_seq, durable=min(s.group.durable_seq, s.ack_seq)))
 
     def status(self, group: str) -> dict | None:
         s = self.sessions.get(group)
         if s is None:
             return None
-        return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq}
+        return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq,
+                "durable_seq": min(s.group.durable_seq, s.ack_seq)}
 
 
 def _who(link: Link | None, session: _Session | None) -> str:

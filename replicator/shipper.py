@@ -44,8 +44,8 @@ from .journal.segments import JournalError
 from .transport import Link
 from .verify import CHUNK, chunks, differing, volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
-                   Diverged, Error, Feature, Handover, HashReply, HashRequest, Heartbeat, Hello,
-                   LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
+                   Diverged, Error, Feature, Flush, Handover, HashReply, HashRequest, Heartbeat,
+                   Hello, LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
                    ResyncBegin, ResyncData, ResyncDone, Retain, Role, Successor, Welcome,
                    code_name)
 
@@ -107,6 +107,7 @@ class Shipper:
         self.last_error = ""
         self.sent_seq = 0
         self.retained_seq = -1  # bunker: the last RETAIN sent in this session
+        self._flush_sent = 0  # the last FLUSH sent in this session
         self._link: Link | None = None  # the stream, for early batches (sync targets)
         self.early_batches = 0  # batches shipped before their local fdatasync finished
         self.bytes_sent = 0
@@ -274,7 +275,7 @@ class Shipper:
         self._needs_resync = t.logging or ours is None or welcome.seq < t.acked_seq
         if not self._needs_resync:
             self.sent_seq = welcome.seq
-            t.acked_seq = welcome.seq
+            t.reset_position(welcome.seq)
             self.state = "catching-up"
             self.group.targets_changed()
             self.log.info("group %s -> %s: streaming from seq %d", self.group.name,
@@ -289,6 +290,7 @@ class Shipper:
 
     async def _stream(self, link: Link) -> None:
         self.retained_seq = -1
+        self._flush_sent = 0
         if self._needs_resync:
             await self._resync(link)
         pump = asyncio.create_task(self._pump(link))
@@ -310,8 +312,8 @@ class Shipper:
 
     def _send_early(self, first: int, last: int, bufs: list) -> bool:
         """A batch whose journal write is done, before its fdatasync: ship it now if the
-        stream is exactly there (DRBD protocol C overlaps the two the same way). The
-        write still completes only once it is durable here and acknowledged there."""
+        stream is exactly there (DRBD protocol C overlaps the two the same way). Its
+        writes complete once the target acknowledges them written."""
         link = self._link
         if (link is None or self.sent_seq != first - 1 or not self.target.in_sync
                 or self._inflight_bytes >= WINDOW_BYTES or self._probes or self.verifying
@@ -357,6 +359,8 @@ class Shipper:
                 await self._send_records(link)
                 last_send = time.monotonic()
                 continue
+            if self.target.mode == "sync":
+                await self._pass_flush(link)
             wait = max(0.0, self.hb_interval - (time.monotonic() - last_send))
             if self.sent_seq < j.last_seq:  # window full: wait for an ack
                 self._acked.clear()
@@ -370,6 +374,14 @@ class Shipper:
             if time.monotonic() - last_send >= self.hb_interval:
                 await link.send(Heartbeat(sent_ns=time.time_ns()))
                 last_send = time.monotonic()
+
+    async def _pass_flush(self, link: Link) -> None:
+        """A FLUSH or FUA write here waits for this sync target to make what it was sent
+        durable: ask it to (its ACK says when). One FLUSH covers every flush before it."""
+        seq = min(self.group.flush_wanted, self.sent_seq)
+        if seq > self._flush_sent and seq > self.target.acked_seq:
+            self._flush_sent = seq
+            await link.send(Flush(seq=seq))
 
     async def _retain(self, link: Link) -> None:
         """Tell the bunker how far every other target got: it keeps the records after."""
@@ -451,10 +463,13 @@ class Shipper:
                     self._left_sync()
                 raise
             if isinstance(ev, Ack):
-                if not self.target.acked_seq <= ev.seq <= self.sent_seq:
-                    raise ShipError(f"{self.target.node} acked seq {ev.seq} outside "
-                                    f"{self.target.acked_seq}..{self.sent_seq}")
-                self.target.acked_seq = ev.seq
+                t = self.target
+                if not (t.written_seq <= ev.seq <= self.sent_seq
+                        and t.acked_seq <= ev.durable <= ev.seq):
+                    raise ShipError(f"{t.node} acked seq {ev.seq} (durable {ev.durable}) "
+                                    f"outside {t.written_seq}..{self.sent_seq} (durable from "
+                                    f"{t.acked_seq})")
+                t.acked(ev.seq, ev.durable)
                 for h in (self._handover, self._successor):  # the target did as told
                     if h and h["sent"] and ev.seq == h["seq"] and not h["fut"].done():
                         h["fut"].set_result(None)
@@ -824,6 +839,8 @@ class Shipper:
             "resync": self._resync_status(),
             "verify": self._verify_status(),
             "acked_seq": self.target.acked_seq,
+            "written_seq": self.target.written_seq,
+            "durable_seq": self.target.acked_seq,
             "sent_seq": self.sent_seq,
             "lag_records": records,
             "lag_bytes": nbytes,

@@ -105,6 +105,18 @@ class Link:
                 write(part)
         await self.writer.drain()
 
+    def post(self, *events) -> bool:
+        """Send without waiting for the socket to drain, from a callback that cannot
+        wait (acks, small and one per batch; the peer's reading keeps them flowing).
+        False when the link is closing (nothing is sent)."""
+        if self.writer.is_closing():
+            return False
+        write = self.writer.write
+        for ev in events:
+            for part in self.conn.send_parts(ev):
+                write(part)
+        return True
+
     async def next_event(self, timeout: float):
         """The next event from the peer (a frame or ConnectionClosed); raises
         asyncio.TimeoutError when no whole frame arrives within `timeout` seconds (plus

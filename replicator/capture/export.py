@@ -1,5 +1,6 @@
-"""An NBD export of one volume of a group: reads go straight to the volume, writes
-and zeroes into the group's write path. Writable only where the group is primary."""
+"""An NBD export of one volume of a group: reads see the volume with the group's
+completed writes, writes and zeroes go into the group's write path, FLUSH and FUA are
+its durability points (group.py). Writable only where the group is primary."""
 
 from __future__ import annotations
 
@@ -19,15 +20,22 @@ class VolumeExport:
         return self.group.role != "primary"
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.volume.read(offset, length)
+        return self.group.read(self.volume, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool, done) -> None:
-        # Every write completes durable (journal fdatasync), so FUA needs nothing more.
-        self.group.submit_write(self.volume, offset, data, done)
+        self.group.submit_write(self.volume, offset, data, self._fua(done) if fua else done)
 
     def zero(self, offset: int, length: int, fua: bool, done) -> None:
-        self.group.submit_zero(self.volume, offset, length, done)
+        self.group.submit_zero(self.volume, offset, length, self._fua(done) if fua else done)
 
     def flush(self, done) -> None:
-        # Writes complete only once durable in the journal: nothing is left to flush.
-        done(0)
+        self.group.submit_flush(done)
+
+    def _fua(self, done):
+        """A FUA write completes as the write followed by a flush."""
+        def written(err: int) -> None:
+            if err:
+                done(err)
+            else:
+                self.group.submit_flush(done)
+        return written

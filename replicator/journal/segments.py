@@ -19,7 +19,9 @@ larger than a segment can still need fresh space (and fail ENOSPC, see Group).
 
 Only the group's write path appends, whole batches at a time, on the event loop; the
 in-memory index (per segment: first seq, record offsets and header CRCs) is updated
-when the batch is durable, so readers only ever see durable records.
+when the batch is durable, so readers only ever see durable records. The group makes a
+segment durable to its end before it writes the next one, so only the last segment can
+hold records a power loss tore.
 
 Recovery (`open`) scans every segment: a short record at the very end of the last
 segment is a torn tail and is cut off; anything else that does not decode, or a seq
@@ -274,7 +276,7 @@ class Journal:
         the batch goes to, starting a new segment when the current one is full. Several
         batches may be reserved before the first is committed; they are written in order."""
         seg = self._segments[-1] if self._segments else None
-        if seg is None or (seg.tail and seg.tail + nbytes > self.segment_size):
+        if self.starts_segment(nbytes):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -297,21 +299,14 @@ class Journal:
         seg.tail += nbytes
         return seg, self._fds[seg.path], at
 
-    def cancel_reservations(self) -> None:
-        """After a failed batch, once nothing is in flight: cut every segment back to its
-        durable, indexed records (later batches may have been written behind the failed
-        one) and drop segments that hold none, so the next batch reuses their seqs."""
-        for seg in self._segments:
-            if seg.tail != seg.size:
-                fd = self._fds.get(seg.path)
-                if fd is not None:
-                    self._cut(fd, seg.path, seg.size)
-                seg.tail = seg.size
-        while len(self._segments) > 1 and not self._segments[-1].offsets:
-            seg = self._segments.pop()
-            self._firsts.pop()
-            self._close_fds(seg.path)
-            self._unlink_segments([seg.path])
+    def starts_segment(self, nbytes: int) -> bool:
+        """reserve(nbytes) would start a new segment."""
+        seg = self._segments[-1] if self._segments else None
+        return seg is None or bool(seg.tail and seg.tail + nbytes > self.segment_size)
+
+    def unreserve(self, seg: _Segment, at: int) -> None:
+        """The batch reserved last at `at` in `seg` was not written (append cut it)."""
+        seg.tail = at
 
     def append(self, fd: int, buffers: list, at_size: int) -> None:
         """Loop: write a batch into the page cache with one writev (IOV_MAX permitting);

@@ -68,7 +68,7 @@ import zstandard
 from crc32c import crc32c
 
 from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAX_SEQ, Ack, Diverged,
-                     Error, Feature, Fetch, Frame, FrameType, Handover, HashReply, HashRequest,
+                     Error, Feature, Fetch, Flush, Frame, FrameType, Handover, HashReply, HashRequest,
                      Hello, LocalProtocolError, ProtocolError, Records, Refusal,
                      RemoteProtocolError, ResyncBegin, ResyncDone, Retain, Successor, Welcome,
                      decode_body, decode_header, encode_body, encode_header)
@@ -134,6 +134,7 @@ _FLOWS = [
     (State.STREAMING, _DOWN, _F.HEARTBEAT, State.STREAMING),
     (State.STREAMING, _DOWN, _F.HASH_REQUEST, State.STREAMING),  # online verify
     (State.STREAMING, _DOWN, _F.RETAIN, State.STREAMING),
+    (State.STREAMING, _DOWN, _F.FLUSH, State.STREAMING),
     (State.STREAMING, _DOWN, _F.SUCCESSOR, State.STREAMING),
     (State.STREAMING, _DOWN, _F.RESYNC_BEGIN, State.RESYNCING),
     (State.STREAMING, _DOWN, _F.HANDOVER, State.HANDING_OVER),
@@ -341,10 +342,13 @@ class Connection:
                 raise error(f"RECORDS {event.first_seq}..{event.last_seq} leave a gap after "
                             f"seq {self._top}")
             self._top = max(self._top, event.last_seq)
-        elif isinstance(event, (Ack, Retain, Handover, Successor)):
+        elif isinstance(event, (Ack, Retain, Handover, Successor, Flush)):
             if event.seq > self._top:
                 raise error(f"{name} of seq {event.seq}, past seq {self._top}, the highest "
                             "this stream named")
+            if kind == _F.ACK and event.durable > event.seq:
+                raise error(f"ACK says seq {event.durable} is durable but only seq "
+                            f"{event.seq} written")
             if kind == _F.ACK and self.state == State.RESYNC_DONE \
                     and event.seq != self._pass_seq:
                 raise error(f"ACK of seq {event.seq} answers RESYNC_DONE of seq "

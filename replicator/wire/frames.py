@@ -19,7 +19,8 @@ wait for: with one CRC over header and body (protocol 1), a length flipped from 
 were taken as part of it. The checks run in this order: magic, header_crc, length
 against max_frame; then, once the body is complete, body_crc.
 
-Protocol versions: 2 is the only one spoken (PROTOCOL_MIN = PROTOCOL_MAX = 2). A peer
+Protocol versions: 3 is the only one spoken (PROTOCOL_MIN = PROTOCOL_MAX = 3; 3 added
+ACK's durable seq and FLUSH). A peer
 that speaks 1 is recognised by its magic and refused with a RemoteProtocolError naming
 both versions (its frames cannot be checked the new way, and it cannot read ours).
 
@@ -32,7 +33,7 @@ exactly after its last field):
     2 WELCOME      version u16, features u32, seq u64, crc u32     node str, history
     3 REFUSE       code u16                                        reason str (<= 1024)
     4 RECORDS      first_seq u64, last_seq u64, raw_length u32     payload
-    5 ACK          seq u64
+    5 ACK          seq u64, durable u64
     6 HEARTBEAT    sent_ns u64
     7 ERROR        code u16                                        message str (<= 1024)
     8 RESYNC_DATA  offset u64                                      volume str, data
@@ -47,6 +48,7 @@ exactly after its last field):
    16 RETAIN       seq u64
    17 RESYNC_BEGIN seq u64                                         (protocol 2)
    18 SUCCESSOR    seq u64                                         node str (protocol 2)
+   19 FLUSH        seq u64                                         (protocol 3)
 
 history = count u16 (at most MAX_GENERATIONS), then count x (id u64, first_seq u64): the
 generations the node's image descends from, oldest first (replicator/generations.py).
@@ -57,6 +59,14 @@ me your records after seq (whose header CRC must be crc); the receiver answers w
 RECORDS (receiver -> sender) and ACK(its last seq), then closes: takeover replay from a
 bunker. A sender already past the receiver's last seq gets ACK(that seq) alone and checks
 WELCOME's crc against its own record there.
+ACK (receiver -> sender): every record through seq is written to the receiver's journal
+(what a sync write waits for), every record through durable (<= seq) is durable there
+(what a FLUSH waits for, and what the sender's journal may trim). The receiver acks
+again as its durable seq catches up. Outside the stream, ACK(seq) answers a frame that
+named seq and durable = seq.
+FLUSH (sender -> receiver, in STREAMING, seq at most the last seq sent): make every
+record through seq durable now and ACK when it is (an NBD FLUSH or FUA write on the
+primary waits for it); many flushes share one fdatasync.
 RETAIN (sender -> receiver, to a bunker, in STREAMING, seq at most the last seq sent):
 every far replica of the sender holds the records through seq; the bunker may drop them,
 and must keep every later one for a takeover replay.
@@ -126,7 +136,7 @@ MAX_NAME = 255  # every str field...
 MAX_REASON = 1024  # ...except the free text of REFUSE and ERROR
 # Protocol 2: the frame header has its own CRC; RESYNC_BEGIN, SUCCESSOR and the states they
 # open. Version 1 peers (another header, no resync announcement, no successor) are refused.
-PROTOCOL_MIN = PROTOCOL_MAX = 2
+PROTOCOL_MIN = PROTOCOL_MAX = 3
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 ANY_SEQ = 2**64 - 1  # HASH_REQUEST: hash the receiver's current image
 MAX_SEQ = 2**63 - 1  # the highest seq a peer may name: a journal there still has room
@@ -155,6 +165,7 @@ class FrameType(enum.IntEnum):
     RETAIN = 16
     RESYNC_BEGIN = 17
     SUCCESSOR = 18
+    FLUSH = 19
 
 
 class Refusal(enum.IntEnum):
@@ -273,9 +284,11 @@ class Records:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ack:
-    """Receiver -> sender: every record <= seq is durable on the receiver."""
+    """Receiver -> sender: every record <= seq is written on the receiver, every record
+    <= durable is durable there."""
     frame_type: ClassVar[FrameType] = FrameType.ACK
     seq: int
+    durable: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -391,6 +404,13 @@ class Successor:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Flush:
+    """Sender -> receiver: make every record through `seq` durable, then ACK."""
+    frame_type: ClassVar[FrameType] = FrameType.FLUSH
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Retain:
     """Sender -> bunker: the far replicas hold every record through `seq`."""
     frame_type: ClassVar[FrameType] = FrameType.RETAIN
@@ -399,7 +419,7 @@ class Retain:
 
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
          | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch | Retain
-         | ResyncBegin | Successor)
+         | ResyncBegin | Successor | Flush)
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -437,7 +457,7 @@ _WELCOME = _Fixed("HIQI", "version", "features", "seq", "crc")
 _CODE = _Fixed("H", "code")
 _RECORDS = _Fixed("QQI", "first_seq", "last_seq", "raw_length")
 RECORDS_FIXED_SIZE = _RECORDS.struct.size  # 20: an uncompressed payload may be max_frame - 20
-_ACK = _Fixed("Q", "seq")
+_ACK = _Fixed("QQ", "seq", "durable")
 _HEARTBEAT = _Fixed("Q", "sent_ns")
 _RESYNC_DATA = _Fixed("Q", "offset")
 _RESYNC_DONE = _Fixed("QI", "seq", "crc")
@@ -451,6 +471,7 @@ _EXTENT = _Fixed("QQ", "offset", "length")
 _HANDOVER = _Fixed("Q", "seq")
 _FETCH = _Fixed("QI", "seq", "crc")
 _RETAIN = _Fixed("Q", "seq")
+_FLUSH = _Fixed("Q", "seq")
 _RESYNC_BEGIN = _Fixed("Q", "seq")
 _SUCCESSOR = _Fixed("Q", "seq")
 _TARGET_FLAGS = _Fixed("B", "target flags")
@@ -598,7 +619,7 @@ def encode_body(event: Frame, *, max_frame: int,
         parts = [_CODE.pack(kind, int(event.code)),
                  _pack_text(kind, "message", event.message, MAX_REASON)]
     elif isinstance(event, Ack):
-        parts = [_ACK.pack(kind, event.seq)]
+        parts = [_ACK.pack(kind, event.seq, event.durable)]
     elif isinstance(event, Heartbeat):
         parts = [_HEARTBEAT.pack(kind, event.sent_ns)]
     elif isinstance(event, ResyncData):
@@ -620,6 +641,8 @@ def encode_body(event: Frame, *, max_frame: int,
         parts = [_FETCH.pack(kind, event.seq, event.crc)]
     elif isinstance(event, Retain):
         parts = [_RETAIN.pack(kind, event.seq)]
+    elif isinstance(event, Flush):
+        parts = [_FLUSH.pack(kind, event.seq)]
     elif isinstance(event, ResyncBegin):
         parts = [_RESYNC_BEGIN.pack(kind, event.seq)]
     elif isinstance(event, Successor):
@@ -704,7 +727,8 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         (code,) = reader.fixed(_CODE)
         event = Error(code=Refusal.of(code), message=reader.text("message", MAX_REASON))
     elif kind == FrameType.ACK:
-        event = Ack(seq=reader.fixed(_ACK)[0])
+        seq, durable = reader.fixed(_ACK)
+        event = Ack(seq=seq, durable=durable)
     elif kind == FrameType.RESYNC_DATA:
         (offset,) = reader.fixed(_RESYNC_DATA)
         volume = reader.text("volume")
@@ -733,6 +757,8 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         event = Fetch(seq=seq, crc=crc)
     elif kind == FrameType.RETAIN:
         event = Retain(seq=reader.fixed(_RETAIN)[0])
+    elif kind == FrameType.FLUSH:
+        event = Flush(seq=reader.fixed(_FLUSH)[0])
     elif kind == FrameType.RESYNC_BEGIN:
         event = ResyncBegin(seq=reader.fixed(_RESYNC_BEGIN)[0])
     elif kind == FrameType.SUCCESSOR:

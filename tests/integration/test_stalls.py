@@ -259,22 +259,31 @@ def test_sync_target_that_stops_acknowledging_leaves_sync(proxied_sync_pair):
 
 
 def test_blocking_sync_target_that_stops_acknowledging_fails_the_waiting_writes(
-        proxied_sync_pair):
+        proxied_sync_pair, tmp_path):
     """on_disconnect: block: the writes that waited for the silent target fail (EIO)
-    instead of hanging; once it acknowledges again, writes complete and it catches up."""
+    instead of hanging; a flush after them waits for the target like new writes do; once
+    it acknowledges again, the flush and new writes complete and it catches up."""
     topo, proxy = proxied_sync_pair({"on_disconnect": "block"}, sync_ack_timeout=2)
     a = topo["a"]
     drop = _drop_acks(proxy)
+    out = tmp_path / "qemu-io.out"
+    with open(out, "w") as f:  # line-buffered: the EIO shows while its close flush waits
+        proc = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", "-c",
+                                 "write -P 0x44 0 4k", a.nbd_uri("data")],
+                                stdout=f, stderr=subprocess.STDOUT)
     try:
-        done = _writes(a.nbd_uri("data"), 1, 0x44, timeout=20)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a write hung behind a blocking target that never acks: "
-                    f"{a.target('db', 'b')}")
-    assert "Input/output error" in done.stdout + done.stderr, done.stdout + done.stderr
-    wait_until(lambda: a.group("db")["writes_blocked_by"] == ["b"], 10, "writes blocked by b")
-    assert "failed (EIO)" in a.target("db", "b")["last_error"]
-    drop.clear()
-    proxy.reset()
+        wait_until(lambda: "Input/output error" in out.read_text(), 20,
+                   f"the waiting write to fail (EIO) instead of hanging: {a.target('db', 'b')}")
+        wait_until(lambda: a.group("db")["writes_blocked_by"] == ["b"], 10, "writes blocked by b")
+        assert "failed (EIO)" in a.target("db", "b")["last_error"]
+        assert proc.poll() is None  # its flush waits for b, like a new write would
+        drop.clear()
+        proxy.reset()
+        assert proc.wait(timeout=60) == 1  # its write failed; its flush then completed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     done = _writes(a.nbd_uri("data"), 2, 0x45, timeout=60)
     assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout
     topo.wait_converged()

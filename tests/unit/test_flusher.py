@@ -1,5 +1,5 @@
-"""The Flusher (journal fdatasync off the loop) and the group's in-order completion of
-batches whose fdatasyncs end out of order or fail."""
+"""The Flusher (journal fdatasync off the loop) and the group's durability points:
+writes complete journaled, flushes and commit_interval make them durable, failures halt."""
 
 from __future__ import annotations
 
@@ -64,18 +64,29 @@ class _HeldFlusher:
         pass
 
 
-def _group(tmp_path, state_dir=None) -> Group:
+def _group(tmp_path, state_dir=None, **keys) -> Group:
     cfg = parse({"node": "p", "listen": "127.0.0.1:1", "nbd_listen": "127.0.0.1:2",
                  "state_dir": str(state_dir or tmp_path / "state"), "tls": False, "peers": {},
                  "groups": [{"name": "db", "role": "primary", "journal_size": "16MiB",
                              "volumes": [{"name": "data", "path": str(tmp_path / "d.img"),
-                                          "size": "1MiB"}], "targets": []}]})
+                                          "size": "1MiB"}], "targets": [], **keys}]})
     group = Group(cfg.group("db"), cfg.state_dir)
     group.open()
     return group
 
 
-def test_batches_complete_in_seq_order_and_a_failure_frees_its_seqs(tmp_path):
+async def _until(cond, what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def test_writes_complete_written_and_flushes_wait_for_the_commit(tmp_path):
+    """The durability contract on one node: a write completes once journaled (readable,
+    not in the volume yet), a FLUSH once an fdatasync covers it; flushes that arrive
+    during a commit share the next one; a failed fdatasync fails the group loudly."""
     async def main():
         g = _group(tmp_path)
         g.start()
@@ -83,56 +94,107 @@ def test_batches_complete_in_seq_order_and_a_failure_frees_its_seqs(tmp_path):
         vol = g.volumes["data"]
         results: dict[str, int] = {}
 
-        async def write(name, offset, data):
-            """Submit; return once the committer has written it (its fdatasync is
-            pending) or it was refused."""
-            pending = len(held.pending)
-            g.submit_write(vol, offset, data, lambda err: results.setdefault(name, err))
+        def done(name):
+            return lambda err: results.setdefault(name, err)
 
-            async def written():
-                while len(held.pending) == pending and name not in results:
-                    await asyncio.sleep(0)
-            await asyncio.wait_for(written(), 5)
+        g.submit_write(vol, 0, b"A" * 512, done("a"))
+        await _until(lambda: "a" in results, "write a")
+        assert results == {"a": 0} and not held.pending  # nobody asked for durability
+        assert (g.written_seq, g.durable_seq, g.journal.last_seq) == (1, 0, 0)
+        assert g.read(vol, 0, 1024) == b"A" * 512 + bytes(512)  # seen, from the memtable
+        assert vol.read(0, 512) == bytes(512)  # the volume waits for the journal
 
-        await write("a", 0, b"A" * 512)
-        await write("b", 512, b"B" * 512)
-        assert len(held.pending) == 2 and results == {}
-        held.pending.pop(1)(0)  # b's fdatasync ends first: b waits for a
-        assert results == {}
+        g.submit_flush(done("flush1"))
+        assert len(held.pending) == 1 and "flush1" not in results
+        g.submit_write(vol, 512, b"B" * 512, done("b"))
+        await _until(lambda: "b" in results, "write b")
+        g.submit_flush(done("flush2"))
+        assert len(held.pending) == 1  # one commit at a time; flush2 waits for the next
         held.pending.pop(0)(0)
-        assert results == {"a": 0, "b": 0} and g.journal.last_seq == 2
-        size = os.path.getsize(g.journal._segments[-1].path)
-
-        await write("c", 0, b"C" * 512)
-        await write("d", 1024, b"D" * 512)
-        held.pending.pop(1)(0)  # d looks fine, but it was written behind c, which fails
-        held.pending.pop(0)(errno.EIO)
-        assert results["c"] == errno.EIO and results["d"] == errno.EIO
-        assert g.journal.last_seq == 2
-        assert os.path.getsize(g.journal._segments[-1].path) == size  # cut back
-        assert g.halted is None  # nobody received c or d: their seqs are free again
-
-        await write("e", 2048, b"E" * 512)
+        assert results["flush1"] == 0 and "flush2" not in results
+        assert (g.durable_seq, g.flush_seq, g.applied_seq) == (1, 1, 1)
+        assert vol.read(0, 512) == b"A" * 512 and vol.read(512, 512) == bytes(512)
+        assert len(held.pending) == 1  # the next commit started at once, for flush2
+        g.submit_flush(done("flush3"))  # shares it
         held.pending.pop(0)(0)
-        assert results["e"] == 0 and g.journal.last_seq == 3
-        assert vol.read(0, 512) == b"A" * 512 and vol.read(2048, 512) == b"E" * 512
+        assert results["flush2"] == results["flush3"] == 0 and g.flush_seq == 2
+        assert vol.read(512, 512) == b"B" * 512 and g.journal.last_seq == 2
 
-        # A batch a target already received cannot give its seqs back: writes stop.
-        g.early_senders.add(lambda first, last, bufs: True)
-        await write("f", 0, b"F" * 512)
-        held.pending.pop(0)(errno.EIO)
-        assert results["f"] == errno.EIO and "was shipped" in g.halted
-        g.early_senders.clear()
-        await write("g", 0, b"G" * 512)
-        assert results["g"] == errno.EIO and not held.pending
+        g.submit_flush(done("flush4"))  # nothing new: at once, no fdatasync
+        assert results["flush4"] == 0 and not held.pending
+
+        g.submit_write(vol, 1024, b"C" * 512, done("c"))
+        await _until(lambda: "c" in results, "write c")
+        g.submit_flush(done("flush5"))
+        held.pending.pop(0)(errno.EIO)  # the disk lost it: nobody may build on seq 3
+        assert results["flush5"] == errno.EIO and "fdatasync failed" in g.halted
+        assert g.durable_seq == 2 and g.journal.last_seq == 2  # never shipped
+        g.submit_write(vol, 0, b"D" * 512, done("d"))
+        assert results["d"] == errno.EIO
+        g.submit_flush(done("flush6"))
+        assert results["flush6"] == errno.EIO
         await g.stop()
 
-        j = Journal(os.path.join(g.dir, "journal"), capacity=16 << 20)
-        j.open()
-        assert j.last_seq == 3
-        j.close()
+    asyncio.run(main())
+
+
+def test_commit_interval_makes_unflushed_writes_durable(tmp_path):
+    async def main():
+        g = _group(tmp_path, commit_interval=0.05)
+        g.start()
+        held = g._flusher = _HeldFlusher()
+        vol = g.volumes["data"]
+        results = []
+        g.submit_write(vol, 0, b"A" * 512, results.append)
+        await _until(lambda: results, "the write")
+        assert not held.pending
+        await _until(lambda: held.pending, "the commit_interval commit", timeout=2)
+        held.pending.pop(0)(0)
+        assert g.durable_seq == 1 and vol.read(0, 512) == b"A" * 512
+        assert g.flush_seq == 0  # durable, but nobody was promised it
+        await g.stop()
 
     asyncio.run(main())
+
+
+def test_durability_write_completes_each_write_durable(tmp_path):
+    async def main():
+        g = _group(tmp_path, durability="write")
+        g.start()
+        held = g._flusher = _HeldFlusher()
+        vol = g.volumes["data"]
+        results = []
+        g.submit_write(vol, 0, b"A" * 512, results.append)
+        await _until(lambda: held.pending, "the commit")
+        assert results == []  # written, not durable: not complete yet
+        held.pending.pop(0)(0)
+        assert results == [0] and g.durable_seq == 1 and g.flush_seq == 1
+        await g.stop()
+
+    asyncio.run(main())
+
+
+def test_a_loop_that_fails_fails_the_group_loudly(tmp_path, caplog):
+    """An exception in the committer halts the group: status says why, writes get EIO,
+    nothing hangs."""
+    async def main():
+        g = _group(tmp_path)
+
+        def broken(batch):
+            raise RuntimeError("injected")
+        g._write = broken
+        g.start()
+        results = []
+        g.submit_write(g.volumes["data"], 0, b"A" * 512, results.append)
+        await _until(lambda: g.halted, "the group to halt")
+        assert "committer failed" in g.halted and "injected" in g.halted
+        g.submit_write(g.volumes["data"], 0, b"A" * 512, results.append)
+        g.submit_flush(results.append)
+        assert results[-2:] == [errno.EIO, errno.EIO]
+        await asyncio.wait_for(g.stop(), 5)
+
+    asyncio.run(main())
+    assert "the committer failed" in caplog.text
 
 
 @pytest.fixture
@@ -162,12 +224,12 @@ def test_a_full_disk_does_not_fail_writes_the_journal_reserved_room_for(tmp_path
         filler = tests.agents.fill_up(small_fs)
         for i in range(1, 401):  # 25 MiB through a 16 MiB journal: segments come and go
             assert await write(i) == 0, i
-        last = g.journal.last_seq
+        last = g.written_seq
         assert await write(500, 3 << 20) == errno.ENOSPC  # bigger than a 2 MiB segment
-        assert g.journal_no_space and g.journal.last_seq == last and g.halted is None
+        assert g.journal_no_space and g.written_seq == last and g.halted is None
         os.unlink(filler)
         assert await write(501) == 0  # room again: the next write takes the freed seq
-        assert g.journal.last_seq == last + 1 and not g.journal_no_space
+        assert g.written_seq == last + 1 and not g.journal_no_space
         await g.stop()
 
         j = Journal(os.path.join(g.dir, "journal"), capacity=16 << 20)

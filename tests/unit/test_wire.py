@@ -10,7 +10,7 @@ import zstandard
 from crc32c import crc32c
 
 from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, LEGACY_MAGIC, MAGIC,
-                             NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack,
+                             NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Flush,
                              Connection, Diverged, Fetch, Handover,
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
@@ -135,8 +135,8 @@ def test_full_session_both_ways():
     r.receive_data(wire)
     assert drain(r) == [plain, packed, Heartbeat(sent_ns=5)]
 
-    s.receive_data(r.send(Ack(seq=42)) + r.send(Ack(seq=50)) + r.send(Heartbeat(sent_ns=9)))
-    assert drain(s) == [Ack(seq=42), Ack(seq=50), Heartbeat(sent_ns=9)]
+    s.receive_data(r.send(Ack(seq=42, durable=42)) + r.send(Ack(seq=50, durable=50)) + r.send(Heartbeat(sent_ns=9)))
+    assert drain(s) == [Ack(seq=42, durable=42), Ack(seq=50, durable=50), Heartbeat(sent_ns=9)]
 
     r.receive_data(s.send(Error(code=Refusal.INTERNAL, message="shutting down")))
     assert s.state == State.CLOSED
@@ -155,7 +155,7 @@ def test_refusal_path():
     wire = r.send(Refuse(code=Refusal.WRONG_SOURCE, reason="only dc9 ships group db"))
     assert r.state == State.CLOSED
     with pytest.raises(LocalProtocolError, match="cannot send ACK in state closed"):
-        r.send(Ack(seq=1))
+        r.send(Ack(seq=1, durable=1))
     s.receive_data(wire + b"")
     s.receive_data(b"")
     refuse, closed = drain(s)
@@ -207,7 +207,7 @@ def sender_stream():
 
 def receiver_stream():
     _, r = handshake()
-    events = [Ack(seq=40), Heartbeat(sent_ns=1), Ack(seq=41),
+    events = [Ack(seq=40, durable=40), Heartbeat(sent_ns=1), Ack(seq=41, durable=41),
               Error(code=Refusal.INTERNAL, message="é" * 20)]
     return b"".join(r.send(ev) for ev in events), events
 
@@ -274,7 +274,7 @@ ROUND_TRIP = [
     Refuse(code=Refusal.VERSION, reason="r" * 1024),
     Records(first_seq=1, last_seq=2**64 - 1, payload=bytes(range(256)) * 10),
     Records(first_seq=9, last_seq=9, payload=b"a" * 4096, compress=True),
-    Ack(seq=0), Heartbeat(sent_ns=2**64 - 1), Error(code=65535, message="m" * 1024),
+    Ack(seq=0, durable=0), Heartbeat(sent_ns=2**64 - 1), Error(code=65535, message="m" * 1024),
     ResyncData(volume="data", offset=2**64 - 1, payload=b"x" * 65536),
     ResyncData(volume="v" * 255, offset=0, payload=b""),
     ResyncDone(seq=2**64 - 1, crc=2**32 - 1), ResyncAck(count=2**64 - 1),
@@ -317,7 +317,8 @@ if given is not None:
     @given(st.one_of(
         st.builds(Hello, proto_min=st.integers(0, 100), proto_max=st.integers(100, 65535),
                   features=st.integers(0, 2**32 - 1), node=names, group=names, target=names),
-        st.builds(Ack, seq=st.integers(0, 2**64 - 1)),
+        st.builds(Ack, seq=st.integers(0, 2**64 - 1), durable=st.integers(0, 2**64 - 1)),
+        st.builds(Flush, seq=st.integers(0, 2**64 - 1)),
         st.builds(Heartbeat, sent_ns=st.integers(0, 2**64 - 1)),
         st.builds(Error, code=st.integers(0, 65535), message=names),
         st.builds(lambda first, n, payload, compress: Records(
@@ -385,7 +386,7 @@ def ack_stream():
     """What a sender reads while streaming: an ACK between heartbeats (issue 13 item 8:
     a flipped length bit in such an ACK stalled every sync write)."""
     _, r = handshake()
-    return r.send(Ack(seq=7)), r.send(Heartbeat(sent_ns=1)) * 50
+    return r.send(Ack(seq=7, durable=7)), r.send(Heartbeat(sent_ns=1)) * 50
 
 
 @pytest.mark.parametrize("bit", range(HEADER_SIZE * 8))
@@ -431,7 +432,7 @@ def test_missing_bytes_of_the_frame_in_progress():
 if given is not None:
     # what an honest end may send after WELCOME(seq=41): an ACK of a seq the stream named,
     # the RECORDS that follow it without a gap
-    EVENTS = st.one_of(st.builds(Ack, seq=st.integers(0, 41)),
+    EVENTS = st.one_of(st.builds(lambda q: Ack(seq=q, durable=q), st.integers(0, 41)),
                        st.builds(Heartbeat, sent_ns=st.integers(0, 2**64 - 1)),
                        st.builds(lambda payload: Records(first_seq=42, last_seq=42,
                                                          payload=payload),
@@ -501,7 +502,7 @@ MALFORMED_AT_START = [
     ("surrogate", frame(1, hello_body(target=b"\xed\xa0\x80")), "field target is not valid UTF-8"),
     ("versions reversed", frame(1, hello_body(pmin=2, pmax=1)), "proto_min 2 > proto_max 1"),
     ("records first", frame(4, records_body()), "cannot receive RECORDS in state start"),
-    ("ack first", frame(5, struct.pack("<Q", 1)), "cannot receive ACK in state start"),
+    ("ack first", frame(5, struct.pack("<QQ", 1, 1)), "cannot receive ACK in state start"),
     ("welcome to receiver", frame(2, struct.pack("<HIQI", 1, 0, 0, 0) + text(b"x") + NO_HISTORY),
      "cannot receive WELCOME"),
     ("error too short", frame(7, b"\x01"), "ERROR body of 1 bytes is too short for code"),
@@ -720,7 +721,7 @@ def test_welcome_must_answer_the_hello(welcome, match):
 @pytest.mark.parametrize("make,wire,match", [
     (streaming_receiver, frame(FrameType.HELLO, hello_body()),
      "cannot receive HELLO in state streaming"),
-    (streaming_receiver, frame(FrameType.ACK, struct.pack("<Q", 1)), "receiver cannot receive ACK"),
+    (streaming_receiver, frame(FrameType.ACK, struct.pack("<QQ", 1, 1)), "receiver cannot receive ACK"),
     (hello_received, frame(FrameType.RECORDS, records_body()),
      "cannot receive RECORDS in state hello-received"),
     (streaming_sender, frame(FrameType.RECORDS, records_body()), "sender cannot receive RECORDS"),
@@ -738,7 +739,7 @@ def test_receiving_out_of_state_is_a_remote_error(make, wire, match):
 def test_ack_before_welcome_and_frames_after_close():
     s = Connection(Role.SENDER)
     s.send(HELLO)
-    s.receive_data(frame(FrameType.ACK, struct.pack("<Q", 1)))
+    s.receive_data(frame(FrameType.ACK, struct.pack("<QQ", 1, 1)))
     with pytest.raises(RemoteProtocolError, match="cannot receive ACK in state hello-sent"):
         s.next_event()
     s = Connection(Role.SENDER)
@@ -755,14 +756,14 @@ def test_ack_before_welcome_and_frames_after_close():
 @pytest.mark.parametrize("make,event,match", [
     (lambda: Connection(Role.SENDER), Records(first_seq=1, last_seq=1, payload=b""),
      "sender cannot send RECORDS in state start"),
-    (lambda: Connection(Role.RECEIVER), Ack(seq=1), "receiver cannot send ACK in state start"),
+    (lambda: Connection(Role.RECEIVER), Ack(seq=1, durable=1), "receiver cannot send ACK in state start"),
     (lambda: Connection(Role.RECEIVER), WELCOME, "cannot send WELCOME in state start"),
     (lambda: Connection(Role.SENDER), WELCOME, "sender cannot send WELCOME"),
     (lambda: Connection(Role.SENDER), Heartbeat(sent_ns=1), "cannot send HEARTBEAT in state start"),
-    (hello_received, Ack(seq=1), "cannot send ACK in state hello-received"),
+    (hello_received, Ack(seq=1, durable=1), "cannot send ACK in state hello-received"),
     (hello_received, Records(first_seq=1, last_seq=1, payload=b""), "receiver cannot send RECORDS"),
     (streaming_sender, HELLO, "cannot send HELLO in state streaming"),
-    (streaming_sender, Ack(seq=3), "sender cannot send ACK"),
+    (streaming_sender, Ack(seq=3, durable=3), "sender cannot send ACK"),
     (streaming_receiver, Retain(seq=3), "receiver cannot send RETAIN"),
     (streaming_receiver, Refuse(code=6, reason="late"), "cannot send REFUSE in state streaming"),
     (lambda: Connection(Role.SENDER),
@@ -777,8 +778,8 @@ def test_ack_before_welcome_and_frames_after_close():
     (lambda: Connection(Role.SENDER),
      Hello(proto_min=70000, proto_max=70000, features=0, node="a", group="g", target="t"),
      "field proto_min=70000 does not fit in 16 unsigned bits"),
-    (streaming_receiver, Ack(seq=-1), "field seq=-1 does not fit in 64"),
-    (streaming_receiver, Ack(seq=2**64), "field seq=18446744073709551616 does not fit"),
+    (streaming_receiver, Ack(seq=-1, durable=-1), "field seq=-1 does not fit in 64"),
+    (streaming_receiver, Ack(seq=2**64, durable=2**64), "field seq=18446744073709551616 does not fit"),
     (streaming_sender, Records(first_seq=1, last_seq=2**64, payload=b""), "last_seq"),
     (hello_received, Welcome(version=V + 1, features=0, seq=0, crc=0, node="x"),
      f"WELCOME version {V + 1} is outside the HELLO range {V}..{V}"),
@@ -841,7 +842,7 @@ def test_negotiate():
     assert negotiate(HELLO, V, V, 0) == (V, Feature(0))
     # A protocol 1 peer and this version have no version in common.
     assert negotiate(HELLO, 1, 1, Feature.ZSTD) is None
-    assert (PROTOCOL_MIN, PROTOCOL_MAX) == (2, 2)
+    assert (PROTOCOL_MIN, PROTOCOL_MAX) == (3, 3)
     far = Hello(proto_min=3, proto_max=5, features=0, node="a", group="g", target="b")
     assert negotiate(far, 1, 2, Feature.ZSTD) is None
     assert negotiate(far, 6, 9, Feature.ZSTD) is None
@@ -866,8 +867,8 @@ def test_records_flow_back_only_on_a_fetch_connection():
         Connection.send(handshake(hello, welcome)[1], Records(first_seq=6, last_seq=6, payload=b"x"))
     r.receive_data(s.send(Fetch(seq=5, crc=1)))
     assert r.next_event() == Fetch(seq=5, crc=1)
-    s.receive_data(r.send(Records(first_seq=6, last_seq=6, payload=b"x")) + r.send(Ack(seq=9)))
-    assert isinstance(s.next_event(), Records) and s.next_event() == Ack(seq=9)
+    s.receive_data(r.send(Records(first_seq=6, last_seq=6, payload=b"x")) + r.send(Ack(seq=9, durable=9)))
+    assert isinstance(s.next_event(), Records) and s.next_event() == Ack(seq=9, durable=9)
     assert s.state == r.state == State.CLOSED
     with pytest.raises(LocalProtocolError, match="sender cannot send FETCH in state closed"):
         s.send(Fetch(seq=5, crc=1))
@@ -908,8 +909,8 @@ def test_a_resync_pass_walks_its_states():
     drain(r)
     r.receive_data(s.send(ResyncDone(seq=45, crc=7)))
     assert drain(r) == [ResyncDone(seq=45, crc=7)] and r.state == State.RESYNC_DONE
-    s.receive_data(r.send(ResyncAck(count=1)) + r.send(Ack(seq=45)))
-    assert drain(s) == [ResyncAck(count=1), Ack(seq=45)]
+    s.receive_data(r.send(ResyncAck(count=1)) + r.send(Ack(seq=45, durable=45)))
+    assert drain(s) == [ResyncAck(count=1), Ack(seq=45, durable=45)]
     assert s.state == r.state == State.STREAMING
     r.receive_data(s.send(Records(first_seq=46, last_seq=46, payload=b"r")))
     assert drain(r)[0].first_seq == 46
@@ -968,8 +969,8 @@ def test_frames_out_of_state_or_range_are_refused_both_ways(events, match):
 
 
 UP_HOSTILE = [
-    ("ack past the stream", [Ack(seq=42)], "ACK of seq 42, past seq 41"),
-    ("ack at an impossible seq", [Ack(seq=2**64 - 1)], "exceeds the highest seq"),
+    ("ack past the stream", [Ack(seq=42, durable=42)], "ACK of seq 42, past seq 41"),
+    ("ack at an impossible seq", [Ack(seq=2**64 - 1, durable=2**64 - 1)], "exceeds the highest seq"),
     ("unasked hash reply", [HashReply(id=9, seq=41, hashes=b"")], "no HASH_REQUEST asked for"),
     ("resync ack with no resync", [ResyncAck(count=1)], "cannot receive RESYNC_ACK in state streaming"),
     ("records to the sender", [Records(first_seq=42, last_seq=42, payload=b"")],
@@ -989,7 +990,7 @@ def test_the_ack_of_resync_done_must_name_its_seq():
     s, r = handshake()
     r.receive_data(s.send(ResyncBegin(seq=41)) + s.send(ResyncDone(seq=41, crc=0)))
     drain(r)
-    s.receive_data(hostile(Ack(seq=40)))
+    s.receive_data(hostile(Ack(seq=40, durable=40)))
     with pytest.raises(RemoteProtocolError, match="ACK of seq 40 answers RESYNC_DONE of seq 41"):
         drain(s)
 
@@ -998,8 +999,8 @@ def test_successor_and_handover_sessions():
     s, r = handshake()
     r.receive_data(s.send(Successor(seq=41, node="dc3")) + s.send(Handover(seq=41)))
     assert drain(r) == [Successor(seq=41, node="dc3"), Handover(seq=41)]
-    s.receive_data(r.send(Ack(seq=41)) + r.send(Heartbeat(sent_ns=1)))
-    assert drain(s) == [Ack(seq=41), Heartbeat(sent_ns=1)]
+    s.receive_data(r.send(Ack(seq=41, durable=41)) + r.send(Heartbeat(sent_ns=1)))
+    assert drain(s) == [Ack(seq=41, durable=41), Heartbeat(sent_ns=1)]
     assert s.state == r.state == State.HANDING_OVER
 
 
@@ -1019,7 +1020,7 @@ _DOWN = [Records(first_seq=f, last_seq=f + n, payload=b"") for f in (41, 42, 43)
     *(HashRequest(id=i, seq=q, volume="v", offset=0, length=1, granularity=1)
       for i in (1, 2) for q in (41, ANY_SEQ)),
     Handover(seq=41), Handover(seq=43), Successor(seq=42, node="c"), Fetch(seq=1, crc=0)]
-_UP = [*(Ack(seq=q) for q in (40, 41, 42, 43, 44, 2**63)), Heartbeat(sent_ns=2), ResyncAck(count=1),
+_UP = [*(Ack(seq=q, durable=q) for q in (40, 41, 42, 43, 44, 2**63)), Heartbeat(sent_ns=2), ResyncAck(count=1),
        *(HashReply(id=i, seq=41, hashes=b"") for i in (1, 2)), Diverged(fork=1, complete=True),
        Records(first_seq=42, last_seq=42, payload=b"")]
 STEPS = [(Role.SENDER, ev) for ev in _DOWN] + [(Role.RECEIVER, ev) for ev in _UP]
