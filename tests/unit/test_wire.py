@@ -9,8 +9,8 @@ import pytest
 import zstandard
 from crc32c import crc32c
 
-from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, LEGACY_MAGIC, MAGIC,
-                             NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack,
+from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, LEGACY_MAGIC,
+                             MAGIC, NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack,
                              Connection, Diverged, Fetch, Handover,
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
@@ -282,6 +282,7 @@ ROUND_TRIP = [
                 granularity=65536),
     HashRequest(id=0, seq=7, volume="v", offset=2**63, length=1, granularity=4096),
     HashReply(id=5, seq=9, hashes=bytes(range(16))), HashReply(id=0, seq=0, hashes=b""),
+    HashReply(id=1, seq=2, hashes=bytes(range(256)) * 256),  # MAX_HASH_REGIONS of them
     Hello(proto_min=1, proto_max=1, features=0, node="a", group="g", target="b", seq=2**64 - 1,
           history=((2**64 - 1, 1), (7, 2**64 - 1))),
     Welcome(version=1, features=0, seq=3, crc=4, node="b", history=((1, 1),) * 1024),
@@ -657,6 +658,8 @@ BAD_HASH_FRAMES = [
      "too short for offset, length"),
     ("reply, partial hash", FrameType.HASH_REPLY, struct.pack("<QQ", 1, 1) + b"\0" * 12,
      "12 bytes is not whole hashes"),
+    ("reply, protocol 2 hashes", FrameType.HASH_REPLY, struct.pack("<QQ", 1, 1) + b"\0" * 24,
+     "24 bytes is not whole hashes"),
 ]
 
 
@@ -669,6 +672,13 @@ def test_bad_hash_frames(kind, body, match):
     with pytest.raises(RemoteProtocolError, match=match):
         conn.next_event()
     assert_failed(conn, RemoteProtocolError)
+
+
+def test_hash_reply_is_whole_16_byte_hashes():
+    assert HASH_SIZE == 16
+    r = streaming_receiver()
+    with pytest.raises(LocalProtocolError, match="8 bytes is not whole hashes"):
+        r.send(HashReply(id=1, seq=1, hashes=b"\0" * 8))
 
 
 def test_hash_request_is_checked_before_sending():
@@ -841,7 +851,11 @@ def test_negotiate():
     assert negotiate(HELLO, V, V, 0) == (V, Feature(0))
     # A protocol 1 peer and this version have no version in common.
     assert negotiate(HELLO, 1, 1, Feature.ZSTD) is None
-    assert (PROTOCOL_MIN, PROTOCOL_MAX) == (2, 2)
+    assert (PROTOCOL_MIN, PROTOCOL_MAX) == (3, 3)
+    # Nor a protocol 2 peer (8-byte CRC region hashes), either way round.
+    v2 = Hello(proto_min=2, proto_max=2, features=Feature.ZSTD, node="a", group="g", target="b")
+    assert negotiate(v2, PROTOCOL_MIN, PROTOCOL_MAX, Feature.ZSTD) is None
+    assert negotiate(HELLO, 2, 2, Feature.ZSTD) is None
     far = Hello(proto_min=3, proto_max=5, features=0, node="a", group="g", target="b")
     assert negotiate(far, 1, 2, Feature.ZSTD) is None
     assert negotiate(far, 6, 9, Feature.ZSTD) is None
