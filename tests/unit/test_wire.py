@@ -282,7 +282,7 @@ ROUND_TRIP = [
                 granularity=65536),
     HashRequest(id=0, seq=7, volume="v", offset=2**63, length=1, granularity=4096),
     HashReply(id=5, seq=9, hashes=bytes(range(16))), HashReply(id=0, seq=0, hashes=b""),
-    HashReply(id=1, seq=2, hashes=bytes(range(256)) * 256),  # MAX_HASH_REGIONS of them
+    HashReply(id=1, seq=2, hashes=bytes(range(256)) * 256),  # 4096 hashes: MAX_HASH_REGIONS
     Hello(proto_min=1, proto_max=1, features=0, node="a", group="g", target="b", seq=2**64 - 1,
           history=((2**64 - 1, 1), (7, 2**64 - 1))),
     Welcome(version=1, features=0, seq=3, crc=4, node="b", history=((1, 1),) * 1024),
@@ -576,6 +576,23 @@ if given is not None:
     @given(st.sampled_from(list(FrameType)), st.integers(0, 3), st.binary(max_size=80))
     def test_random_bodies_property(type_code, flags, body):
         fuzz_one(type_code, flags, body)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=200))
+    def test_hash_reply_bodies_property(id_, seq, hashes):
+        """A HASH_REPLY of whole 16-byte hashes decodes to exactly them; any other length
+        (such as a protocol 2 peer's 8-byte hashes) is the peer's protocol error."""
+        body = struct.pack("<QQ", id_, seq) + hashes
+        if len(hashes) % HASH_SIZE:
+            conn = streaming_sender()
+            conn.receive_data(frame(FrameType.HASH_REPLY, body))
+            with pytest.raises(RemoteProtocolError, match="is not whole hashes"):
+                conn.next_event()
+            assert_failed(conn, RemoteProtocolError)
+        else:  # (the codec alone: a connection also wants a HASH_REQUEST of that id)
+            got = decode_body(FrameType.HASH_REPLY, 0, memoryview(body),
+                              max_frame=DEFAULT_MAX_FRAME, decompressor=None)
+            assert got == HashReply(id=id_, seq=seq, hashes=hashes)
 
 
 def test_oversized_body_is_refused_from_its_header():
