@@ -290,8 +290,10 @@ class Receiver:
         if ev.node not in self.peers:
             return (Refusal.UNKNOWN_PEER, f"{ev.node!r} is not in the peers of {self.node}")
         if agreed is None:
-            return (Refusal.VERSION, f"protocol {ev.proto_min}..{ev.proto_max} not in "
-                                     f"{PROTOCOL_MIN}..{PROTOCOL_MAX}")
+            older = ev.node if ev.proto_max < PROTOCOL_MIN else self.node
+            return (Refusal.VERSION, f"{ev.node!r} speaks replication protocol "
+                                     f"{ev.proto_min}..{ev.proto_max}, {self.node!r} speaks "
+                                     f"{PROTOCOL_MIN}..{PROTOCOL_MAX}: upgrade {older!r}")
         if ev.target != self.node:
             return (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
         if group is None:

@@ -19,10 +19,12 @@ wait for: with one CRC over header and body (protocol 1), a length flipped from 
 were taken as part of it. The checks run in this order: magic, header_crc, length
 against max_frame; then, once the body is complete, body_crc.
 
-Protocol versions: 3 is the only one spoken (PROTOCOL_MIN = PROTOCOL_MAX = 3; 3 added
-ACK's durable seq and FLUSH). A peer
+Protocol versions: 3 is the only one spoken (PROTOCOL_MIN = PROTOCOL_MAX = 3). A peer
 that speaks 1 is recognised by its magic and refused with a RemoteProtocolError naming
-both versions (its frames cannot be checked the new way, and it cannot read ours).
+both versions (its frames cannot be checked the new way, and it cannot read ours). A
+peer that speaks 2 frames its HELLO as 3 does, so it is refused by negotiation: REFUSE
+with code VERSION (its HASH_REPLY carried 8-byte CRC hashes, ours carry xxh3-128, and its ACK had no
+durable seq).
 
 Bodies (str = u16 byte length + UTF-8, at most 255 bytes unless noted; a body must end
 exactly after its last field):
@@ -41,7 +43,7 @@ exactly after its last field):
    10 RESYNC_ACK   count u64
    11 HASH_REQUEST id u64, seq u64, offset u64, length u64,      volume str
                    granularity u32
-   12 HASH_REPLY   id u64, seq u64                                 hashes (8 bytes a region)
+   12 HASH_REPLY   id u64, seq u64                                 hashes (16 bytes a region)
    13 DIVERGED     fork u64, complete u8                           extents
    14 HANDOVER     seq u64                                         targets
    15 FETCH        seq u64, crc u32
@@ -102,7 +104,8 @@ its image after `seq`: the sender sends it after RECORDS through seq and before 
 later one, so the receiver hashes exactly the image the sender hashed (online verify
 with no false mismatch from writes in flight). seq = ANY_SEQ asks for the current image
 (checksum resync, when no RECORDS flow). HASH_REPLY(id) answers with the hashes in
-region order, or the receiver sends ERROR.
+region order (each the XXH3-128 of the region, canonical big-endian bytes; protocol 2
+sent 8: CRC32C and CRC-32), or the receiver sends ERROR.
 
 RECORDS: the payload is concatenated journal records, opaque here. raw_length is its
 size before compression; when COMPRESSED the payload on the wire is a single zstd frame
@@ -136,12 +139,14 @@ MAX_NAME = 255  # every str field...
 MAX_REASON = 1024  # ...except the free text of REFUSE and ERROR
 # Protocol 2: the frame header has its own CRC; RESYNC_BEGIN, SUCCESSOR and the states they
 # open. Version 1 peers (another header, no resync announcement, no successor) are refused.
+# Protocol 3: HASH_REPLY carries 16-byte xxh3-128 region hashes (2: 8-byte CRCs); ACK
+# carries the durable seq beside the written one; FLUSH.
 PROTOCOL_MIN = PROTOCOL_MAX = 3
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 ANY_SEQ = 2**64 - 1  # HASH_REQUEST: hash the receiver's current image
 MAX_SEQ = 2**63 - 1  # the highest seq a peer may name: a journal there still has room
-HASH_SIZE = 8
-MAX_HASH_REGIONS = 4096  # per HASH_REQUEST
+HASH_SIZE = 16  # XXH3-128 of one region (replicator/verify.py)
+MAX_HASH_REGIONS = 4096  # per HASH_REQUEST: a reply of at most 64 KiB of hashes
 MAX_GENERATIONS = 1024
 
 

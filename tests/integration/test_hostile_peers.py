@@ -19,7 +19,8 @@ from replicator import pki
 from replicator.generations import from_json
 from replicator.wire import (NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection,
                              ConnectionClosed, Error, Feature, Fetch, Hello,
-                             Refusal, Refuse, ResyncBegin, ResyncDone, Role, Welcome)
+                             Refusal, Refuse, ResyncBegin, ResyncDone, Role, Welcome,
+                             negotiate)
 from tests.agents import wait_until
 from tests.clients import qemu_io
 
@@ -266,6 +267,80 @@ def test_only_members_may_fetch_a_journal(topology, tls):
                 trimmed = (isinstance(got[-1], Error)
                            and got[-1].code == Refusal.POSITION and "trimmed" in got[-1].message)
                 assert trimmed or isinstance(got[-1], Ack) and got[-1].seq == seq, got
+
+
+# ---- a peer of an older protocol (3: xxh3-128 region hashes) ------------------------------
+
+def test_a_protocol_2_source_is_refused_with_the_versions_and_who_to_upgrade(topology):
+    """A source still on protocol 2 (8-byte CRC region hashes) connects to a replica:
+    REFUSE(VERSION) naming both ranges and the node to upgrade, logged; nothing changes."""
+    topo = topology(["a", "b"], [("a", "b", "async")])
+    b = topo["b"]
+    _replicating(topo)
+    seq = b.group("db")["seq"]
+    peer = Peer(_port(b))
+    try:
+        peer.send(Hello(proto_min=2, proto_max=2, features=Feature(0), node="a", group="db",
+                        target="b", seq=seq, history=_history(b)))
+        reply = peer.next()
+    finally:
+        peer.close()
+    assert isinstance(reply, Refuse) and reply.code == Refusal.VERSION, reply
+    assert reply.reason == (f"'a' speaks replication protocol 2..2, 'b' speaks "
+                            f"{PROTOCOL_MIN}..{PROTOCOL_MAX}: upgrade 'a'"), reply.reason
+    wait_until(lambda: _warned(b, "refused group db", "VERSION", "upgrade 'a'", peer.local), 10,
+               "the refusal logged at WARNING")
+    qemu_io(topo["a"].nbd_uri("data"), "write -P 0x22 1M 64k")
+    topo.wait_converged()  # the real source is unaffected
+    assert b.group("db")["applied_seq"] > seq
+
+
+def test_a_protocol_2_target_shows_refused_with_its_reason(topology):
+    """The other way round: what answers on the target's address speaks only protocol 2
+    and refuses our HELLO (as a protocol 2 agent does): the primary shows the target
+    `refused` with that reason, stays writable, and replicates once the target is back."""
+    topo = topology(["a", "b"], [("a", "b", "async")])
+    a, b = topo["a"], topo["b"]
+    _replicating(topo)
+    b.kill()
+    server = socket.create_server(("127.0.0.1", _port(b)))
+    done = threading.Event()
+    hellos = []
+
+    def old_agent():
+        while not done.is_set():
+            try:
+                sock, _ = server.accept()
+            except OSError:
+                return
+            with sock:
+                conn = Connection(Role.RECEIVER)
+                sock.settimeout(5)
+                try:
+                    while (ev := conn.next_event()) is NEED_DATA:
+                        conn.receive_data(sock.recv(65536))
+                    hellos.append((ev, negotiate(ev, 2, 2, Feature.ZSTD)))
+                    sock.sendall(conn.send(Refuse(code=Refusal.VERSION, reason=(
+                        f"protocol {ev.proto_min}..{ev.proto_max} not in 2..2"))))
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=old_agent, daemon=True)
+    thread.start()
+    try:
+        t = wait_until(lambda: (t := a.target("db", "b"))["state"] == "refused" and t, 30,
+                       "a -> b refused")
+        assert "VERSION" in t["last_error"] and \
+            f"protocol {PROTOCOL_MIN}..{PROTOCOL_MAX} not in 2..2" in t["last_error"], t
+        hello, agreed = hellos[0]
+        assert (hello.proto_min, hello.proto_max, agreed) == (PROTOCOL_MIN, PROTOCOL_MAX, None)
+        qemu_io(a.nbd_uri("data"), "write -P 0x44 0 64k")  # still writable
+    finally:
+        done.set()
+        server.close()
+        thread.join(10)
+    b.start()
+    topo.wait_converged()
 
 
 # ---- item 5: TLS with a certificate of another CA ------------------------------------------

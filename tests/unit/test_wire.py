@@ -9,8 +9,8 @@ import pytest
 import zstandard
 from crc32c import crc32c
 
-from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER_SIZE, LEGACY_MAGIC, MAGIC,
-                             NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Flush,
+from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, LEGACY_MAGIC,
+                             MAGIC, NEED_DATA, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Flush,
                              Connection, Diverged, Fetch, Handover,
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
@@ -282,6 +282,7 @@ ROUND_TRIP = [
                 granularity=65536),
     HashRequest(id=0, seq=7, volume="v", offset=2**63, length=1, granularity=4096),
     HashReply(id=5, seq=9, hashes=bytes(range(16))), HashReply(id=0, seq=0, hashes=b""),
+    HashReply(id=1, seq=2, hashes=bytes(range(256)) * 256),  # 4096 hashes: MAX_HASH_REGIONS
     Hello(proto_min=1, proto_max=1, features=0, node="a", group="g", target="b", seq=2**64 - 1,
           history=((2**64 - 1, 1), (7, 2**64 - 1))),
     Welcome(version=1, features=0, seq=3, crc=4, node="b", history=((1, 1),) * 1024),
@@ -577,6 +578,23 @@ if given is not None:
     def test_random_bodies_property(type_code, flags, body):
         fuzz_one(type_code, flags, body)
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=200))
+    def test_hash_reply_bodies_property(id_, seq, hashes):
+        """A HASH_REPLY of whole 16-byte hashes decodes to exactly them; any other length
+        (such as a protocol 2 peer's 8-byte hashes) is the peer's protocol error."""
+        body = struct.pack("<QQ", id_, seq) + hashes
+        if len(hashes) % HASH_SIZE:
+            conn = streaming_sender()
+            conn.receive_data(frame(FrameType.HASH_REPLY, body))
+            with pytest.raises(RemoteProtocolError, match="is not whole hashes"):
+                conn.next_event()
+            assert_failed(conn, RemoteProtocolError)
+        else:  # (the codec alone: a connection also wants a HASH_REQUEST of that id)
+            got = decode_body(FrameType.HASH_REPLY, 0, memoryview(body),
+                              max_frame=DEFAULT_MAX_FRAME, decompressor=None)
+            assert got == HashReply(id=id_, seq=seq, hashes=hashes)
+
 
 def test_oversized_body_is_refused_from_its_header():
     r = Connection(Role.RECEIVER, max_frame=1000)
@@ -658,6 +676,8 @@ BAD_HASH_FRAMES = [
      "too short for offset, length"),
     ("reply, partial hash", FrameType.HASH_REPLY, struct.pack("<QQ", 1, 1) + b"\0" * 12,
      "12 bytes is not whole hashes"),
+    ("reply, protocol 2 hashes", FrameType.HASH_REPLY, struct.pack("<QQ", 1, 1) + b"\0" * 24,
+     "24 bytes is not whole hashes"),
 ]
 
 
@@ -670,6 +690,13 @@ def test_bad_hash_frames(kind, body, match):
     with pytest.raises(RemoteProtocolError, match=match):
         conn.next_event()
     assert_failed(conn, RemoteProtocolError)
+
+
+def test_hash_reply_is_whole_16_byte_hashes():
+    assert HASH_SIZE == 16
+    r = streaming_receiver()
+    with pytest.raises(LocalProtocolError, match="8 bytes is not whole hashes"):
+        r.send(HashReply(id=1, seq=1, hashes=b"\0" * 8))
 
 
 def test_hash_request_is_checked_before_sending():
@@ -843,6 +870,10 @@ def test_negotiate():
     # A protocol 1 peer and this version have no version in common.
     assert negotiate(HELLO, 1, 1, Feature.ZSTD) is None
     assert (PROTOCOL_MIN, PROTOCOL_MAX) == (3, 3)
+    # Nor a protocol 2 peer (8-byte CRC region hashes), either way round.
+    v2 = Hello(proto_min=2, proto_max=2, features=Feature.ZSTD, node="a", group="g", target="b")
+    assert negotiate(v2, PROTOCOL_MIN, PROTOCOL_MAX, Feature.ZSTD) is None
+    assert negotiate(HELLO, 2, 2, Feature.ZSTD) is None
     far = Hello(proto_min=3, proto_max=5, features=0, node="a", group="g", target="b")
     assert negotiate(far, 1, 2, Feature.ZSTD) is None
     assert negotiate(far, 6, 9, Feature.ZSTD) is None
