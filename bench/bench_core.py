@@ -23,8 +23,8 @@ agent on loopback; the reference is `qemu-nbd -f raw` on a plain sparse file:
   qemu-nbd --cache=writethrough.
 - multigroup: one agent with 16 groups of 2 volumes, each group with an async target
   on a second agent; aggregate IOPS of 8 fio jobs at once on 8 volumes of 8 groups
-  (iodepth 16 each) vs one such job alone on one of them; peak RSS (VmHWM) of both
-  agents.
+  (iodepth 16 each) vs one such job alone on one of them; peak RSS (VmHWM) of the
+  primary and, in a row of its own, of the target (it holds the 16 groups too).
 
 Per run, each family of cases gets a fresh pair (and qemu-nbd); the steps alternate
 between agent and reference, each starting on a pair that has caught up (no initial
@@ -403,10 +403,12 @@ def summarize(runs: list[dict], copy_bytes: int) -> list[dict]:
         many, one = med("multigroup", "jobs_at_once", "iops"), med("multigroup", "one_group", "iops")
         row(f"{MULTI_GROUPS} groups x {MULTI_VOLUMES} volumes, {MULTI_JOBS} fio jobs at once: "
             "aggregate vs one group alone (IOPS)", many, f"{one:,.0f} alone", many / one, ">=", 0.9)
-        rss = max(max(r["multigroup"]["peak_rss_kib"].values()) for r in runs) / 1024
-        rows.append({"measurement": f"peak RSS (VmHWM) of the {MULTI_GROUPS}-group agents, max "
-                                    "of both", "agent": f"{rss:.1f} MiB", "reference": "",
-                     "ratio": None, "goal": f"<= {RSS_GOAL_MIB} MiB", "met": rss <= RSS_GOAL_MIB})
+        for node, role in (("p", "primary"), ("t", "target")):
+            rss = max(r["multigroup"]["peak_rss_kib"][node] for r in runs) / 1024
+            rows.append({"measurement": f"peak RSS (VmHWM) of the {MULTI_GROUPS}-group {role}, "
+                                        "max over the runs", "agent": f"{rss:.1f} MiB",
+                         "reference": "", "ratio": None, "goal": f"<= {RSS_GOAL_MIB} MiB",
+                         "met": rss <= RSS_GOAL_MIB})
     return rows
 
 
