@@ -30,16 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_core import QemuNbd, fio_command, settle_memory  # noqa: E402
+from bench.bench_core import QemuNbd, cpu_seconds, fio_command, settle_memory  # noqa: E402
 from tests.agents import MiB, Topology  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) seconds of a process, waited-for children included."""
-    with open(f"/proc/{pid}/stat") as f:
-        utime, stime, cutime, cstime = (int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15])
-    tick = os.sysconf("SC_CLK_TCK")
-    return (utime + cutime) / tick, (stime + cstime) / tick
 
 
 def machine_busy() -> tuple[int, int]:
@@ -53,7 +45,8 @@ def machine_busy() -> tuple[int, int]:
 
 def measure(uri: str, pids: dict[str, int], seconds: int) -> dict:
     settle_memory()
-    fio = subprocess.Popen(fio_command(uri, iodepth=16, seconds=seconds, size="256M") + ["--thread"],
+    fio = subprocess.Popen(fio_command(uri, iodepth=16, seconds=seconds, size="256M",
+                                       extra=("--thread",)),
                            stdout=subprocess.PIPE, text=True)
     pids = {**pids, "fio": fio.pid}
     time.sleep(1)  # past connection set-up

@@ -215,12 +215,15 @@ class Topology:
         for a in self.agents.values():
             a.kill()
 
-    def wait_converged(self, timeout: float = 60.0) -> int:
+    def wait_converged(self, timeout: float = 60.0, group: str | None = None) -> int:
         """Every node has applied everything the primary journaled, and every link is
-        back to replicating (no initial sync or resync still running)."""
+        back to replicating (no initial sync or resync still running), in `group`
+        (default: the topology's group; an agent's config may hold more)."""
+        group = group or self.group
+
         def converged():
-            seq = self[self.primary].group(self.group)["seq"]
-            groups = {n: a.group(self.group) for n, a in self.agents.items()}
+            seq = self[self.primary].group(group)["seq"]
+            groups = {n: a.group(group) for n, a in self.agents.items()}
             applied = {g["applied_seq"] for n, g in groups.items() if n not in self.bunkers}
             links = all(t["state"] == "replicating" for g in groups.values() for t in g["targets"])
             return applied == {seq} and links and (seq,)  # a tuple: truthy even at seq 0
