@@ -32,7 +32,9 @@ one did) each file gets its durable content plus a random subset of the changes 
 it, applied in the order they were made; a write is split into `block`-byte pieces
 (aligned in the file) that persist independently, so a large write can be torn, and
 pieces that never reached the disk read as what was there before (zeroes past the old
-end of the file). The namespace keeps its durable entries plus, in `namespace="prefix"`
+end of the file). A block holds what the page cache held for it at one moment (it is
+written whole), so its pieces persist in order up to some point; across blocks, any
+subset in any order. `block=0` persists each write whole or not at all, independently. The namespace keeps its durable entries plus, in `namespace="prefix"`
 mode (the default; what journaling file systems like ext4 and XFS give, which commit
 metadata in order), a random prefix of the later operations, or in
 `namespace="subset"` mode (all that POSIX promises) any subset of them. Directories
@@ -333,14 +335,31 @@ class _Model:
         for rel, ino_id in sorted(ns.items()):
             content = made.get(ino_id)
             if content is None:
-                ino = self.inodes[ino_id]
-                content = made[ino_id] = ino.durable.copy()
-                for ev in ino.pending:
-                    for piece in _pieces(ev, block):
-                        if rng.random() < p:
-                            _apply(content, piece)
+                content = made[ino_id] = self._persisted(self.inodes[ino_id], rng, p, block)
             files[rel] = content  # hard links share their content
         return CrashImage(point, files, list(self.marks), set(self.dirs))
+
+    @staticmethod
+    def _persisted(ino: _Inode, rng: random.Random, p: float, block: int) -> Sparse:
+        """The durable content plus the unsynced changes that reached the disk. With
+        block > 0 each block is written whole at some moment (a sector or a page at
+        writeback): it holds its pieces of the changes up to some point in their order
+        (every change after the first missing one is missing too), independently of
+        the other blocks. With block == 0 each change persists whole or not at all,
+        independently of the others. Size changes persist in order, up to some point."""
+        content = ino.durable.copy()
+        stopped: set = set()
+        for i, ev in enumerate(ino.pending):
+            for piece in _pieces(ev, block):
+                key = ("size" if piece[0] in ("truncate", "grow") else
+                       piece[2] // block if block > 0 else i)
+                if key in stopped:
+                    continue
+                if rng.random() < p:
+                    _apply(content, piece)
+                else:
+                    stopped.add(key)
+        return content
 
     def everything(self) -> dict[str, bytes]:
         """The files as the running system sees them: every change applied."""
