@@ -21,14 +21,31 @@ Only the group's write path appends, whole batches at a time, on the event loop;
 in-memory index (per segment: first seq, record offsets and header CRCs) is updated
 when the batch is durable, so readers only ever see durable records.
 
-Recovery (`open`) scans every segment: a short record at the very end of the last
-segment is a torn tail and is cut off; anything else that does not decode, or a seq
-that does not follow its predecessor, raises JournalCorruptError(path, offset).
+Recovery (`open`) scans every segment and ends the log at the first sign of a power
+loss, cutting the segment there and removing every later one; anything else that does
+not decode, or a seq that does not follow its predecessor, raises
+JournalCorruptError(path, offset). The argument:
+  - What is durable in a segment is a prefix of it: records are only appended, an
+    fdatasync covers everything written to the file before it, and a cut only goes back
+    to durable, indexed records. Past that prefix a power loss may leave any subset of
+    the later writes, torn at sector boundaries, in any order (tests/crashsim.py).
+  - So the first record that a power loss could have damaged ends the log, and nothing
+    after it was durable in order: its segment's later bytes, and the later segments
+    (a batch in a later segment completed after this one, never before).
+  - A power loss leaves a record short (the file ends inside it) or with sectors that
+    read as zeroes (a segment is a new file whose blocks past its end are allocated
+    unwritten, or were freed by a cut: a sector that never reached the disk reads as
+    zeroes), or removes a segment's whole unsynced tail, so the next segment starts
+    past the seq its predecessor ends at. Those end the log (logged as a warning).
+  - A flipped bit leaves no zeroed sector: a record that fails its checks with every
+    sector holding data is corruption. (A record whose payload really is a zeroed sector
+    and that is also damaged ends the log instead of raising: the one case confused.)
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from array import array
@@ -37,8 +54,11 @@ from dataclasses import dataclass, field
 
 from .. import fallocate as falloc
 from .. import statefile
-from .record import HEADER, HEADER_SIZE, RecordError, decode
+from .record import HEADER, HEADER_SIZE, MAX_LENGTH, RecordError, decode
 
+log = logging.getLogger(__name__)
+SECTOR = 512  # the smallest unit a disk writes whole
+_ZERO_SECTOR = bytes(SECTOR)
 
 
 class JournalError(Exception):
@@ -112,19 +132,35 @@ class Journal:
             self._write_base(self.base)
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
         expected = self.base.seq + 1
+        end, dropped = None, []  # where a power loss ended the log; segments past it
         for name in names:
             path = os.path.join(self.directory, name)
             first = int(name[:-4])
+            if end is not None:
+                os.unlink(path)
+                dropped.append(name)
+                continue
             if first < expected and not self._segments:
                 # Left over by a trim interrupted after `base` was written.
                 os.unlink(path)
                 continue
+            if first > expected and self._segments:  # the previous one's tail was lost
+                end = f"{name} starts at seq {first}, the log before it ends at {expected - 1}"
+                os.unlink(path)
+                dropped.append(name)
+                continue
             if first != expected:
                 raise JournalCorruptError(path, 0, f"segment starts at seq {first}, "
                                                    f"expected {expected}")
-            seg = self._scan(path, first, last=(name == names[-1]))
+            seg, end = self._scan(path, first)
             self._add(seg)
             expected = seg.last_seq + 1
+        if dropped:
+            statefile.fsync_dir(self.directory)
+        if end is not None:
+            log.warning("journal %s: the log ends at seq %d (%s): what followed never "
+                        "became durable (a power loss)%s", self.directory, expected - 1, end,
+                        f"; removed the later segments {dropped}" if dropped else "")
         self._reserve_space()
 
     # ---- space ------------------------------------------------------------------------
@@ -180,16 +216,19 @@ class Journal:
         except OSError:
             pass
 
-    def _scan(self, path: str, first: int, *, last: bool) -> _Segment:
+    def _scan(self, path: str, first: int) -> tuple[_Segment, str | None]:
+        """Index a segment's records; cut it where a power loss ended it (and say
+        where, else None). See the module docstring."""
         seg = _Segment(path, first)
         with open(path, "rb") as f:
             data = f.read()
-        pos, seq = 0, first
+        pos, seq, end = 0, first, None
         while pos < len(data):
             try:
                 rec = decode(data, pos)
             except RecordError as exc:
-                if exc.torn and last:
+                if exc.torn or _unwritten_sector(data, pos):
+                    end = f"{os.path.basename(path)} at offset {pos}: {exc}"
                     break
                 raise JournalCorruptError(path, pos, str(exc)) from None
             if rec.seq != seq:
@@ -203,7 +242,7 @@ class Journal:
                 self._cut(f.fileno(), path, pos)
                 os.fsync(f.fileno())
         seg.size = seg.tail = pos
-        return seg
+        return seg, end
 
     def _add(self, seg: _Segment) -> None:
         self._segments.append(seg)
@@ -452,3 +491,19 @@ class Journal:
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
+
+
+def _unwritten_sector(data: bytes, pos: int) -> bool:
+    """The record at `pos` (which failed its checks) has a sector that never reached
+    the disk: from the record's start or the sector's start to the sector's end (or the
+    end of the file) it reads as zeroes. Only the extent the header may claim is looked
+    at (the most a damaged length can claim: the name's maximum plus MAX_LENGTH)."""
+    length = int.from_bytes(data[pos + 24:pos + 28], "little")
+    end = min(len(data), pos + HEADER_SIZE + 255 + (length if length <= MAX_LENGTH else 0))
+    sector = pos - pos % SECTOR
+    while sector < end:
+        lo, hi = max(sector, pos), min(sector + SECTOR, len(data))
+        if data[lo:hi] == _ZERO_SECTOR[:hi - lo]:
+            return True
+        sector += SECTOR
+    return False
