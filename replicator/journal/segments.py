@@ -339,18 +339,33 @@ class Journal:
     def cancel_reservations(self) -> None:
         """After a failed batch, once nothing is in flight: cut every segment back to its
         durable, indexed records (later batches may have been written behind the failed
-        one) and drop segments that hold none, so the next batch reuses their seqs."""
-        for seg in self._segments:
-            if seg.tail != seg.size:
-                fd = self._fds.get(seg.path)
-                if fd is not None:
-                    self._cut(fd, seg.path, seg.size)
-                seg.tail = seg.size
-        while len(self._segments) > 1 and not self._segments[-1].offsets:
-            seg = self._segments.pop()
-            self._firsts.pop()
-            self._close_fds(seg.path)
-            self._unlink_segments([seg.path])
+        one) and drop segments that hold none, so the next batch reuses their seqs.
+
+        The cuts and the removals are made durable before that: otherwise a power loss
+        could bring the failed batch's bytes back under the records that reuse its seqs
+        (a superseded record read as valid, or garbage in the middle of a segment), or a
+        dropped segment back beside the one that took its seqs."""
+        try:
+            for seg in self._segments:
+                if seg.tail != seg.size:
+                    fd = self._fds.get(seg.path)
+                    if fd is not None:
+                        self._cut(fd, seg.path, seg.size)
+                        os.fdatasync(fd)
+                    seg.tail = seg.size
+            dropped = False
+            while len(self._segments) > 1 and not self._segments[-1].offsets:
+                seg = self._segments.pop()
+                self._firsts.pop()
+                self._close_fds(seg.path)
+                self._unlink_segments([seg.path])
+                dropped = True
+            if dropped:
+                statefile.fsync_dir(self.directory)
+        except OSError as exc:
+            log.error("journal %s: cannot make the cut after a failed batch durable (%s): "
+                      "a power loss before the next fdatasync may leave the failed records "
+                      "in the journal", self.directory, exc)
 
     def append(self, fd: int, buffers: list, at_size: int) -> None:
         """Loop: write a batch into the page cache with one writev (IOV_MAX permitting);
