@@ -259,7 +259,10 @@ def _ns_dirs(ev: tuple) -> tuple[str, ...]:
 class _Model:
     """The durable state and the changes since, replayed event by event."""
 
-    def __init__(self, initial: dict[str, bytes], dirs: set[str]):
+    def __init__(self, initial: dict[str, bytes], dirs: set[str], namespace: str = "prefix"):
+        if namespace not in ("prefix", "subset"):
+            raise CrashSimError(f"namespace mode {namespace!r}: expected prefix or subset")
+        self.namespace = namespace
         self.inodes: dict[int, _Inode] = {}
         self.ns: dict[str, int] = {}
         self.ns_pending: list[tuple] = []
@@ -303,33 +306,46 @@ class _Model:
 
     def _commit_dir(self, dirpath: str, upto: int) -> None:
         """A directory's fsync ended: its namespace operations made before the fsync
-        started are durable; in order (a journaling file system commits metadata in
-        order), so every operation before them is as well."""
+        started are durable. In "prefix" mode in order (a journaling file system
+        commits metadata in order), so every operation before them is as well; in
+        "subset" mode only the operations on that directory (a rename: on either)."""
+        if self.namespace == "subset":
+            keep = []
+            for n, ev in enumerate(self.ns_pending, start=self.ns_base):
+                if ev is not None and n < upto and dirpath in _ns_dirs(ev):
+                    _apply_ns(self.ns, ev)
+                    ev = None  # durable; its place keeps the later ones' numbers
+                keep.append(ev)
+            while keep and keep[0] is None:
+                keep.pop(0)
+                self.ns_base += 1
+            self.ns_pending = keep
+            return
+        window = self.ns_pending[:upto - self.ns_base]
         last = -1
-        for i, ev in enumerate(self.ns_pending[:upto - self.ns_base]):
-            if dirpath in _ns_dirs(ev):
+        for i, ev in enumerate(window):
+            if ev is not None and dirpath in _ns_dirs(ev):
                 last = i
         if last < 0:
             return
         for ev in self.ns_pending[:last + 1]:
-            _apply_ns(self.ns, ev)
+            if ev is not None:
+                _apply_ns(self.ns, ev)
         del self.ns_pending[:last + 1]
         self.ns_base += last + 1
 
-    def image(self, point: int, rng: random.Random, *, block: int, namespace: str,
+    def image(self, point: int, rng: random.Random, *, block: int,
               persist: float | None) -> CrashImage:
         p = rng.choice((0.0, 1.0, rng.random(), rng.random())) if persist is None else persist
         ns = dict(self.ns)
-        if namespace == "prefix":
+        if self.namespace == "prefix":
             k = rng.randint(0, len(self.ns_pending))
             for ev in self.ns_pending[:k]:
                 _apply_ns(ns, ev)
-        elif namespace == "subset":
-            for ev in self.ns_pending:
-                if rng.random() < p:
-                    _apply_ns(ns, ev)
         else:
-            raise CrashSimError(f"namespace mode {namespace!r}: expected prefix or subset")
+            for ev in self.ns_pending:
+                if ev is not None and rng.random() < p:
+                    _apply_ns(ns, ev)
         files: dict[str, Sparse] = {}
         made: dict[int, Sparse] = {}
         for rel, ino_id in sorted(ns.items()):
@@ -365,7 +381,8 @@ class _Model:
         """The files as the running system sees them: every change applied."""
         ns = dict(self.ns)
         for ev in self.ns_pending:
-            _apply_ns(ns, ev)
+            if ev is not None:
+                _apply_ns(ns, ev)
         out = {}
         for rel, ino_id in ns.items():
             ino = self.inodes[ino_id]
@@ -438,7 +455,7 @@ class Recording:
         order), replaying the recording once. `block`: the unit a write is torn into
         (0: writes persist whole). `persist`: the chance that one unsynced change
         persists (default: drawn per crash, often 0 or 1)."""
-        model = _Model(self.initial, self.initial_dirs)
+        model = _Model(self.initial, self.initial_dirs, namespace)
         done = 0
         for point in sorted(set(points)):
             if not 0 <= point <= len(self):
@@ -450,7 +467,7 @@ class Recording:
             for ev in self.events[done:upto]:
                 model.step(ev)
             done = upto
-            yield model.image(point, rng, block=block, namespace=namespace, persist=persist)
+            yield model.image(point, rng, block=block, persist=persist)
 
     def verify(self, root: str | None = None) -> None:
         """Raise CrashSimError if the real files under `root` differ from what the
