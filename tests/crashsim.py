@@ -504,7 +504,7 @@ def _snapshot(root: str) -> tuple[dict[str, bytes], set[str]]:
 
 # ---- the patches -------------------------------------------------------------------------
 _REAL = {name: getattr(os, name) for name in (
-    "open", "close", "write", "writev", "pwrite", "pwritev", "ftruncate", "truncate",
+    "open", "write", "writev", "pwrite", "pwritev", "ftruncate", "truncate",
     "fsync", "fdatasync", "replace", "rename", "link", "unlink", "remove",
     "posix_fallocate", "mkdir")}
 _REAL_FALLOCATE = falloc.fallocate
@@ -616,9 +616,6 @@ class CrashSim:
                         self._record(("truncate", ino_id, 0))
             return fd
 
-    def _close(self, fd):
-        return _REAL["close"](fd)
-
     def _names(self, kind, src, dst, real, **kw):
         rs, rd = self._rel(src, kw.get("src_dir_fd")), self._rel(dst, kw.get("dst_dir_fd"))
         if rs is None and rd is None:
@@ -718,7 +715,7 @@ class CrashSim:
         try:
             self._ftruncate(fd, length)
         finally:
-            _REAL["close"](fd)
+            os.close(fd)
 
     def _posix_fallocate(self, fd, offset, length):
         with _lock:

@@ -104,6 +104,19 @@ def test_a_rename_followed_by_a_directory_fsync_survives(tmp_path):
         assert set(img.files) == {"cur"} and img.data("cur") == b"new"
 
 
+def test_rename_of_unsynced_content_can_leave_an_empty_or_torn_file(tmp_path):
+    """The classic mistake (write, rename, no fsync of the data) is caught: the name
+    survives, the content need not."""
+    with CrashSim(tmp_path) as sim:
+        fd = _create(tmp_path / "tmp", b"n" * 2000)
+        os.close(fd)
+        os.replace(tmp_path / "tmp", tmp_path / "cur")
+        statefile.fsync_dir(str(tmp_path))
+    got = {img.data("cur") for img in _images(sim)}
+    assert b"n" * 2000 in got and b"" in got
+    assert any(0 < len(d) and d != b"n" * 2000 for d in got)  # torn
+
+
 def test_unlink_without_directory_fsync_can_come_back(tmp_path):
     (tmp_path / "gone").write_bytes(b"before")  # exists before the layer: durable
     with CrashSim(tmp_path) as sim:
