@@ -34,12 +34,15 @@ it, applied in the order they were made; a write is split into `block`-byte piec
 pieces that never reached the disk read as what was there before (zeroes past the old
 end of the file). A block holds what the page cache held for it at one moment (it is
 written whole), so its pieces persist in order up to some point; across blocks, any
-subset in any order. `block=0` persists each write whole or not at all, independently. The namespace keeps its durable entries plus, in `namespace="prefix"`
-mode (the default; what journaling file systems like ext4 and XFS give, which commit
-metadata in order), a random prefix of the later operations, or in
-`namespace="subset"` mode (all that POSIX promises) any subset of them. Directories
-themselves are never lost. A sync that started but had not returned at the crash
-guarantees nothing.
+subset in any order. `block=0` persists each write whole or not at all, independently.
+The namespace keeps its durable entries plus, in `namespace="prefix"` mode (the
+default; what journaling file systems like ext4 and XFS give: metadata commits in
+order, so a directory's fsync also makes every earlier namespace operation durable), a
+random prefix of the later operations, or in `namespace="subset"` mode (all that POSIX
+promises: a directory's fsync makes only its own entries durable) any subset of them.
+Directories themselves are never lost (mkdir is recorded, not modelled). A sync that
+started but had not returned at the crash guarantees nothing. Files that existed under
+the root before the CrashSim started count as durable.
 
 Usage (a whole run is recorded once; any number of crash points are cut from it):
 
@@ -56,8 +59,6 @@ Usage (a whole run is recorded once; any number of crash points are cut from it)
 
 from __future__ import annotations
 
-import bisect
-import errno
 import os
 import random
 import stat

@@ -53,7 +53,8 @@ class _Writer:
 
     def append(self) -> None:
         first = self.next_seq
-        recs = [_record(s, self.rng, self.lap) for s in range(first, first + self.rng.randint(1, 4))]
+        count = self.rng.randint(1, 4)
+        recs = [_record(s, self.rng, self.lap) for s in range(first, first + count)]
         seg, fd, at = self.j.reserve(first, sum(map(len, recs)))
         self.j.append(fd, recs, at)
         for seq, r in enumerate(recs, start=first):

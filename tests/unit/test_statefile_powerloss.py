@@ -3,7 +3,6 @@ always a whole old or new content, never older than the last replace that return
 the next replace works from whatever the crash left (spare, `.old` link)."""
 
 import json
-import os
 import random
 
 import pytest
