@@ -34,7 +34,9 @@ it, applied in the order they were made; a write is split into `block`-byte piec
 pieces that never reached the disk read as what was there before (zeroes past the old
 end of the file). A block holds what the page cache held for it at one moment (it is
 written whole), so its pieces persist in order up to some point; across blocks, any
-subset in any order. `block=0` persists each write whole or not at all, independently.
+subset in any order. `block=0` persists each write whole or not at all, independently
+(the literal "any subset of the writes"; it can give a sector states no disk gives: a
+later write's bytes in it without an earlier one's).
 The namespace keeps its durable entries plus, in `namespace="prefix"` mode (the
 default; what journaling file systems like ext4 and XFS give: metadata commits in
 order, so a directory's fsync also makes every earlier namespace operation durable), a

@@ -40,6 +40,8 @@ JournalCorruptError(path, offset). The argument:
   - A flipped bit leaves no zeroed sector: a record that fails its checks with every
     sector holding data is corruption. (A record whose payload really is a zeroed sector
     and that is also damaged ends the log instead of raising: the one case confused.)
+    Segments reused in place would break the zero rule (an unwritten sector would hold
+    an earlier lap's bytes): they need per-batch framing that says where the log ends.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def _check(root: str, img, w: _Writer, *, checkpoints: bool) -> int:
 
 
 def _run(tmp_path, seed, *, batches=120, points=500, failures=False, checkpoints=False,
-         namespace="prefix"):
+         namespace="prefix", block=512):
     root = str(tmp_path / "run")
     with CrashSim(root) as sim:
         w = _workload(root, sim, seed, batches, failures=failures, checkpoints=checkpoints)
@@ -191,7 +191,7 @@ def _run(tmp_path, seed, *, batches=120, points=500, failures=False, checkpoints
     chosen = rng.sample(range(len(rec) + 1), min(points, len(rec) + 1))
     image_root = str(tmp_path / "image")
     extra = []
-    for img in rec.crashes(chosen, rng, namespace=namespace):
+    for img in rec.crashes(chosen, rng, namespace=namespace, block=block):
         img.materialize(image_root)
         extra.append(_check(image_root, img, w, checkpoints=checkpoints))
     assert len(extra) == points and len(rec) > points
@@ -207,6 +207,13 @@ def test_journal_recovers_a_durable_prefix_after_power_loss(tmp_path, seed):
 @pytest.mark.parametrize("seed", range(2))
 def test_a_cut_after_a_failed_fdatasync_never_lets_a_superseded_record_back(tmp_path, seed):
     _run(tmp_path, 100 + seed, failures=True)
+
+
+@pytest.mark.parametrize("block", [0, 4096])
+def test_journal_recovers_with_whole_writes_or_pages_as_the_unit(tmp_path, block):
+    """Writes that persist whole (any subset of them), and 4 KiB pages instead of
+    sectors as the unit a disk writes."""
+    _run(tmp_path, 400 + block, points=300, block=block)
 
 
 def test_journal_recovers_when_names_persist_in_any_order(tmp_path):
