@@ -142,7 +142,7 @@ class TargetLink:
 
 class _Batch:
     __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
-                 "seg", "fd")
+                 "appended")
 
     def __init__(self):
         self.first_seq = 0
@@ -153,8 +153,7 @@ class _Batch:
         self.hcrcs: list[int] = []
         self.applies: list = []  # (volume, kind, offset, length, payload)
         self.dones: list = []  # (seq, done)
-        self.seg = None  # the journal segment it was written to
-        self.fd = -1  # and that segment's descriptor, for its fdatasync
+        self.appended = None  # the journal's handle once written
 
 
 class Group:
@@ -184,8 +183,7 @@ class Group:
         self.flush_wanted = 0  # the highest seq a flush waits for (sync shippers pass it on)
         self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order
         self._memtable = Memtable()  # what they wrote, for reads until they are applied
-        self._syncing = 0  # fdatasyncs of the commit in flight
-        self._sync_errors = 0
+        self._syncing = False  # a commit's fdatasyncs are in flight
         self._commit_again = False  # something asked for a commit while one ran
         self._commit_timer: asyncio.TimerHandle | None = None  # commit_interval
         self._sync_waits: deque = deque()  # (seq, done): writes waiting for sync targets
@@ -681,14 +679,12 @@ class Group:
         readable (memtable), shipped early to in-sync sync targets, and its writes
         complete (or wait for the sync targets); a failed writev fails the batch."""
         try:
-            batch.seg, fd, at = self.journal.reserve(batch.first_seq, batch.nbytes)
-            self.journal.append(fd, batch.bufs, at)
+            batch.appended = self.journal.append(batch.first_seq, batch.bufs, batch.sizes,
+                                                 batch.hcrcs)
         except OSError as exc:  # a full disk, say: this batch and those queued behind fail
             err = exc.errno or errno.EIO
             self.log.error("group %s: journal write of seq %d..%d failed: %s",
                            self.name, batch.first_seq, batch.last_seq, os.strerror(err))
-            if batch.seg is not None:
-                self.journal.unreserve(batch.seg, at)
             if err == errno.ENOSPC:  # beyond what the journal reserved (a huge batch)
                 self.journal_no_space = True
             for _, done in batch.dones:
@@ -696,7 +692,6 @@ class Group:
             self._fail_pending(err)
             return
         self.journal_no_space = False
-        batch.fd = fd
         self._unsynced.append(batch)
         self.written_seq = batch.last_seq
         if self.role != "bunker":
@@ -742,24 +737,18 @@ class Group:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
-        batches = list(self._unsynced)
-        fds = list(dict.fromkeys(b.fd for b in batches))  # one segment, two at most
-        self._syncing = len(fds)
-        self._sync_errors = 0
-        through = batches[-1].last_seq
-        for fd in fds:
-            self._flusher.fdatasync(fd, lambda err: self._synced(through, err))
+        through = self._unsynced[-1].last_seq
+        self._syncing = True
+        self.journal.sync([b.appended for b in self._unsynced], self._flusher.fdatasync,
+                          lambda err: self._synced(through, err))
 
     def _synced(self, through: int, err: int) -> None:
-        """Loop: an fdatasync of the commit through `through` ended."""
-        self._syncing -= 1
-        self._sync_errors = self._sync_errors or err
-        if self._syncing:
-            return
-        if self._sync_errors:
+        """Loop: the commit through `through` ended (its fdatasyncs)."""
+        self._syncing = False
+        if err:
             # Records that completed may be lost: nobody may build on them (a restart
             # recovers what the journal really holds).
-            self._halt(f"the journal's fdatasync failed ({os.strerror(self._sync_errors)}) "
+            self._halt(f"the journal's fdatasync failed ({os.strerror(err)}) "
                        f"with seq {self._unsynced[0].first_seq}..{through} written: no "
                        "more writes until the agent restarts")
             return
@@ -795,7 +784,7 @@ class Group:
         checkpoint stay before it (so a restart replays it), the checkpointer retries it
         every second, and until the volumes have taken them all the primary refuses new
         writes."""
-        self.journal.commit(batch.seg, batch.sizes, batch.hcrcs)
+        self.journal.commit(batch.appended)
         if not self._unapplied:
             try:
                 apply_to_volumes(batch.applies)

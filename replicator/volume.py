@@ -22,6 +22,7 @@ import stat
 from contextlib import contextmanager
 
 from . import fallocate as falloc
+from . import statefile
 from .config import ALLOCATIONS
 
 _ZEROES = bytes(1 << 20)
@@ -60,6 +61,10 @@ class Volume:
         actual = os.fstat(self.fd).st_size
         if not exists or actual == 0:
             os.ftruncate(self.fd, self.size)  # sparse
+            # Durable, name included, before anything is journaled for it: a power loss
+            # must not take away the file that checkpoints will say holds those writes.
+            os.fsync(self.fd)
+            statefile.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         elif actual != self.size:
             self.close()
             raise VolumeError(f"volume {self.name}: {self.path} has {actual} bytes, "

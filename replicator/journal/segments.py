@@ -23,14 +23,33 @@ when the batch is durable, so readers only ever see durable records. The group m
 segment durable to its end before it writes the next one, so only the last segment can
 hold records a power loss tore.
 
-Recovery (`open`) scans every segment: a short record at the very end of the last
-segment is a torn tail and is cut off; anything else that does not decode, or a seq
-that does not follow its predecessor, raises JournalCorruptError(path, offset).
+Recovery (`open`) scans every segment and ends the log at the first sign of a power
+loss, cutting the segment there and removing every later one; anything else that does
+not decode, or a seq that does not follow its predecessor, raises
+JournalCorruptError(path, offset). The argument:
+  - What is durable in a segment is a prefix of it: records are only appended, an
+    fdatasync covers everything written to the file before it, and a cut only removes
+    a failed batch from the end. Past that prefix a power loss may leave any subset of
+    the later writes, torn at sector boundaries, in any order (tests/crashsim.py).
+  - So the first record that a power loss could have damaged ends the log, and nothing
+    after it was durable in order: its segment's later bytes, and the later segments
+    (a batch in a later segment completed after this one, never before).
+  - A power loss leaves a record short (the file ends inside it) or with sectors that
+    read as zeroes (a segment is a new file whose blocks past its end are allocated
+    unwritten, or were freed by a cut: a sector that never reached the disk reads as
+    zeroes), or removes a segment's whole unsynced tail, so the next segment starts
+    past the seq its predecessor ends at. Those end the log (logged as a warning).
+  - A flipped bit leaves no zeroed sector: a record that fails its checks with every
+    sector holding data is corruption. (A record whose payload really is a zeroed sector
+    and that is also damaged ends the log instead of raising: the one case confused.)
+    Segments reused in place would break the zero rule (an unwritten sector would hold
+    an earlier lap's bytes): they need per-batch framing that says where the log ends.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from array import array
@@ -39,8 +58,11 @@ from dataclasses import dataclass, field
 
 from .. import fallocate as falloc
 from .. import statefile
-from .record import HEADER, HEADER_SIZE, RecordError, decode
+from .record import HEADER, HEADER_SIZE, MAX_LENGTH, RecordError, decode
 
+log = logging.getLogger(__name__)
+SECTOR = 512  # the smallest unit a disk writes whole
+_ZERO_SECTOR = bytes(SECTOR)
 
 
 class JournalError(Exception):
@@ -53,6 +75,15 @@ class JournalCorruptError(JournalError):
         self.path = path
         self.offset = offset
         self.reason = reason
+
+
+class Appended:
+    """A batch written by Journal.append, not committed yet: what sync and commit need
+    (the writer holds it without looking inside)."""
+    __slots__ = ("seg", "fd", "sizes", "hcrcs")
+
+    def __init__(self, seg, fd: int, sizes: list[int], hcrcs: list[int]):
+        self.seg, self.fd, self.sizes, self.hcrcs = seg, fd, sizes, hcrcs
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,19 +145,35 @@ class Journal:
             self._write_base(self.base)
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
         expected = self.base.seq + 1
+        end, dropped = None, []  # where a power loss ended the log; segments past it
         for name in names:
             path = os.path.join(self.directory, name)
             first = int(name[:-4])
+            if end is not None:
+                os.unlink(path)
+                dropped.append(name)
+                continue
             if first < expected and not self._segments:
                 # Left over by a trim interrupted after `base` was written.
                 os.unlink(path)
                 continue
+            if first > expected and self._segments:  # the previous one's tail was lost
+                end = f"{name} starts at seq {first}, the log before it ends at {expected - 1}"
+                os.unlink(path)
+                dropped.append(name)
+                continue
             if first != expected:
                 raise JournalCorruptError(path, 0, f"segment starts at seq {first}, "
                                                    f"expected {expected}")
-            seg = self._scan(path, first, last=(name == names[-1]))
+            seg, end = self._scan(path, first)
             self._add(seg)
             expected = seg.last_seq + 1
+        if dropped:
+            statefile.fsync_dir(self.directory)
+        if end is not None:
+            log.warning("journal %s: the log ends at seq %d (%s): what followed never "
+                        "became durable (a power loss)%s", self.directory, expected - 1, end,
+                        f"; removed the later segments {dropped}" if dropped else "")
         self._reserve_space()
 
     # ---- space ------------------------------------------------------------------------
@@ -182,16 +229,19 @@ class Journal:
         except OSError:
             pass
 
-    def _scan(self, path: str, first: int, *, last: bool) -> _Segment:
+    def _scan(self, path: str, first: int) -> tuple[_Segment, str | None]:
+        """Index a segment's records; cut it where a power loss ended it (and say
+        where, else None). See the module docstring."""
         seg = _Segment(path, first)
         with open(path, "rb") as f:
             data = f.read()
-        pos, seq = 0, first
+        pos, seq, end = 0, first, None
         while pos < len(data):
             try:
                 rec = decode(data, pos)
             except RecordError as exc:
-                if exc.torn and last:
+                if exc.torn or _unwritten_sector(data, pos):
+                    end = f"{os.path.basename(path)} at offset {pos}: {exc}"
                     break
                 raise JournalCorruptError(path, pos, str(exc)) from None
             if rec.seq != seq:
@@ -205,7 +255,7 @@ class Journal:
                 self._cut(f.fileno(), path, pos)
                 os.fsync(f.fileno())
         seg.size = seg.tail = pos
-        return seg
+        return seg, end
 
     def _add(self, seg: _Segment) -> None:
         self._segments.append(seg)
@@ -271,10 +321,70 @@ class Journal:
         return self._reserved >= self.segment_size
 
     # ---- appending (loop) --------------------------------------------------------------
-    def reserve(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
-        """Called on the loop before a batch is written: returns (segment, fd, offset)
-        the batch goes to, starting a new segment when the current one is full. Several
-        batches may be reserved before the first is committed; they are written in order."""
+    def starts_segment(self, nbytes: int) -> bool:
+        """A batch of `nbytes` would start a new segment (the writer makes everything
+        before it durable first, so only the last segment can be torn)."""
+        seg = self._segments[-1] if self._segments else None
+        return seg is None or bool(seg.tail and seg.tail + nbytes > self.segment_size)
+
+    def append(self, first_seq: int, buffers: list, sizes: list[int],
+               hcrcs: list[int]) -> Appended:
+        """Loop: write a batch of records (seq first_seq..., their `sizes` and header
+        CRCs) into the page cache with one writev (IOV_MAX permitting), starting a new
+        segment when the current one is full. Several batches may be appended before the
+        first is committed; they are written in order. Readers see a batch only once it
+        is committed (after sync). On failure (OSError, ENOSPC say) the batch is cut off
+        again, durably (a power loss must not bring its records back under the seqs the
+        next batch reuses), and nothing of it stays."""
+        nbytes = sum(sizes)
+        seg, fd, at = self._reserve(first_seq, nbytes)
+        try:
+            for i in range(0, len(buffers), 1024):  # IOV_MAX
+                chunk = buffers[i:i + 1024]
+                n = os.writev(fd, chunk)
+                rest = sum(len(b) for b in chunk) - n
+                if rest:  # short write: the next one reports the real error (ENOSPC)
+                    tail = b"".join(bytes(b) for b in chunk)[n:]
+                    while tail:
+                        tail = tail[os.write(fd, tail):]
+        except BaseException:
+            self._cut(fd, seg.path, at)
+            seg.tail = at
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                log.error("journal %s: cannot make the cut after a failed batch durable "
+                          "(%s): a power loss before the next fdatasync may leave its "
+                          "records in the journal", self.directory, exc)
+            raise
+        return Appended(seg, fd, sizes, hcrcs)
+
+    def sync(self, batches: list[Appended], fdatasync, done) -> None:
+        """Make `batches` durable: `fdatasync(fd, callback)` (the Flusher's) for each
+        segment they went to; done(err) once every one ended (err: the first failure)."""
+        fds = list(dict.fromkeys(b.fd for b in batches))  # one segment, two at most
+        state = {"left": len(fds), "err": 0}
+
+        def ended(err: int) -> None:
+            state["left"] -= 1
+            state["err"] = state["err"] or err
+            if not state["left"]:
+                done(state["err"])
+        for fd in fds:
+            fdatasync(fd, ended)
+
+    def commit(self, batch: Appended) -> None:
+        """Loop: index a batch that sync made durable (batches in seq order)."""
+        seg = batch.seg
+        pos = seg.size
+        for size in batch.sizes:
+            seg.offsets.append(pos)
+            pos += size
+        seg.hcrcs.extend(batch.hcrcs)
+        seg.size = pos
+
+    def _reserve(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
+        """Where a batch of `nbytes` goes: (segment, fd, offset)."""
         seg = self._segments[-1] if self._segments else None
         if self.starts_segment(nbytes):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
@@ -298,42 +408,6 @@ class Journal:
         at = seg.tail
         seg.tail += nbytes
         return seg, self._fds[seg.path], at
-
-    def starts_segment(self, nbytes: int) -> bool:
-        """reserve(nbytes) would start a new segment."""
-        seg = self._segments[-1] if self._segments else None
-        return seg is None or bool(seg.tail and seg.tail + nbytes > self.segment_size)
-
-    def unreserve(self, seg: _Segment, at: int) -> None:
-        """The batch reserved last at `at` in `seg` was not written (append cut it)."""
-        seg.tail = at
-
-    def append(self, fd: int, buffers: list, at_size: int) -> None:
-        """Loop: write a batch into the page cache with one writev (IOV_MAX permitting);
-        the Flusher makes it durable. On failure the segment is cut back to `at_size`,
-        so a failed batch never leaves a torn record in the middle of the log."""
-        try:
-            for i in range(0, len(buffers), 1024):  # IOV_MAX
-                chunk = buffers[i:i + 1024]
-                n = os.writev(fd, chunk)
-                rest = sum(len(b) for b in chunk) - n
-                if rest:  # short write: the next one reports the real error (ENOSPC)
-                    tail = b"".join(bytes(b) for b in chunk)[n:]
-                    while tail:
-                        tail = tail[os.write(fd, tail):]
-        except BaseException:
-            self._cut(fd, f"fd {fd}", at_size)
-            raise
-
-    def commit(self, seg: _Segment, sizes: list[int], hcrcs: list[int]) -> None:
-        """Loop: index a batch that `write` made durable in `seg` (record sizes and
-        header CRCs in seq order)."""
-        pos = seg.size
-        for size in sizes:
-            seg.offsets.append(pos)
-            pos += size
-        seg.hcrcs.extend(hcrcs)
-        seg.size = pos
 
     # ---- reading ---------------------------------------------------------------------
     def read(self, from_seq: int, max_bytes: int,
@@ -447,3 +521,19 @@ class Journal:
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
+
+
+def _unwritten_sector(data: bytes, pos: int) -> bool:
+    """The record at `pos` (which failed its checks) has a sector that never reached
+    the disk: from the record's start or the sector's start to the sector's end (or the
+    end of the file) it reads as zeroes. Only the extent the header may claim is looked
+    at (the most a damaged length can claim: the name's maximum plus MAX_LENGTH)."""
+    length = int.from_bytes(data[pos + 24:pos + 28], "little")
+    end = min(len(data), pos + HEADER_SIZE + 255 + (length if length <= MAX_LENGTH else 0))
+    sector = pos - pos % SECTOR
+    while sector < end:
+        lo, hi = max(sector, pos), min(sector + SECTOR, len(data))
+        if data[lo:hi] == _ZERO_SECTOR[:hi - lo]:
+            return True
+        sector += SECTOR
+    return False

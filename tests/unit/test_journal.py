@@ -70,10 +70,9 @@ def _fill(journal, first, count, size=100):
         bufs.append(rec)
         sizes.append(len(rec))
         crcs.append(decode(rec).hcrc)
-    seg, fd, at = journal.reserve(first, sum(sizes))
-    journal.append(fd, bufs, at)
-    os.fdatasync(fd)
-    journal.commit(seg, sizes, crcs)
+    batch = journal.append(first, bufs, sizes, crcs)
+    os.fdatasync(batch.fd)
+    journal.commit(batch)
 
 
 def test_append_read_reopen(tmp_path):
@@ -169,12 +168,78 @@ def test_failed_write_leaves_no_partial_batch(tmp_path):
     j = Journal(str(tmp_path), capacity=16 << 20)
     j.open()
     _fill(j, 1, 2)
-    _, fd, at = j.reserve(3, 10)
+    at = os.path.getsize(j._segments[-1].path)
     with pytest.raises(TypeError):
-        j.append(fd, [b"partial-bytes", object()], at)
+        j.append(3, [b"partial-bytes", object()], [10], [0])
     assert os.path.getsize(j._segments[-1].path) == at
     j.close()
     j2 = Journal(str(tmp_path), capacity=16 << 20)
     j2.open()
     assert j2.last_seq == 2
     assert j2.position(2) == Position(2, j2._segments[-1].hcrcs[-1])
+
+
+def _two_segments(tmp_path):
+    """Records 1..20 in two segments (a roll after 10), closed; their paths."""
+    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20)
+    j.open()
+    for i in range(2):
+        _fill(j, 1 + i * 10, 10, size=60_000)  # 600 KB per batch: one segment each
+    paths = [s.path for s in j._segments]
+    assert len(paths) == 2
+    j.close()
+    return paths
+
+
+def test_a_sector_that_never_reached_the_disk_ends_the_log(tmp_path):
+    """A power loss leaves an unsynced record with sectors reading as zeroes (unwritten
+    blocks), possibly with later sectors written: the log ends there, it is not corrupt."""
+    j = Journal(str(tmp_path), capacity=16 << 20)
+    j.open()
+    _fill(j, 1, 3, size=2000)
+    seg = j._segments[-1]
+    path, second = seg.path, seg.offsets[1]
+    j.close()
+    with open(path, "r+b") as f:
+        f.seek(second + 1024 - second % 512)  # a whole sector inside record 2
+        f.write(bytes(512))
+    j2 = Journal(str(tmp_path), capacity=16 << 20)
+    j2.open()
+    assert j2.last_seq == 1 and os.path.getsize(path) == second
+
+
+def test_a_torn_segment_ends_the_log_and_later_segments_go(tmp_path):
+    """Batch 11..20 went to a new segment while 1..10's fdatasync was in flight: a power
+    loss may keep the second and tear the first. Nothing after the tear was durable in
+    order, so the log ends there and the later segment is removed."""
+    first, second = _two_segments(tmp_path)
+    size = os.path.getsize(first)
+    os.truncate(first, size - 100)
+    j = Journal(str(tmp_path), capacity=16 << 20)
+    j.open()
+    assert j.last_seq == 9 and not os.path.exists(second)
+    assert os.path.getsize(first) < size - 100  # cut back to record 9
+
+
+def test_a_segment_past_a_lost_tail_is_removed(tmp_path):
+    first, second = _two_segments(tmp_path)
+    data = open(first, "rb").read()
+    cut = [r.size for r in iterate(data)]
+    os.truncate(first, sum(cut[:7]))  # records 8..10 never reached the disk, whole
+    j = Journal(str(tmp_path), capacity=16 << 20)
+    j.open()
+    assert j.last_seq == 7 and not os.path.exists(second)
+    _fill(j, 8, 2)  # and the log goes on from there
+    assert j.last_seq == 9
+
+
+def test_damage_with_every_sector_holding_data_is_corruption_in_any_segment(tmp_path):
+    first, _ = _two_segments(tmp_path)
+    with open(first, "r+b") as f:
+        f.seek(100_000)
+        b = f.read(1)
+        f.seek(100_000)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(JournalCorruptError) as exc:
+        Journal(str(tmp_path), capacity=16 << 20).open()
+    assert exc.value.path == first and "checksum" in str(exc.value)
