@@ -1362,8 +1362,9 @@ class Group:
     def lag(self, t: TargetLink) -> tuple[int, int, float]:
         """(records, bytes, seconds) target `t` is behind: the seconds are the age of
         the oldest write it lacks, whether the journal still holds it or (logging) not;
-        the bytes count only what the journal holds."""
-        last, acked = self.journal.last_seq, t.acked_seq
+        the bytes count only what the journal holds. What it has written counts (durable
+        there follows within its commit_interval; the journal keeps it until then)."""
+        last, acked = self.journal.last_seq, min(t.written_seq, self.journal.last_seq)
         if acked >= last:
             return 0, 0, 0.0
         nbytes = self.journal.bytes_between(acked, last)

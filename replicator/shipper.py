@@ -320,8 +320,8 @@ class Shipper:
                 or self._handover or link.writer.transport.get_write_buffer_size()):
             return False  # the pump sends it from the journal once it is durable
         payload = b"".join(bufs)
-        link.writer.write(link.conn.send(Records(first_seq=first, last_seq=last,
-                                                 payload=payload, compress=self.compress_now)))
+        link.post(Records(first_seq=first, last_seq=last, payload=payload,
+                          compress=self.compress_now))
         self._sent(last, len(payload))
         self.early_batches += 1
         return True
