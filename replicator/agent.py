@@ -256,12 +256,12 @@ class Agent:
         group, shipper = self._on_primary(request, "switchover", "the primary")
         timeout = float(request.get("drain_timeout") or 60)
         started = time.monotonic()
-        group.hold_writes()
+        group.commit.hold_writes()
         switching = self.receiver.switching[group.name] = \
             asyncio.get_running_loop().create_future()
         told: dict[str, str | None] = {}
         try:
-            await group.settle()
+            await group.commit.settle()
             seq = group.journal.last_seq
             deadline = started + timeout
             streaming = [s for s in self.shippers[group.name] if s.target.streaming]
@@ -284,7 +284,7 @@ class Agent:
                                  "here") from None
             await group.demote(shipper.target.node)
         finally:
-            group.release_writes()
+            group.commit.release_writes()
             switching.set_result(None)
             if self.receiver.switching.get(group.name) is switching:
                 del self.receiver.switching[group.name]
@@ -470,10 +470,10 @@ class Agent:
             "upstream": self.receiver.status(group.name),
             # The durability contract's points: journaled (written), durable (fdatasync'd)
             # and the last flush point (what a completed FLUSH or FUA promised).
-            "seq": group.written_seq,
-            "durable_seq": group.durable_seq,
-            "flush_seq": group.flush_seq,
-            "applied_seq": group.applied_seq,
+            "seq": group.commit.written_seq,
+            "durable_seq": group.commit.durable_seq,
+            "flush_seq": group.commit.flush_seq,
+            "applied_seq": group.commit.applied_seq,
             "checkpoint_seq": group.checkpoint.seq,
             "inconsistent": group.inconsistent,
             "generation": str(group.history[-1]) if group.history else None,
@@ -481,13 +481,13 @@ class Agent:
             "split_brain": group.split_brain,
             "role_from": "runtime" if group.overridden else "config",
             "discarded": group.discarded,
-            "writes_blocked_by": group.blocked_by,
-            "writes_halted": group.halted or group.volume_error,
+            "writes_blocked_by": group.targets.blocked_by,
+            "writes_halted": group.commit.halted or group.commit.volume_error,
             "bunker": group.bunker_status(),
-            "consistent_seq": group.resync_base.seq if group.inconsistent else group.applied_seq,
+            "consistent_seq": group.resync_base.seq if group.inconsistent else group.commit.applied_seq,
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
                         "capacity_bytes": j.capacity,
-                        "full": group.journal_full or group.journal_no_space},
+                        "full": group.journal_full or group.commit.journal_no_space},
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],

@@ -31,7 +31,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
     """Fetch and apply every record the bunker holds past ours (past the snapshot's,
     applied to it, with `into`); returns {bunker, from_seq, to_seq, replayed}."""
     host, port = address
-    await group.settle()
+    await group.commit.settle()
     ours = into.position if into else group.journal.position()
     history = into.history if into else group.history
     try:
@@ -64,7 +64,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                     if into:
                         into.apply(ev.first_seq, ev.last_seq, ev.payload)
                     else:
-                        group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
+                        group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
                                              lambda err: err and failed.append(err))
                 except GroupError as exc:
                     raise BunkerError(f"records from bunker {bunker}: {exc}") from None
@@ -82,7 +82,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                 raise BunkerError(f"bunker {bunker}: {ev.message}")
             else:
                 raise BunkerError(f"bunker {bunker} sent {type(ev).__name__} during a fetch")
-        await group.settle()
+        await group.commit.settle()
         if failed:
             raise BunkerError(f"applying the bunker's records failed (errno {failed[0]})")
         return {"bunker": bunker, "from_seq": ours.seq + 1, "to_seq": last,

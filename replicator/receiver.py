@@ -103,11 +103,11 @@ class Receiver:
             session = await self._handshake(link)
             if session:
                 listener = lambda _seq, s=session: self._ack_soon(s)  # noqa: E731
-                session.group.durable_listeners.add(listener)
+                session.group.commit.durable_listeners.add(listener)
                 try:
                     await self._serve(session)
                 finally:
-                    session.group.durable_listeners.discard(listener)
+                    session.group.commit.durable_listeners.discard(listener)
         except (OSError, asyncio.TimeoutError) as exc:
             self.log.info("replication link from %s ended: %s", _who(link, session),
                           exc or type(exc).__name__)
@@ -185,7 +185,7 @@ class Receiver:
         history = [Generation(*g) for g in ev.history]
         session = _Session(link, group, ev.node, history)
         self.sessions[group.name] = session
-        await group.settle()
+        await group.commit.settle()
         pos = group.journal.position()
         version, features = agreed
         await link.send(Welcome(version=version, features=features, seq=pos.seq,
@@ -227,7 +227,7 @@ class Receiver:
                              link.who(ev.node), why)
             await link.send(Refuse(code=Refusal.POSITION, reason=why))
             return
-        await group.settle()
+        await group.commit.settle()
         pos = group.journal.position()
         await link.send(Welcome(version=agreed[0], features=agreed[1], seq=pos.seq, crc=pos.hcrc,
                                 node=self.node,
@@ -352,13 +352,13 @@ class Receiver:
         while s.failed is None:
             ev = await s.link.next_event(self.hb_timeout)
             if isinstance(ev, Flush):
-                if s.group.durable_seq >= ev.seq:
+                if s.group.commit.durable_seq >= ev.seq:
                     self._ack_soon(s)
                 else:
-                    s.group.commit_soon()  # its durable_listener acks
+                    s.group.commit.commit_soon()  # its durable_listener acks
             elif isinstance(ev, Records):
                 try:
-                    s.group.submit_records(ev.first_seq, ev.last_seq, ev.payload,
+                    s.group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
                                            lambda err, seq=ev.last_seq: self._done(s, seq, err))
                 except GroupError as exc:
                     self.log.error("%s", exc)
@@ -431,10 +431,10 @@ class Receiver:
     async def _handover(self, s: _Session, ev: Handover) -> None:
         """Planned switchover: we hold every record through ev.seq; become the primary."""
         g = s.group
-        await g.settle()
-        if g.applied_seq != ev.seq or g.inconsistent or self.promote is None:
+        await g.commit.settle()
+        if g.commit.applied_seq != ev.seq or g.inconsistent or self.promote is None:
             why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
-                   f"{g.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
+                   f"{g.commit.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
             self.log.error("group %s: %s", g.name, why)
             await s.link.send(Error(code=Refusal.POSITION, message=why))
             return
@@ -454,7 +454,7 @@ class Receiver:
         """Our source names the next primary (switchover): take it as source when it
         connects as the primary of the generation that begins after ev.seq."""
         g = s.group
-        await g.settle()
+        await g.commit.settle()
         why = None
         if ev.node not in self.peers or ev.node == self.node:
             why = f"successor {ev.node!r} is not one of the peers of {self.node}"
@@ -482,17 +482,17 @@ class Receiver:
             return (f"hash request for {ev.volume!r} [{ev.offset}, +{ev.length}) which "
                     f"group {g.name} does not have")
         if ev.seq != ANY_SEQ:
-            await g.settle()
+            await g.commit.settle()
             if g.inconsistent:
                 return f"group {g.name} is being resynced: no consistent image to hash"
-            if g.applied_seq != ev.seq:
+            if g.commit.applied_seq != ev.seq:
                 return (f"hash request at seq {ev.seq} but group {g.name} holds seq "
-                        f"{g.applied_seq}")
+                        f"{g.commit.applied_seq}")
         hashes = await asyncio.get_running_loop().run_in_executor(
             None, volume_hashes, vol, ev.offset, ev.length, ev.granularity)
         if ev.offset + ev.length == vol.size:  # the end of a pass (see Volume.forget)
             vol.forget()
-        await s.link.send(HashReply(id=ev.id, seq=g.applied_seq, hashes=hashes))
+        await s.link.send(HashReply(id=ev.id, seq=g.commit.applied_seq, hashes=hashes))
         return None
 
     def _done(self, s: _Session, seq: int, err: int) -> None:
@@ -515,14 +515,14 @@ class Receiver:
     def _send_ack(self, s: _Session) -> None:
         s.ack_scheduled = False
         if s.failed is None:
-            s.link.post(Ack(seq=s.ack_seq, durable=min(s.group.durable_seq, s.ack_seq)))
+            s.link.post(Ack(seq=s.ack_seq, durable=min(s.group.commit.durable_seq, s.ack_seq)))
 
     def status(self, group: str) -> dict | None:
         s = self.sessions.get(group)
         if s is None:
             return None
         return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq,
-                "durable_seq": min(s.group.durable_seq, s.ack_seq)}
+                "durable_seq": min(s.group.commit.durable_seq, s.ack_seq)}
 
 
 def _who(link: Link | None, session: _Session | None) -> str:

@@ -298,13 +298,13 @@ class Shipper:
         g = self.group
         if self.target.mode == "sync":
             self._link = link
-            g.early_senders.add(self._send_early)
+            g.commit.early_senders.add(self._send_early)
         try:
             done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
-            g.early_senders.discard(self._send_early)
+            g.commit.early_senders.discard(self._send_early)
             self._link = None
             for task in (pump, acks):
                 task.cancel()
@@ -369,7 +369,7 @@ class Shipper:
                         await self._acked.wait()
                 except TimeoutError:
                     pass
-            elif await self.group.wait_for_records(self.sent_seq, wait):
+            elif await self.group.commit.wait_for_records(self.sent_seq, wait):
                 continue
             if time.monotonic() - last_send >= self.hb_interval:
                 await link.send(Heartbeat(sent_ns=time.time_ns()))
@@ -378,7 +378,7 @@ class Shipper:
     async def _pass_flush(self, link: Link) -> None:
         """A FLUSH or FUA write here waits for this sync target to make what it was sent
         durable: ask it to (its ACK says when). One FLUSH covers every flush before it."""
-        seq = min(self.group.flush_wanted, self.sent_seq)
+        seq = min(self.group.commit.flush_wanted, self.sent_seq)
         if seq > self._flush_sent and seq > self.target.acked_seq:
             self._flush_sent = seq
             await link.send(Flush(seq=seq))
@@ -410,11 +410,11 @@ class Shipper:
         it, so the two agree); RECORDS through that seq go first, later ones after."""
         g = self.group
         while g.journal.last_seq < self.sent_seq:  # batches shipped early, not durable yet
-            if g.halted:  # that batch will never be durable here
-                raise ShipError(f"group {g.name}: {g.halted}")
-            await g.wait_for_records(g.journal.last_seq, self.hb_interval)
+            if g.commit.halted:  # that batch will never be durable here
+                raise ShipError(f"group {g.name}: {g.commit.halted}")
+            await g.commit.wait_for_records(g.journal.last_seq, self.hb_interval)
         seq = g.journal.last_seq
-        if g.applied_seq != seq or g.inconsistent:
+        if g.commit.applied_seq != seq or g.inconsistent:
             probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
                                                 "consistent image right now"))
             return
@@ -444,7 +444,7 @@ class Shipper:
     def poke(self) -> None:
         """Wake the pump: a verify request is queued, or the target must resync now."""
         self._acked.set()
-        self.group.poke_readers()
+        self.group.commit.poke_readers()
 
     async def _acks(self, link: Link) -> None:
         sync = self.target.mode == "sync"
@@ -499,7 +499,7 @@ class Shipper:
                f"(sync_ack_timeout {self.sync_ack_timeout:g}s) while the link was up")
         outcome = "writes no longer wait for it"
         if t.block:  # first: once it is out of sync nothing would hold these back
-            failed = g.fail_sync_waits(t, errno.EIO)
+            failed = g.commit.fail_sync_waits(t, errno.EIO)
             outcome = (f"{failed} write(s) waiting for it failed (EIO) and new ones wait "
                        "until it is back (on_disconnect: block)")
         t.in_sync = False
@@ -607,8 +607,8 @@ class Shipper:
             while True:
                 if epoch != t.resync_epoch:  # (re)started, maybe in another mode
                     epoch, first = t.resync_epoch, True
-                if g.volume_error:  # the volumes lack journaled records: no image to send
-                    await wait(lambda: not g.volume_error)
+                if g.commit.volume_error:  # the volumes lack journaled records: no image to send
+                    await wait(lambda: not g.commit.volume_error)
                 g.mark_bitmap(t)
                 if t.bunker:  # journal only: it restarts at our position, no regions
                     bm.clear_all()

@@ -102,11 +102,11 @@ async def take(group: Group, directory: str) -> Snapshot:
     copies = {n: Volume(n, os.path.join(directory, f"{n}.img"), v.size)
               for n, v in group.volumes.items()}
     try:
-        start = group.applied_seq  # applies run on this loop: the image is after it
+        start = group.commit.applied_seq  # applies run on this loop: the image is after it
         for name, vol in group.volumes.items():
             copies[name].open()
             await loop.run_in_executor(None, _copy, vol.fd, copies[name].fd, vol.size)
-        end = group.applied_seq
+        end = group.commit.applied_seq
         if group.inconsistent:
             raise GroupError(f"group {group.name}: a resync started during the copy")
         pos = group.journal.position(end)

@@ -10,7 +10,7 @@ An image file's blocks are allocated as `allocation` says (block devices ignore 
     check        the file stays sparse, but open refuses a volume whose unallocated
                  blocks do not fit in the file system's free space right now
     sparse       no check: a full file system fails volume writes (the group then
-                 halts its writes until they succeed again; see group.py)
+                 halts its writes until they succeed again; see group/commit.py)
 """
 
 from __future__ import annotations

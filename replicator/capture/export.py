@@ -11,6 +11,7 @@ from ..volume import Volume
 class VolumeExport:
     def __init__(self, group: Group, volume: Volume):
         self.group = group
+        self.commit = group.commit
         self.volume = volume
         self.name = volume.name
         self.size = volume.size
@@ -20,16 +21,16 @@ class VolumeExport:
         return self.group.role != "primary"
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.group.read(self.volume, offset, length)
+        return self.commit.read(self.volume, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool, done) -> None:
-        self.group.submit_write(self.volume, offset, data, self._fua(done) if fua else done)
+        self.commit.submit_write(self.volume, offset, data, self._fua(done) if fua else done)
 
     def zero(self, offset: int, length: int, fua: bool, done) -> None:
-        self.group.submit_zero(self.volume, offset, length, self._fua(done) if fua else done)
+        self.commit.submit_zero(self.volume, offset, length, self._fua(done) if fua else done)
 
     def flush(self, done) -> None:
-        self.group.submit_flush(done)
+        self.commit.submit_flush(done)
 
     def _fua(self, done):
         """A FUA write completes as the write followed by a flush."""
@@ -37,5 +38,5 @@ class VolumeExport:
             if err:
                 done(err)
             else:
-                self.group.submit_flush(done)
+                self.commit.submit_flush(done)
         return written

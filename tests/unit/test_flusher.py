@@ -90,48 +90,48 @@ def test_writes_complete_written_and_flushes_wait_for_the_commit(tmp_path):
     async def main():
         g = _group(tmp_path)
         g.start()
-        held = g._flusher = _HeldFlusher()
+        held = g.commit.flusher = _HeldFlusher()
         vol = g.volumes["data"]
         results: dict[str, int] = {}
 
         def done(name):
             return lambda err: results.setdefault(name, err)
 
-        g.submit_write(vol, 0, b"A" * 512, done("a"))
+        g.commit.submit_write(vol, 0, b"A" * 512, done("a"))
         await _until(lambda: "a" in results, "write a")
         assert results == {"a": 0} and not held.pending  # nobody asked for durability
-        assert (g.written_seq, g.durable_seq, g.journal.last_seq) == (1, 0, 0)
-        assert g.read(vol, 0, 1024) == b"A" * 512 + bytes(512)  # seen, from the memtable
+        assert (g.commit.written_seq, g.commit.durable_seq, g.journal.last_seq) == (1, 0, 0)
+        assert g.commit.read(vol, 0, 1024) == b"A" * 512 + bytes(512)  # seen, from the memtable
         assert vol.read(0, 512) == bytes(512)  # the volume waits for the journal
 
-        g.submit_flush(done("flush1"))
+        g.commit.submit_flush(done("flush1"))
         assert len(held.pending) == 1 and "flush1" not in results
-        g.submit_write(vol, 512, b"B" * 512, done("b"))
+        g.commit.submit_write(vol, 512, b"B" * 512, done("b"))
         await _until(lambda: "b" in results, "write b")
-        g.submit_flush(done("flush2"))
+        g.commit.submit_flush(done("flush2"))
         assert len(held.pending) == 1  # one commit at a time; flush2 waits for the next
         held.pending.pop(0)(0)
         assert results["flush1"] == 0 and "flush2" not in results
-        assert (g.durable_seq, g.flush_seq, g.applied_seq) == (1, 1, 1)
+        assert (g.commit.durable_seq, g.commit.flush_seq, g.commit.applied_seq) == (1, 1, 1)
         assert vol.read(0, 512) == b"A" * 512 and vol.read(512, 512) == bytes(512)
         assert len(held.pending) == 1  # the next commit started at once, for flush2
-        g.submit_flush(done("flush3"))  # shares it
+        g.commit.submit_flush(done("flush3"))  # shares it
         held.pending.pop(0)(0)
-        assert results["flush2"] == results["flush3"] == 0 and g.flush_seq == 2
+        assert results["flush2"] == results["flush3"] == 0 and g.commit.flush_seq == 2
         assert vol.read(512, 512) == b"B" * 512 and g.journal.last_seq == 2
 
-        g.submit_flush(done("flush4"))  # nothing new: at once, no fdatasync
+        g.commit.submit_flush(done("flush4"))  # nothing new: at once, no fdatasync
         assert results["flush4"] == 0 and not held.pending
 
-        g.submit_write(vol, 1024, b"C" * 512, done("c"))
+        g.commit.submit_write(vol, 1024, b"C" * 512, done("c"))
         await _until(lambda: "c" in results, "write c")
-        g.submit_flush(done("flush5"))
+        g.commit.submit_flush(done("flush5"))
         held.pending.pop(0)(errno.EIO)  # the disk lost it: nobody may build on seq 3
-        assert results["flush5"] == errno.EIO and "fdatasync failed" in g.halted
-        assert g.durable_seq == 2 and g.journal.last_seq == 2  # never shipped
-        g.submit_write(vol, 0, b"D" * 512, done("d"))
+        assert results["flush5"] == errno.EIO and "fdatasync failed" in g.commit.halted
+        assert g.commit.durable_seq == 2 and g.journal.last_seq == 2  # never shipped
+        g.commit.submit_write(vol, 0, b"D" * 512, done("d"))
         assert results["d"] == errno.EIO
-        g.submit_flush(done("flush6"))
+        g.commit.submit_flush(done("flush6"))
         assert results["flush6"] == errno.EIO
         await g.stop()
 
@@ -142,16 +142,16 @@ def test_commit_interval_makes_unflushed_writes_durable(tmp_path):
     async def main():
         g = _group(tmp_path, commit_interval=0.05)
         g.start()
-        held = g._flusher = _HeldFlusher()
+        held = g.commit.flusher = _HeldFlusher()
         vol = g.volumes["data"]
         results = []
-        g.submit_write(vol, 0, b"A" * 512, results.append)
+        g.commit.submit_write(vol, 0, b"A" * 512, results.append)
         await _until(lambda: results, "the write")
         assert not held.pending
         await _until(lambda: held.pending, "the commit_interval commit", timeout=2)
         held.pending.pop(0)(0)
-        assert g.durable_seq == 1 and vol.read(0, 512) == b"A" * 512
-        assert g.flush_seq == 0  # durable, but nobody was promised it
+        assert g.commit.durable_seq == 1 and vol.read(0, 512) == b"A" * 512
+        assert g.commit.flush_seq == 0  # durable, but nobody was promised it
         await g.stop()
 
     asyncio.run(main())
@@ -161,14 +161,14 @@ def test_durability_write_completes_each_write_durable(tmp_path):
     async def main():
         g = _group(tmp_path, durability="write")
         g.start()
-        held = g._flusher = _HeldFlusher()
+        held = g.commit.flusher = _HeldFlusher()
         vol = g.volumes["data"]
         results = []
-        g.submit_write(vol, 0, b"A" * 512, results.append)
+        g.commit.submit_write(vol, 0, b"A" * 512, results.append)
         await _until(lambda: held.pending, "the commit")
         assert results == []  # written, not durable: not complete yet
         held.pending.pop(0)(0)
-        assert results == [0] and g.durable_seq == 1 and g.flush_seq == 1
+        assert results == [0] and g.commit.durable_seq == 1 and g.commit.flush_seq == 1
         await g.stop()
 
     asyncio.run(main())
@@ -182,14 +182,14 @@ def test_a_loop_that_fails_fails_the_group_loudly(tmp_path, caplog):
 
         def broken(batch):
             raise RuntimeError("injected")
-        g._write = broken
+        g.commit._write = broken
         g.start()
         results = []
-        g.submit_write(g.volumes["data"], 0, b"A" * 512, results.append)
-        await _until(lambda: g.halted, "the group to halt")
-        assert "committer failed" in g.halted and "injected" in g.halted
-        g.submit_write(g.volumes["data"], 0, b"A" * 512, results.append)
-        g.submit_flush(results.append)
+        g.commit.submit_write(g.volumes["data"], 0, b"A" * 512, results.append)
+        await _until(lambda: g.commit.halted, "the group to halt")
+        assert "committer failed" in g.commit.halted and "injected" in g.commit.halted
+        g.commit.submit_write(g.volumes["data"], 0, b"A" * 512, results.append)
+        g.commit.submit_flush(results.append)
         assert results[-2:] == [errno.EIO, errno.EIO]
         await asyncio.wait_for(g.stop(), 5)
 
@@ -218,18 +218,18 @@ def test_a_full_disk_does_not_fail_writes_the_journal_reserved_room_for(tmp_path
 
         async def write(i: int, size: int = 65536) -> int:
             fut = loop.create_future()
-            g.submit_write(vol, (i % 16) * 65536, bytes([i % 256]) * size, fut.set_result)
+            g.commit.submit_write(vol, (i % 16) * 65536, bytes([i % 256]) * size, fut.set_result)
             return await asyncio.wait_for(fut, 10)
 
         filler = tests.agents.fill_up(small_fs)
         for i in range(1, 401):  # 25 MiB through a 16 MiB journal: segments come and go
             assert await write(i) == 0, i
-        last = g.written_seq
+        last = g.commit.written_seq
         assert await write(500, 3 << 20) == errno.ENOSPC  # bigger than a 2 MiB segment
-        assert g.journal_no_space and g.written_seq == last and g.halted is None
+        assert g.commit.journal_no_space and g.commit.written_seq == last and g.commit.halted is None
         os.unlink(filler)
         assert await write(501) == 0  # room again: the next write takes the freed seq
-        assert g.written_seq == last + 1 and not g.journal_no_space
+        assert g.commit.written_seq == last + 1 and not g.commit.journal_no_space
         await g.stop()
 
         j = Journal(os.path.join(g.dir, "journal"), capacity=16 << 20)

@@ -51,7 +51,7 @@ def _workload(root: str, seed: int, writes: int):
             completed = 0  # the highest seq completed (writes complete in seq order)
             for i in range(writes):
                 offset = rng.randrange(0, VOLUME // 512 - 8) * 512
-                seq = g._next_seq  # the primary numbers writes as they are submitted
+                seq = g.commit._next_seq  # the primary numbers writes as they are submitted
                 fut = loop.create_future()
 
                 def done(err, seq=seq, fut=fut):
@@ -62,11 +62,11 @@ def _workload(root: str, seed: int, writes: int):
                 if rng.random() < 0.15:
                     length = rng.randrange(1, 8) * 512
                     ops[seq] = (offset, None, length)
-                    g.submit_zero(vol, offset, length, done)
+                    g.commit.submit_zero(vol, offset, length, done)
                 else:
                     data = bytes([rng.randrange(1, 256)]) * (rng.randrange(1, 8) * 512)
                     ops[seq] = (offset, data, len(data))
-                    g.submit_write(vol, offset, data, done)
+                    g.commit.submit_write(vol, offset, data, done)
                 pending.add(fut)
                 if len(pending) >= rng.choice((1, 4)):  # QD 1 and QD 4
                     finished, pending = await asyncio.wait(pending, timeout=10,
@@ -74,13 +74,13 @@ def _workload(root: str, seed: int, writes: int):
                     assert finished, "a write never completed"
                 if rng.random() < 0.2:  # a FLUSH covers the writes completed before it
                     covers, flushed = completed, loop.create_future()
-                    g.submit_flush(flushed.set_result)
+                    g.commit.submit_flush(flushed.set_result)
                     assert await asyncio.wait_for(flushed, 10) == 0
                     sim.mark("flushed", covers)
                 if rng.random() < 0.03:  # a checkpoint, as the checkpointer takes them
-                    await g.settle()
+                    await g.commit.settle()
                     await loop.run_in_executor(g._io, g._sync_and_save,
-                                               g.journal.position(g.applied_seq))
+                                               g.journal.position(g.commit.applied_seq))
             if pending:
                 await asyncio.wait(pending, timeout=10)
             await g.stop()

@@ -1,6 +1,6 @@
 """The journal after a power loss, at thousands of random crash points (tests/crashsim.py).
 
-The workload drives the Journal the way the group's write path does (group.py `_write`,
+The workload drives the Journal the way the group's write path does (group/commit.py `_write`,
 `commit_soon`, `_durable`): reserve, append (one writev), batches piling up in the page
 cache until a commit fdatasyncs and indexes them all, segments rolling (durable first),
 trims through a checkpoint with their deletes, and (in one variant) batches whose writev
@@ -40,7 +40,7 @@ def _journal(root: str) -> Journal:
 
 
 class _Writer:
-    """The group's use of the journal, batch by batch (group.py `_write`, `commit_soon`,
+    """The group's use of the journal, batch by batch (group/commit.py `_write`, `commit_soon`,
     `_synced`, `_durable`): batches are appended into the page cache and pile up; a
     commit fdatasyncs every segment they went to and indexes them in order; a segment is
     made durable before a batch goes to the next one; a failed writev cuts the segment
@@ -125,7 +125,7 @@ def _workload(root: str, sim: CrashSim, seed: int, batches: int, *, failures: bo
         if failures and rng.random() < 0.08:
             w.fail_append()
         if rng.random() < 0.15 and j.last_seq > j.base.seq:
-            # A checkpoint (group.py _save: the volumes' fdatasync, then group.json),
+            # A checkpoint (group/core.py _save: the volumes' fdatasync, then group.json),
             # then the trim it allows.
             w.flush_all()
             low = checkpoint = rng.randint(max(j.base.seq, checkpoint), j.last_seq)

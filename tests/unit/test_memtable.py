@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicator.memtable import GRAIN, Memtable
+from replicator.group.memtable import GRAIN, Memtable
 
 SIZE = 4 * GRAIN
 

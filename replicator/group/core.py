@@ -1,159 +1,43 @@
-"""A consistency group on one node: the write path and its ordering.
+"""A consistency group on one node: the parts composed, and what acts on the whole
+group (see the package docstring for the parts).
 
-Every write to any volume of the group, whether it comes from an NBD client on the
-primary or from the upstream node on a replica, goes through one pipeline, all of it
-on the event loop thread (only the fdatasync runs elsewhere, a kernel AIO worker):
-
-    submit_write / submit_records   assign or check seq, encode, queue
-    _committer, _write              take everything queued as one batch, one writev
-                                    into the journal's page cache; the batch is now
-                                    written: readable (memtable.py), shipped early to
-                                    in-sync sync targets, and its writes complete
-                                    (primary: once every in-sync sync target has
-                                    written it too; replica: the receiver acks it)
-    commit_soon, _synced           one fdatasync for everything written (a group
-                                    commit), when a FLUSH or FUA write waits for it, a
-                                    shipper waits for records, the memtable grows past
-                                    MEMTABLE_COMMIT_BYTES, or commit_interval passed
-    _durable                        in seq order: index the batch (shippers read it),
-                                    pwrite each record to its volume
-    submit_flush                    completes once its writes are durable here and on
-                                    every in-sync sync target (they ack durable apart)
-
-This is the durability contract of DESIGN.md (NBD's: a disk with a volatile write
-cache). `durability: write` makes each write wait for its commit, like a FLUSH.
-
-Why a volume never holds a write that its journal lost: records reach the volumes
-only once durable in the journal (_durable), and reads see the newer ones from the
-memtable until then. So after kill -9 or power loss the volumes hold the image after
-the checkpoint's seq, every record the journal lost is newer than anything in them,
-and recovery replays the journal's durable prefix onto them: the image after some seq
-k >= the last flush point (DESIGN.md invariant 1). The other design, writing the volume
-at once and resyncing an activity log of regions with non-durable writes after a crash
-(DRBD), leaves a primary's own volume a mix that no seq describes, which invariant 1
-forbids; its one advantage, no memory for unapplied writes, is bounded here by
-MEMTABLE_COMMIT_BYTES.
+Group owns the volumes and the journal and composes the commit pipeline (commit.py)
+and the target links (links.py). It holds what changes a node's place in the group:
+its role and source (promote, demote, switchover, restore, reparent), the replica side
+of a resync (undo log, RESYNC_DATA applied out of order, finish or roll back), the
+logging state of targets (dirty-region bitmaps), retention (what the journal must keep
+for its targets, a bunker's ring, waiting for room) and the checkpoint.
 
 Checkpoints make the volumes durable (fdatasync) and record the seq they hold in
 `group.json`, together with every target's acked (durable) seq; the journal is then
-trimmed up to min(checkpoint, acked of every target).
+trimmed up to min(checkpoint, acked of every target). Recovery (open) replays the
+journal past the checkpoint onto the volumes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
-from . import statefile
-from .bitmap import Bitmap, BitmapError
-from .config import GroupConfig, TargetConfig
-from .generations import Generation, from_json, new_generation, to_json
-from .journal.record import Kind, RecordError, encode_header, header_crc, iterate
-from .journal.flusher import Flusher
-from .journal.segments import Journal, JournalError, Position
-from .memtable import Memtable
-from .undo import UndoError, UndoLog
-from .volume import Volume
+from .. import statefile
+from ..bitmap import Bitmap, BitmapError
+from ..config import GroupConfig, TargetConfig
+from ..generations import Generation, from_json, new_generation, to_json
+from ..journal.record import iterate
+from ..journal.segments import Journal, JournalError, Position
+from ..undo import UndoError, UndoLog
+from ..volume import Volume
+from .commit import Commit, GroupError, apply_to_volumes
+from .links import Links, TargetLink
 
-Done = Callable[[int], None]
 CHECKPOINT_INTERVAL = 1.0  # how often the checkpointer looks
 SYNC_INTERVAL = 10.0  # seconds the volumes may go without an fdatasync while written
-MEMTABLE_COMMIT_BYTES = 32 << 20  # written, not durable: past this, commit at once
-
-
-def wake_all(waiters: list) -> None:
-    """Resolve every future in `waiters` (and empty it)."""
-    pending = waiters[:]
-    waiters.clear()
-    for fut in pending:
-        if not fut.done():
-            fut.set_result(None)
-
-
-def apply_to_volumes(applies) -> None:
-    """Write records' effects, in order: (volume, kind, offset, length, payload)."""
-    for vol, kind, offset, length, payload in applies:
-        if kind == Kind.WRITE:
-            vol.write(offset, payload)
-        else:
-            vol.zero(offset, length)
-
-
-class GroupError(Exception):
-    """The group cannot start or cannot accept a batch."""
-
-
-class TargetLink:
-    """What the write path needs to know of one target; its shipper keeps it current."""
-
-    def __init__(self, cfg: TargetConfig, acked_seq: int, bitmap: Bitmap):
-        self.node = cfg.node
-        self.configure(cfg)
-        self.acked_seq = acked_seq  # durable on the target (what the journal may trim)
-        self.written_seq = acked_seq  # written to its journal (what sync writes wait for)
-        self.in_sync = False  # connected and caught up: sync writes wait for it
-        self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
-        self.why = ""  # why it went to logging
-        self.resync_mode = "full"  # full | checksum | none: how the next resync starts
-        self.resync_initial = False  # that resync is the target's initial sync
-        self.resync_epoch = 0  # bumped by each resync request: a running pass starts over
-        self.synced = acked_seq > 0  # has had its initial sync (or streamed from seq 0)
-        self.connected = False
-        self.disconnected_at = time.monotonic()
-        self.finishing = False  # RESYNC_DONE sent: the bitmap's `through` must stay put
-        # Logging: when the oldest write it lacks was journaled (wall clock ns; 0: not
-        # known yet), kept because the journal trims that record away (lag_seconds).
-        self.lacks_since_ns = 0
-
-    def configure(self, cfg: TargetConfig) -> None:
-        """Take this target's (possibly changed) configuration; its position stays."""
-        self.cfg = cfg
-        self.mode = cfg.mode
-        self.block = cfg.on_disconnect == "block"  # writes wait while it is not streaming
-        self.bunker = cfg.bunker
-
-    def acked(self, written: int, durable: int) -> None:
-        """The target acknowledged: written through `written`, durable through `durable`."""
-        self.written_seq = max(self.written_seq, written)
-        self.acked_seq = max(self.acked_seq, durable)
-
-    def reset_position(self, seq: int) -> None:
-        """The target holds exactly seq (a handshake or a resync said so)."""
-        self.written_seq = self.acked_seq = seq
-
-    @property
-    def logging(self) -> bool:
-        return self.bitmap.active
-
-    @property
-    def streaming(self) -> bool:
-        """Connected and fed from the journal (not away, not logging, not resyncing)."""
-        return self.connected and not self.bitmap.active
-
-
-class _Batch:
-    __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
-                 "appended")
-
-    def __init__(self):
-        self.first_seq = 0
-        self.last_seq = 0
-        self.bufs: list = []
-        self.nbytes = 0
-        self.sizes: list[int] = []
-        self.hcrcs: list[int] = []
-        self.applies: list = []  # (volume, kind, offset, length, payload)
-        self.dones: list = []  # (seq, done)
-        self.appended = None  # the journal's handle once written
 
 
 class Group:
@@ -166,35 +50,12 @@ class Group:
         self.volumes = {v.name: Volume(v.name, v.path, v.size, v.allocation)
                         for v in cfg.volumes}
         self.journal = Journal(os.path.join(self.dir, "journal"), capacity=cfg.journal_size)
-        self.targets: dict[str, TargetLink] = {}
+        self.targets = Links()
         self.checkpoint = Position(0, 0)
-        self.applied_seq = 0
         self.journal_full = False  # writes wait for the journal to be trimmed
-        self.journal_no_space = False  # the last journal write failed ENOSPC
-        self._next_seq = 1
-        self._batch = _Batch()
-        # The durability points (DESIGN.md, "The durability contract"): written_seq is
-        # in the journal's page cache and readable, durable_seq fdatasync'd (and in the
-        # journal's index, and applied to the volumes unless they refuse it), flush_seq
-        # the last seq a completed FLUSH or FUA covered.
-        self.written_seq = 0
-        self.durable_seq = 0
-        self.flush_seq = 0
-        self.flush_wanted = 0  # the highest seq a flush waits for (sync shippers pass it on)
-        self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order
-        self._memtable = Memtable()  # what they wrote, for reads until they are applied
-        self._syncing = False  # a commit's fdatasyncs are in flight
-        self._commit_again = False  # something asked for a commit while one ran
-        self._commit_timer: asyncio.TimerHandle | None = None  # commit_interval
-        self._sync_waits: deque = deque()  # (seq, done): writes waiting for sync targets
-        self._flush_waits: deque = deque()  # (seq, done): flushes waiting for durability
-        self.durable_listeners: set[Callable[[int], None]] = set()  # receivers: ack durable
-        self._record_waiters: list[asyncio.Future] = []
-        self._idle_waiters: list[asyncio.Future] = []
-        self._durable_waiters: list[asyncio.Future] = []
-        self._flusher: Flusher | None = None
+        self.commit = Commit(cfg, self.journal, self.volumes, self.targets, self.log,
+                             role=lambda: self.role, wait_for_space=self._wait_for_space)
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
-        self._kick = asyncio.Event()
         self._space = asyncio.Event()
         self._checkpoint_now = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -214,14 +75,8 @@ class Group:
         self.history: list[Generation] = []  # generations this image descends from
         self.split_brain: dict | None = None  # {peer, fork, ...} while a peer diverged
         self.bunker_far_seq: int | None = None  # bunker: RETAIN from the primary
-        self.early_senders: set = set()  # shippers taking batches before their fdatasync
-        self.halted: str | None = None  # why writes stopped (a shipped batch failed here)
         self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
         self.discarded: list[str] = []  # where rolled-back divergent data was saved
-        self._held: list | None = None  # writes held during a switchover
-        self._unapplied: deque[_Batch] = deque()  # journaled, not yet in the volumes
-        self._unapplied_errno = 0
-        self.volume_error: str | None = None  # why the volumes lag the journal
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -279,8 +134,7 @@ class Group:
         except OSError as exc:
             raise GroupError(f"group {self.name}: cannot replay the journal after seq "
                              f"{self.checkpoint.seq} onto the volumes: {exc}") from None
-        self.applied_seq = self.written_seq = self.durable_seq = j.last_seq
-        self._next_seq = j.last_seq + 1
+        self.commit.reset(j.last_seq)
         if replayed:
             self.log.info("group %s: replayed %d journal records onto the volumes",
                           self.name, replayed)
@@ -291,7 +145,7 @@ class Group:
                 t.bitmap.save()
         if self.role == "primary" and not self.history:
             self.history = [new_generation(j.last_seq + 1)]
-            self._sync_and_save(j.position(self.applied_seq))
+            self._sync_and_save(j.position(self.commit.applied_seq))
 
     def _add_target(self, t: TargetConfig) -> TargetLink:
         sizes = {v.name: v.size for v in self.volumes.values()}
@@ -344,7 +198,7 @@ class Group:
         if self.split_brain and not force:
             raise GroupError(f"group {self.name} is in split brain with "
                              f"{self.split_brain['peer']}; resolve it first, or force")
-        await self.settle()
+        await self.commit.settle()
         gen = new_generation(self.journal.last_seq + 1)
         self.history.append(gen)
         self.role, self.source, self.overridden = "primary", None, True
@@ -352,20 +206,10 @@ class Group:
         if targets is not None:
             self.set_targets(targets, member_at=gen.first_seq - 1)
         await asyncio.get_running_loop().run_in_executor(
-            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+            self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.undo.remove()
         self.log.warning("group %s: promoted to primary, generation %s", self.name, gen)
         return gen
-
-    def hold_writes(self) -> None:
-        """Switchover: new writes wait (uncompleted) until release_writes()."""
-        self._held = []
-
-    def release_writes(self) -> None:
-        """Queue the held writes: written if this node is still primary, else refused."""
-        held, self._held = self._held or [], None
-        for item in held:
-            self._queue_local(*item)
 
     async def demote(self, source: str) -> None:
         """The primary becomes a secondary of `source`: writes are refused from now on,
@@ -374,9 +218,9 @@ class Group:
             raise GroupError(f"group {self.name} is not primary here")
         self.role, self.source, self.overridden = "secondary", source, True
         self.set_targets([])
-        await self.settle()
+        await self.commit.settle()
         await asyncio.get_running_loop().run_in_executor(
-            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+            self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.log.warning("group %s: demoted to secondary of %s", self.name, source)
 
     async def restore(self) -> bool:
@@ -391,7 +235,7 @@ class Group:
         self.source, self.overridden = self.cfg.source, False
         self.set_targets(list(self.cfg.targets))
         await asyncio.get_running_loop().run_in_executor(
-            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+            self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.log.warning("group %s: back to the configured topology (source %s, targets %s)",
                          self.name, self.source, [t.node for t in self.target_cfgs] or "none")
         return True
@@ -406,7 +250,7 @@ class Group:
         if source in self.targets:  # a failover reversed the link: we no longer feed it
             self.set_targets([t for t in self.target_cfgs if t.node != source])
         await asyncio.get_running_loop().run_in_executor(
-            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+            self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.log.warning("group %s: re-parented: source is now %s", self.name, source)
 
     def adopt(self, history: list[Generation], source: str) -> None:
@@ -482,8 +326,7 @@ class Group:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._flusher = Flusher(loop, log=self.log)
-        self._tasks = [loop.create_task(self._guarded(self._committer(), "committer"),
+        self._tasks = [loop.create_task(self._guarded(self.commit.start(), "committer"),
                                         name=f"commit-{self.name}"),
                        loop.create_task(self._guarded(self._checkpointer(), "checkpointer"),
                                         name=f"checkpoint-{self.name}")]
@@ -497,21 +340,8 @@ class Group:
             raise
         except BaseException as exc:  # noqa: BLE001 - anything: the group must say so
             self.log.exception("group %s: the %s failed", self.name, what)
-            self._halt(f"the {what} failed ({type(exc).__name__}: {exc}): no more writes "
+            self.commit.halt(f"the {what} failed ({type(exc).__name__}: {exc}): no more writes "
                        "until the agent restarts")
-
-    def _halt(self, why: str) -> None:
-        """Stop accepting writes for good (until a restart), failing what waits."""
-        if self.halted is None:
-            self.halted = why
-            self.log.error("group %s: %s", self.name, why)
-        self._fail_pending(errno.EIO)
-        for waits in (self._sync_waits, self._flush_waits):
-            while waits:
-                waits.popleft()[1](errno.EIO)
-        wake_all(self._idle_waiters)
-        wake_all(self._durable_waiters)
-        wake_all(self._record_waiters)
 
     async def stop(self) -> None:
         """Finish what is queued, make it durable, checkpoint, close files."""
@@ -519,352 +349,13 @@ class Group:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._batch.dones:
-            self._fail_pending(errno.ESHUTDOWN)
-        await self.settle()  # what is written becomes durable and applied
-        while self._syncing:  # a failed group still waits for its fdatasync in flight
-            await self._wait(self._durable_waiters)
-        self._flusher.close()
-        for waits in (self._sync_waits, self._flush_waits):
-            while waits:
-                waits.popleft()[1](errno.ESHUTDOWN)
+        await self.commit.stop()
         await asyncio.get_running_loop().run_in_executor(
-            self._io, self._sync_and_save, self.journal.position(self.applied_seq))
+            self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self._io.shutdown()
         self.journal.close()
         for vol in self.volumes.values():
             vol.close()
-
-    # ---- the write path (loop thread) ------------------------------------------------
-    def submit_write(self, volume: Volume, offset: int, data, done: Done) -> None:
-        """Primary: journal and apply one WRITE; done(0) once it completes under the
-        durability contract (see the module docstring)."""
-        self._queue_local(volume, Kind.WRITE, offset, len(data), data, done)
-
-    def submit_zero(self, volume: Volume, offset: int, length: int, done: Done) -> None:
-        self._queue_local(volume, Kind.ZERO, offset, length, b"", done)
-
-    def submit_flush(self, done: Done) -> None:
-        """NBD FLUSH (and the flush half of a FUA write): done(0) once every write that
-        completed before it is durable here and on every in-sync sync target."""
-        if self.halted:
-            done(errno.EIO)
-            return
-        seq = self.written_seq
-        if seq <= self.durable_seq and seq <= self.durable_floor():
-            self.flush_seq = max(self.flush_seq, seq)
-            done(0)
-            return
-        self._flush_waits.append((seq, done))
-        self.flush_wanted = max(self.flush_wanted, seq)
-        self.commit_soon()
-        wake_all(self._record_waiters)  # sync shippers pass the flush on
-
-    def read(self, volume: Volume, offset: int, length: int) -> bytes:
-        """What a client reads: the volume, with completed writes not applied yet."""
-        return self._memtable.overlay(volume.name, offset, volume.read(offset, length))
-
-    def _queue_local(self, volume, kind, offset, length, payload, done) -> None:
-        if self._held is not None:
-            self._held.append((volume, kind, offset, length, payload, done))
-            return
-        if self.role != "primary":
-            done(errno.EROFS)
-            return
-        if self.halted:
-            done(errno.EIO)
-            return
-        if self._unapplied:  # the volumes lack journaled records: see _applied
-            done(self._unapplied_errno)
-            return
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time.time_ns(), payload)
-        b = self._batch
-        if not b.dones:
-            b.first_seq = seq
-            self._kick.set()
-        b.last_seq = seq
-        b.bufs.append(hdr)
-        size = len(hdr)
-        if payload:
-            b.bufs.append(payload)
-            size += len(payload)
-        b.nbytes += size
-        b.sizes.append(size)
-        b.hcrcs.append(header_crc(hdr))
-        b.applies.append((volume, kind, offset, length, payload))
-        b.dones.append((seq, done))
-
-    def submit_records(self, first_seq: int, last_seq: int, payload: bytes, done: Done) -> None:
-        """Replica: journal and apply records received from upstream, as they are;
-        done(0) once written to the journal (durable_listeners hear when they are
-        durable). Records we already hold are skipped (a resent batch); a gap or a
-        record that does not fit this group raises GroupError and nothing is queued."""
-        expected = self._next_seq
-        if first_seq > expected:
-            raise GroupError(f"group {self.name}: records start at seq {first_seq}, "
-                             f"expected {expected} (gap)")
-        sizes, hcrcs, applies = [], [], []
-        seq, skip = first_seq, 0
-        try:
-            for rec in iterate(payload):
-                if rec.seq != seq:
-                    raise GroupError(f"seq {rec.seq} after {seq - 1} in group {self.name}")
-                seq += 1
-                if rec.seq < expected:
-                    skip += rec.size
-                    continue
-                sizes.append(rec.size)
-                hcrcs.append(rec.hcrc)
-                if self.role == "bunker":  # journal only
-                    continue
-                vol = self.volumes.get(rec.volume)
-                if vol is None or rec.offset + rec.length > vol.size:
-                    raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
-                                     f"[{rec.offset}, +{rec.length}) which group "
-                                     f"{self.name} does not have")
-                applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
-        except RecordError as exc:
-            raise GroupError(f"group {self.name}: corrupt record in batch "
-                             f"{first_seq}..{last_seq}: {exc}") from None
-        if seq - 1 != last_seq:
-            raise GroupError(f"batch claims {first_seq}..{last_seq} but holds "
-                             f"{first_seq}..{seq - 1}")
-        if not sizes:
-            done(0)
-            return
-        if self.halted:
-            done(errno.EIO)
-            return
-        self._next_seq = last_seq + 1
-        b = self._batch
-        if not b.dones:
-            b.first_seq = expected
-            self._kick.set()
-        b.last_seq = last_seq
-        chunk = memoryview(payload)[skip:]
-        b.bufs.append(chunk)
-        b.nbytes += len(chunk)
-        b.sizes.extend(sizes)
-        b.hcrcs.extend(hcrcs)
-        b.applies.extend(applies)
-        b.dones.append((last_seq, done))
-
-    async def _committer(self) -> None:
-        """Writes each batch into the journal as soon as it exists (one writev, on the
-        loop) and completes its writes (_written); durability follows in _commit."""
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            if self.halted:
-                self._fail_pending(errno.EIO)
-                continue
-            batch, self._batch = self._batch, _Batch()
-            if not batch.dones:
-                continue
-            await self._wait_for_space(batch.nbytes)
-            if self._unsynced and self.journal.starts_segment(batch.nbytes):
-                # Every segment but the last is durable to its end, so a power loss
-                # can only ever tear the last one (journal/segments.py, recovery).
-                await self.commit_now()
-            if self.halted:
-                for _, done in batch.dones:
-                    done(errno.EIO)
-                continue
-            self._write(batch)
-
-    def _write(self, batch: _Batch) -> None:
-        """Loop: one writev of the batch into the journal's page cache. It is then
-        readable (memtable), shipped early to in-sync sync targets, and its writes
-        complete (or wait for the sync targets); a failed writev fails the batch."""
-        try:
-            batch.appended = self.journal.append(batch.first_seq, batch.bufs, batch.sizes,
-                                                 batch.hcrcs)
-        except OSError as exc:  # a full disk, say: this batch and those queued behind fail
-            err = exc.errno or errno.EIO
-            self.log.error("group %s: journal write of seq %d..%d failed: %s",
-                           self.name, batch.first_seq, batch.last_seq, os.strerror(err))
-            if err == errno.ENOSPC:  # beyond what the journal reserved (a huge batch)
-                self.journal_no_space = True
-            for _, done in batch.dones:
-                done(err)
-            self._fail_pending(err)
-            return
-        self.journal_no_space = False
-        self._unsynced.append(batch)
-        self.written_seq = batch.last_seq
-        if self.role != "bunker":
-            self._memtable.add(batch.last_seq, (
-                (seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
-                for seq, (vol, kind, offset, length, payload)
-                in zip(range(batch.first_seq, batch.last_seq + 1), batch.applies)))
-        if self.early_senders:  # in the page cache now: ship while it is not durable yet
-            self._send_early(batch)
-        if self.role != "primary":
-            for _, done in batch.dones:  # written: the receiver acks it
-                done(0)
-        elif self.cfg.durability == "write":
-            self._flush_waits.extend(batch.dones)
-            self.flush_wanted = max(self.flush_wanted, batch.last_seq)
-        else:
-            floor = self.written_floor()
-            for seq, done in batch.dones:
-                if seq <= floor:
-                    done(0)
-                else:
-                    self._sync_waits.append((seq, done))
-        batch.dones = []
-        if self._flush_waits or self._memtable.nbytes > MEMTABLE_COMMIT_BYTES or \
-                self._record_waiters or self._idle_waiters:
-            self.commit_soon()
-        elif self._commit_timer is None:
-            self._commit_timer = asyncio.get_running_loop().call_later(
-                self.cfg.commit_interval, self._commit_due)
-
-    def _commit_due(self) -> None:
-        self._commit_timer = None
-        self.commit_soon()
-
-    def commit_soon(self) -> None:
-        """Make everything written durable now: one fdatasync for all of it (a group
-        commit), or, while one runs, another right after it for what came since."""
-        if self._syncing:
-            self._commit_again = True
-            return
-        if not self._unsynced or self.halted:
-            return
-        if self._commit_timer is not None:
-            self._commit_timer.cancel()
-            self._commit_timer = None
-        through = self._unsynced[-1].last_seq
-        self._syncing = True
-        self.journal.sync([b.appended for b in self._unsynced], self._flusher.fdatasync,
-                          lambda err: self._synced(through, err))
-
-    def _synced(self, through: int, err: int) -> None:
-        """Loop: the commit through `through` ended (its fdatasyncs)."""
-        self._syncing = False
-        if err:
-            # Records that completed may be lost: nobody may build on them (a restart
-            # recovers what the journal really holds).
-            self._halt(f"the journal's fdatasync failed ({os.strerror(err)}) "
-                       f"with seq {self._unsynced[0].first_seq}..{through} written: no "
-                       "more writes until the agent restarts")
-            return
-        self.durable_seq = through
-        unsynced = self._unsynced
-        while unsynced and unsynced[0].last_seq <= through:
-            self._durable(unsynced.popleft())
-        self._memtable.drop_through(self.applied_seq)
-        self.journal_no_space = False
-        self._release_flushes()
-        wake_all(self._durable_waiters)
-        for listener in list(self.durable_listeners):
-            listener(through)
-        wake_all(self._record_waiters)  # shippers send what is durable
-        again, self._commit_again = self._commit_again, False
-        if self._unsynced and (again or self._flush_waits or self._record_waiters
-                               or self._idle_waiters):
-            self.commit_soon()
-        elif self._unsynced and self._commit_timer is None:
-            self._commit_timer = asyncio.get_running_loop().call_later(
-                self.cfg.commit_interval, self._commit_due)
-        if not self._unsynced and not self._batch.dones:
-            wake_all(self._idle_waiters)
-
-    def _durable(self, batch: _Batch) -> None:
-        """Loop: the batch is durable. Index it (shippers read it from now on) and
-        apply it to the volumes (page cache writes, in seq order).
-
-        A volume write that fails (ENOSPC on a sparse image, EIO) leaves a record that
-        is journaled, maybe replicated, but not in the volume. The batch then waits in
-        `_unapplied`, with every batch after it (the volumes stay a prefix of the
-        journal; the memtable keeps serving their writes), `applied_seq` and with it the
-        checkpoint stay before it (so a restart replays it), the checkpointer retries it
-        every second, and until the volumes have taken them all the primary refuses new
-        writes."""
-        self.journal.commit(batch.appended)
-        if not self._unapplied:
-            try:
-                apply_to_volumes(batch.applies)
-            except OSError as exc:
-                self._volume_failed(batch, exc)
-                return
-            self.applied_seq = batch.last_seq
-        else:
-            self._unapplied.append(batch)
-
-    def _release_flushes(self) -> None:
-        """Complete the flushes (and durability: write writes) now durable everywhere
-        they must be: here and on every in-sync sync target."""
-        waits = self._flush_waits
-        floor = min(self.durable_seq, self.durable_floor())
-        while waits and waits[0][0] <= floor:
-            seq, done = waits.popleft()
-            self.flush_seq = max(self.flush_seq, seq)
-            done(0)
-
-    def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
-        self._unapplied.append(batch)
-        self._unapplied_errno = exc.errno or errno.EIO
-        until = ("writes are refused until the volumes take every journaled record"
-                 if self.role == "primary" else "records are journaled, not applied, until "
-                 "the volumes take them")
-        self.volume_error = (f"a volume write failed after seq {batch.first_seq}..{batch.last_seq} "
-                             f"was journaled ({exc}); {until} (retried every second)")
-        self.log.error("group %s: %s", self.name, self.volume_error)
-
-    def _retry_applies(self) -> None:
-        """Checkpointer (loop): apply the journaled batches the volumes refused, in order."""
-        while self._unapplied:
-            batch = self._unapplied[0]
-            try:
-                apply_to_volumes(batch.applies)
-            except OSError as exc:
-                self.log.debug("group %s: volume write of seq %d..%d still fails: %s",
-                               self.name, batch.first_seq, batch.last_seq, exc)
-                return
-            self._unapplied.popleft()
-            self.applied_seq = batch.last_seq
-        self._memtable.drop_through(self.applied_seq)
-        self.log.warning("group %s: the volumes hold every journaled record again (through "
-                         "seq %d); writes are accepted", self.name, self.applied_seq)
-        self.volume_error = None
-        wake_all(self._record_waiters)
-
-    async def commit_now(self) -> None:
-        """Make everything written so far durable (and applied) before returning."""
-        target = self.written_seq
-        while self.durable_seq < target and not self.halted:
-            self.commit_soon()
-            await self._wait(self._durable_waiters)
-
-    @staticmethod
-    async def _wait(waiters: list) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        waiters.append(fut)
-        await fut
-
-    async def settle(self) -> None:
-        """Wait until nothing is queued, written but not durable, or being committed:
-        the journal's last record is then everything this node has accepted, and the
-        volumes hold it."""
-        while (self._batch.dones or self._unsynced or self._syncing) and not self.halted:
-            self.commit_soon()
-            await self._wait(self._idle_waiters)
-
-    def _send_early(self, batch: _Batch) -> None:
-        """Loop: hand a batch whose journal write is done (not durable yet) to the
-        shippers that take it early (in-sync sync targets)."""
-        for send in list(self.early_senders):
-            send(batch.first_seq, batch.last_seq, batch.bufs)
-
-    def _fail_pending(self, err: int) -> None:
-        pending, self._batch = self._batch, _Batch()
-        for _, done in pending.dones:
-            done(err)
-        self._next_seq = self.written_seq + 1
 
     # ---- replica side of a resync -------------------------------------------------------
     @property
@@ -889,7 +380,7 @@ class Group:
                                  f"in group {self.name}")
         loop = asyncio.get_running_loop()
         if self.resync_base is None:
-            await self.settle()
+            await self.commit.settle()
             self.resync_base = self.journal.position()
             await loop.run_in_executor(self._io, self.undo.open)
             await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
@@ -930,7 +421,7 @@ class Group:
         """The sender says we now hold its image after `pos`: record it, restart the
         journal there, forget the undo log."""
         loop = asyncio.get_running_loop()
-        await self.settle()
+        await self.commit.settle()
         self.resync_base = None
         self._resync_done = True
         self._had_image = True
@@ -940,10 +431,7 @@ class Group:
         self.undo.remove()
         for vol in self.volumes.values():
             vol.forget()  # what the resync read and wrote
-        self.applied_seq = self.written_seq = self.durable_seq = pos.seq
-        self._unapplied.clear()  # the resync wrote the image they belong to
-        self.volume_error = None
-        self._next_seq = pos.seq + 1
+        self.commit.reset(pos.seq)  # unapplied records: the resync wrote their image
         for t in self.targets.values():
             if t.logging:
                 t.bitmap.through = pos.seq
@@ -978,75 +466,12 @@ class Group:
         return restored
 
     # ---- sync targets ------------------------------------------------------------------
-    def _holding(self):
-        """The targets writes wait for: the in-sync sync targets, a connected bunker even
-        while it catches up (its copy of the journal is what makes a takeover lossless),
-        and targets with on_disconnect: block that are not streaming (their position then
-        holds every later write back)."""
-        return (t for t in self.targets.values()
-                if (t.mode == "sync" and (t.in_sync or (t.bunker and t.streaming)))
-                or (t.block and not t.streaming))
-
-    def written_floor(self) -> float:
-        """Highest seq every target a write waits for has written (inf when none)."""
-        return min((t.written_seq for t in self._holding()), default=float("inf"))
-
-    def durable_floor(self) -> float:
-        """Highest seq every target a flush waits for has made durable (inf when none)."""
-        return min((t.acked_seq for t in self._holding()), default=float("inf"))
-
-    @property
-    def blocked_by(self) -> list[str]:
-        """Targets with on_disconnect: block that hold writes back right now."""
-        return [t.node for t in self.targets.values() if t.block and not t.streaming]
-
     def targets_changed(self) -> None:
-        """A target acked or changed state: release sync writes now covered, and let
-        a waiting committer retry trimming."""
-        floor = self.written_floor()
-        waits = self._sync_waits
-        while waits and waits[0][0] <= floor:
-            waits.popleft()[1](0)
-        self._release_flushes()
+        """A target acked or changed state: release the writes and flushes now covered,
+        and let a waiting committer retry trimming."""
+        self.commit.links_changed()
         if self.journal_full:
             self._checkpoint_now.set()
-
-    def fail_sync_waits(self, t: TargetLink, err: int) -> int:
-        """Complete with `err` every write and flush waiting for `t` (a seq it has not
-        written, or not made durable): a sync target with on_disconnect: block that
-        stopped acknowledging. Returns how many."""
-        failed = 0
-        for name, reached in (("_sync_waits", t.written_seq), ("_flush_waits", t.acked_seq)):
-            keep = deque()
-            for seq, done in getattr(self, name):
-                if seq > reached:
-                    done(err)
-                    failed += 1
-                else:
-                    keep.append((seq, done))
-            setattr(self, name, keep)
-        return failed
-
-    # ---- readers: shippers ---------------------------------------------------------------
-    def poke_readers(self) -> None:
-        """Wake every shipper waiting for records (one has other work queued)."""
-        wake_all(self._record_waiters)
-
-    async def wait_for_records(self, after_seq: int, timeout: float) -> bool:
-        """Wait until a record after `after_seq` is durable; False on timeout. A shipper
-        waiting for records that are written makes them durable now."""
-        if self.journal.last_seq > after_seq:
-            return True
-        if self.written_seq > after_seq:
-            self.commit_soon()
-        fut = asyncio.get_running_loop().create_future()
-        self._record_waiters.append(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            return False
-        return self.journal.last_seq > after_seq
 
     # ---- space, checkpoints, trimming -------------------------------------------------
     def _needed_after(self) -> int:
@@ -1246,7 +671,7 @@ class Group:
             return False
         if self.role == "bunker":
             return self._needed_after() >= oldest
-        low = self.applied_seq
+        low = self.commit.applied_seq
         for t in self.targets.values():
             if t.logging:  # its bitmap is marked through the end, unless a resync finishes
                 low = min(low, t.bitmap.through if t.finishing else self.journal.last_seq)
@@ -1295,10 +720,9 @@ class Group:
                 asked = False
             self._checkpoint_now.clear()
             try:
-                if self._unapplied:
-                    self._retry_applies()
+                self.commit.retry_applies()
                 self._update_logging()
-                pos = self.journal.position(self.applied_seq)
+                pos = self.journal.position(self.commit.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
                 changed = pos != self.checkpoint or acked != self._saved_acked
                 j = self.journal

@@ -1,0 +1,20 @@
+"""A consistency group on one node, as parts that own their state:
+
+    commit.py    the write path: batches, the journal append, the written / durable /
+                 flush points, the memtable readers see until a commit applies a batch
+                 to the volumes, sync and flush waits (the durability contract)
+    memtable.py  completed writes not yet in the volumes, laid over reads
+    links.py     each target as the write path sees it (written and durable seq, in
+                 sync, bitmap), and the floors writes and flushes wait for
+    core.py      Group: composes them; role and lineage changes, a replica's resync,
+                 logging targets, retention of the journal, the checkpoint
+
+Data flows NBD export / receiver -> Commit (journal, memtable, volumes) -> shippers,
+which read the journal and report through the links.
+"""
+
+from .commit import Done, GroupError, apply_to_volumes, wake_all
+from .core import Group
+from .links import Links, TargetLink
+
+__all__ = ["Done", "Group", "GroupError", "Links", "TargetLink", "apply_to_volumes", "wake_all"]

@@ -1,0 +1,567 @@
+"""The commit pipeline of a group: batches, the journal append, and the written,
+durable and flush points (the durability contract of DESIGN.md).
+
+Every write to any volume of the group, whether it comes from an NBD client on the
+primary or from the upstream node on a replica, goes through it, all of it on the event
+loop thread (only the fdatasync runs elsewhere, a kernel AIO worker):
+
+    submit_write / submit_records   assign or check seq, encode, queue
+    _committer, _write              take everything queued as one batch, one writev
+                                    into the journal's page cache; the batch is now
+                                    written: readable (memtable.py), shipped early to
+                                    in-sync sync targets, and its writes complete
+                                    (primary: once every in-sync sync target has
+                                    written it too; replica: the receiver acks it)
+    commit_soon, _synced            one fdatasync for everything written (a group
+                                    commit), when a FLUSH or FUA write waits for it, a
+                                    shipper waits for records, the memtable grows past
+                                    MEMTABLE_COMMIT_BYTES, or commit_interval passed
+    _durable                        in seq order: index the batch (shippers read it),
+                                    pwrite each record to its volume
+    submit_flush                    completes once its writes are durable here and on
+                                    every in-sync sync target (they ack durable apart)
+
+`durability: write` makes each write wait for its commit, like a FLUSH.
+
+Why a volume never holds a write that its journal lost: records reach the volumes only
+once durable in the journal (_durable), and reads see the newer ones from the memtable
+until then. So after kill -9 or power loss the volumes hold the image after the
+checkpoint's seq, every record the journal lost is newer than anything in them, and
+recovery replays the journal's durable prefix onto them: the image after some seq
+k >= the last flush point (DESIGN.md invariant 1; tests/unit/test_group_powerloss.py).
+The other design, writing the volume at once and resyncing an activity log of regions
+with non-durable writes after a crash (DRBD), leaves a primary's own volume a mix that
+no seq describes, which invariant 1 forbids; its one advantage, no memory for unapplied
+writes, is bounded here by MEMTABLE_COMMIT_BYTES.
+
+A failure never hangs: a failed writev fails its batch (and what queued behind it); a
+failed fdatasync, or an exception in a loop of the group, halts the pipeline (halt):
+status says why, every later write and flush gets EIO, until the agent restarts and
+recovers what the journal really holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections import deque
+from typing import Callable
+
+from ..config import GroupConfig
+from ..journal.flusher import Flusher
+from ..journal.record import Kind, RecordError, encode_header, header_crc, iterate
+from ..journal.segments import Journal
+from ..volume import Volume
+from .links import Links, TargetLink
+from .memtable import Memtable
+
+Done = Callable[[int], None]
+MEMTABLE_COMMIT_BYTES = 32 << 20  # written, not durable: past this, commit at once
+
+
+class GroupError(Exception):
+    """The group cannot start or cannot accept a batch."""
+
+
+def wake_all(waiters: list) -> None:
+    """Resolve every future in `waiters` (and empty it)."""
+    pending = waiters[:]
+    waiters.clear()
+    for fut in pending:
+        if not fut.done():
+            fut.set_result(None)
+
+
+def apply_to_volumes(applies) -> None:
+    """Write records' effects, in order: (volume, kind, offset, length, payload)."""
+    for vol, kind, offset, length, payload in applies:
+        if kind == Kind.WRITE:
+            vol.write(offset, payload)
+        else:
+            vol.zero(offset, length)
+
+
+class _Batch:
+    __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
+                 "appended")
+
+    def __init__(self):
+        self.first_seq = 0
+        self.last_seq = 0
+        self.bufs: list = []
+        self.nbytes = 0
+        self.sizes: list[int] = []
+        self.hcrcs: list[int] = []
+        self.applies: list = []  # (volume, kind, offset, length, payload)
+        self.dones: list = []  # (seq, done)
+        self.appended = None  # the journal's handle once written
+
+
+class Commit:
+    def __init__(self, cfg: GroupConfig, journal: Journal, volumes: dict[str, Volume],
+                 links: Links, log: logging.Logger, *, role: Callable[[], str], wait_for_space):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.journal = journal
+        self.volumes = volumes
+        self.links = links
+        self.log = log
+        self._role = role  # the group's role right now (promote/demote change it)
+        self._wait_for_space = wait_for_space  # async (nbytes): the journal has room
+        # The durability points: written_seq is in the journal's page cache and
+        # readable, durable_seq fdatasync'd (and in the journal's index, and applied to
+        # the volumes unless they refuse it), flush_seq the last seq a completed FLUSH
+        # or FUA covered; applied_seq is what the volumes hold.
+        self.written_seq = self.durable_seq = self.applied_seq = 0
+        self.flush_seq = 0
+        self.flush_wanted = 0  # the highest seq a flush waits for (sync shippers pass it on)
+        self.journal_no_space = False  # the last journal write failed ENOSPC
+        self.halted: str | None = None  # why writes stopped for good (until a restart)
+        self.volume_error: str | None = None  # why the volumes lag the journal
+        self.early_senders: set = set()  # shippers taking batches before their fdatasync
+        self.durable_listeners: set[Callable[[int], None]] = set()  # receivers: ack durable
+        self.flusher: Flusher | None = None
+        self._next_seq = 1
+        self._batch = _Batch()
+        self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order
+        self._memtable = Memtable()  # what they wrote, for reads until they are applied
+        self._syncing = False  # a commit's fdatasyncs are in flight
+        self._commit_again = False  # something asked for a commit while one ran
+        self._commit_timer: asyncio.TimerHandle | None = None  # commit_interval
+        self._sync_waits: deque = deque()  # (seq, done): writes waiting for sync targets
+        self._flush_waits: deque = deque()  # (seq, done): flushes waiting for durability
+        self._record_waiters: list[asyncio.Future] = []
+        self._idle_waiters: list[asyncio.Future] = []
+        self._durable_waiters: list[asyncio.Future] = []
+        self._kick = asyncio.Event()
+        self._held: list | None = None  # writes held during a switchover
+        self._unapplied: deque[_Batch] = deque()  # journaled, not yet in the volumes
+        self._unapplied_errno = 0
+
+    def reset(self, seq: int) -> None:
+        """The journal and the volumes hold exactly the image after `seq` (opened,
+        replayed, or a resync finished): everything starts from there."""
+        self.written_seq = self.durable_seq = self.applied_seq = seq
+        self._next_seq = seq + 1
+        self._unapplied.clear()
+        self.volume_error = None
+
+    def start(self):
+        """On the loop: the committer, a coroutine for the group to run (and guard)."""
+        self.flusher = Flusher(asyncio.get_running_loop(), log=self.log)
+        return self._committer()
+
+    def halt(self, why: str) -> None:
+        """Stop accepting writes for good (until a restart), failing what waits."""
+        if self.halted is None:
+            self.halted = why
+            self.log.error("group %s: %s", self.name, why)
+        self._fail_pending(errno.EIO)
+        for waits in (self._sync_waits, self._flush_waits):
+            while waits:
+                waits.popleft()[1](errno.EIO)
+        wake_all(self._idle_waiters)
+        wake_all(self._durable_waiters)
+        wake_all(self._record_waiters)
+
+    async def stop(self) -> None:
+        """The committer was cancelled: make what is written durable and applied, fail
+        what still waits, close the Flusher."""
+        if self._batch.dones:
+            self._fail_pending(errno.ESHUTDOWN)
+        await self.settle()
+        while self._syncing:  # a halted pipeline still waits for its fdatasync in flight
+            await self._wait(self._durable_waiters)
+        self.flusher.close()
+        for waits in (self._sync_waits, self._flush_waits):
+            while waits:
+                waits.popleft()[1](errno.ESHUTDOWN)
+
+    def submit_write(self, volume: Volume, offset: int, data, done: Done) -> None:
+        """Primary: journal and apply one WRITE; done(0) once it completes under the
+        durability contract (see the module docstring)."""
+        self._queue_local(volume, Kind.WRITE, offset, len(data), data, done)
+
+    def submit_zero(self, volume: Volume, offset: int, length: int, done: Done) -> None:
+        self._queue_local(volume, Kind.ZERO, offset, length, b"", done)
+
+    def submit_flush(self, done: Done) -> None:
+        """NBD FLUSH (and the flush half of a FUA write): done(0) once every write that
+        completed before it is durable here and on every in-sync sync target."""
+        if self.halted:
+            done(errno.EIO)
+            return
+        seq = self.written_seq
+        if seq <= self.durable_seq and seq <= self.links.durable_floor():
+            self.flush_seq = max(self.flush_seq, seq)
+            done(0)
+            return
+        self._flush_waits.append((seq, done))
+        self.flush_wanted = max(self.flush_wanted, seq)
+        self.commit_soon()
+        wake_all(self._record_waiters)  # sync shippers pass the flush on
+
+    def read(self, volume: Volume, offset: int, length: int) -> bytes:
+        """What a client reads: the volume, with completed writes not applied yet."""
+        return self._memtable.overlay(volume.name, offset, volume.read(offset, length))
+
+    def hold_writes(self) -> None:
+        """Switchover: new writes wait (uncompleted) until release_writes()."""
+        self._held = []
+
+    def release_writes(self) -> None:
+        """Queue the held writes: written if this node is still primary, else refused."""
+        held, self._held = self._held or [], None
+        for item in held:
+            self._queue_local(*item)
+
+    def _queue_local(self, volume, kind, offset, length, payload, done) -> None:
+        if self._held is not None:
+            self._held.append((volume, kind, offset, length, payload, done))
+            return
+        if self._role() != "primary":
+            done(errno.EROFS)
+            return
+        if self.halted:
+            done(errno.EIO)
+            return
+        if self._unapplied:  # the volumes lack journaled records: see _applied
+            done(self._unapplied_errno)
+            return
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time.time_ns(), payload)
+        b = self._batch
+        if not b.dones:
+            b.first_seq = seq
+            self._kick.set()
+        b.last_seq = seq
+        b.bufs.append(hdr)
+        size = len(hdr)
+        if payload:
+            b.bufs.append(payload)
+            size += len(payload)
+        b.nbytes += size
+        b.sizes.append(size)
+        b.hcrcs.append(header_crc(hdr))
+        b.applies.append((volume, kind, offset, length, payload))
+        b.dones.append((seq, done))
+
+    def submit_records(self, first_seq: int, last_seq: int, payload: bytes, done: Done) -> None:
+        """Replica: journal and apply records received from upstream, as they are;
+        done(0) once written to the journal (durable_listeners hear when they are
+        durable). Records we already hold are skipped (a resent batch); a gap or a
+        record that does not fit this group raises GroupError and nothing is queued."""
+        expected = self._next_seq
+        if first_seq > expected:
+            raise GroupError(f"group {self.name}: records start at seq {first_seq}, "
+                             f"expected {expected} (gap)")
+        sizes, hcrcs, applies = [], [], []
+        seq, skip = first_seq, 0
+        try:
+            for rec in iterate(payload):
+                if rec.seq != seq:
+                    raise GroupError(f"seq {rec.seq} after {seq - 1} in group {self.name}")
+                seq += 1
+                if rec.seq < expected:
+                    skip += rec.size
+                    continue
+                sizes.append(rec.size)
+                hcrcs.append(rec.hcrc)
+                if self._role() == "bunker":  # journal only
+                    continue
+                vol = self.volumes.get(rec.volume)
+                if vol is None or rec.offset + rec.length > vol.size:
+                    raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
+                                     f"[{rec.offset}, +{rec.length}) which group "
+                                     f"{self.name} does not have")
+                applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
+        except RecordError as exc:
+            raise GroupError(f"group {self.name}: corrupt record in batch "
+                             f"{first_seq}..{last_seq}: {exc}") from None
+        if seq - 1 != last_seq:
+            raise GroupError(f"batch claims {first_seq}..{last_seq} but holds "
+                             f"{first_seq}..{seq - 1}")
+        if not sizes:
+            done(0)
+            return
+        if self.halted:
+            done(errno.EIO)
+            return
+        self._next_seq = last_seq + 1
+        b = self._batch
+        if not b.dones:
+            b.first_seq = expected
+            self._kick.set()
+        b.last_seq = last_seq
+        chunk = memoryview(payload)[skip:]
+        b.bufs.append(chunk)
+        b.nbytes += len(chunk)
+        b.sizes.extend(sizes)
+        b.hcrcs.extend(hcrcs)
+        b.applies.extend(applies)
+        b.dones.append((last_seq, done))
+
+    async def _committer(self) -> None:
+        """Writes each batch into the journal as soon as it exists (one writev, on the
+        loop) and completes its writes (_written); durability follows in _commit."""
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            if self.halted:
+                self._fail_pending(errno.EIO)
+                continue
+            batch, self._batch = self._batch, _Batch()
+            if not batch.dones:
+                continue
+            await self._wait_for_space(batch.nbytes)
+            if self._unsynced and self.journal.starts_segment(batch.nbytes):
+                # Every segment but the last is durable to its end, so a power loss
+                # can only ever tear the last one (journal/segments.py, recovery).
+                await self.commit_now()
+            if self.halted:
+                for _, done in batch.dones:
+                    done(errno.EIO)
+                continue
+            self._write(batch)
+
+    def _write(self, batch: _Batch) -> None:
+        """Loop: one writev of the batch into the journal's page cache. It is then
+        readable (memtable), shipped early to in-sync sync targets, and its writes
+        complete (or wait for the sync targets); a failed writev fails the batch."""
+        try:
+            batch.appended = self.journal.append(batch.first_seq, batch.bufs, batch.sizes,
+                                                 batch.hcrcs)
+        except OSError as exc:  # a full disk, say: this batch and those queued behind fail
+            err = exc.errno or errno.EIO
+            self.log.error("group %s: journal write of seq %d..%d failed: %s",
+                           self.name, batch.first_seq, batch.last_seq, os.strerror(err))
+            if err == errno.ENOSPC:  # beyond what the journal reserved (a huge batch)
+                self.journal_no_space = True
+            for _, done in batch.dones:
+                done(err)
+            self._fail_pending(err)
+            return
+        self.journal_no_space = False
+        self._unsynced.append(batch)
+        self.written_seq = batch.last_seq
+        if self._role() != "bunker":
+            self._memtable.add(batch.last_seq, (
+                (seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
+                for seq, (vol, kind, offset, length, payload)
+                in zip(range(batch.first_seq, batch.last_seq + 1), batch.applies)))
+        if self.early_senders:  # in the page cache now: ship while it is not durable yet
+            self._send_early(batch)
+        if self._role() != "primary":
+            for _, done in batch.dones:  # written: the receiver acks it
+                done(0)
+        elif self.cfg.durability == "write":
+            self._flush_waits.extend(batch.dones)
+            self.flush_wanted = max(self.flush_wanted, batch.last_seq)
+        else:
+            floor = self.links.written_floor()
+            for seq, done in batch.dones:
+                if seq <= floor:
+                    done(0)
+                else:
+                    self._sync_waits.append((seq, done))
+        batch.dones = []
+        if self._flush_waits or self._memtable.nbytes > MEMTABLE_COMMIT_BYTES or \
+                self._record_waiters or self._idle_waiters:
+            self.commit_soon()
+        elif self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(
+                self.cfg.commit_interval, self._commit_due)
+
+    def _commit_due(self) -> None:
+        self._commit_timer = None
+        self.commit_soon()
+
+    def commit_soon(self) -> None:
+        """Make everything written durable now: one fdatasync for all of it (a group
+        commit), or, while one runs, another right after it for what came since."""
+        if self._syncing:
+            self._commit_again = True
+            return
+        if not self._unsynced or self.halted:
+            return
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        through = self._unsynced[-1].last_seq
+        self._syncing = True
+        self.journal.sync([b.appended for b in self._unsynced], self.flusher.fdatasync,
+                          lambda err: self._synced(through, err))
+
+    def _synced(self, through: int, err: int) -> None:
+        """Loop: the commit through `through` ended (its fdatasyncs)."""
+        self._syncing = False
+        if err:
+            # Records that completed may be lost: nobody may build on them (a restart
+            # recovers what the journal really holds).
+            self.halt(f"the journal's fdatasync failed ({os.strerror(err)}) "
+                       f"with seq {self._unsynced[0].first_seq}..{through} written: no "
+                       "more writes until the agent restarts")
+            return
+        self.durable_seq = through
+        unsynced = self._unsynced
+        while unsynced and unsynced[0].last_seq <= through:
+            self._durable(unsynced.popleft())
+        self._memtable.drop_through(self.applied_seq)
+        self.journal_no_space = False
+        self._release_flushes()
+        wake_all(self._durable_waiters)
+        for listener in list(self.durable_listeners):
+            listener(through)
+        wake_all(self._record_waiters)  # shippers send what is durable
+        again, self._commit_again = self._commit_again, False
+        if self._unsynced and (again or self._flush_waits or self._record_waiters
+                               or self._idle_waiters):
+            self.commit_soon()
+        elif self._unsynced and self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(
+                self.cfg.commit_interval, self._commit_due)
+        if not self._unsynced and not self._batch.dones:
+            wake_all(self._idle_waiters)
+
+    def _durable(self, batch: _Batch) -> None:
+        """Loop: the batch is durable. Index it (shippers read it from now on) and
+        apply it to the volumes (page cache writes, in seq order).
+
+        A volume write that fails (ENOSPC on a sparse image, EIO) leaves a record that
+        is journaled, maybe replicated, but not in the volume. The batch then waits in
+        `_unapplied`, with every batch after it (the volumes stay a prefix of the
+        journal; the memtable keeps serving their writes), `applied_seq` and with it the
+        checkpoint stay before it (so a restart replays it), the checkpointer retries it
+        every second, and until the volumes have taken them all the primary refuses new
+        writes."""
+        self.journal.commit(batch.appended)
+        if not self._unapplied:
+            try:
+                apply_to_volumes(batch.applies)
+            except OSError as exc:
+                self._volume_failed(batch, exc)
+                return
+            self.applied_seq = batch.last_seq
+        else:
+            self._unapplied.append(batch)
+
+    def _release_flushes(self) -> None:
+        """Complete the flushes (and durability: write writes) now durable everywhere
+        they must be: here and on every in-sync sync target."""
+        waits = self._flush_waits
+        floor = min(self.durable_seq, self.links.durable_floor())
+        while waits and waits[0][0] <= floor:
+            seq, done = waits.popleft()
+            self.flush_seq = max(self.flush_seq, seq)
+            done(0)
+
+    def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
+        self._unapplied.append(batch)
+        self._unapplied_errno = exc.errno or errno.EIO
+        until = ("writes are refused until the volumes take every journaled record"
+                 if self._role() == "primary" else "records are journaled, not applied, until "
+                 "the volumes take them")
+        self.volume_error = (f"a volume write failed after seq {batch.first_seq}..{batch.last_seq} "
+                             f"was journaled ({exc}); {until} (retried every second)")
+        self.log.error("group %s: %s", self.name, self.volume_error)
+
+    def retry_applies(self) -> None:
+        """Checkpointer (loop): apply the journaled batches the volumes refused, in order."""
+        if not self._unapplied:
+            return
+        while self._unapplied:
+            batch = self._unapplied[0]
+            try:
+                apply_to_volumes(batch.applies)
+            except OSError as exc:
+                self.log.debug("group %s: volume write of seq %d..%d still fails: %s",
+                               self.name, batch.first_seq, batch.last_seq, exc)
+                return
+            self._unapplied.popleft()
+            self.applied_seq = batch.last_seq
+        self._memtable.drop_through(self.applied_seq)
+        self.log.warning("group %s: the volumes hold every journaled record again (through "
+                         "seq %d); writes are accepted", self.name, self.applied_seq)
+        self.volume_error = None
+        wake_all(self._record_waiters)
+
+    async def commit_now(self) -> None:
+        """Make everything written so far durable (and applied) before returning."""
+        target = self.written_seq
+        while self.durable_seq < target and not self.halted:
+            self.commit_soon()
+            await self._wait(self._durable_waiters)
+
+    @staticmethod
+    async def _wait(waiters: list) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append(fut)
+        await fut
+
+    async def settle(self) -> None:
+        """Wait until nothing is queued, written but not durable, or being committed:
+        the journal's last record is then everything this node has accepted, and the
+        volumes hold it."""
+        while (self._batch.dones or self._unsynced or self._syncing) and not self.halted:
+            self.commit_soon()
+            await self._wait(self._idle_waiters)
+
+    def _send_early(self, batch: _Batch) -> None:
+        """Loop: hand a batch whose journal write is done (not durable yet) to the
+        shippers that take it early (in-sync sync targets)."""
+        for send in list(self.early_senders):
+            send(batch.first_seq, batch.last_seq, batch.bufs)
+
+    def _fail_pending(self, err: int) -> None:
+        pending, self._batch = self._batch, _Batch()
+        for _, done in pending.dones:
+            done(err)
+        self._next_seq = self.written_seq + 1
+
+    def links_changed(self) -> None:
+        """A target acked or changed state: release the writes and flushes now covered."""
+        floor = self.links.written_floor()
+        waits = self._sync_waits
+        while waits and waits[0][0] <= floor:
+            waits.popleft()[1](0)
+        self._release_flushes()
+
+    def fail_sync_waits(self, t: TargetLink, err: int) -> int:
+        """Complete with `err` every write and flush waiting for `t` (a seq it has not
+        written, or not made durable): a sync target with on_disconnect: block that
+        stopped acknowledging. Returns how many."""
+        failed = 0
+        for name, reached in (("_sync_waits", t.written_seq), ("_flush_waits", t.acked_seq)):
+            keep = deque()
+            for seq, done in getattr(self, name):
+                if seq > reached:
+                    done(err)
+                    failed += 1
+                else:
+                    keep.append((seq, done))
+            setattr(self, name, keep)
+        return failed
+
+    def poke_readers(self) -> None:
+        """Wake every shipper waiting for records (one has other work queued)."""
+        wake_all(self._record_waiters)
+
+    async def wait_for_records(self, after_seq: int, timeout: float) -> bool:
+        """Wait until a record after `after_seq` is durable; False on timeout. A shipper
+        waiting for records that are written makes them durable now."""
+        if self.journal.last_seq > after_seq:
+            return True
+        if self.written_seq > after_seq:
+            self.commit_soon()
+        fut = asyncio.get_running_loop().create_future()
+        self._record_waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            return False
+        return self.journal.last_seq > after_seq
