@@ -183,7 +183,7 @@ class Agent:
         log.warning("group %s: promoted a copy at seq %d into %s", group.name, manifest["seq"],
                     directory)
         return {"group": group.name, "role": "copy", "copy": manifest, "seq": manifest["seq"],
-                "generation": str(group.history[-1]) if group.history else None,
+                "generation": str(group.lineage.history[-1]) if group.lineage.history else None,
                 "bunker_replay": replayed,
                 "rpo_records": 0 if replayed and "error" not in replayed else None,
                 "seconds": round(time.monotonic() - started, 3)}
@@ -354,10 +354,10 @@ class Agent:
         if group.role == "primary":
             await group.demote(survivor)
             await self._sync_shippers(group)
-        group.survivor = survivor
-        group.adopt(group.history, survivor)
+        group.lineage.survivor = survivor  # resolve: its line wins at the next connect
+        group.adopt(group.lineage.history, survivor)
         return {"group": group.name, "role": group.role, "survivor": survivor,
-                "split_brain": group.split_brain}
+                "split_brain": group.lineage.split_brain}
 
     async def stop(self) -> None:
         await self.admin.close()
@@ -476,18 +476,19 @@ class Agent:
             "applied_seq": group.commit.applied_seq,
             "checkpoint_seq": group.checkpoint.seq,
             "inconsistent": group.inconsistent,
-            "generation": str(group.history[-1]) if group.history else None,
-            "generations": len(group.history),
-            "split_brain": group.split_brain,
+            "generation": str(group.lineage.history[-1]) if group.lineage.history else None,
+            "generations": len(group.lineage.history),
+            "split_brain": group.lineage.split_brain,
             "role_from": "runtime" if group.overridden else "config",
-            "discarded": group.discarded,
+            "discarded": group.lineage.discarded,
             "writes_blocked_by": group.targets.blocked_by,
             "writes_halted": group.commit.halted or group.commit.volume_error,
-            "bunker": group.bunker_status(),
-            "consistent_seq": group.resync_base.seq if group.inconsistent else group.commit.applied_seq,
+            "bunker": group.retention.bunker_status(),
+            "consistent_seq": (group.resync_base.seq if group.inconsistent
+                               else group.commit.applied_seq),
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
                         "capacity_bytes": j.capacity,
-                        "full": group.journal_full or group.commit.journal_no_space},
+                        "full": group.retention.journal_full or group.commit.journal_no_space},
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],

@@ -33,7 +33,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
     host, port = address
     await group.commit.settle()
     ours = into.position if into else group.journal.position()
-    history = into.history if into else group.history
+    history = into.history if into else group.lineage.history
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=tls,

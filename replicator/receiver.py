@@ -157,9 +157,9 @@ class Receiver:
                                            f"on {self.node}, so it may not read its journal "
                                            f"(members: {', '.join(sorted(self.members(group)))})")
         if refusal is None:
-            verdict = compare([Generation(*g) for g in ev.history], ev.seq, group.history,
+            verdict = compare([Generation(*g) for g in ev.history], ev.seq, group.lineage.history,
                               group.journal.last_seq)
-            if verdict.relation == Relation.SPLIT_BRAIN and group.survivor == ev.node:
+            if verdict.relation == Relation.SPLIT_BRAIN and group.lineage.survivor == ev.node:
                 verdict = Verdict(Relation.DIVERGED, verdict.fork)  # resolve --discard-local
             switching = self.switching.get(group.name)
             if switching is not None and not switching.done():
@@ -190,7 +190,7 @@ class Receiver:
         version, features = agreed
         await link.send(Welcome(version=version, features=features, seq=pos.seq,
                                 crc=pos.hcrc, node=self.node,
-                                history=tuple((g.id, g.first_seq) for g in group.history)))
+                                history=tuple((g.id, g.first_seq) for g in group.lineage.history)))
         if verdict.relation == Relation.DIVERGED and group.role == "bunker":
             # Records past the fork were never acknowledged on the new line; a bunker has
             # no volumes to roll back: the sender just restarts its journal at its position.
@@ -198,27 +198,26 @@ class Receiver:
                              "dropped", group.name, verdict.fork + 1, pos.seq, ev.node)
             await link.send(Diverged(fork=verdict.fork, complete=True))
         elif verdict.relation == Relation.DIVERGED:
-            complete, extents = group.diverged_extents(verdict.fork)
+            complete, extents = group.lineage.diverged_extents(verdict.fork)
             extents = _merge(extents)
             self.log.warning("group %s: records %d..%d here never reached %s's line: they "
                              "are rolled back by a resync of the regions they wrote",
                              group.name, verdict.fork + 1, pos.seq, ev.node)
             if not group.inconsistent:  # else saved before the resync began
-                await self._keep_alive(link, group.save_diverged, verdict.fork,
+                await self._keep_alive(link, group.lineage.save_diverged, verdict.fork,
                                        extents if complete else None)
             await link.send(Diverged(fork=verdict.fork, complete=complete,
                                      extents=tuple(extents)))
         else:
             group.adopt(history, ev.node)
-        if group.split_brain and group.split_brain.get("peer") == ev.node:
-            group.split_brain = None
+        group.lineage.reconciled(ev.node)
         self.log.info("group %s: %s connected, resuming after seq %d", group.name, ev.node, pos.seq)
         return session
 
     async def _serve_fetch(self, link: Link, ev: Hello, group: Group, agreed) -> None:
         """A node of our line reads our journal after its position (takeover replay from a
         bunker): RECORDS from there to our last seq, then ACK(last seq)."""
-        verdict = compare(group.history, group.journal.last_seq,
+        verdict = compare(group.lineage.history, group.journal.last_seq,
                           [Generation(*g) for g in ev.history], ev.seq)
         if verdict.relation not in (Relation.NEW, Relation.SAME, Relation.BEHIND):
             why = (f"{ev.node}'s history ({verdict.relation.value} after seq {verdict.fork}) is "
@@ -231,13 +230,14 @@ class Receiver:
         pos = group.journal.position()
         await link.send(Welcome(version=agreed[0], features=agreed[1], seq=pos.seq, crc=pos.hcrc,
                                 node=self.node,
-                                history=tuple((g.id, g.first_seq) for g in group.history)))
+                                history=tuple((g.id, g.first_seq) for g in group.lineage.history)))
         req = await link.next_event(self.hb_timeout)
         if not isinstance(req, Fetch):
             return
         j = group.journal
         if req.seq > pos.seq:  # it holds more than we do (records the primary never acked)
-            await link.send(Ack(seq=pos.seq, durable=pos.seq))  # it checks our last record against its own
+            # it checks our last record against its own
+            await link.send(Ack(seq=pos.seq, durable=pos.seq))
             self.log.info("group %s: %s is at seq %d, past our %d: nothing to replay",
                           group.name, ev.node, req.seq, pos.seq)
             return
@@ -271,7 +271,7 @@ class Receiver:
     def members(self, group: Group) -> set[str]:
         """The nodes this node knows as members of `group` (see Authority)."""
         cfg = group.cfg
-        nodes = {cfg.source, group.source, cfg.bunker, group.survivor, *cfg.members}
+        nodes = {cfg.source, group.source, cfg.bunker, group.lineage.survivor, *cfg.members}
         nodes.update(t.node for t in cfg.targets)
         nodes.update(t.node for t in group.target_cfgs)
         named = self.successors.get(group.name)
@@ -308,14 +308,14 @@ class Receiver:
         if named is None or named[0] != ev.node:
             return False
         history = [Generation(*g) for g in ev.history]
-        return (group.journal.last_seq == named[1] and history[:-1] == group.history
-                and len(history) == len(group.history) + 1
+        return (group.journal.last_seq == named[1] and history[:-1] == group.lineage.history
+                and len(history) == len(group.lineage.history) + 1
                 and history[-1].first_seq == named[1] + 1)
 
     def _lineage(self, ev: Hello, group: Group, verdict) -> tuple | None:
         """A refusal when the generation histories say the sender may not ship here."""
         if verdict.relation == Relation.SPLIT_BRAIN:
-            group.split_brain = {"peer": ev.node, "fork": verdict.fork}
+            group.lineage.diverged(ev.node, fork=verdict.fork)
             self.log.error("group %s: SPLIT BRAIN with %s: both were primary after seq %d; "
                            "choose the survivor (replicator resolve on the other)",
                            group.name, ev.node, verdict.fork)
@@ -401,7 +401,7 @@ class Receiver:
                     await s.link.send(Error(code=Refusal.POSITION, message=problem[:1000]))
                     return
             elif isinstance(ev, Retain):
-                s.group.retain(ev.seq)
+                s.group.retention.retain(ev.seq)
             elif isinstance(ev, Heartbeat):
                 await s.link.send(Heartbeat(sent_ns=ev.sent_ns))
             elif isinstance(ev, Error):

@@ -45,9 +45,9 @@ from .transport import Link
 from .verify import CHUNK, chunks, differing, volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed,
                    Diverged, Error, Feature, Flush, Handover, HashReply, HashRequest, Heartbeat,
-                   Hello, LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
-                   ResyncBegin, ResyncData, ResyncDone, Retain, Role, Successor, Welcome,
-                   code_name)
+                   Hello, LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
+                   ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain, Role, Successor,
+                   Welcome, code_name)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
@@ -204,17 +204,17 @@ class Shipper:
         try:
             features = Feature.ZSTD if self.compress else Feature(0)
             g = self.group
-            self._hello_history = list(g.history)
+            self._hello_history = list(g.lineage.history)
             await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                                   features=features, node=self.node, group=g.name,
                                   target=self.target.node, seq=g.journal.last_seq,
-                                  history=tuple((x.id, x.first_seq) for x in g.history)))
+                                  history=tuple((x.id, x.first_seq) for x in g.lineage.history)))
             ev = await link.next_event(self.hb_timeout)
             if isinstance(ev, Refuse):
                 state = {Refusal.SPLIT_BRAIN: "split-brain", Refusal.STALE: "stale"}.get(
                     ev.code, "refused")
                 if state == "split-brain":
-                    g.split_brain = {"peer": self.target.node, "reason": ev.reason}
+                    g.lineage.diverged(self.target.node, reason=ev.reason)
                 # stale: the target follows a later primary. That is no reason to stop
                 # being primary here (a peer's claim is no authority): the operator
                 # demotes this node (replicator demote) once it knows who took over.
@@ -226,7 +226,7 @@ class Shipper:
             if ev.node != self.target.node:
                 raise ShipError(f"{host}:{port} answered as {ev.node!r}, expected "
                                 f"{self.target.node!r} (peers address book wrong?)", state="refused")
-            verdict = compare(g.history, g.journal.last_seq,
+            verdict = compare(g.lineage.history, g.journal.last_seq,
                               [Generation(*x) for x in ev.history], ev.seq)
             if verdict.relation in (Relation.DIVERGED, Relation.SPLIT_BRAIN):
                 # (split brain accepted: the target was told we are the survivor)
@@ -239,8 +239,7 @@ class Shipper:
                 self._rejoin(diverged)
             else:
                 self._resume_from(ev)
-            if g.split_brain and g.split_brain.get("peer") == self.target.node:
-                g.split_brain = None
+            g.lineage.reconciled(self.target.node)
             self.compress_now = self.compress and bool(ev.features & Feature.ZSTD)
         except BaseException:
             await link.close()
@@ -333,10 +332,11 @@ class Shipper:
             if self.target.logging:
                 raise ShipError(f"{self.target.node} switched to logging ({self.target.why}): "
                                 "resync from the bitmap", state="logging")
-            if self.group.history != self._hello_history:
+            if self.group.lineage.history != self._hello_history:
                 # This node took a new line (a promotion upstream): the target must hear
                 # it in a new HELLO, or it would refuse the new primary later.
-                raise ShipError(f"generation changed to {self.group.history[-1]}: reconnecting")
+                raise ShipError(f"generation changed to {self.group.lineage.history[-1]}: "
+                                "reconnecting")
             if self._probes:
                 await self._send_probe(link, self._probes.popleft())
                 last_send = time.monotonic()
@@ -385,7 +385,7 @@ class Shipper:
 
     async def _retain(self, link: Link) -> None:
         """Tell the bunker how far every other target got: it keeps the records after."""
-        far = min(self.group.far_seq(), self.sent_seq)
+        far = min(self.group.retention.far_seq(), self.sent_seq)
         if far != self.retained_seq:
             await link.send(Retain(seq=far))
             self.retained_seq = far

@@ -114,7 +114,7 @@ async def take(group: Group, directory: str) -> Snapshot:
             raise GroupError(f"group {group.name}: the journal no longer holds records "
                              f"{start + 1}..{end} applied during the copy; try again")
         snap = Snapshot(group, directory, group.journal.position(start) or pos,
-                        list(group.history), copies)
+                        list(group.lineage.history), copies)
         seq = start
         while seq < end:  # redo what was applied while the copy ran
             first, last, data = group.journal.read(seq + 1, 8 << 20, end)

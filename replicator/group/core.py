@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from .. import statefile
 from ..bitmap import Bitmap, BitmapError
 from ..config import GroupConfig, TargetConfig
-from ..generations import Generation, from_json, new_generation, to_json
+from ..generations import Generation
 from ..journal.record import iterate
 from ..journal.segments import Journal, JournalError, Position
 from ..undo import UndoError, UndoLog
 from ..volume import Volume
 from .commit import Commit, GroupError, apply_to_volumes
+from .lineage import Lineage
 from .links import Links, TargetLink
+from .retention import Retention
 
 CHECKPOINT_INTERVAL = 1.0  # how often the checkpointer looks
 SYNC_INTERVAL = 10.0  # seconds the volumes may go without an fdatasync while written
@@ -51,13 +52,16 @@ class Group:
                         for v in cfg.volumes}
         self.journal = Journal(os.path.join(self.dir, "journal"), capacity=cfg.journal_size)
         self.targets = Links()
-        self.checkpoint = Position(0, 0)
-        self.journal_full = False  # writes wait for the journal to be trimmed
-        self.commit = Commit(cfg, self.journal, self.volumes, self.targets, self.log,
-                             role=lambda: self.role, wait_for_space=self._wait_for_space)
-        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
-        self._space = asyncio.Event()
         self._checkpoint_now = asyncio.Event()
+        self.checkpoint = Position(0, 0)
+        self.retention = Retention(cfg, self.journal, self.targets, self.log,
+                                   role=lambda: self.role,
+                                   checkpoint_seq=lambda: self.checkpoint.seq,
+                                   applied_seq=lambda: self.commit.applied_seq,
+                                   ask_checkpoint=self._checkpoint_now.set)
+        self.commit = Commit(cfg, self.journal, self.volumes, self.targets, self.log,
+                             role=lambda: self.role, wait_for_space=self.retention.wait_for_space)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
         self._tasks: list[asyncio.Task] = []
         self._saved_acked: dict = {}
         self._state_changed = False  # group.json misses something besides positions
@@ -72,11 +76,8 @@ class Group:
         self.source = cfg.source
         self.target_cfgs: list[TargetConfig] = list(cfg.targets)
         self.overridden = False
-        self.history: list[Generation] = []  # generations this image descends from
-        self.split_brain: dict | None = None  # {peer, fork, ...} while a peer diverged
-        self.bunker_far_seq: int | None = None  # bunker: RETAIN from the primary
-        self.survivor: str | None = None  # resolve --discard-local: the peer whose line wins
-        self.discarded: list[str] = []  # where rolled-back divergent data was saved
+        self.lineage = Lineage(cfg.name, self.dir, self.journal, self.volumes, self.log,
+                               changed=self._lineage_changed)
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -91,8 +92,7 @@ class Group:
         self._modes_saved = state.get("resync_modes", {})
         self._synced_saved = set(state.get("synced", ()))
         self._lacks_saved = state.get("lacks_since_ns", {})
-        self.history = from_json(state.get("generations"))
-        self.discarded = list(state.get("discarded", []))
+        self.lineage.load(state)
         # A state saved before has_image existed is taken to have one (keep protecting).
         self._had_image = bool(state.get("has_image", bool(state)))
         runtime = state.get("runtime")
@@ -143,8 +143,8 @@ class Group:
             if t.logging:  # rebuild what the journal holds past the saved bitmap
                 self.mark_bitmap(t)
                 t.bitmap.save()
-        if self.role == "primary" and not self.history:
-            self.history = [new_generation(j.last_seq + 1)]
+        if self.role == "primary" and not self.lineage.history:
+            self.lineage.begin(j.last_seq + 1)
             self._sync_and_save(j.position(self.commit.applied_seq))
 
     def _add_target(self, t: TargetConfig) -> TargetLink:
@@ -195,12 +195,11 @@ class Group:
             raise GroupError(f"group {self.name} is inconsistent here (a resync was "
                              f"interrupted; last consistent image: seq {self.resync_base.seq}); "
                              "roll it back first (replicator rollback), or force")
-        if self.split_brain and not force:
+        if self.lineage.split_brain and not force:
             raise GroupError(f"group {self.name} is in split brain with "
-                             f"{self.split_brain['peer']}; resolve it first, or force")
+                             f"{self.lineage.split_brain['peer']}; resolve it first, or force")
         await self.commit.settle()
-        gen = new_generation(self.journal.last_seq + 1)
-        self.history.append(gen)
+        gen = self.lineage.begin(self.journal.last_seq + 1)
         self.role, self.source, self.overridden = "primary", None, True
         self.resync_base = None
         if targets is not None:
@@ -256,62 +255,17 @@ class Group:
     def adopt(self, history: list[Generation], source: str) -> None:
         """A sender whose line this image descends from (or is rolled back onto) is now
         its source: take its history (saved at the next checkpoint)."""
-        if history != self.history or source != self.source:
-            if source != self.source:
-                self.log.warning("group %s: source is now %s (was %s)", self.name, source,
-                                 self.source)
-                self.overridden = True
-            self.history, self.source = list(history), source
-            self.split_brain = None  # now of the sender's line: what diverged is rolled back
-            self._state_changed = True
-            self._checkpoint_now.set()
+        if source != self.source:
+            self.log.warning("group %s: source is now %s (was %s)", self.name, source,
+                             self.source)
+            self.source, self.overridden = source, True
+            self._lineage_changed()
+        if self.lineage.adopt(history):
+            self._lineage_changed()
 
-    def save_diverged(self, fork: int, extents: list[tuple[str, int, int]] | None) -> str:
-        """Before a resync rolls back this node's records after `fork`, keep what they
-        wrote: the content of `extents` (or, when they are not all known, a copy of every
-        volume) under the group's state directory. Returns the path."""
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        base = os.path.join(self.dir, f"diverged-{fork}-{stamp}")
-        os.makedirs(base, exist_ok=True)
-        if extents is None:
-            for vol in self.volumes.values():
-                copy = os.path.join(base, f"{vol.name}.img")
-                shutil.copyfile(vol.path, copy)
-                with open(copy, "rb") as f:
-                    os.fsync(f.fileno())
-            index = {"fork": fork, "complete": False, "volumes": sorted(self.volumes)}
-        else:
-            with open(os.path.join(base, "regions.bin"), "wb") as f:
-                for volume, offset, length in extents:
-                    f.write(self.volumes[volume].read(offset, length))
-                f.flush()
-                os.fsync(f.fileno())  # durable before the resync overwrites the regions
-            index = {"fork": fork, "complete": True,
-                     "regions": [{"volume": v, "offset": o, "length": n} for v, o, n in extents]}
-        with open(os.path.join(base, "index.json"), "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        for d in (base, self.dir):  # the new names too
-            statefile.fsync_dir(d)
-        self.discarded.append(base)
+    def _lineage_changed(self) -> None:
         self._state_changed = True
-        self.log.warning("group %s: data written here after seq %d is rolled back; kept in %s",
-                         self.name, fork, base)
-        return base
-
-    def diverged_extents(self, fork: int) -> tuple[bool, list[tuple[str, int, int]]]:
-        """The regions written by this node's records after `fork`: (complete, extents);
-        not complete when the journal no longer holds all of them."""
-        j = self.journal
-        complete = fork + 1 >= j.first_seq
-        extents = []
-        seq = max(fork + 1, j.first_seq)
-        while seq <= j.last_seq:
-            _, last, data = j.read(seq, 8 << 20)
-            extents += [(r.volume, r.offset, r.length) for r in iterate(data)]
-            seq = last + 1
-        return complete, extents
+        self._checkpoint_now.set()
 
     def _replay(self, after_seq: int) -> int:
         seq, count = after_seq + 1, 0
@@ -470,68 +424,8 @@ class Group:
         """A target acked or changed state: release the writes and flushes now covered,
         and let a waiting committer retry trimming."""
         self.commit.links_changed()
-        if self.journal_full:
+        if self.retention.journal_full:
             self._checkpoint_now.set()
-
-    # ---- space, checkpoints, trimming -------------------------------------------------
-    def _needed_after(self) -> int:
-        """Records after this seq must stay in the journal: not yet in the volumes'
-        checkpoint, not acked by a streaming target, not marked in a logging target's
-        saved bitmap. A bunker keeps what the far replicas lack (a takeover replays it
-        from there), within logging_high_water bytes."""
-        if self.role == "bunker":  # journal only; a restart still checks its checkpoint
-            return min(self._bunker_needed_after(), self.checkpoint.seq)
-        low = self.checkpoint.seq
-        for t in self.targets.values():
-            low = min(low, t.bitmap.through if t.logging else t.acked_seq)
-        return low
-
-    def far_seq(self) -> int:
-        """Primary: the records through this seq are on every target but the bunkers
-        (what a bunker may drop; RETAIN tells it)."""
-        return min((t.acked_seq for t in self.targets.values() if not t.bunker),
-                   default=self.journal.last_seq)
-
-    def retain(self, seq: int) -> None:
-        """Bunker: the primary's far replicas hold every record through `seq`."""
-        self.bunker_far_seq = seq
-
-    def _bunker_needed_after(self) -> int:
-        """Keep every record the far replicas lack (after RETAIN's seq; all of them before
-        the first RETAIN), but at most logging_high_water bytes: the primary switches a
-        far replica that lags more than that to logging, and no replay can help it then."""
-        j = self.journal
-        ring = self._bunker_keep(self.cfg.logging_high_water)
-        far = self.bunker_far_seq
-        if far is None:
-            return ring
-        if far >= j.base.seq and ring > far:  # about to drop what the far replicas lack
-            self.log.warning("group %s: bunker journal overrun: the far replicas lack records "
-                             "from seq %d, but it holds at most %d bytes (logging_high_water); "
-                             "a takeover can no longer replay records %d..%d", self.name,
-                             far + 1, self.cfg.logging_high_water, far + 1, ring)
-        return max(ring, min(far, j.last_seq))
-
-    def bunker_status(self) -> dict | None:
-        """Bunker: how far the far replicas lag, and whether a takeover replay still has
-        every record they lack."""
-        if self.role != "bunker":
-            return None
-        j, far = self.journal, self.bunker_far_seq
-        return {"far_seq": far, "far_lag_records": None if far is None else max(0, j.last_seq - far),
-                "covers_far_replicas": None if far is None else far >= j.base.seq}
-
-    def _bunker_keep(self, budget: int) -> int:
-        """The lowest seq s such that the records after s fit in `budget` bytes."""
-        j = self.journal
-        lo, hi = j.base.seq, j.last_seq
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if j.bytes_between(mid, j.last_seq) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
 
     # ---- logging: dirty-region bitmaps -------------------------------------------------
     def mark_bitmap(self, t: TargetLink) -> None:
@@ -651,7 +545,7 @@ class Group:
             elif not t.connected and now - t.disconnected_at >= self.logging_after:
                 if t.acked_seq < j.last_seq:
                     self.start_logging(t, f"unreachable for {now - t.disconnected_at:.0f}s")
-            elif self.journal_full and not t.block and t.acked_seq < j.last_seq:
+            elif self.retention.journal_full and not t.block and t.acked_seq < j.last_seq:
                 self.start_logging(t, "the journal is full")  # writes wait for room
             elif j.bytes_between(t.acked_seq, j.last_seq) > self.cfg.logging_high_water:
                 self.start_logging(t, "behind by more than logging_high_water")
@@ -661,46 +555,6 @@ class Group:
         still holds it (a logging target's records are trimmed away)."""
         if not t.lacks_since_ns and t.acked_seq < self.journal.last_seq:
             t.lacks_since_ns = self.journal.time_ns(t.acked_seq + 1) or time.time_ns()
-
-    def _could_free(self) -> bool:
-        """A checkpoint, a trim or switching targets to logging (what the checkpointer
-        does while the journal is full) would free the journal's oldest segment; an
-        on_disconnect: block target is never switched: writes wait for it."""
-        oldest = self.journal.oldest_segment_last_seq()
-        if oldest is None:
-            return False
-        if self.role == "bunker":
-            return self._needed_after() >= oldest
-        low = self.commit.applied_seq
-        for t in self.targets.values():
-            if t.logging:  # its bitmap is marked through the end, unless a resync finishes
-                low = min(low, t.bitmap.through if t.finishing else self.journal.last_seq)
-            elif t.block:
-                low = min(low, t.acked_seq)
-        return low >= oldest
-
-    async def _wait_for_space(self, nbytes: int) -> None:
-        """The journal is full (writes wait, status says `full`) while the records its
-        targets and the checkpoint need do not leave room for `nbytes`, or its reserved
-        segments are used up (records rarely fill a segment to the byte) and trimming
-        can free one. Meanwhile the checkpointer switches the targets that hold it to
-        logging (see _update_logging)."""
-        j = self.journal
-        while True:
-            needed = j.bytes_between(self._needed_after(), j.last_seq)
-            if (needed == 0 or needed + nbytes <= j.capacity) and (
-                    j.has_room(nbytes) or not self._could_free()):
-                if self.journal_full:
-                    self.log.info("group %s: journal has room again", self.name)
-                self.journal_full = False
-                return
-            if not self.journal_full:
-                self.log.warning("group %s: journal full (%d of %d bytes still needed by "
-                                 "targets); writes wait", self.name, needed, j.capacity)
-            self.journal_full = True
-            self._space.clear()
-            self._checkpoint_now.set()
-            await self._space.wait()
 
     async def _checkpointer(self) -> None:
         """Looks every CHECKPOINT_INTERVAL (or when asked) whether a checkpoint is due:
@@ -733,14 +587,10 @@ class Group:
                 if self._state_changed or (changed and due):
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
                     synced_at = time.monotonic()
-                low = self._needed_after()
-                if low > self.journal.base.seq:
-                    gone = self.journal.trim_through(low)
-                    if gone:
-                        await loop.run_in_executor(None, self.journal.delete, gone)
+                await self.retention.trim()
             except (OSError, JournalError) as exc:
                 self.log.error("group %s: checkpoint failed: %s", self.name, exc)
-            self._space.set()
+            self.retention.room_made()
 
     def _sync_and_save(self, pos: Position, acked: dict | None = None) -> None:
         """Make the volumes durable through `pos`, then record it (atomic rename). Runs
@@ -754,7 +604,7 @@ class Group:
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
         self._state_changed = False  # before the state is read: a later change saves again
         state = {"checkpoint": [pos.seq, pos.hcrc], "acked": {**self._acked_saved, **acked},
-                 "generations": to_json(self.history), "discarded": self.discarded,
+                 **self.lineage.state(),
                  "has_image": self.has_image,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},

@@ -11,7 +11,7 @@ Space is reserved up front, so a journal never finds its file system full: every
 segment has segment_size bytes allocated beyond its end (fallocate KEEP_SIZE, so its
 size is still where its records end, and recovery reads it as before), and `reserve`
 holds the rest of capacity + 2 segments (what the records a full journal keeps can
-span, see Group._wait_for_space). A new segment takes its blocks from `reserve`, a
+span, see group/retention.py). A new segment takes its blocks from `reserve`, a
 deleted one gives them back, and a cut (torn tail, failed batch) allocates again what
 ftruncate released. Opening a journal whose reservation does not fit raises
 JournalError: the operator learns at start, not when the disk is full. Only a batch

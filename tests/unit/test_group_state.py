@@ -34,7 +34,7 @@ def test_the_data_a_split_brain_loser_rolls_back_is_fsynced(tmp_path, monkeypatc
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    base = g.save_diverged(7, [("data", 0, 8192)])
+    base = g.lineage.save_diverged(7, [("data", 0, 8192)])
     assert os.path.join(base, "regions.bin") in synced
     assert os.path.join(base, "index.json") in synced
     assert base in synced  # the directory: the new names survive a crash too
