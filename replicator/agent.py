@@ -474,7 +474,7 @@ class Agent:
             "durable_seq": group.commit.durable_seq,
             "flush_seq": group.commit.flush_seq,
             "applied_seq": group.commit.applied_seq,
-            "checkpoint_seq": group.checkpoint.seq,
+            "checkpoint_seq": group.checkpoint.position.seq,
             "inconsistent": group.inconsistent,
             "generation": str(group.lineage.history[-1]) if group.lineage.history else None,
             "generations": len(group.lineage.history),

@@ -17,14 +17,11 @@ journal past the checkpoint onto the volumes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import statefile
 from ..bitmap import Bitmap, BitmapError
 from ..config import GroupConfig, TargetConfig
 from ..generations import Generation
@@ -32,6 +29,7 @@ from ..journal.record import iterate
 from ..journal.segments import Journal, JournalError, Position
 from ..undo import UndoError, UndoLog
 from ..volume import Volume
+from .checkpoint import Checkpoint
 from .commit import Commit, GroupError, apply_to_volumes
 from .lineage import Lineage
 from .links import Links, TargetLink
@@ -53,19 +51,16 @@ class Group:
         self.journal = Journal(os.path.join(self.dir, "journal"), capacity=cfg.journal_size)
         self.targets = Links()
         self._checkpoint_now = asyncio.Event()
-        self.checkpoint = Position(0, 0)
+        self.checkpoint = Checkpoint(cfg.name, self.dir)
         self.retention = Retention(cfg, self.journal, self.targets, self.log,
                                    role=lambda: self.role,
-                                   checkpoint_seq=lambda: self.checkpoint.seq,
+                                   checkpoint_seq=lambda: self.checkpoint.position.seq,
                                    applied_seq=lambda: self.commit.applied_seq,
                                    ask_checkpoint=self._checkpoint_now.set)
         self.commit = Commit(cfg, self.journal, self.volumes, self.targets, self.log,
                              role=lambda: self.role, wait_for_space=self.retention.wait_for_space)
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
         self._tasks: list[asyncio.Task] = []
-        self._saved_acked: dict = {}
-        self._state_changed = False  # group.json misses something besides positions
-        self._save_lock = threading.Lock()
         self.logging_after = 5.0  # seconds a target may be away before it goes to logging
         self.resync_base: Position | None = None  # replica: inconsistent since this position
         self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
@@ -86,8 +81,7 @@ class Group:
         for vol in self.volumes.values():
             vol.open()
         self.journal.open()
-        state = self._read_state()
-        self.checkpoint = Position(*state.get("checkpoint", (0, 0)))
+        state = self.checkpoint.read()
         self._acked_saved = state.get("acked", {})
         self._modes_saved = state.get("resync_modes", {})
         self._synced_saved = set(state.get("synced", ()))
@@ -118,22 +112,23 @@ class Group:
                 raise GroupError(f"group {self.name}: {exc}") from None
         elif os.path.exists(self.undo.path):
             os.unlink(self.undo.path)  # left by a resync whose completion was recorded
-        if self.checkpoint.seq > j.last_seq and "resync_done" in state:
+        cp = self.checkpoint.position
+        if cp.seq > j.last_seq and "resync_done" in state:
             # A resync completed (checkpoint recorded) but the journal was not rebased yet.
-            j.rebase(self.checkpoint)
-        if not j.base.seq <= self.checkpoint.seq <= j.last_seq:
+            j.rebase(cp)
+        if not j.base.seq <= cp.seq <= j.last_seq:
             raise GroupError(
-                f"group {self.name}: volumes were checkpointed at seq {self.checkpoint.seq} "
+                f"group {self.name}: volumes were checkpointed at seq {cp.seq} "
                 f"but the journal holds {j.first_seq}..{j.last_seq}; the journal under "
                 f"{j.directory} is missing records")
-        if j.position(self.checkpoint.seq) != self.checkpoint:
-            raise GroupError(f"group {self.name}: journal record {self.checkpoint.seq} does "
+        if j.position(cp.seq) != cp:
+            raise GroupError(f"group {self.name}: journal record {cp.seq} does "
                              "not match the checkpoint (journal replaced?)")
         try:
-            replayed = 0 if self.role == "bunker" else self._replay(self.checkpoint.seq)
+            replayed = 0 if self.role == "bunker" else self._replay(cp.seq)
         except OSError as exc:
             raise GroupError(f"group {self.name}: cannot replay the journal after seq "
-                             f"{self.checkpoint.seq} onto the volumes: {exc}") from None
+                             f"{cp.seq} onto the volumes: {exc}") from None
         self.commit.reset(j.last_seq)
         if replayed:
             self.log.info("group %s: replayed %d journal records onto the volumes",
@@ -264,7 +259,7 @@ class Group:
             self._lineage_changed()
 
     def _lineage_changed(self) -> None:
-        self._state_changed = True
+        self.checkpoint.changed = True
         self._checkpoint_now.set()
 
     def _replay(self, after_seq: int) -> int:
@@ -337,7 +332,7 @@ class Group:
             await self.commit.settle()
             self.resync_base = self.journal.position()
             await loop.run_in_executor(self._io, self.undo.open)
-            await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
+            await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint.position)
             if self.has_image:
                 self.log.warning("group %s: resync started; inconsistent until it completes "
                                  "(last consistent image: seq %d)", self.name,
@@ -404,7 +399,7 @@ class Group:
         restored = await loop.run_in_executor(self._io, self._resync_io_rollback)
         base = self.resync_base
         self.resync_base = None
-        await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint)
+        await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint.position)
         self.undo.remove()
         self.log.warning("group %s: resync rolled back (%d regions restored); consistent "
                          "at seq %d", self.name, restored, base.seq)
@@ -475,7 +470,7 @@ class Group:
         t.resync_initial = initial
         t.resync_epoch += 1
         bm.save()
-        self._state_changed = True  # record the mode in group.json
+        self.checkpoint.changed = True  # record the mode in group.json
         self._checkpoint_now.set()
         self.log.warning("group %s: %s resync of %s (%s)", self.name,
                          "no-data" if mode == "clean" else mode, t.node, why)
@@ -504,7 +499,7 @@ class Group:
         t.resync_epoch += 1
         t.synced = True
         bm.save()
-        self._state_changed = True
+        self.checkpoint.changed = True
         self._checkpoint_now.set()
         self.log.warning("group %s: %s diverged after seq %d: resync of %s", self.name, t.node,
                          fork, f"{bm.count()} region(s)" if known else "every region by checksum")
@@ -528,7 +523,7 @@ class Group:
         t.finishing = False
         t.synced = True
         bm.save()
-        self._state_changed = True
+        self.checkpoint.changed = True
         self.targets_changed()
 
     def _update_logging(self) -> None:
@@ -578,13 +573,14 @@ class Group:
                 self._update_logging()
                 pos = self.journal.position(self.commit.applied_seq)
                 acked = {n: t.acked_seq for n, t in self.targets.items()}
-                changed = pos != self.checkpoint or acked != self._saved_acked
+                cp = self.checkpoint
+                changed = pos != cp.position or acked != cp.saved_acked
                 j = self.journal
-                due = (asked or self._state_changed
+                due = (asked or cp.changed
                        or time.monotonic() - synced_at >= SYNC_INTERVAL
-                       or j.bytes_between(self.checkpoint.seq, pos.seq) > j.capacity // 4
+                       or j.bytes_between(cp.position.seq, pos.seq) > j.capacity // 4
                        or j.used_bytes > j.capacity // 2)  # trim as it fills, not when full
-                if self._state_changed or (changed and due):
+                if self.checkpoint.changed or (changed and due):
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
                     synced_at = time.monotonic()
                 await self.retention.trim()
@@ -593,18 +589,14 @@ class Group:
             self.retention.room_made()
 
     def _sync_and_save(self, pos: Position, acked: dict | None = None) -> None:
-        """Make the volumes durable through `pos`, then record it (atomic rename). Runs
-        in the checkpointer's thread and in the io worker: one at a time."""
-        with self._save_lock:
-            self._save(pos, acked)
-
-    def _save(self, pos: Position, acked: dict | None) -> None:
-        for vol in self.volumes.values():
-            vol.sync()
+        """Checkpoint the volumes at `pos` (checkpoint.py). Runs in the checkpointer's
+        thread and in the io worker."""
         acked = acked if acked is not None else {n: t.acked_seq for n, t in self.targets.items()}
-        self._state_changed = False  # before the state is read: a later change saves again
-        state = {"checkpoint": [pos.seq, pos.hcrc], "acked": {**self._acked_saved, **acked},
-                 **self.lineage.state(),
+        self.checkpoint.save(self.volumes.values(), pos, acked, self._state)
+
+    def _state(self, acked: dict) -> dict:
+        """What group.json keeps besides the checkpoint: targets' acked seqs and more."""
+        state = {"acked": {**self._acked_saved, **acked}, **self.lineage.state(),
                  "has_image": self.has_image,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
@@ -618,19 +610,7 @@ class Group:
             state["resync"] = [self.resync_base.seq, self.resync_base.hcrc]
         elif self._resync_done:
             state["resync_done"] = True  # the journal may still need rebasing to `checkpoint`
-        statefile.replace(os.path.join(self.dir, "group.json"), json.dumps(state).encode(),
-                          pad=True)  # no fresh space needed: a full disk still checkpoints
-        self.checkpoint = pos
-        self._saved_acked = acked
-
-    def _read_state(self) -> dict:
-        try:
-            with open(os.path.join(self.dir, "group.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise GroupError(f"group {self.name}: cannot read {self.dir}/group.json: {exc}") from None
+        return state
 
     # ---- status -------------------------------------------------------------------------
     def lag(self, t: TargetLink) -> tuple[int, int, float]:
