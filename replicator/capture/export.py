@@ -1,6 +1,6 @@
 """An NBD export of one volume of a group: reads see the volume with the group's
 completed writes, writes and zeroes go into the group's write path, FLUSH and FUA are
-its durability points (group.py). Writable only where the group is primary."""
+its durability points (group/commit.py). Writable only where the group is primary."""
 
 from __future__ import annotations
 

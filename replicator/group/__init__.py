@@ -6,8 +6,12 @@
     memtable.py  completed writes not yet in the volumes, laid over reads
     links.py     each target as the write path sees it (written and durable seq, in
                  sync, bitmap), and the floors writes and flushes wait for
-    core.py      Group: composes them; role and lineage changes, a replica's resync,
-                 logging targets, retention of the journal, the checkpoint
+    retention.py what the journal must keep (targets, checkpoint, a bunker's far
+                 replicas) and waiting for room in it
+    checkpoint.py group.json: the seq the volumes hold durably, and the group's state
+    lineage.py   generations, split brain, rolled-back data kept
+    core.py      Group: composes them; role changes (promote, demote, reparent), a
+                 replica's resync, logging targets (bitmaps), the checkpointer
 
 Data flows NBD export / receiver -> Commit (journal, memtable, volumes) -> shippers,
 which read the journal and report through the links.
