@@ -16,24 +16,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import statefile
+
 CA_DAYS = 3650
 NODE_DAYS = 825
 
 
 class PkiError(Exception):
     pass
-
-
-def _write(path: str, data: bytes, mode: int) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _key_pem(key) -> bytes:
@@ -66,8 +56,8 @@ def init_ca(directory: str, name: str = "replicator CA") -> bool:
                                          key_agreement=False, key_cert_sign=True, crl_sign=True,
                                          encipher_only=False, decipher_only=False), critical=True)
             .sign(key, hashes.SHA256()))
-    _write(key_path, _key_pem(key), 0o600)
-    _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    statefile.write_new(key_path, _key_pem(key), 0o600)
+    statefile.write_new(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return True
 
 
@@ -94,6 +84,6 @@ def issue(ca_dir: str, node: str, out_dir: str, *, force: bool = False) -> bool:
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    _write(key_path, _key_pem(key), 0o600)
-    _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    statefile.write_new(key_path, _key_pem(key), 0o600)
+    statefile.write_new(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return True

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 
+from . import statefile
 from .generations import Generation, to_json
 from .group import Group, GroupError, apply_to_volumes
 from .journal.record import RecordError, iterate
@@ -74,12 +75,8 @@ class Snapshot:
                     "history": to_json(self.history),
                     "volumes": {n: {"path": v.path, "size": v.size}
                                 for n, v in self.volumes.items()}}
-        path = os.path.join(self.directory, "snapshot.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(path + ".tmp", path)
+        statefile.write_new(os.path.join(self.directory, "snapshot.json"),
+                            json.dumps(manifest, indent=1).encode())
         return manifest
 
     def discard(self) -> None:

@@ -1,5 +1,6 @@
-"""Small state files (group.json, bitmaps, the journal's base) replaced atomically
-without needing fresh space on a full file system.
+"""Files written atomically and durably: small state files (group.json, bitmaps, the
+journal's base) replaced without needing fresh space on a full file system (replace),
+and one-off files (keys, certificates, manifests, reports: write_new).
 
 The usual write-tmp-then-rename needs new blocks for the temporary file before the
 old file's are freed, so on a full disk every checkpoint failed. Here each file has a
@@ -58,8 +59,18 @@ def replace(path: str, data: bytes, *, pad: bool = False) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_new(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Make `data` the content of `path`, atomically and durably: a temporary file,
+    fsync, rename over `path`, fsync of the directory (the name is durable too)."""
+    tmp = path + ".tmp"
+    _write(tmp, data, mode)
+    os.chmod(tmp, mode)  # whatever the umask or an older file said
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def _write(path: str, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         at = 0

@@ -46,6 +46,8 @@ import sys
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
+from replicator import statefile
+
 DEFAULT_OBJECTIVES = {"max_rpo_writes": 0, "max_rto_seconds": None,
                       "max_failback_fraction": None, "failback": True}
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
@@ -115,9 +117,9 @@ def write_report(directory: str, drill: dict) -> dict[str, str]:
 def _write_files(directory: str, report: dict) -> dict[str, str]:
     os.makedirs(directory, exist_ok=True)
     paths = {kind: os.path.join(directory, f"report.{kind}") for kind in ("json", "xml", "md")}
-    _replace(paths["json"], json.dumps(report, indent=2) + "\n")
-    _replace(paths["xml"], junit_xml(report))
-    _replace(paths["md"], markdown(report))
+    _write_text(paths["json"], json.dumps(report, indent=2) + "\n")
+    _write_text(paths["xml"], junit_xml(report))
+    _write_text(paths["md"], markdown(report))
     return paths
 
 
@@ -311,13 +313,8 @@ def _bytes(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-def _replace(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_text(path: str, text: str) -> None:
+    statefile.write_new(path, text.encode("utf-8"), 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:
