@@ -559,7 +559,8 @@ def _write(args) -> int:
                                   block_size=args.block_size, iodepth=args.iodepth, seed=seed,
                                   shuffle=args.order == "shuffled",
                                   fsync_every=args.fsync_every, fua=args.fua,
-                                  flush_every=args.flush_every, stop=lambda: bool(stopping), server=f"{host}:{port}")
+                                  flush_every=args.flush_every,
+                                  stop=lambda: bool(stopping), server=f"{host}:{port}")
         finally:
             client.close()
     finally:
@@ -585,7 +586,7 @@ def _check(args) -> int:
         prefix = {None: "not judged (iodepth > 1)", True: "yes",
                   False: f"no ({result['holes']} holes)"}[result["prefix"]]
         print(f"ledger {result['ledger']}  run {result['run_id']}  image {result['image']}\n"
-              f"acknowledged ({'FUA' if result['fua'] else 'flushed'}) "
+              f"acknowledged ({_acknowledged_by(result)}) "
               f"{result['acknowledged']}  present {result['present']}  "
               f"missing {result['missing']} (rpo_writes_lost)\n"
               f"first missing write: {_or_dash(result['first_missing_index'])}  "
@@ -598,6 +599,13 @@ def _check(args) -> int:
         for d in result["missing_details"]:
             print(f"  missing write {d['index']} at offset {d['offset']}: found {d['found']}")
     return EXIT_LOST if result["missing"] else EXIT_OK
+
+
+def _acknowledged_by(result: dict) -> str:
+    if result["fua"]:
+        return "FUA"
+    # ledgers from before flushes logged each write at its reply
+    return "flushed" if result["flush_every"] else "at the reply"
 
 
 def _or_dash(value) -> str:

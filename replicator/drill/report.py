@@ -243,8 +243,8 @@ def junit_xml(report: dict) -> str:
     if report["started"]:
         suite.set("timestamp", report["started"].rstrip("Z"))
     props = ET.SubElement(suite, "properties")
-    for key in ("result", "group", "rpo_writes_lost", "rpo_seconds", "rto_seconds", "failback_bytes_shipped",
-                "volume_size", "failback_fraction"):
+    for key in ("result", "group", "rpo_writes_lost", "rpo_seconds", "rto_seconds",
+                "failback_bytes_shipped", "volume_size", "failback_fraction"):
         ET.SubElement(props, "property", {"name": key, "value": _text(report[key])})
     for key, value in report["objectives"].items():
         ET.SubElement(props, "property", {"name": f"objective.{key}", "value": _text(value)})

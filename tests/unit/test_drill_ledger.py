@@ -56,7 +56,7 @@ class Run:
         return ledger.check(self.path, self.image)
 
 
-def test_all_acknowledged_writes_present(tmp_path):
+def test_all_acknowledged_writes_present(tmp_path, capsys):
     run = Run(tmp_path)
     run.write(*range(20))
     run.ack(*range(20))
@@ -68,8 +68,10 @@ def test_all_acknowledged_writes_present(tmp_path):
     assert r["prefix"] is True and r["holes"] == 0
     assert r["unacknowledged_present"] == 0
     assert r["writer_stopped"] == "count" and r["ledger_truncated"] is False
-    assert r["loss_window_seconds"] == 0.0
+    assert r["loss_window_seconds"] == r["rpo_seconds"] == 0.0
     assert ledger.main(["check", "--ledger", run.path, "--image", run.image]) == 0
+    # a ledger from before flushes (no flush_every): each write was logged at its reply
+    assert "acknowledged (at the reply) 20" in capsys.readouterr().out
 
 
 def test_a_hole_is_a_lost_write_and_breaks_the_prefix(tmp_path, capsys):
@@ -266,7 +268,9 @@ def test_rpo_in_seconds(tmp_path, capsys, on_image, rpo_seconds, window, cut_rpo
     assert r["rpo_writes_lost"] == 10 - len(on_image)
     assert r["rpo_seconds"] == rpo_seconds and r["loss_window_seconds"] == window
     ledger.main(["check", "--ledger", run.path, "--image", run.image])
-    assert f"RPO: {rpo_seconds}s of acknowledged writes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"RPO: {rpo_seconds}s of acknowledged writes" in out
+    assert "acknowledged (flushed) 10" in out
     # a copy cut at t=106.5: writes 0..6 must be there, the last acknowledgement is 106
     assert ledger.check(run.path, run.image, acked_before=106.5)["rpo_seconds"] == cut_rpo
 
