@@ -331,8 +331,9 @@ def test_a_connection_lost_before_the_flush_reply_logs_none_of_its_writes(
     try:
         deadline = time.monotonic() + 20
         # the second flush is held; the writer goes on up to iodepth + flush_every
-        # unlogged writes, then waits for the flush's reply
-        while not (c.waiting.is_set() and srv.call(lambda: len(export.held))):
+        # unlogged writes, then waits for the flush's reply (the flush seen held first:
+        # the writer's wait is then one it began after sending it)
+        while not (srv.call(lambda: len(export.held)) and c.waiting.is_set()):
             assert writer.is_alive() and time.monotonic() < deadline, "no held flush"
             writer.join(0.002)
         srv.call(lambda: [conn._transport.abort() for conn in list(srv.server._connections)])
