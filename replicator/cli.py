@@ -424,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DRILL = {"ledger": "a workload that logs every acknowledged write, and its check against "
-                   "a volume image (python -m replicator.drill.ledger)",
+DRILL = {"ledger": "a workload that flushes every few writes and logs every acknowledged "
+                   "(flushed) write, and its check against a volume image (python -m "
+                   "replicator.drill.ledger)",
          "report": "the DR drill report: report.json, report.xml (JUnit), report.md"}
 
 

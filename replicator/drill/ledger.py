@@ -1,47 +1,79 @@
 """The DR drill's workload: a writer that logs every acknowledged write, and a checker.
 
+"Acknowledged" is NBD's durability point (DESIGN.md, "The durability contract"): a
+write's reply only says it was journaled, like a disk's volatile write cache; it is
+acknowledged, and may be counted on after a failover, once it is covered by a
+completed NBD FLUSH (or was itself written with FUA). The writer flushes the way a
+database commits.
+
 Writer (`run_workload`, `write` command). Connects to an NBD export and writes
 self-describing blocks (`replicator.drill.block`): write i goes to block
 `Order.block(i)`, so each block is written at most once per run and the expected
 content of every block is known. With queue depth 1 (the default) the next write is
-sent only after the previous reply, so acknowledgement order is write order; with
+sent only after the previous reply, so completion order is write order; with
 `--iodepth N` up to N writes are in flight and replies are matched by cookie (= write
-index). Only after a write's reply arrives without error is it appended to the ledger,
-so the ledger lists exactly the acknowledged writes, in acknowledgement order. The
-writer stops after `--count` writes, after `--seconds`, when every block of the export
-has been written, on SIGTERM/SIGINT (outstanding replies are still collected), at the
-first write the server refuses, or when the connection is lost. Losing the connection
-is how a drill ends when the primary's site is crashed, so it is a clean stop: the
-reason is recorded in the ledger and the exit status is 0.
+index). A write whose reply arrives without error is held. After every
+`--flush-every N` (8) held writes, and once more before the writer stops for whatever
+is held, it sends NBD_CMD_FLUSH (cookie 2**64-1, never a write's; one flush in flight
+at a time; writes go on meanwhile). Only when that FLUSH's reply arrives without error
+are the writes whose replies arrived BEFORE it was sent appended to the ledger, in
+completion order; writes completing while it is in flight wait for the next flush. So
+the ledger lists exactly the acknowledged writes, in completion order, and its ack
+times are the flushes' completions. With `--fua` every write asks for FUA and is
+acknowledged at its own reply; no FLUSH is sent. An export that announces no
+SEND_FLUSH (or no SEND_FUA, with --fua) is refused before the ledger is created.
+Without FUA, the writer keeps at most iodepth writes in flight and at most iodepth +
+flush_every issued but not logged.
+
+It stops after `--count` writes, after `--seconds`, when every block of the export has
+been written, on SIGTERM/SIGINT (outstanding replies are still collected, then the
+final flush), at the first write or flush the server refuses (reason write_error, the
+error names the write or the flush; after a failed flush nothing held is logged), or
+when the connection is lost (held, unflushed writes are not acknowledged). Losing the
+connection is how a drill ends when the primary's site is crashed, so it is a clean
+stop: the reason is recorded in the ledger and the exit status is 0.
 
 Ledger: one JSON object per line, append-only, each line flushed to the OS as written
 and fsynced every `--fsync-every` acknowledgements and at the end:
 
     {"event": "start", "format": "replicator-drill-ledger/1", "run_id": ..., "block_size":
-     ..., "iodepth": ..., "order": {"nblocks": n, "a": a, "b": b}, ...}
+     ..., "iodepth": ..., "fua": bool, "flush_every": n (null with FUA), "order":
+     {"nblocks": n, "a": a, "b": b}, "time": ..., ...}
     {"event": "ack", "index": i, "offset": byte offset, "hash": BLAKE2b-128 of the block,
-     "time": wall-clock seconds}
+     "time": wall-clock seconds (when the covering flush or the FUA write completed)}
     ...
     {"event": "end", "reason": "count|seconds|exhausted|signal|connection_lost|
-     write_error|protocol_error", "issued": n, "acknowledged": n, "error": ..., "time": ...}
+     write_error|protocol_error", "issued": n, "completed": n (write replies without
+     error), "acknowledged": n, "flushes": n, "error": ..., "time": ...}
 
+The format stays version 1: ledgers written before flushes existed have no
+flush_every (read as 0: each write was logged at its reply, which was durable then).
 A writer killed outright leaves no end line, possibly a last line without its newline:
 the checker ignores such a partial line (that write counts as unacknowledged) and says
 the ledger was truncated.
 
 Checker (`check`, `check` command). Reads each acknowledged write's block from a
 volume image (file or block device) and compares its hash: `present` or `missing`;
-missing acknowledged writes are the RPO (`rpo_writes_lost`), the smallest missing
-index is `first_missing_index`. Writes that were issued but not acknowledged (in flight
-when the primary died) may legitimately be present: each block of the order up to the
-number issued (from the end line, or bounded by acknowledged + iodepth + 1 when there is
-none) that is not acknowledged is compared with its expected content and counted in
+missing acknowledged writes are the RPO in writes (`rpo_writes_lost`), the smallest
+missing index is `first_missing_index`. Writes that were issued but not acknowledged
+(in flight, or completed but not yet flushed, when the primary died) may legitimately
+be present: each block of the order up to the number issued (from the end line, or
+bounded by acknowledged + iodepth + flush_every + 1 when there is none) that is not
+acknowledged is compared with its expected content and counted in
 `unacknowledged_present`. With iodepth 1, write order is known, so the checker also
 says whether the present writes form a prefix of it (`prefix`; `holes` counts missing
 writes followed by a present one); with deeper queues the server may have applied
-in-flight writes in any order, so `prefix` and `holes` are null. `loss_window_seconds`
-is the time from the acknowledgement of the first missing write to the last
-acknowledgement in the ledger.
+in-flight writes in any order, so `prefix` and `holes` are null.
+
+The RPO in seconds, `rpo_seconds`: the time from the recovery point to the last
+acknowledgement in the ledger (the last one before `--acked-before`, if given). The
+recovery point is the acknowledgement just before the first missing one in ledger
+order (the run's start when the first is missing): every write acknowledged up to it
+is on the image, and writes acknowledged after it, up to the end, are (some or all)
+lost. 0 when nothing is missing. `loss_window_seconds` (kept as it was) is the time
+from the acknowledgement of the first missing write to the last acknowledgement, so
+it reads 0 when only the last flush's writes are lost; rpo_seconds then spans the
+flush interval before them.
 """
 
 from __future__ import annotations
@@ -60,6 +92,8 @@ from replicator.drill import block
 from replicator.drill.nbd_client import NbdClient, NbdError, strerror
 
 FORMAT = "replicator-drill-ledger/1"
+FLUSH_EVERY = 8  # default: a FLUSH after every 8 completed writes
+FLUSH_COOKIE = (1 << 64) - 1  # never a write's cookie (write i has cookie i < nblocks)
 EXIT_OK, EXIT_ERROR, EXIT_LOST = 0, 1, 3
 _LISTED = 1000   # at most this many indices listed per category in a check result
 _DETAILED = 20   # at most this many missing writes described
@@ -159,6 +193,8 @@ def read_ledger(path: str) -> Ledger:
         block.check_block_size(header["block_size"])
         if header["iodepth"] < 1:
             raise ValueError("iodepth < 1")
+        if header.get("flush_every") is not None and header["flush_every"] < 1:
+            raise ValueError("flush_every < 1")
         o = header["order"]
         block.Order(o["nblocks"], o["a"], o["b"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -196,16 +232,19 @@ class WorkloadResult:
     error: str | None
     run_id: str
     ledger: str
+    completed: int = 0   # write replies without error (acknowledged or not)
+    flushes: int = 0     # FLUSH requests sent
 
 
 def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = None,
                  seconds: float | None = None, block_size: int = 4096, iodepth: int = 1,
                  seed: int = 0, shuffle: bool = True, fsync_every: int = 100,
-                 fua: bool = False, stop: Callable[[], bool] = lambda: False,
+                 fua: bool = False, flush_every: int = FLUSH_EVERY,
+                 stop: Callable[[], bool] = lambda: False,
                  server: str = "") -> WorkloadResult:
-    """Write the workload through `client`, logging acknowledged writes to a new ledger.
-    Raises ValueError (before creating the ledger) for a workload the export cannot
-    take, LedgerError when the ledger cannot be written."""
+    """Write the workload through `client`, logging acknowledged (flushed, or FUA)
+    writes to a new ledger. Raises ValueError (before creating the ledger) for a
+    workload the export cannot take, LedgerError when the ledger cannot be written."""
     block.check_block_size(block_size)
     if block_size % client.min_block or block_size > client.max_block:
         raise ValueError(f"block size {block_size} does not fit the export's constraints "
@@ -214,8 +253,14 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
         raise ValueError(f"export {client.export!r} is read-only")
     if fua and not client.can_fua:
         raise ValueError(f"export {client.export!r} does not accept FUA")
+    if not fua and not client.can_flush:
+        raise ValueError(f"export {client.export!r} does not accept FLUSH (no "
+                         f"NBD_FLAG_SEND_FLUSH): the writer could not tell which writes "
+                         f"are durable" + (" (try --fua)" if client.can_fua else ""))
     if iodepth < 1:
         raise ValueError("iodepth must be at least 1")
+    if flush_every < 1:
+        raise ValueError("flush_every must be at least 1")
     nblocks = client.size // block_size
     if nblocks < 1:
         raise ValueError(f"export {client.export!r} ({client.size} bytes) is smaller than "
@@ -228,20 +273,42 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
     ledger = LedgerFile(ledger_path, {
         "run_id": run_id.hex(), "time": round(time.time(), 6), "pid": os.getpid(), "server": server,
         "export": client.export, "export_size": client.size, "block_size": block_size,
-        "iodepth": iodepth, "fua": fua, "seed": seed, "shuffled": shuffle,
+        "iodepth": iodepth, "fua": fua, "flush_every": None if fua else flush_every,
+        "seed": seed, "shuffled": shuffle,
         "order": {"nblocks": nblocks, "a": order.a, "b": order.b},
         "count": count, "seconds": seconds}, fsync_every)
 
     limit = count if count is not None else nblocks
+    # Without FUA at most iodepth writes in flight and at most iodepth + flush_every
+    # issued but not yet logged (in flight, or completed and waiting for a flush): the
+    # checker's bound on the writes a killed writer may have issued (`check`).
+    unlogged_limit = iodepth if fua else iodepth + flush_every
     started = time.monotonic()
     deadline = started + seconds if seconds is not None else None
     inflight: dict[int, tuple[int, str]] = {}
-    issued = acknowledged = 0
+    # Completed writes not yet logged, in completion order: the first `covered` of them
+    # had completed when the FLUSH in flight (if `flushing`) was sent.
+    held: list[tuple[int, int, str]] = []
+    covered, flushing, flush_failed = 0, False, False
+    issued = completed = acknowledged = flushes = 0
     reason = error = None
+
+    def maybe_flush() -> None:
+        """FLUSH every flush_every completions, and once more before stopping for the
+        rest; it covers every write held now."""
+        nonlocal flushing, covered, flushes
+        if (held and not flushing and not flush_failed
+                and (len(held) >= flush_every or (reason is not None and not inflight))):
+            client.send_flush(FLUSH_COOKIE)
+            flushing, covered = True, len(held)
+            flushes += 1
+
     try:
         try:
             while True:
-                while reason is None and len(inflight) < iodepth:
+                maybe_flush()  # the commit comes before the next write
+                while (reason is None and len(inflight) < iodepth
+                       and len(inflight) + len(held) < unlogged_limit):
                     if stop():
                         reason = "signal"
                     elif issued >= limit:
@@ -254,9 +321,25 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
                         client.send_write(issued, offset, data, fua)
                         inflight[issued] = (offset, block.digest(data))
                         issued += 1
-                if not inflight:
+                maybe_flush()  # the writer stops: the final flush
+                if not inflight and not flushing:
                     break
                 cookie, err = client.recv_reply()
+                if cookie == FLUSH_COOKIE and flushing:
+                    flushing = False
+                    if err:  # none of the held writes is known durable: none is logged
+                        flush_failed = True
+                        if error is None:
+                            reason = "write_error"
+                            error = (f"flush {flushes} (covering {covered} completed "
+                                     f"writes): {strerror(err)}")
+                        continue
+                    for index, offset, hash_ in held[:covered]:
+                        ledger.ack(index, offset, hash_)
+                    acknowledged += covered
+                    del held[:covered]
+                    covered = 0
+                    continue
                 if cookie not in inflight:
                     raise NbdError(f"reply to a request never sent (cookie {cookie})")
                 offset, hash_ = inflight.pop(cookie)
@@ -265,17 +348,22 @@ def run_workload(client: NbdClient, ledger_path: str, *, count: int | None = Non
                         reason = "write_error"
                         error = f"write {cookie} at offset {offset}: {strerror(err)}"
                     continue
-                ledger.ack(cookie, offset, hash_)
-                acknowledged += 1
+                completed += 1
+                if fua:  # FUA: durable at its own reply
+                    ledger.ack(cookie, offset, hash_)
+                    acknowledged += 1
+                else:
+                    held.append((cookie, offset, hash_))
         except OSError as exc:  # the socket: reset, closed, unreachable or timed out
             reason, error = "connection_lost", str(exc) or type(exc).__name__
         except NbdError as exc:
             reason, error = "protocol_error", str(exc)
-        ledger.end(reason=reason, issued=issued, acknowledged=acknowledged, error=error)
+        ledger.end(reason=reason, issued=issued, completed=completed,
+                   acknowledged=acknowledged, flushes=flushes, error=error)
     finally:
         ledger.close()
     return WorkloadResult(reason, issued, acknowledged, round(time.monotonic() - started, 3),
-                          error, run_id.hex(), ledger_path)
+                          error, run_id.hex(), ledger_path, completed, flushes)
 
 
 # --- the checker -----------------------------------------------------------------
@@ -286,6 +374,7 @@ def check(ledger_path: str, image_path: str, acked_before: float | None = None) 
     image taken at that instant while the workload went on (a drill's copy) may or may
     not hold them."""
     led = read_ledger(ledger_path)
+    logged = len(led.acks)
     if acked_before is not None:
         led.acks = [ack for ack in led.acks if ack.time <= acked_before]
     bs, iodepth = led.header["block_size"], led.header["iodepth"]
@@ -301,7 +390,8 @@ def check(ledger_path: str, image_path: str, acked_before: float | None = None) 
         missing: list[Ack] = []
         details = []
         present_indices = []
-        for ack in led.acks:
+        recovery_point = None  # position in the ledger of the first missing write
+        for position, ack in enumerate(led.acks):
             if not 0 <= ack.index < order.nblocks or ack.offset != order.block(ack.index) * bs:
                 raise LedgerError(f"{ledger_path}: write {ack.index} logged at offset "
                                   f"{ack.offset}, which is not where the run's order puts it")
@@ -310,6 +400,8 @@ def check(ledger_path: str, image_path: str, acked_before: float | None = None) 
                 present_indices.append(ack.index)
                 continue
             missing.append(ack)
+            if recovery_point is None:
+                recovery_point = position
             if len(details) < _DETAILED:
                 details.append({"index": ack.index, "offset": ack.offset,
                                 "acknowledged_at": ack.time, "found": _describe(data, bs, run_id)})
@@ -318,7 +410,12 @@ def check(ledger_path: str, image_path: str, acked_before: float | None = None) 
         if led.end is not None:
             issued = int(led.end.get("issued", 0))
         else:
-            issued = len(led.acks) + iodepth + 1
+            # The writer keeps at most iodepth writes in flight and, between flushes, at
+            # most iodepth + flush_every issued but unlogged (flush_every is null with FUA
+            # and absent from ledgers older than it: each write logged at its reply); +1
+            # spares a write whose ack line was being written. Checking beyond what was
+            # issued costs a read: a block never written cannot hold this run's write.
+            issued = logged + iodepth + (led.header.get("flush_every") or 0) + 1
         unacked_present = []
         for index in range(min(issued, order.nblocks)):
             if index not in acked:
@@ -335,15 +432,25 @@ def check(ledger_path: str, image_path: str, acked_before: float | None = None) 
         last_present = present[-1] if present else -1
         holes = sum(1 for ack in missing if ack.index < last_present)
     missing_indices = sorted(ack.index for ack in missing)
-    window = 0.0
+    window = rpo_seconds = 0.0
     if missing:
-        window = round(led.acks[-1].time - missing[0].time, 6)
+        last = led.acks[-1].time
+        window = round(last - missing[0].time, 6)
+        # every write acknowledged up to the recovery point is present; the writes
+        # acknowledged after it, up to the last acknowledgement, are (some or all) lost
+        if recovery_point:
+            since = led.acks[recovery_point - 1].time
+        else:  # the first acknowledged write is missing: lost since the run began
+            since = float(led.header.get("time", led.acks[0].time))
+        rpo_seconds = round(max(0.0, last - since), 6)
     return {
         "ledger": ledger_path,
         "image": image_path,
         "run_id": run_id.hex(),
         "block_size": bs,
         "iodepth": iodepth,
+        "flush_every": led.header.get("flush_every"),
+        "fua": bool(led.header.get("fua")),
         "writer_stopped": led.end.get("reason") if led.end else None,
         "ledger_truncated": led.truncated,
         "acknowledged": len(led.acks),
@@ -359,6 +466,7 @@ def check(ledger_path: str, image_path: str, acked_before: float | None = None) 
         "prefix": prefix,
         "holes": holes,
         "loss_window_seconds": window,
+        "rpo_seconds": rpo_seconds,
     }
 
 
@@ -398,7 +506,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m replicator.drill.ledger",
         description="DR drill workload: write self-describing blocks over NBD, logging "
-                    "every acknowledged write; check a volume image against the log.")
+                    "every acknowledged write (covered by a completed FLUSH, or FUA); "
+                    "check a volume image against the log.")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write the workload and its ledger",
                        description="Exit 0 when stopped by count, time, signal, a full "
@@ -415,7 +524,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--order", choices=("shuffled", "sequential"), default="shuffled")
     w.add_argument("--fsync-every", type=_positive(int), default=100, metavar="N",
                    help="fsync the ledger every N acknowledgements (100) and at the end")
-    w.add_argument("--fua", action="store_true", help="ask for durable writes (NBD FUA)")
+    w.add_argument("--flush-every", type=_positive(int), default=FLUSH_EVERY, metavar="N",
+                   help=f"send NBD FLUSH after every N completed writes ({FLUSH_EVERY}) and "
+                        f"before stopping; a write is acknowledged (logged) once a flush "
+                        f"sent after its reply succeeds")
+    w.add_argument("--fua", action="store_true",
+                   help="ask for durable writes (NBD FUA): each is acknowledged at its own "
+                        "reply, no FLUSH is sent")
     w.add_argument("--timeout", type=_positive(float), default=30.0,
                    help="seconds without a reply before the connection counts as lost (30)")
     w.add_argument("--json", action="store_true")
@@ -444,6 +559,7 @@ def _write(args) -> int:
                                   block_size=args.block_size, iodepth=args.iodepth, seed=seed,
                                   shuffle=args.order == "shuffled",
                                   fsync_every=args.fsync_every, fua=args.fua,
+                                  flush_every=args.flush_every,
                                   stop=lambda: bool(stopping), server=f"{host}:{port}")
         finally:
             client.close()
@@ -453,7 +569,9 @@ def _write(args) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(f"{result.acknowledged} writes acknowledged of {result.issued} issued in "
+        print(f"{result.acknowledged} writes acknowledged "
+              f"({'FUA' if args.fua else f'flushed, {result.flushes} flushes'}) of "
+              f"{result.completed} completed, {result.issued} issued in "
               f"{result.seconds}s, stopped by {result.reason}"
               + (f" ({result.error})" if result.error else "")
               + f"; ledger {result.ledger}, run {result.run_id}")
@@ -468,9 +586,11 @@ def _check(args) -> int:
         prefix = {None: "not judged (iodepth > 1)", True: "yes",
                   False: f"no ({result['holes']} holes)"}[result["prefix"]]
         print(f"ledger {result['ledger']}  run {result['run_id']}  image {result['image']}\n"
-              f"acknowledged {result['acknowledged']}  present {result['present']}  "
+              f"acknowledged ({_acknowledged_by(result)}) "
+              f"{result['acknowledged']}  present {result['present']}  "
               f"missing {result['missing']} (rpo_writes_lost)\n"
               f"first missing write: {_or_dash(result['first_missing_index'])}  "
+              f"RPO: {result['rpo_seconds']}s of acknowledged writes (rpo_seconds)  "
               f"loss window: {result['loss_window_seconds']}s\n"
               f"unacknowledged writes present: {result['unacknowledged_present']}\n"
               f"present writes are a prefix of the write order: {prefix}\n"
@@ -479,6 +599,13 @@ def _check(args) -> int:
         for d in result["missing_details"]:
             print(f"  missing write {d['index']} at offset {d['offset']}: found {d['found']}")
     return EXIT_LOST if result["missing"] else EXIT_OK
+
+
+def _acknowledged_by(result: dict) -> str:
+    if result["fua"]:
+        return "FUA"
+    # ledgers from before flushes logged each write at its reply
+    return "flushed" if result["flush_every"] else "at the reply"
 
 
 def _or_dash(value) -> str:

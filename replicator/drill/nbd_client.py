@@ -12,8 +12,10 @@ TLS are refused rather than worked around.
 Transmission: simple replies only (structured replies are never negotiated). Requests
 are sent and replies received separately (`send_write` / `recv_reply`), so a caller
 may keep several requests in flight and match replies by cookie. Only WRITE (optionally
-FUA) and DISC are implemented: that is all the drill's workload needs. A reply with a non-zero error is returned to the caller
-as its errno; a protocol violation raises `NbdError`; the connection going away
+FUA), FLUSH and DISC are implemented: that is all the drill's workload needs. A server
+that does not announce SEND_FLUSH (or SEND_FUA) is not sent FLUSH (or FUA): `send_flush`
+and `send_write` refuse with ValueError. A reply with a non-zero error is returned to the
+caller as its errno; a protocol violation raises `NbdError`; the connection going away
 raises `ConnectionError` (or `TimeoutError` when the socket timeout expires), so a
 caller can tell "the server said no" from "the server is gone".
 """
@@ -44,10 +46,12 @@ INFO_EXPORT = 0
 INFO_BLOCK_SIZE = 3
 
 TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
 TFLAG_SEND_FUA = 1 << 3
 
 CMD_WRITE = 1
 CMD_DISC = 2
+CMD_FLUSH = 3
 CMD_FLAG_FUA = 1 << 0
 
 _GREETING = struct.Struct(">8sQH")
@@ -84,6 +88,10 @@ class NbdClient:
     @property
     def can_fua(self) -> bool:
         return bool(self.flags & TFLAG_SEND_FUA)
+
+    @property
+    def can_flush(self) -> bool:
+        return bool(self.flags & TFLAG_SEND_FLUSH)
 
     @classmethod
     def connect(cls, host: str, port: int, export: str, timeout: float = 30.0) -> "NbdClient":
@@ -160,6 +168,13 @@ class NbdClient:
         flags = CMD_FLAG_FUA if fua else 0
         self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, flags, CMD_WRITE, cookie, offset,
                                         len(data)) + data)
+
+    def send_flush(self, cookie: int) -> None:
+        """NBD_CMD_FLUSH: its successful reply means every write whose reply arrived
+        before it was sent is durable (the NBD spec's guarantee)."""
+        if not self.can_flush:
+            raise ValueError("the export does not accept FLUSH")
+        self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_FLUSH, cookie, 0, 0))
 
     def recv_reply(self) -> tuple[int, int]:
         """(cookie, errno) of the next reply; errno 0 means success."""

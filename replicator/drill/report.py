@@ -3,7 +3,7 @@
 `write_report(directory, drill)` writes three files and returns their paths:
 
 - `report.json`: the whole report, for automation (`result`, `rpo_writes_lost`,
-  `rto_seconds`, `timeline`, `checks`, `reasons`, objectives, ...);
+  `rpo_seconds`, `rto_seconds`, `timeline`, `checks`, `reasons`, objectives, ...);
 - `report.xml`: JUnit XML, one <testsuite> in a <testsuites> root, one <testcase> per
   check, with <failure> or <skipped>, so Jenkins, GitLab or AWX show the drill as tests;
 - `report.md`: a human summary with the measures, the checks and the timeline as tables.
@@ -15,7 +15,12 @@ report. The input is a plain dict (the drill playbook assembles it from facts):
     timeline        [{"event": "declared_failure", "time": <epoch seconds or ISO 8601,
                       naive means UTC>, "detail": "..."}, ...]; known events are
                     declared_failure, promoted, writable, verified, failed_back
-    rpo_writes_lost acknowledged writes missing on the promoted replica (the ledger check)
+    rpo_writes_lost the RPO in writes: acknowledged writes (covered by a completed FLUSH,
+                    or FUA) missing on the promoted replica (the ledger check)
+    rpo_seconds     the RPO in seconds (the ledger check's rpo_seconds; when absent,
+                    taken from `ledger`): from the recovery point, the acknowledgement
+                    up to which every acknowledged write is on the replica, to the last
+                    acknowledgement the writer received; 0 when nothing is missing
     rto_seconds     declared failure -> writable; when absent, computed from the timeline
     failback_bytes_shipped, volume_size
                     what the failback resync sent, against the volume size
@@ -61,13 +66,16 @@ def build_report(drill: dict) -> dict:
         raise ValueError(f"unknown objectives: {', '.join(sorted(unknown))}")
     timeline = _timeline(drill.get("timeline") or [])
     rpo = drill.get("rpo_writes_lost")
+    rpo_seconds = drill.get("rpo_seconds")
+    if rpo_seconds is None and isinstance(drill.get("ledger"), dict):
+        rpo_seconds = drill["ledger"].get("rpo_seconds")
     rto = drill.get("rto_seconds")
     if rto is None:
         rto = _rto_from(timeline)
     shipped, size = drill.get("failback_bytes_shipped"), drill.get("volume_size")
     fraction = shipped / size if shipped is not None and size else None
 
-    checks = [_rpo_check(rpo, objectives["max_rpo_writes"]),
+    checks = [_rpo_check(rpo, rpo_seconds, objectives["max_rpo_writes"]),
               _rto_check(rto, objectives["max_rto_seconds"]),
               _failback_check(timeline, objectives["failback"]),
               _failback_size_check(shipped, size, fraction,
@@ -92,6 +100,7 @@ def build_report(drill: dict) -> dict:
         "result": "fail" if any(c["status"] == FAILED for c in checks) else "pass",
         "reasons": reasons,
         "rpo_writes_lost": rpo,
+        "rpo_seconds": None if rpo_seconds is None else round(float(rpo_seconds), 3),
         "rto_seconds": None if rto is None else round(float(rto), 3),
         "failback_bytes_shipped": shipped,
         "volume_size": size,
@@ -129,14 +138,16 @@ def _check(name: str, status: str, message: str) -> dict:
     return {"name": name, "status": status, "message": message}
 
 
-def _rpo_check(rpo, limit) -> dict:
+def _rpo_check(rpo, rpo_seconds, limit) -> dict:
     name = "RPO within objective"
     if rpo is None:
         return _check(name, FAILED, "RPO not measured (no ledger check)")
+    lost = f"{rpo} acknowledged (flushed) writes lost" + (
+        "" if rpo_seconds is None else f" ({float(rpo_seconds):.3f} s)")
     if limit is None:  # async, no bunker: the RPO is measured, not promised
-        return _check(name, SKIPPED, f"{rpo} acknowledged writes lost; no objective")
+        return _check(name, SKIPPED, f"{lost}; no objective")
     status = PASSED if rpo <= limit else FAILED
-    return _check(name, status, f"{rpo} acknowledged writes lost; objective at most {limit}")
+    return _check(name, status, f"{lost}; objective at most {limit}")
 
 
 def _rto_check(rto, limit) -> dict:
@@ -234,8 +245,8 @@ def junit_xml(report: dict) -> str:
     if report["started"]:
         suite.set("timestamp", report["started"].rstrip("Z"))
     props = ET.SubElement(suite, "properties")
-    for key in ("result", "group", "rpo_writes_lost", "rto_seconds", "failback_bytes_shipped",
-                "volume_size", "failback_fraction"):
+    for key in ("result", "group", "rpo_writes_lost", "rpo_seconds", "rto_seconds",
+                "failback_bytes_shipped", "volume_size", "failback_fraction"):
         ET.SubElement(props, "property", {"name": key, "value": _text(report[key])})
     for key, value in report["objectives"].items():
         ET.SubElement(props, "property", {"name": f"objective.{key}", "value": _text(value)})
@@ -268,8 +279,12 @@ def markdown(report: dict) -> str:
     rto_limit = obj["max_rto_seconds"]
     rto_objective = "-" if rto_limit is None else f"at most {rto_limit} s"
     lines += ["; ".join(about), "", "| Measure | Value | Objective |", "|---|---|---|",
-              f"| RPO: acknowledged writes lost | {_text(report['rpo_writes_lost'], '-')} "
+              f"| RPO: acknowledged (flushed) writes lost | "
+              f"{_text(report['rpo_writes_lost'], '-')} "
               f"| {'-' if obj['max_rpo_writes'] is None else 'at most %d' % obj['max_rpo_writes']} |",
+              f"| RPO: seconds of acknowledged (flushed) writes lost | "
+              f"{'-' if report['rpo_seconds'] is None else '%.3f s' % report['rpo_seconds']} "
+              f"| - |",
               f"| RTO: declared failure to writable | {rto_text} | {rto_objective} |"]
     if report["failback_bytes_shipped"] is not None:
         value = _bytes(report["failback_bytes_shipped"])

@@ -161,6 +161,28 @@ def test_pipelined_writes(tmp_path, qemu_nbd, writers):
     assert rc == 0 and r["present"] == 1024 and r["prefix"] is None, r
 
 
+@pytest.mark.parametrize("extra, flush_every", [
+    (["--iodepth", "4", "--flush-every", "3"], 3),
+    (["--iodepth", "2", "--fua"], None),
+])
+def test_flushed_and_fua_writes_against_qemu_nbd(tmp_path, qemu_nbd, writers, extra,
+                                                 flush_every):
+    server = qemu_nbd()
+    led = str(tmp_path / "ledger.jsonl")
+    rc, result = finish(writers(write_args(server, led, "--count", "300", *extra)))
+    assert rc == 0 and (result["reason"], result["acknowledged"]) == ("count", 300), result
+    loaded = ledger.read_ledger(led)
+    assert loaded.header["flush_every"] == flush_every
+    assert loaded.end["flushes"] == result["flushes"]
+    if flush_every is None:
+        assert result["flushes"] == 0                    # FUA: each durable at its reply
+    else:  # a flush after 3 completions, one in flight, up to 4 writes beside it
+        assert 300 // (flush_every + 4) <= result["flushes"] <= 300 // flush_every + 1
+    server.stop()
+    rc, r = check(led, server.image)
+    assert rc == 0 and r["present"] == 300 and r["rpo_seconds"] == 0.0, r
+
+
 def test_server_killed_mid_run(tmp_path, qemu_nbd, writers):
     server = qemu_nbd(size=64 * MiB)
     led = str(tmp_path / "ledger.jsonl")
@@ -177,12 +199,16 @@ def test_server_killed_mid_run(tmp_path, qemu_nbd, writers):
     loaded = ledger.read_ledger(led)       # intact: every line whole, closed by an end record
     assert not loaded.truncated and loaded.end["reason"] == "connection_lost"
     assert len(loaded.acks) == result["acknowledged"]
-    assert result["issued"] - result["acknowledged"] <= 1
+    # acknowledged = flushed: 8 writes a flush (the default), one write in flight beside
+    # it, so at most iodepth + flush_every issued but not acknowledged
+    assert result["acknowledged"] % 8 == 0 and result["flushes"] >= result["acknowledged"] // 8
+    assert result["issued"] - result["acknowledged"] <= 1 + 8
 
     rc, r = check(led, server.image)
     assert rc == 0, r
     assert r["acknowledged"] == r["present"] == result["acknowledged"]
-    assert r["unacknowledged_present"] <= 1 and r["prefix"] is True
+    assert r["unacknowledged_present"] <= result["issued"] - result["acknowledged"]
+    assert r["prefix"] is True
     assert r["writer_stopped"] == "connection_lost"
 
 

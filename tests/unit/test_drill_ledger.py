@@ -15,7 +15,7 @@ RUN = bytes(range(16))
 class Run:
     """A hand-made writer run: `write(i)` puts write i into the image, `ack(i)` logs it."""
 
-    def __init__(self, tmp_path, iodepth=1, shuffled=True, fsync_every=100):
+    def __init__(self, tmp_path, iodepth=1, shuffled=True, fsync_every=100, **header):
         self.order = (block.Order.shuffled(NBLOCKS, 7) if shuffled
                       else block.Order.sequential(NBLOCKS))
         self.image = str(tmp_path / "volume.img")
@@ -24,8 +24,8 @@ class Run:
         self.path = str(tmp_path / "ledger.jsonl")
         self.ledger = ledger.LedgerFile(self.path, {
             "run_id": RUN.hex(), "block_size": BS, "iodepth": iodepth,
-            "order": {"nblocks": NBLOCKS, "a": self.order.a, "b": self.order.b}},
-            fsync_every)
+            "order": {"nblocks": NBLOCKS, "a": self.order.a, "b": self.order.b},
+            **header}, fsync_every)
 
     def offset(self, i):
         return self.order.block(i) * BS
@@ -56,7 +56,7 @@ class Run:
         return ledger.check(self.path, self.image)
 
 
-def test_all_acknowledged_writes_present(tmp_path):
+def test_all_acknowledged_writes_present(tmp_path, capsys):
     run = Run(tmp_path)
     run.write(*range(20))
     run.ack(*range(20))
@@ -68,8 +68,10 @@ def test_all_acknowledged_writes_present(tmp_path):
     assert r["prefix"] is True and r["holes"] == 0
     assert r["unacknowledged_present"] == 0
     assert r["writer_stopped"] == "count" and r["ledger_truncated"] is False
-    assert r["loss_window_seconds"] == 0.0
+    assert r["loss_window_seconds"] == r["rpo_seconds"] == 0.0
     assert ledger.main(["check", "--ledger", run.path, "--image", run.image]) == 0
+    # a ledger from before flushes (no flush_every): each write was logged at its reply
+    assert "acknowledged (at the reply) 20" in capsys.readouterr().out
 
 
 def test_a_hole_is_a_lost_write_and_breaks_the_prefix(tmp_path, capsys):
@@ -233,3 +235,65 @@ def test_a_copy_taken_mid_workload_is_judged_at_its_instant(tmp_path):
     run.overwrite(9, bytes(BS))  # acknowledged before the cut, missing from the copy
     assert ledger.main(["check", "--ledger", run.path, "--image", run.image,
                         "--acked-before", repr(cut)]) == 3
+
+
+def _retime(path, start, step=1.0):
+    """Give the ack lines of a ledger the times start, start + step, ..."""
+    def transform(lines):
+        out, n = [], 0
+        for line in lines:
+            record = json.loads(line)
+            if record["event"] == "ack":
+                record["time"] = start + n * step
+                n += 1
+            out.append(json.dumps(record) + "\n")
+        return out
+    _rewrite(path, transform)
+
+
+@pytest.mark.parametrize("on_image, rpo_seconds, window, cut_rpo", [
+    (range(10), 0.0, 0.0, 0.0),        # nothing lost
+    (range(6), 4.0, 3.0, 1.0),         # 6..9 lost: all acknowledged by t=105 is there
+    (range(9), 1.0, 0.0, 0.0),         # only the last acknowledged write lost
+    (range(1, 10), 14.0, 9.0, 11.0),   # the first lost: lost since the run began (t=95)
+    ([0, 1, 2, 5, 6], 7.0, 6.0, 4.0),  # holes: the recovery point is before the first
+])
+def test_rpo_in_seconds(tmp_path, capsys, on_image, rpo_seconds, window, cut_rpo):
+    run = Run(tmp_path, time=95.0, flush_every=2)
+    run.write(*on_image)
+    run.ack(*range(10))
+    run.end(issued=10)
+    _retime(run.path, 100.0)           # write i acknowledged at t = 100 + i
+    r = run.check()
+    assert r["rpo_writes_lost"] == 10 - len(on_image)
+    assert r["rpo_seconds"] == rpo_seconds and r["loss_window_seconds"] == window
+    ledger.main(["check", "--ledger", run.path, "--image", run.image])
+    out = capsys.readouterr().out
+    assert f"RPO: {rpo_seconds}s of acknowledged writes" in out
+    assert "acknowledged (flushed) 10" in out
+    # a copy cut at t=106.5: writes 0..6 must be there, the last acknowledgement is 106
+    assert ledger.check(run.path, run.image, acked_before=106.5)["rpo_seconds"] == cut_rpo
+
+
+@pytest.mark.parametrize("header, checked", [
+    ({"flush_every": 8}, 10),  # up to iodepth + flush_every + 1 past the last ack line
+    ({"fua": True, "flush_every": None}, 2),
+    ({}, 2),                   # a ledger from before flushes: acknowledged + iodepth + 1
+])
+def test_without_an_end_line_the_unflushed_writes_are_bounded_by_flush_every(
+        tmp_path, header, checked):
+    run = Run(tmp_path, **header)
+    run.write(*range(20))          # 10 flushed; 10 more written, not flushed
+    run.ack(*range(10))
+    run.ledger.close()             # killed: no end line
+    r = run.check()
+    assert r["writer_stopped"] is None and r["missing"] == 0
+    assert r["unacknowledged_present_indices"] == list(range(10, 10 + checked))
+    assert r["flush_every"] == header.get("flush_every")
+
+
+def test_a_bad_flush_every_is_a_damaged_ledger(tmp_path):
+    run = Run(tmp_path, flush_every=0)
+    run.end(issued=0)
+    with pytest.raises(ledger.LedgerError, match="flush_every"):
+        run.check()

@@ -23,6 +23,7 @@ def drill(**overrides):
             {"event": "failed_back", "time": T0 + 60},
         ],
         "rpo_writes_lost": 0,
+        "rpo_seconds": 0.0,
         "failback_bytes_shipped": 2 << 20,
         "volume_size": 64 << 20,
         "objectives": {"max_rpo_writes": 0, "max_rto_seconds": 30,
@@ -60,7 +61,7 @@ def cases(root):
 def test_passing_drill(tmp_path):
     j, x, md = written(tmp_path, drill())
     assert j["result"] == "pass" and j["reasons"] == []
-    assert j["rpo_writes_lost"] == 0
+    assert j["rpo_writes_lost"] == 0 and j["rpo_seconds"] == 0.0
     assert j["rto_seconds"] == 5.25          # declared_failure -> writable, from the timeline
     assert j["failback_fraction"] == pytest.approx(2 / 64)
     assert [e["event"] for e in j["timeline"]] == [
@@ -79,22 +80,26 @@ def test_passing_drill(tmp_path):
     assert suite.get("timestamp") == "2023-11-14T22:13:20.000"
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert props["rpo_writes_lost"] == "0" and props["result"] == "pass"
+    assert props["rpo_seconds"] == "0.0"
     assert "declared_failure" in suite.find("system-out").text
 
     assert md.startswith("# DR drill nightly: PASS")
     assert "| 2 | 2023-11-14T22:13:30.000Z | 10.000 | declared_failure |  |" in md
     assert "dc2-dr \\| 12 records replayed" in md      # a pipe cannot break the table
     assert "| RTO: declared failure to writable | 5.2 s | at most 30 s |" in md
+    assert "| RPO: acknowledged (flushed) writes lost | 0 | at most 0 |" in md
+    assert "| RPO: seconds of acknowledged (flushed) writes lost | 0.000 s | - |" in md
 
 
 def test_lost_writes_fail_the_rpo_check(tmp_path):
-    j, x, md = written(tmp_path, drill(rpo_writes_lost=3))
-    assert j["result"] == "fail"
-    assert j["reasons"] == ["RPO within objective: 3 acknowledged writes lost; "
-                            "objective at most 0"]
+    j, x, md = written(tmp_path, drill(rpo_writes_lost=3, rpo_seconds=0.0421))
+    assert j["result"] == "fail" and j["rpo_seconds"] == 0.042
+    assert j["reasons"] == ["RPO within objective: 3 acknowledged (flushed) writes lost "
+                            "(0.042 s); objective at most 0"]
     suite, found = cases(x)
     failure = found["RPO within objective"].find("failure")
-    assert failure is not None and "3 acknowledged writes lost" in failure.get("message")
+    assert failure is not None and "3 acknowledged (flushed) writes lost" in failure.get("message")
+    assert "| RPO: seconds of acknowledged (flushed) writes lost | 0.042 s | - |" in md
     assert found["RTO within objective"].find("failure") is None
     assert suite.get("failures") == "1"
     assert "## Why it failed" in md and "FAIL" in md.splitlines()[0]
@@ -214,7 +219,26 @@ def test_an_rpo_without_objective_is_measured_not_judged(tmp_path):
     j, x, md = written(tmp_path, d)
     assert j["result"] == "pass" and j["rpo_writes_lost"] == 7
     (rpo,) = [c for c in j["checks"] if c["name"] == "RPO within objective"]
-    assert rpo["status"] == "skipped" and "7 acknowledged writes lost" in rpo["message"]
+    assert rpo["status"] == "skipped" and "7 acknowledged (flushed) writes lost" in rpo["message"]
     _, found = cases(x)
     assert found["RPO within objective"].find("skipped") is not None
-    assert "| RPO: acknowledged writes lost | 7 | - |" in open(tmp_path / "out" / "report.md").read()
+    assert "| RPO: acknowledged (flushed) writes lost | 7 | - |" in md
+
+
+def test_rpo_seconds_from_the_ledger_check(tmp_path):
+    """The playbook passes the ledger check whole: its rpo_seconds is the report's
+    unless given apart; without either it is unmeasured, not 0."""
+    d = drill(rpo_writes_lost=5, ledger={"rpo_writes_lost": 5, "rpo_seconds": 1.25})
+    del d["rpo_seconds"]
+    d["objectives"]["max_rpo_writes"] = None
+    j, x, md = written(tmp_path, d)
+    assert j["rpo_seconds"] == 1.25 and j["ledger"]["rpo_seconds"] == 1.25
+    assert "5 acknowledged (flushed) writes lost (1.250 s)" in j["checks"][0]["message"]
+    assert "| RPO: seconds of acknowledged (flushed) writes lost | 1.250 s | - |" in md
+    suite, _ = cases(x)
+    assert {p.get("name"): p.get("value") for p in suite.find("properties")}[
+        "rpo_seconds"] == "1.25"
+    del d["ledger"]
+    j, _, md = written(tmp_path, d)
+    assert j["rpo_seconds"] is None
+    assert "| RPO: seconds of acknowledged (flushed) writes lost | - | - |" in md
