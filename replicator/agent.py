@@ -265,6 +265,8 @@ class Agent:
             seq = group.journal.last_seq
             deadline = started + timeout
             streaming = [s for s in self.shippers[group.name] if s.target.streaming]
+            for s in streaming:
+                s.flush(seq)
             while any(s.target.acked_seq < seq for s in streaming):
                 if time.monotonic() > deadline:
                     behind = [s.target.node for s in streaming if s.target.acked_seq < seq]

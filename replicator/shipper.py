@@ -108,6 +108,7 @@ class Shipper:
         self.sent_seq = 0
         self.retained_seq = -1  # bunker: the last RETAIN sent in this session
         self._flush_sent = 0  # the last FLUSH sent in this session
+        self._flush_asked = 0  # flush() asked this target for durability through this seq
         self._link: Link | None = None  # the stream, for early batches (sync targets)
         self.early_batches = 0  # batches shipped before their local fdatasync finished
         self.bytes_sent = 0
@@ -359,8 +360,7 @@ class Shipper:
                 await self._send_records(link)
                 last_send = time.monotonic()
                 continue
-            if self.target.mode == "sync":
-                await self._pass_flush(link)
+            await self._pass_flush(link)
             wait = max(0.0, self.hb_interval - (time.monotonic() - last_send))
             if self.sent_seq < j.last_seq:  # window full: wait for an ack
                 self._acked.clear()
@@ -375,10 +375,20 @@ class Shipper:
                 await link.send(Heartbeat(sent_ns=time.time_ns()))
                 last_send = time.monotonic()
 
+    def flush(self, seq: int) -> None:
+        """Have the target make every record through `seq` durable now (a switchover
+        waits for that), instead of within its commit_interval."""
+        self._flush_asked = max(self._flush_asked, seq)
+        self.poke()
+
     async def _pass_flush(self, link: Link) -> None:
-        """A FLUSH or FUA write here waits for this sync target to make what it was sent
-        durable: ask it to (its ACK says when). One FLUSH covers every flush before it."""
-        seq = min(self.group.commit.flush_wanted, self.sent_seq)
+        """A FLUSH or FUA write here waits for a sync target to make what it was sent
+        durable, and flush() for any target: ask it to (its ACK says when). One FLUSH
+        covers every flush before it."""
+        wanted = self._flush_asked
+        if self.target.mode == "sync":
+            wanted = max(wanted, self.group.commit.flush_wanted)
+        seq = min(wanted, self.sent_seq)
         if seq > self._flush_sent and seq > self.target.acked_seq:
             self._flush_sent = seq
             await link.send(Flush(seq=seq))
