@@ -81,6 +81,9 @@ def tls_failure(exc: BaseException) -> str:
             or str(exc) or type(exc).__name__)
 
 
+JOIN_BYTES = 256 << 10  # frames up to this size go to the socket as one write
+
+
 class Link:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  conn: Connection):
@@ -99,10 +102,7 @@ class Link:
                                       f"(certificate {self.subject})" if self.subject else None]))
 
     async def send(self, *events) -> None:
-        write = self.writer.write
-        for ev in events:
-            for part in self.conn.send_parts(ev):
-                write(part)
+        self._write(events)
         await self.writer.drain()
 
     def post(self, *events) -> bool:
@@ -111,11 +111,19 @@ class Link:
         False when the link is closing (nothing is sent)."""
         if self.writer.is_closing():
             return False
-        write = self.writer.write
-        for ev in events:
-            for part in self.conn.send_parts(ev):
-                write(part)
+        self._write(events)
         return True
+
+    def _write(self, events) -> None:
+        """The frames' parts in as few socket writes as a copy allows: a transport
+        sends each write() at once while its buffer is empty, so a frame written as
+        header and body would cost two syscalls (and the peer two wakeups)."""
+        parts = [part for ev in events for part in self.conn.send_parts(ev)]
+        if len(parts) > 1 and sum(len(p) for p in parts) <= JOIN_BYTES:
+            parts = [b"".join(parts)]
+        write = self.writer.write
+        for part in parts:
+            write(part)
 
     async def next_event(self, timeout: float):
         """The next event from the peer (a frame or ConnectionClosed); raises

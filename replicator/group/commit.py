@@ -369,8 +369,12 @@ class Commit:
                 else:
                     self._sync_waits.append((seq, done))
         batch.dones = []
+        if self._record_waiters:
+            # Shippers look again: one that still lacks records (not sent early) asks
+            # for a commit (wait_for_records), one the early send served does not.
+            wake_all(self._record_waiters)
         if self._flush_waits or self._memtable.nbytes > MEMTABLE_COMMIT_BYTES or \
-                self._record_waiters or self._idle_waiters:
+                self._idle_waiters:
             self.commit_soon()
         elif self._commit_timer is None:
             self._commit_timer = asyncio.get_running_loop().call_later(
