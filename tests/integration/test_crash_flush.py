@@ -3,7 +3,8 @@ under a workload that flushes every few writes (issue 14, "Tests", second bullet
 
 Topology: primary a, sync target b, async target c, agents as real processes on
 loopback. Each round, a small NBD writer (`FlushingWriter`) keeps a few self-describing
-4 KiB writes in flight on a's export and sends FLUSH after every 1..8 of them, until a
+4 KiB writes in flight on a's export and, after every 1..8 of them, sends a FLUSH (or,
+one time in four, makes the next write a FUA write), until a
 timer SIGKILLs a (in about a third of the rounds b as well, at the same moment). The
 killed agents are restarted (b before a, so b's recovered state can be read before a
 feeds it), the group converges, and the round is checked.
@@ -24,9 +25,12 @@ Why the checks are sound (the prefix argument):
   {0..k-1} for some k and it equals `before` with those k writes (nothing torn,
   nothing foreign, no write present whose predecessor is absent). `prefix_length`
   checks this and returns k.
-- A FLUSH sent when the writes C had completed covers C: once its reply arrives,
-  every write of C is durable on a and on b (in sync: checked before each round),
-  so k >= max(C)+1 on a's recovered volume and on b's, wherever the kill fell.
+- A FLUSH sent when the writes C had completed covers C; a FUA write i sent when C had
+  completed covers C and i (it completes as the write followed by a flush, which
+  covers every write completed before it). Once its reply arrives, every write it
+  covers is durable on a and on b (in sync: checked before each round), so
+  k >= (highest covered index)+1 on a's recovered volume and on b's, wherever the
+  kill fell.
 - A write completes only once b has written it to its journal: when only a dies, b
   already has every write that completed (b's seq right after the kill), and the
   converged image holds them all (the loss of the primary alone loses nothing that
@@ -38,6 +42,12 @@ Killed volumes are also checked raw, right after the kill and before the restart
 replays the journal: the write path only applies durable records to the volumes, in
 seq order (group.py), so the file itself must already be an image after some seq.
 
+What kill -9 cannot show: the page cache and the kernel's socket buffers outlive the
+process, so a missing fdatasync (or a sync target acked too early) loses nothing
+here; power loss is the crash-simulating file layer's test (issue 14, first bullet).
+What it does show: recovery (a writev cut short by the kill, the replay from the
+checkpoint), the order volumes are written in, and every node agreeing afterwards.
+
 CRASH_FLUSH_SEED and CRASH_FLUSH_ROUNDS (environment) choose the seed and the number
 of rounds; a failure names the seed and the round.
 """
@@ -47,10 +57,8 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import struct
 import threading
-import time
 
 import pytest
 
@@ -71,25 +79,30 @@ _REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 CMD_WRITE, CMD_FLUSH = 1, 3
+FLAG_FUA = 1 << 0
 
 
 class FlushingWriter:
     """Writes 0, 1, 2, ... of one round (write i: block `order.block(i)`, payload
-    `block.encode(run_id, i, ...)`), at most `depth` requests in flight, a FLUSH after
-    every 1..8 writes (drawn from `rng`). Runs until the connection dies.
+    `block.encode(run_id, i, ...)`), at most `depth` requests in flight, a FLUSH or a
+    FUA write after every 1..8 writes (drawn from `rng`). Runs until the connection dies.
 
-    `completed` lists write indices in the order their replies came; a FLUSH records
-    how many had completed when it was sent, and `flushed` (a count into `completed`)
-    grows to that when its reply arrives: completed[:flushed] are promised durable."""
+    `completed` lists write indices in the order their replies came. A FLUSH (a FUA
+    write) remembers how many had completed when it was sent; when its reply arrives
+    every write it covers is promised durable, and `flushed_max` becomes the highest
+    index of those (-1: none yet)."""
 
     def __init__(self, port: int, export: str, run_id: bytes, order: block.Order,
                  rng: random.Random, depth: int):
         self.client = NbdClient.connect("127.0.0.1", port, export, timeout=20)
         self.sock = self.client.sock
+        assert self.client.can_fua, "the agent's export does not offer FUA"
         self.run_id, self.order, self.rng, self.depth = run_id, order, rng, depth
         self.issued = 0
         self.completed: list[int] = []
-        self.flushed = 0
+        self._completed_max: list[int] = []  # [j]: max(completed[:j+1])
+        self.flushed_max = -1
+        self.fua_done = 0
         self.flushes_sent = 0
         self.flushes_done = 0
         self.error: str | None = None  # an NBD error reply (there should be none)
@@ -99,7 +112,9 @@ class FlushingWriter:
         return block.encode(self.run_id, i, self.order.block(i) * BS, BS)
 
     def run(self) -> None:
-        in_flight: dict[int, tuple[str, int]] = {}  # cookie -> ("w", index) | ("f", covers)
+        # cookie -> (index or None for a FLUSH, how many had completed when it was sent,
+        # whether it is a durability point)
+        in_flight: dict[int, tuple[int | None, int, bool]] = {}
         cookie = 0
         until_flush = self.rng.randint(1, 8)
         try:
@@ -107,34 +122,47 @@ class FlushingWriter:
                 can_write = self.issued < self.order.nblocks
                 if len(in_flight) < self.depth and (can_write or until_flush == 0):
                     cookie += 1
-                    if until_flush == 0:
+                    fua = until_flush == 0 and can_write and self.rng.random() < 0.25
+                    if until_flush == 0 and not fua:
                         self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_FLUSH, cookie, 0, 0))
-                        in_flight[cookie] = ("f", len(self.completed))
+                        in_flight[cookie] = (None, len(self.completed), True)
                         self.flushes_sent += 1
                         until_flush = self.rng.randint(1, 8)
                     else:
                         i = self.issued
-                        self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie,
+                        self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, FLAG_FUA if fua else 0,
+                                                        CMD_WRITE, cookie,
                                                         self.order.block(i) * BS, BS)
                                           + self.payload(i))
-                        in_flight[cookie] = ("w", i)
+                        in_flight[cookie] = (i, len(self.completed), fua)
                         self.issued += 1
-                        until_flush -= 1
+                        if fua:
+                            self.flushes_sent += 1
+                            until_flush = self.rng.randint(1, 8)
+                        else:
+                            until_flush -= 1
                     continue
                 # Nothing more to send now: take a reply (when the round has written
                 # every block, this waits for the kill).
                 magic, err, got = _REPLY.unpack(self._recv(_REPLY.size))
                 if magic != SIMPLE_REPLY_MAGIC or got not in in_flight:
                     raise AssertionError(f"bad NBD reply (magic 0x{magic:x}, cookie {got})")
-                kind, value = in_flight.pop(got)
+                index, completed_then, durable = in_flight.pop(got)
                 if err:
-                    self.error = f"{'write' if kind == 'w' else 'flush'} {value}: errno {err}"
+                    self.error = (f"{'flush' if index is None else 'write ' + str(index)}: "
+                                  f"errno {err}")
                     return
-                if kind == "w":
-                    self.completed.append(value)
-                else:
-                    self.flushed = max(self.flushed, value)
+                covered = [index] if index is not None else []
+                if index is not None:
+                    self.completed.append(index)
+                    self._completed_max.append(max(index, self._completed_max[-1]
+                                                   if self._completed_max else -1))
+                if durable:
+                    if completed_then:
+                        covered.append(self._completed_max[completed_then - 1])
+                    self.flushed_max = max(self.flushed_max, *covered, -1)
                     self.flushes_done += 1
+                    self.fua_done += index is not None
         except (ConnectionError, OSError):
             return  # the kill
         finally:
@@ -170,9 +198,9 @@ def prefix_length(image: bytes, before: bytes, writer: FlushingWriter, what: str
             present.append(False)
         else:
             ident = block.decode(got)
+            holds = f"drill block {ident.index}" if ident else "other data"
             raise AssertionError(f"{what}: block {off // BS} (write {i}) holds neither write "
-                                 f"{i} nor its content before the round: "
-                                 f"{'a drill block ' + str(ident.index) if ident else 'other data'}")
+                                 f"{i} nor its content before the round: {holds}")
     k = present.index(False) if False in present else len(present)
     if any(present[k:]):
         later = k + present[k:].index(True)
@@ -201,9 +229,8 @@ class StatusSampler(threading.Thread):
         self.stop = threading.Event()
 
     def flushed_floor(self) -> int:
-        w = self.writer
-        done = w.completed[:w.flushed]
-        return self.s0 + 1 + max(done) if done else 0  # a restarted agent starts from 0
+        flushed_max = self.writer.flushed_max
+        return self.s0 + 1 + flushed_max if flushed_max >= 0 else 0  # restarted: from 0
 
     def run(self) -> None:
         while not self.stop.wait(0.05):
@@ -233,7 +260,7 @@ def test_kill_primary_and_sync_target_under_flushes(topology):
     a, b = topo["a"], topo["b"]
     paths = {n: topo[n].volume_path("db", "data") for n in ("a", "b", "c")}
     totals = {"writes": 0, "completed": 0, "flushed": 0, "lost_unflushed": 0, "both": 0,
-              "samples": 0, "flushes_in_flight": 0}
+              "samples": 0, "flushes_in_flight": 0, "fua": 0}
     with_b = [rnd % 3 == 2 for rnd in range(ROUNDS)]  # a third of the rounds kill b too
     rng.shuffle(with_b)
     for rnd, kill_b in enumerate(with_b):
@@ -264,9 +291,9 @@ def test_kill_primary_and_sync_target_under_flushes(topology):
         assert writer.error is None, f"{where}: {writer.error}"
         for v in victims:
             v.kill()  # reap
-        flushed = writer.completed[:writer.flushed]
-        need = max(flushed) + 1 if flushed else 0  # writes a recovered image must hold
+        need = writer.flushed_max + 1  # writes a recovered image must hold
         totals["samples"] += len(sampler.samples)
+        totals["fua"] += writer.fua_done
         totals["flushes_in_flight"] += writer.flushes_sent - writer.flushes_done
         for floor, g in sampler.samples:
             check_status(g, f"{where}: a while writing", floor)
@@ -307,7 +334,8 @@ def test_kill_primary_and_sync_target_under_flushes(topology):
         totals["both"] += kill_b
     print(f"seed {SEED}, {ROUNDS} rounds ({totals['both']} with b killed too): "
           f"{totals['writes']} writes issued, {totals['completed']} completed, "
-          f"{totals['flushed']} covered by a completed flush, "
+          f"{totals['flushed']} covered by a completed flush "
+          f"({totals['fua']} of the flushes FUA writes), "
           f"{totals['lost_unflushed']} completed but unflushed lost; "
           f"{totals['flushes_in_flight']} flushes in flight at a kill; "
           f"{totals['samples']} status samples")
