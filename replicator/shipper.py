@@ -323,7 +323,8 @@ class Shipper:
         stream is exactly there (DRBD protocol C overlaps the two the same way). The
         write still completes only once it is durable here and acknowledged there."""
         link = self._link
-        if (link is None or self.sent_seq != first - 1 or not self.target.in_sync
+        if (link is None or link.writer.is_closing() or self.sent_seq != first - 1
+                or not self.target.in_sync
                 or self._inflight_bytes >= WINDOW_BYTES or self._probes or self.verifying
                 or self._handover or link.writer.transport.get_write_buffer_size()):
             return False  # the pump sends it from the journal once it is durable
