@@ -309,8 +309,11 @@ class Shipper:
             g.early_senders.add(self._send_early)
         try:
             done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            # Both may end in one loop turn (the ACK reader makes the target leave sync,
+            # which stops the pump): its reason is the one to report, on any event loop.
+            for task in (acks, pump):
+                if task in done:
+                    task.result()
         finally:
             g.early_senders.discard(self._send_early)
             self._link = None
@@ -448,17 +451,18 @@ class Shipper:
     async def _acks(self, link: Link) -> None:
         sync = self.target.mode == "sync"
         while True:
-            timeout = self.hb_timeout
+            timeout, ack_due = self.hb_timeout, False
             if sync and self._ack_wait_since is not None:
                 left = self._ack_wait_since + self.sync_ack_timeout - time.monotonic()
                 if left <= 0:
                     self._left_sync()
-                timeout = min(timeout, left)
+                timeout, ack_due = min(timeout, left), left < timeout
             try:
                 ev = await link.next_event(timeout)
             except TimeoutError:
-                if sync and self._ack_wait_since is not None and \
-                        time.monotonic() - self._ack_wait_since >= self.sync_ack_timeout:
+                # (not time.monotonic() again: the loop's clock may run a millisecond
+                # behind it, uvloop's does, so the wait can end just short of the due time)
+                if ack_due:
                     self._left_sync()
                 raise
             if isinstance(ev, Ack):
