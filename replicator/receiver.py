@@ -51,6 +51,29 @@ LISTEN_BACKLOG = 100  # what asyncio.start_server listened with
 ACCEPT_RETRY_DELAY = 1.0  # seconds, after accept(2) failed (asyncio's servers wait as long)
 
 
+async def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as asyncio.start_server
+    binds them (SO_REUSEADDR; IPv6 sockets IPv6 only)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 class _Session:
     def __init__(self, link: Link, group: Group, source: str, history: list[Generation]):
         self.link = link
@@ -82,8 +105,8 @@ class Receiver:
         self.tls = tls
         self.log = log or logging.getLogger("replicator.receiver")
         self.sessions: dict[str, _Session] = {}
-        self._listener: socket.socket | None = None
-        self._accepting: asyncio.Task | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepting: list[asyncio.Task] = []
         self._conns: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> None:
@@ -92,17 +115,16 @@ class Receiver:
         # reason. (Starting TLS on a stream that already reads, start_server then
         # start_tls, can lose the peer's ClientHello into the stream's buffer: uvloop
         # reads before the connection's task runs, and the handshake then times out.)
-        sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
-        sock.setblocking(False)
-        self._listener = sock
-        self._accepting = asyncio.create_task(self._accept(sock), name="replication-accept")
+        self._listeners = await _listen(host, port)
+        self._accepting = [asyncio.create_task(self._accept(sock), name="replication-accept")
+                           for sock in self._listeners]
 
     async def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        for sock in self._listeners:
+            sock.close()
         for task in list(self._conns):
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
