@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import time
+from typing import Callable
 
 from . import snapshot
 from .admin import AdminError, AdminServer
@@ -532,6 +533,17 @@ def raise_nofile_limit() -> None:
         log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, want, exc)
         return
     log.info("RLIMIT_NOFILE raised from %d to %d (hard limit %s)", soft, want, hard)
+
+
+def event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
+    """The agent's event loop, and its name for the log: uvloop's where it is installed
+    (libuv: less CPU per NBD request and per frame than asyncio's selector loop), else
+    asyncio's own, which runs the same code."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop, "asyncio (uvloop not installed)"
+    return uvloop.new_event_loop, "uvloop"
 
 
 async def run(cfg: Config) -> int:

@@ -85,9 +85,12 @@ def cmd_agent(args) -> int:
                         format=f"%(asctime)s {cfg.node} %(levelname)s %(name)s: %(message)s")
     # Floods (clients, failing writes) must not drown the log: repeats are collapsed.
     repeats = [logfilter.install(h) for h in logging.getLogger().handlers]
-    from .agent import run  # the agent's imports are not needed by the client commands
+    from .agent import event_loop, run  # not needed by the client commands
+    new_loop, name = event_loop()
+    logging.getLogger("replicator.agent").info("event loop: %s", name)
     try:
-        return asyncio.run(run(cfg))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            return runner.run(run(cfg))
     except (GroupError, JournalError, VolumeError, OSError) as exc:
         logging.getLogger("replicator").error("cannot start: %s", exc)
         return 1

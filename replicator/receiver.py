@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 
 from .config import TargetConfig
@@ -44,6 +45,33 @@ from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack,
                    HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
                    RemoteProtocolError, ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain,
                    Flush, Role, Successor, Welcome, code_name, negotiate)
+
+
+LISTEN_BACKLOG = 100  # what asyncio.start_server listened with
+ACCEPT_RETRY_DELAY = 1.0  # seconds, after accept(2) failed (asyncio's servers wait as long)
+
+
+async def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as asyncio.start_server
+    binds them (SO_REUSEADDR; IPv6 sockets IPv6 only)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 class _Session:
@@ -77,28 +105,75 @@ class Receiver:
         self.tls = tls
         self.log = log or logging.getLogger("replicator.receiver")
         self.sessions: dict[str, _Session] = {}
-        self._server: asyncio.base_events.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepting: list[asyncio.Task] = []
         self._conns: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> None:
-        # TLS is started per connection (_start_tls), not by the server, so that a refused
-        # handshake (a certificate of another CA, or none) is logged with its reason.
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        # Accepted sockets become streams here (_open), TLS from their first byte, so that
+        # a refused handshake (a certificate of another CA, or none) is logged with its
+        # reason. (Starting TLS on a stream that already reads, start_server then
+        # start_tls, can lose the peer's ClientHello into the stream's buffer: uvloop
+        # reads before the connection's task runs, and the handshake then times out.)
+        self._listeners = await _listen(host, port)
+        self._accepting = [asyncio.create_task(self._accept(sock), name="replication-accept")
+                           for sock in self._listeners]
 
     async def close(self) -> None:
-        if self._server:
-            self._server.close()
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        for sock in self._listeners:
+            sock.close()
         for task in list(self._conns):
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._conns.add(task)
-        link = session = None
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # out of descriptors, say: the listener itself is fine
+                self.log.warning("replication listener: accept failed: %s; retrying in "
+                                 "%gs", exc, ACCEPT_RETRY_DELAY)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            task = asyncio.create_task(self._handle(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _open(self, sock: socket.socket) -> tuple | None:
+        """(reader, writer) over an accepted socket, after the TLS handshake when TLS is
+        on; None (logged) when that fails."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            if self.tls is not None and not await self._start_tls(writer):
+            peer = sock.getpeername()
+            where = f"{peer[0]}:{peer[1]}"
+        except OSError:  # gone already
+            where = "?"
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.tls,
+                ssl_handshake_timeout=self.hb_timeout if self.tls is not None else None)
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
+            if self.tls is None:
+                raise
+            self.log.warning("refused a replication connection from %s: TLS handshake "
+                             "failed: %s", where, tls_failure(exc))
+            return None
+        # (uvloop returns its TLS protocol here, not ours: the writer is built on ours)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def _handle(self, sock: socket.socket) -> None:
+        link = session = writer = None
+        try:
+            streams = await self._open(sock)
+            if streams is None:
                 return
+            reader, writer = streams
             link = Link(reader, writer, Connection(Role.RECEIVER))
             session = await self._handshake(link)
             if session:
@@ -123,21 +198,8 @@ class Receiver:
                 await asyncio.gather(session.resync_task, return_exceptions=True)
             if link is not None:
                 await link.close()
-            else:
+            elif writer is not None:
                 writer.close()
-            self._conns.discard(task)
-
-    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
-        """The server side of the TLS handshake; False (logged) when it fails."""
-        peer = writer.get_extra_info("peername")
-        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        try:
-            await writer.start_tls(self.tls, ssl_handshake_timeout=self.hb_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
-            self.log.warning("refused a replication connection from %s: TLS handshake "
-                             "failed: %s", where, tls_failure(exc))
-            return False
-        return True
 
     async def _handshake(self, link: Link) -> _Session | None:
         ev = await link.next_event(self.hb_timeout)

@@ -9,9 +9,14 @@ One session = connect, HELLO/WELCOME, then two loops until either fails:
         (its link alive, heartbeats flowing) leaves sync: it goes to logging, so writes
         stop waiting for it, or with on_disconnect: block the writes waiting for it fail
         (EIO) and later ones are held as for any target that is not streaming.
-Between sessions the shipper backs off (0.1 s doubling to 5 s) and reconnects; it always
-resumes from the position the target reports in WELCOME, so nothing is skipped and
-nothing is applied twice.
+Between sessions the shipper backs off (0.1 s doubling to RECONNECT_MAX, each wait
+jittered) and reconnects; it always resumes from the position the target reports in
+WELCOME, so nothing is skipped and nothing is applied twice. The cap is short so that a
+target that restarts is streamed to within a second of listening: an attempt on a peer
+whose agent is down costs a SYN and its RST (two to four a second per target), and one on a
+dead WAN peer waits out its connect timeout (heartbeat_timeout) first, so it cannot spin.
+A target that refuses us (split brain, stale, needs-resync, TLS) waits REFUSED_BACKOFF:
+that takes an operator, not a retry.
 
 Before streaming, the target's position is checked against the journal: a target ahead
 of us, or at a seq whose record differs from ours, is not streamed to (state
@@ -34,6 +39,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import random
 import ssl
 import time
 from collections import deque
@@ -54,6 +60,8 @@ WINDOW_BYTES = 16 << 20
 RESYNC_WINDOW = 8 << 20
 HASH_DEPTH = 8  # HASH_REQUESTs in flight (verify, checksum resync)
 STREAMING_STATES = ("replicating", "catching-up")
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 0.5  # seconds between connects to a target that is away
+REFUSED_BACKOFF = 5.0  # seconds after a target refused the session
 
 
 class _Probe:
@@ -144,12 +152,12 @@ class Shipper:
         self._disconnected()
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff = RECONNECT_MIN
         while not self._stopping:
-            link = None
+            link, wait = None, 0.0
             try:
                 link = await self._connect()
-                backoff = 0.1
+                backoff = RECONNECT_MIN
                 await self._stream(link)
             except (OSError, asyncio.TimeoutError, ShipError, LocalProtocolError,
                     RemoteProtocolError, JournalError) as exc:
@@ -159,13 +167,15 @@ class Shipper:
                     self.log.warning("group %s -> %s: %s", self.group.name, self.target.node, msg)
                 self.last_error, self.state = msg, state
                 if state in ("refused", "needs-resync", "split-brain", "stale"):
-                    backoff = 5.0
+                    wait = REFUSED_BACKOFF
             finally:
                 self._disconnected()
                 if link is not None:
                     await link.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            # Jittered (half to all of it) so that the shippers of many groups to one
+            # target do not all knock at once.
+            await asyncio.sleep(wait or backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, RECONNECT_MAX)
 
     def _disconnected(self) -> None:
         if self.target.connected:
@@ -301,8 +311,11 @@ class Shipper:
             g.commit.early_senders.add(self._send_early)
         try:
             done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            # Both may end in one loop turn (the ACK reader makes the target leave sync,
+            # which stops the pump): its reason is the one to report, on any event loop.
+            for task in (acks, pump):
+                if task in done:
+                    task.result()
         finally:
             g.commit.early_senders.discard(self._send_early)
             self._link = None
@@ -315,7 +328,8 @@ class Shipper:
         stream is exactly there (DRBD protocol C overlaps the two the same way). Its
         writes complete once the target acknowledges them written."""
         link = self._link
-        if (link is None or self.sent_seq != first - 1 or not self.target.in_sync
+        if (link is None or link.writer.is_closing() or self.sent_seq != first - 1
+                or not self.target.in_sync
                 or self._inflight_bytes >= WINDOW_BYTES or self._probes or self.verifying
                 or self._handover or link.writer.transport.get_write_buffer_size()):
             return False  # the pump sends it from the journal once it is durable
@@ -459,17 +473,18 @@ class Shipper:
     async def _acks(self, link: Link) -> None:
         sync = self.target.mode == "sync"
         while True:
-            timeout = self.hb_timeout
+            timeout, ack_due = self.hb_timeout, False
             if sync and self._ack_wait_since is not None:
                 left = self._ack_wait_since + self.sync_ack_timeout - time.monotonic()
                 if left <= 0:
                     self._left_sync()
-                timeout = min(timeout, left)
+                timeout, ack_due = min(timeout, left), left < timeout
             try:
                 ev = await link.next_event(timeout)
             except TimeoutError:
-                if sync and self._ack_wait_since is not None and \
-                        time.monotonic() - self._ack_wait_since >= self.sync_ack_timeout:
+                # (not time.monotonic() again: the loop's clock may run a millisecond
+                # behind it, uvloop's does, so the wait can end just short of the due time)
+                if ack_due:
                     self._left_sync()
                 raise
             if isinstance(ev, Ack):

@@ -102,6 +102,11 @@ class Link:
                                       f"(certificate {self.subject})" if self.subject else None]))
 
     async def send(self, *events) -> None:
+        # A link the peer reset is an OSError, whatever the loop: uvloop raises
+        # RuntimeError on a write to a closed transport (asyncio drops it, and drain
+        # raises ConnectionResetError), and RuntimeError ended the shipper silently.
+        if self.writer.is_closing():
+            raise ConnectionResetError(f"the link to {self.peer} is closed")
         self._write(events)
         await self.writer.drain()
 
