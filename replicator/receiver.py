@@ -188,8 +188,8 @@ class Receiver:
                           exc or type(exc).__name__)
         except (LocalProtocolError, RemoteProtocolError) as exc:
             self.log.warning("protocol error from %s: %s", _who(link, session), exc)
-            if isinstance(exc, RemoteProtocolError) and not link.writer.is_closing():
-                link.writer.write(link.conn.send_failure())  # tell it why, then close
+            if isinstance(exc, RemoteProtocolError):
+                link.post_failure()  # tell it why, then close
         finally:
             if session and self.sessions.get(session.group.name) is session:
                 del self.sessions[session.group.name]

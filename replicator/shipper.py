@@ -168,6 +168,13 @@ class Shipper:
                 self.last_error, self.state = msg, state
                 if state in ("refused", "needs-resync", "split-brain", "stale"):
                     wait = REFUSED_BACKOFF
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the shipper silently
+                self.log.exception("group %s -> %s: the shipper failed", self.group.name,
+                                   self.target.node)
+                self.last_error = f"internal error: {type(exc).__name__}: {exc}"
+                self.state, wait = "failed", REFUSED_BACKOFF  # said loudly, then tried again
             finally:
                 self._disconnected()
                 if link is not None:

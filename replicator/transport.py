@@ -119,6 +119,11 @@ class Link:
         self._write(events)
         return True
 
+    def post_failure(self) -> None:
+        """After a RemoteProtocolError: the one ERROR(PROTOCOL) frame saying why."""
+        if not self.writer.is_closing():
+            self.writer.write(self.conn.send_failure())
+
     def _write(self, events) -> None:
         """The frames' parts in as few socket writes as a copy allows: a transport
         sends each write() at once while its buffer is empty, so a frame written as

@@ -246,3 +246,33 @@ def test_a_journal_whose_reservation_does_not_fit_is_refused_at_open(tmp_path):
     with tests.agents.small_fs(tmp_path / "tiny", "8m") as mnt:
         with pytest.raises(JournalError, match="cannot reserve its 20971520 bytes"):
             _group(tmp_path, state_dir=mnt)
+
+
+def test_a_shipper_that_fails_says_so_and_tries_again(tmp_path, caplog, monkeypatch):
+    """A bug in a shipper session (here: an exception injected into its connect) must
+    not end the shipper silently: status says it failed and why, the log has the
+    traceback, and it tries again after a pause."""
+    from replicator import shipper as shipper_mod
+    from replicator.config import TargetConfig
+
+    async def main():
+        g = _group(tmp_path)
+        g.start()
+        link = g.targets.get("b") or g._add_target(TargetConfig(node="b", mode="async"))
+        s = shipper_mod.Shipper(g, link, node="p", address=("127.0.0.1", 1), compress=False,
+                                heartbeat_interval=1.0, heartbeat_timeout=3.0)
+        calls = []
+
+        async def broken():
+            calls.append(1)
+            raise RuntimeError("injected")
+        monkeypatch.setattr(s, "_connect", broken)
+        monkeypatch.setattr(shipper_mod, "REFUSED_BACKOFF", 0.05)
+        s.start()
+        await _until(lambda: len(calls) >= 2, "the shipper to try again")
+        assert s.state == "failed" and "injected" in s.last_error
+        await s.stop()
+        await g.stop()
+
+    asyncio.run(main())
+    assert "the shipper failed" in caplog.text and "RuntimeError: injected" in caplog.text
