@@ -404,11 +404,18 @@ class Shipper:
 
     async def _pass_flush(self, link: Link) -> None:
         """A FLUSH or FUA write here waits for a sync target to make what it was sent
-        durable, and flush() for any target: ask it to (its ACK says when). One FLUSH
-        covers every flush before it."""
+        durable, flush() for any target, and so does a journal that would otherwise
+        fill up with what the target has not made durable: ask it to (its ACK says
+        when). One FLUSH covers every flush before it."""
         wanted = self._flush_asked
         if self.target.mode == "sync":
             wanted = max(wanted, self.group.commit.flush_wanted)
+        t, j = self.target, self.group.journal
+        if t.written_seq > t.acked_seq and \
+                j.bytes_between(t.acked_seq, min(t.written_seq, j.last_seq)) > j.capacity // 8:
+            # Our journal keeps what it has not made durable: ask before that fills it
+            # (a target commits on its own only every commit_interval).
+            wanted = max(wanted, t.written_seq)
         seq = min(wanted, self.sent_seq)
         if seq > self._flush_sent and seq > self.target.acked_seq:
             self._flush_sent = seq
