@@ -59,7 +59,7 @@ from .links import Links, TargetLink
 from .memtable import Memtable
 
 Done = Callable[[int], None]
-MEMTABLE_COMMIT_BYTES = 32 << 20  # written, not durable: past this, commit at once
+MEMTABLE_COMMIT_BYTES = 4 << 20  # written, not durable: past this, commit at once (memory)
 
 
 class GroupError(Exception):
