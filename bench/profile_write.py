@@ -46,6 +46,8 @@ def _summarize_stacks(path: str, top: int) -> tuple[int, list, list]:
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue  # a blank or partial line
             n = int(count)
             frames = [re.sub(r" \(.*/replicator/", " (", fr) for fr in stack.split(";")]
             total += n
