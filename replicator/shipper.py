@@ -223,6 +223,9 @@ class Shipper:
             features = Feature.ZSTD if self.compress else Feature(0)
             g = self.group
             self._hello_history = list(g.lineage.history)
+            # Everything we may have shipped before (early, to a sync target) is durable
+            # and in the journal, so a target is never ahead of the seq we name.
+            await g.commit.commit_now()
             await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                                   features=features, node=self.node, group=g.name,
                                   target=self.target.node, seq=g.journal.last_seq,
@@ -277,6 +280,17 @@ class Shipper:
 
     def _resume_from(self, welcome: Welcome) -> None:
         j, t = self.group.journal, self.target
+        if welcome.seq > j.last_seq and self.group.unclean_start:
+            # We went down uncleanly and our journal lost records it had shipped (the
+            # page cache of a power loss): never flushed here, so nobody was promised
+            # them. The target follows our image: a checksum resync rolls them back.
+            self.log.warning("group %s -> %s: %s holds seq %d..%d, which this node lost "
+                             "when it went down (never flushed): rolled back by a checksum "
+                             "resync", self.group.name, t.node, t.node, j.last_seq + 1,
+                             welcome.seq)
+            t.reset_position(j.last_seq)  # what it acked past that is gone here too
+            self._rejoin(Diverged(fork=j.last_seq, complete=False))
+            return
         if welcome.seq > j.last_seq:
             raise ShipError(f"{t.node} is at seq {welcome.seq}, ahead of this node "
                             f"({j.last_seq}): it has writes we do not", state="needs-resync")

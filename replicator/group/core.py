@@ -65,6 +65,10 @@ class Group:
         self.resync_base: Position | None = None  # replica: inconsistent since this position
         self.undo = UndoLog(os.path.join(self.dir, "resync.undo"))
         self._resync_done = False
+        # The agent did not stop cleanly last time (kill -9 or power loss): the journal
+        # may have lost records it had shipped, so a target may hold more than we do.
+        self.unclean_start = False
+        self._stopped_cleanly = False  # stop() says so in its last checkpoint
         self._had_image = False  # these volumes held a consistent image of the group once
         # Role, source and targets as the config says, until promote/demote/switchover
         # change them at runtime (kept in group.json until the config agrees again).
@@ -82,6 +86,7 @@ class Group:
             vol.open()
         self.journal.open()
         state = self.checkpoint.read()
+        self.unclean_start = bool(state) and not state.get("clean", True)
         self._acked_saved = state.get("acked", {})
         self._modes_saved = state.get("resync_modes", {})
         self._synced_saved = set(state.get("synced", ()))
@@ -140,7 +145,8 @@ class Group:
                 t.bitmap.save()
         if self.role == "primary" and not self.lineage.history:
             self.lineage.begin(j.last_seq + 1)
-            self._sync_and_save(j.position(self.commit.applied_seq))
+        # Running now: until stop() says otherwise, group.json says "not stopped cleanly".
+        self._sync_and_save(j.position(self.commit.applied_seq))
 
     def _add_target(self, t: TargetConfig) -> TargetLink:
         sizes = {v.name: v.size for v in self.volumes.values()}
@@ -299,6 +305,7 @@ class Group:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.commit.stop()
+        self._stopped_cleanly = self.commit.halted is None
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self._io.shutdown()
@@ -377,6 +384,10 @@ class Group:
         await loop.run_in_executor(self._io, self._sync_and_save, pos)
         self.journal.rebase(pos)
         self._resync_done = False
+        # The agent did not stop cleanly last time (kill -9 or power loss): the journal
+        # may have lost records it had shipped, so a target may hold more than we do.
+        self.unclean_start = False
+        self._stopped_cleanly = False  # stop() says so in its last checkpoint
         self.undo.remove()
         for vol in self.volumes.values():
             vol.forget()  # what the resync read and wrote
@@ -597,7 +608,7 @@ class Group:
     def _state(self, acked: dict) -> dict:
         """What group.json keeps besides the checkpoint: targets' acked seqs and more."""
         state = {"acked": {**self._acked_saved, **acked}, **self.lineage.state(),
-                 "has_image": self.has_image,
+                 "has_image": self.has_image, "clean": self._stopped_cleanly,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},
                  "synced": sorted(n for n, t in self.targets.items() if t.synced),
