@@ -190,6 +190,10 @@ class Receiver:
             self.log.warning("protocol error from %s: %s", _who(link, session), exc)
             if isinstance(exc, RemoteProtocolError):
                 link.post_failure()  # tell it why, then close
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug ends this link, loudly; the listener lives on
+            self.log.exception("replication link from %s failed", _who(link, session))
         finally:
             if session and self.sessions.get(session.group.name) is session:
                 del self.sessions[session.group.name]

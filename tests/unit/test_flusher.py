@@ -276,3 +276,30 @@ def test_a_shipper_that_fails_says_so_and_tries_again(tmp_path, caplog, monkeypa
 
     asyncio.run(main())
     assert "the shipper failed" in caplog.text and "RuntimeError: injected" in caplog.text
+
+
+def test_a_receiver_link_that_fails_is_logged_and_the_listener_lives_on(caplog, monkeypatch):
+    """A bug while serving one replication link (injected into its handshake) ends that
+    link with the traceback in the log, not the listener, and not silently."""
+    import socket
+
+    from replicator.receiver import Receiver
+
+    async def main():
+        r = Receiver("b", {}, heartbeat_timeout=3.0)
+
+        async def broken(link):
+            raise RuntimeError("injected")
+        monkeypatch.setattr(r, "_handshake", broken)
+        listener = socket.create_server(("127.0.0.1", 0))
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+        listener.close()
+        try:
+            ours.setblocking(False)
+            await asyncio.wait_for(r._handle(ours), 5)  # returns: nothing escapes
+        finally:
+            theirs.close()
+
+    asyncio.run(main())
+    assert "replication link from" in caplog.text and "RuntimeError: injected" in caplog.text
