@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
 import socket
 import ssl
 import threading
@@ -187,18 +188,15 @@ def test_a_newer_generation_claimed_to_the_primary_does_not_demote_it(topology):
     topo.wait_converged()
 
 
-def test_a_target_that_says_stale_does_not_demote_the_primary(topology):
-    """Something answering on the target's address refuses the primary as STALE (a
-    later primary's line is here): before, the primary demoted itself within seconds;
-    now it shows the target `stale` and stays primary until an operator acts."""
-    topo = topology(["a", "b"], [("a", "b", "async")])
-    a, b = topo["a"], topo["b"]
-    _replicating(topo)
-    b.kill()
-    server = socket.create_server(("127.0.0.1", _port(b)))
+
+@contextlib.contextmanager
+def _answering_for(node, answer):
+    """Something else listens on `node`'s replication port (the node is down): every
+    connection gets its HELLO read and `answer(hello)` sent back, until the block ends."""
+    server = socket.create_server(("127.0.0.1", _port(node)))
     done = threading.Event()
 
-    def impostor():
+    def serve():
         while not done.is_set():
             try:
                 sock, _ = server.accept()
@@ -210,22 +208,34 @@ def test_a_target_that_says_stale_does_not_demote_the_primary(topology):
                 try:
                     while (ev := conn.next_event()) is NEED_DATA:
                         conn.receive_data(sock.recv(65536))
-                    sock.sendall(conn.send(Refuse(code=Refusal.STALE, reason="b follows x now")))
+                    sock.sendall(conn.send(answer(ev)))
                 except OSError:
                     pass
 
-    thread = threading.Thread(target=impostor, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
+        yield
+    finally:
+        done.set()
+        server.close()
+        thread.join(10)
+
+
+def test_a_target_that_says_stale_does_not_demote_the_primary(topology):
+    """Something answering on the target's address refuses the primary as STALE (a
+    later primary's line is here): before, the primary demoted itself within seconds;
+    now it shows the target `stale` and stays primary until an operator acts."""
+    topo = topology(["a", "b"], [("a", "b", "async")])
+    a, b = topo["a"], topo["b"]
+    _replicating(topo)
+    b.kill()
+    with _answering_for(b, lambda ev: Refuse(code=Refusal.STALE, reason="b follows x now")):
         wait_until(lambda: a.target("db", "b")["state"] == "stale", 30, "a -> b stale")
         # before, the primary demoted itself within seconds: it must hold for longer
         _holds(lambda: a.group("db")["role"] == "primary" and a.group("db")["role_from"] == "config"
                and a.target("db", "b")["state"] == "stale", 8, "a primary, b stale")
         qemu_io(a.nbd_uri("data"), "write -P 0x44 0 64k")  # still writable
-    finally:
-        done.set()
-        server.close()
-        thread.join(10)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
@@ -303,31 +313,13 @@ def test_a_protocol_2_target_shows_refused_with_its_reason(topology):
     a, b = topo["a"], topo["b"]
     _replicating(topo)
     b.kill()
-    server = socket.create_server(("127.0.0.1", _port(b)))
-    done = threading.Event()
     hellos = []
 
-    def old_agent():
-        while not done.is_set():
-            try:
-                sock, _ = server.accept()
-            except OSError:
-                return
-            with sock:
-                conn = Connection(Role.RECEIVER)
-                sock.settimeout(5)
-                try:
-                    while (ev := conn.next_event()) is NEED_DATA:
-                        conn.receive_data(sock.recv(65536))
-                    hellos.append((ev, negotiate(ev, 2, 2, Feature.ZSTD)))
-                    sock.sendall(conn.send(Refuse(code=Refusal.VERSION, reason=(
-                        f"protocol {ev.proto_min}..{ev.proto_max} not in 2..2"))))
-                except OSError:
-                    pass
-
-    thread = threading.Thread(target=old_agent, daemon=True)
-    thread.start()
-    try:
+    def as_protocol_2(ev):
+        hellos.append((ev, negotiate(ev, 2, 2, Feature.ZSTD)))
+        return Refuse(code=Refusal.VERSION,
+                      reason=f"protocol {ev.proto_min}..{ev.proto_max} not in 2..2")
+    with _answering_for(b, as_protocol_2):
         t = wait_until(lambda: (t := a.target("db", "b"))["state"] == "refused" and t, 30,
                        "a -> b refused")
         assert "VERSION" in t["last_error"] and \
@@ -335,10 +327,6 @@ def test_a_protocol_2_target_shows_refused_with_its_reason(topology):
         hello, agreed = hellos[0]
         assert (hello.proto_min, hello.proto_max, agreed) == (PROTOCOL_MIN, PROTOCOL_MAX, None)
         qemu_io(a.nbd_uri("data"), "write -P 0x44 0 64k")  # still writable
-    finally:
-        done.set()
-        server.close()
-        thread.join(10)
     b.start()
     topo.wait_converged()
 
