@@ -143,6 +143,21 @@ def decode(buf, pos: int = 0) -> Record:
     return Record(seq, volume, offset, length, kind, time_ns, hcrc, payload, end - pos)
 
 
+def trusted_extent(buf, pos: int = 0) -> int:
+    """Where the record at `pos` ends as far as its header can be trusted (for a record
+    that failed decode): the whole record if the header's checksum holds, else only the
+    header and the name it claims. Never past the end of `buf`."""
+    view = buf if type(buf) is memoryview else memoryview(buf)
+    if len(view) - pos < HEADER_SIZE:
+        return len(view)
+    _, hcrc, _, _, length, _, _, kind, name_len, _ = HEADER.unpack_from(view, pos)
+    end = pos + HEADER_SIZE + name_len
+    if end <= len(view) and crc32c(view[pos + _CRC_FROM:end]) == hcrc \
+            and kind == Kind.WRITE and length <= MAX_LENGTH:
+        end += length
+    return min(end, len(view))
+
+
 def iterate(buf, pos: int = 0):
     """Yield the records of a contiguous run of encoded records."""
     end = len(buf)
