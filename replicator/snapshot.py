@@ -112,11 +112,8 @@ async def take(group: Group, directory: str) -> Snapshot:
                              f"{start + 1}..{end} applied during the copy; try again")
         snap = Snapshot(group, directory, group.journal.position(start) or pos,
                         list(group.lineage.history), copies)
-        seq = start
-        while seq < end:  # redo what was applied while the copy ran
-            first, last, data = group.journal.read(seq + 1, 8 << 20, end)
+        for first, last, data in group.journal.chunks(start, end):  # applied during the copy
             snap.apply(first, last, data)
-            seq = last
         return snap
     except BaseException:
         for vol in copies.values():

@@ -269,14 +269,11 @@ class Group:
         self._checkpoint_now.set()
 
     def _replay(self, after_seq: int) -> int:
-        seq, count = after_seq + 1, 0
-        while seq <= self.journal.last_seq:
-            first, last, data = self.journal.read(seq, 8 << 20)
-            applies = [(self.volumes[r.volume], r.kind, r.offset, r.length, r.payload)
-                       for r in iterate(data)]
-            apply_to_volumes(applies)
+        count = 0
+        for first, last, data in self.journal.chunks(after_seq):
+            apply_to_volumes([(self.volumes[r.volume], r.kind, r.offset, r.length, r.payload)
+                              for r in iterate(data)])
             count += last - first + 1
-            seq = last + 1
         return count
 
     def start(self) -> None:
@@ -445,11 +442,8 @@ class Group:
             bm.set_all()
             t.resync_mode = "checksum"  # its image is ours at some seq: most regions agree
             seq = j.first_seq
-        while seq <= j.last_seq:
-            _, last, data = j.read(seq, 8 << 20)
-            for rec in iterate(data):
-                bm.mark(rec.volume, rec.offset, rec.length)
-            seq = last + 1
+        for rec in j.records(seq - 1):
+            bm.mark(rec.volume, rec.offset, rec.length)
         bm.through = j.last_seq
 
     def start_logging(self, t: TargetLink, why: str) -> None:

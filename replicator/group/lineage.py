@@ -14,7 +14,6 @@ from typing import Callable
 
 from .. import statefile
 from ..generations import Generation, from_json, new_generation, to_json
-from ..journal.record import iterate
 from ..journal.segments import Journal
 from ..volume import Volume
 
@@ -103,10 +102,5 @@ class Lineage:
         not complete when the journal no longer holds all of them."""
         j = self.journal
         complete = fork + 1 >= j.first_seq
-        extents = []
-        seq = max(fork + 1, j.first_seq)
-        while seq <= j.last_seq:
-            _, last, data = j.read(seq, 8 << 20)
-            extents += [(r.volume, r.offset, r.length) for r in iterate(data)]
-            seq = last + 1
+        extents = [(r.volume, r.offset, r.length) for r in j.records(max(fork, j.base.seq))]
         return complete, extents

@@ -72,10 +72,11 @@ from dataclasses import dataclass, field
 
 from .. import fallocate as falloc
 from .. import statefile
-from .record import HEADER, HEADER_SIZE, RecordError, decode, trusted_extent
+from .record import HEADER, HEADER_SIZE, RecordError, decode, iterate, trusted_extent
 
 log = logging.getLogger(__name__)
 SECTOR = 512  # the smallest unit a disk writes whole
+CHUNK = 8 << 20  # bytes a reader of many records takes per read
 SPARE = "spare-"  # name prefix of a zeroed segment kept for reuse
 SPARES = 2  # kept by default: one to take while the next is zeroed
 _ZERO_SECTOR = bytes(SECTOR)
@@ -503,6 +504,21 @@ class Journal:
         if len(data) != end - start:
             raise JournalError(f"short read of {seg.path} at {start}")
         return from_seq, last, data
+
+    def chunks(self, after: int, through: int | None = None, max_bytes: int = CHUNK):
+        """Durable records after seq `after` through `through` (default: the last), as
+        read() returns them, chunk by chunk."""
+        through = self.last_seq if through is None else through
+        seq = after + 1
+        while seq <= through:
+            chunk = self.read(seq, max_bytes, through)
+            yield chunk
+            seq = chunk[1] + 1
+
+    def records(self, after: int, through: int | None = None):
+        """The decoded records of chunks(after, through), one by one."""
+        for _, _, data in self.chunks(after, through):
+            yield from iterate(data)
 
     def time_ns(self, seq: int) -> int:
         """When the primary journaled record `seq` (0 if it is not held)."""

@@ -360,3 +360,16 @@ def test_a_spare_not_zeroed_durably_is_dropped_at_open(tmp_path):
         assert not any(open(os.path.join(j2.directory, name), "rb").read())
     assert abs(_on_disk(j2) - held) <= 64 << 10
     j2.close()
+
+
+def test_chunks_and_records_read_a_range_across_segments(tmp_path):
+    (first, second), _ = _two_segments(tmp_path)
+    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20)
+    j.open()
+    spans = [(a, b) for a, b, _ in j.chunks(3, 15, max_bytes=200_000)]
+    assert spans[0][0] == 4 and spans[-1][1] == 15
+    assert all(b + 1 == a for (_, b), (a, _) in zip(spans, spans[1:]))  # gap-free
+    assert spans[0][1] == 6 and (11, 13) in spans  # budget, and never across a segment
+    assert [r.seq for r in j.records(17)] == [18, 19, 20]
+    assert list(j.records(20)) == []
+    j.close()
