@@ -22,22 +22,20 @@ bench/results/outage.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_resync import RSYNC, replicating, timed  # noqa: E402
+from bench.results_file import each_run, medians, run_line, save  # noqa: E402
 from replicator.config import parse_size  # noqa: E402
 from tests.agents import MiB, Topology, wait_until  # noqa: E402
 
@@ -140,23 +138,14 @@ def main() -> int:
     args = ap.parse_args()
     size = parse_size(args.size, "--size")
     runs = []
-    for i in range(args.runs):
-        root = tempfile.mkdtemp(prefix="bench-outage-", dir="/var/tmp")
-        try:
-            runs.append(one_run(root, size, seed=i + 1, kill=args.kill))
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
-                                           f"{k} {v}" for k, v in runs[-1].items()), flush=True)
-    timings = [k for k in runs[0] if k.endswith("_s") and all(k in r for r in runs)]
-    med = {k: statistics.median(r[k] for r in runs) for k in timings}
+    for n, root in each_run(args.runs, "bench-outage-"):
+        runs.append(one_run(root, size, seed=n, kill=args.kill))
+        run_line(n, runs[-1])
+    med = {k: v for k, v in medians(runs).items() if k.endswith("_s")}
     summary = {"size_bytes": size, "stop": "SIGKILL" if args.kill else "SIGTERM",
                "runs": runs, "median": med,
                "speedup_vs_rsync": med["rsync_s"] / med["wall_s"]}
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "outage.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    save("outage", summary)
     return 0
 
 

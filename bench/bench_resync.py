@@ -20,19 +20,17 @@ live under /var/tmp (same file system as a state dir would be).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.results_file import each_run, medians, run_line, save  # noqa: E402
 from replicator.config import parse_size  # noqa: E402
 from tests.agents import MiB, Topology, replicator_cli, wait_until  # noqa: E402
 
@@ -227,18 +225,13 @@ def main() -> int:
     args = ap.parse_args()
     size = parse_size(args.size, "--size")
     runs = []
-    for i in range(args.runs):
-        root = tempfile.mkdtemp(prefix="bench-resync-", dir="/var/tmp")
-        try:
-            runs.append(one_run(root, size, seed=i + 1))
-            shutil.rmtree(root)
-            os.makedirs(root)
-            runs[-1].update(link_run(root, parse_size(args.link_dirty, "--link-dirty"), i + 1))
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
-                                           f"{k} {v}" for k, v in runs[-1].items()), flush=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    for n, root in each_run(args.runs, "bench-resync-"):
+        runs.append(one_run(root, size, seed=n))
+        shutil.rmtree(root)
+        os.makedirs(root)
+        runs[-1].update(link_run(root, parse_size(args.link_dirty, "--link-dirty"), n))
+        run_line(n, runs[-1])
+    med = medians(runs)
     gb = size / 1e9
     summary = {
         "size_bytes": size,
@@ -252,10 +245,7 @@ def main() -> int:
         "sha256sum_both_GBps": gb / med["sha256sum_s"],
         "link_utilisation": med["link_mbit"] / LINK_MBIT,
     }
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "resync.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    save("resync", summary)
     return 0
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.results_file import medians, run_line, save  # noqa: E402
 from replicator.config import parse_size  # noqa: E402
 from tests.agents import MiB, Topology, replicator_cli, wait_until  # noqa: E402
 
@@ -114,12 +113,12 @@ def main() -> int:
             drop_caches()
             out["cat_parallel_s"] = cat_seconds(pa, pb, parallel=True)
             runs.append(out)
-            print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
+            run_line(i + 1, out)
     finally:
         if topo is not None:
             topo.stop()
         shutil.rmtree(root, ignore_errors=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med = medians(runs)
     gb = size / 1e9
     summary = {
         "size_bytes": size,
@@ -132,10 +131,7 @@ def main() -> int:
         "cold_vs_cat_both": med["cat_both_s"] / med["cold_s"],
         "cold_vs_cat_parallel": med["cat_parallel_s"] / med["cold_s"],
     }
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "verify.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    save("verify", summary)
     return 0
 
 
