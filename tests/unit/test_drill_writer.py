@@ -1,6 +1,7 @@
 """The drill's NBD client and workload writer against the product's own NBD server,
 in-process on loopback (the integration test drives them against qemu-nbd)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from replicator.drill import ledger
 from replicator.drill.nbd_client import NbdClient, NbdError
-from tests.nbd_fixtures import MiB, DeferredExport, FileExport, ServerThread
+from tests.nbd_fixtures import MiB, DeferredExport, FileExport, nbd_server  # noqa: F401 (fixture)
 
 
 class FailingExport(FileExport):
@@ -30,32 +31,12 @@ class FailingExport(FileExport):
 
 
 @pytest.fixture
-def serve():
-    """serve({name: export}) -> a started ServerThread; all closed at teardown."""
-    servers = []
-
-    def make(exports):
-        try:
-            srv = ServerThread(exports)
-        except BaseException:
-            for export in exports.values():
-                export.close()
-            raise
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        srv.close()
-
-
-@pytest.fixture
 def client():
-    """client(server, export) -> a connected NbdClient, closed at teardown."""
+    """client(server, export, cls=NbdClient) -> a connected client, closed at teardown."""
     clients = []
 
-    def make(srv, export):
-        c = NbdClient.connect("127.0.0.1", srv.port, export, timeout=10)
+    def make(srv, export, cls=NbdClient):
+        c = cls.connect("127.0.0.1", srv.port, export, timeout=10)
         clients.append(c)
         return c
 
@@ -64,12 +45,19 @@ def client():
         c.close()
 
 
+def write(srv, led, capsys, *args) -> tuple[int, dict]:
+    """`drill write` of export "data" into ledger `led`: (exit code, its JSON result)."""
+    rc = ledger.main(["write", "--nbd", f"127.0.0.1:{srv.port}", "--export", "data",
+                      "--ledger", led, *args, "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
 def data_export(tmp_path, size=MiB, name="data"):
     return {name: FileExport(name, str(tmp_path / f"{name}.img"), size)}
 
 
-def test_handshake_learns_the_export(tmp_path, serve, client):
-    srv = serve({**data_export(tmp_path),
+def test_handshake_learns_the_export(tmp_path, nbd_server, client):
+    srv = nbd_server({**data_export(tmp_path),
                  "ro": FileExport("ro", str(tmp_path / "ro.img"), MiB, read_only=True)})
     c = client(srv, "data")
     assert c.size == MiB and not c.read_only and c.can_fua
@@ -77,15 +65,15 @@ def test_handshake_learns_the_export(tmp_path, serve, client):
     assert client(srv, "ro").read_only
 
 
-def test_unknown_export_is_refused_with_the_servers_message(tmp_path, serve):
-    srv = serve(data_export(tmp_path))
+def test_unknown_export_is_refused_with_the_servers_message(tmp_path, nbd_server):
+    srv = nbd_server(data_export(tmp_path))
     with pytest.raises(NbdError, match="unknown export.*data"):
         NbdClient.connect("127.0.0.1", srv.port, "nope", timeout=10)
 
 
 @pytest.mark.parametrize("iodepth", [1, 4])
-def test_workload_lands_as_logged(tmp_path, serve, client, iodepth):
-    srv = serve(data_export(tmp_path))
+def test_workload_lands_as_logged(tmp_path, nbd_server, client, iodepth):
+    srv = nbd_server(data_export(tmp_path))
     led = str(tmp_path / "ledger")
     result = ledger.run_workload(client(srv, "data"), led, count=100, iodepth=iodepth, seed=3)
     assert (result.reason, result.issued, result.acknowledged) == ("count", 100, 100)
@@ -98,9 +86,9 @@ def test_workload_lands_as_logged(tmp_path, serve, client, iodepth):
     assert records[-1]["reason"] == "count"
 
 
-def test_out_of_order_replies_are_matched_by_cookie(tmp_path, serve, client):
+def test_out_of_order_replies_are_matched_by_cookie(tmp_path, nbd_server, client):
     export = DeferredExport("data", str(tmp_path / "data.img"), MiB)
-    srv = serve({"data": export})
+    srv = nbd_server({"data": export})
     led = str(tmp_path / "ledger")
     c = client(srv, "data")
     done = []
@@ -125,21 +113,19 @@ def test_out_of_order_replies_are_matched_by_cookie(tmp_path, serve, client):
     assert ledger.check(led, str(tmp_path / "data.img"))["missing"] == 0
 
 
-def test_refused_write_stops_the_run_unlogged(tmp_path, serve, capsys):
-    srv = serve({"data": FailingExport("data", str(tmp_path / "data.img"), MiB, good=10)})
+def test_refused_write_stops_the_run_unlogged(tmp_path, nbd_server, capsys):
+    srv = nbd_server({"data": FailingExport("data", str(tmp_path / "data.img"), MiB, good=10)})
     led = str(tmp_path / "ledger")
-    rc = ledger.main(["write", "--nbd", f"127.0.0.1:{srv.port}", "--export", "data",
-                      "--ledger", led, "--count", "50", "--iodepth", "3", "--json"])
+    rc, result = write(srv, led, capsys, "--count", "50", "--iodepth", "3")
     assert rc == 1
-    result = json.loads(capsys.readouterr().out)
     assert result["reason"] == "write_error" and "EIO" in result["error"]
     assert result["acknowledged"] == 10 and result["issued"] <= 13
     r = ledger.check(led, str(tmp_path / "data.img"))
     assert r["acknowledged"] == r["present"] == 10 and r["writer_stopped"] == "write_error"
 
 
-def test_stops_on_request_on_time_and_when_the_export_is_full(tmp_path, serve, client):
-    srv = serve(data_export(tmp_path, size=64 * 1024))     # 16 blocks of 4 KiB
+def test_stops_on_request_on_time_and_when_the_export_is_full(tmp_path, nbd_server, client):
+    srv = nbd_server(data_export(tmp_path, size=64 * 1024))     # 16 blocks of 4 KiB
     polls = []
     result = ledger.run_workload(client(srv, "data"), str(tmp_path / "a"),
                                  stop=lambda: polls.append(1) or len(polls) > 5)
@@ -152,8 +138,8 @@ def test_stops_on_request_on_time_and_when_the_export_is_full(tmp_path, serve, c
     assert ledger.check(str(tmp_path / "c"), str(tmp_path / "data.img"))["missing"] == 0
 
 
-def test_impossible_workloads_are_refused_before_the_ledger_exists(tmp_path, serve, client):
-    srv = serve({**data_export(tmp_path, size=64 * 1024),
+def test_impossible_workloads_are_refused_before_the_ledger_exists(tmp_path, nbd_server, client):
+    srv = nbd_server({**data_export(tmp_path, size=64 * 1024),
                  "ro": FileExport("ro", str(tmp_path / "ro.img"), MiB, read_only=True)})
     led = str(tmp_path / "ledger")
     for export, kwargs in [("ro", {}), ("data", {"count": 17}), ("data", {"block_size": 1000}),
@@ -163,8 +149,8 @@ def test_impossible_workloads_are_refused_before_the_ledger_exists(tmp_path, ser
         assert not os.path.exists(led)
 
 
-def test_command_line_errors(tmp_path, serve, capsys):
-    srv = serve(data_export(tmp_path))
+def test_command_line_errors(tmp_path, nbd_server, capsys):
+    srv = nbd_server(data_export(tmp_path))
     led = tmp_path / "ledger"
     led.write_text("an earlier run\n")
     args = ["write", "--nbd", f"127.0.0.1:{srv.port}", "--export", "data", "--count", "5"]
@@ -282,29 +268,35 @@ def flushed_writes(events):
     return expected, lines_before, meanwhile
 
 
-def recording_client(srv, name, path, clients):
-    c = RecordingClient.connect("127.0.0.1", srv.port, name, timeout=10)
-    c.ledger_path = path
-    clients.append(c)
-    return c
+@contextlib.contextmanager
+def writing(srv, client, led, stop, **workload):
+    """The ledger writer on a thread through a RecordingClient of export "data": yields
+    (client, thread, [result once it ended]); at the end stop() runs, then the join."""
+    c = client(srv, "data", RecordingClient)
+    c.ledger_path = led
+    done = []
+    writer = threading.Thread(target=lambda: done.append(ledger.run_workload(c, led, **workload)))
+    writer.start()
+    try:
+        yield c, writer, done
+    finally:
+        stop()
+        writer.join(10)
 
 
-@pytest.fixture
-def closing():
-    """A list of clients closed at teardown."""
-    clients = []
-    yield clients
-    for c in clients:
-        c.close()
+def polling(writer, seconds):
+    """Yield while the writer runs, within `seconds`, letting it run in between."""
+    deadline = time.monotonic() + seconds
+    while writer.is_alive() and time.monotonic() < deadline:
+        yield
+        writer.join(0.002)
 
 
-def test_a_failed_flush_logs_none_of_the_writes_it_covered(tmp_path, serve, capsys):
-    srv = serve({"data": FlushFailingExport("data", str(tmp_path / "data.img"), MiB, good=1)})
+def test_a_failed_flush_logs_none_of_the_writes_it_covered(tmp_path, nbd_server, capsys):
+    srv = nbd_server({"data": FlushFailingExport("data", str(tmp_path / "data.img"), MiB, good=1)})
     led = str(tmp_path / "ledger")
-    rc = ledger.main(["write", "--nbd", f"127.0.0.1:{srv.port}", "--export", "data",
-                      "--ledger", led, "--count", "40", "--flush-every", "5", "--json"])
+    rc, result = write(srv, led, capsys, "--count", "40", "--flush-every", "5")
     assert rc == 1
-    result = json.loads(capsys.readouterr().out)
     assert result["reason"] == "write_error" and result["flushes"] == 2
     assert "flush 2" in result["error"] and "EIO" in result["error"], result["error"]
     # flush 1 covered writes 0..4; flush 2 (5..9) failed: the writer stopped, and write
@@ -319,28 +311,23 @@ def test_a_failed_flush_logs_none_of_the_writes_it_covered(tmp_path, serve, caps
 
 
 def test_a_connection_lost_before_the_flush_reply_logs_none_of_its_writes(
-        tmp_path, serve, closing):
+        tmp_path, nbd_server, client):
     export = FlushHoldingExport("data", str(tmp_path / "data.img"), MiB, good=1)
-    srv = serve({"data": export})
+    srv = nbd_server({"data": export})
     led = str(tmp_path / "ledger")
-    c = recording_client(srv, "data", led, closing)
-    done = []
-    writer = threading.Thread(target=lambda: done.append(
-        ledger.run_workload(c, led, count=200, iodepth=2, flush_every=4)))
-    writer.start()
-    try:
-        deadline = time.monotonic() + 20
+    def cut():
+        srv.call(lambda: [conn._transport.abort() for conn in list(srv.server._connections)])
+    with writing(srv, client, led, cut, count=200, iodepth=2, flush_every=4) as (c, writer, done):
         # the second flush is held; the writer goes on up to iodepth + flush_every
         # unlogged writes, then waits for the flush's reply (the flush seen held first:
         # the writer's wait is then one it began after sending it)
-        while not (srv.call(lambda: len(export.held)) and c.waiting.is_set()):
-            assert writer.is_alive() and time.monotonic() < deadline, "no held flush"
-            writer.join(0.002)
-        srv.call(lambda: [conn._transport.abort() for conn in list(srv.server._connections)])
+        for _ in polling(writer, 20):
+            if srv.call(lambda: len(export.held)) and c.waiting.is_set():
+                break
+        else:
+            pytest.fail("no held flush")
+        cut()
         writer.join(20)
-    finally:
-        srv.call(lambda: [conn._transport.abort() for conn in list(srv.server._connections)])
-        writer.join(10)
     result = done[0]
     assert result.reason == "connection_lost" and result.flushes == 2
     expected, lines_before, meanwhile = flushed_writes(c.events)
@@ -360,24 +347,15 @@ def test_a_connection_lost_before_the_flush_reply_logs_none_of_its_writes(
     assert r["writer_stopped"] is None and r["unacknowledged_present"] == on_image
 
 
-def test_fua_writes_are_acknowledged_at_their_own_reply(tmp_path, serve, closing):
+def test_fua_writes_are_acknowledged_at_their_own_reply(tmp_path, nbd_server, client):
     export = DeferredExport("data", str(tmp_path / "data.img"), MiB)
-    srv = serve({"data": export})
+    srv = nbd_server({"data": export})
     led = str(tmp_path / "ledger")
-    c = recording_client(srv, "data", led, closing)
-    done = []
-    writer = threading.Thread(target=lambda: done.append(
-        ledger.run_workload(c, led, count=12, iodepth=3, fua=True, seed=5)))
-    writer.start()
-    deadline = time.monotonic() + 20
-    try:
-        while writer.is_alive() and time.monotonic() < deadline:
+    with writing(srv, client, led, lambda: srv.call(export.release),
+                 count=12, iodepth=3, fua=True, seed=5) as (c, writer, done):
+        for _ in polling(writer, 20):
             if c.waiting.is_set() and srv.call(lambda: export.calls) == c.sent:
                 srv.call(export.release, export.calls)
-            writer.join(0.002)
-    finally:
-        srv.call(export.release)
-        writer.join(10)
     result = done[0]
     assert (result.reason, result.acknowledged, result.flushes) == ("count", 12, 0)
     assert export.fua_writes == 12 and export.calls == 12       # no FLUSH sent
@@ -389,27 +367,18 @@ def test_fua_writes_are_acknowledged_at_their_own_reply(tmp_path, serve, closing
 
 
 def test_iodepth_4_flush_every_3_logs_exactly_the_writes_completed_before_each_flush(
-        tmp_path, serve, closing):
+        tmp_path, nbd_server, client):
     export = DeferredExport("data", str(tmp_path / "data.img"), MiB)
-    srv = serve({"data": export})
+    srv = nbd_server({"data": export})
     led = str(tmp_path / "ledger")
-    c = recording_client(srv, "data", led, closing)
-    done = []
-    writer = threading.Thread(target=lambda: done.append(
-        ledger.run_workload(c, led, count=60, iodepth=4, flush_every=3, seed=2)))
-    writer.start()
-    deadline = time.monotonic() + 30
     releases = 0
-    try:
-        while writer.is_alive() and time.monotonic() < deadline:
+    with writing(srv, client, led, lambda: srv.call(export.release),
+                 count=60, iodepth=4, flush_every=3, seed=2) as (c, writer, done):
+        for _ in polling(writer, 30):
             # the writer waits for a reply and the server has all it sent: complete
             # everything held (writes and the flush) in a shuffled order
             if c.waiting.is_set() and srv.call(lambda: export.calls) == c.sent:
                 releases += srv.call(export.release, releases) > 0
-            writer.join(0.002)
-    finally:
-        srv.call(export.release)
-        writer.join(10)
     result = done[0]
     assert (result.reason, result.issued, result.acknowledged) == ("count", 60, 60)
     assert export.most_outstanding >= 5          # 4 writes and a flush at once
@@ -423,12 +392,12 @@ def test_iodepth_4_flush_every_3_logs_exactly_the_writes_completed_before_each_f
     assert ledger.check(led, str(tmp_path / "data.img"))["missing"] == 0
 
 
-def test_an_export_without_flush_is_refused(tmp_path, serve, client, monkeypatch):
+def test_an_export_without_flush_is_refused(tmp_path, nbd_server, client, monkeypatch):
     from replicator.capture import nbd as N
     announce = N.transmission_flags
     monkeypatch.setattr(N, "transmission_flags",
                         lambda export: announce(export) & ~N.TransmissionFlag.SEND_FLUSH)
-    srv = serve(data_export(tmp_path))
+    srv = nbd_server(data_export(tmp_path))
     c = client(srv, "data")
     assert not c.can_flush and c.can_fua
     led = str(tmp_path / "ledger")
