@@ -25,7 +25,7 @@ from .capture.nbd import NbdServer
 from .config import COMPRESSIONS, MODES, ON_DISCONNECT, Config, TargetConfig
 from .group import Group, GroupError
 from .receiver import Receiver
-from .shipper import Shipper, ShipError
+from .shipping import Shipper, ShipError
 from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
