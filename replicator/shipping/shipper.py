@@ -40,13 +40,13 @@ class Shipper:
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
                  heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
                  initial_sync: str = "full",
-                 tls: ssl.SSLContext | None = None, log: logging.Logger | None = None):
+                 tls: ssl.SSLContext | None = None):
         self.group = group
         self.target = link
         self.address = address
         self.compress = compress  # configured; the session's Peer says what was agreed
         self.hb_interval = heartbeat_interval
-        self.log = log or logging.getLogger(f"replicator.ship.{group.name}.{link.node}")
+        self.log = logging.getLogger(f"replicator.ship.{group.name}.{link.node}")
         self.dialer = Dialer(group, link, node=node, address=address, compress=compress,
                              timeout=heartbeat_timeout, initial_sync=initial_sync, tls=tls,
                              log=self.log)
@@ -64,10 +64,6 @@ class Shipper:
         self._peer: Peer | None = None  # the running session's
         self._task: asyncio.Task | None = None
         self._stopping = False
-
-    @property
-    def sent_seq(self) -> int:
-        return self.stream.sent_seq
 
     @property
     def bytes_sent(self) -> int:
