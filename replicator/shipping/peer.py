@@ -151,22 +151,7 @@ class Dialer:
                                   features=features, node=self.node, group=g.name,
                                   target=t.node, seq=g.journal.last_seq,
                                   history=tuple((x.id, x.first_seq) for x in history)))
-            ev = await self._handshake_frame(link, "WELCOME")
-            if isinstance(ev, Refuse):
-                state = {Refusal.SPLIT_BRAIN: "split-brain", Refusal.STALE: "stale"}.get(
-                    ev.code, "refused")
-                if state == "split-brain":
-                    g.lineage.diverged(t.node, reason=ev.reason)
-                # stale: the target follows a later primary. That is no reason to stop
-                # being primary here (a peer's claim is no authority): the operator
-                # demotes this node (replicator demote) once it knows who took over.
-                raise ShipError(f"refused by {t.node}: {code_name(ev.code)}: {ev.reason}",
-                                state=state)
-            if not isinstance(ev, Welcome):
-                raise ShipError(f"{t.node} closed the connection during the handshake")
-            if ev.node != t.node:
-                raise ShipError(f"{host}:{port} answered as {ev.node!r}, expected "
-                                f"{t.node!r} (peers address book wrong?)", state="refused")
+            ev = self._welcome(await self._handshake_frame(link, "WELCOME"))
             verdict = compare(g.lineage.history, g.journal.last_seq,
                               [Generation(*x) for x in ev.history], ev.seq)
             if verdict.relation in (Relation.DIVERGED, Relation.SPLIT_BRAIN):
@@ -186,6 +171,27 @@ class Dialer:
             raise
         return Peer(link, g, t, compress=self.compress and bool(ev.features & Feature.ZSTD),
                     history=history, resume_seq=resume_seq)
+
+    def _welcome(self, ev) -> Welcome:
+        """The answer to our HELLO, if it is a WELCOME from the node we called."""
+        t = self.target
+        if isinstance(ev, Refuse):
+            state = {Refusal.SPLIT_BRAIN: "split-brain", Refusal.STALE: "stale"}.get(
+                ev.code, "refused")
+            if state == "split-brain":
+                self.group.lineage.diverged(t.node, reason=ev.reason)
+            # stale: the target follows a later primary. That is no reason to stop
+            # being primary here (a peer's claim is no authority): the operator
+            # demotes this node (replicator demote) once it knows who took over.
+            raise ShipError(f"refused by {t.node}: {code_name(ev.code)}: {ev.reason}",
+                            state=state)
+        if not isinstance(ev, Welcome):
+            raise ShipError(f"{t.node} closed the connection during the handshake")
+        if ev.node != t.node:
+            host, port = self.address
+            raise ShipError(f"{host}:{port} answered as {ev.node!r}, expected "
+                            f"{t.node!r} (peers address book wrong?)", state="refused")
+        return ev
 
     async def _handshake_frame(self, link: Link, expected: str):
         try:

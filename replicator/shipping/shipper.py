@@ -36,6 +36,9 @@ REFUSED_BACKOFF = 5.0  # seconds after a target refused the session
 
 
 class Shipper:
+    """The one object the agent holds per target: its sessions, its resync and verify,
+    the switchover orders for it, and its status."""
+
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
                  heartbeat_timeout: float, sync_ack_timeout: float = 10.0,

@@ -42,6 +42,10 @@ class _Order:
 
 
 class Stream:
+    """What one target has been sent, across sessions, and the loops of the running
+    one. Its owner says where to resume (`resume`) and hears of progress through
+    `on_caught_up` and `on_ack`."""
+
     def __init__(self, group: Group, target: TargetLink, *, hb_interval: float,
                  hb_timeout: float, sync_ack_timeout: float,
                  on_caught_up: Callable[[], None], on_ack: Callable[[], None]):
