@@ -210,9 +210,10 @@ class Failover:
                 max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             behind = [s.target.node for s in streaming if s.target.acked_seq < seq]
-            raise AdminError(f"switchover of {group.name}: {', '.join(behind)} did not "
-                             f"acknowledge seq {seq} within {timeout:.0f}s; nothing changed") \
-                from None
+            if behind:  # (none: they all made it as the time ran out)
+                raise AdminError(f"switchover of {group.name}: {', '.join(behind)} did not "
+                                 f"acknowledge seq {seq} within {timeout:.0f}s; nothing "
+                                 "changed") from None
 
     async def _name_successor(self, group: Group, successor: str, seq: int,
                               deadline: float) -> dict[str, str | None]:
