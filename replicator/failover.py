@@ -107,7 +107,7 @@ class Failover:
         if not bunker:
             return None
         if bunker not in self.cfg.peers:
-            raise AdminError(f"bunker {bunker!r} is not in this node's peers")
+            raise AdminError(f"group {group.name}: bunker {bunker!r} is not in this node's peers")
         try:
             result = await bunker_replay(group, self.cfg.node, bunker, self.cfg.peers[bunker],
                                          timeout=self.cfg.heartbeat_timeout * 2,
