@@ -9,6 +9,7 @@ reverse: stop accepting, stop shipping, finish queued writes, checkpoint, close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -16,16 +17,14 @@ import signal
 import time
 from typing import Callable
 
-from . import snapshot
 from .admin import AdminError, AdminServer
-from .bunker import BunkerError
-from .bunker import replay as bunker_replay
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
 from .config import COMPRESSIONS, MODES, ON_DISCONNECT, Config, TargetConfig
+from .failover import Failover
 from .group import Group, GroupError
 from .receiver import Receiver
-from .shipper import Shipper, ShipError
+from .shipping import Shipper, ShipError
 from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
@@ -43,6 +42,8 @@ class Agent:
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  peers=cfg.peers, promote=self._promote_to,
                                  tls=self.server_tls)
+        self.failover = Failover(cfg, self.receiver, self.shippers, self._sync_shippers,
+                                 tls=self.client_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
                              handshake_timeout=cfg.nbd_handshake_timeout,
                              max_connections=cfg.nbd_max_connections,
@@ -120,19 +121,10 @@ class Agent:
             raise AdminError(f"{', '.join(unknown)} not in this node's peers (address book); "
                              f"known: {', '.join(sorted(self.cfg.peers))}")
 
-    async def _promote_to(self, group: Group, targets: list[TargetConfig] | None,
-                          force: bool = False) -> dict:
-        known = [t for t in targets or [] if t.node in self.cfg.peers]
-        for t in targets or []:
-            if t.node not in self.cfg.peers:
-                log.warning("group %s: cannot ship to %s after the promotion: not in peers",
-                            group.name, t.node)
-        started = time.monotonic()
-        gen = await group.promote(known if targets is not None else None, force)
-        await self._sync_shippers(group)
-        return {"group": group.name, "role": group.role, "generation": str(gen),
-                "seq": group.journal.last_seq, "targets": [t.node for t in group.target_cfgs],
-                "seconds": round(time.monotonic() - started, 3)}
+    async def _promote_to(self, group: Group, targets: list[TargetConfig] | None) -> dict:
+        """A HANDOVER from our primary makes this node the group's primary (the receiver
+        answers a GroupError with a refusal)."""
+        return await self.failover.promote_to(group, targets)
 
     async def _promote(self, request: dict) -> dict:
         group = self._group(request)
@@ -143,175 +135,31 @@ class Agent:
             targets = [t for t in group.target_cfgs if t.node not in {x.node for x in targets}] \
                 + targets
         force = bool(request.get("force"))
-        if request.get("copy"):
-            return await self._promote_copy(group, request)
-        if self.receiver.status(group.name) is not None and not force:
-            raise AdminError(f"group {group.name}: its source {group.source} is still connected; "
-                             "a planned move is `replicator switchover` on the primary (or force)")
-        if group.role != "secondary":
-            raise AdminError(f"group {group.name} is {group.role} here; only a secondary is "
-                             "promoted")
-        replayed = await self._replay_bunker(group, request)
-        try:
-            result = await self._promote_to(group, targets, force)
-        except GroupError as exc:
-            raise AdminError(str(exc)) from None
-        result["bunker_replay"] = replayed
-        # Every write the lost primary acknowledged was on its sync bunker first.
-        result["rpo_records"] = 0 if replayed and "error" not in replayed else None
-        return result
-
-    async def _promote_copy(self, group: Group, request: dict) -> dict:
-        """The non-destructive takeover of a DR drill: a snapshot of this replica (which
-        goes on replicating), brought forward from the bunker like a promoted replica,
-        writable, in its own directory."""
-        if group.role != "secondary":
-            raise AdminError(f"group {group.name} is {group.role} here; only a secondary's "
-                             "copy is promoted")
-        directory = os.path.abspath(request["copy"])
-        started = time.monotonic()
-        try:
-            snap = await snapshot.take(group, directory)
-        except (GroupError, OSError) as exc:
-            raise AdminError(f"copy of group {group.name} into {directory}: {exc}") from None
-        try:
-            replayed = await self._replay_bunker(group, request, into=snap)
-            manifest = await asyncio.get_running_loop().run_in_executor(None, snap.seal)
-        except BaseException:
-            snap.discard()
-            snapshot.remove(directory)
-            raise
-        log.warning("group %s: promoted a copy at seq %d into %s", group.name, manifest["seq"],
-                    directory)
-        return {"group": group.name, "role": "copy", "copy": manifest, "seq": manifest["seq"],
-                "generation": str(group.lineage.history[-1]) if group.lineage.history else None,
-                "bunker_replay": replayed,
-                "rpo_records": 0 if replayed and "error" not in replayed else None,
-                "seconds": round(time.monotonic() - started, 3)}
-
-    async def _replay_bunker(self, group: Group, request: dict,
-                             into: snapshot.Snapshot | None = None) -> dict | None:
-        """Takeover: fetch what the bunker holds past us (or past `into`) before
-        promoting."""
-        bunker = request.get("bunker") or group.cfg.bunker
-        if not bunker or request.get("no_bunker"):
-            return None
-        if bunker not in self.cfg.peers:
-            raise AdminError(f"bunker {bunker!r} is not in this node's peers")
-        try:
-            result = await bunker_replay(group, self.cfg.node, bunker, self.cfg.peers[bunker],
-                                         timeout=self.cfg.heartbeat_timeout * 2,
-                                         tls=self.client_tls, into=into)
-        except BunkerError as exc:
-            if not request.get("force"):
-                raise AdminError(f"{exc}; nothing was promoted. Promote with --no-bunker (or "
-                                 "--force) to accept losing what only the bunker holds") from None
-            log.error("group %s: %s; promoting anyway (forced)", group.name, exc)
-            return {"bunker": bunker, "error": str(exc)}
-        log.warning("group %s: replayed %d record(s) (seq %d..%d) from bunker %s", group.name,
-                    result["replayed"], result["from_seq"], result["to_seq"], bunker)
-        return result
+        bunker = None if request.get("no_bunker") else request.get("bunker") or group.cfg.bunker
+        with _context(group, "promote"):
+            if request.get("copy"):
+                return await self.failover.promote_copy(
+                    group, os.path.abspath(request["copy"]), bunker=bunker, force=force)
+            return await self.failover.promote(group, targets, bunker=bunker, force=force)
 
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
         source = self._peer(request, "source", "demote needs the new primary as --source")
-        if group.role == "secondary":  # done already (maybe by itself, on a later line)
-            changed = group.source != source
-            if changed:
-                await group.reparent(source)
-                await self._sync_shippers(group)
-            return {"group": group.name, "role": group.role, "source": source,
-                    "changed": changed}
-        try:
-            await group.demote(source)
-        except GroupError as exc:
-            raise AdminError(str(exc)) from None
-        await self._sync_shippers(group)
-        return {"group": group.name, "role": group.role, "source": group.source, "changed": True}
+        with _context(group, "demote"):
+            return await self.failover.demote(group, source)
 
     async def _failback(self, request: dict) -> dict:
-        """After a takeover: wait until the old primary has rejoined as our replica (its
-        unshipped writes rolled back, the changed regions resynced), then give the
-        primary role back with a switchover."""
         group, shipper = self._on_primary(request, "failback", "the current primary")
-        timeout = float(request.get("rejoin_timeout") or 600)
-        deadline = time.monotonic() + timeout
-        while shipper.status()["state"] != "replicating":
-            if time.monotonic() > deadline:
-                st = shipper.status()
-                raise AdminError(f"failback of {group.name}: {shipper.target.node} has not "
-                                 f"rejoined within {timeout:.0f}s (state {st['state']}"
-                                 + (f": {st['last_error']}" if st["last_error"] else "")
-                                 + "); still primary here")
-            await asyncio.sleep(0.05)
-        rejoin_bytes = shipper.bytes_sent
-        result = await self._switchover(request)
-        return {**result, "rejoin_bytes": rejoin_bytes,
-                "volume_bytes": sum(v.size for v in group.volumes.values())}
+        with _context(group, "failback"):
+            return await self.failover.failback(
+                group, shipper, float(request.get("rejoin_timeout") or 600),
+                float(request.get("drain_timeout") or 60))
 
     async def _switchover(self, request: dict) -> dict:
-        """Planned move of the primary role to a replicating target: hold new writes,
-        drain every connected target, name the new primary to the other targets (their
-        source is this node: only it can move them), hand over at the last seq, demote
-        here."""
         group, shipper = self._on_primary(request, "switchover", "the primary")
-        timeout = float(request.get("drain_timeout") or 60)
-        started = time.monotonic()
-        group.commit.hold_writes()
-        switching = self.receiver.switching[group.name] = \
-            asyncio.get_running_loop().create_future()
-        told: dict[str, str | None] = {}
-        try:
-            await group.commit.settle()
-            seq = group.journal.last_seq
-            deadline = started + timeout
-            streaming = [s for s in self.shippers[group.name] if s.target.streaming]
-            for s in streaming:
-                s.flush(seq)
-            while any(s.target.acked_seq < seq for s in streaming):
-                if time.monotonic() > deadline:
-                    behind = [s.target.node for s in streaming if s.target.acked_seq < seq]
-                    raise AdminError(f"switchover of {group.name}: {', '.join(behind)} did not "
-                                     f"acknowledge seq {seq} within {timeout:.0f}s; nothing changed")
-                await asyncio.sleep(0.01)
-            told = await self._name_successor(group, shipper.target.node, seq, deadline)
-            targets = [(self.cfg.node, shipper.target.mode, "zstd" if shipper.compress else "none",
-                        "continue")]
-            targets += [(t.node, t.mode, t.compress, t.on_disconnect) for t in group.target_cfgs
-                        if t.node != shipper.target.node]
-            try:
-                await shipper.handover(seq, tuple(targets), max(1.0, deadline - time.monotonic()))
-            except (ShipError, asyncio.TimeoutError) as exc:
-                raise AdminError(f"switchover of {group.name} to {shipper.target.node} failed "
-                                 f"before the handover: {exc or 'timed out'}; still primary "
-                                 "here") from None
-            await group.demote(shipper.target.node)
-        finally:
-            group.commit.release_writes()
-            switching.set_result(None)
-            if self.receiver.switching.get(group.name) is switching:
-                del self.receiver.switching[group.name]
-        await self._sync_shippers(group)
-        drained = {s.target.node: s.target.acked_seq for s in streaming}
-        behind = sorted(n for n, why in told.items() if why)
-        for node in behind:
-            log.warning("group %s: %s did not hear that %s is its new source (%s): run "
-                        "`replicator reparent %s --source %s` on %s", group.name, node,
-                        shipper.target.node, told[node], group.name, shipper.target.node, node)
-        return {"group": group.name, "from": self.cfg.node, "to": shipper.target.node,
-                "seq": seq, "drained": drained, "role": group.role,
-                "reparent_needed": behind, "seconds": round(time.monotonic() - started, 3)}
-
-    async def _name_successor(self, group: Group, successor: str, seq: int,
-                              deadline: float) -> dict[str, str | None]:
-        """Tell every other target (SUCCESSOR) that `successor` takes over after `seq`, so
-        that they take it as their source: {node: None when told, else why not}."""
-        others = [s for s in self.shippers[group.name] if s.target.node != successor]
-        results = await asyncio.gather(
-            *(s.name_successor(successor, seq, max(1.0, deadline - time.monotonic()))
-              for s in others), return_exceptions=True)
-        return {s.target.node: (None if r is None else str(r) or type(r).__name__)
-                for s, r in zip(others, results)}
+        with _context(group, "switchover"):
+            return await self.failover.switchover(group, shipper,
+                                                  float(request.get("drain_timeout") or 60))
 
     async def _attach(self, request: dict) -> dict:
         """Ship to one more target from now on (a re-parented downstream replica)."""
@@ -328,39 +176,28 @@ class Agent:
     async def _reparent(self, request: dict) -> dict:
         group = self._group(request)
         source = self._peer(request, "source", "reparent needs the new source")
-        try:
+        with _context(group, "reparent"):
             await group.reparent(source)
-        except GroupError as exc:
-            raise AdminError(str(exc)) from None
         await self._sync_shippers(group)  # the new source is no longer a target
         return {"group": group.name, "source": group.source,
                 "targets": [t.node for t in group.target_cfgs]}
 
     async def _restore(self, request: dict) -> dict:
         group = self._group(request)
-        try:
+        with _context(group, "restore"):
             changed = await group.restore()
-        except GroupError as exc:
-            raise AdminError(str(exc)) from None
         await self._sync_shippers(group)
         return {"group": group.name, "role": group.role, "source": group.source,
                 "targets": [t.node for t in group.target_cfgs], "changed": changed}
 
     async def _resolve(self, request: dict) -> dict:
-        """Split brain, on the loser: take `survivor`'s line; what this node wrote since
-        the split is saved (path in status) before the survivor's data replaces it."""
         group = self._group(request)
         if not request.get("discard_local"):
             raise AdminError("resolve only takes --discard-local (run it on the node whose "
                              "writes since the split are given up)")
         survivor = self._peer(request, "survivor", "resolve needs the --survivor")
-        if group.role == "primary":
-            await group.demote(survivor)
-            await self._sync_shippers(group)
-        group.lineage.survivor = survivor  # resolve: its line wins at the next connect
-        group.adopt(group.lineage.history, survivor)
-        return {"group": group.name, "role": group.role, "survivor": survivor,
-                "split_brain": group.lineage.split_brain}
+        with _context(group, "resolve"):
+            return await self.failover.resolve(group, survivor)
 
     async def stop(self) -> None:
         await self.admin.close()
@@ -413,10 +250,8 @@ class Agent:
         if self.receiver.status(group.name) is not None and not request.get("force"):
             raise AdminError(f"group {group.name}: the source is still connected and resyncing; "
                              "stop it first, or use --force")
-        try:
+        with _context(group, "rollback"):
             restored = await group.rollback()
-        except GroupError as exc:
-            raise AdminError(str(exc)) from None
         return {"group": group.name, "regions_restored": restored,
                 "consistent_seq": group.journal.last_seq}
 
@@ -496,6 +331,15 @@ class Agent:
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
         }
+
+
+@contextlib.contextmanager
+def _context(group: Group, operation: str):
+    """A GroupError of an admin request, for the operator: which group, which operation."""
+    try:
+        yield
+    except GroupError as exc:
+        raise AdminError(f"{operation} of group {group.name}: {exc}") from None
 
 
 def _target(t: dict) -> TargetConfig:

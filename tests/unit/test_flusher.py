@@ -252,7 +252,7 @@ def test_a_shipper_that_fails_says_so_and_tries_again(tmp_path, caplog, monkeypa
     """A bug in a shipper session (here: an exception injected into its connect) must
     not end the shipper silently: status says it failed and why, the log has the
     traceback, and it tries again after a pause."""
-    from replicator import shipper as shipper_mod
+    from replicator.shipping import shipper as shipper_mod
     from replicator.config import TargetConfig
 
     async def main():
@@ -266,7 +266,7 @@ def test_a_shipper_that_fails_says_so_and_tries_again(tmp_path, caplog, monkeypa
         async def broken():
             calls.append(1)
             raise RuntimeError("injected")
-        monkeypatch.setattr(s, "_connect", broken)
+        monkeypatch.setattr(s.dialer, "connect", broken)
         monkeypatch.setattr(shipper_mod, "REFUSED_BACKOFF", 0.05)
         s.start()
         await _until(lambda: len(calls) >= 2, "the shipper to try again")

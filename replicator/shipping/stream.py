@@ -1,0 +1,332 @@
+"""The record stream to one target: what has been sent, what waits for its ACK, and the
+two loops of a session.
+
+  pump: read durable records after `sent_seq` from the journal (at most BATCH_BYTES a
+        frame, at most WINDOW_BYTES unacked) and send them; a heartbeat when idle. It
+        also places what rides in the stream at a seq: verify's hash requests, FLUSH,
+        RETAIN (bunker), SUCCESSOR and HANDOVER.
+  acks: read ACKs and heartbeats; silence longer than heartbeat_timeout ends the session.
+        A sync target that sends no ACK for sync_ack_timeout while records are in flight
+        (its link alive, heartbeats flowing) leaves sync: it goes to logging, so writes
+        stop waiting for it, or with on_disconnect: block the writes waiting for it fail
+        (EIO) and later ones are held as for any target that is not streaming.
+A sync target also gets batches early: once their journal write is done, before their
+fdatasync (send_early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections import deque
+from typing import Callable
+
+from ..group import Group, TargetLink
+from ..verify import volume_hashes
+from ..wire import Ack, Flush, Heartbeat, Records, Retain
+from .peer import Peer, ShipError, ShipTimeout
+from .verify import Probe, Verify
+
+BATCH_BYTES = 1 << 20
+WINDOW_BYTES = 16 << 20
+
+
+class _Order:
+    """A frame to send once every record through `seq` is sent (SUCCESSOR, HANDOVER);
+    done when the target acknowledges exactly `seq`."""
+    __slots__ = ("seq", "frame", "done", "sent")
+
+    def __init__(self, seq: int, frame, done: asyncio.Future):
+        self.seq, self.frame, self.done, self.sent = seq, frame, done, False
+
+
+class Stream:
+    """What one target has been sent, across sessions, and the loops of the running
+    one. Its owner says where to resume (`resume`) and hears of progress through
+    `on_caught_up` and `on_ack`."""
+
+    def __init__(self, group: Group, target: TargetLink, *, hb_interval: float,
+                 hb_timeout: float, sync_ack_timeout: float,
+                 on_caught_up: Callable[[], None], on_ack: Callable[[], None]):
+        self.group, self.target = group, target
+        self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
+        self.sync_ack_timeout = sync_ack_timeout
+        self.on_caught_up = on_caught_up  # the target is in sync: it has all we have
+        self.on_ack = on_ack  # the target acknowledged records
+        self.sent_seq = 0
+        self.bytes_sent = 0
+        self.early_batches = 0  # batches shipped before their local fdatasync finished
+        self.verifying: Verify | None = None
+        self._peer: Peer | None = None  # the session's, while streaming (early batches)
+        self._retained_seq = -1  # bunker: the last RETAIN sent in this session
+        self._flush_sent = 0  # the last FLUSH sent in this session
+        self._flush_asked = 0  # flush() asked this target for durability through this seq
+        self._inflight: deque = deque()  # (last_seq, nbytes)
+        self._inflight_bytes = 0
+        self._ack_wait_since: float | None = None  # the oldest batch in flight waits since
+        self._acked = asyncio.Event()
+        self._probes: deque[Probe] = deque()  # verify requests for the pump to place
+        self._orders: list[_Order] = []
+
+    def resume(self, seq: int) -> None:
+        """The target holds every record through `seq`: stream from after it."""
+        self.sent_seq = seq
+
+    def count(self, nbytes: int) -> None:
+        """Payload bytes sent to the target outside the stream (resync)."""
+        self.bytes_sent += nbytes
+
+    async def run(self, peer: Peer) -> None:
+        """Stream until the session fails (always with an exception)."""
+        self._retained_seq = -1
+        self._flush_sent = 0
+        pump = asyncio.create_task(self._pump(peer))
+        acks = asyncio.create_task(self._acks(peer))
+        g = self.group
+        if self.target.mode == "sync":
+            self._peer = peer
+            g.commit.early_senders.add(self.send_early)
+        try:
+            done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
+            # Both may end in one loop turn (the ACK reader makes the target leave sync,
+            # which stops the pump): its reason is the one to report, on any event loop.
+            for task in (acks, pump):
+                if task in done:
+                    task.result()
+        finally:
+            g.commit.early_senders.discard(self.send_early)
+            self._peer = None
+            for task in (pump, acks):
+                task.cancel()
+            await asyncio.gather(pump, acks, return_exceptions=True)
+
+    def ended(self, lost: Exception) -> None:
+        """The session is over: nothing is in flight, what waited on it gets `lost`."""
+        self._inflight.clear()
+        self._inflight_bytes = 0
+        self._ack_wait_since = None
+        for fut in [p.reply for p in self._probes] + [o.done for o in self._orders]:
+            if not fut.done():
+                fut.set_exception(lost)
+        self._probes.clear()
+
+    def poke(self) -> None:
+        """Wake the pump: a verify request is queued, or the target must resync now."""
+        self._acked.set()
+        self.group.commit.poke_readers()
+
+    def flush(self, seq: int) -> None:
+        """Have the target make every record through `seq` durable now."""
+        self._flush_asked = max(self._flush_asked, seq)
+        self.poke()
+
+    async def order(self, seq: int, frame, timeout: float) -> None:
+        """Send `frame` once every record through `seq` is sent; returns when the target
+        acknowledges `seq`."""
+        o = _Order(seq, frame, asyncio.get_running_loop().create_future())
+        self._orders.append(o)
+        self.poke()
+        try:
+            await asyncio.wait_for(o.done, timeout)
+        finally:
+            self._orders.remove(o)
+
+    async def verify(self, v: Verify) -> dict:
+        self.verifying = v
+        try:
+            return await v.run(self._place, self._withdraw)
+        finally:
+            self.verifying = None
+
+    def _place(self, probe: Probe) -> None:
+        self._probes.append(probe)
+        self.poke()
+
+    def _withdraw(self, probe: Probe) -> None:
+        if probe in self._probes:
+            self._probes.remove(probe)
+
+    def send_early(self, first: int, last: int, bufs: list) -> bool:
+        """A batch whose journal write is done, before its fdatasync: ship it now if the
+        stream is exactly there (DRBD protocol C overlaps the two the same way). Its
+        writes complete once the target acknowledges them written."""
+        peer = self._peer
+        if (peer is None or self.sent_seq != first - 1 or not self.target.in_sync
+                or self._inflight_bytes >= WINDOW_BYTES or self._probes or self.verifying
+                or self._orders or not peer.can_post()):
+            return False  # the pump sends it from the journal once it is durable
+        payload = b"".join(bufs)
+        peer.post(Records(first_seq=first, last_seq=last, payload=payload,
+                          compress=peer.compress))
+        self._sent(last, len(payload))
+        self.early_batches += 1
+        return True
+
+    async def _pump(self, peer: Peer) -> None:
+        g, t = self.group, self.target
+        j = g.journal
+        last_send = time.monotonic()
+        while True:
+            if t.logging:
+                raise ShipError(f"{t.node} switched to logging ({t.why}): "
+                                "resync from the bitmap", state="logging")
+            if g.lineage.history != peer.history:
+                # This node took a new line (a promotion upstream): the target must hear
+                # it in a new HELLO, or it would refuse the new primary later.
+                raise ShipError(f"generation changed to {g.lineage.history[-1]}: "
+                                "reconnecting")
+            if self._probes:
+                await self._send_probe(peer, self._probes.popleft())
+                last_send = time.monotonic()
+                continue
+            for o in self._orders:
+                if not o.sent and self.sent_seq >= o.seq:
+                    o.sent = True
+                    await peer.send(o.frame)
+            if t.bunker:
+                await self._retain(peer)
+            if self.sent_seq >= j.last_seq and not t.in_sync:
+                t.in_sync = True
+                self.on_caught_up()
+                g.targets_changed()
+            if self.sent_seq < j.last_seq and self._inflight_bytes < WINDOW_BYTES:
+                await self._send_records(peer)
+                last_send = time.monotonic()
+                continue
+            await self._pass_flush(peer)
+            wait = max(0.0, self.hb_interval - (time.monotonic() - last_send))
+            if self.sent_seq < j.last_seq:  # window full: wait for an ack
+                self._acked.clear()
+                try:
+                    async with asyncio.timeout(wait or self.hb_interval):
+                        await self._acked.wait()
+                except TimeoutError:
+                    pass
+            elif await g.commit.wait_for_records(self.sent_seq, wait):
+                continue
+            if time.monotonic() - last_send >= self.hb_interval:
+                await peer.send(Heartbeat(sent_ns=time.time_ns()))
+                last_send = time.monotonic()
+
+    async def _pass_flush(self, peer: Peer) -> None:
+        """A FLUSH or FUA write here waits for a sync target to make what it was sent
+        durable, flush() for any target, and so does a journal that would otherwise
+        fill up with what the target has not made durable: ask it to (its ACK says
+        when). One FLUSH covers every flush before it."""
+        wanted = self._flush_asked
+        t, j = self.target, self.group.journal
+        if t.mode == "sync":
+            wanted = max(wanted, self.group.commit.flush_wanted)
+        if t.written_seq > t.acked_seq and \
+                j.bytes_between(t.acked_seq, min(t.written_seq, j.last_seq)) > j.capacity // 8:
+            # Our journal keeps what it has not made durable: ask before that fills it
+            # (a target commits on its own only every commit_interval).
+            wanted = max(wanted, t.written_seq)
+        seq = min(wanted, self.sent_seq)
+        if seq > self._flush_sent and seq > t.acked_seq:
+            self._flush_sent = seq
+            await peer.send(Flush(seq=seq))
+
+    async def _retain(self, peer: Peer) -> None:
+        """Tell the bunker how far every other target got: it keeps the records after."""
+        far = min(self.group.retention.far_seq(), self.sent_seq)
+        if far != self._retained_seq:
+            await peer.send(Retain(seq=far))
+            self._retained_seq = far
+
+    async def _send_records(self, peer: Peer, through: int | None = None) -> None:
+        first, last, data = self.group.journal.read(self.sent_seq + 1, BATCH_BYTES, through)
+        frame = Records(first_seq=first, last_seq=last, payload=data, compress=peer.compress)
+        self._sent(last, len(data))  # before the await: an early batch must follow it
+        await peer.send(frame)
+
+    def _sent(self, last: int, nbytes: int) -> None:
+        if not self._inflight:
+            self._ack_wait_since = time.monotonic()
+        self.sent_seq = last
+        self.bytes_sent += nbytes
+        self._inflight.append((last, nbytes))
+        self._inflight_bytes += nbytes
+
+    async def _send_probe(self, peer: Peer, probe: Probe) -> None:
+        """Place a verify HASH_REQUEST in the stream: our regions are read now, at the
+        journal's last seq (the loop applies each batch to the volumes as it indexes
+        it, so the two agree); RECORDS through that seq go first, later ones after."""
+        g = self.group
+        while g.journal.last_seq < self.sent_seq:  # batches shipped early, not durable yet
+            if g.commit.halted:  # that batch will never be durable here
+                raise ShipError(f"group {g.name}: {g.commit.halted}")
+            await g.commit.wait_for_records(g.journal.last_seq, self.hb_interval)
+        seq = g.journal.last_seq
+        if g.commit.applied_seq != seq or g.inconsistent:
+            probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
+                                                "consistent image right now"))
+            return
+        probe.seq = seq
+        probe.hashes = volume_hashes(g.volumes[probe.volume], probe.offset, probe.length,
+                                     g.cfg.bitmap_granularity)
+        while self.sent_seq < seq:
+            await self._send_records(peer, seq)
+        await peer.request_hashes(probe.reply, seq, probe.volume, probe.offset, probe.length)
+
+    async def _acks(self, peer: Peer) -> None:
+        sync = self.target.mode == "sync"
+        while True:
+            timeout, ack_due = self.hb_timeout, False
+            if sync and self._ack_wait_since is not None:
+                left = self._ack_wait_since + self.sync_ack_timeout - time.monotonic()
+                if left <= 0:
+                    self._left_sync()
+                timeout, ack_due = min(timeout, left), left < timeout
+            try:
+                ev = await peer.next_reply(timeout, "streaming")
+            except ShipTimeout:
+                # (not time.monotonic() again: the loop's clock may run a millisecond
+                # behind it, uvloop's does, so the wait can end just short of the due time)
+                if ack_due:
+                    self._left_sync()
+                raise
+            if isinstance(ev, Ack):
+                self._ack(ev)
+            elif ev is not None:
+                raise ShipError(f"unexpected {type(ev).__name__} from {self.target.node} "
+                                "while streaming")
+
+    def _ack(self, ev: Ack) -> None:
+        t = self.target
+        if not (t.written_seq <= ev.seq <= self.sent_seq
+                and t.acked_seq <= ev.durable <= ev.seq):
+            raise ShipError(f"{t.node} acked seq {ev.seq} (durable {ev.durable}) "
+                            f"outside {t.written_seq}..{self.sent_seq} (durable from "
+                            f"{t.acked_seq})")
+        t.acked(ev.seq, ev.durable)
+        for o in self._orders:  # the target did as told
+            if o.sent and ev.seq == o.seq and not o.done.done():
+                o.done.set_result(None)
+        while self._inflight and self._inflight[0][0] <= ev.seq:
+            self._inflight_bytes -= self._inflight.popleft()[1]
+            # the next batch's wait for its ACK starts now, not when it was sent
+            self._ack_wait_since = time.monotonic() if self._inflight else None
+        self._acked.set()
+        self.group.targets_changed()
+        self.on_ack()
+
+    def _left_sync(self) -> None:
+        """The sync target has acknowledged nothing for sync_ack_timeout though records
+        are in flight: stop making writes wait for it, say so, and end the session (the
+        next one resyncs it from its bitmap)."""
+        t, g = self.target, self.group
+        waited = time.monotonic() - self._ack_wait_since
+        why = (f"no ACK for seq {t.acked_seq + 1}..{self.sent_seq} in {waited:.1f}s "
+               f"(sync_ack_timeout {self.sync_ack_timeout:g}s) while the link was up")
+        outcome = "writes no longer wait for it"
+        if t.block:  # first: once it is out of sync nothing would hold these back
+            failed = g.commit.fail_sync_waits(t, errno.EIO)
+            outcome = (f"{failed} write(s) waiting for it failed (EIO) and new ones wait "
+                       "until it is back (on_disconnect: block)")
+        t.in_sync = False
+        if not t.logging:
+            g.start_logging(t, why)
+        g.targets_changed()
+        raise ShipError(f"{t.node} left sync: {why}; {outcome}", state="logging")
