@@ -17,9 +17,9 @@ extends_documentation_fragment: [replicator_agent]
 options:
   initial_sync:
     description: C(full) copies every region, C(checksum) only regions whose hashes differ
-      (a target seeded from a backup), C(none) declares both sides identical (blank volumes).
+      (a target seeded from a backup), C(assume-clean) declares both sides identical (blank volumes).
     type: str
-    choices: [full, checksum, none]
+    choices: [full, checksum, assume-clean]
     default: full
   safe_mode:
     description: Refuse to overwrite a target whose history diverged (C(needs-resync)).
@@ -44,7 +44,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call, link,
                                                    select)
 
-FLAGS = {"full": "--full", "checksum": "--checksum", "none": "--assume-clean"}
+FLAGS = {mode: f"--{mode}" for mode in ("full", "checksum", "assume-clean")}
 
 
 def wanted(lk: dict, initial_sync: str) -> bool:

@@ -8,16 +8,16 @@ module: replicator_resync
 short_description: Start a resync of this host's outgoing links, or set their resync rate
 description:
   - Runs C(replicator resync GROUP TARGET) on the node that ships to TARGET. With I(mode)
-    C(full) every region is sent again, with C(checksum) only regions whose hashes differ;
-    with C(dirty) (the default) nothing is forced, the agent resyncs dirty regions by itself,
-    and only I(rate) is applied. Does not wait: see replicator_wait.
+    C(full) every region is sent again, with C(checksum) only regions whose hashes differ,
+    with C(assume-clean) none (the target is declared identical); without I(mode) no resync
+    is forced (the agent resyncs what an outage left dirty by itself) and only I(rate) is
+    applied. Does not wait: see replicator_wait.
 extends_documentation_fragment: [replicator_agent]
 options:
   mode:
-    description: What to resync.
+    description: What to resync; omit it to force none.
     type: str
-    choices: [dirty, full, checksum]
-    default: dirty
+    choices: [full, checksum, assume-clean]
   rate:
     description: Resync rate limit in bytes per second (C(50MiB), C(0) = unlimited); unchanged if omitted.
     type: str
@@ -39,7 +39,7 @@ from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentE
 def main():
     module = AnsibleModule(
         argument_spec=dict(**AGENT_ARGS, **LINK_ARGS,
-                           mode=dict(type="str", choices=["dirty", "full", "checksum"], default="dirty"),
+                           mode=dict(type="str", choices=["full", "checksum", "assume-clean"]),
                            rate=dict(type="str")),
         supports_check_mode=True,
     )
@@ -51,7 +51,7 @@ def main():
         for group, target in select(status, p["group"], p["targets"]):
             args = ["resync", group["name"], target["node"]]
             _, current = call(module, *args)  # without options: shows, changes nothing
-            flags = [] if p["mode"] == "dirty" else [f"--{p['mode']}"]
+            flags = [f"--{p['mode']}"] if p["mode"] else []
             if rate is not None and current.get("rate_limit_bytes_per_s") != rate:
                 flags += ["--rate", str(rate)]
             if not flags:

@@ -20,7 +20,7 @@ from typing import Callable
 from .admin import AdminError, AdminServer
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
-from .config import COMPRESSIONS, MODES, ON_DISCONNECT, Config, TargetConfig
+from .config import COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, TargetConfig
 from .failover import Failover
 from .group import Group, GroupError
 from .receiver import Receiver
@@ -257,15 +257,16 @@ class Agent:
 
     async def _resync(self, request: dict) -> dict:
         """Tune a target's resync rate, and/or start a resync of it: `full`, `checksum`
-        or `clean` (declare it identical: nothing is sent but later writes)."""
+        or `assume-clean` (declare it identical: nothing is sent but later writes)."""
         group = self._group(request)
         shipper = self._shipper(group, request.get("target"))
         rate, mode = request.get("rate"), request.get("mode")
         if rate is not None:
             shipper.resync_rate = int(rate)
         if mode is not None:
-            if mode not in ("full", "checksum", "clean"):
-                raise AdminError(f"resync mode {mode!r}: expected full, checksum or clean")
+            if mode not in RESYNC_MODES:
+                raise AdminError(f"resync mode {mode!r}: expected one of "
+                                 f"{', '.join(RESYNC_MODES)}")
             if group.inconsistent:
                 raise AdminError(f"group {group.name} on {self.cfg.node} is itself being "
                                  "resynced: it has no consistent image to send")

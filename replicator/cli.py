@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--checksum", dest="mode", action="store_const", const="checksum",
                      help="send only the regions whose hashes differ on the target (a seeded "
                           "or copied replica)")
-    how.add_argument("--assume-clean", dest="mode", action="store_const", const="clean",
+    how.add_argument("--assume-clean", dest="mode", action="store_const", const="assume-clean",
                      help="send nothing: declare the target identical (two blank volumes); "
                           "later writes are shipped")
     vf = sub.add_parser("verify", help="compare a target's regions with ours, online; exit 3 "

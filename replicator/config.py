@@ -20,7 +20,10 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MODES = ("sync", "async")
 ROLES = ("primary", "secondary", "bunker")  # bunker: journal only, no volumes
 COMPRESSIONS = ("none", "zstd")
-INITIAL_SYNCS = ("full", "checksum", "none")  # how a new target is first synced
+# How a resync starts (a new target's initial sync, or one an operator asks for): send
+# every region, every region whose checksum differs, or nothing (the target is declared
+# identical; only later writes are sent).
+RESYNC_MODES = ("full", "checksum", "assume-clean")
 ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
 ALLOCATIONS = ("preallocate", "check", "sparse")  # how an image file's blocks are allocated
 DURABILITIES = ("flush", "write")  # when a write completes: see GroupConfig.durability
@@ -201,7 +204,7 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
                                          f"{', '.join(sorted(peers)) or 'none'})")
     t = TargetConfig(node=target, mode=r.choice("mode", MODES),
                      compress=r.choice("compress", COMPRESSIONS, "none"),
-                     initial_sync=r.choice("initial_sync", INITIAL_SYNCS, "full"),
+                     initial_sync=r.choice("initial_sync", RESYNC_MODES, "full"),
                      on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"),
                      bunker=r.get("bunker", False, types=(bool,)))
     if t.bunker and t.mode != "sync":

@@ -29,7 +29,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MODES = ("sync", "async")
 GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size", "drill_volume"}
 VOLUME_KEYS = {"name", "size", "path"}
-LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "none"),
+LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "assume-clean"),
                 "on_disconnect": ("continue", "block")}  # optional keys, first = default
 LINK_KEYS = {"from", "to", "mode", "bunker", *LINK_CHOICES}
 

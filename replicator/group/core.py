@@ -161,7 +161,8 @@ class Group:
         if bitmap.active:
             link.why = "saved bitmap"
             link.lacks_since_ns = int(self._lacks_saved.get(t.node, 0))
-            link.resync_mode, link.resync_initial = self._modes_saved.get(t.node, ("full", False))
+            mode, link.resync_initial = self._modes_saved.get(t.node, ("full", False))
+            link.resync_mode = "assume-clean" if mode == "none" else mode  # an older name
         return link
 
     def set_targets(self, targets: list[TargetConfig], member_at: int | None = None) -> None:
@@ -460,25 +461,25 @@ class Group:
         self._checkpoint_now.set()
 
     def request_resync(self, t: TargetLink, mode: str, why: str, initial: bool = False) -> None:
-        """Resync `t` from the image as it is now: `full` sends every region,
-        `checksum` every region whose hash differs on the target, `clean` none (the
-        operator declares the target identical; writes from now on are still sent)."""
+        """Resync `t` from the image as it is now (config.RESYNC_MODES): `full` sends
+        every region, `checksum` every region whose hash differs on the target,
+        `assume-clean` none (the operator declares the target identical; writes from now
+        on are still sent)."""
         bm = t.bitmap
         if t.bunker:
-            mode = "clean"  # a bunker holds no volumes: it restarts from our position
-        bm.clear_all() if mode == "clean" else bm.set_all()
+            mode = "assume-clean"  # a bunker holds no volumes: it restarts from our position
+        bm.clear_all() if mode == "assume-clean" else bm.set_all()
         self._note_lacks_since(t)
         bm.through = self.journal.last_seq
         bm.active = True
         t.why = why
-        t.resync_mode = "none" if mode == "clean" else mode
+        t.resync_mode = mode
         t.resync_initial = initial
         t.resync_epoch += 1
         bm.save()
         self.checkpoint.changed = True  # record the mode in group.json
         self._checkpoint_now.set()
-        self.log.warning("group %s: %s resync of %s (%s)", self.name,
-                         "no-data" if mode == "clean" else mode, t.node, why)
+        self.log.warning("group %s: %s resync of %s (%s)", self.name, mode, t.node, why)
 
     def request_rejoin(self, t: TargetLink, fork: int,
                        extents: list[tuple[str, int, int]] | None) -> None:

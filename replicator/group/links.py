@@ -20,7 +20,7 @@ class TargetLink:
         self.in_sync = False  # connected and caught up: sync writes wait for it
         self.bitmap = bitmap  # active: the target is logging (or resyncing) from it
         self.why = ""  # why it went to logging
-        self.resync_mode = "full"  # full | checksum | none: how the next resync starts
+        self.resync_mode = "full"  # config.RESYNC_MODES: how the next resync starts
         self.resync_initial = False  # that resync is the target's initial sync
         self.resync_epoch = 0  # bumped by each resync request: a running pass starts over
         self.synced = acked_seq > 0  # has had its initial sync (or streamed from seq 0)

@@ -122,7 +122,7 @@ class Dialer:
         self.node, self.address, self.tls = node, address, tls
         self.compress = compress
         self.timeout = timeout  # for the connect and for each handshake frame
-        self.initial_sync = initial_sync  # full | checksum | none, for a new target
+        self.initial_sync = initial_sync  # config.RESYNC_MODES, for a new target
         self.log = log
 
     async def connect(self) -> Peer:
@@ -230,8 +230,7 @@ class Dialer:
                             "from ours", state="needs-resync")
         t.connected = True
         if not t.synced and not t.logging and welcome.seq == 0:
-            mode = "clean" if self.initial_sync == "none" else self.initial_sync
-            g.request_resync(t, mode, "initial sync of a new target", initial=True)
+            g.request_resync(t, self.initial_sync, "initial sync of a new target", initial=True)
         if not (t.logging or ours is None or welcome.seq < t.acked_seq):
             t.reset_position(welcome.seq)
             g.targets_changed()

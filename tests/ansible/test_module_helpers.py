@@ -99,8 +99,9 @@ def test_pair_asks_for_a_resync_only_when_one_is_needed():
     assert pair.wanted({"state": "needs-resync"}, "full")
     assert not pair.wanted({"state": "replicating", "resync": None}, "full")
     assert not pair.wanted({"state": "resyncing", "resync": {"initial": True, "mode": "full"}}, "full")
-    assert pair.wanted({"state": "resyncing", "resync": {"initial": True, "mode": "full"}}, "none")
-    assert not pair.wanted({"state": "resyncing", "resync": {"mode": "dirty"}}, "checksum")
+    assert pair.wanted({"state": "resyncing", "resync": {"initial": True, "mode": "full"}},
+                       "assume-clean")
+    assert not pair.wanted({"state": "resyncing", "resync": {"mode": "full"}}, "checksum")
 
 
 HOSTS = [{"name": "dc1-app", "address": "10.213.0.11", "site": "dc1"}]

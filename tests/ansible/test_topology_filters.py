@@ -43,7 +43,7 @@ def test_the_lab_topology_is_valid():
     (lambda g: g["links"][0].update(mode="asnyc"), "mode must be one of sync, async; got 'asnyc'"),
     (lambda g: g["links"][1].update(compress="lz4"), "compress must be one of none, zstd"),
     (lambda g: g["links"][1].update(initial_sync="rsync"),
-     "initial_sync must be one of full, checksum, none"),
+     "initial_sync must be one of full, checksum, assume-clean"),
     (lambda g: g["links"][0].update(on_disconnect="wait"),
      "on_disconnect must be one of continue, block"),
     (lambda g: g.update(primary="dc5"), "primary 'dc5' is not a host of the inventory group"),

@@ -117,7 +117,7 @@ def test_a_replica_whose_volume_write_fails_applies_the_record_when_space_return
                                                                                   tmp_path):
     """Item 1 on a replica: records it journaled but could not write to its (sparse,
     full) volume are applied later, never skipped, and survive its kill -9."""
-    topo = topology(["a", "b"], [("a", "b", "async", {"initial_sync": "none"})],
+    topo = topology(["a", "b"], [("a", "b", "async", {"initial_sync": "assume-clean"})],
                     volumes={"data": 8 * MiB}, start=False)  # both blank: b stays sparse
     a, b = topo["a"], topo["b"]
     with small_fs(tmp_path / "bvol", "1m") as mnt:

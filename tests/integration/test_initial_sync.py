@@ -1,4 +1,4 @@
-"""Initial sync of a new target (full, checksum, none) and operator-requested resyncs
+"""Initial sync of a new target (full, checksum, assume-clean) and operator-requested resyncs
 (`replicator resync GROUP TARGET --full | --checksum | --assume-clean`)."""
 
 import os
@@ -58,7 +58,7 @@ def test_new_target_gets_the_primary_image(topology, initial_sync):
 
 
 def test_assume_clean_sends_nothing_for_two_blank_volumes(topology):
-    topo = topology(["a", "b"], [("a", "b", "sync", {"initial_sync": "none"})])
+    topo = topology(["a", "b"], [("a", "b", "sync", {"initial_sync": "assume-clean"})])
     t = _streaming(topo)
     assert t["bytes_sent"] == 0
     qemu_io(topo["a"].nbd_uri("data"), "write -P 0x44 0 128k")
@@ -88,7 +88,7 @@ def test_operator_resync_modes(topology):
     _change_regions(topo["b"].volume_path("db", "data"), [3])
     rc, answer = replicator_cli(topo["a"], "resync", "db", "b", "--assume-clean")
     assert rc == 0 and answer["state"] in ("replicating", "resyncing", "logging", "connecting")
-    assert _streaming(topo, "no-data resync done")["bytes_sent"] == full
+    assert _streaming(topo, "assume-clean resync done")["bytes_sent"] == full
     rc, found = replicator_cli(topo["a"], "verify", "db", "b")
     assert rc == 3 and [m["offset"] for m in found["mismatches"]] == [3 * GRAN]
 

@@ -62,7 +62,7 @@ def mutate(path, value):
     (("groups", 0, "targets", 0, "node"), "dc1-app", "groups[0].targets[0].node", "own node"),
     (("groups", 0, "targets", 1, "compress"), "lz4", "groups[0].targets[1].compress", "zstd"),
     (("groups", 0, "targets", 1, "initial_sync"), "fast", "groups[0].targets[1].initial_sync",
-     "full, checksum, none"),
+     "full, checksum, assume-clean"),
     (("groups", 0, "targets", 0, "on_disconnect"), "wait", "groups[0].targets[0].on_disconnect",
      "continue, block"),
     (("groups", 0, "targets", 1, "bunker"), True, "groups[0].targets[1].bunker", "must be sync"),
