@@ -21,7 +21,6 @@ File layout (little-endian), replaced atomically without fresh space (statefile.
 
 from __future__ import annotations
 
-import os
 import struct
 
 from crc32c import crc32c
@@ -85,9 +84,6 @@ class Bitmap:
     def clear_all(self) -> None:
         for bits in self.bits.values():
             bits[:] = bytes(len(bits))
-
-    def is_set(self, volume: str, region: int) -> bool:
-        return bool(self.bits[volume][region >> 3] >> (region & 7) & 1)
 
     def dirty(self):
         """(volume, region, offset, length) of every marked region, in volume then

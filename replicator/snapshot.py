@@ -25,8 +25,7 @@ import os
 
 from . import statefile
 from .generations import Generation, to_json
-from .group import Group, GroupError, apply_to_volumes
-from .journal.record import RecordError, iterate
+from .group import Group, GroupError, apply_to_volumes, received_records, volume_of
 from .journal.segments import Position
 from .volume import Volume
 
@@ -45,24 +44,12 @@ class Snapshot:
     def apply(self, first_seq: int, last_seq: int, payload: bytes) -> None:
         """Apply records that follow the copy's position (a bunker replay); records it
         already holds are skipped, a gap or a stray record raises GroupError."""
-        seq, position = self.position.seq, self.position
-        if first_seq > seq + 1:
-            raise GroupError(f"records start at seq {first_seq}, the copy holds {seq}")
+        where, position = f"the copy of group {self.group}", self.position
         applies = []
-        try:
-            for rec in iterate(payload):
-                if rec.seq <= seq:
-                    continue
-                if rec.seq != seq + 1:
-                    raise GroupError(f"seq {rec.seq} after {seq} in the copy of {self.group}")
-                vol = self.volumes.get(rec.volume)
-                if vol is None or rec.offset + rec.length > vol.size:
-                    raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
-                                     f"[{rec.offset}, +{rec.length}) outside the copy")
-                applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
-                seq, position = rec.seq, Position(rec.seq, rec.hcrc)
-        except RecordError as exc:
-            raise GroupError(f"corrupt record in batch {first_seq}..{last_seq}: {exc}") from None
+        for rec in received_records(payload, first_seq, last_seq, position.seq, where):
+            applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
+                            rec.length, rec.payload))
+            position = Position(rec.seq, rec.hcrc)
         apply_to_volumes(applies)
         self.position = position
 

@@ -17,8 +17,9 @@ Data flows NBD export / receiver -> Commit (journal, memtable, volumes) -> shipp
 which read the journal and report through the links.
 """
 
-from .commit import Done, GroupError, apply_to_volumes, wake_all
+from .commit import Done, GroupError, apply_to_volumes, received_records, volume_of, wake_all
 from .core import Group
 from .links import Links, TargetLink
 
-__all__ = ["Done", "Group", "GroupError", "Links", "TargetLink", "apply_to_volumes", "wake_all"]
+__all__ = ["Done", "Group", "GroupError", "Links", "TargetLink", "apply_to_volumes",
+           "received_records", "volume_of", "wake_all"]

@@ -84,6 +84,37 @@ def apply_to_volumes(applies) -> None:
             vol.zero(offset, length)
 
 
+def received_records(payload, first_seq: int, last_seq: int, held: int, where: str):
+    """The records of a received batch after seq `held` (the ones before it are held
+    already: a resent batch), checked: the batch must follow `held` without a gap and
+    hold exactly first_seq..last_seq, in order. GroupError names `where`."""
+    if first_seq > held + 1:
+        raise GroupError(f"{where}: records start at seq {first_seq}, expected {held + 1} (gap)")
+    seq = first_seq
+    try:
+        for rec in iterate(payload):
+            if rec.seq != seq:
+                raise GroupError(f"{where}: seq {rec.seq} after {seq - 1}")
+            seq += 1
+            if rec.seq > held:
+                yield rec
+    except RecordError as exc:
+        raise GroupError(f"{where}: corrupt record in batch {first_seq}..{last_seq}: "
+                         f"{exc}") from None
+    if seq - 1 != last_seq:
+        raise GroupError(f"{where}: a batch of records {first_seq}..{last_seq} holds "
+                         f"{first_seq}..{seq - 1}")
+
+
+def volume_of(volumes: dict, rec, where: str):
+    """The volume a received record writes, which must hold the record's extent."""
+    vol = volumes.get(rec.volume)
+    if vol is None or rec.offset + rec.length > vol.size:
+        raise GroupError(f"{where}: record {rec.seq} targets {rec.volume!r} "
+                         f"[{rec.offset}, +{rec.length}), which it does not have")
+    return vol
+
+
 class _Batch:
     __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
                  "appended")
@@ -256,35 +287,16 @@ class Commit:
         durable). Records we already hold are skipped (a resent batch); a gap or a
         record that does not fit this group raises GroupError and nothing is queued."""
         expected = self._next_seq
-        if first_seq > expected:
-            raise GroupError(f"group {self.name}: records start at seq {first_seq}, "
-                             f"expected {expected} (gap)")
+        where = f"group {self.name}"
+        journal_only = self._role() == "bunker"
         sizes, hcrcs, applies = [], [], []
-        seq, skip = first_seq, 0
-        try:
-            for rec in iterate(payload):
-                if rec.seq != seq:
-                    raise GroupError(f"seq {rec.seq} after {seq - 1} in group {self.name}")
-                seq += 1
-                if rec.seq < expected:
-                    skip += rec.size
-                    continue
-                sizes.append(rec.size)
-                hcrcs.append(rec.hcrc)
-                if self._role() == "bunker":  # journal only
-                    continue
-                vol = self.volumes.get(rec.volume)
-                if vol is None or rec.offset + rec.length > vol.size:
-                    raise GroupError(f"record {rec.seq} targets {rec.volume!r} "
-                                     f"[{rec.offset}, +{rec.length}) which group "
-                                     f"{self.name} does not have")
-                applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
-        except RecordError as exc:
-            raise GroupError(f"group {self.name}: corrupt record in batch "
-                             f"{first_seq}..{last_seq}: {exc}") from None
-        if seq - 1 != last_seq:
-            raise GroupError(f"batch claims {first_seq}..{last_seq} but holds "
-                             f"{first_seq}..{seq - 1}")
+        for rec in received_records(payload, first_seq, last_seq, expected - 1, where):
+            sizes.append(rec.size)
+            hcrcs.append(rec.hcrc)
+            if not journal_only:
+                applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
+                                rec.length, rec.payload))
+        skip = len(payload) - sum(sizes)  # the records held already come first
         if not sizes:
             done(0)
             return

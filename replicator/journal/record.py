@@ -69,10 +69,6 @@ class Record(NamedTuple):
     size: int  # encoded size in bytes
 
 
-def encoded_size(volume_name: bytes, kind: Kind, length: int) -> int:
-    return HEADER_SIZE + len(volume_name) + (length if kind == Kind.WRITE else 0)
-
-
 def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: Kind,
                   time_ns: int, payload) -> bytes:
     """Header and name of a record whose payload (for WRITE) follows separately, so a
