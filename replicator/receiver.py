@@ -428,7 +428,7 @@ class Receiver:
                                            lambda err, seq=ev.last_seq: self._done(s, seq, err))
                 except GroupError as exc:
                     self.log.error("%s", exc)
-                    await s.link.send(Error(code=Refusal.POSITION, message=str(exc)[:1000]))
+                    await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
                     return
             elif isinstance(ev, ResyncData):
                 s.resync_items.append((ev.volume, ev.offset, ev.payload))
@@ -464,7 +464,7 @@ class Receiver:
                 if problem:
                     self.log.error("group %s: hash request from %s: %s", s.group.name,
                                    s.source, problem)
-                    await s.link.send(Error(code=Refusal.POSITION, message=problem[:1000]))
+                    await s.link.send(Error(code=Refusal.HASH_REFUSED, message=problem[:1000]))
                     return
             elif isinstance(ev, Retain):
                 s.group.retention.retain(ev.seq)
@@ -502,7 +502,7 @@ class Receiver:
             why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
                    f"{g.commit.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
             self.log.error("group %s: %s", g.name, why)
-            await s.link.send(Error(code=Refusal.POSITION, message=why))
+            await s.link.send(Error(code=Refusal.HANDOVER_REFUSED, message=why))
             return
         targets = [TargetConfig(node=n, mode=m, compress=c, on_disconnect=d)
                    for n, m, c, d in ev.targets if n != self.node]
@@ -510,7 +510,8 @@ class Receiver:
             await self.promote(g, targets)
         except GroupError as exc:
             self.log.error("group %s: handover from %s refused: %s", g.name, s.source, exc)
-            await s.link.send(Error(code=Refusal.POSITION, message=f"handover refused: {exc}"))
+            await s.link.send(Error(code=Refusal.HANDOVER_REFUSED,
+                                    message=f"handover refused: {exc}"))
             return
         await s.link.send(Ack(seq=ev.seq, durable=ev.seq))
         self.log.warning("group %s: took over as primary from %s at seq %d (switchover)",
@@ -529,7 +530,7 @@ class Receiver:
                    f"{self.node} holds seq {g.journal.last_seq}")
         if why:
             self.log.warning("group %s: refused from %s: %s", g.name, s.link.who(s.source), why)
-            await s.link.send(Error(code=Refusal.POSITION, message=why))
+            await s.link.send(Error(code=Refusal.SUCCESSOR_REFUSED, message=why))
             return False
         self.successors[g.name] = (ev.node, ev.seq)
         self.log.warning("group %s: %s names %s the next primary after seq %d: %s becomes "

@@ -114,7 +114,9 @@ so a lying or oversized frame is refused without inflating more than that.
 WELCOME carries the receiver's position: its last durable seq and the header CRC of
 that record (0, 0 when empty).
 Types 0x80..0xFF are reserved for frames a peer may ignore; an unknown type below 0x80
-is a protocol error.
+is a protocol error. REFUSE and ERROR codes are open-ended: a code this version does not
+know arrives as a bare int (Refusal.of) and is named `code N` (code_name), so new codes
+need no new protocol version.
 """
 
 from __future__ import annotations
@@ -188,6 +190,12 @@ class Refusal(enum.IntEnum):
     UNKNOWN_PEER = 11  # the node is not in the receiver's peers (address book)
     NOT_MEMBER = 12  # the node is a peer, but not a member of this group on the receiver
     PROTOCOL = 13  # the peer broke the protocol (a frame out of its state or range)
+    # Codes 14..17 name what the receiver could not take; a peer that predates them reads
+    # them as bare ints (`of`, `code_name`) and ends the link as for any ERROR.
+    BAD_RECORDS = 14  # a RECORDS batch the journal cannot take (a gap, a batch that lies)
+    HASH_REFUSED = 15  # a HASH_REQUEST for a region or an image the receiver does not have
+    HANDOVER_REFUSED = 16  # a HANDOVER at another seq than held, or the promotion failed
+    SUCCESSOR_REFUSED = 17  # a SUCCESSOR that is no peer, or named at another seq than held
     INTERNAL = 99
 
     @classmethod
