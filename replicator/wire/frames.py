@@ -676,24 +676,17 @@ def _read_welcome(reader: _Reader) -> Welcome:
                    node=reader.text("node"), history=_read_history(reader))
 
 
-def _write_refuse(ev: Refuse, out: _Writer) -> None:
-    out.fixed(_CODE, int(ev.code))
-    out.text("reason", ev.reason)
+def _code_and_text(cls: type, field: str) -> _Codec:
+    """The codec of REFUSE and ERROR: a code (kept as an int when this version does not
+    know it) and a free text `field`."""
+    def write(ev, out: _Writer) -> None:
+        out.fixed(_CODE, int(ev.code))
+        out.text(field, getattr(ev, field))
 
-
-def _read_refuse(reader: _Reader) -> Refuse:
-    (code,) = reader.fixed(_CODE)
-    return Refuse(code=Refusal.of(code), reason=reader.text("reason", MAX_REASON))
-
-
-def _write_error(ev: Error, out: _Writer) -> None:
-    out.fixed(_CODE, int(ev.code))
-    out.text("message", ev.message)
-
-
-def _read_error(reader: _Reader) -> Error:
-    (code,) = reader.fixed(_CODE)
-    return Error(code=Refusal.of(code), message=reader.text("message", MAX_REASON))
+    def read(reader: _Reader) -> Frame:
+        (code,) = reader.fixed(_CODE)
+        return cls(code=Refusal.of(code), **{field: reader.text(field, MAX_REASON)})
+    return _Codec(write, read)
 
 
 def _write_records(ev: Records, out: _Writer) -> None:
@@ -839,11 +832,11 @@ def _fixed_only(cls: type, part: _Fixed) -> _Codec:
 CODECS: dict[FrameType, _Codec] = {
     FrameType.HELLO: _Codec(_write_hello, _read_hello),
     FrameType.WELCOME: _Codec(_write_welcome, _read_welcome),
-    FrameType.REFUSE: _Codec(_write_refuse, _read_refuse),
+    FrameType.REFUSE: _code_and_text(Refuse, "reason"),
     FrameType.RECORDS: _Codec(_write_records, _read_records, compressible=True),
     FrameType.ACK: _fixed_only(Ack, _ACK),
     FrameType.HEARTBEAT: _fixed_only(Heartbeat, _HEARTBEAT),
-    FrameType.ERROR: _Codec(_write_error, _read_error),
+    FrameType.ERROR: _code_and_text(Error, "message"),
     FrameType.RESYNC_DATA: _Codec(_write_resync_data, _read_resync_data),
     FrameType.RESYNC_DONE: _fixed_only(ResyncDone, _RESYNC_DONE),
     FrameType.RESYNC_ACK: _fixed_only(ResyncAck, _RESYNC_ACK),
