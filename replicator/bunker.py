@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 
 from .admission import welcome
@@ -60,7 +61,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
         welcome = ev
         await link.send(Fetch(seq=ours.seq, crc=ours.hcrc))
         replayed, last = 0, ours.seq
-        failed: list[int] = []
+        failed: list[tuple[int, int]] = []  # (last seq of the batch, errno)
         while True:
             ev = await link.next_event(timeout)
             if isinstance(ev, Records):
@@ -68,8 +69,9 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                     if into:
                         into.apply(ev.first_seq, ev.last_seq, ev.payload)
                     else:
-                        group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
-                                             lambda err: err and failed.append(err))
+                        group.commit.submit_records(
+                            ev.first_seq, ev.last_seq, ev.payload,
+                            lambda err, seq=ev.last_seq: err and failed.append((seq, err)))
                 except GroupError as exc:
                     raise BunkerError(f"records from bunker {bunker}: {exc}") from None
                 replayed += ev.last_seq - max(ev.first_seq, last + 1) + 1
@@ -88,7 +90,9 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                 raise BunkerError(f"bunker {bunker} sent {type(ev).__name__} during a fetch")
         await group.commit.settle()
         if failed:
-            raise BunkerError(f"applying the bunker's records failed (errno {failed[0]})")
+            seq, err = failed[0]
+            raise BunkerError(f"journaling records through seq {seq} fetched from bunker "
+                              f"{bunker} failed: {os.strerror(err)} (errno {err})")
         return {"bunker": bunker, "from_seq": ours.seq + 1, "to_seq": last,
                 "replayed": replayed}
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 
@@ -299,7 +300,8 @@ class Receiver:
                     s.group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
                                            lambda err, seq=ev.last_seq: self._done(s, seq, err))
                 except GroupError as exc:
-                    self.log.error("%s", exc)
+                    self.log.error("group %s: records %d..%d from %s refused: %s", s.group.name,
+                                   ev.first_seq, ev.last_seq, s.link.who(s.source), exc)
                     await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
                     return
             elif isinstance(ev, ResyncData):
@@ -433,7 +435,8 @@ class Receiver:
     def _done(self, s: _Session, seq: int, err: int) -> None:
         """Records through `seq` are written to our journal (or failed)."""
         if err:
-            s.failed = f"applying records through seq {seq} failed (errno {err})"
+            s.failed = (f"journaling records through seq {seq} from {s.source} failed: "
+                        f"{os.strerror(err)} (errno {err})")
             asyncio.ensure_future(s.link.close())
             return
         if seq > s.ack_seq:
