@@ -83,7 +83,7 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 peers=(), promote=None, tls: ssl.SSLContext | None = None,
+                 promote, peers=(), tls: ssl.SSLContext | None = None,
                  log: logging.Logger | None = None):
         self.node = node
         self.log = log or logging.getLogger("replicator.receiver")
@@ -374,7 +374,7 @@ class Receiver:
         """Planned switchover: we hold every record through ev.seq; become the primary."""
         g = s.group
         await g.commit.settle()
-        if g.commit.applied_seq != ev.seq or g.inconsistent or self.promote is None:
+        if g.commit.applied_seq != ev.seq or g.inconsistent:
             why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
                    f"{g.commit.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
             self.log.error("group %s: %s", g.name, why)
