@@ -126,7 +126,7 @@ async def serve_fetch(link: Link, hello: Hello, group: Group, agreed, *, node: s
     ours = welcome(group, node, agreed)
     await link.send(ours)
     req = await link.next_event(timeout)
-    if not isinstance(req, Fetch):
+    if not isinstance(req, Fetch):  # its ERROR or EOF: TRANSITIONS allow nothing else here
         return
     j = group.journal
     if req.seq > ours.seq:  # it holds more than we do (records the primary never acked)
