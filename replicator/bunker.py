@@ -6,19 +6,24 @@ non-destructive takeover replays them into a snapshot of the replica instead.
 
 One connection with Feature.FETCH: HELLO (our position and history), WELCOME (the
 bunker's), FETCH(our seq, its header CRC), then RECORDS from the bunker up to its last
-seq and ACK(last seq).
+seq and ACK(last seq). `replay` is the reading side, `serve_fetch` the bunker's (the
+receiver hands it a HELLO asking for FETCH once admission let the sender read).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import ssl
 
+from .admission import welcome
+from .generations import Relation, compare, from_wire, to_wire
 from .group import Group, GroupError
 from .snapshot import Snapshot
 from .transport import Link
 from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, Error, Feature, Fetch, Hello,
-                   Records, Refuse, Role, Welcome, code_name)
+                   Records, Refusal, Refuse, Role, Welcome, code_name)
 
 
 class BunkerError(Exception):
@@ -46,7 +51,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
         await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                               features=Feature.ZSTD | Feature.FETCH, node=node,
                               group=group.name, target=bunker, seq=ours.seq,
-                              history=tuple((g.id, g.first_seq) for g in history)))
+                              history=to_wire(history)))
         ev = await link.next_event(timeout)
         if isinstance(ev, Refuse):
             raise BunkerError(f"bunker {bunker} refused: {code_name(ev.code)}: "
@@ -56,7 +61,7 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
         welcome = ev
         await link.send(Fetch(seq=ours.seq, crc=ours.hcrc))
         replayed, last = 0, ours.seq
-        failed: list[int] = []
+        failed: list[tuple[int, int]] = []  # (last seq of the batch, errno)
         while True:
             ev = await link.next_event(timeout)
             if isinstance(ev, Records):
@@ -64,8 +69,9 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                     if into:
                         into.apply(ev.first_seq, ev.last_seq, ev.payload)
                     else:
-                        group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
-                                             lambda err: err and failed.append(err))
+                        group.commit.submit_records(
+                            ev.first_seq, ev.last_seq, ev.payload,
+                            lambda err, seq=ev.last_seq: err and failed.append((seq, err)))
                 except GroupError as exc:
                     raise BunkerError(f"records from bunker {bunker}: {exc}") from None
                 replayed += ev.last_seq - max(ev.first_seq, last + 1) + 1
@@ -84,7 +90,9 @@ async def replay(group: Group, node: str, bunker: str, address: tuple[str, int],
                 raise BunkerError(f"bunker {bunker} sent {type(ev).__name__} during a fetch")
         await group.commit.settle()
         if failed:
-            raise BunkerError(f"applying the bunker's records failed (errno {failed[0]})")
+            seq, err = failed[0]
+            raise BunkerError(f"journaling records through seq {seq} fetched from bunker "
+                              f"{bunker} failed: {os.strerror(err)} (errno {err})")
         return {"bunker": bunker, "from_seq": ours.seq + 1, "to_seq": last,
                 "replayed": replayed}
     finally:
@@ -99,3 +107,48 @@ def _check_ahead(group: Group, bunker: str, welcome: Welcome) -> None:
     if mine is not None and mine.hcrc != welcome.crc:
         raise BunkerError(f"bunker {bunker}'s record {welcome.seq} differs from ours: it is "
                           "not of our line")
+
+
+async def serve_fetch(link: Link, hello: Hello, group: Group, agreed, *, node: str,
+                      timeout: float, log: logging.Logger) -> None:
+    """The bunker's side: a node of our line reads our journal after its position
+    (takeover replay): RECORDS from there to our last seq, then ACK(last seq)."""
+    verdict = compare(group.lineage.history, group.journal.last_seq, from_wire(hello.history),
+                      hello.seq)
+    if verdict.relation not in (Relation.NEW, Relation.SAME, Relation.BEHIND):
+        why = (f"{hello.node}'s history ({verdict.relation.value} after seq {verdict.fork}) "
+               f"is not a prefix of {node}'s: nothing here to replay onto it")
+        log.warning("group %s: fetch from %s refused: %s", group.name, link.who(hello.node),
+                    why)
+        await link.send(Refuse(code=Refusal.POSITION, reason=why))
+        return
+    await group.commit.settle()
+    ours = welcome(group, node, agreed)
+    await link.send(ours)
+    req = await link.next_event(timeout)
+    if not isinstance(req, Fetch):  # its ERROR or EOF: TRANSITIONS allow nothing else here
+        return
+    j = group.journal
+    if req.seq > ours.seq:  # it holds more than we do (records the primary never acked)
+        # it checks our last record against its own
+        await link.send(Ack(seq=ours.seq, durable=ours.seq))
+        log.info("group %s: %s is at seq %d, past our %d: nothing to replay",
+                 group.name, hello.node, req.seq, ours.seq)
+        return
+    held = j.position(req.seq)
+    if held is None or held.hcrc != req.crc:
+        why = (f"{node} does not hold {hello.node}'s position {req.seq} "
+               + ("(trimmed: the journal starts at seq "f"{j.first_seq})" if held is None
+                  else "(its record differs)"))
+        log.warning("group %s: fetch from %s: %s", group.name, link.who(hello.node), why)
+        await link.send(Error(code=Refusal.POSITION, message=why))
+        return
+    seq, last = req.seq, ours.seq
+    while seq < last:
+        first, end, data = j.read(seq + 1, 1 << 20, last)
+        await link.send(Records(first_seq=first, last_seq=end, payload=data,
+                                compress=bool(agreed[1] & Feature.ZSTD)))
+        seq = end
+    await link.send(Ack(seq=last, durable=last))
+    log.warning("group %s: %s fetched records %d..%d (takeover replay)", group.name,
+                link.who(hello.node), req.seq + 1, last)

@@ -81,3 +81,13 @@ def to_json(history: list[Generation]) -> list:
 
 def from_json(value) -> list[Generation]:
     return [Generation(int(i, 16), int(s)) for i, s in value or []]
+
+
+def to_wire(history: list[Generation]) -> tuple:
+    """A history as HELLO and WELCOME carry it: ((id, first_seq), ...)."""
+    return tuple((g.id, g.first_seq) for g in history)
+
+
+def from_wire(pairs) -> list[Generation]:
+    """The history a HELLO or WELCOME carried."""
+    return [Generation(*g) for g in pairs]

@@ -2,53 +2,45 @@
 local replica group (which journals, applies in seq order and forwards downstream).
 
 Per connection: the TLS handshake (refusals logged with the reason), then HELLO is
-checked (see Authority), then WELCOME reports the group's durable position. Each
+checked (admission.py), then WELCOME reports the group's durable position. Each
 RECORDS batch goes to Group.submit_records; HASH_REQUESTs are answered in stream order
 (online verify); when a batch is durable (and acked by in-sync sync targets further
-down a cascade) an ACK goes back. ACKs are coalesced: one per loop turn at most.
+down a cascade) an ACK goes back, written and drained by the session's ACK task: what
+happens while one drains is reported by the next (ACKs coalesce).
 A newer connection for the same group replaces an older one (a half-dead link must not
 block its own reconnection).
 
-Authority (who may do what here), checked in this order, each refusal logged at WARNING
-with the peer's name, address and certificate subject:
-- connect at all: a node of `peers`, whose TLS certificate names the node its HELLO
-  claims (plain TCP: the claim alone, so keep plain TCP to trusted networks);
-- members of a group, as this node knows them (`members()`): its source and targets,
-  as configured and as operator acts changed them (promote, demote, reparent, attach,
-  resolve), its bunker, its configured `members`, and the successor its source named;
-- read the journal (FETCH): members only (NOT_MEMBER);
-- be judged by generation history (split brain, stale: what it records here): members
-  only; anyone else is refused by role and source without its history counting;
-- ship records: only the group's source, or the successor its source named in-band
-  (SUCCESSOR, during a switchover) once that node connects as the primary of a
-  generation that begins right after the named seq. A newer generation claimed by a
-  peer changes neither this node's role nor its source: a primary stays primary (an old
-  primary back after a takeover is demoted by the operator, `replicator demote`), and
-  a replica whose source was lost is re-pointed by the operator (`replicator reparent`).
+Who may do what here (connect, read the journal, ship records, name a successor) is
+admission.py's to say; each refusal is logged at WARNING with the peer's name, address
+and certificate subject. A FETCH connection is served by bunker.py (serve_fetch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 
+from .admission import Admission, welcome
+from .bunker import serve_fetch
 from .config import TargetConfig
-from .generations import Generation, Relation, Verdict, compare
+from .generations import Generation, Relation, Verdict, from_wire
 from .group import Group, GroupError
 from .journal.segments import Position
 from .transport import Link, peer_node, tls_failure
 from .verify import volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
-                   ConnectionClosed, Diverged, Error, Feature, Fetch, Handover, HashReply,
+                   ConnectionClosed, Diverged, Error, Feature, Flush, Handover, HashReply,
                    HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
                    RemoteProtocolError, ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain,
-                   Flush, Role, Successor, Welcome, code_name, negotiate)
+                   Role, Successor, code_name, negotiate)
 
 
 LISTEN_BACKLOG = 100  # what asyncio.start_server listened with
 ACCEPT_RETRY_DELAY = 1.0  # seconds, after accept(2) failed (asyncio's servers wait as long)
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for cancelled links to end (Link.close waits 2)
 
 
 async def _listen(host: str, port: int) -> list[socket.socket]:
@@ -81,7 +73,8 @@ class _Session:
         self.source = source
         self.history = history  # the sender's: ours once its image is ours
         self.ack_seq = 0
-        self.ack_scheduled = False
+        self.ack_wanted = asyncio.Event()  # something happened that an ACK reports
+        self.ack_task: asyncio.Task | None = None
         self.failed: str | None = None
         self.resync_items: list = []  # RESYNC_DATA received, not yet applied
         self.resync_applied = 0  # RESYNC_DATA frames durable, for RESYNC_ACK
@@ -90,20 +83,18 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 peers=(), promote=None, tls: ssl.SSLContext | None = None,
+                 promote, peers=(), tls: ssl.SSLContext | None = None,
                  log: logging.Logger | None = None):
         self.node = node
-        self.peers = set(peers)  # the address book: nobody else may connect
+        self.log = log or logging.getLogger("replicator.receiver")
+        self.admission = Admission(node, peers, tls=tls is not None, log=self.log)
         self.promote = promote  # async (group, [TargetConfig]): HANDOVER makes us primary
         self.groups = groups
-        # group -> (node, seq): the successor our source named (SUCCESSOR), until it connects
-        self.successors: dict[str, tuple[str, int]] = {}
         # group -> future done when a switchover of it here ends (set by the agent): a
         # HELLO meanwhile waits for it, so that the new primary finds this node demoted
         self.switching: dict[str, asyncio.Future] = {}
         self.hb_timeout = heartbeat_timeout
         self.tls = tls
-        self.log = log or logging.getLogger("replicator.receiver")
         self.sessions: dict[str, _Session] = {}
         self._listeners: list[socket.socket] = []
         self._accepting: list[asyncio.Task] = []
@@ -127,7 +118,11 @@ class Receiver:
             sock.close()
         for task in list(self._conns):
             task.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._conns:
+            _, stuck = await asyncio.wait(set(self._conns), timeout=CLOSE_TIMEOUT)
+            if stuck:
+                self.log.warning("replication listener closed with %d link(s) still ending "
+                                 "after %gs", len(stuck), CLOSE_TIMEOUT)
 
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -179,6 +174,8 @@ class Receiver:
             if session:
                 listener = lambda _seq, s=session: self._ack_soon(s)  # noqa: E731
                 session.group.commit.durable_listeners.add(listener)
+                session.ack_task = asyncio.create_task(
+                    self._acks(session), name=f"replication-acks-{session.group.name}")
                 try:
                     await self._serve(session)
                 finally:
@@ -197,6 +194,9 @@ class Receiver:
         finally:
             if session and self.sessions.get(session.group.name) is session:
                 del self.sessions[session.group.name]
+            if session and session.ack_task is not None:
+                session.ack_task.cancel()
+                await asyncio.gather(session.ack_task, return_exceptions=True)
             if session and session.resync_task is not None:
                 session.failed = session.failed or "connection ended"
                 await asyncio.gather(session.resync_task, return_exceptions=True)
@@ -206,57 +206,55 @@ class Receiver:
                 writer.close()
 
     async def _handshake(self, link: Link) -> _Session | None:
+        """Judge the sender's HELLO (admission.py); the session it opens, or None once
+        it was refused or served a FETCH."""
         ev = await link.next_event(self.hb_timeout)
         if isinstance(ev, ConnectionClosed):
             return None
-        if not isinstance(ev, Hello):
-            raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
+        if isinstance(ev, Error):  # TRANSITIONS allow nothing else but HELLO first
+            self.log.warning("%s reported %s before its HELLO: %s", link.who(),
+                             code_name(ev.code), ev.message)
+            return None
         agreed = negotiate(ev, PROTOCOL_MIN, PROTOCOL_MAX, SUPPORTED_FEATURES)
         group = self.groups.get(ev.group)
-        refusal = self._admit(link, ev, group, agreed)
-        member = refusal is None and ev.node in self.members(group)
-        if refusal is None and agreed[1] & Feature.FETCH:
-            if member:
-                await self._serve_fetch(link, ev, group, agreed)
+        refused = self.admission.admit(ev, group, agreed, peer_node(link.writer))
+        if refused is None and agreed[1] & Feature.FETCH:
+            refused = self.admission.may_fetch(ev, group)
+            if refused is None:
+                await serve_fetch(link, ev, group, agreed, node=self.node,
+                                  timeout=self.hb_timeout, log=self.log)
                 return None
-            refusal = (Refusal.NOT_MEMBER, f"{ev.node!r} is not a member of group {group.name} "
-                                           f"on {self.node}, so it may not read its journal "
-                                           f"(members: {', '.join(sorted(self.members(group)))})")
-        if refusal is None:
-            verdict = compare([Generation(*g) for g in ev.history], ev.seq, group.lineage.history,
-                              group.journal.last_seq)
-            if verdict.relation == Relation.SPLIT_BRAIN and group.lineage.survivor == ev.node:
-                verdict = Verdict(Relation.DIVERGED, verdict.fork)  # resolve --discard-local
+        if refused is None:
+            verdict = self.admission.verdict(ev, group)
             switching = self.switching.get(group.name)
             if switching is not None and not switching.done():
                 # A switchover here is handing over to (maybe) this sender: judge its HELLO
                 # by the role the switchover leaves, not the one it is leaving.
                 await asyncio.wait({switching}, timeout=self.hb_timeout)
-            # Lineage verdicts (and the split brain they record) only for members: anyone
-            # else is refused by _role without its history being taken into account.
-            refusal = ((self._lineage(ev, group, verdict) if member else None)
-                       or self._role(ev, group, verdict))
-        if refusal:
+            refused = self.admission.judge(ev, group, verdict)
+        if refused:
             self.log.warning("refused group %s to %s: %s: %s", ev.group, link.who(ev.node),
-                             code_name(refusal[0]), refusal[1])
-            await link.send(Refuse(code=refusal[0], reason=refusal[1]))
+                             code_name(refused.code), refused.reason)
+            await link.send(Refuse(code=refused.code, reason=refused.reason))
             return None
-        self.successors.pop(group.name, None)  # taken as source now, or superseded
+        return await self._open_session(link, ev, group, agreed, verdict)
+
+    async def _open_session(self, link: Link, ev: Hello, group: Group, agreed,
+                            verdict: Verdict) -> _Session:
+        """WELCOME an admitted sender (and tell it what diverged here); its session."""
+        self.admission.source_connected(group)
         old = self.sessions.get(group.name)
         if old is not None:
             self.log.info("group %s: new connection from %s replaces the old one",
                           group.name, ev.node)
             old.failed = "replaced by a newer connection"
             await old.link.close()
-        history = [Generation(*g) for g in ev.history]
+        history = from_wire(ev.history)
         session = _Session(link, group, ev.node, history)
         self.sessions[group.name] = session
         await group.commit.settle()
         pos = group.journal.position()
-        version, features = agreed
-        await link.send(Welcome(version=version, features=features, seq=pos.seq,
-                                crc=pos.hcrc, node=self.node,
-                                history=tuple((g.id, g.first_seq) for g in group.lineage.history)))
+        await link.send(welcome(group, self.node, agreed))
         if verdict.relation == Relation.DIVERGED and group.role == "bunker":
             # Records past the fork were never acknowledged on the new line; a bunker has
             # no volumes to roll back: the sender just restarts its journal at its position.
@@ -280,51 +278,6 @@ class Receiver:
         self.log.info("group %s: %s connected, resuming after seq %d", group.name, ev.node, pos.seq)
         return session
 
-    async def _serve_fetch(self, link: Link, ev: Hello, group: Group, agreed) -> None:
-        """A node of our line reads our journal after its position (takeover replay from a
-        bunker): RECORDS from there to our last seq, then ACK(last seq)."""
-        verdict = compare(group.lineage.history, group.journal.last_seq,
-                          [Generation(*g) for g in ev.history], ev.seq)
-        if verdict.relation not in (Relation.NEW, Relation.SAME, Relation.BEHIND):
-            why = (f"{ev.node}'s history ({verdict.relation.value} after seq {verdict.fork}) is "
-                   f"not a prefix of {self.node}'s: nothing here to replay onto it")
-            self.log.warning("group %s: fetch from %s refused: %s", group.name,
-                             link.who(ev.node), why)
-            await link.send(Refuse(code=Refusal.POSITION, reason=why))
-            return
-        await group.commit.settle()
-        pos = group.journal.position()
-        await link.send(Welcome(version=agreed[0], features=agreed[1], seq=pos.seq, crc=pos.hcrc,
-                                node=self.node,
-                                history=tuple((g.id, g.first_seq) for g in group.lineage.history)))
-        req = await link.next_event(self.hb_timeout)
-        if not isinstance(req, Fetch):
-            return
-        j = group.journal
-        if req.seq > pos.seq:  # it holds more than we do (records the primary never acked)
-            # it checks our last record against its own
-            await link.send(Ack(seq=pos.seq, durable=pos.seq))
-            self.log.info("group %s: %s is at seq %d, past our %d: nothing to replay",
-                          group.name, ev.node, req.seq, pos.seq)
-            return
-        held = j.position(req.seq)
-        if held is None or held.hcrc != req.crc:
-            why = (f"{self.node} does not hold {ev.node}'s position {req.seq} "
-                   + ("(trimmed: the journal starts at seq "f"{j.first_seq})" if held is None
-                      else "(its record differs)"))
-            self.log.warning("group %s: fetch from %s: %s", group.name, link.who(ev.node), why)
-            await link.send(Error(code=Refusal.POSITION, message=why))
-            return
-        seq, last = req.seq, pos.seq
-        while seq < last:
-            first, end, data = j.read(seq + 1, 1 << 20, last)
-            await link.send(Records(first_seq=first, last_seq=end, payload=data,
-                                    compress=bool(agreed[1] & Feature.ZSTD)))
-            seq = end
-        await link.send(Ack(seq=last, durable=last))
-        self.log.warning("group %s: %s fetched records %d..%d (takeover replay)", group.name,
-                         link.who(ev.node), req.seq + 1, last)
-
     async def _keep_alive(self, link: Link, func, *args):
         """Run func(*args) in a thread, sending heartbeats meanwhile."""
         fut = asyncio.get_running_loop().run_in_executor(None, func, *args)
@@ -333,86 +286,6 @@ class Receiver:
             if done:
                 return fut.result()
             await link.send(Heartbeat(sent_ns=0))
-
-    def members(self, group: Group) -> set[str]:
-        """The nodes this node knows as members of `group` (see Authority)."""
-        cfg = group.cfg
-        nodes = {cfg.source, group.source, cfg.bunker, group.lineage.survivor, *cfg.members}
-        nodes.update(t.node for t in cfg.targets)
-        nodes.update(t.node for t in group.target_cfgs)
-        named = self.successors.get(group.name)
-        if named is not None:
-            nodes.add(named[0])
-        nodes.discard(None)
-        nodes.discard(self.node)
-        return nodes
-
-    def _admit(self, link: Link, ev: Hello, group: Group | None, agreed) -> tuple | None:
-        """A refusal when the sender may not talk to this node about this group at all."""
-        cert_node = peer_node(link.writer)
-        if self.tls and cert_node != ev.node:
-            return (Refusal.IDENTITY, f"HELLO says node {ev.node!r} but its TLS certificate "
-                                      f"is for {cert_node!r}")
-        if ev.node not in self.peers:
-            return (Refusal.UNKNOWN_PEER, f"{ev.node!r} is not in the peers of {self.node}")
-        if agreed is None:
-            older = ev.node if ev.proto_max < PROTOCOL_MIN else self.node
-            return (Refusal.VERSION, f"{ev.node!r} speaks replication protocol "
-                                     f"{ev.proto_min}..{ev.proto_max}, {self.node!r} speaks "
-                                     f"{PROTOCOL_MIN}..{PROTOCOL_MAX}: upgrade {older!r}")
-        if ev.target != self.node:
-            return (Refusal.WRONG_TARGET, f"this is node {self.node!r}, not {ev.target!r}")
-        if group is None:
-            return (Refusal.UNKNOWN_GROUP, f"no group {ev.group!r} on node {self.node}")
-        return None
-
-    def _named(self, ev: Hello, group: Group) -> bool:
-        """Whether `ev.node` is the successor our source named, connecting as the primary
-        of exactly the generation the switchover began: our line plus one generation
-        starting right after the named seq, which we hold as our last record."""
-        named = self.successors.get(group.name)
-        if named is None or named[0] != ev.node:
-            return False
-        history = [Generation(*g) for g in ev.history]
-        return (group.journal.last_seq == named[1] and history[:-1] == group.lineage.history
-                and len(history) == len(group.lineage.history) + 1
-                and history[-1].first_seq == named[1] + 1)
-
-    def _lineage(self, ev: Hello, group: Group, verdict) -> tuple | None:
-        """A refusal when the generation histories say the sender may not ship here."""
-        if verdict.relation == Relation.SPLIT_BRAIN:
-            group.lineage.diverged(ev.node, fork=verdict.fork)
-            self.log.error("group %s: SPLIT BRAIN with %s: both were primary after seq %d; "
-                           "choose the survivor (replicator resolve on the other)",
-                           group.name, ev.node, verdict.fork)
-            return (Refusal.SPLIT_BRAIN, f"split brain: {ev.node} and {self.node} were both "
-                                         f"primary of {group.name} after seq {verdict.fork}")
-        if verdict.relation == Relation.STALE:
-            return (Refusal.STALE, f"{self.node} descends from a later primary of {group.name} "
-                                   f"than {ev.node} (forked after seq {verdict.fork}): "
-                                   f"{ev.node} is no longer the primary; demote it")
-        return None
-
-    def _role(self, ev: Hello, group: Group, verdict) -> tuple | None:
-        """A refusal when this node's role in the group does not take `ev.node` as source:
-        a replica takes its source (or the successor its source named), nobody else; a
-        later generation is no authority (see Authority)."""
-        later = verdict.relation in (Relation.BEHIND, Relation.DIVERGED)
-        if group.role not in ("secondary", "bunker"):
-            why = f"group {ev.group} is {group.role} on {self.node}"
-            if later:
-                why += (f"; {ev.node} claims a later generation: if it took over, make this "
-                        f"node its replica with `replicator demote {ev.group} --source "
-                        f"{ev.node}`")
-            return (Refusal.NOT_REPLICA, why)
-        if ev.node != group.source and not self._named(ev, group):
-            why = (f"group {ev.group} on {self.node} takes records from {group.source!r}, "
-                   f"not {ev.node!r}")
-            if later:
-                why += (f"; a later generation is no authority: if {ev.node} took over, run "
-                        f"`replicator reparent {ev.group} --source {ev.node}` here")
-            return (Refusal.WRONG_SOURCE, why)
-        return None
 
     async def _serve(self, s: _Session) -> None:
         while s.failed is None:
@@ -427,8 +300,9 @@ class Receiver:
                     s.group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
                                            lambda err, seq=ev.last_seq: self._done(s, seq, err))
                 except GroupError as exc:
-                    self.log.error("%s", exc)
-                    await s.link.send(Error(code=Refusal.POSITION, message=str(exc)[:1000]))
+                    self.log.error("group %s: records %d..%d from %s refused: %s", s.group.name,
+                                   ev.first_seq, ev.last_seq, s.link.who(s.source), exc)
+                    await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
                     return
             elif isinstance(ev, ResyncData):
                 s.resync_items.append((ev.volume, ev.offset, ev.payload))
@@ -464,7 +338,7 @@ class Receiver:
                 if problem:
                     self.log.error("group %s: hash request from %s: %s", s.group.name,
                                    s.source, problem)
-                    await s.link.send(Error(code=Refusal.POSITION, message=problem[:1000]))
+                    await s.link.send(Error(code=Refusal.HASH_REFUSED, message=problem[:1000]))
                     return
             elif isinstance(ev, Retain):
                 s.group.retention.retain(ev.seq)
@@ -488,21 +362,23 @@ class Receiver:
             except Exception as exc:  # noqa: BLE001 - any failure ends this session cleanly
                 self.log.error("group %s: resync write failed: %r", s.group.name, exc)
                 s.failed = f"resync write failed: {exc}"
-                s.link.post(Error(code=Refusal.INTERNAL, message=str(exc)[:1000]))
-                await s.link.close()
+                try:
+                    await s.link.send(Error(code=Refusal.INTERNAL, message=str(exc)[:1000]))
+                finally:
+                    await s.link.close()
                 return
             s.resync_applied += len(items)
-            s.link.post(ResyncAck(count=s.resync_applied))
+            await s.link.send(ResyncAck(count=s.resync_applied))
 
     async def _handover(self, s: _Session, ev: Handover) -> None:
         """Planned switchover: we hold every record through ev.seq; become the primary."""
         g = s.group
         await g.commit.settle()
-        if g.commit.applied_seq != ev.seq or g.inconsistent or self.promote is None:
+        if g.commit.applied_seq != ev.seq or g.inconsistent:
             why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
                    f"{g.commit.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
             self.log.error("group %s: %s", g.name, why)
-            await s.link.send(Error(code=Refusal.POSITION, message=why))
+            await s.link.send(Error(code=Refusal.HANDOVER_REFUSED, message=why))
             return
         targets = [TargetConfig(node=n, mode=m, compress=c, on_disconnect=d)
                    for n, m, c, d in ev.targets if n != self.node]
@@ -510,7 +386,8 @@ class Receiver:
             await self.promote(g, targets)
         except GroupError as exc:
             self.log.error("group %s: handover from %s refused: %s", g.name, s.source, exc)
-            await s.link.send(Error(code=Refusal.POSITION, message=f"handover refused: {exc}"))
+            await s.link.send(Error(code=Refusal.HANDOVER_REFUSED,
+                                    message=f"handover refused: {exc}"))
             return
         await s.link.send(Ack(seq=ev.seq, durable=ev.seq))
         self.log.warning("group %s: took over as primary from %s at seq %d (switchover)",
@@ -521,17 +398,11 @@ class Receiver:
         connects as the primary of the generation that begins after ev.seq."""
         g = s.group
         await g.commit.settle()
-        why = None
-        if ev.node not in self.peers or ev.node == self.node:
-            why = f"successor {ev.node!r} is not one of the peers of {self.node}"
-        elif g.journal.last_seq != ev.seq:
-            why = (f"successor {ev.node} named at seq {ev.seq} but group {g.name} on "
-                   f"{self.node} holds seq {g.journal.last_seq}")
+        why = self.admission.name_successor(g, ev)
         if why:
             self.log.warning("group %s: refused from %s: %s", g.name, s.link.who(s.source), why)
-            await s.link.send(Error(code=Refusal.POSITION, message=why))
+            await s.link.send(Error(code=Refusal.SUCCESSOR_REFUSED, message=why))
             return False
-        self.successors[g.name] = (ev.node, ev.seq)
         self.log.warning("group %s: %s names %s the next primary after seq %d: %s becomes "
                          "the source when it connects as primary from seq %d", g.name,
                          s.source, ev.node, ev.seq, ev.node, ev.seq + 1)
@@ -564,7 +435,8 @@ class Receiver:
     def _done(self, s: _Session, seq: int, err: int) -> None:
         """Records through `seq` are written to our journal (or failed)."""
         if err:
-            s.failed = f"applying records through seq {seq} failed (errno {err})"
+            s.failed = (f"journaling records through seq {seq} from {s.source} failed: "
+                        f"{os.strerror(err)} (errno {err})")
             asyncio.ensure_future(s.link.close())
             return
         if seq > s.ack_seq:
@@ -572,16 +444,23 @@ class Receiver:
         self._ack_soon(s)
 
     def _ack_soon(self, s: _Session) -> None:
-        """One ACK (written and durable seq) for everything that happened in this turn
-        of the loop: records written, a commit made them durable, a FLUSH asked."""
-        if not s.ack_scheduled:
-            s.ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_ack, s)
+        """Records were written, a commit made them durable or a FLUSH asked: the
+        session's ACK task reports it (callbacks cannot wait for the socket to drain)."""
+        s.ack_wanted.set()
 
-    def _send_ack(self, s: _Session) -> None:
-        s.ack_scheduled = False
-        if s.failed is None:
-            s.link.post(Ack(seq=s.ack_seq, durable=min(s.group.commit.durable_seq, s.ack_seq)))
+    async def _acks(self, s: _Session) -> None:
+        """One ACK (written and durable seq) for everything that happened since the
+        last one was drained: acks coalesce while the peer is slow to read them."""
+        while True:
+            await s.ack_wanted.wait()
+            s.ack_wanted.clear()
+            if s.failed is not None:
+                return
+            try:
+                await s.link.send(Ack(seq=s.ack_seq,
+                                      durable=min(s.group.commit.durable_seq, s.ack_seq)))
+            except OSError:  # the link is gone: reading it ends the session
+                return
 
     def status(self, group: str) -> dict | None:
         s = self.sessions.get(group)

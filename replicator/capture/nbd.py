@@ -105,70 +105,12 @@ from typing import Callable, Mapping, Protocol
 
 __all__ = ["Export", "NbdServer", "Done"]
 
-# ---- wire constants (doc/proto.md of NetworkBlockDevice/nbd) ---------------------------
-
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPTION_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-
-FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags (server) and client flags
-FLAG_NO_ZEROES = 1 << 1
-
-
-class Opt(enum.IntEnum):
-    EXPORT_NAME = 1
-    ABORT = 2
-    LIST = 3
-    STARTTLS = 5
-    INFO = 6
-    GO = 7
-    STRUCTURED_REPLY = 8
-    LIST_META_CONTEXT = 9
-    SET_META_CONTEXT = 10
-    EXTENDED_HEADERS = 11
-
-
-class Rep(enum.IntEnum):
-    ACK = 1
-    SERVER = 2
-    INFO = 3
-    ERR_UNSUP = 2**31 + 1
-    ERR_POLICY = 2**31 + 2
-    ERR_INVALID = 2**31 + 3
-    ERR_UNKNOWN = 2**31 + 6
-    ERR_TOO_BIG = 2**31 + 9
-
-
-class Info(enum.IntEnum):
-    EXPORT = 0
-    NAME = 1
-    DESCRIPTION = 2
-    BLOCK_SIZE = 3
-
-
-class TransmissionFlag(enum.IntFlag):
-    HAS_FLAGS = 1 << 0
-    READ_ONLY = 1 << 1
-    SEND_FLUSH = 1 << 2
-    SEND_FUA = 1 << 3
-    SEND_TRIM = 1 << 5
-    SEND_WRITE_ZEROES = 1 << 6
-    CAN_MULTI_CONN = 1 << 8
-
-
-class Cmd(enum.IntEnum):
-    READ = 0
-    WRITE = 1
-    DISC = 2
-    FLUSH = 3
-    TRIM = 4
-    WRITE_ZEROES = 6
-
-
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
+from ..nbd_protocol import (
+    BLOCK_INFO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, EXPORT_INFO, EXPORT_NAME_REPLY,
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, GREETING, IHAVEOPT, NBDMAGIC, OPTION,
+    OPTION_REPLY, OPTION_REPLY_MAGIC, REPLY, REQUEST, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, U16,
+    U32, Cmd, Info, Opt, Rep, TransmissionFlag,
+)
 
 # Plain ints for the request loop (cheaper than enum members there).
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _WRITE_ZEROES = (int(c) for c in (
@@ -202,19 +144,7 @@ EXPORT_ERRORS_LOGGED = 10       # per connection; the rest are counted
 
 PREFERRED_BLOCK = 4096
 
-# ---- wire structures ---------------------------------------------------------------------
-
-_GREETING = struct.Struct(">QQH")      # NBDMAGIC, IHAVEOPT, handshake flags
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_OPTION = struct.Struct(">QII")        # IHAVEOPT, option, payload length
-_OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, payload length
-_EXPORT_INFO = struct.Struct(">HQH")   # NBD_INFO_EXPORT, size, transmission flags
-_BLOCK_INFO = struct.Struct(">HIII")   # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
-_EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeroes)
-_REQUEST = struct.Struct(">IHHQQI")    # magic, command flags, type, handle, offset, length
-_REPLY = struct.Struct(">IIQ")         # magic, error, handle
-_REQUEST_SIZE = _REQUEST.size          # 28
+_REQUEST_SIZE = REQUEST.size          # 28
 
 Done = Callable[[int], None]
 
@@ -313,7 +243,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._log.warning("NBD client %s refused: %s", self._peer, refusal)
             return
         server._connections.add(self)
-        transport.write(_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        transport.write(GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         self._timer = self._loop.call_later(self._server.handshake_timeout, self._handshake_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -463,7 +393,7 @@ class _Connection(asyncio.BufferedProtocol):
             if self._state is _FLAGS:
                 if len(buf) < 4:
                     return
-                (flags,) = _U32.unpack_from(buf)
+                (flags,) = U32.unpack_from(buf)
                 del buf[:4]
                 if not flags & FLAG_FIXED_NEWSTYLE or flags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
                     return self._hang_up(f"client flags 0x{flags:08x} (FIXED_NEWSTYLE required, "
@@ -471,26 +401,26 @@ class _Connection(asyncio.BufferedProtocol):
                 self._no_zeroes = bool(flags & FLAG_NO_ZEROES)
                 self._state = _OPTIONS
                 continue
-            if len(buf) < _OPTION.size:
+            if len(buf) < OPTION.size:
                 return
-            magic, option, length = _OPTION.unpack_from(buf)
+            magic, option, length = OPTION.unpack_from(buf)
             if magic != IHAVEOPT:
                 return self._hang_up(f"option magic 0x{magic:016x} is not IHAVEOPT")
             if length > MAX_OPTION:
                 if option == Opt.EXPORT_NAME or length > MAX_DISCARD:
                     return self._hang_up(f"option {_option_name(option)} with {length} bytes")
-                del buf[:_OPTION.size]
+                del buf[:OPTION.size]
                 self._skip, self._skip_option = length, option
                 continue
-            end = _OPTION.size + length
+            end = OPTION.size + length
             if len(buf) < end:
                 return
-            payload = bytes(buf[_OPTION.size:end])
+            payload = bytes(buf[OPTION.size:end])
             del buf[:end]
             self._option(option, payload)
 
     def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
-        self._out.append(_OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)))
+        self._out.append(OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)))
         if payload:
             self._out.append(payload)
 
@@ -504,7 +434,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return self._option_reply(option, Rep.ERR_INVALID, b"LIST takes no data")
             for name in sorted(self._server.exports()):
                 raw = name.encode()
-                self._option_reply(option, Rep.SERVER, _U32.pack(len(raw)) + raw)
+                self._option_reply(option, Rep.SERVER, U32.pack(len(raw)) + raw)
             self._option_reply(option, Rep.ACK)
         elif option == Opt.ABORT:
             self._option_reply(option, Rep.ACK)
@@ -537,11 +467,11 @@ class _Connection(asyncio.BufferedProtocol):
     def _option_go(self, option: int, payload: bytes) -> None:
         if len(payload) < 6:
             return self._option_reply(option, Rep.ERR_INVALID, b"GO/INFO data too short")
-        (name_length,) = _U32.unpack_from(payload)
+        (name_length,) = U32.unpack_from(payload)
         if 4 + name_length + 2 > len(payload):
             return self._option_reply(option, Rep.ERR_INVALID, b"GO/INFO name overruns the data")
         raw_name = payload[4:4 + name_length]
-        (count,) = _U16.unpack_from(payload, 4 + name_length)
+        (count,) = U16.unpack_from(payload, 4 + name_length)
         if len(payload) != 6 + name_length + 2 * count:
             return self._option_reply(option, Rep.ERR_INVALID,
                                       b"GO/INFO request count does not match the data")
@@ -553,12 +483,12 @@ class _Connection(asyncio.BufferedProtocol):
         if full:
             self._log.warning("NBD client %s refused: %s", self._peer, full)
             return self._option_reply(option, Rep.ERR_POLICY, full.encode())
-        self._option_reply(option, Rep.INFO, _EXPORT_INFO.pack(
+        self._option_reply(option, Rep.INFO, EXPORT_INFO.pack(
             Info.EXPORT, export.size, transmission_flags(export)))
-        self._option_reply(option, Rep.INFO, _BLOCK_INFO.pack(
+        self._option_reply(option, Rep.INFO, BLOCK_INFO.pack(
             Info.BLOCK_SIZE, 1, PREFERRED_BLOCK, self._max_request))
         if Info.NAME in wanted:
-            self._option_reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode())
+            self._option_reply(option, Rep.INFO, U16.pack(Info.NAME) + export.name.encode())
         self._option_reply(option, Rep.ACK)
         if option == Opt.GO:
             self._enter_transmission(export)
@@ -570,7 +500,7 @@ class _Connection(asyncio.BufferedProtocol):
         full = self._server._export_full(export.name)
         if full:
             return self._hang_up(f"EXPORT_NAME refused: {full}", logging.WARNING)
-        self._out.append(_EXPORT_NAME_REPLY.pack(export.size, transmission_flags(export)))
+        self._out.append(EXPORT_NAME_REPLY.pack(export.size, transmission_flags(export)))
         if not self._no_zeroes:
             self._out.append(bytes(124))
         self._enter_transmission(export)
@@ -594,7 +524,7 @@ class _Connection(asyncio.BufferedProtocol):
         size = self._size
         read_only = export.read_only  # may change at runtime (role switch)
         max_request = self._max_request
-        unpack = _REQUEST.unpack_from
+        unpack = REQUEST.unpack_from
         reply = self._reply
         disconnect = False
         with memoryview(buf) as view:
@@ -765,7 +695,7 @@ class _Connection(asyncio.BufferedProtocol):
         if err:
             err = NBD_ERRORS.get(err, NBD_EIO)
         out = self._out
-        out.append(_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+        out.append(REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
         if data:
             out.append(data)
         if not self._flush_pending:

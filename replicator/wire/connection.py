@@ -119,6 +119,7 @@ _S, _R = Role.SENDER, Role.RECEIVER
 _F = FrameType
 _DOWN, _UP = "down", "up"  # sender -> receiver, receiver -> sender
 MAX_HASHES_OUTSTANDING = 256  # HASH_REQUESTs not yet answered, per connection
+ZSTD_LEVEL = 1  # RECORDS are compressed on the write path: the fastest level
 
 TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.START, SEND, _F.HELLO): State.HELLO_SENT,
@@ -181,7 +182,7 @@ def _framed(kind: FrameType, flags: int, parts: list) -> list:
 class Connection:
     """One end of a replication stream, as a sans-IO state machine (h11 style)."""
 
-    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME, zstd_level: int = 1):
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME):
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, not {role!r}")
         if not 0 < max_frame <= 0xFFFFFFFF:
@@ -198,7 +199,6 @@ class Connection:
         self._buf = bytearray()
         self._eof = False
         self._failure: ProtocolError | None = None
-        self._zstd_level = zstd_level
         self._compressor: zstandard.ZstdCompressor | None = None
         self._decompressor: zstandard.ZstdDecompressor | None = None
 
@@ -394,7 +394,7 @@ class Connection:
         self.version = welcome.version
         self.features = Feature(welcome.features)
         if self.features & Feature.ZSTD:
-            self._compressor = zstandard.ZstdCompressor(level=self._zstd_level)
+            self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             self._decompressor = zstandard.ZstdDecompressor()
         return State.FETCH_READY if self.features & Feature.FETCH else next_state
 

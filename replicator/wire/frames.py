@@ -114,7 +114,9 @@ so a lying or oversized frame is refused without inflating more than that.
 WELCOME carries the receiver's position: its last durable seq and the header CRC of
 that record (0, 0 when empty).
 Types 0x80..0xFF are reserved for frames a peer may ignore; an unknown type below 0x80
-is a protocol error.
+is a protocol error. REFUSE and ERROR codes are open-ended: a code this version does not
+know arrives as a bare int (Refusal.of) and is named `code N` (code_name), so new codes
+need no new protocol version.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import zstandard
 from crc32c import crc32c
@@ -188,6 +190,12 @@ class Refusal(enum.IntEnum):
     UNKNOWN_PEER = 11  # the node is not in the receiver's peers (address book)
     NOT_MEMBER = 12  # the node is a peer, but not a member of this group on the receiver
     PROTOCOL = 13  # the peer broke the protocol (a frame out of its state or range)
+    # Codes 14..17 name what the receiver could not take; a peer that predates them reads
+    # them as bare ints (`of`, `code_name`) and ends the link as for any ERROR.
+    BAD_RECORDS = 14  # a RECORDS batch the journal cannot take (a gap, a batch that lies)
+    HASH_REFUSED = 15  # a HASH_REQUEST for a region or an image the receiver does not have
+    HANDOVER_REFUSED = 16  # a HANDOVER at another seq than held, or the promotion failed
+    SUCCESSOR_REFUSED = 17  # a SUCCESSOR that is no peer, or named at another seq than held
     INTERNAL = 99
 
     @classmethod
@@ -425,6 +433,7 @@ class Retain:
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
          | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch | Retain
          | ResyncBegin | Successor | Flush)
+_FRAME_CLASSES = Frame.__args__
 
 
 def negotiate(hello: Hello, supported_min: int, supported_max: int,
@@ -516,8 +525,10 @@ class _Reader:
     """Strict reader of one frame body: every field must be present and the body must
     end exactly after the last one."""
 
-    def __init__(self, kind: FrameType, body: memoryview):
+    def __init__(self, kind: FrameType, body: memoryview, flags: int, max_frame: int,
+                 decompressor: zstandard.ZstdDecompressor | None):
         self.kind, self.body, self.pos = kind, body, 0
+        self.flags, self.max_frame, self.decompressor = flags, max_frame, decompressor
 
     def fixed(self, part: _Fixed) -> tuple:
         if self.pos + part.struct.size > len(self.body):
@@ -550,6 +561,9 @@ class _Reader:
         out = self.body[self.pos:]
         self.pos = len(self.body)
         return out
+
+    def at_end(self) -> bool:
+        return self.pos == len(self.body)
 
     def end(self) -> None:
         if self.pos != len(self.body):
@@ -596,104 +610,267 @@ def decode_header(buf, *, max_frame: int) -> tuple[int, int, int, int]:
     return type_code, flags, length, body_crc
 
 
-# ---- encoding -----------------------------------------------------------------------------
+# ---- one codec per frame type -------------------------------------------------------------
+
+class _Writer:
+    """The body of one frame being encoded: parts in wire order (payloads uncopied), the
+    frame's flags, and what encoding may need (max_frame, the zstd compressor)."""
+
+    def __init__(self, kind: FrameType, max_frame: int,
+                 compressor: zstandard.ZstdCompressor | None):
+        self.kind, self.max_frame, self.compressor = kind, max_frame, compressor
+        self.flags = 0
+        self.parts: list = []
+
+    def fixed(self, part: _Fixed, *values: int) -> None:
+        self.parts.append(part.pack(self.kind, *values))
+
+    def name(self, field: str, value: str) -> None:
+        self.parts.append(_pack_name(self.kind, field, value))
+
+    def text(self, field: str, value: str) -> None:
+        self.parts.append(_pack_text(self.kind, field, value, MAX_REASON))
+
+    def raw(self, data) -> None:
+        self.parts.append(data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Codec:
+    """How the body of one frame type is written and read. `encode` writes every field
+    of the event; `decode` reads them back and checks the type's limits (the reader then
+    checks that the body ends exactly there)."""
+    encode: Callable[[Any, _Writer], None]
+    decode: Callable[[_Reader], Frame]
+    compressible: bool = False  # only RECORDS may set FLAG_COMPRESSED
+
+
+def _write_hello(ev: Hello, out: _Writer) -> None:
+    if ev.proto_min > ev.proto_max:
+        raise LocalProtocolError(f"HELLO proto_min {ev.proto_min} > proto_max {ev.proto_max}")
+    out.fixed(_HELLO, ev.proto_min, ev.proto_max, int(ev.features), ev.seq)
+    out.name("node", ev.node)
+    out.name("group", ev.group)
+    out.name("target", ev.target)
+    _write_history(out, ev.history)
+
+
+def _read_hello(reader: _Reader) -> Hello:
+    proto_min, proto_max, features, seq = reader.fixed(_HELLO)
+    if proto_min > proto_max:
+        raise RemoteProtocolError(f"HELLO proto_min {proto_min} > proto_max {proto_max}")
+    return Hello(proto_min=proto_min, proto_max=proto_max, features=features, seq=seq,
+                 node=reader.text("node"), group=reader.text("group"),
+                 target=reader.text("target"), history=_read_history(reader))
+
+
+def _write_welcome(ev: Welcome, out: _Writer) -> None:
+    out.fixed(_WELCOME, ev.version, int(ev.features), ev.seq, ev.crc)
+    out.name("node", ev.node)
+    _write_history(out, ev.history)
+
+
+def _read_welcome(reader: _Reader) -> Welcome:
+    version, features, seq, crc = reader.fixed(_WELCOME)
+    return Welcome(version=version, features=features, seq=seq, crc=crc,
+                   node=reader.text("node"), history=_read_history(reader))
+
+
+def _code_and_text(cls: type, field: str) -> _Codec:
+    """The codec of REFUSE and ERROR: a code (kept as an int when this version does not
+    know it) and a free text `field`."""
+    def write(ev, out: _Writer) -> None:
+        out.fixed(_CODE, int(ev.code))
+        out.text(field, getattr(ev, field))
+
+    def read(reader: _Reader) -> Frame:
+        (code,) = reader.fixed(_CODE)
+        return cls(code=Refusal.of(code), **{field: reader.text(field, MAX_REASON)})
+    return _Codec(write, read)
+
+
+def _write_records(ev: Records, out: _Writer) -> None:
+    payload = ev.payload
+    raw_length = len(payload)
+    # The receiver refuses raw_length > max_frame before inflating anything.
+    if raw_length > out.max_frame:
+        raise LocalProtocolError(f"RECORDS {ev.first_seq}..{ev.last_seq}: payload of "
+                                 f"{raw_length} bytes exceeds max_frame {out.max_frame}")
+    if ev.compress:
+        if out.compressor is None:
+            raise LocalProtocolError("RECORDS compress=True but zstd was not negotiated")
+        packed = out.compressor.compress(payload)
+        if len(packed) < raw_length:  # incompressible data goes as it is
+            payload, out.flags = packed, FLAG_COMPRESSED
+    out.fixed(_RECORDS, ev.first_seq, ev.last_seq, raw_length)
+    out.raw(payload)
+
+
+def _read_records(reader: _Reader) -> Records:
+    first_seq, last_seq, raw_length = reader.fixed(_RECORDS)
+    if first_seq < 1:
+        raise RemoteProtocolError(f"RECORDS first_seq {first_seq} must be >= 1")
+    if last_seq < first_seq:
+        raise RemoteProtocolError(f"RECORDS last_seq {last_seq} < first_seq {first_seq}")
+    if raw_length > reader.max_frame:
+        raise RemoteProtocolError(f"RECORDS raw_length {raw_length} exceeds max_frame "
+                                  f"{reader.max_frame}")
+    wire = reader.rest()
+    compressed = bool(reader.flags & FLAG_COMPRESSED)
+    if compressed:
+        if reader.decompressor is None:
+            raise RemoteProtocolError("RECORDS is COMPRESSED but zstd was not negotiated")
+        payload = _inflate(wire, raw_length, reader.decompressor)
+    else:
+        if len(wire) != raw_length:
+            raise RemoteProtocolError(f"RECORDS payload is {len(wire)} bytes but raw_length "
+                                      f"is {raw_length}")
+        payload = bytes(wire)  # the one copy out of the receive buffer
+    return Records(first_seq=first_seq, last_seq=last_seq, payload=payload, compress=compressed)
+
+
+def _write_resync_data(ev: ResyncData, out: _Writer) -> None:
+    out.fixed(_RESYNC_DATA, ev.offset)
+    out.name("volume", ev.volume)
+    out.raw(ev.payload)
+
+
+def _read_resync_data(reader: _Reader) -> ResyncData:
+    (offset,) = reader.fixed(_RESYNC_DATA)
+    volume = reader.text("volume")
+    return ResyncData(volume=volume, offset=offset, payload=bytes(reader.rest()))
+
+
+def _write_hash_request(ev: HashRequest, out: _Writer) -> None:
+    _check_hash_request(ev, LocalProtocolError)
+    out.fixed(_HASH_REQUEST, ev.id, ev.seq, ev.offset, ev.length, ev.granularity)
+    out.name("volume", ev.volume)
+
+
+def _read_hash_request(reader: _Reader) -> HashRequest:
+    id_, seq, offset, length, granularity = reader.fixed(_HASH_REQUEST)
+    event = HashRequest(id=id_, seq=seq, offset=offset, length=length,
+                        granularity=granularity, volume=reader.text("volume"))
+    _check_hash_request(event, RemoteProtocolError)
+    return event
+
+
+def _write_hash_reply(ev: HashReply, out: _Writer) -> None:
+    if len(ev.hashes) % HASH_SIZE:
+        raise LocalProtocolError(f"HASH_REPLY of {len(ev.hashes)} bytes is not whole hashes")
+    out.fixed(_HASH_REPLY, ev.id, ev.seq)
+    out.raw(ev.hashes)
+
+
+def _read_hash_reply(reader: _Reader) -> HashReply:
+    id_, seq = reader.fixed(_HASH_REPLY)
+    hashes = bytes(reader.rest())
+    if len(hashes) % HASH_SIZE:
+        raise RemoteProtocolError(f"HASH_REPLY of {len(hashes)} bytes is not whole hashes")
+    return HashReply(id=id_, seq=seq, hashes=hashes)
+
+
+def _write_diverged(ev: Diverged, out: _Writer) -> None:
+    out.fixed(_DIVERGED, ev.fork, int(ev.complete))
+    for volume, offset, length in ev.extents:
+        out.name("volume", volume)
+        out.fixed(_EXTENT, offset, length)
+
+
+def _read_diverged(reader: _Reader) -> Diverged:
+    fork, complete = reader.fixed(_DIVERGED)
+    if complete > 1:
+        raise RemoteProtocolError(f"DIVERGED complete must be 0 or 1, not {complete}")
+    extents = []
+    while not reader.at_end():
+        volume = reader.text("volume")
+        extents.append((volume, *reader.fixed(_EXTENT)))
+    return Diverged(fork=fork, complete=bool(complete), extents=tuple(extents))
+
+
+def _write_handover(ev: Handover, out: _Writer) -> None:
+    out.fixed(_HANDOVER, ev.seq)
+    for node, mode, compress, on_disconnect in ev.targets:
+        out.name("node", node)
+        out.name("mode", mode)
+        out.fixed(_TARGET_FLAGS, (compress == "zstd") | (on_disconnect == "block") << 1)
+
+
+def _read_handover(reader: _Reader) -> Handover:
+    (seq,) = reader.fixed(_HANDOVER)
+    targets = []
+    while not reader.at_end():
+        node, mode = reader.text("node"), reader.text("mode")
+        (flags,) = reader.fixed(_TARGET_FLAGS)
+        if flags > 3:
+            raise RemoteProtocolError(f"HANDOVER target flags 0x{flags:02x} unknown")
+        targets.append((node, mode, "zstd" if flags & 1 else "none",
+                        "block" if flags & 2 else "continue"))
+    return Handover(seq=seq, targets=tuple(targets))
+
+
+def _write_successor(ev: Successor, out: _Writer) -> None:
+    out.fixed(_SUCCESSOR, ev.seq)
+    out.name("node", ev.node)
+
+
+def _read_successor(reader: _Reader) -> Successor:
+    (seq,) = reader.fixed(_SUCCESSOR)
+    return Successor(seq=seq, node=reader.text("node"))
+
+
+def _fixed_only(cls: type, part: _Fixed) -> _Codec:
+    """The codec of a frame whose body is one fixed part, its fields named as the event's."""
+    def write(ev, out: _Writer) -> None:
+        out.fixed(part, *(getattr(ev, name) for name in part.names))
+
+    def read(reader: _Reader) -> Frame:
+        return cls(**dict(zip(part.names, reader.fixed(part))))
+    return _Codec(write, read)
+
+
+CODECS: dict[FrameType, _Codec] = {
+    FrameType.HELLO: _Codec(_write_hello, _read_hello),
+    FrameType.WELCOME: _Codec(_write_welcome, _read_welcome),
+    FrameType.REFUSE: _code_and_text(Refuse, "reason"),
+    FrameType.RECORDS: _Codec(_write_records, _read_records, compressible=True),
+    FrameType.ACK: _fixed_only(Ack, _ACK),
+    FrameType.HEARTBEAT: _fixed_only(Heartbeat, _HEARTBEAT),
+    FrameType.ERROR: _code_and_text(Error, "message"),
+    FrameType.RESYNC_DATA: _Codec(_write_resync_data, _read_resync_data),
+    FrameType.RESYNC_DONE: _fixed_only(ResyncDone, _RESYNC_DONE),
+    FrameType.RESYNC_ACK: _fixed_only(ResyncAck, _RESYNC_ACK),
+    FrameType.HASH_REQUEST: _Codec(_write_hash_request, _read_hash_request),
+    FrameType.HASH_REPLY: _Codec(_write_hash_reply, _read_hash_reply),
+    FrameType.DIVERGED: _Codec(_write_diverged, _read_diverged),
+    FrameType.HANDOVER: _Codec(_write_handover, _read_handover),
+    FrameType.FETCH: _fixed_only(Fetch, _FETCH),
+    FrameType.RETAIN: _fixed_only(Retain, _RETAIN),
+    FrameType.RESYNC_BEGIN: _fixed_only(ResyncBegin, _RESYNC_BEGIN),
+    FrameType.SUCCESSOR: _Codec(_write_successor, _read_successor),
+    FrameType.FLUSH: _fixed_only(Flush, _FLUSH),
+}
+assert set(CODECS) == set(FrameType), "every frame type needs a codec"
+
 
 def encode_body(event: Frame, *, max_frame: int,
                 compressor: zstandard.ZstdCompressor | None = None) -> tuple[int, list]:
     """(flags, body parts) of an event; the parts joined are the body on the wire.
     Records payloads are passed through uncopied (or compressed when event.compress and
     a compressor is given). Raises LocalProtocolError for anything not encodable."""
-    kind = event.frame_type
-    if isinstance(event, Records):
-        return _encode_records(event, max_frame, compressor)
-    if isinstance(event, Hello):
-        if event.proto_min > event.proto_max:
-            raise LocalProtocolError(f"HELLO proto_min {event.proto_min} > "
-                                     f"proto_max {event.proto_max}")
-        parts = [_HELLO.pack(kind, event.proto_min, event.proto_max, int(event.features),
-                             event.seq),
-                 _pack_name(kind, "node", event.node), _pack_name(kind, "group", event.group),
-                 _pack_name(kind, "target", event.target), _pack_history(kind, event.history)]
-    elif isinstance(event, Welcome):
-        parts = [_WELCOME.pack(kind, event.version, int(event.features), event.seq, event.crc),
-                 _pack_name(kind, "node", event.node), _pack_history(kind, event.history)]
-    elif isinstance(event, Refuse):
-        parts = [_CODE.pack(kind, int(event.code)),
-                 _pack_text(kind, "reason", event.reason, MAX_REASON)]
-    elif isinstance(event, Error):
-        parts = [_CODE.pack(kind, int(event.code)),
-                 _pack_text(kind, "message", event.message, MAX_REASON)]
-    elif isinstance(event, Ack):
-        parts = [_ACK.pack(kind, event.seq, event.durable)]
-    elif isinstance(event, Heartbeat):
-        parts = [_HEARTBEAT.pack(kind, event.sent_ns)]
-    elif isinstance(event, ResyncData):
-        parts = [_RESYNC_DATA.pack(kind, event.offset), _pack_name(kind, "volume", event.volume),
-                 event.payload]
-    elif isinstance(event, ResyncDone):
-        parts = [_RESYNC_DONE.pack(kind, event.seq, event.crc)]
-    elif isinstance(event, ResyncAck):
-        parts = [_RESYNC_ACK.pack(kind, event.count)]
-    elif isinstance(event, HashRequest):
-        _check_hash_request(event, LocalProtocolError)
-        parts = [_HASH_REQUEST.pack(kind, event.id, event.seq, event.offset, event.length,
-                                    event.granularity), _pack_name(kind, "volume", event.volume)]
-    elif isinstance(event, Diverged):
-        parts = [_DIVERGED.pack(kind, event.fork, int(event.complete))]
-        for volume, offset, length in event.extents:
-            parts += [_pack_name(kind, "volume", volume), _EXTENT.pack(kind, offset, length)]
-    elif isinstance(event, Fetch):
-        parts = [_FETCH.pack(kind, event.seq, event.crc)]
-    elif isinstance(event, Retain):
-        parts = [_RETAIN.pack(kind, event.seq)]
-    elif isinstance(event, Flush):
-        parts = [_FLUSH.pack(kind, event.seq)]
-    elif isinstance(event, ResyncBegin):
-        parts = [_RESYNC_BEGIN.pack(kind, event.seq)]
-    elif isinstance(event, Successor):
-        parts = [_SUCCESSOR.pack(kind, event.seq), _pack_name(kind, "node", event.node)]
-    elif isinstance(event, Handover):
-        parts = [_HANDOVER.pack(kind, event.seq)]
-        for node, mode, compress, on_disconnect in event.targets:
-            flags = (compress == "zstd") | (on_disconnect == "block") << 1
-            parts += [_pack_name(kind, "node", node), _pack_name(kind, "mode", mode),
-                      _TARGET_FLAGS.pack(kind, flags)]
-    elif isinstance(event, HashReply):
-        if len(event.hashes) % HASH_SIZE:
-            raise LocalProtocolError(f"HASH_REPLY of {len(event.hashes)} bytes is not whole hashes")
-        parts = [_HASH_REPLY.pack(kind, event.id, event.seq), event.hashes]
-    else:
+    if not isinstance(event, _FRAME_CLASSES):
         raise LocalProtocolError(f"{type(event).__name__} is not a frame")
-    body_length = sum(map(len, parts))
+    kind = event.frame_type
+    out = _Writer(kind, max_frame, compressor)
+    CODECS[kind].encode(event, out)
+    body_length = sum(map(len, out.parts))
     if body_length > max_frame:
-        raise LocalProtocolError(f"{kind.name} body of {body_length} bytes exceeds "
+        what = (f"RECORDS {event.first_seq}..{event.last_seq}:" if isinstance(event, Records)
+                else kind.name)
+        raise LocalProtocolError(f"{what} body of {body_length} bytes exceeds "
                                  f"max_frame {max_frame}")
-    return 0, parts
+    return out.flags, out.parts
 
-
-def _encode_records(event: Records, max_frame: int,
-                    compressor: zstandard.ZstdCompressor | None) -> tuple[int, list]:
-    payload = event.payload
-    raw_length = len(payload)
-    # The receiver refuses raw_length > max_frame before inflating anything.
-    if raw_length > max_frame:
-        raise LocalProtocolError(f"RECORDS {event.first_seq}..{event.last_seq}: payload of "
-                                 f"{raw_length} bytes exceeds max_frame {max_frame}")
-    flags = 0
-    if event.compress:
-        if compressor is None:
-            raise LocalProtocolError("RECORDS compress=True but zstd was not negotiated")
-        packed = compressor.compress(payload)
-        if len(packed) < raw_length:  # incompressible data goes as it is
-            payload, flags = packed, FLAG_COMPRESSED
-    fixed = _RECORDS.pack(FrameType.RECORDS, event.first_seq, event.last_seq, raw_length)
-    if len(fixed) + len(payload) > max_frame:
-        raise LocalProtocolError(f"RECORDS {event.first_seq}..{event.last_seq}: body of "
-                                 f"{len(fixed) + len(payload)} bytes exceeds max_frame {max_frame}")
-    return flags, [fixed, payload]
-
-
-# ---- decoding -----------------------------------------------------------------------------
 
 def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
                 decompressor: zstandard.ZstdDecompressor | None = None) -> Frame | None:
@@ -708,97 +885,23 @@ def decode_body(type_code: int, flags: int, body: memoryview, *, max_frame: int,
         raise RemoteProtocolError(f"unknown frame type 0x{type_code:02x}") from None
     if flags & ~FLAG_COMPRESSED:
         raise RemoteProtocolError(f"{kind.name} has unknown flags 0x{flags:02x}")
-    if flags and kind != FrameType.RECORDS:
+    codec = CODECS[kind]
+    if flags and not codec.compressible:
         raise RemoteProtocolError(f"{kind.name} has flags 0x{flags:02x}: only RECORDS may be "
                                   "COMPRESSED")
-    reader = _Reader(kind, body)
-    if kind == FrameType.RECORDS:
-        return _decode_records(reader, bool(flags), max_frame, decompressor)
-    if kind == FrameType.HELLO:
-        proto_min, proto_max, features, seq = reader.fixed(_HELLO)
-        if proto_min > proto_max:
-            raise RemoteProtocolError(f"HELLO proto_min {proto_min} > proto_max {proto_max}")
-        event = Hello(proto_min=proto_min, proto_max=proto_max, features=features, seq=seq,
-                      node=reader.text("node"), group=reader.text("group"),
-                      target=reader.text("target"), history=_read_history(reader))
-    elif kind == FrameType.WELCOME:
-        version, features, seq, crc = reader.fixed(_WELCOME)
-        event = Welcome(version=version, features=features, seq=seq, crc=crc,
-                        node=reader.text("node"), history=_read_history(reader))
-    elif kind == FrameType.REFUSE:
-        (code,) = reader.fixed(_CODE)
-        event = Refuse(code=Refusal.of(code), reason=reader.text("reason", MAX_REASON))
-    elif kind == FrameType.ERROR:
-        (code,) = reader.fixed(_CODE)
-        event = Error(code=Refusal.of(code), message=reader.text("message", MAX_REASON))
-    elif kind == FrameType.ACK:
-        seq, durable = reader.fixed(_ACK)
-        event = Ack(seq=seq, durable=durable)
-    elif kind == FrameType.RESYNC_DATA:
-        (offset,) = reader.fixed(_RESYNC_DATA)
-        volume = reader.text("volume")
-        return ResyncData(volume=volume, offset=offset, payload=bytes(reader.rest()))
-    elif kind == FrameType.RESYNC_DONE:
-        seq, crc = reader.fixed(_RESYNC_DONE)
-        event = ResyncDone(seq=seq, crc=crc)
-    elif kind == FrameType.RESYNC_ACK:
-        event = ResyncAck(count=reader.fixed(_RESYNC_ACK)[0])
-    elif kind == FrameType.HASH_REQUEST:
-        id_, seq, offset, length, granularity = reader.fixed(_HASH_REQUEST)
-        event = HashRequest(id=id_, seq=seq, offset=offset, length=length,
-                            granularity=granularity, volume=reader.text("volume"))
-        _check_hash_request(event, RemoteProtocolError)
-    elif kind == FrameType.DIVERGED:
-        fork, complete = reader.fixed(_DIVERGED)
-        if complete > 1:
-            raise RemoteProtocolError(f"DIVERGED complete must be 0 or 1, not {complete}")
-        extents = []
-        while reader.pos < len(reader.body):
-            volume = reader.text("volume")
-            extents.append((volume, *reader.fixed(_EXTENT)))
-        event = Diverged(fork=fork, complete=bool(complete), extents=tuple(extents))
-    elif kind == FrameType.FETCH:
-        seq, crc = reader.fixed(_FETCH)
-        event = Fetch(seq=seq, crc=crc)
-    elif kind == FrameType.RETAIN:
-        event = Retain(seq=reader.fixed(_RETAIN)[0])
-    elif kind == FrameType.FLUSH:
-        event = Flush(seq=reader.fixed(_FLUSH)[0])
-    elif kind == FrameType.RESYNC_BEGIN:
-        event = ResyncBegin(seq=reader.fixed(_RESYNC_BEGIN)[0])
-    elif kind == FrameType.SUCCESSOR:
-        (seq,) = reader.fixed(_SUCCESSOR)
-        event = Successor(seq=seq, node=reader.text("node"))
-    elif kind == FrameType.HANDOVER:
-        (seq,) = reader.fixed(_HANDOVER)
-        targets = []
-        while reader.pos < len(reader.body):
-            node, mode = reader.text("node"), reader.text("mode")
-            (flags,) = reader.fixed(_TARGET_FLAGS)
-            if flags > 3:
-                raise RemoteProtocolError(f"HANDOVER target flags 0x{flags:02x} unknown")
-            targets.append((node, mode, "zstd" if flags & 1 else "none",
-                            "block" if flags & 2 else "continue"))
-        event = Handover(seq=seq, targets=tuple(targets))
-    elif kind == FrameType.HASH_REPLY:
-        id_, seq = reader.fixed(_HASH_REPLY)
-        hashes = bytes(reader.rest())
-        if len(hashes) % HASH_SIZE:
-            raise RemoteProtocolError(f"HASH_REPLY of {len(hashes)} bytes is not whole hashes")
-        return HashReply(id=id_, seq=seq, hashes=hashes)
-    else:
-        assert kind == FrameType.HEARTBEAT, kind
-        event = Heartbeat(sent_ns=reader.fixed(_HEARTBEAT)[0])
+    reader = _Reader(kind, body, flags, max_frame, decompressor)
+    event = codec.decode(reader)
     reader.end()
     return event
 
 
-def _pack_history(kind: FrameType, history) -> bytes:
+def _write_history(out: _Writer, history) -> None:
     if len(history) > MAX_GENERATIONS:
-        raise LocalProtocolError(f"{kind.name} history of {len(history)} generations exceeds "
-                                 f"{MAX_GENERATIONS}")
-    return b"".join([_HISTORY.pack(kind, len(history))]
-                    + [_GENERATION.pack(kind, i, first) for i, first in history])
+        raise LocalProtocolError(f"{out.kind.name} history of {len(history)} generations "
+                                 f"exceeds {MAX_GENERATIONS}")
+    out.fixed(_HISTORY, len(history))
+    for generation, first_seq in history:
+        out.fixed(_GENERATION, generation, first_seq)
 
 
 def _read_history(reader: _Reader) -> tuple:
@@ -815,28 +918,6 @@ def _check_hash_request(event: HashRequest, error: type[ProtocolError]) -> None:
                     f"{event.granularity} must be positive")
     if event.regions > MAX_HASH_REGIONS:
         raise error(f"HASH_REQUEST for {event.regions} regions exceeds {MAX_HASH_REGIONS}")
-
-
-def _decode_records(reader: _Reader, compressed: bool, max_frame: int,
-                    decompressor: zstandard.ZstdDecompressor | None) -> Records:
-    first_seq, last_seq, raw_length = reader.fixed(_RECORDS)
-    if first_seq < 1:
-        raise RemoteProtocolError(f"RECORDS first_seq {first_seq} must be >= 1")
-    if last_seq < first_seq:
-        raise RemoteProtocolError(f"RECORDS last_seq {last_seq} < first_seq {first_seq}")
-    if raw_length > max_frame:
-        raise RemoteProtocolError(f"RECORDS raw_length {raw_length} exceeds max_frame {max_frame}")
-    wire = reader.rest()
-    if compressed:
-        if decompressor is None:
-            raise RemoteProtocolError("RECORDS is COMPRESSED but zstd was not negotiated")
-        payload = _inflate(wire, raw_length, decompressor)
-    else:
-        if len(wire) != raw_length:
-            raise RemoteProtocolError(f"RECORDS payload is {len(wire)} bytes but raw_length "
-                                      f"is {raw_length}")
-        payload = bytes(wire)  # the one copy out of the receive buffer
-    return Records(first_seq=first_seq, last_seq=last_seq, payload=payload, compress=compressed)
 
 
 _SIZE_UNKNOWN = -1  # frame_content_size() of a frame that does not declare its size

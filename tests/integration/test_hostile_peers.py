@@ -420,3 +420,21 @@ def test_an_error_with_an_unknown_code_is_reported_not_crashed_on(topology):
     assert "Traceback" not in _log(b) and "AttributeError" not in _log(b)
     topo["a"].start()
     topo.wait_converged()  # the real source reconnects as before
+
+
+def test_an_error_before_hello_is_reported_and_ends_only_that_link(topology):
+    """The table lets ERROR come first: before, the receiver took it for a broken
+    protocol and then failed telling the peer why (its connection was not broken)."""
+    topo = topology(["a", "b"], [("a", "b", "async")])
+    b = topo["b"]
+    _replicating(topo)
+    peer = Peer(_port(b))
+    try:
+        peer.send(Error(code=4243, message="giving up before HELLO"))
+        assert peer.events() == []
+    finally:
+        peer.close()
+    wait_until(lambda: _warned(b, "code 4243", "before its HELLO", "giving up before HELLO"),
+               10, "the error reported")
+    assert "Traceback" not in _log(b)
+    assert b.group("db")["role"] == "secondary"

@@ -286,7 +286,9 @@ def test_a_receiver_link_that_fails_is_logged_and_the_listener_lives_on(caplog, 
     from replicator.receiver import Receiver
 
     async def main():
-        r = Receiver("b", {}, heartbeat_timeout=3.0)
+        async def no_promotion(group, targets):
+            raise AssertionError("no HANDOVER in this test")
+        r = Receiver("b", {}, heartbeat_timeout=3.0, promote=no_promotion)
 
         async def broken(link):
             raise RuntimeError("injected")
