@@ -20,7 +20,7 @@ import itertools
 import logging
 import ssl
 
-from ..generations import Generation, Relation, compare
+from ..generations import Relation, compare, from_wire, to_wire
 from ..group import Group, TargetLink
 from ..transport import Link
 from ..wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, ConnectionClosed, Diverged,
@@ -150,10 +150,10 @@ class Dialer:
             await link.send(Hello(proto_min=PROTOCOL_MIN, proto_max=PROTOCOL_MAX,
                                   features=features, node=self.node, group=g.name,
                                   target=t.node, seq=g.journal.last_seq,
-                                  history=tuple((x.id, x.first_seq) for x in history)))
+                                  history=to_wire(history)))
             ev = self._welcome(await self._handshake_frame(link, "WELCOME"))
             verdict = compare(g.lineage.history, g.journal.last_seq,
-                              [Generation(*x) for x in ev.history], ev.seq)
+                              from_wire(ev.history), ev.seq)
             if verdict.relation in (Relation.DIVERGED, Relation.SPLIT_BRAIN):
                 # (split brain accepted: the target was told we are the survivor)
                 diverged = await self._handshake_frame(link, "DIVERGED")
