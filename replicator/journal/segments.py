@@ -6,27 +6,16 @@ Files under the journal directory:
                            record (what was trimmed away), written before any trim
                            (replaced in place: statefile.py)
     reserve                blocks held for the segments to come
-    spare-<n>              a segment of zeroes for reuse (`spares` at most;
-                           spare-<n>.part while it is being zeroed)
 
 Space is reserved up front, so a journal never finds its file system full: every
-segment has segment_size bytes allocated (fallocate KEEP_SIZE, so a new segment's size
-is still where its records end), spares hold theirs, and `reserve` holds the rest of
-capacity + 2 segments (what the records a full journal keeps can span, see
-group/retention.py). A new segment is a spare renamed if there is one, else a new file
-whose blocks come from `reserve`; a trimmed one becomes a spare (or gives its blocks
-back). Opening a journal whose reservation does not fit raises JournalError: the
-operator learns at start, not when the disk is full. Only a batch larger than a
-segment can still need fresh space (and fail ENOSPC, see Group).
-
-Why spares: an fdatasync after writing past a file's end, or into allocated but
-unwritten blocks, also commits the file system's metadata (the new size, the extents
-now written): 230-250 µs here against 145-160 µs after overwriting written blocks
-(4 x 4 KiB per fdatasync, ext4 on this machine's disk). A spare is the full segment
-size of written zeroes, so every batch of a reused segment overwrites in place. Its
-zeroes keep the recovery argument below whole: what a power loss leaves unwritten in a
-reused segment reads as zeroes, as in a new one. The price is writing each segment's
-bytes once more as zeroes, in the trim's worker thread, off the write path.
+segment has segment_size bytes allocated beyond its end (fallocate KEEP_SIZE, so its
+size is still where its records end, and recovery reads it as before), and `reserve`
+holds the rest of capacity + 2 segments (what the records a full journal keeps can
+span, see group/retention.py). A new segment takes its blocks from `reserve`, a
+deleted one gives them back, and a cut (torn tail, failed batch) allocates again what
+ftruncate released. Opening a journal whose reservation does not fit raises
+JournalError: the operator learns at start, not when the disk is full. Only a batch
+larger than a segment can still need fresh space (and fail ENOSPC, see Group).
 
 Only the group's write path appends, whole batches at a time, on the event loop; the
 in-memory index (per segment: first seq, record offsets and header CRCs) is updated
@@ -47,17 +36,15 @@ JournalCorruptError(path, offset). The argument:
     (a batch in a later segment completed after this one, never before).
   - A power loss leaves a record short (the file ends inside it) or with sectors that
     read as zeroes (a segment is a new file whose blocks past its end are allocated
-    unwritten, or a spare whose zeroes were durable before it was renamed into use, and
-    a cut writes zeroes: a sector that never reached the disk reads as zeroes), or
-    removes a segment's whole unsynced tail, so the next segment starts past the seq
-    its predecessor ends at. Those end the log (logged as a warning). Zeroes from the
-    end of the last record to the end of the file are a reused segment's free space.
-    In a reused segment a write that stopped part way (a failed batch, whose cut a
-    power loss undid) leaves the last record ending in zeroes: that ends the log too.
+    unwritten, or were freed by a cut: a sector that never reached the disk reads as
+    zeroes), or removes a segment's whole unsynced tail, so the next segment starts
+    past the seq its predecessor ends at. Those end the log (logged as a warning).
   - A flipped bit leaves no zeroed sector: a record that fails its checks with every
-    sector holding data is corruption. (A damaged record whose payload really holds a
-    zeroed sector, or, as the last record of a reused segment, really ends in zero
-    bytes, ends the log instead of raising: the cases confused.)
+    sector holding data is corruption. (A record whose payload really is a zeroed sector
+    and that is also damaged ends the log instead of raising: the one case confused.)
+    Segments reused in place would break the zero rule (an unwritten sector would hold
+    an earlier lap's bytes) unless zeroed first; measured here, that costs more than it
+    saves (BENCHMARKS.md, "Journal segments reused in place").
 """
 
 from __future__ import annotations
@@ -77,8 +64,6 @@ from .record import HEADER, HEADER_SIZE, RecordError, decode, iterate, trusted_e
 log = logging.getLogger(__name__)
 SECTOR = 512  # the smallest unit a disk writes whole
 CHUNK = 8 << 20  # bytes a reader of many records takes per read
-SPARE = "spare-"  # name prefix of a zeroed segment kept for reuse
-SPARES = 2  # kept by default: one to take while the next is zeroed
 _ZERO_SECTOR = bytes(SECTOR)
 
 
@@ -132,8 +117,7 @@ class _Segment:
 
 
 class Journal:
-    def __init__(self, directory: str, *, capacity: int, segment_size: int | None = None,
-                 spares: int = SPARES):
+    def __init__(self, directory: str, *, capacity: int, segment_size: int | None = None):
         self.directory = directory
         self.capacity = capacity
         self.segment_size = segment_size or max(1 << 20, min(64 << 20, capacity // 8))
@@ -144,9 +128,6 @@ class Journal:
         self.base = Position(0, 0)
         self._reserve_fd = -1
         self._reserved = 0  # bytes `reserve` holds
-        self.spares = spares  # zeroed segments kept for reuse, at most
-        self._spares: list[str] = []  # those ready
-        self._zeroing: set[str] = set()  # spares being made (in delete's worker)
         self._reserve_lock = threading.Lock()  # segments come on the loop, go in a worker
 
     @property
@@ -189,29 +170,13 @@ class Journal:
             seg, end = self._scan(path, first)
             self._add(seg)
             expected = seg.last_seq + 1
-        dropped += self._find_spares()
         if dropped:
             statefile.fsync_dir(self.directory)
         if end is not None:
             log.warning("journal %s: the log ends at seq %d (%s): what followed never "
                         "became durable (a power loss)%s", self.directory, expected - 1, end,
-                        f"; removed {dropped}" if dropped else "")
+                        f"; removed the later segments {dropped}" if dropped else "")
         self._reserve_space()
-
-    def _find_spares(self) -> list[str]:
-        """Open: keep the spares that were zeroed durably (renamed from .part after
-        their fdatasync), remove half-zeroed ones and any beyond `spares`."""
-        removed = []
-        for name in sorted(os.listdir(self.directory)):
-            if not name.startswith(SPARE):
-                continue
-            path = os.path.join(self.directory, name)
-            if name.endswith(".part") or len(self._spares) >= self.spares:
-                os.unlink(path)
-                removed.append(name)
-            else:
-                self._spares.append(path)
-        return removed
 
     # ---- space ------------------------------------------------------------------------
     def _reserve_space(self) -> None:
@@ -220,7 +185,7 @@ class Journal:
         path = os.path.join(self.directory, "reserve")
         self._reserve_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._reserved = os.fstat(self._reserve_fd).st_size
-        want = max(0, self.reservation - self._held())
+        want = max(0, self.reservation - len(self._segments) * self.segment_size)
         if self._reserved > want:
             self._resize_reserve(want)
         for seg in self._segments:
@@ -231,18 +196,6 @@ class Journal:
                 os.close(fd)
         if self._reserved < want:
             self._resize_reserve(want)
-        while len(self._spares) < self.spares and self._reserved >= self.segment_size:
-            # A new journal (or one whose spares a crash took): zeroes now, so its
-            # first segments are reused ones too.
-            self._resize_reserve(self._reserved - self.segment_size)
-            spare = self._free_spare_name()
-            self._zeroing.add(spare)
-            self._make_spare(None, spare)
-        statefile.fsync_dir(self.directory)
-
-    def _held(self) -> int:
-        """Bytes segments and spares hold outside `reserve`."""
-        return (len(self._segments) + len(self._spares) + len(self._zeroing)) * self.segment_size
 
     def _resize_reserve(self, size: int) -> None:
         try:
@@ -268,15 +221,15 @@ class Journal:
             if exc.errno not in falloc.UNSUPPORTED:  # no fallocate: no reservation
                 raise
 
-    def _cut(self, fd: int, start: int, end: int) -> None:
-        """Cut a segment back to `start`: zeroes over what was written from there up to
-        `end` (a torn tail, a failed batch), so the log ends at `start` and the blocks
-        stay allocated and written (the file keeps its size; the next batch overwrites
-        the zeroes, which costs an fdatasync less than writing past the end would)."""
-        end = min(end, os.fstat(fd).st_size)
-        zeroes = bytes(min(1 << 20, max(0, end - start)))
-        while start < end:
-            start += os.pwrite(fd, zeroes[:end - start], start)
+    def _cut(self, fd: int, path: str, size: int) -> None:
+        """Cut a segment back to `size` and allocate again the blocks ftruncate freed
+        past it (which nobody else had time to take; if somebody did, the segment
+        simply has fewer spare blocks)."""
+        os.ftruncate(fd, size)
+        try:
+            self._preallocate(fd, path)
+        except OSError:
+            pass
 
     def _scan(self, path: str, first: int) -> tuple[_Segment, str | None]:
         """Index a segment's records; cut it where a power loss ended it (and say
@@ -289,9 +242,7 @@ class Journal:
             try:
                 rec = decode(data, pos)
             except RecordError as exc:
-                if _zero_from(data, pos):  # a reused segment's free space
-                    break
-                if exc.torn or _unwritten_sector(data, pos) or _cut_short(data, pos):
+                if exc.torn or _unwritten_sector(data, pos):
                     end = f"{os.path.basename(path)} at offset {pos}: {exc}"
                     break
                 raise JournalCorruptError(path, pos, str(exc)) from None
@@ -301,13 +252,10 @@ class Journal:
             seg.hcrcs.append(rec.hcrc)
             pos += rec.size
             seq += 1
-        if end is not None:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                self._cut(fd, pos, len(data))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if pos < len(data):
+            with open(path, "r+b") as f:
+                self._cut(f.fileno(), path, pos)
+                os.fsync(f.fileno())
         seg.size = seg.tail = pos
         return seg, end
 
@@ -372,7 +320,7 @@ class Journal:
         if nbytes > self.segment_size or seg is not None and (
                 seg.tail == 0 or seg.tail + nbytes <= self.segment_size):
             return True
-        return bool(self._spares) or self._reserved >= self.segment_size
+        return self._reserved >= self.segment_size
 
     # ---- appending (loop) --------------------------------------------------------------
     def starts_segment(self, nbytes: int) -> bool:
@@ -392,20 +340,17 @@ class Journal:
         next batch reuses), and nothing of it stays."""
         nbytes = sum(sizes)
         seg, fd, at = self._reserve(first_seq, nbytes)
-        pos = at
         try:
             for i in range(0, len(buffers), 1024):  # IOV_MAX
                 chunk = buffers[i:i + 1024]
-                n = os.pwritev(fd, chunk, pos)
-                pos += n
+                n = os.writev(fd, chunk)
                 rest = sum(len(b) for b in chunk) - n
                 if rest:  # short write: the next one reports the real error (ENOSPC)
                     tail = b"".join(bytes(b) for b in chunk)[n:]
                     while tail:
-                        n = os.pwrite(fd, tail, pos)
-                        pos, tail = pos + n, tail[n:]
+                        tail = tail[os.write(fd, tail):]
         except BaseException:
-            self._cut(fd, at, seg.tail)
+            self._cut(fd, seg.path, at)
             seg.tail = at
             try:
                 os.fdatasync(fd)
@@ -445,42 +390,26 @@ class Journal:
         seg = self._segments[-1] if self._segments else None
         if self.starts_segment(nbytes):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
-            with self._reserve_lock:
-                spare = self._spares.pop() if self._spares else None
-            fd = self._reuse(spare, path) if spare else self._create(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                with self._reserve_lock:  # its blocks come out of `reserve`
+                    self._resize_reserve(max(0, self._reserved - self.segment_size))
+                    self._preallocate(fd, path)
+                statefile.fsync_dir(self.directory)
+            except (OSError, JournalError) as exc:
+                os.close(fd)
+                os.unlink(path)
+                if isinstance(exc, JournalError):
+                    raise OSError(errno.ENOSPC, str(exc)) from None
+                raise
             self._fds[path] = fd
             self._add(_Segment(path, first_seq))
             seg = self._segments[-1]
         if seg.path not in self._fds:
-            self._fds[seg.path] = os.open(seg.path, os.O_WRONLY)
+            self._fds[seg.path] = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
         at = seg.tail
         seg.tail += nbytes
         return seg, self._fds[seg.path], at
-
-    def _create(self, path: str) -> int:
-        """A new segment whose blocks come out of `reserve` (allocated, not written:
-        its first lap pays for the file growing at every fdatasync)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with self._reserve_lock:
-                self._resize_reserve(max(0, self._reserved - self.segment_size))
-                self._preallocate(fd, path)
-            statefile.fsync_dir(self.directory)
-        except (OSError, JournalError) as exc:
-            os.close(fd)
-            os.unlink(path)
-            if isinstance(exc, JournalError):
-                raise OSError(errno.ENOSPC, str(exc)) from None
-            raise
-        return fd
-
-    def _reuse(self, spare: str, path: str) -> int:
-        """A new segment made of a spare: written zeroes of the full segment size, so a
-        batch overwrites blocks in place and its fdatasync writes no metadata."""
-        os.rename(spare, path)
-        fd = os.open(path, os.O_WRONLY)
-        statefile.fsync_dir(self.directory)
-        return fd
 
     # ---- reading ---------------------------------------------------------------------
     def read(self, from_seq: int, max_bytes: int,
@@ -557,53 +486,9 @@ class Journal:
         return [seg.path for seg in drop]
 
     def delete(self, paths: list[str]) -> None:
-        """Remove segments that trim_through() let go of (in a worker thread, off the
-        loop: freeing or zeroing a big file takes a while). Up to SPARES of them are
-        kept as spares for reuse instead (up to `spares`)."""
-        for path in paths:
-            with self._reserve_lock:
-                spare = self._free_spare_name()
-                if spare is not None:
-                    self._zeroing.add(spare)
-            if spare is None:
-                self._unlink_segments([path])
-            else:
-                self._make_spare(path, spare)
+        """Remove segments that trim_through() let go of (any thread)."""
+        self._unlink_segments(paths)
         statefile.fsync_dir(self.directory)
-
-    def _free_spare_name(self) -> str | None:
-        if len(self._spares) + len(self._zeroing) >= self.spares:
-            return None
-        taken = set(self._spares) | self._zeroing
-        return next(p for p in (os.path.join(self.directory, f"{SPARE}{i}")
-                                for i in range(self.spares)) if p not in taken)
-
-    def _make_spare(self, path: str | None, spare: str) -> None:
-        """Zero a trimmed segment (`path`; None: a new file, whose blocks the caller
-        took out of `reserve`) over the full segment size under a .part name, make the
-        zeroes durable, then give it its spare name: a spare found at open holds nothing
-        but zeroes, so the recovery rule of the module docstring holds in a reused
-        segment too."""
-        part = spare + ".part"
-        try:
-            if path is not None:
-                os.rename(path, part)
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.ftruncate(fd, self.segment_size)
-                self._cut(fd, 0, self.segment_size)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(part, spare)
-        except OSError:
-            with self._reserve_lock:
-                self._zeroing.discard(spare)
-            self._unlink_segments([p for p in (path, part) if p and os.path.exists(p)])
-            raise
-        with self._reserve_lock:
-            self._zeroing.discard(spare)
-            self._spares.append(spare)
 
     def _unlink_segments(self, paths: list[str]) -> None:
         """Remove segments and give their blocks back to `reserve` (without growing it
@@ -611,8 +496,8 @@ class Journal:
         with self._reserve_lock:
             for path in paths:
                 os.unlink(path)
-                want = min(self._reserved + self.segment_size,
-                           max(0, self.reservation - self._held()))
+                held = len(self._segments) * self.segment_size
+                want = min(self._reserved + self.segment_size, max(0, self.reservation - held))
                 if want > self._reserved:
                     try:
                         self._resize_reserve(want)
@@ -655,24 +540,11 @@ class Journal:
             self._reserve_fd = -1
 
 
-def _zero_from(data: bytes, pos: int) -> bool:
-    return data.count(0, pos) == len(data) - pos
-
-
-def _cut_short(data: bytes, pos: int) -> bool:
-    """The record at `pos` (which failed its checks) is the last thing in the segment
-    and ends in zeroes: a write that stopped part way (a failed batch whose cut a power
-    loss undid), the way a short file ends a new segment's record."""
-    end = trusted_extent(data, pos)
-    return end > pos and data[end - 1] == 0 and _zero_from(data, end)
-
-
 def _unwritten_sector(data: bytes, pos: int) -> bool:
     """The record at `pos` (which failed its checks) has a sector that never reached
     the disk: from the record's start or the sector's start to the sector's end (or the
     record's end) it reads as zeroes. Only the record's own extent is looked at, as far
-    as its header can be trusted (a reused segment's free space after the last record
-    is zeroes too, and must not make a damaged last record look torn)."""
+    as its header can be trusted (record.trusted_extent)."""
     end = trusted_extent(data, pos)
     sector = pos - pos % SECTOR
     while sector < end:

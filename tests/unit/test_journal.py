@@ -130,10 +130,9 @@ def test_segments_a_trim_let_go_of_are_removed_at_open_if_never_deleted(tmp_path
 
 
 def _assert_cut(path, at: int, before: bytes) -> None:
-    """The segment keeps its first `at` bytes and holds zeroes after them (a cut)."""
+    """The segment was cut back to its first `at` bytes."""
     after = open(path, "rb").read()
-    assert after[:at] == before[:at]
-    assert after.count(0, at) == len(after) - at, f"bytes left past the cut at {at}"
+    assert after == before[:at], f"cut at {len(after)}, expected {at}"
 
 
 def test_recovery_cuts_a_torn_tail_at_every_offset(tmp_path):
@@ -143,7 +142,7 @@ def test_recovery_cuts_a_torn_tail_at_every_offset(tmp_path):
     seg = j._segments[-1].path
     j.close()
     bounds = [0] + [j._segments[-1].end_of(seq) for seq in (1, 2, 3)]
-    data = open(seg, "rb").read()[:bounds[-1]]  # the records (a reused segment: zeroes after)
+    data = open(seg, "rb").read()
     for cut in range(len(data) + 1):
         d = tmp_path / f"cut{cut}"
         d.mkdir()
@@ -189,11 +188,10 @@ def test_failed_write_leaves_no_partial_batch(tmp_path):
     assert j2.position(2) == Position(2, j2._segments[-1].hcrcs[-1])
 
 
-def _two_segments(tmp_path, spares=0):
+def _two_segments(tmp_path):
     """Records 1..20 in two segments (a roll after 10), closed: their paths and where
-    each of the first segment's records ends. New segment files by default (the file
-    ends where its records do), reused ones (spares: zeroes after them) if asked."""
-    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20, spares=spares)
+    each of the first segment's records ends."""
+    j = Journal(str(tmp_path), capacity=16 << 20, segment_size=1 << 20)
     j.open()
     for i in range(2):
         _fill(j, 1 + i * 10, 10, size=60_000)  # 600 KB per batch: one segment each
@@ -202,17 +200,6 @@ def _two_segments(tmp_path, spares=0):
     ends = [j._segments[0].end_of(seq) for seq in range(1, 11)]
     j.close()
     return paths, ends
-
-
-def _lose(path, start, end, reused):
-    """What a power loss leaves of a segment whose bytes from `start` never reached the
-    disk: a new file ends there, a reused one holds its zeroes from there to `end`."""
-    if reused:
-        with open(path, "r+b") as f:
-            f.seek(start)
-            f.write(bytes(end - start))
-    else:
-        os.truncate(path, start)
 
 
 def test_a_sector_that_never_reached_the_disk_ends_the_log(tmp_path):
@@ -234,13 +221,12 @@ def test_a_sector_that_never_reached_the_disk_ends_the_log(tmp_path):
     _assert_cut(path, second, before)
 
 
-@pytest.mark.parametrize("reused", [False, True], ids=["new", "reused"])
-def test_a_torn_segment_ends_the_log_and_later_segments_go(tmp_path, reused):
+def test_a_torn_segment_ends_the_log_and_later_segments_go(tmp_path):
     """Batch 11..20 went to a new segment while 1..10's fdatasync was in flight: a power
     loss may keep the second and tear the first. Nothing after the tear was durable in
     order, so the log ends there and the later segment is removed."""
-    (first, second), ends = _two_segments(tmp_path, spares=2 if reused else 0)
-    _lose(first, ends[-1] - 100, ends[-1], reused)
+    (first, second), ends = _two_segments(tmp_path)
+    os.truncate(first, ends[-1] - 100)
     before = open(first, "rb").read()
     j = Journal(str(tmp_path), capacity=16 << 20)
     j.open()
@@ -248,10 +234,9 @@ def test_a_torn_segment_ends_the_log_and_later_segments_go(tmp_path, reused):
     _assert_cut(first, ends[8], before)  # cut back to record 9
 
 
-@pytest.mark.parametrize("reused", [False, True], ids=["new", "reused"])
-def test_a_segment_past_a_lost_tail_is_removed(tmp_path, reused):
-    (first, second), ends = _two_segments(tmp_path, spares=2 if reused else 0)
-    _lose(first, ends[6], ends[-1], reused)  # records 8..10 never reached the disk, whole
+def test_a_segment_past_a_lost_tail_is_removed(tmp_path):
+    (first, second), ends = _two_segments(tmp_path)
+    os.truncate(first, ends[6])  # records 8..10 never reached the disk, whole
     j = Journal(str(tmp_path), capacity=16 << 20)
     j.open()
     assert j.last_seq == 7 and not os.path.exists(second)
@@ -259,9 +244,8 @@ def test_a_segment_past_a_lost_tail_is_removed(tmp_path, reused):
     assert j.last_seq == 9
 
 
-@pytest.mark.parametrize("reused", [False, True], ids=["new", "reused"])
-def test_damage_with_every_sector_holding_data_is_corruption_in_any_segment(tmp_path, reused):
-    (first, _), _ = _two_segments(tmp_path, spares=2 if reused else 0)
+def test_damage_with_every_sector_holding_data_is_corruption_in_any_segment(tmp_path):
+    (first, _), _ = _two_segments(tmp_path)
     with open(first, "r+b") as f:
         f.seek(100_000)
         b = f.read(1)
@@ -270,96 +254,6 @@ def test_damage_with_every_sector_holding_data_is_corruption_in_any_segment(tmp_
     with pytest.raises(JournalCorruptError) as exc:
         Journal(str(tmp_path), capacity=16 << 20).open()
     assert exc.value.path == first and "checksum" in str(exc.value)
-
-
-def _rolling(tmp_path, laps: int):
-    """A 1 MiB-segment journal written for `laps` segments, each trimmed (and deleted)
-    as the next one starts, the way the group's checkpointer trims behind the writes."""
-    j = Journal(str(tmp_path), capacity=4 << 20, segment_size=1 << 20)
-    j.open()
-    seq = 1
-    for _ in range(laps):
-        _fill(j, seq, 10, size=90_000)  # 900 KB: one segment per batch
-        seq += 10
-        j.delete(j.trim_through(seq - 11))
-    return j, seq
-
-
-def _on_disk(j) -> int:
-    """Bytes the journal's files hold allocated."""
-    return sum(os.stat(os.path.join(j.directory, n)).st_blocks * 512
-               for n in os.listdir(j.directory))
-
-
-def test_trimmed_segments_are_zeroed_into_spares_and_reused_in_place(tmp_path):
-    j, seq = _rolling(tmp_path, 2)
-    spare = os.path.join(j.directory, "spare-0")
-    assert os.path.getsize(spare) == 1 << 20 and not any(open(spare, "rb").read())
-    ino = os.stat(spare).st_ino
-    _fill(j, seq, 10, size=90_000)  # starts the third segment: the spare, renamed
-    path = j._segments[-1].path
-    assert os.stat(path).st_ino == ino and not os.path.exists(spare)
-    assert os.path.getsize(path) == 1 << 20  # overwritten in place, the size never moved
-    held = _on_disk(j)
-    for _ in range(3):
-        seq += 10
-        _fill(j, seq, 10, size=90_000)
-        j.delete(j.trim_through(seq - 1))
-    assert len([n for n in os.listdir(j.directory) if n.startswith("spare-")]) <= 2
-    assert abs(_on_disk(j) - held) <= 1 << 20, "reuse must not grow what the journal holds"
-    j.close()
-    j2 = Journal(str(tmp_path), capacity=4 << 20, segment_size=1 << 20)
-    j2.open()
-    assert j2.last_seq == seq + 9
-    first, last, data = j2.read(seq, 8 << 20)
-    assert [r.seq for r in iterate(data)] == list(range(seq, last + 1))
-
-
-def test_a_reused_segment_recovers_quietly_and_still_tells_torn_from_corrupt(tmp_path, caplog):
-    j, seq = _rolling(tmp_path, 3)
-    _fill(j, seq, 3, size=2000)  # in a reused segment: records, then its zeroes
-    seg = j._segments[-1]
-    path, second, third = seg.path, seg.offsets[-2], seg.offsets[-1]
-    j.close()
-    j2 = Journal(str(tmp_path), capacity=4 << 20, segment_size=1 << 20)
-    j2.open()
-    assert j2.last_seq == seq + 2 and "power loss" not in caplog.text
-    j2.close()
-    with open(path, "r+b") as f:  # record 3 torn: one of its sectors never written
-        f.seek(third + 1024 - third % 512)
-        f.write(bytes(512))
-    j3 = Journal(str(tmp_path), capacity=4 << 20, segment_size=1 << 20)
-    j3.open()
-    assert j3.last_seq == seq + 1 and "power loss" in caplog.text
-    j3.close()
-    with open(path, "r+b") as f:  # a flipped bit in record 2: corruption, not an end
-        f.seek(second + HEADER_SIZE + 10)
-        f.write(b"\xff")
-    with pytest.raises(JournalCorruptError) as exc:
-        Journal(str(tmp_path), capacity=4 << 20, segment_size=1 << 20).open()
-    assert exc.value.path == path and exc.value.offset == second
-
-
-def test_a_spare_not_zeroed_durably_is_dropped_at_open(tmp_path):
-    """A crash while a trimmed segment was being zeroed leaves spare-<n>.part: it may
-    still hold records of the earlier lap, so open removes it; the reservation is the
-    same either way."""
-    j, _ = _rolling(tmp_path, 2)
-    j.close()
-    held = _on_disk(j)
-    part = os.path.join(j.directory, "spare-1.part")
-    os.rename(os.path.join(j.directory, "spare-0"), part)
-    with open(part, "r+b") as f:
-        f.write(b"an earlier lap's bytes")
-    j2 = Journal(str(tmp_path), capacity=4 << 20, segment_size=1 << 20)
-    j2.open()
-    assert not os.path.exists(part)
-    spares = [n for n in os.listdir(j2.directory) if n.startswith("spare-")]
-    assert spares  # made again, of zeroes, out of the reserve
-    for name in spares:
-        assert not any(open(os.path.join(j2.directory, name), "rb").read())
-    assert abs(_on_disk(j2) - held) <= 64 << 10
-    j2.close()
 
 
 def test_chunks_and_records_read_a_range_across_segments(tmp_path):
