@@ -73,7 +73,8 @@ class _Session:
         self.source = source
         self.history = history  # the sender's: ours once its image is ours
         self.ack_seq = 0
-        self.ack_wanted = asyncio.Event()  # something happened that an ACK reports
+        self.ack_scheduled = False  # an ACK goes out at the end of this turn of the loop
+        self.ack_wanted = asyncio.Event()  # an ACK waits for the socket to drain
         self.ack_task: asyncio.Task | None = None
         self.failed: str | None = None
         self.resync_items: list = []  # RESYNC_DATA received, not yet applied
@@ -444,21 +445,38 @@ class Receiver:
         self._ack_soon(s)
 
     def _ack_soon(self, s: _Session) -> None:
-        """Records were written, a commit made them durable or a FLUSH asked: the
-        session's ACK task reports it (callbacks cannot wait for the socket to drain)."""
-        s.ack_wanted.set()
+        """Records were written, a commit made them durable or a FLUSH asked: one ACK
+        (written and durable seq) for everything that happened in this turn of the loop.
+        A sync write waits for it, so it is posted at once; only while the socket is
+        backed up (the peer reads slowly) does the session's ACK task send it, after a
+        drain, for everything that happened meanwhile."""
+        if not s.ack_scheduled:
+            s.ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._post_ack, s)
+
+    def _post_ack(self, s: _Session) -> None:
+        s.ack_scheduled = False
+        if s.failed is not None:
+            return
+        if s.ack_wanted.is_set() or not s.link.can_post():
+            s.ack_wanted.set()  # behind a drain: the task sends it
+            return
+        s.link.post(self._ack(s))
+
+    @staticmethod
+    def _ack(s: _Session) -> Ack:
+        return Ack(seq=s.ack_seq, durable=min(s.group.commit.durable_seq, s.ack_seq))
 
     async def _acks(self, s: _Session) -> None:
-        """One ACK (written and durable seq) for everything that happened since the
-        last one was drained: acks coalesce while the peer is slow to read them."""
+        """The ACKs that wait for the socket to drain: one for everything that happened
+        meanwhile (acks coalesce while the peer is slow to read them)."""
         while True:
             await s.ack_wanted.wait()
             s.ack_wanted.clear()
             if s.failed is not None:
                 return
             try:
-                await s.link.send(Ack(seq=s.ack_seq,
-                                      durable=min(s.group.commit.durable_seq, s.ack_seq)))
+                await s.link.send(self._ack(s))
             except OSError:  # the link is gone: reading it ends the session
                 return
 

@@ -110,6 +110,11 @@ class Link:
         self._write(events)
         await self.writer.drain()
 
+    def can_post(self) -> bool:
+        """A frame written now goes straight out: the link is open and nothing waits in
+        its socket buffer (so posting it needs no drain)."""
+        return not self.writer.is_closing() and not self.writer.transport.get_write_buffer_size()
+
     def post(self, *events) -> bool:
         """Send without waiting for the socket to drain, from a callback that cannot
         wait (acks, small and one per batch; the peer's reading keeps them flowing).

@@ -58,9 +58,7 @@ class Peer:
         await self.link.send(*frames)
 
     def can_post(self) -> bool:
-        """Whether a frame written now goes straight out (nothing queued before it)."""
-        writer = self.link.writer
-        return not writer.is_closing() and not writer.transport.get_write_buffer_size()
+        return self.link.can_post()
 
     def post(self, frame) -> None:
         self.link.post(frame)
