@@ -6,7 +6,7 @@ root is performed for real *and* recorded: the writes (`os.write`, `os.writev`,
 `replicator.fallocate.fallocate`, `os.open` (creation, O_TRUNC), `os.fsync` and
 `os.fdatasync` (on files and on directories), `os.replace`, `os.rename`, `os.link`,
 `os.unlink` / `os.remove`. They are patched as attributes of the `os` module (and of
-`replicator.fallocate`), which is what replicator/journal/segments.py, volume.py,
+`replicator.fallocate`), which is what replicator/journal/segments.py and space.py, volume.py,
 statefile.py and fallocate.py look up at every call, so nothing in the project changes.
 A descriptor that did not come through `os.open` (the journal's recovery opens segments
 with the builtin `open` and cuts them with `os.ftruncate(f.fileno())`) is identified by

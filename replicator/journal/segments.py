@@ -5,17 +5,7 @@ Files under the journal directory:
     base                   "<seq> <hcrc>": the position just before the oldest kept
                            record (what was trimmed away), written before any trim
                            (replaced in place: statefile.py)
-    reserve                blocks held for the segments to come
-
-Space is reserved up front, so a journal never finds its file system full: every
-segment has segment_size bytes allocated beyond its end (fallocate KEEP_SIZE, so its
-size is still where its records end, and recovery reads it as before), and `reserve`
-holds the rest of capacity + 2 segments (what the records a full journal keeps can
-span, see group/retention.py). A new segment takes its blocks from `reserve`, a
-deleted one gives them back, and a cut (torn tail, failed batch) allocates again what
-ftruncate released. Opening a journal whose reservation does not fit raises
-JournalError: the operator learns at start, not when the disk is full. Only a batch
-larger than a segment can still need fresh space (and fail ENOSPC, see Group).
+    reserve                blocks held for the segments to come (space.py)
 
 Only the group's write path appends, whole batches at a time, on the event loop; the
 in-memory index (per segment: first seq, record offsets and header CRCs) is updated
@@ -49,26 +39,20 @@ JournalCorruptError(path, offset). The argument:
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import threading
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from .. import fallocate as falloc
 from .. import statefile
 from .record import HEADER, HEADER_SIZE, RecordError, decode, iterate, trusted_extent
+from .space import JournalError, Space
 
 log = logging.getLogger(__name__)
 SECTOR = 512  # the smallest unit a disk writes whole
 CHUNK = 8 << 20  # bytes a reader of many records takes per read
 _ZERO_SECTOR = bytes(SECTOR)
-
-
-class JournalError(Exception):
-    """Base error of the journal layer."""
 
 
 class JournalCorruptError(JournalError):
@@ -126,9 +110,8 @@ class Journal:
         self._fds: dict[str, int] = {}  # append descriptors
         self._rfds: dict[str, int] = {}  # read descriptors (shippers, status), kept open
         self.base = Position(0, 0)
-        self._reserve_fd = -1
-        self._reserved = 0  # bytes `reserve` holds
-        self._reserve_lock = threading.Lock()  # segments come on the loop, go in a worker
+        self.space = Space(directory, reservation=self.reservation,
+                           segment_size=self.segment_size, segments=lambda: len(self._segments))
 
     @property
     def reservation(self) -> int:
@@ -176,60 +159,7 @@ class Journal:
             log.warning("journal %s: the log ends at seq %d (%s): what followed never "
                         "became durable (a power loss)%s", self.directory, expected - 1, end,
                         f"; removed the later segments {dropped}" if dropped else "")
-        self._reserve_space()
-
-    # ---- space ------------------------------------------------------------------------
-    def _reserve_space(self) -> None:
-        """Open: every segment keeps segment_size allocated, `reserve` the rest. After a
-        crash this is what was held already, so it needs no fresh space."""
-        path = os.path.join(self.directory, "reserve")
-        self._reserve_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._reserved = os.fstat(self._reserve_fd).st_size
-        want = max(0, self.reservation - len(self._segments) * self.segment_size)
-        if self._reserved > want:
-            self._resize_reserve(want)
-        for seg in self._segments:
-            fd = os.open(seg.path, os.O_WRONLY)
-            try:
-                self._preallocate(fd, seg.path)
-            finally:
-                os.close(fd)
-        if self._reserved < want:
-            self._resize_reserve(want)
-
-    def _resize_reserve(self, size: int) -> None:
-        try:
-            if size < self._reserved:
-                os.ftruncate(self._reserve_fd, size)
-            elif size > self._reserved:
-                os.posix_fallocate(self._reserve_fd, self._reserved, size - self._reserved)
-        except OSError as exc:
-            os.ftruncate(self._reserve_fd, self._reserved)
-            fs = os.fstatvfs(self._reserve_fd)
-            raise JournalError(
-                f"journal {self.directory}: cannot reserve its {self.reservation} bytes "
-                f"(journal_size plus two segments): {exc.strerror}; the file system has "
-                f"{fs.f_bavail * fs.f_frsize} bytes free") from None
-        self._reserved = size
-
-    def _preallocate(self, fd: int, path: str) -> None:
-        """Keep segment_size bytes allocated in a segment past its end (again: after a
-        cut, ftruncate gave the blocks past the new end back)."""
-        try:
-            falloc.fallocate(fd, falloc.KEEP_SIZE, 0, self.segment_size, path)
-        except OSError as exc:
-            if exc.errno not in falloc.UNSUPPORTED:  # no fallocate: no reservation
-                raise
-
-    def _cut(self, fd: int, path: str, size: int) -> None:
-        """Cut a segment back to `size` and allocate again the blocks ftruncate freed
-        past it (which nobody else had time to take; if somebody did, the segment
-        simply has fewer spare blocks)."""
-        os.ftruncate(fd, size)
-        try:
-            self._preallocate(fd, path)
-        except OSError:
-            pass
+        self.space.open([seg.path for seg in self._segments])
 
     def _scan(self, path: str, first: int) -> tuple[_Segment, str | None]:
         """Index a segment's records; cut it where a power loss ended it (and say
@@ -254,7 +184,7 @@ class Journal:
             seq += 1
         if pos < len(data):
             with open(path, "r+b") as f:
-                self._cut(f.fileno(), path, pos)
+                self.space.cut(f.fileno(), path, pos)
                 os.fsync(f.fileno())
         seg.size = seg.tail = pos
         return seg, end
@@ -320,7 +250,7 @@ class Journal:
         if nbytes > self.segment_size or seg is not None and (
                 seg.tail == 0 or seg.tail + nbytes <= self.segment_size):
             return True
-        return self._reserved >= self.segment_size
+        return self.space.has_room()
 
     # ---- appending (loop) --------------------------------------------------------------
     def starts_segment(self, nbytes: int) -> bool:
@@ -339,7 +269,7 @@ class Journal:
         again, durably (a power loss must not bring its records back under the seqs the
         next batch reuses), and nothing of it stays."""
         nbytes = sum(sizes)
-        seg, fd, at = self._reserve(first_seq, nbytes)
+        seg, fd, at = self._place(first_seq, nbytes)
         try:
             for i in range(0, len(buffers), 1024):  # IOV_MAX
                 chunk = buffers[i:i + 1024]
@@ -350,7 +280,7 @@ class Journal:
                     while tail:
                         tail = tail[os.write(fd, tail):]
         except BaseException:
-            self._cut(fd, seg.path, at)
+            self.space.cut(fd, seg.path, at)
             seg.tail = at
             try:
                 os.fdatasync(fd)
@@ -385,24 +315,12 @@ class Journal:
         seg.hcrcs.extend(batch.hcrcs)
         seg.size = pos
 
-    def _reserve(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
+    def _place(self, first_seq: int, nbytes: int) -> tuple[_Segment, int, int]:
         """Where a batch of `nbytes` goes: (segment, fd, offset)."""
         seg = self._segments[-1] if self._segments else None
         if self.starts_segment(nbytes):
             path = os.path.join(self.directory, f"{first_seq:020d}.seg")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                with self._reserve_lock:  # its blocks come out of `reserve`
-                    self._resize_reserve(max(0, self._reserved - self.segment_size))
-                    self._preallocate(fd, path)
-                statefile.fsync_dir(self.directory)
-            except (OSError, JournalError) as exc:
-                os.close(fd)
-                os.unlink(path)
-                if isinstance(exc, JournalError):
-                    raise OSError(errno.ENOSPC, str(exc)) from None
-                raise
-            self._fds[path] = fd
+            self._fds[path] = self.space.new_segment(path)
             self._add(_Segment(path, first_seq))
             seg = self._segments[-1]
         if seg.path not in self._fds:
@@ -487,22 +405,8 @@ class Journal:
 
     def delete(self, paths: list[str]) -> None:
         """Remove segments that trim_through() let go of (any thread)."""
-        self._unlink_segments(paths)
+        self.space.unlink(paths)
         statefile.fsync_dir(self.directory)
-
-    def _unlink_segments(self, paths: list[str]) -> None:
-        """Remove segments and give their blocks back to `reserve` (without growing it
-        past what the journal reserves: a segment may have been made without them)."""
-        with self._reserve_lock:
-            for path in paths:
-                os.unlink(path)
-                held = len(self._segments) * self.segment_size
-                want = min(self._reserved + self.segment_size, max(0, self.reservation - held))
-                if want > self._reserved:
-                    try:
-                        self._resize_reserve(want)
-                    except JournalError:
-                        pass  # taken by someone else meanwhile: the next open says so
 
     def rebase(self, pos: Position) -> None:
         """Drop every record and restart the journal after `pos` (a replica that a
@@ -514,7 +418,7 @@ class Journal:
             self._close_fds(path)
         self._segments.clear()
         self._firsts.clear()
-        self._unlink_segments(paths)
+        self.space.unlink(paths)
         statefile.fsync_dir(self.directory)
         self._write_base(pos)
 
@@ -535,9 +439,7 @@ class Journal:
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
-        if self._reserve_fd >= 0:
-            os.close(self._reserve_fd)
-            self._reserve_fd = -1
+        self.space.close()
 
 
 def _unwritten_sector(data: bytes, pos: int) -> bool:
