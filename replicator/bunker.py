@@ -26,6 +26,9 @@ from .wire import (PROTOCOL_MAX, PROTOCOL_MIN, Ack, Connection, Error, Feature, 
                    Records, Refusal, Refuse, Role, Welcome, code_name)
 
 
+FETCH_BYTES = 1 << 20  # journal bytes per RECORDS frame of a fetch
+
+
 class BunkerError(Exception):
     """The bunker could not give us its records; the message says why."""
 
@@ -138,17 +141,15 @@ async def serve_fetch(link: Link, hello: Hello, group: Group, agreed, *, node: s
     held = j.position(req.seq)
     if held is None or held.hcrc != req.crc:
         why = (f"{node} does not hold {hello.node}'s position {req.seq} "
-               + ("(trimmed: the journal starts at seq "f"{j.first_seq})" if held is None
+               + (f"(trimmed: the journal starts at seq {j.first_seq})" if held is None
                   else "(its record differs)"))
         log.warning("group %s: fetch from %s: %s", group.name, link.who(hello.node), why)
         await link.send(Error(code=Refusal.POSITION, message=why))
         return
-    seq, last = req.seq, ours.seq
-    while seq < last:
-        first, end, data = j.read(seq + 1, 1 << 20, last)
+    last = ours.seq
+    for first, end, data in j.chunks(req.seq, last, max_bytes=FETCH_BYTES):
         await link.send(Records(first_seq=first, last_seq=end, payload=data,
                                 compress=bool(agreed[1] & Feature.ZSTD)))
-        seq = end
     await link.send(Ack(seq=last, durable=last))
     log.warning("group %s: %s fetched records %d..%d (takeover replay)", group.name,
                 link.who(hello.node), req.seq + 1, last)

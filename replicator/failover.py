@@ -67,10 +67,7 @@ class Failover:
                              "promoted")
         replayed = await self._replay_bunker(group, bunker, force)
         result = await self.promote_to(group, targets, force)
-        result["bunker_replay"] = replayed
-        # Every write the lost primary acknowledged was on its sync bunker first.
-        result["rpo_records"] = 0 if replayed and "error" not in replayed else None
-        return result
+        return {**result, "bunker_replay": replayed, "rpo_records": _rpo_records(replayed)}
 
     async def promote_copy(self, group: Group, directory: str, *, bunker: str | None,
                            force: bool) -> dict:
@@ -96,8 +93,7 @@ class Failover:
                     directory)
         return {"group": group.name, "role": "copy", "copy": manifest, "seq": manifest["seq"],
                 "generation": str(group.lineage.history[-1]) if group.lineage.history else None,
-                "bunker_replay": replayed,
-                "rpo_records": 0 if replayed and "error" not in replayed else None,
+                "bunker_replay": replayed, "rpo_records": _rpo_records(replayed),
                 "seconds": round(time.monotonic() - started, 3)}
 
     async def _replay_bunker(self, group: Group, bunker: str | None, force: bool,
@@ -236,3 +232,9 @@ class Failover:
         group.adopt(group.lineage.history, survivor)
         return {"group": group.name, "role": group.role, "survivor": survivor,
                 "split_brain": group.lineage.split_brain}
+
+
+def _rpo_records(replayed: dict | None) -> int | None:
+    """Writes a takeover lost: none after a bunker replay (every write the lost primary
+    acknowledged was on its sync bunker first); unknown without one."""
+    return 0 if replayed and "error" not in replayed else None

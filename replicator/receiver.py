@@ -4,9 +4,10 @@ local replica group (which journals, applies in seq order and forwards downstrea
 Per connection: the TLS handshake (refusals logged with the reason), then HELLO is
 checked (admission.py), then WELCOME reports the group's durable position. Each
 RECORDS batch goes to Group.submit_records; HASH_REQUESTs are answered in stream order
-(online verify); when a batch is durable (and acked by in-sync sync targets further
-down a cascade) an ACK goes back, written and drained by the session's ACK task: what
-happens while one drains is reported by the next (ACKs coalesce).
+(online verify); once a batch is written, and again once it is durable, an ACK goes
+back: one per turn of the loop, posted at once, or, while the socket is backed up, sent
+by the session's ACK task after a drain for everything that happened meanwhile (ACKs
+coalesce).
 A newer connection for the same group replaces an older one (a half-dead link must not
 block its own reconnection).
 
@@ -485,7 +486,7 @@ class Receiver:
         if s is None:
             return None
         return {"source": s.source, "peer": s.link.peer, "acked_seq": s.ack_seq,
-                "durable_seq": min(s.group.commit.durable_seq, s.ack_seq)}
+                "durable_seq": self._ack(s).durable}
 
 
 def _who(link: Link | None, session: _Session | None) -> str:
