@@ -44,8 +44,10 @@ class Refused(NamedTuple):
 
 def welcome(group: Group, node: str, agreed) -> Welcome:
     """The WELCOME of an admitted HELLO: the agreed (version, features) and the group's
-    durable position and history here. The caller settles the group's commits first."""
-    pos = group.journal.position()
+    durable position (its last epoch boundary: records of an epoch that does not close
+    yet are sent again, and skipped) and history here. The caller settles the group's
+    commits first."""
+    pos = group.journal.position(group.commit.consistent_seq)
     version, features = agreed
     return Welcome(version=version, features=features, seq=pos.seq, crc=pos.hcrc, node=node,
                    history=to_wire(group.lineage.history))

@@ -16,8 +16,16 @@ import yaml
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
-MODES = ("sync", "async")
+# sync: a write completes once the target has it too; async: shipped from the journal as
+# soon as durable; periodic: shipped every `interval` as one epoch, overwrites coalesced.
+MODES = ("sync", "async", "periodic")
+CAPTURES = ("nbd", "watch")  # how a volume's writes reach the journal (README: choosing)
+# How a watched group finds a consistent point: a reflink clone of each file, freeze/thaw
+# hooks around a hashing pass, or nothing at all (crash-inconsistent).
+CONSISTENCIES = ("reflink", "hooks", "none")
 ROLES = ("primary", "secondary", "bunker")  # bunker: journal only, no volumes
 COMPRESSIONS = ("none", "zstd")
 # How a resync starts (a new target's initial sync, or one an operator asks for): send
@@ -41,6 +49,7 @@ class VolumeConfig:
     path: str
     size: int
     allocation: str = "preallocate"  # see volume.py: preallocate | check | sparse
+    capture: str = "nbd"  # nbd: written through the NBD server; watch: a file programs write
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class TargetConfig:
     initial_sync: str = "full"
     on_disconnect: str = "continue"
     bunker: bool = False  # the target keeps only the journal (a sync copy of it)
+    interval: float | None = None  # periodic: seconds between epochs
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,15 @@ class GroupConfig:
     # and FUA are the durability points); "write" makes every write durable first.
     durability: str = "flush"
     commit_interval: float = 1.0  # seconds an unflushed write may stay not durable
+    # Watched groups (capture: watch): how a consistent point is found, how often an
+    # epoch is taken (at most `epoch_interval` after the first change, or once the files
+    # were `quiet` that long), and the hooks run around it.
+    consistency: str = "reflink"
+    epoch_interval: float = 10.0
+    quiet: float = 1.0
+    freeze: str | None = None
+    thaw: str | None = None
+    hook_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,22 @@ def parse_size(value, path: str) -> int:
     if n <= 0:
         raise ConfigError(path, f"expected a positive size; got {value!r}")
     return n
+
+
+def parse_duration(value, path: str, low: float = 0.001, high: float = 86400.0) -> float:
+    """Seconds from 10, 2.5, "10s", "500ms", "2m" or "1h", between low and high."""
+    if isinstance(value, bool):
+        raise ConfigError(path, f"expected a duration like 10s or 500ms; got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ConfigError(path, f"expected a duration like 10s or 500ms; got {value!r}")
+        seconds = float(m.group(1)) * _SECONDS[m.group(2)]
+    if not low <= seconds <= high:
+        raise ConfigError(path, f"expected between {low:g}s and {high:g}s; got {value!r}")
+    return seconds
 
 
 def parse_address(value, path: str) -> tuple[str, int]:
@@ -189,7 +224,8 @@ def _volume(data, path: str, allocation: str) -> VolumeConfig:
     if size % 512:
         raise ConfigError(r.sub("size"), f"expected a multiple of 512 bytes; got {size}")
     v = VolumeConfig(name=r.name("name"), path=vol_path, size=size,
-                     allocation=r.choice("allocation", ALLOCATIONS, allocation))
+                     allocation=r.choice("allocation", ALLOCATIONS, allocation),
+                     capture=r.choice("capture", CAPTURES, "nbd"))
     r.done()
     return v
 
@@ -202,11 +238,21 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
     if target not in peers:
         raise ConfigError(r.sub("node"), f"{target!r} is not in peers (known: "
                                          f"{', '.join(sorted(peers)) or 'none'})")
-    t = TargetConfig(node=target, mode=r.choice("mode", MODES),
+    mode = r.choice("mode", MODES)
+    interval = r.get("interval", None)
+    if mode == "periodic":
+        if interval is None:
+            raise ConfigError(r.sub("interval"), "a periodic target needs an interval "
+                                                 "(seconds between epochs, e.g. 30s)")
+        interval = parse_duration(interval, r.sub("interval"), low=0.1)
+    elif interval is not None:
+        raise ConfigError(r.sub("interval"), f"only a periodic target has an interval "
+                                             f"(this one is {mode})")
+    t = TargetConfig(node=target, mode=mode,
                      compress=r.choice("compress", COMPRESSIONS, "none"),
                      initial_sync=r.choice("initial_sync", RESYNC_MODES, "full"),
                      on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"),
-                     bunker=r.get("bunker", False, types=(bool,)))
+                     bunker=r.get("bunker", False, types=(bool,)), interval=interval)
     if t.bunker and t.mode != "sync":
         raise ConfigError(r.sub("bunker"), "a bunker keeps a synchronous copy of the journal: "
                                            "its mode must be sync")
@@ -287,6 +333,7 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
         if not isinstance(member, str) or member not in peers:
             raise ConfigError(f"{r.sub('members')}[{i}]", f"{member!r} is not in peers")
     durability = r.choice("durability", DURABILITIES, "flush")
+    watch = _watch(r, volumes)
     commit_interval = r.get("commit_interval", 1.0, types=(int, float))
     if isinstance(commit_interval, bool) or not 0.001 <= commit_interval <= 60:
         raise ConfigError(r.sub("commit_interval"),
@@ -296,7 +343,36 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
                        volumes=tuple(volumes), targets=tuple(targets),
                        bitmap_granularity=granularity, logging_high_water=high_water,
                        resync_rate=rate, bunker=bunker, members=tuple(members),
-                       durability=durability, commit_interval=float(commit_interval))
+                       durability=durability, commit_interval=float(commit_interval), **watch)
+
+
+def _watch(r: _Reader, volumes: list[VolumeConfig]) -> dict:
+    """The watched-group keys, checked: a group's volumes are all watched or none is."""
+    keys = ("consistency", "interval", "quiet", "freeze", "thaw", "hook_timeout")
+    captures = {v.capture for v in volumes}
+    if len(captures) > 1:
+        raise ConfigError(r.sub("volumes"), "a group's volumes are all capture: watch or all "
+                                            "capture: nbd (write order across both cannot "
+                                            "be kept)")
+    if captures != {"watch"}:
+        for key in keys:
+            if r.get(key, None) is not None:
+                raise ConfigError(r.sub(key), "only a group of watched volumes (capture: "
+                                              "watch) has this key")
+        return {}
+    out = {"consistency": r.choice("consistency", CONSISTENCIES, "reflink"),
+           "epoch_interval": parse_duration(r.get("interval", 10), r.sub("interval"), low=0.1),
+           "quiet": parse_duration(r.get("quiet", 1), r.sub("quiet")),
+           "hook_timeout": parse_duration(r.get("hook_timeout", 30), r.sub("hook_timeout"))}
+    for key in ("freeze", "thaw"):
+        out[key] = r.get(key, None, types=(str,))
+    if out["consistency"] == "hooks" and not (out["freeze"] and out["thaw"]):
+        raise ConfigError(r.sub("freeze"), "consistency hooks needs both a freeze and a thaw "
+                                           "command (e.g. fsfreeze -f /mnt, fsfreeze -u /mnt)")
+    if bool(out["freeze"]) != bool(out["thaw"]):
+        raise ConfigError(r.sub("thaw" if out["freeze"] else "freeze"),
+                          "freeze and thaw go together: every freeze must be undone")
+    return out
 
 
 def parse(data, source_path: str = "") -> Config:

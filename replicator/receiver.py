@@ -255,7 +255,7 @@ class Receiver:
         session = _Session(link, group, ev.node, history)
         self.sessions[group.name] = session
         await group.commit.settle()
-        pos = group.journal.position()
+        pos = group.journal.position(group.commit.consistent_seq)
         await link.send(welcome(group, self.node, agreed))
         if verdict.relation == Relation.DIVERGED and group.role == "bunker":
             # Records past the fork were never acknowledged on the new line; a bunker has
@@ -466,7 +466,8 @@ class Receiver:
 
     @staticmethod
     def _ack(s: _Session) -> Ack:
-        return Ack(seq=s.ack_seq, durable=min(s.group.commit.durable_seq, s.ack_seq))
+        # Durable means in the image after a crash: through the last epoch boundary.
+        return Ack(seq=s.ack_seq, durable=min(s.group.commit.consistent_seq, s.ack_seq))
 
     async def _acks(self, s: _Session) -> None:
         """The ACKs that wait for the socket to drain: one for everything that happened

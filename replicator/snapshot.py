@@ -26,6 +26,7 @@ import os
 from . import statefile
 from .generations import Generation, to_json
 from .group import Group, GroupError, apply_to_volumes, received_records, volume_of
+from .journal.record import FLAG_OPEN
 from .journal.segments import Position
 from .volume import Volume
 
@@ -40,18 +41,22 @@ class Snapshot:
         self.position = position
         self.history = history
         self.volumes = volumes
+        self._open: list = []  # applies of an epoch that does not close yet
+        self._received = position.seq
 
     def apply(self, first_seq: int, last_seq: int, payload: bytes) -> None:
-        """Apply records that follow the copy's position (a bunker replay); records it
-        already holds are skipped, a gap or a stray record raises GroupError."""
-        where, position = f"the copy of group {self.group}", self.position
-        applies = []
-        for rec in received_records(payload, first_seq, last_seq, position.seq, where):
-            applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
-                            rec.length, rec.payload))
-            position = Position(rec.seq, rec.hcrc)
-        apply_to_volumes(applies)
-        self.position = position
+        """Apply records that follow the copy's position (a bunker replay) through the
+        last one that closes an epoch (the rest wait for theirs, or are never applied);
+        records it already holds are skipped, a gap or a stray record raises GroupError."""
+        where = f"the copy of group {self.group}"
+        for rec in received_records(payload, first_seq, last_seq, self._received, where):
+            self._open.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
+                               rec.length, bytes(rec.payload)))
+            self._received = rec.seq
+            if not rec.flags & FLAG_OPEN:
+                apply_to_volumes(self._open)
+                self._open = []
+                self.position = Position(rec.seq, rec.hcrc)
 
     def seal(self) -> dict:
         """Make the images durable, write snapshot.json, close; returns the manifest."""

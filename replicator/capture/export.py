@@ -1,6 +1,7 @@
 """An NBD export of one volume of a group: reads see the volume with the group's
 completed writes, writes and zeroes go into the group's write path, FLUSH and FUA are
-its durability points (group/commit.py). Writable only where the group is primary."""
+its durability points (group/commit.py). Writable only where the group is primary and
+its volumes are not watched files (capture: watch: programs write those directly)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class VolumeExport:
 
     @property
     def read_only(self) -> bool:
-        return self.group.role != "primary"
+        return self.group.role != "primary" or self.group.watched
 
     def read(self, offset: int, length: int) -> bytes:
         return self.commit.read(self.volume, offset, length)

@@ -23,6 +23,14 @@ loop thread (only the fdatasync runs elsewhere, a kernel AIO worker):
 
 `durability: write` makes each write wait for its commit, like a FLUSH.
 
+Epochs (journal/record.py): a record with FLAG_OPEN is inside an epoch that goes on
+after it (a watched file's changed blocks, a periodic link's coalesced batch). Such a
+record is journaled and acked like any other, but neither applied to the volumes nor
+shown to reads until the record that closes its epoch is: `consistent_seq` is the last
+durable seq that closes one, and the volumes and the memtable only ever hold images
+after a consistent seq, so a replica is always at an epoch boundary (all or nothing).
+A primary's own NBD writes are each an epoch of their own.
+
 Why a volume never holds a write that its journal lost: records reach the volumes only
 once durable in the journal (_durable), and reads see the newer ones from the memtable
 until then. So after kill -9 or power loss the volumes hold the image after the
@@ -52,7 +60,7 @@ from typing import Callable
 
 from ..config import GroupConfig
 from ..journal.flusher import Flusher
-from ..journal.record import Kind, RecordError, encode_header, header_crc, iterate
+from ..journal.record import FLAG_OPEN, Kind, RecordError, encode_header, header_crc, iterate
 from ..journal.segments import Journal
 from ..volume import Volume
 from .links import Links, TargetLink
@@ -80,7 +88,7 @@ def apply_to_volumes(applies) -> None:
     for vol, kind, offset, length, payload in applies:
         if kind == Kind.WRITE:
             vol.write(offset, payload)
-        else:
+        elif kind == Kind.ZERO:
             vol.zero(offset, length)
 
 
@@ -116,19 +124,25 @@ def volume_of(volumes: dict, rec, where: str):
 
 
 class _Batch:
-    __slots__ = ("first_seq", "last_seq", "bufs", "nbytes", "sizes", "hcrcs", "applies", "dones",
-                 "appended")
+    __slots__ = ("first_seq", "last_seq", "closed_seq", "bufs", "nbytes", "sizes", "hcrcs",
+                 "applies", "dones", "appended", "wait_durable")
 
     def __init__(self):
         self.first_seq = 0
         self.last_seq = 0
+        self.closed_seq = 0  # its last record that closes an epoch (0: none does)
         self.bufs: list = []
         self.nbytes = 0
         self.sizes: list[int] = []
         self.hcrcs: list[int] = []
-        self.applies: list = []  # (volume, kind, offset, length, payload)
+        self.applies: list = []  # (volume, kind, offset, length, payload), one per record
         self.dones: list = []  # (seq, done)
         self.appended = None  # the journal's handle once written
+        self.wait_durable = False  # its writes complete once durable (an epoch's do)
+
+    def closed_part(self) -> int:
+        """How many of its records (from the first) end at an epoch boundary."""
+        return self.closed_seq - self.first_seq + 1 if self.closed_seq else 0
 
 
 class Commit:
@@ -145,8 +159,9 @@ class Commit:
         # The durability points: written_seq is in the journal's page cache and
         # readable, durable_seq fdatasync'd (and in the journal's index, and applied to
         # the volumes unless they refuse it), flush_seq the last seq a completed FLUSH
-        # or FUA covered; applied_seq is what the volumes hold.
-        self.written_seq = self.durable_seq = self.applied_seq = 0
+        # or FUA covered; applied_seq is what the volumes hold; consistent_seq the last
+        # durable seq that closes an epoch (the image after it may be shown).
+        self.written_seq = self.durable_seq = self.applied_seq = self.consistent_seq = 0
         self.flush_seq = 0
         self.flush_wanted = 0  # the highest seq a flush waits for (sync shippers pass it on)
         self.journal_no_space = False  # the last journal write failed ENOSPC
@@ -169,16 +184,37 @@ class Commit:
         self._durable_waiters: list[asyncio.Future] = []
         self._kick = asyncio.Event()
         self._held: list | None = None  # writes held during a switchover
-        self._unapplied: deque[_Batch] = deque()  # journaled, not yet in the volumes
+        # Journaled, not yet in the volumes: (last seq, applies) in seq order, held while
+        # a volume refuses writes (_volume_failed).
+        self._unapplied: deque[tuple[int, list]] = deque()
         self._unapplied_errno = 0
+        # The open epoch's records after the last epoch boundary: what the memtable
+        # (written) and the volumes (durable) get once a record closes it.
+        self._open_written: list = []  # (seq, volume name, offset, length, payload)
+        self._open_durable: list = []  # (volume, kind, offset, length, payload)
 
-    def reset(self, seq: int) -> None:
-        """The journal and the volumes hold exactly the image after `seq` (opened,
-        replayed, or a resync finished): everything starts from there."""
-        self.written_seq = self.durable_seq = self.applied_seq = seq
+    def reset(self, seq: int, consistent: int | None = None, open_tail=()) -> None:
+        """The journal holds records through `seq`, the volumes the image after
+        `consistent` (seq itself unless an epoch does not close yet), and `open_tail` are
+        the applies of the records after it: everything starts from there (opened and
+        replayed, or a resync finished). A watched primary passes no applies: its files
+        hold them."""
+        self.written_seq = self.durable_seq = seq
+        self.applied_seq = self.consistent_seq = seq if consistent is None else consistent
         self._next_seq = seq + 1
         self._unapplied.clear()
+        self._open_durable = list(open_tail)
+        self._open_written = [(s, vol.name, off, n, data if kind == Kind.WRITE else None)
+                              for s, (vol, kind, off, n, data)
+                              in enumerate(open_tail, self.applied_seq + 1)]
         self.volume_error = None
+
+    def drop_open_epoch(self) -> None:
+        """The journal was cut back to `consistent_seq` (a replica promoted with an epoch
+        that never closed): forget the open epoch's records. Call settled."""
+        self.written_seq = self.durable_seq = self.consistent_seq
+        self._next_seq = self.consistent_seq + 1
+        self._open_written, self._open_durable = [], []
 
     def start(self):
         """On the loop: the committer, a coroutine for the group to run (and guard)."""
@@ -269,7 +305,7 @@ class Commit:
         if not b.dones:
             b.first_seq = seq
             self._kick.set()
-        b.last_seq = seq
+        b.last_seq = b.closed_seq = seq
         b.bufs.append(hdr)
         size = len(hdr)
         if payload:
@@ -281,6 +317,48 @@ class Commit:
         b.applies.append((volume, kind, offset, length, payload))
         b.dones.append((seq, done))
 
+    def submit_epoch(self, items: list, done: Done, *, last: bool = True) -> None:
+        """Primary of a watched group: journal a watched file's changed blocks, items of
+        (volume, kind, offset, length, payload), as (part of) one epoch: every record but
+        the last of the last part carries FLAG_OPEN. They are not applied to the volumes
+        nor shown to reads (the watched files hold them already). done(0) once durable.
+        An empty last part closes an epoch left open (a crash mid-epoch) with a SKIP."""
+        if self._role() != "primary":
+            done(errno.EROFS)
+            return
+        if self.halted:
+            done(errno.EIO)
+            return
+        if not items:
+            if not last or self.consistent_seq == self._next_seq - 1:
+                done(0)
+                return
+            items = [(next(iter(self.volumes.values())), Kind.SKIP, 0, 0, b"")]
+        b = self._batch
+        if not b.dones:
+            b.first_seq = self._next_seq
+            self._kick.set()
+        now = time.time_ns()
+        for i, (volume, kind, offset, length, payload) in enumerate(items, 1):
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            closes = last and i == len(items)
+            hdr = encode_header(seq, volume.name_bytes, offset, length, kind, now, payload,
+                                0 if closes else FLAG_OPEN)
+            b.bufs.append(hdr)
+            size = len(hdr)
+            if kind == Kind.WRITE:
+                b.bufs.append(payload)
+                size += len(payload)
+            b.nbytes += size
+            b.sizes.append(size)
+            b.hcrcs.append(header_crc(hdr))
+            if closes:
+                b.closed_seq = seq
+        b.last_seq = self._next_seq - 1
+        b.wait_durable = True
+        b.dones.append((b.last_seq, done))
+
     def submit_records(self, first_seq: int, last_seq: int, payload: bytes, done: Done) -> None:
         """Replica: journal and apply records received from upstream, as they are;
         done(0) once written to the journal (durable_listeners hear when they are
@@ -289,10 +367,12 @@ class Commit:
         expected = self._next_seq
         where = f"group {self.name}"
         journal_only = self._role() == "bunker"
-        sizes, hcrcs, applies = [], [], []
+        sizes, hcrcs, applies, closed = [], [], [], 0
         for rec in received_records(payload, first_seq, last_seq, expected - 1, where):
             sizes.append(rec.size)
             hcrcs.append(rec.hcrc)
+            if not rec.flags & FLAG_OPEN:
+                closed = rec.seq
             if not journal_only:
                 applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
                                 rec.length, rec.payload))
@@ -309,6 +389,7 @@ class Commit:
             b.first_seq = expected
             self._kick.set()
         b.last_seq = last_seq
+        b.closed_seq = closed or b.closed_seq
         chunk = memoryview(payload)[skip:]
         b.bufs.append(chunk)
         b.nbytes += len(chunk)
@@ -360,17 +441,14 @@ class Commit:
         self.journal_no_space = False
         self._unsynced.append(batch)
         self.written_seq = batch.last_seq
-        if self._role() != "bunker":
-            self._memtable.add(batch.last_seq, (
-                (seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
-                for seq, (vol, kind, offset, length, payload)
-                in zip(range(batch.first_seq, batch.last_seq + 1), batch.applies)))
+        if batch.applies:  # not a bunker's, nor a watched primary's epoch
+            self._show(batch)
         if self.early_senders:  # in the page cache now: ship while it is not durable yet
             self._send_early(batch)
         if self._role() != "primary":
             for _, done in batch.dones:  # written: the receiver acks it
                 done(0)
-        elif self.cfg.durability == "write":
+        elif self.cfg.durability == "write" or batch.wait_durable:
             self._flush_waits.extend(batch.dones)
             self.flush_wanted = max(self.flush_wanted, batch.last_seq)
         else:
@@ -391,6 +469,20 @@ class Commit:
         elif self._commit_timer is None:
             self._commit_timer = asyncio.get_running_loop().call_later(
                 self.cfg.commit_interval, self._commit_due)
+
+    def _show(self, batch: _Batch) -> None:
+        """Loop: what reads see of a written batch: its records through the last one
+        that closes an epoch (with the open epoch's earlier ones); the rest once a later
+        record closes their epoch."""
+        records = [(seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
+                   for seq, (vol, kind, offset, length, payload)
+                   in enumerate(batch.applies, batch.first_seq)]
+        n = batch.closed_part()
+        if n:
+            self._memtable.add(batch.closed_seq, self._open_written + records[:n])
+            self._open_written = records[n:]
+        else:
+            self._open_written.extend(records)
 
     def _commit_due(self) -> None:
         self._commit_timer = None
@@ -455,15 +547,21 @@ class Commit:
         every second, and until the volumes have taken them all the primary refuses new
         writes."""
         self.journal.commit(batch.appended)
+        n = batch.closed_part()
+        if not n:
+            self._open_durable.extend(batch.applies)
+            return
+        self.consistent_seq = batch.closed_seq
+        applies, self._open_durable = self._open_durable + batch.applies[:n], batch.applies[n:]
         if not self._unapplied:
             try:
-                apply_to_volumes(batch.applies)
+                apply_to_volumes(applies)
             except OSError as exc:
-                self._volume_failed(batch, exc)
+                self._volume_failed(batch.first_seq, batch.closed_seq, applies, exc)
                 return
-            self.applied_seq = batch.last_seq
+            self.applied_seq = batch.closed_seq
         else:
-            self._unapplied.append(batch)
+            self._unapplied.append((batch.closed_seq, applies))
 
     def _release_flushes(self) -> None:
         """Complete the flushes (and durability: write writes) now durable everywhere
@@ -475,13 +573,13 @@ class Commit:
             self.flush_seq = max(self.flush_seq, seq)
             done(0)
 
-    def _volume_failed(self, batch: _Batch, exc: OSError) -> None:
-        self._unapplied.append(batch)
+    def _volume_failed(self, first: int, last: int, applies: list, exc: OSError) -> None:
+        self._unapplied.append((last, applies))
         self._unapplied_errno = exc.errno or errno.EIO
         until = ("writes are refused until the volumes take every journaled record"
                  if self._role() == "primary" else "records are journaled, not applied, until "
                  "the volumes take them")
-        self.volume_error = (f"a volume write failed after seq {batch.first_seq}..{batch.last_seq} "
+        self.volume_error = (f"a volume write failed after seq {first}..{last} "
                              f"was journaled ({exc}); {until} (retried every second)")
         self.log.error("group %s: %s", self.name, self.volume_error)
 
@@ -490,15 +588,15 @@ class Commit:
         if not self._unapplied:
             return
         while self._unapplied:
-            batch = self._unapplied[0]
+            last, applies = self._unapplied[0]
             try:
-                apply_to_volumes(batch.applies)
+                apply_to_volumes(applies)
             except OSError as exc:
                 self.log.debug("group %s: volume write of seq %d..%d still fails: %s",
-                               self.name, batch.first_seq, batch.last_seq, exc)
+                               self.name, self.applied_seq + 1, last, exc)
                 return
             self._unapplied.popleft()
-            self.applied_seq = batch.last_seq
+            self.applied_seq = last
         self._memtable.drop_through(self.applied_seq)
         self.log.warning("group %s: the volumes hold every journaled record again (through "
                          "seq %d); writes are accepted", self.name, self.applied_seq)

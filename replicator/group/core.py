@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..bitmap import Bitmap, BitmapError
 from ..config import GroupConfig, TargetConfig
 from ..generations import Generation
-from ..journal.record import iterate
+from ..journal.record import FLAG_OPEN, iterate
 from ..journal.segments import Journal, JournalError, Position
 from ..undo import UndoError, UndoLog
 from ..volume import Volume
@@ -130,15 +130,21 @@ class Group:
             raise GroupError(f"group {self.name}: journal record {cp.seq} does "
                              "not match the checkpoint (journal replaced?)")
         try:
-            replayed = 0 if self.role == "bunker" else self._replay(cp.seq)
+            replayed, consistent, open_tail = (0, j.last_seq, []) if self.role == "bunker" \
+                else self._replay(cp.seq, apply=not self.watched)
         except OSError as exc:
             raise GroupError(f"group {self.name}: cannot replay the journal after seq "
                              f"{cp.seq} onto the volumes: {exc}") from None
-        self.commit.reset(j.last_seq)
+        self.commit.reset(j.last_seq, consistent, open_tail)
+        if consistent < j.last_seq:
+            self.log.warning("group %s: records %d..%d are an epoch that does not close "
+                             "yet: %s", self.name, consistent + 1, j.last_seq,
+                             "the next epoch closes it" if self.watched else
+                             "applied once the rest of it arrives")
         if replayed:
             self.log.info("group %s: replayed %d journal records onto the volumes",
                           self.name, replayed)
-            self._sync_and_save(j.position())
+            self._sync_and_save(j.position(consistent))
         for t in self.targets.values():
             if t.logging:  # rebuild what the journal holds past the saved bitmap
                 self.mark_bitmap(t)
@@ -201,6 +207,7 @@ class Group:
             raise GroupError(f"group {self.name} is in split brain with "
                              f"{self.lineage.split_brain['peer']}; resolve it first, or force")
         await self.commit.settle()
+        self._drop_open_epoch()
         gen = self.lineage.begin(self.journal.last_seq + 1)
         self.role, self.source, self.overridden = "primary", None, True
         self.resync_base = None
@@ -211,6 +218,17 @@ class Group:
         self.undo.remove()
         self.log.warning("group %s: promoted to primary, generation %s", self.name, gen)
         return gen
+
+    def _drop_open_epoch(self) -> None:
+        """A replica becoming primary: records of an epoch that never closed (its
+        source went down mid-epoch) are no image anyone may build on: they go."""
+        c = self.commit
+        if c.consistent_seq < self.journal.last_seq:
+            self.log.warning("group %s: records %d..%d were an epoch that never closed: "
+                             "dropped (the image stays at seq %d)", self.name,
+                             c.consistent_seq + 1, self.journal.last_seq, c.consistent_seq)
+            self.journal.truncate_after(c.consistent_seq)
+            c.drop_open_epoch()
 
     async def demote(self, source: str) -> None:
         """The primary becomes a secondary of `source`: writes are refused from now on,
@@ -269,13 +287,28 @@ class Group:
         self.checkpoint.changed = True
         self._checkpoint_now.set()
 
-    def _replay(self, after_seq: int) -> int:
-        count = 0
-        for first, last, data in self.journal.chunks(after_seq):
-            apply_to_volumes([(self.volumes[r.volume], r.kind, r.offset, r.length, r.payload)
-                              for r in iterate(data)])
-            count += last - first + 1
-        return count
+    def _replay(self, after_seq: int, apply: bool) -> tuple[int, int, list]:
+        """Apply the journal's records after `after_seq` onto the volumes, through the
+        last one that closes an epoch (unless `apply` is False: a watched primary's files
+        hold them). Returns (records applied, that seq, the applies of the records after
+        it)."""
+        count, consistent, pending = 0, after_seq, []
+        for _, _, data in self.journal.chunks(after_seq):
+            for r in iterate(data):
+                if apply:
+                    pending.append((self.volumes[r.volume], r.kind, r.offset, r.length,
+                                    r.payload))
+                if not r.flags & FLAG_OPEN:
+                    apply_to_volumes(pending)
+                    count += r.seq - consistent
+                    consistent, pending = r.seq, []
+        return (count if apply else 0), consistent, pending
+
+    @property
+    def watched(self) -> bool:
+        """Its volumes are files that programs write directly (capture: watch) and this
+        node is the primary: the agent reads them, never writes them."""
+        return self.role == "primary" and any(v.capture == "watch" for v in self.cfg.volumes)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

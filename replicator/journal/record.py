@@ -11,16 +11,23 @@ Byte layout (little-endian), header then the volume name then the payload:
     24   4     length     bytes affected in the volume
     28   4     pcrc       CRC32C of the payload (0 when there is none)
     32   8     time_ns    wall clock when the primary journaled the write (for lag)
-    40   1     kind       Kind.WRITE carries `length` payload bytes; Kind.ZERO none
+    40   1     kind       Kind.WRITE carries `length` payload bytes; ZERO and SKIP none
     41   1     name_len   bytes of volume name that follow the header (1..255)
-    42   2     reserved   must be 0
+    42   2     flags      FLAG_OPEN or 0 (every other bit must be 0)
     44   n     name       volume name, UTF-8
     44+n m     payload    m = length for WRITE, 0 for ZERO
 
 A WRITE's `length` is checked against MAX_LENGTH before anything is read, so a damaged
 length never triggers a huge read. A ZERO carries no payload, so its length may be any
-u32 (a whole-device discard is one record). Decoding is strict: an unknown kind, a non-zero reserved
-field or an empty name is corruption, like a checksum mismatch.
+u32 (a whole-device discard is one record). Decoding is strict: an unknown kind or flag,
+a SKIP with a length or an empty name is corruption, like a checksum mismatch.
+
+Epochs (DESIGN.md): a record with FLAG_OPEN is inside an epoch that goes on after it, so
+the image after it is not one any node may show; the epoch's last record has no flag.
+An NBD write is its own epoch (flags 0): every seq whose record lacks FLAG_OPEN is a
+consistent point. A watched file's changed blocks are journaled as one epoch, and a
+periodic link sends (a, k] coalesced: a record every byte of which later records of
+the epoch write again goes as a SKIP, which keeps its seq and changes nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import NamedTuple
 from crc32c import crc32c
 
 MAGIC = b"RJR1"
-_FIELDS = "QQIIQBBH"  # seq .. reserved: the checksummed header fields
+_FIELDS = "QQIIQBBH"  # seq .. flags: the checksummed header fields
 HEADER = struct.Struct("<4sI" + _FIELDS)
 HEADER_SIZE = HEADER.size  # 44
 MAX_LENGTH = 64 * 1024 * 1024  # largest payload of one WRITE record
@@ -45,6 +52,10 @@ _BODIES: dict[int, struct.Struct] = {}  # by volume name length
 class Kind(enum.IntEnum):
     WRITE = 1
     ZERO = 2  # NBD TRIM and WRITE_ZEROES: the range reads back as zeroes
+    SKIP = 3  # holds its seq, changes nothing (coalesced away by a periodic link)
+
+
+FLAG_OPEN = 1  # the record's epoch goes on after it: the image after it is not consistent
 
 
 class RecordError(Exception):
@@ -65,12 +76,13 @@ class Record(NamedTuple):
     kind: Kind
     time_ns: int
     hcrc: int
-    payload: memoryview | bytes  # empty for ZERO
+    payload: memoryview | bytes  # empty for ZERO and SKIP
     size: int  # encoded size in bytes
+    flags: int = 0
 
 
 def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: Kind,
-                  time_ns: int, payload) -> bytes:
+                  time_ns: int, payload, flags: int = 0) -> bytes:
     """Header and name of a record whose payload (for WRITE) follows separately, so a
     writer can hand header and payload to one writev without copying the payload."""
     if not 0 < len(volume_name) < 256:
@@ -82,7 +94,8 @@ def encode_header(seq: int, volume_name: bytes, offset: int, length: int, kind: 
     if body is None:  # the checksummed part: header fields from seq on, then the name
         body = _BODIES[len(volume_name)] = struct.Struct(
             f"<{_FIELDS}{len(volume_name)}s")
-    rest = body.pack(seq, offset, length, pcrc, time_ns, kind, len(volume_name), 0, volume_name)
+    rest = body.pack(seq, offset, length, pcrc, time_ns, kind, len(volume_name), flags,
+                     volume_name)
     return _PREFIX.pack(MAGIC, crc32c(rest)) + rest
 
 
@@ -113,7 +126,7 @@ def decode(buf, pos: int = 0) -> Record:
     if end_of_buf - pos < HEADER_SIZE:
         raise RecordError(f"{end_of_buf - pos} bytes left, header needs {HEADER_SIZE}",
                           torn=True)
-    magic, hcrc, seq, offset, length, pcrc, time_ns, kind, name_len, reserved = \
+    magic, hcrc, seq, offset, length, pcrc, time_ns, kind, name_len, flags = \
         HEADER.unpack_from(view, pos)
     if magic != MAGIC:
         raise RecordError(f"bad magic {bytes(magic)!r}", torn=False)
@@ -125,9 +138,10 @@ def decode(buf, pos: int = 0) -> Record:
     if crc32c(view[pos + _CRC_FROM:name_end]) != hcrc:
         raise RecordError(f"header checksum mismatch at seq field {seq}", torn=False)
     known = _KINDS.get(kind)
-    if reserved or name_len == 0 or known is None:
-        raise RecordError(f"invalid header fields (kind {kind}, name_len {name_len})",
-                          torn=False)
+    if flags & ~FLAG_OPEN or name_len == 0 or known is None or \
+            known is Kind.SKIP and length:
+        raise RecordError(f"invalid header fields (kind {kind}, length {length}, name_len "
+                          f"{name_len}, flags {flags:#x})", torn=False)
     kind = known
     end = name_end + length if kind is Kind.WRITE else name_end
     if end > end_of_buf:
@@ -136,7 +150,18 @@ def decode(buf, pos: int = 0) -> Record:
     if end != name_end and crc32c(payload) != pcrc:
         raise RecordError(f"payload checksum mismatch (seq {seq})", torn=False)
     volume = _volume_name(bytes(view[pos + HEADER_SIZE:name_end]), seq)
-    return Record(seq, volume, offset, length, kind, time_ns, hcrc, payload, end - pos)
+    return Record(seq, volume, offset, length, kind, time_ns, hcrc, payload, end - pos, flags)
+
+
+def rewritten(rec: Record, flags: int, *, skip: bool = False) -> list:
+    """The encoded bytes of `rec` (header and name, then its payload) with `flags`, or,
+    with `skip`, a SKIP record of the same seq, volume and time."""
+    name = rec.volume.encode()
+    if skip:
+        return [encode_header(rec.seq, name, 0, 0, Kind.SKIP, rec.time_ns, b"", flags)]
+    hdr = encode_header(rec.seq, name, rec.offset, rec.length, rec.kind, rec.time_ns,
+                        rec.payload, flags)
+    return [hdr, rec.payload] if rec.kind is Kind.WRITE else [hdr]
 
 
 def trusted_extent(buf, pos: int = 0) -> int:

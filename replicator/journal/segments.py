@@ -422,6 +422,36 @@ class Journal:
         statefile.fsync_dir(self.directory)
         self._write_base(pos)
 
+    def truncate_after(self, seq: int) -> int:
+        """Drop the durable records after `seq` (a replica promoted with an epoch that
+        never closed). Later segments go first, then the one holding seq is cut and made
+        durable, so a crash in between leaves a log that still ends in that epoch, which
+        the next promote drops again. Nothing may be in flight. Returns how many."""
+        dropped = self.last_seq - seq
+        if dropped <= 0:
+            return 0
+        if seq < self.base.seq:
+            raise JournalError(f"journal {self.directory}: cannot cut back to seq {seq}, "
+                               f"before its base {self.base.seq}")
+        later = [s for s in self._segments if s.first_seq > seq]
+        for seg in later:
+            self._close_fds(seg.path)
+        self.space.unlink([seg.path for seg in later])
+        statefile.fsync_dir(self.directory)
+        del self._segments[len(self._segments) - len(later):]
+        del self._firsts[len(self._firsts) - len(later):]
+        if self._segments:
+            seg = self._segments[-1]
+            keep = seq - seg.first_seq + 1
+            end = seg.end_of(seq)
+            with open(seg.path, "r+b") as f:
+                self.space.cut(f.fileno(), seg.path, end)
+                os.fsync(f.fileno())
+            del seg.offsets[keep:]
+            del seg.hcrcs[keep:]
+            seg.size = seg.tail = end
+        return dropped
+
     def _write_base(self, pos: Position) -> None:
         statefile.replace(os.path.join(self.directory, "base"),
                           f"{pos.seq} {pos.hcrc}\n".encode(), pad=True)

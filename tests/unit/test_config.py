@@ -118,7 +118,7 @@ def test_config_check_cli(tmp_path):
     ko = subprocess.run([sys.executable, "-m", "replicator.cli", "config", "check", str(bad)],
                         capture_output=True, text=True)
     assert ko.returncode == 2
-    assert "groups[0].targets[0].mode: expected one of sync, async; got 'synchronous'" in ko.stderr
+    assert "groups[0].targets[0].mode: expected one of sync, async, periodic; got 'synchronous'" in ko.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text("node: [unclosed")
     ko = subprocess.run([sys.executable, "-m", "replicator.cli", "config", "check", str(broken)],
