@@ -348,9 +348,14 @@ def _target(t: dict) -> TargetConfig:
         target = TargetConfig(node=t["node"], mode=t.get("mode", "async"),
                               compress=t.get("compress", "none"),
                               on_disconnect=t.get("on_disconnect", "continue"),
-                              bunker=t.get("bunker", False))
+                              bunker=t.get("bunker", False), interval=t.get("interval"))
     except (KeyError, TypeError):
         raise AdminError(f"bad target {t!r}: expected {{node, mode}}") from None
+    periodic = target.mode == "periodic"
+    if periodic != (target.interval is not None) or periodic and not (
+            isinstance(target.interval, (int, float)) and 0.1 <= target.interval <= 86400):
+        raise AdminError(f"target {target.node}: a periodic target needs an interval in "
+                         "seconds (0.1..86400), and only a periodic one has one")
     if target.mode not in MODES or target.compress not in COMPRESSIONS \
             or target.on_disconnect not in ON_DISCONNECT or target.bunker not in (True, False):
         raise AdminError(f"target {target.node}: mode must be one of {', '.join(MODES)}, "

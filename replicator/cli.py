@@ -178,23 +178,30 @@ def cmd_verify(args) -> int:
     return EXIT_MISMATCH if result["mismatches"] else 0
 
 
-TARGET_SPEC = "NODE:sync|async[:zstd][:bunker][:block]"
+TARGET_SPEC = "NODE:sync|async|periodic=INTERVAL[:zstd][:bunker][:block]"
 
 
 def parse_target(spec: str) -> dict:
-    """NODE:MODE[:OPTION...] -> the admin API's target: options `zstd` (compress the
-    link), `bunker` (the target keeps only the journal), `block` (on_disconnect: block)."""
+    """NODE:MODE[:OPTION...] -> the admin API's target: MODE is sync, async or
+    periodic=INTERVAL (e.g. periodic=30s); options `zstd` (compress the link), `bunker`
+    (the target keeps only the journal), `block` (on_disconnect: block)."""
     node, *rest = spec.split(":")
-    if not node or not rest or rest[0] not in config.MODES:
+    mode, _, every = rest[0].partition("=") if rest else ("", "", "")
+    if not node or mode not in config.MODES or bool(every) != (mode == "periodic"):
         raise ValueError(f"--target {spec!r}: expected {TARGET_SPEC}")
+    try:
+        interval = config.parse_duration(every, "interval", low=0.1) if every else None
+    except config.ConfigError as exc:
+        raise ValueError(f"--target {spec!r}: {exc}") from None
     options = set(rest[1:])
     unknown = options - {"zstd", "bunker", "block"}
     if unknown or len(options) != len(rest) - 1:
         raise ValueError(f"--target {spec!r}: unknown or repeated option(s) "
                          f"{', '.join(sorted(unknown)) or ', '.join(rest[1:])}; expected {TARGET_SPEC}")
-    return {"node": node, "mode": rest[0], "compress": "zstd" if "zstd" in options else "none",
+    return {"node": node, "mode": mode, "compress": "zstd" if "zstd" in options else "none",
             "bunker": "bunker" in options,
-            "on_disconnect": "block" if "block" in options else "continue"}
+            "on_disconnect": "block" if "block" in options else "continue",
+            **({"interval": interval} if interval is not None else {})}
 
 
 def cmd_promote(args) -> int:

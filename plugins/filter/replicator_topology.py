@@ -12,6 +12,18 @@
           - {from: dc3-arc, to: dc4-vault, mode: async, initial_sync: checksum,
              on_disconnect: continue}
           - {from: dc1-app, to: dc1-bunker, mode: sync, bunker: true}
+      - name: files                           # a group of watched files
+        primary: dc1-app
+        consistency: reflink                  # watched groups: reflink | hooks | none,
+        interval: 10s                         # interval, quiet, freeze, thaw, hook_timeout
+        volumes: [{name: vm, size: 64MiB, path: /srv/files/vm.img, capture: watch}]
+        links:
+          - {from: dc1-app, to: dc3-arc, mode: async}
+          - {from: dc3-arc, to: dc4-vault, mode: periodic, interval: 30s}
+
+A volume with `capture: watch` is a file programs write directly: the primary watches
+it (the group's watch keys go to the primary only); its replicas are ordinary volumes,
+served over NBD once promoted. A `periodic` link ships an epoch every `interval`.
 
 A link with `bunker: true` (sync, at most one per group, from the primary) makes its
 target a bunker: it keeps only the journal; the other members replay from it when
@@ -26,12 +38,14 @@ words an operator can act on; the other filters assume a valid topology.
 import re
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-MODES = ("sync", "async")
-GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size", "drill_volume"}
-VOLUME_KEYS = {"name", "size", "path"}
+MODES = ("sync", "async", "periodic")
+WATCH_KEYS = ("consistency", "interval", "quiet", "freeze", "thaw", "hook_timeout")
+GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size", "drill_volume", *WATCH_KEYS}
+VOLUME_KEYS = {"name", "size", "path", "capture"}
+CAPTURES = ("nbd", "watch")
 LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "assume-clean"),
                 "on_disconnect": ("continue", "block")}  # optional keys, first = default
-LINK_KEYS = {"from", "to", "mode", "bunker", *LINK_CHOICES}
+LINK_KEYS = {"from", "to", "mode", "bunker", "interval", *LINK_CHOICES}
 
 
 def _group_errors(i, g, hosts):
@@ -63,6 +77,16 @@ def _group_errors(i, g, hosts):
         if v["name"] in seen:
             errors.append(f"{where}: volume {v['name']!r} is declared twice")
         seen.add(v["name"])
+        if v.get("capture", "nbd") not in CAPTURES:
+            errors.append(f"{where}: volumes[{j}]: capture must be one of {', '.join(CAPTURES)}; "
+                          f"got {v.get('capture')!r}")
+    captures = {v.get("capture", "nbd") for v in volumes if isinstance(v, dict)}
+    if len(captures) > 1:
+        errors.append(f"{where}: its volumes are all capture: watch or all capture: nbd "
+                      "(write order across both cannot be kept); split the group")
+    if captures != {"watch"}:
+        errors += [f"{where}: {k} is a key of watched groups only (capture: watch volumes)"
+                   for k in WATCH_KEYS if k in g]
     if "drill_volume" in g and g["drill_volume"] not in seen:
         errors.append(f"{where}: drill_volume {g['drill_volume']!r} is not one of its volumes "
                       f"({', '.join(sorted(seen)) or 'none'})")
@@ -84,6 +108,9 @@ def _group_errors(i, g, hosts):
                               f"(hosts: {', '.join(hosts)})")
         if link.get("mode") not in MODES:
             errors.append(f"{lw}: mode must be one of {', '.join(MODES)}; got {link.get('mode')!r}")
+        elif (link["mode"] == "periodic") != ("interval" in link):
+            errors.append(f"{lw}: a periodic link needs an interval (e.g. interval: 30s), and "
+                          "only a periodic one has one")
         for key, choices in LINK_CHOICES.items():
             if link.get(key, choices[0]) not in choices:
                 errors.append(f"{lw}: {key} must be one of {', '.join(choices)}; "
@@ -179,6 +206,7 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
         bunker = next((l["to"] for l in g.get("links", []) if l.get("bunker")), None)
         role = ("primary" if node == g["primary"] else "bunker" if node == bunker
                 else "secondary")
+        watched = role == "primary" and any(v.get("capture") == "watch" for v in g["volumes"])
         out.append({
             "name": g["name"],
             "role": role,
@@ -187,11 +215,14 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
             "volumes": [] if role == "bunker" else [
                 {"name": v["name"],
                  "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
-                 "size": v["size"]} for v in g["volumes"]],
+                 "size": v["size"],
+                 **({"capture": "watch"} if watched else {})} for v in g["volumes"]],
             "targets": [{"node": l["to"], "mode": l["mode"],
                          **{k: l.get(k, choices[0]) for k, choices in LINK_CHOICES.items()},
-                         **({"bunker": True} if l.get("bunker") else {})}
+                         **({"bunker": True} if l.get("bunker") else {}),
+                         **({"interval": l["interval"]} if "interval" in l else {})}
                         for l in g.get("links", []) if l["from"] == node],
+            **({k: g[k] for k in WATCH_KEYS if k in g} if watched else {}),
             **({"bunker": bunker} if bunker and role == "secondary" else {}),
             # a bunker serves the takeover replay (FETCH) of the group's other members
             **({"members": [m for m in members(g) if m not in (node, source)]}
@@ -230,13 +261,16 @@ def replicator_links(groups, group=None, source=None, target=None):
                 continue
             out.append({"group": g["name"], "from": link["from"], "to": link["to"],
                         "mode": link["mode"], "compress": link.get("compress", "none"),
-                        "bunker": bool(link.get("bunker"))})
+                        "bunker": bool(link.get("bunker")),
+                        **({"interval": link["interval"]} if "interval" in link else {})})
     return out
 
 
 def _target_spec(link):
-    """A link as the agent's `--target` takes it: NODE:MODE[:zstd][:bunker][:block]."""
-    return ":".join([link["to"], link["mode"]]
+    """A link as the agent's `--target` takes it: NODE:MODE[:zstd][:bunker][:block],
+    MODE periodic=INTERVAL for a periodic link."""
+    mode = f"periodic={link['interval']}" if link["mode"] == "periodic" else link["mode"]
+    return ":".join([link["to"], mode]
                     + (["zstd"] if link.get("compress", "none") == "zstd" else [])
                     + (["bunker"] if link.get("bunker") else [])
                     + (["block"] if link.get("on_disconnect", "continue") == "block" else []))

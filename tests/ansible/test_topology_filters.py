@@ -40,7 +40,7 @@ def test_the_lab_topology_is_valid():
      "ships to the primary"),
     (lambda g: g["links"].append({"from": "dc1-app", "to": "dc9-x", "mode": "sync"}),
      "to 'dc9-x' is not a host of the inventory group"),
-    (lambda g: g["links"][0].update(mode="asnyc"), "mode must be one of sync, async; got 'asnyc'"),
+    (lambda g: g["links"][0].update(mode="asnyc"), "mode must be one of sync, async, periodic; got 'asnyc'"),
     (lambda g: g["links"][1].update(compress="lz4"), "compress must be one of none, zstd"),
     (lambda g: g["links"][1].update(initial_sync="rsync"),
      "initial_sync must be one of full, checksum, assume-clean"),
@@ -54,6 +54,11 @@ def test_the_lab_topology_is_valid():
     (lambda g: g.update(volumes=[]), "volumes must be a non-empty list"),
     (lambda g: g["volumes"].append({"name": "data", "size": "1MiB"}), "volume 'data' is declared twice"),
     (lambda g: g["links"][0].update(rate="1G"), "unknown key 'rate'"),
+    (lambda g: g["links"][2].update(mode="periodic"), "a periodic link needs an interval"),
+    (lambda g: g["links"][2].update(interval="30s"), "only a periodic one has one"),
+    (lambda g: g["volumes"][0].update(capture="inotify"), "capture must be one of nbd, watch"),
+    (lambda g: g["volumes"][0].update(capture="watch"), "all capture: watch or all capture: nbd"),
+    (lambda g: g.update(consistency="reflink"), "consistency is a key of watched groups only"),
 ])
 def test_broken_topologies_are_explained(change, expected):
     errors = errors_after(change)
@@ -246,3 +251,24 @@ def test_drill_volume_must_be_a_volume_of_the_group():
 def test_outgoing_links_of_the_declared_topology():
     assert F["replicator_outgoing"](FIVE, "db") == {
         "dc1-app": ["dc2-dr", "dc1-bunker", "dc3-arc"], "dc3-arc": ["dc4-vault"]}
+
+
+WATCHED = {"name": "files", "primary": "dc1-app", "consistency": "hooks",
+           "freeze": "fsfreeze -f /srv/files", "thaw": "fsfreeze -u /srv/files", "interval": "5s",
+           "volumes": [{"name": "vm", "size": "64MiB", "path": "/srv/files/vm.img",
+                        "capture": "watch"}],
+           "links": [{"from": "dc1-app", "to": "dc3-arc", "mode": "async"},
+                     {"from": "dc3-arc", "to": "dc4-vault", "mode": "periodic", "interval": "30s"}]}
+
+
+def test_a_watched_group_is_watched_on_its_primary_only_and_periodic_links_keep_their_interval():
+    assert F["replicator_topology_errors"]([WATCHED], HOSTS) == []
+    primary = F["replicator_node_groups"]([WATCHED], "dc1-app")[0]
+    assert primary["volumes"][0]["capture"] == "watch"
+    assert (primary["consistency"], primary["freeze"], primary["interval"]) == \
+        ("hooks", "fsfreeze -f /srv/files", "5s")
+    middle = F["replicator_node_groups"]([WATCHED], "dc3-arc")[0]
+    assert "capture" not in middle["volumes"][0] and "consistency" not in middle
+    assert middle["targets"][0]["mode"] == "periodic" and middle["targets"][0]["interval"] == "30s"
+    plan = F["replicator_failover_plan"]([WATCHED], "files", "dc1-app", "dc4-vault")
+    assert plan["steps"][0]["attach"] == [] and plan["promote_targets"] == ["dc3-arc:periodic=30s"]

@@ -1,4 +1,4 @@
-"""`--target NODE:MODE[:OPTION...]` of `replicator promote` and `attach`: every option the
+"""`--target NODE:MODE[:OPTION...]` (MODE sync, async or periodic=INTERVAL) of `replicator promote` and `attach`: every option the
 topology's links have (compression, bunker, on_disconnect), and clear refusals."""
 
 import pytest
@@ -15,6 +15,8 @@ from replicator.cli import parse_target
                              "on_disconnect": "block"}),
     ("k:sync:block:bunker", {"node": "k", "mode": "sync", "compress": "none", "bunker": True,
                              "on_disconnect": "block"}),
+    ("far:periodic=30s:zstd", {"node": "far", "mode": "periodic", "compress": "zstd",
+                               "bunker": False, "on_disconnect": "continue", "interval": 30.0}),
 ])
 def test_target_specs(spec, want):
     assert parse_target(spec) == want
@@ -26,6 +28,9 @@ def test_target_specs(spec, want):
     ("dc2-dr:asnyc", "expected NODE:sync|async"),
     ("dc2-dr:sync:gzip", "unknown or repeated option(s) gzip"),
     ("dc2-dr:sync:zstd:zstd", "unknown or repeated option(s) zstd, zstd"),
+    ("far:periodic", "expected NODE:sync|async|periodic=INTERVAL"),
+    ("far:async=10s", "expected NODE:sync|async|periodic=INTERVAL"),
+    ("far:periodic=soon", "interval: expected a duration like 10s"),
 ])
 def test_bad_target_specs_are_refused(spec, message):
     with pytest.raises(ValueError) as exc:
