@@ -33,7 +33,10 @@ options:
     description: Address of the controller on the lab network (default the first one).
     type: str
   hosts:
-    description: Lab hosts, each C({name, address, site}).
+    description: Lab hosts, each C({name, address, site, filesystems}); C(filesystems) is
+      a list of C({mountpoint, type, size}) (mountpoint C(/srv/NAME), type xfs (with
+      reflink), btrfs or ext4) made once as image files and loop-mounted inside the host
+      only (its /srv is a tmpfs of its own).
     type: list
     elements: dict
     default: []

@@ -11,8 +11,11 @@ agent's supervisor: an "enabled" service), reaps every orphan, and on SIGTERM st
 every process of the host before exiting. SIGKILL of this process is a crash: the
 kernel kills every process of the PID namespace with it.
 
-HOST.json: {"name", "binds": [[src, dst], ...], "sshd": [argv...], "boot": [argv...],
-            "log": path}. Standard library only: it runs before anything is installed.
+HOST.json: {"name", "binds": [[src, dst], ...], "filesystems": [[image, mountpoint,
+            type], ...], "sshd": [argv...], "boot": [argv...], "log": path}. Standard
+library only: it runs before anything is installed. A file system is loop-mounted in the
+host's mount namespace only: it goes away with the host (a crash included) and comes
+back when the host boots again.
 """
 
 import json
@@ -39,6 +42,11 @@ def setup(spec: dict) -> None:
     for src, dst in spec["binds"]:
         mount("--bind", src, dst)
     mount("-t", "tmpfs", "-o", "mode=1777,size=256m", "tmpfs", "/tmp")
+    if spec.get("filesystems"):  # /srv/NAME: the machine's /srv stays untouched
+        mount("-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", "/srv")
+    for image, mountpoint, fstype in spec.get("filesystems", []):
+        os.makedirs(mountpoint, exist_ok=True)
+        mount("-t", fstype, "-o", "loop", image, mountpoint)
     if os.path.isdir("/run/systemd"):
         # the machine's systemd must stay out of reach: systemctl here would start
         # services in the root namespaces

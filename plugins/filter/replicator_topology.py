@@ -373,6 +373,12 @@ def replicator_outgoing(groups, group):
     return _outgoing(g.get("links", []))
 
 
+def replicator_watched_groups(groups):
+    """Names of the groups whose volumes are watched files (capture: watch)."""
+    return [g["name"] for g in groups or []
+            if any(v.get("capture") == "watch" for v in g.get("volumes", []))]
+
+
 def replicator_drill_target(groups, group):
     """The replica a DR exercise of `group` promotes by default: the first async replica
     (a far site, the classic DR copy), else the first sync one; never the bunker."""
@@ -396,6 +402,7 @@ class FilterModule:
         return {
             "replicator_topology_errors": replicator_topology_errors,
             "replicator_node_groups": replicator_node_groups,
+            "replicator_watched_groups": replicator_watched_groups,
             "replicator_node_peers": replicator_node_peers,
             "replicator_node_volumes": replicator_node_volumes,
             "replicator_links": replicator_links,

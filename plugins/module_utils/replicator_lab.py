@@ -37,6 +37,11 @@ STATE_FILE = "lab.json"
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 SSH_WAIT_SECONDS = 20
 STOP_WAIT_SECONDS = 20
+# A lab host's own file systems: an image file each, made once, loop-mounted by the
+# host's init in its private mount namespace (gone with the namespace, back at boot).
+MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"],
+        "ext4": ["mkfs.ext4", "-q", "-F"]}
+MOUNTPOINT_RE = re.compile(r"^/srv/[A-Za-z0-9._-]+$")  # /srv is the host's own (a tmpfs)
 
 
 # ---------------------------------------------------------------- processes
@@ -104,7 +109,9 @@ class Lab:
         self.uplinks = {s: rate_bits((sites.get(s) or {})["uplink"])
                         if (sites.get(s) or {}).get("uplink") else None for s in self.sites}
         self.hosts = sorted(({"name": h["name"], "address": str(h["address"]),
-                              "site": str(h["site"])} for h in hosts), key=lambda h: h["name"])
+                              "site": str(h["site"]),
+                              "filesystems": list(h.get("filesystems") or [])} for h in hosts),
+                            key=lambda h: h["name"])
         self._check_hosts()
         self.net = LabNetwork(prefix, self.network, self.controller, self.hosts, self.uplinks)
 
@@ -127,6 +134,12 @@ class Lab:
             if addr in seen:
                 raise LabError(f"host {h['name']}: address {addr} is already used by {seen[addr]}")
             seen[addr] = h["name"]
+            for fs in h["filesystems"]:
+                if not isinstance(fs, dict) or set(fs) != {"mountpoint", "type", "size"} or \
+                        fs["type"] not in MKFS or not MOUNTPOINT_RE.match(str(fs["mountpoint"])):
+                    raise LabError(f"host {h['name']}: file system {fs!r}: expected {{mountpoint: "
+                                   "/srv/NAME, type: one of "
+                                   f"{', '.join(MKFS)}, size: like 512M}}")
 
     def host_dir(self, host: dict) -> str:
         return os.path.join(self.dir, "hosts", host["name"])
@@ -197,9 +210,19 @@ class Lab:
                 "Subsystem sftp internal-sftp",
                 "",
             ]))
+        filesystems = []
+        for fs in host["filesystems"]:
+            image = os.path.join(hd, "fs", os.path.basename(fs["mountpoint"]) + ".img")
+            if not os.path.exists(image):
+                os.makedirs(os.path.dirname(image), exist_ok=True)
+                run("truncate", "-s", str(fs["size"]), image + ".new")
+                run(*MKFS[fs["type"]], image + ".new")
+                os.replace(image + ".new", image)
+            filesystems.append([image, fs["mountpoint"], fs["type"]])
         spec = {
             "name": host["name"],
             "binds": [[hd + "/root" + d, d] for d in PRIVATE_DIRS],
+            "filesystems": filesystems,
             "sshd": ["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(ssh, "sshd_config")],
             "boot": self.boot,
         }
