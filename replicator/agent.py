@@ -325,6 +325,9 @@ class Agent:
             "bunker": group.retention.bunker_status(),
             "consistent_seq": (group.resync_base.seq if group.inconsistent
                                else group.commit.applied_seq),
+            # Records of an epoch that does not close yet (journaled, not shown or applied).
+            "open_epoch": ([group.commit.consistent_seq + 1, group.commit.durable_seq]
+                           if group.commit.consistent_seq < group.commit.durable_seq else None),
             "journal": {"first_seq": j.first_seq, "used_bytes": j.used_bytes,
                         "capacity_bytes": j.capacity,
                         "full": group.retention.journal_full or group.commit.journal_no_space},
