@@ -11,7 +11,7 @@ if [[ $EUID -ne 0 ]]; then
 fi
 
 DEBS=(qemu-utils libnbd-bin fio iproute2 openssh-server openssh-client rsync xxhash
-      python3-venv util-linux procps)
+      python3-venv util-linux procps xfsprogs btrfs-progs sqlite3)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
