@@ -11,6 +11,11 @@ An image file's blocks are allocated as `allocation` says (block devices ignore 
                  blocks do not fit in the file system's free space right now
     sparse       no check: a full file system fails volume writes (the group then
                  halts its writes until they succeed again; see group/commit.py)
+
+A watched volume (capture: watch) on its group's primary is a file that programs write
+(capture/watch.py): the agent never creates, extends, allocates or writes it, so such a
+Volume (`watched` set before open) opens no descriptor of its own; its reads come from
+the image the watcher gives it (`view`), zeroes past that image's end or without one.
 """
 
 from __future__ import annotations
@@ -43,8 +48,16 @@ class Volume:
         self.allocation = allocation
         self.fd = -1
         self.is_block = False
+        self.watched = False  # a watched group's primary: the file is not ours to write
+        self._reads = -1  # the descriptor reads come from: self.fd, or a view's
 
     def open(self) -> None:
+        if self.watched:
+            return
+        self._open()
+        self._reads = self.fd
+
+    def _open(self) -> None:
         exists = os.path.exists(self.path)
         if exists and stat.S_ISBLK(os.stat(self.path).st_mode):
             self.is_block = True
@@ -97,8 +110,15 @@ class Volume:
                                   f"of {self.path} (allocation: preallocate): "
                                   f"{exc.strerror}") from None
 
+    def view(self, fd: int | None) -> None:
+        """Reads come from `fd` (an image of a watched file; -1: none, all zeroes) from
+        now on, or again from the volume's own descriptor (None)."""
+        self._reads = self.fd if fd is None else fd
+
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        data = os.pread(self._reads, length, offset) if self._reads >= 0 else b""
+        # a watched file may be shorter than the volume: zeroes past its end
+        return data if len(data) == length else data + bytes(length - len(data))
 
     def forget(self) -> None:
         """Drop the volume's clean pages from the page cache after a bulk pass (resync,
@@ -107,7 +127,8 @@ class Volume:
         write into them about 5x dearer in CPU (17.7 vs 3.6 us here). It is the whole
         volume because readahead caches more than a read asked for and only folios
         wholly inside a range would be dropped."""
-        os.posix_fadvise(self.fd, 0, self.size, os.POSIX_FADV_DONTNEED)
+        if self._reads >= 0:
+            os.posix_fadvise(self._reads, 0, self.size, os.POSIX_FADV_DONTNEED)
 
     @contextmanager
     def mapped(self, offset: int, length: int):
@@ -116,8 +137,11 @@ class Volume:
         if length == 0:
             yield memoryview(b"")
             return
+        if self._reads != self.fd or self._reads < 0:  # a watched file: it may end early
+            yield memoryview(self.read(offset, length))
+            return
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self.fd, offset + length - start, prot=mmap.PROT_READ, offset=start)
+        m = mmap.mmap(self._reads, offset + length - start, prot=mmap.PROT_READ, offset=start)
         view = memoryview(m)[offset - start:offset - start + length]
         try:
             yield view
@@ -153,9 +177,11 @@ class Volume:
             offset += n
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        if self.fd >= 0:  # a watched primary's volume has written nothing to sync
+            os.fdatasync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._reads = -1
