@@ -20,6 +20,7 @@ from typing import Callable
 from .admin import AdminError, AdminServer
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
+from .capture.watch import Watcher
 from .config import COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, TargetConfig
 from .failover import Failover
 from .group import Group, GroupError
@@ -36,6 +37,8 @@ class Agent:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.groups = {g.name: Group(g, cfg.state_dir) for g in cfg.groups}
+        self.watchers = {name: Watcher(g) for name, g in self.groups.items()
+                         if any(v.capture == "watch" for v in g.cfg.volumes)}
         self.shippers: dict[str, list[Shipper]] = {}
         self.exports: dict[str, VolumeExport] = {}
         self.server_tls, self.client_tls = tls_contexts(cfg.tls)
@@ -71,6 +74,7 @@ class Agent:
             self.exports.update({name: VolumeExport(group, vol)
                                  for name, vol in group.volumes.items()})
             self.shippers[group.name] = [self._shipper_for(group, t) for t in group.target_cfgs]
+            await self._sync_watcher(group)
         await self.receiver.start(*self.cfg.listen)
         await self.nbd.start(*self.cfg.nbd_listen)
         await self.admin.start()
@@ -107,6 +111,13 @@ class Agent:
                 shipper.start()
                 keep.append(shipper)
         self.shippers[group.name] = keep
+        await self._sync_watcher(group)
+
+    async def _sync_watcher(self, group: Group) -> None:
+        """A watched group's files are watched while (and only while) it is primary here."""
+        watcher = self.watchers.get(group.name)
+        if watcher is not None and watcher.running != group.watched:
+            await (watcher.start() if group.watched else watcher.stop())
 
     def _peer(self, request: dict, key: str, what: str) -> str:
         node = request.get(key)
@@ -203,6 +214,8 @@ class Agent:
         await self.admin.close()
         await self.nbd.close()
         await self.receiver.close()
+        for watcher in self.watchers.values():
+            await watcher.stop()
         for shippers in self.shippers.values():
             for shipper in shippers:
                 await shipper.stop()
@@ -334,6 +347,7 @@ class Agent:
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
+            "watch": self.watchers[group.name].status() if group.name in self.watchers else None,
         }
 
 

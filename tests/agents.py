@@ -259,6 +259,28 @@ def small_fs(path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+@contextlib.contextmanager
+def loop_fs(path, fstype: str, size: str = "300M"):
+    """A real file system of `fstype` ("xfs": with reflink=1, "ext4", "btrfs") in a loop
+    image beside `path`, mounted at `path`. Unmounted on exit, whatever happened (lazily:
+    a killed process may hold a file for a moment; the loop device goes with the last
+    user), and its image removed."""
+    mkfs = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "ext4": ["mkfs.ext4", "-q", "-F"],
+            "btrfs": ["mkfs.btrfs", "-q"]}[fstype]
+    image = f"{path}.{fstype}.img"
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["truncate", "-s", size, image], check=True)
+    try:
+        subprocess.run([*mkfs, image], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", image, str(path)], check=True)
+        try:
+            yield str(path)
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+    finally:
+        os.unlink(image)
+
+
 def resize_fs(path, size: str) -> None:
     """Grow or shrink a small_fs (tmpfs refuses to shrink below what it holds)."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)

@@ -73,6 +73,7 @@ from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileDeletedEvent
 from watchdog.observers import Observer
 
 from .. import statefile
+from ..group import GroupError
 from ..journal.record import Kind
 from ..verify import differing, region_hashes
 
@@ -98,7 +99,7 @@ _EVENTS = [FileModifiedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent
            FileClosedEvent]
 
 
-class WatchError(Exception):
+class WatchError(GroupError):
     """A watched group cannot capture (configuration, file system, hook, file size)."""
 
 
@@ -304,13 +305,6 @@ class Watcher:
         self.files = [_File(group.volumes[v.name]) for v in self.cfg.volumes]
         for f in self.files:  # before Group.open: the primary's volume opens no fd of its own
             f.volume.watched = group.watched
-        if self.cfg.consistency == "hooks":
-            for f in self.files:
-                if _device(f.dir) == _device(group.dir):
-                    raise WatchError(
-                        f"group {group.name}: watched file {f.path} is on the file system of "
-                        f"the group's state ({group.dir}): a freeze hook would freeze the "
-                        "journal too; put the state directory elsewhere")
         self.running = False
         self.state = "idle"
         self.epochs = 0
@@ -330,6 +324,13 @@ class Watcher:
     async def start(self) -> None:
         """This node is the group's primary: watch, and capture at once (the files may
         have changed while nobody watched; an epoch may be open in the journal)."""
+        if self.cfg.consistency == "hooks":
+            for f in self.files:
+                if _device(f.dir) == _device(self.group.dir):
+                    raise WatchError(
+                        f"group {self.group.name}: watched file {f.path} is on the file system "
+                        f"of the group's state ({self.group.dir}): a freeze hook would freeze "
+                        "the journal too; put the state directory elsewhere")
         self._loop = asyncio.get_running_loop()
         self.running = True
         try:

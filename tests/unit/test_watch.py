@@ -14,33 +14,19 @@ from replicator import fallocate as falloc
 from replicator.capture import watch
 from replicator.capture.watch import Extent
 from replicator.volume import Volume
-from tests.clients import run
+from tests.agents import loop_fs
 
 BLOCK = 4096
 
 
 @pytest.fixture(scope="session")
 def xfs(tmp_path_factory):
-    """A mounted XFS with reflink=1 in a loop image; unmounted and detached at the end."""
+    """A mounted XFS with reflink=1 in a loop image, for the whole session."""
     missing = [t for t in ("mkfs.xfs", "losetup", "mount") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (xfsprogs, util-linux) for a loop XFS")
-    root = tmp_path_factory.mktemp("xfs")
-    image, mnt = root / "xfs.img", root / "mnt"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(300 << 20)
-    run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)])
-    loop = run(["losetup", "-f", "--show", str(image)]).strip()
-    try:
-        run(["mount", loop, str(mnt)])
-        try:
-            yield str(mnt)
-        finally:
-            run(["umount", str(mnt)])
-    finally:
-        run(["losetup", "-d", loop])
-        image.unlink()
+    with loop_fs(tmp_path_factory.mktemp("xfs") / "mnt", "xfs") as mnt:
+        yield mnt
 
 
 def clone(src_fd: int, path: str) -> int:
@@ -187,7 +173,7 @@ def test_changed_extents_matches_the_block_model(old, new):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5 << 20), st.integers(1, 5 << 20), st.booleans()),
                 max_size=8),
-       st.integers(1, 3 << 20))
+       st.integers(4096, 3 << 20))
 def test_pieces_and_parts_cover_ranges_within_bounds(ranges, most):
     ranges = sorted(ranges)
     cut = list(watch.pieces(ranges, most))
