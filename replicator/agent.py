@@ -96,7 +96,9 @@ class Agent:
                        initial_sync=t.initial_sync, tls=self.client_tls)
 
     async def _sync_shippers(self, group: Group) -> None:
-        """Start and stop shippers so that they match the group's targets."""
+        """Start and stop shippers so that they match the group's targets (and a
+        watched group's watcher its role: before the shippers read its volumes)."""
+        await self._sync_watcher(group)
         keep = []
         for shipper in self.shippers.get(group.name, []):
             t = shipper.target
@@ -111,7 +113,6 @@ class Agent:
                 shipper.start()
                 keep.append(shipper)
         self.shippers[group.name] = keep
-        await self._sync_watcher(group)
 
     async def _sync_watcher(self, group: Group) -> None:
         """A watched group's files are watched while (and only while) it is primary here."""

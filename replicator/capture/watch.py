@@ -343,10 +343,13 @@ class Watcher:
             self._observer.schedule(_Events({f.name for f in self.files if f.dir == d},
                                             self._event), d, event_filter=_EVENTS)
         self._observer.start()
-        self._first = self._last = self._loop.time() - self.cfg.epoch_interval
-        self._schedule()
         self.log.info("group %s: watching %s (consistency %s)", self.group.name,
                       ", ".join(f.path for f in self.files), self._consistency())
+        # The first capture (the baseline, or the changes made while nobody watched)
+        # before this returns: shippers that start next read the volumes' images.
+        self._first = self._last = self._loop.time()
+        self._due()
+        await asyncio.wait([self._task])
 
     async def stop(self) -> None:
         """No longer primary (or the agent stops): stop watching; the volumes read and

@@ -1,0 +1,242 @@
+"""Watch capture with real agents and real writers: the primary's watched file on a
+loop-mounted XFS (reflink=1) or ext4, written by sqlite, fio and a plain writer, and
+every epoch the replica applies checked as an image of the file."""
+
+import filecmp
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.agents import MiB, loop_fs, wait_until
+from tests.clients import fio, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mounted(fstype): a file system of that type in a loop image, unmounted at the
+    end (after the topology's agents are killed: it is set up before them)."""
+    made = []
+    stack = []
+
+    def make(fstype: str, size: str = "300M") -> str:
+        tool = {"xfs": "mkfs.xfs", "ext4": "mkfs.ext4"}[fstype]
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} for a loop-mounted {fstype}")
+        cm = loop_fs(tmp_path / f"fs{len(made)}", fstype, size)
+        made.append(cm.__enter__())
+        stack.append(cm)
+        return made[-1]
+
+    yield make
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+def watched(topology, path: str, size: int = 64 * MiB, journal_size: str = "64MiB",
+            **options):
+    """Primary p watches `path` (volume "db" of group "db"), replica r takes its epochs."""
+    topo = topology(["p", "r"], [("p", "r", "async")], volumes={"db": size}, start=False,
+                    journal_size=journal_size,
+                    node_options={"p": {"interval": 1, "quiet": 0.3, **options}})
+    for node in ("p", "r"):
+        vol = topo[node].config["groups"][0]["volumes"][0]
+        vol["capture"] = "watch"
+        if node == "p":
+            vol["path"] = path
+        topo[node].save_config()
+    return topo.start()
+
+
+def epoch_image(replica, copy_to: str) -> int | None:
+    """Copy the replica's volume while it shows one epoch's image: its applied seq
+    before and after the copy agree (an epoch is applied within one turn of its loop);
+    that seq, or None."""
+    before = replica.group("db")
+    shutil.copyfile(replica.volume_path("db", "db"), copy_to)
+    after = replica.group("db")
+    if before["applied_seq"] != after["applied_seq"] or before["inconsistent"] \
+            or after["inconsistent"] or not before["applied_seq"]:
+        return None
+    return after["applied_seq"]
+
+
+def converged(topo, path: str) -> None:
+    """The replica holds the watched file's content as the last epoch captured it."""
+    p, r = topo["p"], topo["r"]
+
+    def done():
+        g = p.group("db")
+        return g["watch"]["state"] == "idle" and r.group("db")["applied_seq"] == g["seq"] \
+            and g["targets"][0]["state"] == "replicating" \
+            and same_content(path, r.volume_path("db", "db"))
+    wait_until(done, 60, "the replica to apply the file's last epoch", interval=0.2)
+
+
+def same_content(watched_file: str, replica_file: str) -> bool:
+    """The replica's volume is the watched file, zeroes past the file's end."""
+    size = os.path.getsize(watched_file)
+    with open(watched_file, "rb") as a, open(replica_file, "rb") as b:
+        if a.read() != b.read(size):
+            return False
+        return b.read().count(0) == os.path.getsize(replica_file) - size
+
+
+SQLITE_WRITER = textwrap.dedent("""
+    import os, sqlite3, sys, time
+    db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, pad BLOB)")
+    i = db.execute("SELECT coalesce(max(id), 0) FROM t").fetchone()[0]
+    while True:
+        i += 1
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (?, randomblob(?))", (i, 200 + i % 1000))
+        db.execute("UPDATE t SET pad = randomblob(300) WHERE id = ?", (max(1, i // 3),))
+        db.execute("COMMIT")
+        time.sleep(0.002)
+""")
+
+CHECKPOINT = ("{python} -c \"import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=30); "
+              "sys.exit(c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0])\" {db}")
+
+
+def test_sqlite_every_epoch_is_a_whole_database(topology, mounted, tmp_path):
+    mnt = mounted("xfs")
+    db = os.path.join(mnt, "app.db")
+    writer = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db])
+    try:
+        wait_until(lambda: os.path.exists(db + "-wal"), 10, "the writer to start")
+        topo = watched(topology, db, size=32 * MiB, consistency="reflink",
+                       freeze=CHECKPOINT.format(python=sys.executable, db=db), thaw="true")
+        checked, last_id = set(), 0
+        copy = str(tmp_path / "copy.db")
+
+        def check_one_epoch():
+            nonlocal last_id
+            seq = epoch_image(topo["r"], copy)
+            if seq is None or seq in checked:
+                return False
+            con = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+            try:
+                assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)], seq
+                top = con.execute("SELECT coalesce(max(id), 0) FROM t").fetchone()[0]
+            finally:
+                con.close()
+            assert top >= last_id, f"epoch at seq {seq}: last id {top} after {last_id}"
+            last_id = top
+            checked.add(seq)
+            return len(checked) >= 5 and last_id > 0
+        wait_until(check_one_epoch, 60, "5 epochs checked at the replica", interval=0.1)
+        watch = topo["p"].group("db")["watch"]
+        assert watch["consistency"] == "reflink" and watch["epochs"] >= 5, watch
+        assert watch["last_epoch"]["bytes"] > 0 and watch["error"] is None, watch
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_fio_verifies_on_the_replica(topology, mounted, tmp_path):
+    mnt = mounted("xfs")
+    path = os.path.join(mnt, "disk.img")
+    topo = watched(topology, path, size=32 * MiB)
+    job = ["--name=w", "--ioengine=psync", "--rw=randwrite", "--bs=4k", "--size=24M",
+           "--verify=crc32c", "--do_verify=0", "--verify_state_save=0"]
+    run(["fio", f"--filename={path}", *job])
+    converged(topo, path)
+    run(["fio", f"--filename={topo['r'].volume_path('db', 'db')}", "--verify_only", *job])
+    watch = topo["p"].group("db")["watch"]
+    assert watch["epochs"] >= 1 and watch["last_epoch"]["find_ms"] < 1000, watch
+
+
+def test_ext4_with_freeze_hooks(topology, mounted, tmp_path):
+    mnt = mounted("ext4")
+    path = os.path.join(mnt, "data.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    topo = watched(topology, path, size=16 * MiB, consistency="hooks",
+                   freeze=f"fsfreeze -f {mnt}", thaw=f"fsfreeze -u {mnt}")
+    converged(topo, path)
+    try:
+        with open(path, "r+b") as f:
+            for i in range(40):
+                f.seek(i * 97 * 4096)
+                f.write(os.urandom(5000))
+                f.flush()
+        converged(topo, path)
+    finally:
+        subprocess.run(["fsfreeze", "-u", mnt], capture_output=True)  # never left frozen
+    watch = topo["p"].group("db")["watch"]
+    assert watch["consistency"] == "hooks" and watch["epochs"] >= 1 and watch["error"] is None, watch
+
+
+def test_kill_both_sides_mid_epoch(topology, mounted, tmp_path):
+    mnt = mounted("xfs", "600M")
+    path = os.path.join(mnt, "big.img")
+    size = 96 * MiB  # an epoch of two parts
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    topo = watched(topology, path, size=size, journal_size="256MiB")
+    p, r = topo["p"], topo["r"]
+    converged(topo, path)
+    pattern = 1
+
+    def rewrite_all():
+        nonlocal pattern
+        pattern += 1
+        with open(path, "r+b") as f:
+            for at in range(0, size, 4 * MiB):
+                f.seek(at)
+                f.write(bytes([pattern]) * (4 * MiB))  # one epoch of several parts
+
+    seq = p.group("db")["seq"]
+    rewrite_all()
+    wait_until(lambda: p.group("db")["seq"] > seq, 30, "the primary to journal part of an epoch",
+               interval=0.01)
+    p.kill()
+    p.start()
+    converged(topo, path)
+
+    seq = r.group("db")["seq"]
+    rewrite_all()
+    copy = str(tmp_path / "copy.img")
+    wait_until(lambda: r.group("db")["seq"] > seq, 30, "the replica to journal part of an epoch",
+               interval=0.01)
+    r.kill()
+    with open(r.volume_path("db", "db"), "rb") as f:  # never a mix of two epochs
+        assert len(set(f.read())) == 1
+    r.start()
+    converged(topo, path)
+    assert epoch_image(r, copy) is not None and filecmp.cmp(copy, path, shallow=False)
+
+
+def test_reflink_on_a_file_system_without_it_is_a_clear_error(topology, mounted):
+    mnt = mounted("ext4")
+    path = os.path.join(mnt, "data.img")
+    with open(path, "wb") as f:
+        f.write(b"\x01" * MiB)
+    topo = watched(topology, path, size=4 * MiB)
+    watch = wait_until(lambda: topo["p"].group("db")["watch"], 20, "status")
+    assert watch["state"] == "error" and "ext4" in watch["error"] \
+        and "consistency hooks or none" in watch["error"], watch
+    assert "has no reflinks" in topo["p"].log_tail()
+
+
+def test_hooks_refuse_a_file_on_the_state_file_system(topology, tmp_path):
+    path = str(tmp_path / "same-fs.img")
+    topo = topology(["p", "r"], [("p", "r", "async")], volumes={"db": 4 * MiB}, start=False,
+                    node_options={"p": {"consistency": "hooks", "freeze": "true",
+                                        "thaw": "true"}})
+    p = topo["p"]
+    p.config["groups"][0]["volumes"][0].update(capture="watch", path=path)
+    p.save_config()
+    p.start(wait=False)
+    assert p.proc.wait(20) == 1
+    assert "a freeze hook would freeze the journal too" in p.log_tail()
