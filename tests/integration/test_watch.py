@@ -240,3 +240,30 @@ def test_hooks_refuse_a_file_on_the_state_file_system(topology, tmp_path):
     p.start(wait=False)
     assert p.proc.wait(20) == 1
     assert "a freeze hook would freeze the journal too" in p.log_tail()
+
+
+def test_a_freeze_hook_that_fails_or_hangs_still_thaws(topology, mounted, tmp_path):
+    mnt = mounted("ext4")
+    path = os.path.join(mnt, "data.img")
+    thawed = tmp_path / "thawed"
+    with open(path, "wb") as f:
+        f.write(b"\x02" * MiB)
+    topo = watched(topology, path, size=4 * MiB, consistency="hooks", hook_timeout=0.5,
+                   freeze="sleep 30", thaw=f"touch {thawed}")
+    watch = topo["p"].group("db")["watch"]  # the first capture ran before it answered
+    assert watch["state"] == "error" and "did not finish in 0.5s" in watch["error"], watch
+    assert thawed.exists() and watch["epochs"] == 0
+
+
+def test_none_is_crash_inconsistent_and_a_file_must_fit_its_volume(topology, mounted):
+    mnt = mounted("ext4")
+    path = os.path.join(mnt, "live.img")
+    topo = watched(topology, path, size=2 * MiB, consistency="none")  # no file yet: zeroes
+    assert topo["p"].group("db")["watch"]["consistency"] == "none (crash-inconsistent)"
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * MiB))
+    wait_until(lambda: "more than its volume" in (topo["p"].group("db")["watch"]["error"]
+                                                  or ""), 20, "the file too large refused")
+    os.truncate(path, MiB + 12345)  # fits again: the rest of the volume reads as zeroes
+    converged(topo, path)
+    assert topo["p"].group("db")["watch"]["error"] is None
