@@ -392,6 +392,7 @@ class Watcher:
 
     def _failed(self, why: str) -> None:
         self.error, self.state = why, "error"
+        self._stamps = None  # what changed before is not captured: any event retries
         self.log.error("group %s: watch capture: %s", self.group.name, why)
 
     # ---- trigger -----------------------------------------------------------------------
@@ -499,8 +500,13 @@ class Watcher:
         f.new_fd = fd
 
     def _discard_new(self) -> None:
+        """io thread: new clones whose epoch is not known durable go; a volume that shows
+        one already (its epoch failed, or the capture was cancelled) shows the last again."""
         for f in self.files:
             if f.new_fd >= 0:
+                if f.image == f.new_fd:
+                    f.image, f.retired = f.retired, -1
+                    f.volume.view(f.image)
                 os.close(f.new_fd)
                 f.new_fd = -1
                 with contextlib.suppress(FileNotFoundError):
@@ -632,11 +638,6 @@ class Watcher:
                     self._show_new()
                 err = await done
                 if err:
-                    if last:  # back to the last epoch's images
-                        for f in self.files:
-                            if f.new_fd >= 0:
-                                f.image, f.retired = f.retired, -1
-                                f.volume.view(f.image)
                     raise WatchError(f"journaling an epoch failed: {os.strerror(err)}")
                 for f, block, h in hashes:
                     f.hashes[block * 16:block * 16 + len(h)] = h
