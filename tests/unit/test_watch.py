@@ -1,5 +1,6 @@
-"""Watch capture's change finding: extent-map diffs of real reflink clones on a
-loop-mounted XFS (reflink=1), block hash diffs, and the range logic under hypothesis."""
+"""Watch capture's change finding: extent-map diffs of real reflink clones on
+loop-mounted XFS (reflink=1) and btrfs, block hash diffs, and the range logic under
+hypothesis."""
 
 import fcntl
 import os
@@ -19,13 +20,14 @@ from tests.agents import loop_fs
 BLOCK = 4096
 
 
-@pytest.fixture(scope="session")
-def xfs(tmp_path_factory):
-    """A mounted XFS with reflink=1 in a loop image, for the whole session."""
-    missing = [t for t in ("mkfs.xfs", "losetup", "mount") if shutil.which(t) is None]
+@pytest.fixture(scope="session", params=["xfs", "btrfs"])
+def reflink_fs(request, tmp_path_factory):
+    """A mounted file system with reflinks (XFS with reflink=1, btrfs) in a loop image,
+    for the whole session."""
+    missing = [t for t in (f"mkfs.{request.param}", "losetup", "mount") if shutil.which(t) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (xfsprogs, util-linux) for a loop XFS")
-    with loop_fs(tmp_path_factory.mktemp("xfs") / "mnt", "xfs") as mnt:
+        pytest.skip(f"needs {', '.join(missing)} for a loop-mounted {request.param}")
+    with loop_fs(tmp_path_factory.mktemp(request.param) / "mnt", request.param) as mnt:
         yield mnt
 
 
@@ -39,9 +41,9 @@ def covered(ranges) -> set[int]:
     return {b for off, n, _ in ranges for b in range(off // BLOCK, -(-(off + n) // BLOCK))}
 
 
-def test_extent_diff_is_exact_on_xfs(xfs):
+def test_extent_diff_is_exact(reflink_fs):
     rng = random.Random(16)
-    path = os.path.join(xfs, "disk.img")
+    path = os.path.join(reflink_fs, "disk.img")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.pwrite(fd, rng.randbytes(16 << 20), 0)
     os.ftruncate(fd, 32 << 20)  # a sparse second half
@@ -67,8 +69,8 @@ def test_extent_diff_is_exact_on_xfs(xfs):
         os.unlink(path + suffix)
 
 
-def test_extent_diff_sees_a_shrunk_and_a_grown_file(xfs):
-    path = os.path.join(xfs, "grow.img")
+def test_extent_diff_sees_a_shrunk_and_a_grown_file(reflink_fs):
+    path = os.path.join(reflink_fs, "grow.img")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.pwrite(fd, b"\x7f" * (1 << 20), 0)
     prev = clone(fd, path + ".prev")
@@ -86,9 +88,9 @@ def test_extent_diff_sees_a_shrunk_and_a_grown_file(xfs):
         os.unlink(path + suffix)
 
 
-def test_hash_diff_on_real_files(xfs):
+def test_hash_diff_on_real_files(reflink_fs):
     rng = random.Random(7)
-    path = os.path.join(xfs, "hashed.img")
+    path = os.path.join(reflink_fs, "hashed.img")
     size = 8 << 20
     with open(path, "wb") as f:
         f.write(rng.randbytes(size - 12345))  # shorter than the volume: zeroes past it
