@@ -24,7 +24,8 @@ BLOCK = 4096
 def reflink_fs(request, tmp_path_factory):
     """A mounted file system with reflinks (XFS with reflink=1, btrfs) in a loop image,
     for the whole session."""
-    missing = [t for t in (f"mkfs.{request.param}", "losetup", "mount") if shutil.which(t) is None]
+    missing = [t for t in (f"mkfs.{request.param}", "losetup", "mount")
+               if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} for a loop-mounted {request.param}")
     with loop_fs(tmp_path_factory.mktemp(request.param) / "mnt", request.param) as mnt:
@@ -167,7 +168,8 @@ def test_changed_extents_matches_the_block_model(old, new):
     assert covered(ranges) == expect
     for off, n, data in ranges:
         assert off % BLOCK == 0 and n % BLOCK == 0 and n > 0
-        assert all((reads(new, i) is not None) == data for i in range(off // BLOCK, (off + n) // BLOCK))
+        assert all((reads(new, i) is not None) == data
+                   for i in range(off // BLOCK, (off + n) // BLOCK))
     for (o1, n1, d1), (o2, _, d2) in zip(ranges, ranges[1:]):
         assert o1 + n1 < o2 or o1 + n1 == o2 and d1 != d2  # sorted, merged
 
