@@ -115,9 +115,10 @@ class Agent:
         self.shippers[group.name] = keep
 
     async def _sync_watcher(self, group: Group) -> None:
-        """A watched group's files are watched while (and only while) it is primary here."""
+        """A watched group's files are watched while (and only while) it is primary here
+        (stopped, its volumes are a replica's: opened now)."""
         watcher = self.watchers.get(group.name)
-        if watcher is not None and watcher.running != group.watched:
+        if watcher is not None and not (watcher.running and group.watched):
             await (watcher.start() if group.watched else watcher.stop())
 
     def _peer(self, request: dict, key: str, what: str) -> str:

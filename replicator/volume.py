@@ -14,8 +14,10 @@ An image file's blocks are allocated as `allocation` says (block devices ignore 
 
 A watched volume (capture: watch) on its group's primary is a file that programs write
 (capture/watch.py): the agent never creates, extends, allocates or writes it, so such a
-Volume (`watched` set before open) opens no descriptor of its own; its reads come from
-the image the watcher gives it (`view`), zeroes past that image's end or without one.
+Volume (`watched` says when) opens no descriptor of its own; its reads come from the
+image the watcher gives it (`view`), zeroes past that image's end or without one. Once
+the node is no longer the primary (demoted), the volume opens its file as any replica's
+at its first use (`ensure_open`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import mmap
 import os
 import stat
 from contextlib import contextmanager
+from typing import Callable
 
 from . import fallocate as falloc
 from . import statefile
@@ -48,14 +51,22 @@ class Volume:
         self.allocation = allocation
         self.fd = -1
         self.is_block = False
-        self.watched = False  # a watched group's primary: the file is not ours to write
+        # capture: watch: true while this node is the group's primary (capture/watch.py)
+        self.watched: Callable[[], bool] | None = None
         self._reads = -1  # the descriptor reads come from: self.fd, or a view's
 
     def open(self) -> None:
-        if self.watched:
-            return
+        if self.watched is not None and self.watched():
+            return  # a watched primary's file: not ours to open (see view)
         self._open()
         self._reads = self.fd
+
+    def ensure_open(self) -> int:
+        """The volume's own descriptor: opened now if it was a watched primary's volume
+        at open and is a replica's since (-1 while it is still the primary's)."""
+        if self.fd < 0 and self.watched is not None and not self.watched():
+            self.open()
+        return self.fd
 
     def _open(self) -> None:
         exists = os.path.exists(self.path)
@@ -116,7 +127,8 @@ class Volume:
         self._reads = self.fd if fd is None else fd
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._reads, length, offset) if self._reads >= 0 else b""
+        fd = self._reads if self._reads >= 0 else self.ensure_open()
+        data = os.pread(fd, length, offset) if fd >= 0 else b""
         # a watched file may be shorter than the volume: zeroes past its end
         return data if len(data) == length else data + bytes(length - len(data))
 
@@ -137,7 +149,8 @@ class Volume:
         if length == 0:
             yield memoryview(b"")
             return
-        if self._reads != self.fd or self._reads < 0:  # a watched file: it may end early
+        own = self.ensure_open()
+        if self._reads != own or own < 0:  # a watched file's image: it may be short
             yield memoryview(self.read(offset, length))
             return
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -150,9 +163,10 @@ class Volume:
             m.close()
 
     def write(self, offset: int, data) -> None:
+        fd = self.ensure_open()
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
 
@@ -162,6 +176,7 @@ class Volume:
         blocks (zeroed in place), so no later write of the range needs fresh space."""
         if length == 0:
             return
+        self.ensure_open()
         mode = (falloc.ZERO_RANGE | falloc.KEEP_SIZE if self.allocation == "preallocate"
                 and not self.is_block else falloc.PUNCH_HOLE | falloc.KEEP_SIZE)
         try:

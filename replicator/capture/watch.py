@@ -304,7 +304,7 @@ class Watcher:
         self.log = log or group.log
         self.files = [_File(group.volumes[v.name]) for v in self.cfg.volumes]
         for f in self.files:  # before Group.open: the primary's volume opens no fd of its own
-            f.volume.watched = group.watched
+            f.volume.watched = lambda: group.watched
         self.running = False
         self.state = "idle"
         self.epochs = 0
@@ -369,19 +369,18 @@ class Watcher:
         for f in self.files:
             f.close()
             f.hashes = None
-            if f.volume.watched and not self.group.watched:  # demoted: a replica's volume
-                f.volume.watched = False
-                f.volume.open()
+            f.volume.ensure_open()  # demoted: a replica's volume, which records write
         self.state = "idle"
 
     def status(self) -> dict:
-        """consistency ("none (crash-inconsistent)" says what none promises), state (idle,
-        changed, capturing, error), epochs taken since start, the last one (its last seq,
-        wall time, volumes changed, 4 KiB blocks and bytes, ms to find the changed blocks
-        and for the whole capture), and the last capture's error (None once one works)."""
-        return {"consistency": self._consistency(), "state": self.state,
-                "epochs": self.epochs, "last_epoch": self.last_epoch, "error": self.error,
-                "files": [f.path for f in self.files]}
+        """watching (this node is the primary), consistency ("none (crash-inconsistent)"
+        says what none promises), state (idle, changed, capturing, error), epochs taken
+        since start, the last one (its last seq, wall time, volumes changed, 4 KiB blocks
+        and bytes, ms to find the changed blocks and for the whole capture), and the last
+        capture's error (None once one works)."""
+        return {"watching": self.running, "consistency": self._consistency(),
+                "state": self.state, "epochs": self.epochs, "last_epoch": self.last_epoch,
+                "error": self.error, "files": [f.path for f in self.files]}
 
     def _consistency(self) -> str:
         c = self.cfg.consistency

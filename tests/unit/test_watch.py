@@ -111,8 +111,9 @@ def test_hash_diff_on_real_files(reflink_fs):
 
 
 def test_a_watched_volume_is_never_created_and_reads_zeroes_past_its_image(tmp_path):
+    primary = True
     vol = Volume("w", str(tmp_path / "missing.img"), 1 << 20)
-    vol.watched = True
+    vol.watched = lambda: primary
     vol.open()
     assert not os.path.exists(vol.path)
     assert vol.read(4096, 100) == bytes(100)
@@ -124,6 +125,13 @@ def test_a_watched_volume_is_never_created_and_reads_zeroes_past_its_image(tmp_p
     with vol.mapped(0, 8) as view:
         assert bytes(view) == b"abc" + bytes(5)
     vol.sync()  # nothing of its own to sync
+    with pytest.raises(OSError):
+        vol.write(0, b"x")  # never its file to write
+    assert not os.path.exists(vol.path)
+    primary = False  # demoted: a replica's volume from its first use on
+    vol.view(None)
+    assert vol.read(0, 4) == bytes(4) and os.path.getsize(vol.path) == 1 << 20
+    vol.write(0, b"x")
     vol.close()
     os.close(fd)
 
