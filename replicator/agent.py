@@ -164,15 +164,30 @@ class Agent:
     async def _failback(self, request: dict) -> dict:
         group, shipper = self._on_primary(request, "failback", "the current primary")
         with _context(group, "failback"):
-            return await self.failover.failback(
-                group, shipper, float(request.get("rejoin_timeout") or 600),
-                float(request.get("drain_timeout") or 60))
+            async with self._handover(group):
+                return await self.failover.failback(
+                    group, shipper, float(request.get("rejoin_timeout") or 600),
+                    float(request.get("drain_timeout") or 60))
 
     async def _switchover(self, request: dict) -> dict:
         group, shipper = self._on_primary(request, "switchover", "the primary")
         with _context(group, "switchover"):
-            return await self.failover.switchover(group, shipper,
-                                                  float(request.get("drain_timeout") or 60))
+            async with self._handover(group):
+                return await self.failover.switchover(
+                    group, shipper, float(request.get("drain_timeout") or 60))
+
+    @contextlib.asynccontextmanager
+    async def _handover(self, group: Group):
+        """A switchover (or failback) of a watched group: its files' last changes are one
+        more epoch before the drain, and none is journaled until the handover is over."""
+        watcher = self.watchers.get(group.name)
+        try:
+            if watcher is not None:
+                await watcher.hold()
+            yield
+        finally:
+            if watcher is not None:
+                watcher.release()
 
     async def _attach(self, request: dict) -> dict:
         """Ship to one more target from now on (a re-parented downstream replica)."""

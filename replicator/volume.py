@@ -83,7 +83,9 @@ class Volume:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         actual = os.fstat(self.fd).st_size
-        if not exists or actual == 0:
+        # (a watched file shorter than its volume read as zeroes past its end: as a
+        # replica's volume, it holds them)
+        if not exists or actual == 0 or actual < self.size and self.watched is not None:
             os.ftruncate(self.fd, self.size)  # sparse
             # Durable, name included, before anything is journaled for it: a power loss
             # must not take away the file that checkpoints will say holds those writes.

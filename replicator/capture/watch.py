@@ -318,6 +318,7 @@ class Watcher:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self._pending = False  # an event is on its way to the loop
+        self._held = False  # a handover runs: no epoch (hold)
         self._stamps: list | None = None  # the files at the last consistent point
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -369,8 +370,35 @@ class Watcher:
         for f in self.files:
             f.close()
             f.hashes = None
-            f.volume.ensure_open()  # demoted: a replica's volume, which records write
+            if not self.group.watched:  # demoted: a replica's volume, which records write
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f.prev)  # (no image of this node's epochs any more)
+                f.volume.ensure_open()
         self.state = "idle"
+
+    async def hold(self) -> None:
+        """A switchover or failback: the files' last changes go as one more epoch now, and
+        none follows until release() (nothing may be journaled after the seq a switchover
+        drains to); the volumes go on showing that last image."""
+        self._held = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        if self.running:
+            self._first = self._last = self._loop.time()
+            self._task = self._loop.create_task(self._capture(),
+                                                name=f"watch-{self.group.name}")
+            await asyncio.wait([self._task])
+            if self.error is not None:
+                raise WatchError(f"the last epoch before the handover failed: {self.error}")
+
+    def release(self) -> None:
+        """Epochs again (the node is still the primary: the handover failed)."""
+        self._held = False
+        if self.running and self._first is not None:
+            self._schedule()
 
     def status(self) -> dict:
         """watching (this node is the primary), consistency ("none (crash-inconsistent)"
@@ -409,7 +437,7 @@ class Watcher:
         if self._first is None:
             self._first = now
         self._last = now
-        if self._task is None:
+        if self._task is None and not self._held:
             if self.state != "error":
                 self.state = "changed"
             self._schedule()
@@ -424,7 +452,7 @@ class Watcher:
 
     def _due(self) -> None:
         self._timer = None
-        if self.running and self._task is None:
+        if self.running and self._task is None and not self._held:
             self._task = self._loop.create_task(self._capture(),
                                                 name=f"watch-{self.group.name}")
 
@@ -451,7 +479,8 @@ class Watcher:
             return
         if self._first is not None and self._first != first:
             self.state = "changed" if self.error is None else "error"
-            self._schedule()  # changed again while capturing
+            if not self._held:
+                self._schedule()  # changed again while capturing
         else:
             self._first = self._last = None
             self.state = "idle" if self.error is None else "error"

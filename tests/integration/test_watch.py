@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.agents import MiB, loop_fs, wait_until
+from tests.agents import MiB, loop_fs, replicator_cli, wait_until
 from tests.clients import run
 
 pytestmark = pytest.mark.integration
@@ -28,21 +28,22 @@ def mounted(tmp_path):
             tool = {"xfs": "mkfs.xfs", "ext4": "mkfs.ext4"}[fstype]
             if shutil.which(tool) is None:
                 pytest.skip(f"needs {tool} for a loop-mounted {fstype}")
-            return stack.enter_context(loop_fs(tmp_path / f"fs-{fstype}", fstype, size))
+            n = len(list(tmp_path.glob("fs-*.img")))
+            return stack.enter_context(loop_fs(tmp_path / f"fs-{n}", fstype, size))
         yield make
 
 
 def watched(topology, path: str, size: int = 64 * MiB, journal_size: str = "64MiB",
-            **options):
-    """Primary p watches `path` (volume "db" of group "db"), replica r takes its epochs."""
+            replica_path: str | None = None, **options):
+    """Primary p watches `path` (volume "db" of group "db"), replica r takes its epochs
+    (into `replica_path`, or a file of its own directory)."""
     topo = topology(["p", "r"], [("p", "r", "async")], volumes={"db": size}, start=False,
                     journal_size=journal_size,
                     node_options={"p": {"interval": 1, "quiet": 0.3, **options}})
     for node in ("p", "r"):
         vol = topo[node].config["groups"][0]["volumes"][0]
         vol["capture"] = "watch"
-        if node == "p":
-            vol["path"] = path
+        vol["path"] = {"p": path, "r": replica_path or vol["path"]}[node]
         topo[node].save_config()
     return topo.start()
 
@@ -60,9 +61,9 @@ def epoch_image(replica, copy_to: str) -> int | None:
     return after["applied_seq"]
 
 
-def converged(topo, path: str) -> None:
+def converged(topo, path: str, primary: str = "p", replica: str = "r") -> None:
     """The replica holds the watched file's content as the last epoch captured it."""
-    p, r = topo["p"], topo["r"]
+    p, r = topo[primary], topo[replica]
 
     def done():
         g = p.group("db")
@@ -261,3 +262,29 @@ def test_none_is_crash_inconsistent_and_a_file_must_fit_its_volume(mounted, topo
     os.truncate(path, MiB + 12345)  # fits again: the rest of the volume reads as zeroes
     converged(topo, path)
     assert topo["p"].group("db")["watch"]["error"] is None
+
+
+def test_switchover_moves_the_watch_and_back(mounted, topology):
+    path_p = os.path.join(mounted("xfs"), "vm.img")
+    path_r = os.path.join(mounted("xfs"), "vm.img")
+    with open(path_p, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    topo = watched(topology, path_p, size=8 * MiB, replica_path=path_r)
+    p, r = topo["p"], topo["r"]
+    converged(topo, path_p)
+    with open(path_p, "r+b") as f:  # the program's last writes before it stops
+        f.write(b"\x5a" * 8192)
+    rc, out = replicator_cli(p, "switchover", "db", "--to", "r")
+    assert rc == 0, out
+    assert same_content(path_p, path_r)  # the last epoch went before the drain
+    assert r.group("db")["watch"]["watching"] and not p.group("db")["watch"]["watching"]
+    with open(path_r, "r+b") as f:  # the program now runs on r
+        f.seek(3 * MiB)
+        f.write(b"\xa5" * 70000)
+    converged(topo, path_r, primary="r", replica="p")
+    rc, out = replicator_cli(r, "switchover", "db", "--to", "p")
+    assert rc == 0, out
+    with open(path_p, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\x33" * 5000)
+    converged(topo, path_p)
