@@ -10,9 +10,10 @@ delete, move or close-after-write of the file, or of a sibling whose name starts
 the files: an idle file costs nothing. An epoch is taken at min(first change not yet
 captured + `interval`, last change + `quiet`). Writes through a shared mmap of the
 file make no inotify events: such a writer is captured only when something else
-triggers an epoch (or the agent restarts). An event whose file and siblings still
-have the size and times seen at the last consistent point (a freeze hook's own
-checkpoint, reported late) triggers nothing.
+triggers an epoch (or the agent restarts). With a freeze hook, an event whose file and
+siblings still have the size and times they had right after the hook ran (its own
+writes, a checkpoint, reported late) triggers nothing; without hooks nothing the
+agent does makes an event.
 
 Consistent point, group key `consistency`:
   reflink  each file is cloned (FICLONE) into `.<name>.replicator-epoch.new` beside it
@@ -94,6 +95,7 @@ RECORD_BYTES = 1 << 20  # most payload of one journal record
 ZERO_BYTES = 1 << 30  # most length of one ZERO record
 PART_BYTES = 64 << 20  # most payload of one submit_epoch call (memory)
 READ_BYTES = 4 << 20  # hashing reads
+STAMP_TICK = 0.012  # s: more than one tick of the kernel's coarse clock (file times)
 _NOT_REFLINK = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY)
 _EVENTS = [FileModifiedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
            FileClosedEvent]
@@ -319,7 +321,7 @@ class Watcher:
         self._task: asyncio.Task | None = None
         self._pending = False  # an event is on its way to the loop
         self._held = False  # a handover runs: no epoch (hold)
-        self._stamps: list | None = None  # the files at the last consistent point
+        self._stamps: list | None = None  # the files after the last freeze hook
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -556,7 +558,11 @@ class Watcher:
         try:
             if self.cfg.freeze:
                 await self._hook("freeze", self.cfg.freeze)
-            self._stamps = await self._run(lambda: [f.stamps() for f in self.files])
+                # What the hook wrote itself (a checkpoint) is in this capture: its events,
+                # when they come, find these stamps unchanged. A write from now on changes
+                # them once the file system's clock (coarse: a tick, <= 10 ms) has moved on.
+                self._stamps = await self._run(lambda: [f.stamps() for f in self.files])
+                await asyncio.sleep(STAMP_TICK)
             yield
         finally:
             if self.cfg.thaw:
