@@ -53,7 +53,13 @@ target gets a checksum resync: the file may have changed while nobody watched. A
 epoch left open in the journal by a crash is closed by the next one (at once at start).
 
 A file larger than its volume is an error (no epoch, nothing lost: retried when it
-fits); a shorter or missing file reads as zeroes past its end.
+fits); a shorter or missing file reads as zeroes past its end. An epoch's records stay
+in every journal until it closes (a replica acks only through a closed epoch), so the
+group's journal_size must hold the largest epoch: a rewrite of every watched file.
+With hooks and none the volumes read the live files (there is no image of the last
+epoch to read), so a resync or verify meanwhile sees blocks the next epoch sends.
+A switchover or failback holds the watcher (hold/release): one last epoch, then none
+until the handover is over; demoted, the volumes are a replica's (Volume.ensure_open).
 """
 
 from __future__ import annotations
