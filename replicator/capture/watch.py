@@ -54,8 +54,8 @@ epoch left open in the journal by a crash is closed by the next one (at once at 
 
 A file larger than its volume is an error (no epoch, nothing lost: retried when it
 fits); a shorter or missing file reads as zeroes past its end. An epoch's records stay
-in every journal until it closes (a replica acks only through a closed epoch), so the
-group's journal_size must hold the largest epoch: a rewrite of every watched file.
+in every journal until it closes (a replica acks only through a closed epoch), so an epoch
+may take at most half the group's journal_size (a larger one is refused, loudly).
 With hooks and none the volumes read the live files (there is no image of the last
 epoch to read), so a resync or verify meanwhile sees blocks the next epoch sends.
 A switchover or failback holds the watcher (hold/release): one last epoch, then none
@@ -666,6 +666,11 @@ class Watcher:
         """Journal `plan` as one epoch, part by part (each durable before the next is
         read); the volumes show the new images from the turn the last part goes in."""
         c = self.group.commit
+        size = sum(n for _, _, n, data in plan if data)
+        if size > self.group.journal.capacity // 2:
+            raise WatchError(f"an epoch of {size} bytes does not fit the journal (it stays "
+                             "there, and in every replica's, until it closes): make "
+                             f"journal_size at least {2 * size} bytes; no epoch until then")
         todo = parts(plan)
         if todo or c.consistent_seq < c.durable_seq:  # changes, or an epoch left open
             for i, part in enumerate(todo or [[]]):
@@ -686,7 +691,7 @@ class Watcher:
                 "seq": c.durable_seq, "time": time.time(),
                 "volumes": sorted({f.volume.name for f, *_ in plan}),
                 "blocks": sum(-(-n // 4096) for _, _, n, _ in plan),  # of 4 KiB
-                "bytes": sum(n for _, _, n, data in plan if data),
+                "bytes": size,
                 "find_ms": round(find_s * 1000, 1),
                 "capture_ms": round((time.monotonic() - started) * 1000, 1)}
             self.log.debug("group %s: epoch through seq %d: %s", self.group.name,

@@ -292,3 +292,14 @@ def test_switchover_moves_the_watch_and_back(mounted, topology):
         f.seek(MiB)
         f.write(b"\x33" * 5000)
     converged(topo, path_p)
+
+
+def test_an_epoch_too_large_for_the_journal_is_refused(mounted, topology):
+    path = os.path.join(mounted("xfs"), "huge.img")
+    topo = watched(topology, path, size=32 * MiB, journal_size="16MiB")
+    with open(path, "wb") as f:
+        f.write(os.urandom(9 * MiB))
+    wait_until(lambda: "does not fit the journal" in (topo["p"].group("db")["watch"]["error"]
+                                                      or ""), 20, "the epoch refused")
+    os.truncate(path, MiB)
+    converged(topo, path)
