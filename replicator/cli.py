@@ -55,6 +55,13 @@ def format_status(st: dict) -> str:
         lines.append(head)
         for v in g["volumes"]:
             lines.append(f"  volume {v['name']:<12} {_human_bytes(v['size']):>10}  {v['path']}")
+        w = g.get("watch")
+        if w and w["watching"]:
+            e = w["last_epoch"]
+            lines.append(f"  watch {w['consistency']}  {w['state']}  epochs:{w['epochs']}"
+                         + (f"  last: seq {e['seq']}, {_human_bytes(e['bytes'])} in "
+                            f"{e['capture_ms']:.0f} ms" if e else "")
+                         + (f"  ({w['error']})" if w["error"] else ""))
         for t in g["targets"]:
             lines.append(
                 f"  -> {t['node']:<12} {t['mode']:<5} {t['state']:<12} acked:{t['acked_seq']:<8} "

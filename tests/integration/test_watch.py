@@ -148,6 +148,9 @@ def test_fio_verifies_on_the_replica(mounted, topology, tmp_path):
     run(["fio", f"--filename={topo['r'].volume_path('db', 'db')}", "--verify_only", *job])
     watch = topo["p"].group("db")["watch"]
     assert watch["epochs"] >= 1 and watch["last_epoch"]["find_ms"] < 1000, watch
+    table = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "-c",
+                            topo["p"].config_path], capture_output=True, text=True).stdout
+    assert "watch reflink  idle  epochs:" in table, table
 
 
 def test_ext4_with_freeze_hooks(mounted, topology, tmp_path):
