@@ -630,7 +630,7 @@ class Watcher:
         plan = []
         for f in self.files:
             fd = _open_live(f.path)
-            size = os.fstat(fd).st_size if fd >= 0 else 0
+            size = os.lseek(fd, 0, os.SEEK_END) if fd >= 0 else 0  # (a device too)
             if size > f.volume.size:
                 if fd >= 0:
                     os.close(fd)
