@@ -306,3 +306,27 @@ def test_an_epoch_too_large_for_the_journal_is_refused(mounted, topology):
                                                       or ""), 20, "the epoch refused")
     os.truncate(path, MiB)
     converged(topo, path)
+
+
+def test_takeover_watches_the_promoted_replica_across_a_restart(mounted, topology):
+    path_p = os.path.join(mounted("xfs"), "vm.img")
+    path_r = os.path.join(mounted("xfs"), "vm.img")
+    with open(path_p, "wb") as f:
+        f.write(os.urandom(2 * MiB))
+    topo = watched(topology, path_p, size=4 * MiB, replica_path=path_r)
+    p, r = topo["p"], topo["r"]
+    converged(topo, path_p)
+    p.kill()  # the primary's site is lost
+    rc, out = replicator_cli(r, "promote", "db")
+    assert rc == 0, out
+    assert r.group("db")["watch"]["watching"]
+    for restart in (False, True):
+        if restart:  # a runtime role (group.json), not the config's: still watched
+            r.stop()
+            r.start()
+        seq = r.group("db")["seq"]
+        with open(path_r, "r+b") as f:  # the program now runs on r
+            f.seek(MiB)
+            f.write(os.urandom(5000))
+        wait_until(lambda: r.group("db")["seq"] > seq and
+                   r.group("db")["watch"]["state"] == "idle", 20, "an epoch on r")
