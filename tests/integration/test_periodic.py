@@ -3,13 +3,14 @@ epoch coalesced, applied all or nothing; as a hop of a cascade, when it is away,
 status, and on the wire."""
 
 import struct
+import subprocess
 import threading
 import time
 
 import pytest
 
 from replicator.drill.nbd_client import NbdClient
-from tests.agents import MiB, wait_until
+from tests.agents import MiB, replicator_cli, wait_until
 from tests.clients import fio, qemu_io
 from tests.integration.test_replication import write_patterns
 
@@ -189,3 +190,44 @@ def test_periodic_sends_fewer_bytes_than_async_for_overwrites(topology):
     topo.assert_identical()
     sent = {n: p.target("db", n)["bytes_sent"] - base[n] for n in ("asy", "per")}
     assert sent["per"] * 3 < sent["asy"], sent
+
+
+def test_verify_of_a_periodic_target_under_a_workload(topology):
+    """The probes go between epochs: each is hashed here at the seq an epoch ends at."""
+    topo = topology(["a", "b"], [("a", "b", "periodic", periodic(30))],
+                    volumes={"data": 16 * MiB})
+    a = topo["a"]
+    topo.wait_converged()
+    load = subprocess.Popen(
+        ["fio", "--name=load", "--ioengine=nbd", f"--uri={a.nbd_uri('data')}",
+         "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=16M", "--runtime=60",
+         "--time_based"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        start = a.group("db")["seq"]
+        wait_until(lambda: a.group("db")["seq"] > start + 500, 30, "fio writing")
+        rc, result = replicator_cli(a, "verify", "db", "b", timeout=60)
+        assert rc == 0 and result["mismatches"] == [], result
+        assert result["bytes_checked"] == 16 * MiB
+        assert load.poll() is None, "the workload stopped during the verify"
+    finally:
+        load.terminate()
+        load.wait(30)
+
+
+def test_switchover_to_a_periodic_target_does_not_wait_for_its_interval(topology):
+    """The drain and the handover end an epoch early at the switchover's seq."""
+    topo = topology(["a", "b"], [("a", "b", "periodic", periodic(60))],
+                    volumes={"data": 16 * MiB})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 0x61 0 1M", "write -P 0x62 512k 1M")
+    started = time.monotonic()
+    rc, r = replicator_cli(a, "switchover", "db", "--to", "b")
+    assert rc == 0, r
+    assert time.monotonic() - started < 20 and r["drained"]["b"] == r["seq"]
+    assert b.group("db")["role"] == "primary" and a.group("db")["role"] == "secondary"
+    topo.primary = "b"
+    topo.assert_identical()  # b got every record through the handover's seq
+    qemu_io(b.nbd_uri("data"), "write -P 0x63 0 64k")  # the new primary is writable
+    # (b's link back to a is periodic too; HANDOVER does not carry its interval yet, so
+    # that link is not checked here)
