@@ -371,14 +371,16 @@ class Stream:
 
     async def _send_probe(self, peer: Peer, probe: Probe) -> None:
         """Place a verify HASH_REQUEST in the stream: our regions are read now, at the
-        journal's last seq (the loop applies each batch to the volumes as it indexes
-        it, so the two agree); RECORDS through that seq go first, later ones after."""
+        group's last consistent seq (the loop applies each batch to the volumes as it
+        indexes it, so the two agree; a replica applies an epoch when its last record
+        is in); RECORDS through that seq go first, later ones after."""
         g = self.group
-        while g.journal.last_seq < self.sent_seq:  # batches shipped early, not durable yet
+        # batches shipped early, not durable yet; or records of an epoch still coming in
+        while g.commit.consistent_seq < self.sent_seq:
             if g.commit.halted:  # that batch will never be durable here
                 raise ShipError(f"group {g.name}: {g.commit.halted}")
             await g.commit.wait_for_records(g.journal.last_seq, self.hb_interval)
-        seq = g.journal.last_seq
+        seq = g.commit.consistent_seq
         if g.commit.applied_seq != seq or g.inconsistent:
             probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
                                                 "consistent image right now"))

@@ -192,9 +192,11 @@ def test_periodic_sends_fewer_bytes_than_async_for_overwrites(topology):
     assert sent["per"] * 3 < sent["asy"], sent
 
 
-def test_verify_of_a_periodic_target_under_a_workload(topology):
-    """The probes go between epochs: each is hashed here at the seq an epoch ends at."""
-    topo = topology(["a", "b"], [("a", "b", "periodic", periodic(30))],
+def test_verify_of_and_below_a_periodic_hop_under_a_workload(topology):
+    """The probes to a periodic target go between epochs, each hashed here at the seq an
+    epoch ends at; below it (b -> c), at b's last consistent seq, not inside an epoch
+    that is still coming in."""
+    topo = topology(["a", "b", "c"], [("a", "b", "periodic", periodic(1)), ("b", "c", "async")],
                     volumes={"data": 16 * MiB})
     a = topo["a"]
     topo.wait_converged()
@@ -205,9 +207,10 @@ def test_verify_of_a_periodic_target_under_a_workload(topology):
     try:
         start = a.group("db")["seq"]
         wait_until(lambda: a.group("db")["seq"] > start + 500, 30, "fio writing")
-        rc, result = replicator_cli(a, "verify", "db", "b", timeout=60)
-        assert rc == 0 and result["mismatches"] == [], result
-        assert result["bytes_checked"] == 16 * MiB
+        for source, target in (("a", "b"), ("b", "c")):
+            rc, result = replicator_cli(topo[source], "verify", "db", target, timeout=60)
+            assert rc == 0 and result["mismatches"] == [], result
+            assert result["bytes_checked"] == 16 * MiB
         assert load.poll() is None, "the workload stopped during the verify"
     finally:
         load.terminate()
