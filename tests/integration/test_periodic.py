@@ -91,9 +91,13 @@ def test_replica_only_ever_shows_epoch_images(topology):
     frame): all but the last pass go as SKIPs, so an image in the middle of an epoch
     (its SKIPs and part of the last pass applied) is not any prefix of the writes."""
     blocks = 1024
-    topo = topology(["a", "b"], [("a", "b", "periodic", periodic(1.5))])
+    # The journal holds what b has not acked: an interval of the writer's ~40 MB/s and
+    # more (a smaller one sends b to logging, and its resyncs show no epoch images).
+    topo = topology(["a", "b"], [("a", "b", "periodic", periodic(1.5))],
+                    journal_size="512MiB")
     a, b = topo["a"], topo["b"]
     path = b.volume_path("db", "data")
+    topo.wait_converged()  # the initial sync done: from here on b only applies epochs
     samples = []
     with CounterWriter(a, "data", blocks) as writer:
         wait_until(lambda: writer.written > blocks, 30, "a first pass over the blocks")
@@ -105,6 +109,8 @@ def test_replica_only_ever_shows_epoch_images(topology):
             if b.group("db")["applied_seq"] == before:
                 samples.append((before, image))
     assert writer.written > 3 * blocks
+    assert a.target("db", "b")["state"] == "replicating"  # no resync came in between
+    assert "resync started" not in open(b.log_path).read()
     seqs = sorted({seq for seq, _ in samples})
     assert len(seqs) >= 3, f"the replica applied too few epochs while sampled: {seqs}"
     for seq, image in samples:
