@@ -122,9 +122,12 @@ def test_replica_only_ever_shows_epoch_images(topology):
     topo.assert_identical()
 
 
-def test_cascade_with_a_periodic_far_hop(topology):
+@pytest.mark.parametrize("first_hop", ["sync", "periodic"])  # periodic: SKIPs and open
+def test_cascade_with_a_periodic_far_hop(topology, first_hop):  # records come in to dc2
     topo = topology(["dc1", "dc2", "dc3"],
-                    [("dc1", "dc2", "sync"), ("dc2", "dc3", "periodic", periodic(1))])
+                    [("dc1", "dc2", first_hop, *([periodic(0.7)] if first_hop == "periodic"
+                                                 else [])),
+                     ("dc2", "dc3", "periodic", periodic(1))])
     topo.wait_converged()  # the initial syncs done: what is sent from here on is records
     hops = (("dc1", "dc2"), ("dc2", "dc3"))
     base = {hop: topo[hop[0]].target("db", hop[1])["bytes_sent"] for hop in hops}
@@ -240,3 +243,22 @@ def test_switchover_to_a_periodic_target_does_not_wait_for_its_interval(topology
     qemu_io(b.nbd_uri("data"), "write -P 0x63 0 64k")  # the new primary is writable
     # (b's link back to a is periodic too; HANDOVER does not carry its interval yet, so
     # that link is not checked here)
+
+
+def test_takeover_of_a_periodic_far_replica_replays_its_last_interval_from_the_bunker(topology):
+    """a ships sync to the bunker k and every 30 s to c; the primary's site is lost
+    between two epochs: promoting c replays from k what the next epoch would have sent."""
+    topo = topology(["a", "k", "c"], [("a", "k", "sync", {"bunker": True}),
+                                      ("a", "c", "periodic", periodic(30))],
+                    volumes={"data": 16 * MiB}, bunkers=["k"], node_options={"c": {"bunker": "k"}})
+    a, k, c = topo["a"], topo["k"], topo["c"]
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 0x71 0 4M", "write -P 0x72 1M 1M")
+    seq = a.group("db")["seq"]
+    assert k.group("db")["seq"] == seq and c.group("db")["applied_seq"] < seq
+    a.kill()  # before c's next epoch
+    rc, r = replicator_cli(c, "promote", "db")
+    assert rc == 0, r
+    assert r["bunker_replay"]["to_seq"] == seq and r["rpo_records"] == 0
+    assert c.group("db")["seq"] == seq and c.group("db")["role"] == "primary"
+    topo.assert_identical()  # a's volumes are c's now
