@@ -276,5 +276,8 @@ class Shipper:
             "lag_seconds": round(seconds, 3),
             "bytes_sent": s.bytes_sent,
             "early_batches": s.early_batches,
+            **({"interval": t.cfg.interval, "last_epoch": s.last_epoch,
+                "next_due": round(s.next_due(), 3) if self.streaming() else None}
+               if t.mode == "periodic" else {}),
             "last_error": self.last_error,
         }

@@ -12,6 +12,13 @@ two loops of a session.
         (EIO) and later ones are held as for any target that is not streaming.
 A sync target also gets batches early: once their journal write is done, before their
 fdatasync (send_early).
+
+A periodic target gets epochs instead of the continuous stream: at once when a session
+starts, then every `interval`, the records from `sent_seq` through the group's last
+consistent seq, coalesced (epoch.py), and heartbeats between them. What rides in the
+stream goes between epochs only: a verify probe, an order or a flush that needs records
+not sent yet ends an epoch early at its seq. Like an async target it is never sent
+batches early and never waited for by writes or flushes.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Callable
 from ..group import Group, TargetLink
 from ..verify import volume_hashes
 from ..wire import Ack, Flush, Heartbeat, Records, Retain
+from .epoch import coalesced, rewrites
 from .peer import Peer, ShipError, ShipTimeout
 from .verify import Probe, Verify
 
@@ -68,6 +76,8 @@ class Stream:
         self._acked = asyncio.Event()
         self._probes: deque[Probe] = deque()  # verify requests for the pump to place
         self._orders: list[_Order] = []
+        self._next_due = 0.0  # periodic: when the next epoch goes (monotonic)
+        self.last_epoch: dict | None = None  # periodic: the last epoch sent, for status
 
     def resume(self, seq: int) -> None:
         """The target holds every record through `seq`: stream from after it."""
@@ -81,6 +91,7 @@ class Stream:
         """Stream until the session fails (always with an exception)."""
         self._retained_seq = -1
         self._flush_sent = 0
+        self._next_due = 0.0  # a session's first epoch goes at once
         pump = asyncio.create_task(self._pump(peer))
         acks = asyncio.create_task(self._acks(peer))
         g = self.group
@@ -168,14 +179,7 @@ class Stream:
         j = g.journal
         last_send = time.monotonic()
         while True:
-            if t.logging:
-                raise ShipError(f"{t.node} switched to logging ({t.why}): "
-                                "resync from the bitmap", state="logging")
-            if g.lineage.history != peer.history:
-                # This node took a new line (a promotion upstream): the target must hear
-                # it in a new HELLO, or it would refuse the new primary later.
-                raise ShipError(f"generation changed to {g.lineage.history[-1]}: "
-                                "reconnecting")
+            self._check(peer)
             if self._probes:
                 await self._send_probe(peer, self._probes.popleft())
                 last_send = time.monotonic()
@@ -186,17 +190,31 @@ class Stream:
                     await peer.send(o.frame)
             if t.bunker:
                 await self._retain(peer)
-            if self.sent_seq >= j.last_seq and not t.in_sync:
-                t.in_sync = True
-                self.on_caught_up()
-                g.targets_changed()
-            if self.sent_seq < j.last_seq and self._inflight_bytes < WINDOW_BYTES:
+            periodic = t.mode == "periodic"
+            if periodic:
+                if await self._epoch_if_due(peer):
+                    last_send = time.monotonic()
+                    continue
+            elif self.sent_seq >= j.last_seq:
+                self._caught_up()
+            elif self._inflight_bytes < WINDOW_BYTES:
                 await self._send_records(peer)
                 last_send = time.monotonic()
                 continue
             await self._pass_flush(peer)
             wait = max(0.0, self.hb_interval - (time.monotonic() - last_send))
-            if self.sent_seq < j.last_seq:  # window full: wait for an ack
+            due_in = self._due_in() if periodic else 0.0
+            if periodic and due_in > 0:  # between epochs: until it is due, or poked
+                self._acked.clear()
+                try:
+                    async with asyncio.timeout(min(wait, due_in)):
+                        await self._acked.wait()
+                except TimeoutError:
+                    pass
+            elif periodic:  # urgent, but not consistent that far yet: until a record comes
+                if await g.commit.wait_for_records(j.last_seq, wait):
+                    continue
+            elif self.sent_seq < j.last_seq:  # window full: wait for an ack
                 self._acked.clear()
                 try:
                     async with asyncio.timeout(wait or self.hb_interval):
@@ -208,6 +226,108 @@ class Stream:
             if time.monotonic() - last_send >= self.hb_interval:
                 await peer.send(Heartbeat(sent_ns=time.time_ns()))
                 last_send = time.monotonic()
+
+    def _check(self, peer: Peer) -> None:
+        """End the session when the target may no longer be streamed to."""
+        g, t = self.group, self.target
+        if t.logging:
+            raise ShipError(f"{t.node} switched to logging ({t.why}): "
+                            "resync from the bitmap", state="logging")
+        if g.lineage.history != peer.history:
+            # This node took a new line (a promotion upstream): the target must hear
+            # it in a new HELLO, or it would refuse the new primary later.
+            raise ShipError(f"generation changed to {g.lineage.history[-1]}: "
+                            "reconnecting")
+
+    def _caught_up(self) -> None:
+        """The target has all we have (periodic: through the last epoch's seq)."""
+        t = self.target
+        if not t.in_sync:
+            t.in_sync = True
+            self.on_caught_up()
+            self.group.targets_changed()
+
+    # ---- periodic targets ---------------------------------------------------------------
+    def _urgent_seq(self) -> int | None:
+        """The seq an epoch must end at now, not at its time: the first order not sent,
+        else a flush asked for beyond what was sent (a switchover's drain waits for
+        both)."""
+        seqs = [o.seq for o in self._orders if not o.sent and o.seq > self.sent_seq]
+        if seqs:
+            return min(seqs)
+        return self._flush_asked if self._flush_asked > self.sent_seq else None
+
+    def _due_in(self) -> float:
+        """Seconds until the next epoch is due (0: now)."""
+        if self._urgent_seq() is not None:
+            return 0.0
+        return max(0.0, self._next_due - time.monotonic())
+
+    def next_due(self) -> float:
+        """When the next epoch is due, as unix time (status)."""
+        return time.time() + max(0.0, self._next_due - time.monotonic())
+
+    async def _epoch_if_due(self, peer: Peer) -> bool:
+        """Send the epoch through the group's last consistent seq if it is due (through
+        an order's seq if one waits); True if one went. Epochs go every `interval`,
+        whether the last tick had records to send or not, so that writes after a quiet
+        spell are coalesced too; an urgent one leaves the schedule as it is."""
+        if self._due_in() > 0:
+            return False
+        k = self.group.commit.consistent_seq
+        urgent = self._urgent_seq()
+        if urgent is not None:
+            k = min(k, urgent)
+        else:
+            self._next_due = time.monotonic() + self.target.cfg.interval
+        if k <= self.sent_seq:
+            self._caught_up()
+            return False
+        await self._send_epoch(peer, k)
+        self._caught_up()
+        return True
+
+    async def _send_epoch(self, peer: Peer, k: int) -> None:
+        """The records after sent_seq through the consistent seq `k`, coalesced, in
+        RECORDS frames of at most BATCH_BYTES, within the window."""
+        j, first = self.group.journal, self.sent_seq + 1
+        cut = time.time()
+        # The first pass reads every header of the epoch (seconds' worth of writes):
+        # off the loop. The journal holds these records until the target acks them.
+        skip = await asyncio.to_thread(rewrites, j.records(self.sent_seq, k))
+        frame: list = []
+        size = before = after = 0
+        for rec, bufs in coalesced(j.records(self.sent_seq, k), skip):
+            nbytes = sum(len(b) for b in bufs)
+            if frame and size + nbytes > BATCH_BYTES:
+                await self._send_frame(peer, first, rec.seq - 1, frame)
+                frame, size, first = [], 0, rec.seq
+            frame += bufs
+            size += nbytes
+            before += rec.size
+            after += nbytes
+        await self._send_frame(peer, first, k, frame)
+        self.last_epoch = {"seq": k, "time": round(cut, 3), "records": len(skip),
+                           "skipped": sum(skip), "bytes_before": before,
+                           "bytes_after": after}
+
+    async def _send_frame(self, peer: Peer, first: int, last: int, bufs: list) -> None:
+        """One RECORDS frame of an epoch, once the window has room for it."""
+        while self._inflight_bytes >= WINDOW_BYTES:
+            self._check(peer)
+            self._acked.clear()
+            try:
+                async with asyncio.timeout(self.hb_interval):
+                    await self._acked.wait()
+            except TimeoutError:
+                await peer.send(Heartbeat(sent_ns=time.time_ns()))
+        payload = b"".join(bufs)
+        self._sent(last, len(payload))
+        await peer.send(Records(first_seq=first, last_seq=last, payload=payload,
+                                compress=peer.compress))
+        # A frame of SKIPs stands for thousands of records and fills little of the
+        # window: let the loop serve the rest between frames.
+        await asyncio.sleep(0)
 
     async def _pass_flush(self, peer: Peer) -> None:
         """A FLUSH or FUA write here waits for a sync target to make what it was sent
@@ -251,14 +371,16 @@ class Stream:
 
     async def _send_probe(self, peer: Peer, probe: Probe) -> None:
         """Place a verify HASH_REQUEST in the stream: our regions are read now, at the
-        journal's last seq (the loop applies each batch to the volumes as it indexes
-        it, so the two agree); RECORDS through that seq go first, later ones after."""
+        group's last consistent seq (the loop applies each batch to the volumes as it
+        indexes it, so the two agree; a replica applies an epoch when its last record
+        is in); RECORDS through that seq go first, later ones after."""
         g = self.group
-        while g.journal.last_seq < self.sent_seq:  # batches shipped early, not durable yet
+        # batches shipped early, not durable yet; or records of an epoch still coming in
+        while g.commit.consistent_seq < self.sent_seq:
             if g.commit.halted:  # that batch will never be durable here
                 raise ShipError(f"group {g.name}: {g.commit.halted}")
             await g.commit.wait_for_records(g.journal.last_seq, self.hb_interval)
-        seq = g.journal.last_seq
+        seq = g.commit.consistent_seq
         if g.commit.applied_seq != seq or g.inconsistent:
             probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
                                                 "consistent image right now"))
@@ -266,6 +388,8 @@ class Stream:
         probe.seq = seq
         probe.hashes = volume_hashes(g.volumes[probe.volume], probe.offset, probe.length,
                                      g.cfg.bitmap_granularity)
+        if self.target.mode == "periodic" and self.sent_seq < seq:
+            await self._send_epoch(peer, seq)  # seq is consistent: the volumes hold it
         while self.sent_seq < seq:
             await self._send_records(peer, seq)
         await peer.request_hashes(probe.reply, seq, probe.volume, probe.offset, probe.length)
