@@ -3,6 +3,8 @@
 #   dc1-app --sync--> dc2-dr                                   (site uplinks 1 Gbit/s)
 #   dc1-app --sync--> dc1-bunker                               (journal only)
 #   dc1-app --async, zstd--> dc3-arc --async--> dc4-vault      (100 and 50 Mbit/s: a cascade)
+# and a group of watched files: dc1-app's /srv/files/vm.img (XFS with reflink) written by
+# a program directly, dc1-app --async--> dc3-arc --periodic, 10 s--> dc4-vault.
 # Each host is a network namespace with its own address, sshd, hostname, private mounts and
 # process tree (playbooks/lab.yml). Then site.yml (CA and certificates, install, configure,
 # start: mutual TLS), pair.yml (every link replicating), a workload through NBD on the
@@ -40,6 +42,12 @@ qemu-io -f raw -c "write -P 0x12 0 1M" -c "write -z 512k 64k" "$nbd/log" | grep 
 fio --name=demo --ioengine=nbd --uri="$nbd/data" --rw=randwrite --bs=4k --iodepth=16 \
     --size=64M --runtime=10 --time_based --output-format=terse \
     | awk -F";" 'NF > 48 {printf "fio randwrite 4k iodepth 16 (sync target dc2-dr): %s IOPS\n", $49}'
+
+echo "== a program writes a file directly on $primary: /srv/files/vm.img, watched (group files)"
+ansible -i inventories/lab "$primary" -m ansible.builtin.command -a \
+    "fio --name=vm --filename=/srv/files/vm.img --size=64M --ioengine=psync --rw=randwrite
+     --bs=64k --io_size=32M --output-format=terse" | awk -F";" 'NF > 48 {
+        printf "fio psync randwrite 64k into the watched file: %s KiB/s\n", $48}'
 
 play verify.yml
 play compare.yml
