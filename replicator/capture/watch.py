@@ -376,6 +376,7 @@ class Watcher:
             self._observer.stop()
             await self._run(self._observer.join)
             self._observer = None
+        self._stamps = None  # the next start captures, whatever the files look like
         for f in self.files:
             f.close()
             f.hashes = None
