@@ -22,7 +22,8 @@ Consistent point, group key `consistency`:
            (`.<name>.replicator-epoch`, kept until the next one is taken: that is
            what keeps their extents comparable) are those whose physical address (or
            presence) differs between the two clones' extent maps (FS_IOC_FIEMAP), so
-           unchanged blocks are never read. XFS (reflink=1) and btrfs. A file system
+           unchanged blocks are never read. XFS (reflink=1) and btrfs (compressed
+           extents' addresses identify no blocks: they are sent again). A file system
            without FICLONE is an error in status and the log, never a silent fallback:
            use consistency hooks or none there. Freeze/thaw hooks, when set, run
            around the clone (sqlite: a `PRAGMA wal_checkpoint(TRUNCATE)` freeze hook,
@@ -375,6 +376,7 @@ class Watcher:
             self._observer.stop()
             await self._run(self._observer.join)
             self._observer = None
+        self._stamps = None  # the next start captures, whatever the files look like
         for f in self.files:
             f.close()
             f.hashes = None
