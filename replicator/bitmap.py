@@ -50,6 +50,7 @@ class Bitmap:
         self.through = 0  # journal records <= through are marked
         self.active = False  # the target is logging: this bitmap, not the journal, covers it
         self.remarked: set | None = None  # during a resync pass: regions marked again
+        self._remarked_all = False  # during a pass: set_all marked every region again
 
     def regions(self, volume: str) -> int:
         return -(-self.sizes[volume] // self.granularity)
@@ -66,7 +67,17 @@ class Bitmap:
             if self.remarked is not None:
                 self.remarked.add((volume, r))
 
+    def begin_pass(self) -> None:
+        """A resync pass starts: from now on a region marked again is not cleared by
+        the acknowledgement of the copy sent before (clear)."""
+        self.remarked, self._remarked_all = set(), False
+
+    def end_pass(self) -> None:
+        self.remarked, self._remarked_all = None, False
+
     def set_all(self) -> None:
+        if self.remarked is not None:  # a pass runs: every region is marked again
+            self._remarked_all = True
         for name in self.bits:
             n = self.regions(name)
             bits = self.bits[name]
@@ -76,7 +87,7 @@ class Bitmap:
 
     def clear(self, volume: str, region: int) -> bool:
         """Clear one region unless it was marked again since the pass began; True if cleared."""
-        if self.remarked is not None and (volume, region) in self.remarked:
+        if self.remarked is not None and (self._remarked_all or (volume, region) in self.remarked):
             return False
         self.bits[volume][region >> 3] &= ~(1 << (region & 7)) & 0xFF
         return True

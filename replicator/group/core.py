@@ -82,8 +82,6 @@ class Group:
     def open(self) -> None:
         """Open volumes, recover the journal and replay it onto the volumes."""
         os.makedirs(self.dir, exist_ok=True)
-        for vol in self.volumes.values():
-            vol.open()
         self.journal.open()
         state = self.checkpoint.read()
         self.unclean_start = bool(state) and not state.get("clean", True)
@@ -105,6 +103,8 @@ class Group:
                 self.log.warning("group %s: %s here since a runtime role change (config says "
                                  "%s); targets %s", self.name, self.role, self.cfg.role,
                                  [t.node for t in self.target_cfgs] or "none")
+        for vol in self.volumes.values():  # after the role: a watched primary's is not opened
+            vol.open()
         os.makedirs(os.path.join(self.dir, "bitmaps"), exist_ok=True)
         for t in self.target_cfgs:
             self._add_target(t)
@@ -556,7 +556,8 @@ class Group:
         """`t` holds our image after `seq`: back to shipping journal records from seq + 1."""
         bm = t.bitmap
         bm.clear_all()
-        bm.active, bm.through, bm.remarked = False, seq, None
+        bm.end_pass()
+        bm.active, bm.through = False, seq
         t.reset_position(seq)
         t.lacks_since_ns = 0  # the journal holds what it lacks from now on
         t.finishing = False

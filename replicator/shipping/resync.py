@@ -95,7 +95,7 @@ class Resync:
                 g.mark_bitmap(t)
                 if t.bunker:  # journal only: it restarts at our position, no regions
                     bm.clear_all()
-                bm.remarked = set()
+                bm.begin_pass()
                 regions = list(bm.dirty())
                 if regions:
                     await self._begin(bm.through)
@@ -121,7 +121,7 @@ class Resync:
             return seq
         finally:
             t.finishing = False
-            bm.remarked = None
+            bm.end_pass()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
@@ -159,7 +159,7 @@ class Resync:
         """RESYNC_DONE at the bitmap's `through`, once its target ACKs it: that seq."""
         g, t = self.group, self.target
         bm = t.bitmap
-        bm.remarked = None
+        bm.end_pass()
         t.finishing = True  # the checkpointer must not move `through` any more
         seq = bm.through
         await self._begin(seq)

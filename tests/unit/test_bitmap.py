@@ -39,12 +39,24 @@ def test_zero_length_marks_nothing(tmp_path):
 def test_clear_respects_regions_marked_during_a_pass(tmp_path):
     b = make(tmp_path)
     b.mark("data", 0, 2 * G)
-    b.remarked = set()
+    b.begin_pass()
     b.mark("data", G, 10)  # written again while region 1 was in flight
     assert b.clear("data", 0) and not b.clear("data", 1)
     assert [r for _, r, *_ in b.dirty()] == [1]
-    b.remarked = None
+    b.end_pass()
     assert b.clear("data", 1) and b.count() == 0
+
+
+def test_every_region_set_again_during_a_pass_stays_dirty(tmp_path):
+    """A resync asked for while a pass runs marks every region again (set_all): the
+    acknowledgement of a region the pass sent before must not clear it."""
+    b = make(tmp_path)
+    b.mark("data", 0, G)
+    b.begin_pass()
+    b.set_all()
+    assert not b.clear("data", 0)
+    b.end_pass()
+    assert b.clear("data", 0)
 
 
 def test_persist_round_trip(tmp_path):
