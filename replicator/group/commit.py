@@ -125,7 +125,7 @@ def volume_of(volumes: dict, rec, where: str):
 
 class _Batch:
     __slots__ = ("first_seq", "last_seq", "closed_seq", "bufs", "nbytes", "sizes", "hcrcs",
-                 "applies", "dones", "appended", "wait_durable")
+                 "applies", "dones", "appended", "wait_durable", "urgent")
 
     def __init__(self):
         self.first_seq = 0
@@ -139,6 +139,7 @@ class _Batch:
         self.dones: list = []  # (seq, done)
         self.appended = None  # the journal's handle once written
         self.wait_durable = False  # its writes complete once durable (an epoch's do)
+        self.urgent = False  # made durable at once: it closes an epoch of many records
 
     def closed_part(self) -> int:
         """How many of its records (from the first) end at an epoch boundary."""
@@ -192,6 +193,7 @@ class Commit:
         # (written) and the volumes (durable) get once a record closes it.
         self._open_written: list = []  # (seq, volume name, offset, length, payload)
         self._open_durable: list = []  # (volume, kind, offset, length, payload)
+        self._in_epoch = False  # the last record received has FLAG_OPEN
 
     def reset(self, seq: int, consistent: int | None = None, open_tail=()) -> None:
         """The journal holds records through `seq`, the volumes the image after
@@ -203,6 +205,7 @@ class Commit:
         self.applied_seq = self.consistent_seq = seq if consistent is None else consistent
         self._next_seq = seq + 1
         self._unapplied.clear()
+        self._in_epoch = self.consistent_seq < seq
         self._open_durable = list(open_tail)
         self._open_written = [(s, vol.name, off, n, data if kind == Kind.WRITE else None)
                               for s, (vol, kind, off, n, data)
@@ -214,7 +217,7 @@ class Commit:
         that never closed): forget the open epoch's records. Call settled."""
         self.written_seq = self.durable_seq = self.consistent_seq
         self._next_seq = self.consistent_seq + 1
-        self._open_written, self._open_durable = [], []
+        self._open_written, self._open_durable, self._in_epoch = [], [], False
 
     def start(self):
         """On the loop: the committer, a coroutine for the group to run (and guard)."""
@@ -368,11 +371,14 @@ class Commit:
         where = f"group {self.name}"
         journal_only = self._role() == "bunker"
         sizes, hcrcs, applies, closed = [], [], [], 0
+        inside, closes = self._in_epoch, False
         for rec in received_records(payload, first_seq, last_seq, expected - 1, where):
             sizes.append(rec.size)
             hcrcs.append(rec.hcrc)
-            if not rec.flags & FLAG_OPEN:
-                closed = rec.seq
+            if rec.flags & FLAG_OPEN:
+                inside = True
+            else:
+                closed, closes, inside = rec.seq, closes or inside, False
             if not journal_only:
                 applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
                                 rec.length, rec.payload))
@@ -384,12 +390,17 @@ class Commit:
             done(errno.EIO)
             return
         self._next_seq = last_seq + 1
+        self._in_epoch = inside
         b = self._batch
         if not b.dones:
             b.first_seq = expected
             self._kick.set()
         b.last_seq = last_seq
         b.closed_seq = closed or b.closed_seq
+        # The end of an epoch of many records (a watched file's, a periodic link's) is a
+        # consistent point, like an application's flush: durable and applied at once,
+        # not a commit_interval later.
+        b.urgent = b.urgent or closes
         chunk = memoryview(payload)[skip:]
         b.bufs.append(chunk)
         b.nbytes += len(chunk)
@@ -464,7 +475,7 @@ class Commit:
             # for a commit (wait_for_records), one the early send served does not.
             wake_all(self._record_waiters)
         if self._flush_waits or self._memtable.nbytes > MEMTABLE_COMMIT_BYTES or \
-                self._idle_waiters:
+                self._idle_waiters or batch.urgent:
             self.commit_soon()
         elif self._commit_timer is None:
             self._commit_timer = asyncio.get_running_loop().call_later(

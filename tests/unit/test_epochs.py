@@ -26,8 +26,8 @@ def _record(seq: int, offset: int, data: bytes, flags: int = 0) -> bytes:
     return encode_header(seq, b"data", offset, len(data), Kind.WRITE, seq, data, flags) + data
 
 
-def _group(tmp_path, role="secondary", capture="nbd") -> Group:
-    group = {"name": "db", "role": role, "journal_size": "16MiB",
+def _group(tmp_path, role="secondary", capture="nbd", **options) -> Group:
+    group = {"name": "db", "role": role, "journal_size": "16MiB", **options,
              "source": "q" if role == "secondary" else None,
              "volumes": [{"name": "data", "path": str(tmp_path / "d.img"), "size": SIZE,
                           "capture": capture}], "targets": []}
@@ -94,6 +94,30 @@ def test_a_replica_applies_and_shows_an_epoch_only_once_it_closes(tmp_path):
             assert (g.commit.consistent_seq, g.commit.applied_seq) == (3, 3)
             assert vol.read(0, 12288) == b"c" * 4096 + bytes(4096) + b"b" * 4096
             assert g.commit.read(vol, 4096, 4096) == bytes(4096)
+        finally:
+            await g.stop()
+    asyncio.run(main())
+
+
+def test_the_end_of_an_epoch_is_made_durable_at_once(tmp_path):
+    """A replica does not wait commit_interval to apply an epoch that closed: its end is
+    a consistent point, like an application's flush (an NBD write's is not)."""
+    async def main():
+        g = _group(tmp_path, commit_interval=60)
+        g.start()
+        try:
+            async def written(records, first):
+                fut = asyncio.get_running_loop().create_future()
+                g.commit.submit_records(first, first + len(records) - 1, b"".join(records),
+                                        fut.set_result)
+                assert await fut == 0
+            await written([_record(1, 0, b"a" * 512)], 1)
+            assert g.commit._commit_timer is not None  # a write of its own: commit_interval
+            await written([_record(2, 0, b"b" * 512, FLAG_OPEN)], 2)
+            await written([_record(3, 512, b"c" * 512)], 3)
+            async with asyncio.timeout(5):
+                while g.commit.applied_seq < 3:
+                    await asyncio.sleep(0.01)
         finally:
             await g.stop()
     asyncio.run(main())
