@@ -11,11 +11,11 @@
 2. idle CPU: the agent watching an idle 10 GiB file (fallocated: every block allocated)
    with a replica, its utime + stime over 60 s once the first capture and sync are done,
    as a share of one core.
-3. sqlite: a writer committing transactions as fast as it goes (WAL, synchronous FULL,
-   one row inserted and one updated per transaction) for N seconds on XFS, alone with
-   sqlite's defaults (wal_autocheckpoint 1000), and watched (consistency reflink, the
-   writer with wal_autocheckpoint 0 and the agent's freeze hook checkpointing the WAL
-   before each clone, interval 2 s): commits/s watched / alone, the runs alternating.
+3. sqlite: a writer committing transactions as fast as it goes (WAL with sqlite's
+   defaults, synchronous FULL, one row inserted and one updated per transaction) for N
+   seconds on XFS, alone and watched (the database and its -wal as the two volumes of
+   one group, consistency hooks with fsfreeze -f / -u of their file system, the default
+   interval): commits/s watched / alone.
 Medians of the runs and their ratios go to stdout and bench/results/watch.json.
 """
 
@@ -41,8 +41,6 @@ SQLITE_WRITER = textwrap.dedent("""
     import sqlite3, sys, time
     db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    if sys.argv[3] == "watched":
-        db.execute("PRAGMA wal_autocheckpoint=0")  # the agent's freeze hook checkpoints
     db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, pad BLOB)")
     end, n = time.monotonic() + float(sys.argv[2]), 0
     while time.monotonic() < end:
@@ -53,20 +51,17 @@ SQLITE_WRITER = textwrap.dedent("""
         db.execute("COMMIT")
     print(n)
 """)
-CHECKPOINT = (f"{sys.executable} -c \"import sqlite3, sys; c = sqlite3.connect(sys.argv[1], "
-              "timeout=60); sys.exit(c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0])\" ")
 
 
-def watched_pair(root: str, path: str, size: int, **group) -> Topology:
-    """Agent p watches `path` (group db, volume db), agent r replicates it."""
+def watched_pair(root: str, paths: dict[str, str], sizes: dict[str, int], **group) -> Topology:
+    """Agent p watches `paths` (volume name -> file; group db), agent r replicates them."""
     topo = Topology(root, ["p", "r"], [("p", "r", "async", {"initial_sync": "checksum"})],
-                    volumes={"db": size}, journal_size="256MiB",
-                    node_options={"p": group})
+                    volumes=sizes, journal_size="256MiB", node_options={"p": group})
     for node in ("p", "r"):
-        vol = topo[node].config["groups"][0]["volumes"][0]
-        vol["capture"] = "watch"
-        if node == "p":
-            vol["path"] = path
+        for vol in topo[node].config["groups"][0]["volumes"]:
+            vol["capture"] = "watch"
+            if node == "p":
+                vol["path"] = paths[vol["name"]]
         topo[node].save_config()
     return topo
 
@@ -86,7 +81,7 @@ def epoch_vs_rsync(root: str, size: int, seed: int) -> dict:
             rng = random.Random(seed)
             for _ in range(size // MiB):
                 f.write(rng.randbytes(MiB))
-        topo = watched_pair(root, path, size, interval=10, quiet=0.05)
+        topo = watched_pair(root, {"db": path}, {"db": size}, interval=10, quiet=0.05)
         try:
             topo.start()
             wait_until(lambda: caught_up(topo), 300, "the first capture and sync")
@@ -121,7 +116,7 @@ def idle_cpu(root: str, size: int, seconds: int) -> dict:
     with loop_fs(os.path.join(root, "fs"), "xfs", f"{size // MiB + 1024}M") as mnt:
         path = os.path.join(mnt, "big.img")
         subprocess.run(["fallocate", "-l", str(size), path], check=True)
-        topo = watched_pair(root, path, size)
+        topo = watched_pair(root, {"db": path}, {"db": size})
         try:
             topo.start()
             wait_until(lambda: caught_up(topo), 600, "the first capture and sync")
@@ -136,17 +131,20 @@ def idle_cpu(root: str, size: int, seconds: int) -> dict:
 
 
 def sqlite_rate(root: str, seconds: int, watched: bool) -> float:
+    """Commits/s of the writer on XFS, alone or watched: the database and its WAL are the
+    two volumes of one group, captured between fsfreeze -f and -u of their file system
+    (consistency hooks), so the pair is one instant of the database."""
     with loop_fs(os.path.join(root, "fs"), "xfs", "1G") as mnt:
         db = os.path.join(mnt, "app.db")
         topo = None
         if watched:
-            topo = watched_pair(root, db, 256 * MiB, interval=2, quiet=1,
-                                freeze=CHECKPOINT + db, thaw="true")
+            topo = watched_pair(root, {"db": db, "wal": db + "-wal"},
+                                {"db": 256 * MiB, "wal": 64 * MiB}, consistency="hooks",
+                                freeze=f"fsfreeze -f {mnt}", thaw=f"fsfreeze -u {mnt}")
             topo.start()
             wait_until(lambda: caught_up(topo), 60, "the first capture")
         try:
-            done = subprocess.run([sys.executable, "-c", SQLITE_WRITER, db, str(seconds),
-                                   "watched" if watched else "alone"],
+            done = subprocess.run([sys.executable, "-c", SQLITE_WRITER, db, str(seconds)],
                                   check=True, capture_output=True, text=True)
             if topo is not None:
                 wait_until(lambda: caught_up(topo), 120, "the last epoch")

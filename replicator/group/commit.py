@@ -301,24 +301,30 @@ class Commit:
         if self._unapplied:  # the volumes lack journaled records: see _applied
             done(self._unapplied_errno)
             return
+        b = self._batch
+        seq = b.closed_seq = self._append(volume, kind, offset, length, payload, time.time_ns())
+        b.applies.append((volume, kind, offset, length, payload))
+        b.dones.append((seq, done))
+
+    def _append(self, volume, kind, offset, length, payload, time_ns: int, flags: int = 0) -> int:
+        """Give a local record the next seq and queue it in the batch; returns the seq."""
         seq = self._next_seq
         self._next_seq = seq + 1
-        hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time.time_ns(), payload)
+        hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time_ns, payload, flags)
         b = self._batch
-        if not b.dones:
+        if not b.sizes:  # the batch's first record
             b.first_seq = seq
             self._kick.set()
-        b.last_seq = b.closed_seq = seq
+        b.last_seq = seq
         b.bufs.append(hdr)
         size = len(hdr)
-        if payload:
+        if kind == Kind.WRITE:
             b.bufs.append(payload)
             size += len(payload)
         b.nbytes += size
         b.sizes.append(size)
         b.hcrcs.append(header_crc(hdr))
-        b.applies.append((volume, kind, offset, length, payload))
-        b.dones.append((seq, done))
+        return seq
 
     def submit_epoch(self, items: list, done: Done, *, last: bool = True) -> None:
         """Primary of a watched group: journal a watched file's changed blocks, items of
@@ -337,28 +343,13 @@ class Commit:
                 done(0)
                 return
             items = [(next(iter(self.volumes.values())), Kind.SKIP, 0, 0, b"")]
-        b = self._batch
-        if not b.dones:
-            b.first_seq = self._next_seq
-            self._kick.set()
-        now = time.time_ns()
+        b, now = self._batch, time.time_ns()
         for i, (volume, kind, offset, length, payload) in enumerate(items, 1):
-            seq = self._next_seq
-            self._next_seq = seq + 1
             closes = last and i == len(items)
-            hdr = encode_header(seq, volume.name_bytes, offset, length, kind, now, payload,
-                                0 if closes else FLAG_OPEN)
-            b.bufs.append(hdr)
-            size = len(hdr)
-            if kind == Kind.WRITE:
-                b.bufs.append(payload)
-                size += len(payload)
-            b.nbytes += size
-            b.sizes.append(size)
-            b.hcrcs.append(header_crc(hdr))
+            seq = self._append(volume, kind, offset, length, payload, now,
+                               0 if closes else FLAG_OPEN)
             if closes:
                 b.closed_seq = seq
-        b.last_seq = self._next_seq - 1
         b.wait_durable = True
         b.dones.append((b.last_seq, done))
 

@@ -48,6 +48,13 @@ async def _receive(g: Group, records: list[bytes], first: int) -> None:
     await g.commit.commit_now()
 
 
+async def _epoch(g: Group, items: list, last: bool = True) -> int:
+    """submit_epoch, awaited: its errno."""
+    fut = asyncio.get_running_loop().create_future()
+    g.commit.submit_epoch(items, fut.set_result, last=last)
+    return await fut
+
+
 def test_flags_and_skip_round_trip_and_strange_ones_are_corruption():
     rec = decode(_record(7, 4096, b"x" * 512, FLAG_OPEN))
     assert rec.flags == FLAG_OPEN and rec.kind is Kind.WRITE
@@ -182,24 +189,17 @@ def test_a_watched_primary_journals_an_epoch_without_writing_its_file(tmp_path):
         g = _group(tmp_path, role="primary", capture="watch")
         g.start()
         vol = g.volumes["data"]
-        loop = asyncio.get_running_loop()
         try:
             assert g.watched
-            part = loop.create_future()
-            g.commit.submit_epoch([(vol, Kind.WRITE, 0, 4096, b"x" * 4096)], part.set_result,
-                                  last=False)
-            assert await part == 0
+            assert await _epoch(g, [(vol, Kind.WRITE, 0, 4096, b"x" * 4096)], last=False) == 0
             assert (g.commit.durable_seq, g.commit.consistent_seq) == (1, 0)
-            rest = loop.create_future()
-            g.commit.submit_epoch([(vol, Kind.ZERO, 4096, 4096, b"")], rest.set_result)
-            assert await rest == 0
+            assert await _epoch(g, [(vol, Kind.ZERO, 4096, 4096, b"")]) == 0
             assert (g.commit.durable_seq, g.commit.consistent_seq, g.commit.applied_seq) == \
                 (2, 2, 2)
             recs = list(g.journal.records(0))
             assert [(r.kind, r.flags) for r in recs] == [(Kind.WRITE, FLAG_OPEN), (Kind.ZERO, 0)]
-            refused = loop.create_future()
-            g.commit.submit_epoch([], refused.set_result)  # nothing open: nothing to close
-            assert await refused == 0 and g.journal.last_seq == 2
+            assert await _epoch(g, []) == 0  # nothing open: nothing to close
+            assert g.journal.last_seq == 2
         finally:
             await g.stop()
         assert path.read_bytes() == b"f" * SIZE
@@ -212,21 +212,13 @@ def test_an_empty_epoch_closes_one_left_open(tmp_path):
         g = _group(tmp_path, role="primary", capture="watch")
         g.start()
         vol = g.volumes["data"]
-        loop = asyncio.get_running_loop()
         try:
-            part = loop.create_future()
-            g.commit.submit_epoch([(vol, Kind.WRITE, 0, 512, b"x" * 512)], part.set_result,
-                                  last=False)
-            assert await part == 0
-            close = loop.create_future()
-            g.commit.submit_epoch([], close.set_result)
-            assert await close == 0
+            assert await _epoch(g, [(vol, Kind.WRITE, 0, 512, b"x" * 512)], last=False) == 0
+            assert await _epoch(g, []) == 0
             assert [r.kind for r in g.journal.records(0)] == [Kind.WRITE, Kind.SKIP]
             assert g.commit.consistent_seq == 2
-            demoted = loop.create_future()
             await g.demote("q")
-            g.commit.submit_epoch([(vol, Kind.WRITE, 0, 512, b"y" * 512)], demoted.set_result)
-            assert await demoted == errno.EROFS
+            assert await _epoch(g, [(vol, Kind.WRITE, 0, 512, b"y" * 512)]) == errno.EROFS
         finally:
             await g.stop()
     os.makedirs(tmp_path, exist_ok=True)
