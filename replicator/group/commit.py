@@ -292,19 +292,18 @@ class Commit:
         if self._held is not None:
             self._held.append((volume, kind, offset, length, payload, done))
             return
-        if self._role() != "primary":
-            done(errno.EROFS)
-            return
-        if self.halted:
-            done(errno.EIO)
-            return
-        if self._unapplied:  # the volumes lack journaled records: see _applied
-            done(self._unapplied_errno)
+        err = self._refusal() or (self._unapplied_errno if self._unapplied else 0)
+        if err:  # (unapplied: the volumes lack journaled records; see _durable)
+            done(err)
             return
         b = self._batch
         seq = b.closed_seq = self._append(volume, kind, offset, length, payload, time.time_ns())
         b.applies.append((volume, kind, offset, length, payload))
         b.dones.append((seq, done))
+
+    def _refusal(self) -> int:
+        """Why a local record is refused now (an errno), or 0."""
+        return errno.EROFS if self._role() != "primary" else errno.EIO if self.halted else 0
 
     def _append(self, volume, kind, offset, length, payload, time_ns: int, flags: int = 0) -> int:
         """Give a local record the next seq and queue it in the batch; returns the seq."""
@@ -332,11 +331,9 @@ class Commit:
         the last of the last part carries FLAG_OPEN. They are not applied to the volumes
         nor shown to reads (the watched files hold them already). done(0) once durable.
         An empty last part closes an epoch left open (a crash mid-epoch) with a SKIP."""
-        if self._role() != "primary":
-            done(errno.EROFS)
-            return
-        if self.halted:
-            done(errno.EIO)
+        err = self._refusal()
+        if err:
+            done(err)
             return
         if not items:
             if not last or self.consistent_seq == self._next_seq - 1:
