@@ -137,6 +137,24 @@ def test_sqlite_every_epoch_is_a_whole_database(mounted, topology, tmp_path):
         writer.wait()
 
 
+def test_a_writer_busy_across_several_epochs_is_captured_to_its_last_write(mounted, topology):
+    """A busy writer: the first event of a change stops the events (sizes and times say
+    when writes stop), and the capture arms them again before its image, so a write
+    made while an epoch is being taken is in the next one."""
+    path = os.path.join(mounted("xfs"), "busy.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 * MiB))
+    topo = watched(topology, path, size=8 * MiB)
+    converged(topo, path)
+    epochs = topo["p"].group("db")["watch"]["epochs"]
+    with open(path, "r+b") as f:
+        i = 0
+        while i % 500 or topo["p"].group("db")["watch"]["epochs"] < epochs + 3:  # 1 s each
+            i += 1
+            os.pwrite(f.fileno(), i.to_bytes(8, "little") * 512, (i * 4096) % (8 * MiB))
+    converged(topo, path)
+
+
 def test_fio_verifies_on_the_replica(mounted, topology, tmp_path):
     mnt = mounted("xfs")
     path = os.path.join(mnt, "disk.img")
