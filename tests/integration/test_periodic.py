@@ -138,7 +138,10 @@ def test_cascade_with_a_periodic_far_hop(topology, first_hop):  # records come i
     far = topo["dc2"].target("db", "dc3")
     assert far["mode"] == "periodic" and far["last_epoch"]["seq"] == seq
     sent = {hop: topo[hop[0]].target("db", hop[1])["bytes_sent"] - base[hop] for hop in hops}
-    assert sent[hops[1]] < sent[hops[0]], sent  # the far hop's epochs were coalesced
+    if first_hop == "sync":
+        assert sent[hops[1]] < sent[hops[0]], sent  # the far hop's epochs were coalesced
+    else:  # what comes in is coalesced already; one far epoch may hold several of them
+        assert sent[hops[1]] <= sent[hops[0]], sent
 
 
 def test_periodic_target_away_logs_and_resyncs(topology):
