@@ -3,7 +3,9 @@ one overwrite-heavy fio run.
 
     .venv/bin/python -m bench.periodic_wire [--runs 3] [--interval 30] [--passes 12]
 
-Per run, a fresh topology on loopback: primary `p` with a 1 GiB volume, targets `asy`
+Per run, a fresh topology on loopback: primary `p` with a 1 GiB volume and a 4 GiB
+journal (the interval's 815 MB stay below half of its logging_high_water, past which an
+epoch goes early), targets `asy`
 (async) and `per` (periodic, `interval` seconds), both `initial_sync: assume-clean` (all three
 volumes start as the same zeroes), compression off. Right after one of `per`'s epochs
 has gone, one fio run (`--ioengine=nbd --rw=randwrite --bs=4k --iodepth=16`) writes
@@ -38,7 +40,7 @@ def one_run(root: str, interval: float, passes: int) -> dict:
     topo = Topology(root, ["p", "asy", "per"],
                     [("p", "asy", "async", {"initial_sync": "assume-clean"}),
                      ("p", "per", "periodic", {"initial_sync": "assume-clean", "interval": interval})],
-                    volumes={"data": 1024 * MiB}, journal_size="2GiB")
+                    volumes={"data": 1024 * MiB}, journal_size="4GiB")
     p = topo["p"]
     try:
         topo.start()
