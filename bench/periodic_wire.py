@@ -13,8 +13,9 @@ has gone, one fio run (`--ioengine=nbd --rw=randwrite --bs=4k --iodepth=16`) wri
 fio's random map writes every block once per pass, so each block is overwritten
 exactly `passes` times); it must end before `per`'s next epoch, so that all of it falls
 into one interval (said per run: `in_one_interval`). Then both targets catch up (the
-next epoch for `per`), and the bytes each was sent during the run (`bytes_sent`: the
-records of every RECORDS frame, headers included, before compression) are compared.
+next epoch for `per`), their volumes are compared with the primary's, and the bytes
+each was sent during the run (`bytes_sent`: the records of every RECORDS frame, headers
+included, before compression) are compared.
 Medians of the runs go to stdout and bench/results/periodic_wire.json.
 """
 
@@ -58,6 +59,7 @@ def one_run(root: str, interval: float, passes: int) -> dict:
         out = json.loads(report[report.index("{"):])  # after fio's notes, if any
         ended = time.time()
         seq = topo.wait_converged(interval + 120)
+        topo.assert_identical()
         sent = {n: p.target("db", n)["bytes_sent"] - base[n] for n in ("asy", "per")}
         epoch = p.target("db", "per")["last_epoch"]
         job = out["jobs"][0]["write"]
