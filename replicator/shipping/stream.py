@@ -98,6 +98,8 @@ class Stream:
         if self.target.mode == "sync":
             self._peer = peer
             g.commit.early_senders.add(self.send_early)
+        elif self.target.mode == "periodic":
+            g.commit.durable_listeners.add(self._grown)
         try:
             done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
             # Both may end in one loop turn (the ACK reader makes the target leave sync,
@@ -107,6 +109,7 @@ class Stream:
                     task.result()
         finally:
             g.commit.early_senders.discard(self.send_early)
+            g.commit.durable_listeners.discard(self._grown)
             self._peer = None
             for task in (pump, acks):
                 task.cancel()
@@ -211,7 +214,7 @@ class Stream:
                         await self._acked.wait()
                 except TimeoutError:
                     pass
-            elif periodic:  # urgent, but not consistent that far yet: until a record comes
+            elif periodic:  # due early, but not consistent that far yet: until a record comes
                 if await g.commit.wait_for_records(j.last_seq, wait):
                     continue
             elif self.sent_seq < j.last_seq:  # window full: wait for an ack
@@ -248,18 +251,31 @@ class Stream:
             self.group.targets_changed()
 
     # ---- periodic targets ---------------------------------------------------------------
-    def _urgent_seq(self) -> int | None:
-        """The seq an epoch must end at now, not at its time: the first order not sent,
-        else a flush asked for beyond what was sent (a switchover's drain waits for
-        both)."""
+    def _early(self) -> tuple[int, str] | None:
+        """An epoch that must go before its time: (the seq it ends at, why). For the
+        first order not sent, or a flush asked for beyond what was sent (a switchover's
+        drain waits for both); or when what it would hold passes half of
+        logging_high_water: sent early, it keeps the target out of logging (and out of
+        the resync after) when an interval's writes are more than the journal keeps."""
         seqs = [o.seq for o in self._orders if not o.sent and o.seq > self.sent_seq]
         if seqs:
-            return min(seqs)
-        return self._flush_asked if self._flush_asked > self.sent_seq else None
+            return min(seqs), "order"
+        if self._flush_asked > self.sent_seq:
+            return self._flush_asked, "flush"
+        j = self.group.journal
+        if j.bytes_between(self.sent_seq, j.last_seq) > self.group.cfg.logging_high_water // 2:
+            return j.last_seq, "backlog"
+        return None
+
+    def _grown(self, through: int) -> None:
+        """More records are durable: wake the pump if that makes an epoch due early
+        (it waits for its time, or a poke, otherwise)."""
+        if self._early() is not None:
+            self._acked.set()
 
     def _due_in(self) -> float:
         """Seconds until the next epoch is due (0: now)."""
-        if self._urgent_seq() is not None:
+        if self._early() is not None:
             return 0.0
         return max(0.0, self._next_due - time.monotonic())
 
@@ -271,25 +287,25 @@ class Stream:
         """Send the epoch through the group's last consistent seq if it is due (through
         an order's seq if one waits); True if one went. Epochs go every `interval`,
         whether the last tick had records to send or not, so that writes after a quiet
-        spell are coalesced too; an urgent one leaves the schedule as it is."""
+        spell are coalesced too; an early one leaves the schedule as it is."""
         if self._due_in() > 0:
             return False
-        k = self.group.commit.consistent_seq
-        urgent = self._urgent_seq()
-        if urgent is not None:
-            k = min(k, urgent)
+        k, why = self.group.commit.consistent_seq, "interval"
+        early = self._early()
+        if early is not None:
+            k, why = min(k, early[0]), early[1]
         else:
             self._next_due = time.monotonic() + self.target.cfg.interval
         if k <= self.sent_seq:
             self._caught_up()
             return False
-        await self._send_epoch(peer, k)
+        await self._send_epoch(peer, k, why)
         self._caught_up()
         return True
 
-    async def _send_epoch(self, peer: Peer, k: int) -> None:
+    async def _send_epoch(self, peer: Peer, k: int, why: str) -> None:
         """The records after sent_seq through the consistent seq `k`, coalesced, in
-        RECORDS frames of at most BATCH_BYTES, within the window."""
+        RECORDS frames of at most BATCH_BYTES, within the window; `why` it goes now."""
         j, first = self.group.journal, self.sent_seq + 1
         cut = time.time()
         # The first pass reads every header of the epoch (seconds' worth of writes):
@@ -307,7 +323,7 @@ class Stream:
             before += rec.size
             after += nbytes
         await self._send_frame(peer, first, k, frame)
-        self.last_epoch = {"seq": k, "time": round(cut, 3), "records": len(skip),
+        self.last_epoch = {"seq": k, "time": round(cut, 3), "why": why, "records": len(skip),
                            "skipped": sum(skip), "bytes_before": before,
                            "bytes_after": after}
 
@@ -389,7 +405,7 @@ class Stream:
         probe.hashes = volume_hashes(g.volumes[probe.volume], probe.offset, probe.length,
                                      g.cfg.bitmap_granularity)
         if self.target.mode == "periodic" and self.sent_seq < seq:
-            await self._send_epoch(peer, seq)  # seq is consistent: the volumes hold it
+            await self._send_epoch(peer, seq, "verify")  # consistent: the volumes hold it
         while self.sent_seq < seq:
             await self._send_records(peer, seq)
         await peer.request_hashes(probe.reply, seq, probe.volume, probe.offset, probe.length)
