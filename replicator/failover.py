@@ -168,9 +168,9 @@ class Failover:
             await self._drain(group, streaming, seq, deadline, drain_timeout)
             told = await self._name_successor(group, shipper.target.node, seq, deadline)
             targets = [(self.cfg.node, shipper.target.mode, "zstd" if shipper.compress else "none",
-                        "continue")]
-            targets += [(t.node, t.mode, t.compress, t.on_disconnect) for t in group.target_cfgs
-                        if t.node != shipper.target.node]
+                        "continue", shipper.target.cfg.interval)]
+            targets += [(t.node, t.mode, t.compress, t.on_disconnect, t.interval)
+                        for t in group.target_cfgs if t.node != shipper.target.node]
             try:
                 await shipper.handover(seq, tuple(targets), max(1.0, deadline - time.monotonic()))
             except (ShipError, asyncio.TimeoutError) as exc:

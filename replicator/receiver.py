@@ -382,8 +382,8 @@ class Receiver:
             self.log.error("group %s: %s", g.name, why)
             await s.link.send(Error(code=Refusal.HANDOVER_REFUSED, message=why))
             return
-        targets = [TargetConfig(node=n, mode=m, compress=c, on_disconnect=d)
-                   for n, m, c, d in ev.targets if n != self.node]
+        targets = [TargetConfig(node=n, mode=m, compress=c, on_disconnect=d, interval=i)
+                   for n, m, c, d, i in ev.targets if n != self.node]
         try:
             await self.promote(g, targets)
         except GroupError as exc:

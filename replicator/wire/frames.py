@@ -386,7 +386,8 @@ class Diverged:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Handover:
     """Sender -> receiver: become the primary at `seq`, shipping to `targets`
-    ((node, mode, compress, on_disconnect), ...)."""
+    ((node, mode, compress, on_disconnect, interval), ...; interval: seconds of a periodic
+    target, else None)."""
     frame_type: ClassVar[FrameType] = FrameType.HANDOVER
     seq: int
     targets: tuple = ()
@@ -489,6 +490,7 @@ _FLUSH = _Fixed("Q", "seq")
 _RESYNC_BEGIN = _Fixed("Q", "seq")
 _SUCCESSOR = _Fixed("Q", "seq")
 _TARGET_FLAGS = _Fixed("B", "target flags")
+_INTERVAL = _Fixed("I", "interval")
 _STRLEN = struct.Struct("<H")
 
 
@@ -790,10 +792,12 @@ def _read_diverged(reader: _Reader) -> Diverged:
 
 def _write_handover(ev: Handover, out: _Writer) -> None:
     out.fixed(_HANDOVER, ev.seq)
-    for node, mode, compress, on_disconnect in ev.targets:
+    for node, mode, compress, on_disconnect, interval in ev.targets:
         out.name("node", node)
         out.name("mode", mode)
         out.fixed(_TARGET_FLAGS, (compress == "zstd") | (on_disconnect == "block") << 1)
+        if mode == "periodic":  # its interval, in milliseconds
+            out.fixed(_INTERVAL, round(interval * 1000))
 
 
 def _read_handover(reader: _Reader) -> Handover:
@@ -804,8 +808,15 @@ def _read_handover(reader: _Reader) -> Handover:
         (flags,) = reader.fixed(_TARGET_FLAGS)
         if flags > 3:
             raise RemoteProtocolError(f"HANDOVER target flags 0x{flags:02x} unknown")
+        interval = None
+        if mode == "periodic":
+            (ms,) = reader.fixed(_INTERVAL)
+            if ms < 100:
+                raise RemoteProtocolError(f"HANDOVER periodic target {node!r} with an interval "
+                                          f"of {ms} ms (at least 100)")
+            interval = ms / 1000
         targets.append((node, mode, "zstd" if flags & 1 else "none",
-                        "block" if flags & 2 else "continue"))
+                        "block" if flags & 2 else "continue", interval))
     return Handover(seq=seq, targets=tuple(targets))
 
 

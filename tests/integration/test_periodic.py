@@ -262,8 +262,9 @@ def test_switchover_to_a_periodic_target_does_not_wait_for_its_interval(topology
     topo.primary = "b"
     topo.assert_identical()  # b got every record through the handover's seq
     qemu_io(b.nbd_uri("data"), "write -P 0x63 0 64k")  # the new primary is writable
-    # (b's link back to a is periodic too; HANDOVER does not carry its interval yet, so
-    # that link is not checked here)
+    # b's link back to a is periodic too, with the same interval (HANDOVER carries it)
+    wait_until(lambda: b.target("db", "a")["state"] == "replicating", 30, "b -> a replicating")
+    assert b.target("db", "a")["interval"] == 60
 
 
 def test_takeover_of_a_periodic_far_replica_replays_its_last_interval_from_the_bunker(topology):

@@ -288,7 +288,9 @@ ROUND_TRIP = [
     Welcome(version=1, features=0, seq=3, crc=4, node="b", history=((1, 1),) * 1024),
     Diverged(fork=100, complete=True, extents=(("data", 0, 65536), ("log", 2**63, 1))),
     Diverged(fork=0, complete=False),
-    Handover(seq=9, targets=(("dc1", "sync", "none", "continue"), ("dc3", "async", "zstd", "block"))),
+    Handover(seq=9, targets=(("dc1", "sync", "none", "continue", None),
+                             ("dc3", "async", "zstd", "block", None),
+                             ("dc4", "periodic", "none", "continue", 30.0))),
     Handover(seq=0),
     Retain(seq=0), Retain(seq=2**64 - 1),
     ResyncBegin(seq=0), ResyncBegin(seq=2**64 - 1),
@@ -366,9 +368,14 @@ if given is not None:
         FrameType.DIVERGED: st.builds(Diverged, fork=u64, complete=st.booleans(),
                                       extents=st.lists(st.tuples(names, u64, u64),
                                                        max_size=4).map(tuple)),
-        FrameType.HANDOVER: st.builds(Handover, seq=u64, targets=st.lists(st.tuples(
-            names, names, st.sampled_from(["none", "zstd"]),
-            st.sampled_from(["continue", "block"])), max_size=4).map(tuple)),
+        FrameType.HANDOVER: st.builds(Handover, seq=u64, targets=st.lists(st.one_of(
+            st.tuples(names, names.filter(
+                lambda m: m != "periodic"), st.sampled_from(["none", "zstd"]),
+                st.sampled_from(["continue", "block"]), st.none()),
+            st.tuples(names, st.just("periodic"), st.sampled_from(["none", "zstd"]),
+                      st.sampled_from(["continue", "block"]),
+                      st.integers(100, 2**32 - 1).map(lambda ms: ms / 1000))),
+            max_size=4).map(tuple)),
         FrameType.FETCH: st.builds(Fetch, seq=u64, crc=u32),
         FrameType.RETAIN: st.builds(Retain, seq=u64),
         FrameType.RESYNC_BEGIN: st.builds(ResyncBegin, seq=u64),
@@ -1151,3 +1158,11 @@ def test_send_failure_is_only_for_a_connection_the_peer_broke():
     s, _ = handshake()
     with pytest.raises(LocalProtocolError, match="only for a connection the peer broke"):
         s.send_failure()
+
+
+def test_a_handover_of_a_periodic_target_with_a_tiny_interval_is_refused():
+    flags, parts = encode_body(Handover(seq=3, targets=(("far", "periodic", "none", "continue",
+                                                         0.05),)), max_frame=DEFAULT_MAX_FRAME)
+    with pytest.raises(RemoteProtocolError, match="interval of 50 ms"):
+        decode_body(FrameType.HANDOVER, flags, memoryview(b"".join(parts)),
+                    max_frame=DEFAULT_MAX_FRAME)
