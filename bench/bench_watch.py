@@ -15,7 +15,7 @@
    defaults, synchronous FULL, one row inserted and one updated per transaction) for N
    seconds on XFS, alone and watched (the database and its -wal as the two volumes of
    one group, consistency hooks with fsfreeze -f / -u of their file system, the default
-   interval): commits/s watched / alone.
+   interval): commits/s watched / alone, which of the two goes first alternating.
 Medians of the runs and their ratios go to stdout and bench/results/watch.json.
 """
 
@@ -168,8 +168,10 @@ def main() -> int:
         out = epoch_vs_rsync(os.path.join(root, "epoch"), size, seed=n)
         out["epoch_speedup"] = out["rsync_s"] / out["epoch_s"]
         out |= idle_cpu(os.path.join(root, "idle"), idle, args.idle_seconds)
-        alone = sqlite_rate(os.path.join(root, "alone"), args.sqlite_seconds, watched=False)
-        watched = sqlite_rate(os.path.join(root, "watched"), args.sqlite_seconds, watched=True)
+        order = (False, True) if n % 2 else (True, False)  # which goes first alternates
+        rate = {w: sqlite_rate(os.path.join(root, f"sqlite-{w}"), args.sqlite_seconds, w)
+                for w in order}
+        alone, watched = rate[False], rate[True]
         out |= {"sqlite_alone_cps": alone, "sqlite_watched_cps": watched,
                 "sqlite_ratio": watched / alone}
         run_line(n, out)

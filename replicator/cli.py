@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from . import admin, config, logfilter
 from .group import GroupError
@@ -39,6 +40,8 @@ def format_status(st: dict) -> str:
             head += f"  WRITES-HALTED({g['writes_halted']})"
         if g.get("writes_blocked_by"):
             head += f"  WRITES-BLOCKED-BY:{','.join(g['writes_blocked_by'])}"
+        if g.get("open_epoch"):
+            head += f"  EPOCH-OPEN(seq {g['open_epoch'][0]}..{g['open_epoch'][1]}, not shown yet)"
         if g.get("inconsistent"):
             head += f"  INCONSISTENT(consistent at seq {g['consistent_seq']})"
         if g.get("split_brain"):
@@ -68,6 +71,12 @@ def format_status(st: dict) -> str:
                 f"lag:{t['lag_records']} rec/{_human_bytes(t['lag_bytes'])}/{t['lag_seconds']:.1f}s"
                 + ("  zstd" if t["compress"] == "zstd" else "")
                 + (f"  ({t['last_error']})" if t["last_error"] else ""))
+            if t["mode"] == "periodic":
+                e, due = t.get("last_epoch"), t.get("next_due")
+                lines.append(f"     every {t['interval']:g}s"
+                             + (f"  last epoch: seq {e['seq']}, {_human_bytes(e['bytes_before'])}"
+                                f" -> {_human_bytes(e['bytes_after'])} ({e['why']})" if e else "")
+                             + (f"  next in {max(0.0, due - time.time()):.0f}s" if due else ""))
             for what in ("resync", "verify"):
                 p = t.get(what)
                 if p:

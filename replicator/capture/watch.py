@@ -11,8 +11,8 @@ the files: an idle file costs nothing. An epoch is taken at min(first change not
 captured + `interval`, last change + `quiet`). The first event disarms the observer (a
 busy writer makes thousands of events a second, each one Python work in two threads:
 41% of a core under a sqlite writer here, against its 2 cores); until the epoch, the
-files' sizes and times are looked at every `quiet` instead, which says when writes
-stopped, and the observer is armed again before the capture begins, so a write after
+files' sizes and times are looked at instead (the last modification time says when
+writes stopped: an epoch `quiet` after it), and the observer is armed again before the capture begins, so a write after
 the capture's image raises an event. Writes through a shared mmap of the
 file make no inotify events: such a writer is captured only when something else
 triggers an epoch (or the agent restarts). With a freeze hook, an event whose file and
@@ -263,6 +263,11 @@ def _stamp(path: str) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def _last_write(stamps: list) -> float:
+    """The latest modification time (unix seconds) among the files' stamps (0: none)."""
+    return max((st[2] / 1e9 for files in stamps for st in files.values() if st), default=0.0)
+
+
 class _File:
     """One watched file, its volume and its images."""
 
@@ -503,8 +508,11 @@ class Watcher:
         if not self._armed:
             stamps = await self._run(self._all_stamps)
             now = self._loop.time()
-            if stamps != self._seen and now < self._first + self.cfg.epoch_interval:
-                self._seen, self._last, self._task = stamps, now, None
+            # the files' last write, on the loop's clock (mtime: a coarse clock's tick)
+            written = now - max(0.0, time.time() - _last_write(stamps))
+            if stamps != self._seen and written + self.cfg.quiet > now and \
+                    now < self._first + self.cfg.epoch_interval:
+                self._seen, self._last, self._task = stamps, written, None
                 if self.running and not self._held:
                     self._schedule()
                 return

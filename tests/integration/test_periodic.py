@@ -4,6 +4,7 @@ status, and on the wire."""
 
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -206,6 +207,9 @@ def test_periodic_status(topology):
     lagging = wait_until(lambda: (lambda t: t if t["lag_seconds"] > 0.2 else None)(
         a.target("db", "b")), interval + 5, "lag_seconds to grow between epochs")
     assert lagging["lag_records"] >= 1
+    table = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "-c",
+                            a.config_path], capture_output=True, text=True, check=True).stdout
+    assert f"every {interval:g}s  last epoch: seq {seq}," in table and "(interval)  next in" in table
 
 
 def test_periodic_sends_fewer_bytes_than_async_for_overwrites(topology):
