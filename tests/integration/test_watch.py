@@ -348,3 +348,44 @@ def test_takeover_watches_the_promoted_replica_across_a_restart(mounted, topolog
             f.write(os.urandom(5000))
         wait_until(lambda: r.group("db")["seq"] > seq and
                    r.group("db")["watch"]["state"] == "idle", 20, "an epoch on r")
+
+
+def test_takeover_then_failback_of_a_watched_primary(mounted, topology):
+    """p watches its file; r takes over when p's site is lost, with epochs p journaled
+    that never reached r; p comes back, is demoted (its unshipped epochs rolled back: the
+    agent now writes p's file as a replica's volume), and the failback makes p the
+    watched primary again."""
+    path_p = os.path.join(mounted("xfs"), "vm.img")
+    path_r = os.path.join(mounted("xfs"), "vm.img")
+    with open(path_p, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    topo = watched(topology, path_p, size=4 * MiB, replica_path=path_r)
+    p, r = topo["p"], topo["r"]
+    converged(topo, path_p)
+    r.kill()
+    seq = p.group("db")["seq"]
+    with open(path_p, "r+b") as f:  # an epoch that never reaches r
+        f.write(b"\x66" * 65536)
+    wait_until(lambda: p.group("db")["seq"] > seq and p.group("db")["watch"]["state"] == "idle",
+               20, "p's epoch that r never gets")
+    p.kill()  # the primary's site is lost
+    r.start()
+    rc, out = replicator_cli(r, "promote", "db", "--target", "p:async")
+    assert rc == 0, out
+    with open(path_r, "r+b") as f:  # the program now runs on r
+        f.seek(2 * MiB)
+        f.write(b"\x77" * 70000)
+    p.start()  # believes it is primary (and watches) until the operator demotes it
+    rc, d = replicator_cli(p, "demote", "db", "--source", "r")
+    assert rc == 0, d
+    assert not p.group("db")["watch"]["watching"]
+    converged(topo, path_r, primary="r", replica="p")  # rolled back onto r's line
+    with open(path_p, "rb") as f:
+        assert f.read(65536) != b"\x66" * 65536
+    rc, out = replicator_cli(r, "failback", "db", "--to", "p")
+    assert rc == 0, out
+    assert p.group("db")["watch"]["watching"] and not r.group("db")["watch"]["watching"]
+    with open(path_p, "r+b") as f:  # and the program runs on p again
+        f.seek(MiB)
+        f.write(b"\x55" * 4096)
+    converged(topo, path_p)
