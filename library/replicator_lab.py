@@ -36,7 +36,7 @@ options:
     description: Lab hosts, each C({name, address, site, filesystems}); C(filesystems) is
       a list of C({mountpoint, type, size}) (mountpoint C(/srv/NAME), type xfs (with
       reflink), btrfs or ext4) made once as image files and loop-mounted inside the host
-      only (its /srv is a tmpfs of its own).
+      only (every lab host's /srv is its own).
     type: list
     elements: dict
     default: []

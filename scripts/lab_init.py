@@ -13,9 +13,9 @@ kernel kills every process of the PID namespace with it.
 
 HOST.json: {"name", "binds": [[src, dst], ...], "filesystems": [[image, mountpoint,
             type], ...], "sshd": [argv...], "boot": [argv...], "log": path}. Standard
-library only: it runs before anything is installed. A file system is loop-mounted in the
-host's mount namespace only: it goes away with the host (a crash included) and comes
-back when the host boots again.
+library only: it runs before anything is installed. A file system is loop-mounted (under
+the host's private /srv) in the host's mount namespace only: it goes away with the host
+(a crash included) and comes back when the host boots again.
 """
 
 import json
@@ -42,8 +42,6 @@ def setup(spec: dict) -> None:
     for src, dst in spec["binds"]:
         mount("--bind", src, dst)
     mount("-t", "tmpfs", "-o", "mode=1777,size=256m", "tmpfs", "/tmp")
-    if spec.get("filesystems"):  # /srv/NAME: the machine's /srv stays untouched
-        mount("-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", "/srv")
     for image, mountpoint, fstype in spec.get("filesystems", []):
         os.makedirs(mountpoint, exist_ok=True)
         mount("-t", fstype, "-o", "loop", image, mountpoint)

@@ -30,8 +30,10 @@ import time
 
 from ansible.module_utils.replicator_lab_net import LabError, LabNetwork, links, rate_bits, run
 
+# /srv too: volumes an inventory places there (the same path on every host, as a real
+# site's layout would be) must be each host's own, not one file of the machine's.
 PRIVATE_DIRS = ("/etc/replicator", "/var/lib/replicator", "/run/replicator",
-                "/opt/replicator", "/var/log/replicator")
+                "/opt/replicator", "/var/log/replicator", "/srv")
 MOUNTPOINTS = PRIVATE_DIRS + ("/run/sshd",)
 STATE_FILE = "lab.json"
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
@@ -41,7 +43,7 @@ STOP_WAIT_SECONDS = 20
 # host's init in its private mount namespace (gone with the namespace, back at boot).
 MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"],
         "ext4": ["mkfs.ext4", "-q", "-F"]}
-MOUNTPOINT_RE = re.compile(r"^/srv/[A-Za-z0-9._-]+$")  # /srv is the host's own (a tmpfs)
+MOUNTPOINT_RE = re.compile(r"^/srv/[A-Za-z0-9._-]+$")  # /srv is the host's own
 
 
 # ---------------------------------------------------------------- processes
