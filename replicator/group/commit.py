@@ -363,10 +363,12 @@ class Commit:
         for rec in received_records(payload, first_seq, last_seq, expected - 1, where):
             sizes.append(rec.size)
             hcrcs.append(rec.hcrc)
-            if rec.flags & FLAG_OPEN:
+            if rec.flags:  # FLAG_OPEN (the only flag)
                 inside = True
             else:
-                closed, closes, inside = rec.seq, closes or inside, False
+                closed = rec.seq
+                if inside:
+                    closes, inside = True, False
             if not journal_only:
                 applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
                                 rec.length, rec.payload))
@@ -473,9 +475,13 @@ class Commit:
         """Loop: what reads see of a written batch: its records through the last one
         that closes an epoch (with the open epoch's earlier ones); the rest once a later
         record closes their epoch."""
-        records = [(seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
+        records = ((seq, vol.name, offset, length, payload if kind == Kind.WRITE else None)
                    for seq, (vol, kind, offset, length, payload)
-                   in enumerate(batch.applies, batch.first_seq)]
+                   in enumerate(batch.applies, batch.first_seq))
+        if batch.closed_seq == batch.last_seq and not self._open_written:  # no epoch open
+            self._memtable.add(batch.last_seq, records)
+            return
+        records = list(records)
         n = batch.closed_part()
         if n:
             self._memtable.add(batch.closed_seq, self._open_written + records[:n])
@@ -551,7 +557,11 @@ class Commit:
             self._open_durable.extend(batch.applies)
             return
         self.consistent_seq = batch.closed_seq
-        applies, self._open_durable = self._open_durable + batch.applies[:n], batch.applies[n:]
+        if n == len(batch.applies) and not self._open_durable:  # no epoch open
+            applies = batch.applies
+        else:
+            applies, self._open_durable = (self._open_durable + batch.applies[:n],
+                                           batch.applies[n:])
         if not self._unapplied:
             try:
                 apply_to_volumes(applies)
