@@ -48,6 +48,16 @@ def watched(topology, path: str, size: int = 64 * MiB, journal_size: str = "64Mi
     return topo.start()
 
 
+def two_sites(mounted, topology, content: int, size: int):
+    """p watches a file of `content` random bytes on its own XFS; r's volume is a file of
+    the same name on another XFS (what a takeover or switchover watches there)."""
+    path_p = os.path.join(mounted("xfs"), "vm.img")
+    path_r = os.path.join(mounted("xfs"), "vm.img")
+    with open(path_p, "wb") as f:
+        f.write(os.urandom(content))
+    return watched(topology, path_p, size=size, replica_path=path_r), path_p, path_r
+
+
 def epoch_image(replica, copy_to: str) -> int | None:
     """Copy the replica's volume while it shows one epoch's image: its applied seq
     before and after the copy agree (an epoch is applied within one turn of its loop);
@@ -290,11 +300,7 @@ def test_none_is_crash_inconsistent_and_a_file_must_fit_its_volume(mounted, topo
 
 
 def test_switchover_moves_the_watch_and_back(mounted, topology):
-    path_p = os.path.join(mounted("xfs"), "vm.img")
-    path_r = os.path.join(mounted("xfs"), "vm.img")
-    with open(path_p, "wb") as f:
-        f.write(os.urandom(4 * MiB))
-    topo = watched(topology, path_p, size=8 * MiB, replica_path=path_r)
+    topo, path_p, path_r = two_sites(mounted, topology, 4 * MiB, 8 * MiB)
     p, r = topo["p"], topo["r"]
     converged(topo, path_p)
     with open(path_p, "r+b") as f:  # the program's last writes before it stops
@@ -327,11 +333,7 @@ def test_an_epoch_too_large_for_the_journal_is_refused(mounted, topology):
 
 
 def test_takeover_watches_the_promoted_replica_across_a_restart(mounted, topology):
-    path_p = os.path.join(mounted("xfs"), "vm.img")
-    path_r = os.path.join(mounted("xfs"), "vm.img")
-    with open(path_p, "wb") as f:
-        f.write(os.urandom(2 * MiB))
-    topo = watched(topology, path_p, size=4 * MiB, replica_path=path_r)
+    topo, path_p, path_r = two_sites(mounted, topology, 2 * MiB, 4 * MiB)
     p, r = topo["p"], topo["r"]
     converged(topo, path_p)
     p.kill()  # the primary's site is lost
@@ -355,11 +357,7 @@ def test_takeover_then_failback_of_a_watched_primary(mounted, topology):
     that never reached r; p comes back, is demoted (its unshipped epochs rolled back: the
     agent now writes p's file as a replica's volume), and the failback makes p the
     watched primary again."""
-    path_p = os.path.join(mounted("xfs"), "vm.img")
-    path_r = os.path.join(mounted("xfs"), "vm.img")
-    with open(path_p, "wb") as f:
-        f.write(os.urandom(4 * MiB))
-    topo = watched(topology, path_p, size=4 * MiB, replica_path=path_r)
+    topo, path_p, path_r = two_sites(mounted, topology, 4 * MiB, 4 * MiB)
     p, r = topo["p"], topo["r"]
     converged(topo, path_p)
     r.kill()
