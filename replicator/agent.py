@@ -24,6 +24,7 @@ from .capture.watch import Watcher
 from .config import COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, TargetConfig
 from .failover import Failover
 from .group import Group, GroupError
+from .offload.relay import Relay
 from .receiver import Receiver
 from .shipping import Shipper, ShipError
 from .transport import tls_contexts
@@ -42,9 +43,11 @@ class Agent:
         self.shippers: dict[str, list[Shipper]] = {}
         self.exports: dict[str, VolumeExport] = {}
         self.server_tls, self.client_tls = tls_contexts(cfg.tls)
+        # group -> far target -> its relay of processed records (offload/relay.py)
+        self.relays: dict[str, dict[str, Relay]] = {}
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  peers=cfg.peers, promote=self._promote_to,
-                                 tls=self.server_tls)
+                                 tls=self.server_tls, relays=self.relays)
         self.failover = Failover(cfg, self.receiver, self.shippers, self._sync_shippers,
                                  tls=self.client_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
@@ -73,6 +76,7 @@ class Agent:
             group.start()
             self.exports.update({name: VolumeExport(group, vol)
                                  for name, vol in group.volumes.items()})
+            self._sync_relays(group)
             self.shippers[group.name] = [self._shipper_for(group, t) for t in group.target_cfgs]
             await self._sync_watcher(group)
         await self.receiver.start(*self.cfg.listen)
@@ -93,12 +97,27 @@ class Agent:
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
                        sync_ack_timeout=self.cfg.sync_ack_timeout,
-                       initial_sync=t.initial_sync, tls=self.client_tls)
+                       initial_sync=t.initial_sync, tls=self.client_tls,
+                       relays=self.relays.setdefault(group.name, {}))
+
+    def _sync_relays(self, group: Group) -> None:
+        """The group's relays (offload/relay.py) match its processed targets: one per far
+        target, kept while its configuration stays (the dict is the shippers' and the
+        receiver's, changed in place)."""
+        relays = self.relays.setdefault(group.name, {})
+        want = {t.node: t for t in group.target_cfgs if t.process}
+        for node in list(relays):
+            if node not in want or relays[node].cfg != want[node]:
+                del relays[node]
+        for node, t in want.items():
+            if node not in relays:
+                relays[node] = Relay(t, via=t.via)
 
     async def _sync_shippers(self, group: Group) -> None:
         """Start and stop shippers so that they match the group's targets (and a
         watched group's watcher its role: before the shippers read its volumes)."""
         await self._sync_watcher(group)
+        self._sync_relays(group)
         keep = []
         for shipper in self.shippers.get(group.name, []):
             t = shipper.target

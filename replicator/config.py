@@ -35,6 +35,10 @@ RESYNC_MODES = ("full", "checksum", "assume-clean")
 ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
 ALLOCATIONS = ("preallocate", "check", "sparse")  # how an image file's blocks are allocated
 DURABILITIES = ("flush", "write")  # when a write completes: see GroupConfig.durability
+# What a near replica computes for a far target from each write and the content it
+# overwrites (offload/codec.py): the difference, zstd of it, a checksum of that content
+# (the far side checks it holds the same), encryption with the far link's key.
+PROCESSING = ("delta", "zstd", "checksum", "encrypt")
 
 
 class ConfigError(Exception):
@@ -61,6 +65,11 @@ class TargetConfig:
     on_disconnect: str = "continue"
     bunker: bool = False  # the target keeps only the journal (a sync copy of it)
     interval: float | None = None  # periodic: seconds between epochs
+    # Processing offload (seed 000): what is done to the records for this target
+    # (PROCESSING), on the node `via` (a near replica of the group, which returns them to
+    # this node to relay), or, without via on a secondary, on this node as it receives them.
+    via: str | None = None
+    process: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,10 @@ class GroupConfig:
     freeze: str | None = None
     thaw: str | None = None
     hook_timeout: float = 30.0
+    # Processing offload: the key (a file of 64 hex digits) of each far link whose
+    # records are encrypted, by far node: on the near node that encrypts them and on the
+    # far node that decrypts them (the primary relaying them has none).
+    link_keys: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -252,12 +265,34 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
                      compress=r.choice("compress", COMPRESSIONS, "none"),
                      initial_sync=r.choice("initial_sync", RESYNC_MODES, "full"),
                      on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"),
-                     bunker=r.get("bunker", False, types=(bool,)), interval=interval)
+                     bunker=r.get("bunker", False, types=(bool,)), interval=interval,
+                     **_offload(r, mode))
     if t.bunker and t.mode != "sync":
         raise ConfigError(r.sub("bunker"), "a bunker keeps a synchronous copy of the journal: "
                                            "its mode must be sync")
     r.done()
     return t
+
+
+def _offload(r: _Reader, mode: str) -> dict:
+    """A target's `via` and `process`, checked on their own (_group checks them against
+    the other targets)."""
+    via = r.get("via", None, types=(str,))
+    process = r.get("process", [], types=(list,))
+    for i, op in enumerate(process):
+        if op not in PROCESSING:
+            raise ConfigError(f"{r.sub('process')}[{i}]",
+                              f"expected one of {', '.join(PROCESSING)}; got {op!r}")
+    if len(set(process)) != len(process):
+        raise ConfigError(r.sub("process"), f"an operation is named twice: {process}")
+    if via is not None and not process:
+        raise ConfigError(r.sub("via"), "a target processed via a near replica needs "
+                                        f"`process` (some of {', '.join(PROCESSING)})")
+    if process and mode != "async":
+        raise ConfigError(r.sub("process"), "only an async target's records are processed "
+                                            f"(this one is {mode}: a periodic link coalesces "
+                                            "them, a sync one cannot wait for a near node)")
+    return {"via": via, "process": tuple(op for op in PROCESSING if op in process)}
 
 
 def _tls(r: _Reader) -> TlsConfig | None:
@@ -314,6 +349,7 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     if source is not None and source in {t.node for t in targets}:
         raise ConfigError(r.sub("targets"), f"{source!r} is this group's source; a target "
                                              "cannot also be the source (loop)")
+    _check_vias(targets, role, r.sub("targets"))
     granularity = parse_size(r.get("bitmap_granularity", "64KiB"), r.sub("bitmap_granularity"))
     if granularity < 4096 or granularity & (granularity - 1):
         raise ConfigError(r.sub("bitmap_granularity"),
@@ -332,6 +368,13 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
     for i, member in enumerate(members):
         if not isinstance(member, str) or member not in peers:
             raise ConfigError(f"{r.sub('members')}[{i}]", f"{member!r} is not in peers")
+    link_keys = r.get("link_keys", {}, types=(dict,))
+    for far, key_path in link_keys.items():
+        if far not in peers and far != node:
+            raise ConfigError(f"{r.sub('link_keys')}.{far}", f"{far!r} is not in peers")
+        if not isinstance(key_path, str) or not os.path.isabs(key_path):
+            raise ConfigError(f"{r.sub('link_keys')}.{far}",
+                              f"expected an absolute path; got {key_path!r}")
     durability = r.choice("durability", DURABILITIES, "flush")
     watch = _watch(r, volumes)
     commit_interval = r.get("commit_interval", 1.0, types=(int, float))
@@ -343,7 +386,31 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
                        volumes=tuple(volumes), targets=tuple(targets),
                        bitmap_granularity=granularity, logging_high_water=high_water,
                        resync_rate=rate, bunker=bunker, members=tuple(members),
-                       durability=durability, commit_interval=float(commit_interval), **watch)
+                       durability=durability, commit_interval=float(commit_interval),
+                       link_keys=dict(link_keys), **watch)
+
+
+def _check_vias(targets: list[TargetConfig], role: str, path: str) -> None:
+    """A `via` is another target of the group that holds volumes, streamed record by
+    record; `process` without one means this node processes as it receives: a secondary."""
+    by_node = {t.node: t for t in targets}
+    for i, t in enumerate(targets):
+        where = f"{path}[{i}]"
+        if t.via is None and t.process and role != "secondary":
+            raise ConfigError(f"{where}.process", "only a secondary processes what it "
+                                                  "receives for its own target; a "
+                                                  f"{role} names a near replica (via)")
+        if t.via is None:
+            continue
+        near = by_node.get(t.via)
+        if near is None or near is t:
+            raise ConfigError(f"{where}.via", f"{t.via!r} is not another target of this "
+                                              "group: the near replica must be one")
+        if near.bunker or near.mode == "periodic" or near.via is not None:
+            raise ConfigError(f"{where}.via", f"{t.via!r} cannot process for {t.node}: a "
+                                              "near replica holds the volumes and is sent "
+                                              "every record directly (sync or async, no "
+                                              "bunker, no via of its own)")
 
 
 def _watch(r: _Reader, volumes: list[VolumeConfig]) -> dict:

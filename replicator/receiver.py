@@ -11,6 +11,12 @@ coalesce).
 A newer connection for the same group replaces an older one (a half-dead link must not
 block its own reconnection).
 
+Processing offload (offload/session.py): a near replica processes what it receives for
+the far targets its source asks for (OFFLOAD) and for this node's own processed
+targets, and sends the source the PROCESSED runs; a far replica restores the PROCESSED
+runs it is relayed and journals them like RECORDS, and reports a write it cannot take
+(another base here) with MISMATCH before it closes.
+
 Who may do what here (connect, read the journal, ship records, name a successor) is
 admission.py's to say; each refusal is logged at WARNING with the peer's name, address
 and certificate subject. A FETCH connection is served by bunker.py (serve_fetch).
@@ -30,13 +36,16 @@ from .config import TargetConfig
 from .generations import Generation, Relation, Verdict, from_wire
 from .group import Group, GroupError
 from .journal.segments import Position
+from .offload.codec import ProcessedError
+from .offload.session import Processing, Restoring
 from .transport import Link, peer_node, tls_failure
 from .verify import volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
                    ConnectionClosed, Diverged, Error, Feature, Flush, Handover, HashReply,
-                   HashRequest, Heartbeat, Hello, LocalProtocolError, Records, Refusal, Refuse,
-                   RemoteProtocolError, ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain,
-                   Role, Successor, code_name, negotiate)
+                   HashRequest, Heartbeat, Hello, LocalProtocolError, Mismatch, Offload,
+                   Processed, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
+                   ResyncBegin, ResyncData, ResyncDone, Retain, Role, Successor, code_name,
+                   negotiate)
 
 
 LISTEN_BACKLOG = 100  # what asyncio.start_server listened with
@@ -81,17 +90,22 @@ class _Session:
         self.resync_items: list = []  # RESYNC_DATA received, not yet applied
         self.resync_applied = 0  # RESYNC_DATA frames durable, for RESYNC_ACK
         self.resync_task: asyncio.Task | None = None
+        self.processing: Processing | None = None  # near replica: what it processes
+        self.restoring: Restoring | None = None  # far replica: Feature.PROCESSED agreed
 
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
                  promote, peers=(), tls: ssl.SSLContext | None = None,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, relays: dict | None = None):
         self.node = node
         self.log = log or logging.getLogger("replicator.receiver")
         self.admission = Admission(node, peers, tls=tls is not None, log=self.log)
         self.promote = promote  # async (group, [TargetConfig]): HANDOVER makes us primary
         self.groups = groups
+        # group -> far target -> relay (the agent's): those without `via` this node's
+        # receiver feeds (a cascade that processes here)
+        self.relays = relays if relays is not None else {}
         # group -> future done when a switchover of it here ends (set by the agent): a
         # HELLO meanwhile waits for it, so that the new primary finds this node demoted
         self.switching: dict[str, asyncio.Future] = {}
@@ -253,6 +267,11 @@ class Receiver:
             await old.link.close()
         history = from_wire(ev.history)
         session = _Session(link, group, ev.node, history)
+        if agreed[1] & Feature.PROCESSED and group.volumes:
+            session.restoring = Restoring(group, self.node, self.log)
+        local = [r for r in self.relays.get(group.name, {}).values() if r.via is None]
+        if local and group.volumes:
+            session.processing = Processing(group, local, self.log)
         self.sessions[group.name] = session
         await group.commit.settle()
         pos = group.journal.position(group.commit.consistent_seq)
@@ -298,14 +317,15 @@ class Receiver:
                 else:
                     s.group.commit.commit_soon()  # its durable_listener acks
             elif isinstance(ev, Records):
-                try:
-                    s.group.commit.submit_records(ev.first_seq, ev.last_seq, ev.payload,
-                                           lambda err, seq=ev.last_seq: self._done(s, seq, err))
-                except GroupError as exc:
-                    self.log.error("group %s: records %d..%d from %s refused: %s", s.group.name,
-                                   ev.first_seq, ev.last_seq, s.link.who(s.source), exc)
-                    await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
+                if not await self._records(s, ev.first_seq, ev.last_seq, ev.payload):
                     return
+            elif isinstance(ev, Processed):
+                if not await self._processed(s, ev):
+                    return
+            elif isinstance(ev, Offload):
+                if s.processing is None:
+                    s.processing = Processing(s.group, [], self.log)
+                await s.link.send(s.processing.ask(ev))
             elif isinstance(ev, ResyncData):
                 s.resync_items.append((ev.volume, ev.offset, ev.payload))
                 if s.resync_task is None or s.resync_task.done():
@@ -353,6 +373,47 @@ class Receiver:
             elif isinstance(ev, ConnectionClosed):
                 return
         self.log.warning("group %s: link from %s closed: %s", s.group.name, s.source, s.failed)
+
+    async def _records(self, s: _Session, first: int, last: int, payload) -> bool:
+        """Journal a batch of records (and process it, on a near replica); False once
+        it was refused (the session ends)."""
+        try:
+            s.group.commit.submit_records(first, last, payload,
+                                          lambda err, seq=last: self._done(s, seq, err))
+        except GroupError as exc:
+            self.log.error("group %s: records %d..%d from %s refused: %s", s.group.name,
+                           first, last, s.link.who(s.source), exc)
+            await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
+            return False
+        # In this same turn of the loop: none of them is visible to reads yet.
+        if s.restoring is not None:
+            s.restoring.records(payload)
+        if s.processing is not None and s.processing.active:
+            for frame in s.processing.records(payload):
+                await s.link.send(frame)
+        return True
+
+    async def _processed(self, s: _Session, ev: Processed) -> bool:
+        """A far replica: journal the records of a relayed PROCESSED run, restored; a
+        write whose base differs here is not taken (MISMATCH, and the session ends)."""
+        g = s.group
+        try:
+            parts, last, mismatch = s.restoring.restore(ev)
+        except ProcessedError as exc:
+            self.log.error("group %s: processed records %d..%d from %s refused: %s",
+                           g.name, ev.first_seq, ev.last_seq, s.link.who(s.source), exc)
+            await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
+            return False
+        if parts and not await self._records(s, ev.first_seq, last, b"".join(parts)):
+            return False
+        if mismatch is None:
+            return True
+        rec = mismatch.record
+        self.log.error("group %s: processed write from %s at seq %d not applied: %s; the "
+                       "source resyncs the region", g.name, s.source, rec.seq, mismatch)
+        await s.link.send(Mismatch(seq=rec.seq, volume=rec.volume, offset=rec.offset,
+                                   length=rec.length))
+        return False
 
     async def _apply_resync(self, s: _Session) -> None:
         """Apply what RESYNC_DATA arrived, in batches (one undo fdatasync and one

@@ -274,6 +274,11 @@ class Commit:
         self.commit_soon()
         wake_all(self._record_waiters)  # sync shippers pass the flush on
 
+    @property
+    def submitted_seq(self) -> int:
+        """The last seq queued here, written to the journal or not yet."""
+        return self._next_seq - 1
+
     def read(self, volume: Volume, offset: int, length: int) -> bytes:
         """What a client reads: the volume, with completed writes not applied yet."""
         return self._memtable.overlay(volume.name, offset, volume.read(offset, length))

@@ -119,9 +119,9 @@ def _volume_name(raw: bytes, seq: int) -> str:
     return name
 
 
-def decode(buf, pos: int = 0) -> Record:
-    """Decode the record at `pos` of `buf` (bytes-like). Raises RecordError."""
-    view = buf if type(buf) is memoryview else memoryview(buf)
+def _head(view: memoryview, pos: int) -> tuple:
+    """The checked header fields and volume name of the record at `pos`, and where its
+    name ends. Raises RecordError."""
     end_of_buf = len(view)
     if end_of_buf - pos < HEADER_SIZE:
         raise RecordError(f"{end_of_buf - pos} bytes left, header needs {HEADER_SIZE}",
@@ -142,15 +142,32 @@ def decode(buf, pos: int = 0) -> Record:
             known is Kind.SKIP and length:
         raise RecordError(f"invalid header fields (kind {kind}, length {length}, name_len "
                           f"{name_len}, flags {flags:#x})", torn=False)
-    kind = known
+    volume = _volume_name(bytes(view[pos + HEADER_SIZE:name_end]), seq)
+    return seq, volume, offset, length, known, time_ns, hcrc, pcrc, flags, name_end
+
+
+def decode(buf, pos: int = 0) -> Record:
+    """Decode the record at `pos` of `buf` (bytes-like). Raises RecordError."""
+    view = buf if type(buf) is memoryview else memoryview(buf)
+    seq, volume, offset, length, kind, time_ns, hcrc, pcrc, flags, name_end = _head(view, pos)
     end = name_end + length if kind is Kind.WRITE else name_end
-    if end > end_of_buf:
+    if end > len(view):
         raise RecordError(f"payload cut short (seq {seq})", torn=True)
     payload = view[name_end:end]
     if end != name_end and crc32c(payload) != pcrc:
         raise RecordError(f"payload checksum mismatch (seq {seq})", torn=False)
-    volume = _volume_name(bytes(view[pos + HEADER_SIZE:name_end]), seq)
     return Record(seq, volume, offset, length, kind, time_ns, hcrc, payload, end - pos, flags)
+
+
+def decode_head(buf, pos: int = 0) -> tuple[Record, int]:
+    """The record at `pos` of `buf` without its payload, checked as far as its header
+    and name go, and the payload checksum its header names: for a processed record
+    (offload/codec.py), whose payload follows in another form. The Record's payload is
+    empty and its size that of the header and name. Raises RecordError."""
+    view = buf if type(buf) is memoryview else memoryview(buf)
+    seq, volume, offset, length, kind, time_ns, hcrc, pcrc, flags, name_end = _head(view, pos)
+    return Record(seq, volume, offset, length, kind, time_ns, hcrc, b"", name_end - pos,
+                  flags), pcrc
 
 
 def rewritten(rec: Record, flags: int, *, skip: bool = False) -> list:

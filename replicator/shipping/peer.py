@@ -8,7 +8,9 @@ ahead of us, or at a seq whose record differs from ours, is not streamed to (sta
 
 `Peer` is the small interface the stream, the resync and verify use: `send`, `post`
 (write without waiting, for early batches), `request_hashes`, and `next_reply`, the
-one dispatch of what a target sends back (hash replies answered here, errors raised).
+one dispatch of what a target sends back (hash replies answered here, errors raised,
+and the frames a target sends on its own, OFFLOAD, PROCESSED, MISMATCH, REPORT, handed
+to whoever registered for them in `handlers`).
 Every failure is a ShipError; a silence names the target, the group and what was
 under way.
 """
@@ -19,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import ssl
+from typing import Callable
 
 from ..generations import Relation, compare, from_wire, to_wire
 from ..group import Group, TargetLink
@@ -45,10 +48,12 @@ class Peer:
     frames both ways."""
 
     def __init__(self, link: Link, group: Group, target: TargetLink, *, compress: bool,
-                 history: list, resume_seq: int | None):
+                 history: list, resume_seq: int | None, processed: bool = False):
         self.link = link
         self.group, self.target = group, target
         self.compress = compress  # zstd agreed for this session
+        self.processed = processed  # Feature.PROCESSED agreed: PROCESSED may go down
+        self.handlers: dict[type, Callable] = {}  # frame type -> its taker
         self.history = history  # the lineage this session's HELLO carried
         self.resume_seq = resume_seq  # stream from after it; None: resync first
         self._hash_ids = itertools.count(1)
@@ -93,6 +98,10 @@ class Peer:
             return None
         if isinstance(ev, Heartbeat):
             return None
+        handler = self.handlers.get(type(ev))
+        if handler is not None:
+            handler(ev)
+            return None
         if isinstance(ev, Error):
             raise ShipError(f"{node} reported error {code_name(ev.code)}: {ev.message}")
         if isinstance(ev, ConnectionClosed):
@@ -115,10 +124,12 @@ class Dialer:
 
     def __init__(self, group: Group, target: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, timeout: float, initial_sync: str,
-                 tls: ssl.SSLContext | None, log: logging.Logger):
+                 tls: ssl.SSLContext | None, log: logging.Logger,
+                 processed: Callable[[], bool] = lambda: False):
         self.group, self.target = group, target
         self.node, self.address, self.tls = node, address, tls
         self.compress = compress
+        self.processed = processed  # whether to offer Feature.PROCESSED (a relayed target)
         self.timeout = timeout  # for the connect and for each handshake frame
         self.initial_sync = initial_sync  # config.RESYNC_MODES, for a new target
         self.log = log
@@ -141,6 +152,8 @@ class Dialer:
         link = Link(reader, writer, Connection(Role.SENDER))
         try:
             features = Feature.ZSTD if self.compress else Feature(0)
+            if self.processed():
+                features |= Feature.PROCESSED
             history = list(g.lineage.history)
             # Everything we may have shipped before (early, to a sync target) is durable
             # and in the journal, so a target is never ahead of the seq we name.
@@ -168,7 +181,8 @@ class Dialer:
             await link.close()
             raise
         return Peer(link, g, t, compress=self.compress and bool(ev.features & Feature.ZSTD),
-                    history=history, resume_seq=resume_seq)
+                    history=history, resume_seq=resume_seq,
+                    processed=bool(ev.features & Feature.PROCESSED))
 
     def _welcome(self, ev) -> Welcome:
         """The answer to our HELLO, if it is a WELCOME from the node we called."""

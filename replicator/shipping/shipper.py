@@ -43,20 +43,21 @@ class Shipper:
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
                  heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
                  initial_sync: str = "full",
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, relays: dict | None = None):
         self.group = group
         self.target = link
         self.address = address
         self.compress = compress  # configured; the session's Peer says what was agreed
         self.hb_interval = heartbeat_interval
         self.log = logging.getLogger(f"replicator.ship.{group.name}.{link.node}")
+        self.relays = relays if relays is not None else {}  # the group's, by far target
         self.dialer = Dialer(group, link, node=node, address=address, compress=compress,
                              timeout=heartbeat_timeout, initial_sync=initial_sync, tls=tls,
-                             log=self.log)
+                             log=self.log, processed=lambda: link.node in self.relays)
         self.stream = Stream(group, link, hb_interval=heartbeat_interval,
                              hb_timeout=heartbeat_timeout, sync_ack_timeout=sync_ack_timeout,
                              on_caught_up=lambda: self._set_state("replicating"),
-                             on_ack=self._notify)
+                             on_ack=self._notify, relays=self.relays)
         self.hb_timeout = heartbeat_timeout
         self.state = "connecting"
         self.last_error = ""
@@ -276,6 +277,7 @@ class Shipper:
             "lag_seconds": round(seconds, 3),
             "bytes_sent": s.bytes_sent,
             "early_batches": s.early_batches,
+            **({"offload": self.relays[t.node].status()} if t.node in self.relays else {}),
             **({"interval": t.cfg.interval, "last_epoch": s.last_epoch,
                 "next_due": round(s.next_due(), 3) if self.streaming() else None}
                if t.mode == "periodic" else {}),

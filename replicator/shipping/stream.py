@@ -19,6 +19,13 @@ consistent seq, coalesced (epoch.py), and heartbeats between them. What rides in
 stream goes between epochs only: a verify probe, an order or a flush that needs records
 not sent yet ends an epoch early at its seq. Like an async target it is never sent
 batches early and never waited for by writes or flushes.
+
+Processing offload (offload/): the stream to a near replica asks it, as the session
+begins, to process what it receives for each far target that names it `via`, and hands
+the PROCESSED runs it sends back to that target's relay. The stream to such a far
+target sends, in seq order, the relay's runs where one begins where the stream is, the
+journal's records (direct) elsewhere; a MISMATCH from it (a processed write whose base
+it does not hold) switches it to logging, so that a resync repairs the region.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from typing import Callable
 
 from ..group import Group, TargetLink
 from ..verify import volume_hashes
-from ..wire import Ack, Flush, Heartbeat, Records, Retain
+from ..offload.relay import Relay
+from ..wire import Ack, Flush, Heartbeat, Mismatch, Offload, Processed, Records, Retain
 from .epoch import coalesced, rewrites
 from .peer import Peer, ShipError, ShipTimeout
 from .verify import Probe, Verify
@@ -56,8 +64,12 @@ class Stream:
 
     def __init__(self, group: Group, target: TargetLink, *, hb_interval: float,
                  hb_timeout: float, sync_ack_timeout: float,
-                 on_caught_up: Callable[[], None], on_ack: Callable[[], None]):
+                 on_caught_up: Callable[[], None], on_ack: Callable[[], None],
+                 relays: dict[str, Relay] | None = None):
         self.group, self.target = group, target
+        # the group's relays by far target (the agent's, kept current): this target's
+        # own if it is a far one, and those whose near node it is
+        self.relays = relays if relays is not None else {}
         self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
         self.sync_ack_timeout = sync_ack_timeout
         self.on_caught_up = on_caught_up  # the target is in sync: it has all we have
@@ -92,7 +104,10 @@ class Stream:
         self._retained_seq = -1
         self._flush_sent = 0
         self._next_due = 0.0  # a session's first epoch goes at once
-        pump = asyncio.create_task(self._pump(peer))
+        near = [r for r in self.relays.values() if r.via == self.target.node]
+        relay = self.relays.get(self.target.node) if peer.processed else None
+        await self._offload(peer, near, relay)
+        pump = asyncio.create_task(self._pump(peer, relay))
         acks = asyncio.create_task(self._acks(peer))
         g = self.group
         if self.target.mode == "sync":
@@ -108,12 +123,63 @@ class Stream:
                 if task in done:
                     task.result()
         finally:
+            for r in near:
+                r.processing = False
             g.commit.early_senders.discard(self.send_early)
             g.commit.durable_listeners.discard(self._grown)
             self._peer = None
             for task in (pump, acks):
                 task.cancel()
             await asyncio.gather(pump, acks, return_exceptions=True)
+
+    async def _offload(self, peer: Peer, near: list[Relay], relay: Relay | None) -> None:
+        """Before any record of the session: ask the near replica to process for the
+        far targets in `near`, and take what it answers; take a far target's MISMATCH."""
+        by_far = {r.node: r for r in near}
+
+        def answered(ev: Offload) -> None:
+            r = by_far.get(ev.target)
+            if r is None:
+                raise ShipError(f"{self.target.node} answered OFFLOAD for {ev.target!r}, "
+                                "which was not asked")
+            r.processing, r.refused = ev.ops == r.ops, ev.reason
+            r.near = self.target
+            if ev.ops != r.ops:
+                self.group.log.warning("group %s: %s will not process for %s: %s",
+                                       self.group.name, self.target.node, ev.target,
+                                       ev.reason or f"it offers ops {ev.ops:#x} only")
+
+        def processed(ev: Processed) -> None:
+            r = by_far.get(ev.target)
+            if r is None or not r.processing:
+                raise ShipError(f"{self.target.node} sent PROCESSED for {ev.target!r}, "
+                                "which it is not processing for")
+            r.add(ev.first_seq, ev.last_seq, ev.payload)
+
+        if near:
+            peer.handlers.update({Offload: answered, Processed: processed})
+            for r in near:
+                await peer.send(Offload(target=r.node, ops=int(r.ops)))
+        if relay is not None:
+            peer.handlers[Mismatch] = lambda ev: self._mismatch(relay, ev)
+
+    def _mismatch(self, relay: Relay, ev: Mismatch) -> None:
+        """The far target found another base under the processed write at ev.seq: it
+        applied none of it; resync the regions it has not acknowledged (that one too)."""
+        t, g = self.target, self.group
+        if not t.acked_seq < ev.seq <= self.sent_seq:
+            raise ShipError(f"{t.node} reported a base mismatch at seq {ev.seq}, outside "
+                            f"{t.acked_seq + 1}..{self.sent_seq}")
+        relay.mismatched(ev.seq, ev.volume, ev.offset, ev.length)
+        why = (f"base mismatch at seq {ev.seq}: {t.node} does not hold the content the "
+               f"processed write to {ev.volume} [{ev.offset}, +{ev.length}) was made "
+               "against; not applied, the region is resynced")
+        g.log.error("group %s: %s", g.name, why)
+        t.in_sync = False
+        if not t.logging:
+            g.start_logging(t, why)
+        g.targets_changed()
+        raise ShipError(why, state="logging")
 
     def ended(self, lost: Exception) -> None:
         """The session is over: nothing is in flight, what waited on it gets `lost`."""
@@ -177,7 +243,7 @@ class Stream:
         self.early_batches += 1
         return True
 
-    async def _pump(self, peer: Peer) -> None:
+    async def _pump(self, peer: Peer, relay: Relay | None) -> None:
         g, t = self.group, self.target
         j = g.journal
         last_send = time.monotonic()
@@ -201,7 +267,7 @@ class Stream:
             elif self.sent_seq >= j.last_seq:
                 self._caught_up()
             elif self._inflight_bytes < WINDOW_BYTES:
-                await self._send_records(peer)
+                await self._send_records(peer, relay=relay)
                 last_send = time.monotonic()
                 continue
             await self._pass_flush(peer)
@@ -371,10 +437,34 @@ class Stream:
             await peer.send(Retain(seq=far))
             self._retained_seq = far
 
-    async def _send_records(self, peer: Peer, through: int | None = None) -> None:
-        first, last, data = self.group.journal.read(self.sent_seq + 1, BATCH_BYTES, through)
+    async def _send_records(self, peer: Peer, through: int | None = None,
+                            relay: Relay | None = None) -> None:
+        """The next RECORDS frame (through `through` at most); for a relayed far target,
+        the relay's run that begins here instead, if it has one (or gets one soon)."""
+        seq, j = self.sent_seq + 1, self.group.journal
+        if relay is not None:
+            if await relay.wait_for(seq) and self.sent_seq + 1 == seq:
+                last = relay.last_of(seq)
+                if last > j.last_seq:  # not durable here yet: an async target never gets
+                    await self.group.commit.wait_for_records(j.last_seq, self.hb_interval)
+                    return  # records this node may still lose
+                if through is None or last <= through:
+                    last, payload = relay.take(seq)
+                    self._sent(last, len(payload))
+                    relay.shipped(last - seq + 1, True, len(payload),
+                                  j.bytes_between(seq - 1, last))
+                    await peer.send(Processed(target=self.target.node, first_seq=seq,
+                                              last_seq=last, payload=payload))
+                    return
+            start = relay.next_start(seq)
+            if start is not None:
+                through = start - 1 if through is None else min(through, start - 1)
+        first, last, data = self.group.journal.read(seq, BATCH_BYTES, through)
         frame = Records(first_seq=first, last_seq=last, payload=data, compress=peer.compress)
         self._sent(last, len(data))  # before the await: an early batch must follow it
+        if relay is not None:
+            relay.shipped(last - first + 1, False, len(data), len(data))
+            relay.drop_through(last)
         await peer.send(frame)
 
     def _sent(self, last: int, nbytes: int) -> None:
@@ -407,7 +497,8 @@ class Stream:
         if self.target.mode == "periodic" and self.sent_seq < seq:
             await self._send_epoch(peer, seq, "verify")  # consistent: the volumes hold it
         while self.sent_seq < seq:
-            await self._send_records(peer, seq)
+            await self._send_records(peer, seq, self.relays.get(self.target.node)
+                                     if peer.processed else None)
         await peer.request_hashes(probe.reply, seq, probe.volume, probe.offset, probe.length)
 
     async def _acks(self, peer: Peer) -> None:
@@ -441,6 +532,9 @@ class Stream:
                             f"outside {t.written_seq}..{self.sent_seq} (durable from "
                             f"{t.acked_seq})")
         t.acked(ev.seq, ev.durable)
+        relay = self.relays.get(t.node)
+        if relay is not None:
+            relay.drop_through(ev.seq)
         for o in self._orders:  # the target did as told
             if o.sent and ev.seq == o.seq and not o.done.done():
                 o.done.set_result(None)

@@ -6,8 +6,9 @@ from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE, IGNORAB
                      LEGACY_MAGIC, MAGIC, MAX_GENERATIONS, MAX_HASH_REGIONS, MAX_NAME, MAX_REASON,
                      MAX_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, RECORDS_FIXED_SIZE, SUPPORTED_FEATURES,
                      Ack, Diverged, Error, Feature, Fetch, Flush, Frame, FrameType, Handover, HashReply,
-                     HashRequest, Heartbeat, Hello, LocalProtocolError, ProtocolError, Records,
-                     Refusal, Refuse, RemoteProtocolError, ResyncAck, ResyncBegin, ResyncData,
+                     HashRequest, Heartbeat, Hello, LocalProtocolError, Mismatch, Offload, Processed,
+                     ProtocolError, Records, Refusal, Report, Refuse, RemoteProtocolError,
+                     ResyncAck, ResyncBegin, ResyncData,
                      ResyncDone, Retain, Successor, Welcome, code_name, decode_header,
                      encode_header, negotiate)
 
@@ -19,8 +20,9 @@ __all__ = [
     "MAGIC", "MAX_GENERATIONS", "MAX_HASH_REGIONS", "MAX_NAME", "MAX_REASON", "MAX_SEQ",
     "PROTOCOL_MAX", "PROTOCOL_MIN", "RECORDS_FIXED_SIZE", "SUPPORTED_FEATURES", "Ack",
     "Diverged", "Error", "Feature", "Fetch", "Flush", "Frame", "FrameType", "Handover", "HashReply",
-    "HashRequest", "Heartbeat", "Hello", "LocalProtocolError", "ProtocolError", "Records",
-    "Refusal", "Refuse", "RemoteProtocolError", "ResyncAck", "ResyncBegin", "ResyncData",
+    "HashRequest", "Heartbeat", "Hello", "LocalProtocolError", "Mismatch", "Offload",
+    "Processed", "ProtocolError", "Records", "Refusal", "Report", "Refuse",
+    "RemoteProtocolError", "ResyncAck", "ResyncBegin", "ResyncData",
     "ResyncDone", "Retain", "Successor", "Welcome", "code_name", "decode_header",
     "encode_header", "negotiate",
 ]

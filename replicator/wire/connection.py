@@ -19,7 +19,9 @@ After WELCOME both ends walk the same states, each moved by the frames it sends 
 receives (frames in flight the other way are allowed where they can cross):
 
     STREAMING     RECORDS, RETAIN, SUCCESSOR, HASH_REQUEST(seq) down; ACK, HASH_REPLY,
-                  DIVERGED up; HEARTBEAT both ways
+                  DIVERGED up; HEARTBEAT both ways; processing offload: OFFLOAD both
+                  ways, PROCESSED down (relayed to a far target) and up (from a near
+                  one), MISMATCH up; REPORT up (also in the states below)
       --RESYNC_BEGIN-->  RESYNCING     RESYNC_BEGIN, RESYNC_DATA, HASH_REQUEST(ANY_SEQ)
                                        down; RESYNC_ACK, HASH_REPLY up
       <-----ACK(seq)---  RESYNC_DONE   after RESYNC_DONE(seq): late RESYNC_ACKs, then
@@ -69,7 +71,7 @@ from crc32c import crc32c
 
 from .frames import (ANY_SEQ, DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAX_SEQ, Ack, Diverged,
                      Error, Feature, Fetch, Flush, Frame, FrameType, Handover, HashReply, HashRequest,
-                     Hello, LocalProtocolError, ProtocolError, Records, Refusal,
+                     Hello, LocalProtocolError, Processed, ProtocolError, Records, Refusal,
                      RemoteProtocolError, ResyncBegin, ResyncDone, Retain, Successor, Welcome,
                      decode_body, decode_header, encode_body, encode_header)
 
@@ -143,6 +145,9 @@ _FLOWS = [
     (State.STREAMING, _UP, _F.HEARTBEAT, State.STREAMING),
     (State.STREAMING, _UP, _F.HASH_REPLY, State.STREAMING),
     (State.STREAMING, _UP, _F.DIVERGED, State.STREAMING),
+    (State.STREAMING, _DOWN, _F.OFFLOAD, State.STREAMING),  # processing offload: the ask,
+    (State.STREAMING, _DOWN, _F.PROCESSED, State.STREAMING),  # relayed to the far target
+    (State.STREAMING, _UP, _F.MISMATCH, State.STREAMING),  # (the far target then closes)
     (State.RESYNCING, _DOWN, _F.RESYNC_BEGIN, State.RESYNCING),  # the next pass
     (State.RESYNCING, _DOWN, _F.RESYNC_DATA, State.RESYNCING),
     (State.RESYNCING, _DOWN, _F.HASH_REQUEST, State.RESYNCING),  # checksum resync
@@ -166,6 +171,13 @@ _FLOWS = [
 for _state, _way, _kind, _next in _FLOWS:
     TRANSITIONS[(_S, _state, SEND if _way == _DOWN else RECV, _kind)] = _next
     TRANSITIONS[(_R, _state, RECV if _way == _DOWN else SEND, _kind)] = _next
+# What a receiver sends up on its own (a near replica's answer to OFFLOAD and its
+# processed records, analytics reports) may cross any frame of the sender's that moves
+# the session on.
+for _state in (State.STREAMING, State.RESYNCING, State.RESYNC_DONE, State.HANDING_OVER):
+    for _kind in (_F.OFFLOAD, _F.PROCESSED, _F.REPORT):
+        TRANSITIONS[(_S, _state, RECV, _kind)] = _state
+        TRANSITIONS[(_R, _state, SEND, _kind)] = _state
 # ERROR: either way, in any open state, and it closes the connection.
 OPEN_STATES = (State.START, State.HELLO_SENT, State.HELLO_RECEIVED, State.STREAMING,
                State.RESYNCING, State.RESYNC_DONE, State.HANDING_OVER, State.FETCH_READY,
@@ -323,7 +335,15 @@ class Connection:
         kind = event.frame_type
         name = kind.name
         seqs = {"seq": getattr(event, "seq", 0)}
-        if isinstance(event, Records):
+        if isinstance(event, Processed) and (self.our_role == Role.SENDER) == \
+                (error is RemoteProtocolError):  # up: what the receiver was sent
+            if event.last_seq > self._top:
+                raise error(f"PROCESSED {event.first_seq}..{event.last_seq} past seq "
+                            f"{self._top}, the highest this stream named")
+            return
+        if isinstance(event, Processed) and not self.features & Feature.PROCESSED:
+            raise error("PROCESSED down a stream that did not agree Feature.PROCESSED")
+        if isinstance(event, (Records, Processed)):
             seqs = {"first_seq": event.first_seq, "last_seq": event.last_seq}
         elif isinstance(event, Diverged):
             seqs = {"fork": event.fork}
@@ -337,9 +357,9 @@ class Connection:
                 raise error(f"{name} {field} {value} exceeds the highest seq {MAX_SEQ}")
         if isinstance(event, Welcome):
             self._top = event.seq
-        elif isinstance(event, Records):
+        elif isinstance(event, (Records, Processed)):
             if event.first_seq > self._top + 1:
-                raise error(f"RECORDS {event.first_seq}..{event.last_seq} leave a gap after "
+                raise error(f"{name} {event.first_seq}..{event.last_seq} leave a gap after "
                             f"seq {self._top}")
             self._top = max(self._top, event.last_seq)
         elif isinstance(event, (Ack, Retain, Handover, Successor, Flush)):

@@ -51,6 +51,11 @@ exactly after its last field):
    17 RESYNC_BEGIN seq u64                                         (protocol 2)
    18 SUCCESSOR    seq u64                                         node str (protocol 2)
    19 FLUSH        seq u64                                         (protocol 3)
+   20 OFFLOAD      ops u8                                          target str, reason str
+                                                                   (<= 1024)
+   21 PROCESSED    first_seq u64, last_seq u64                     target str, payload
+   22 MISMATCH     seq u64, offset u64, length u64                 volume str
+   23 REPORT                                                       JSON object (UTF-8)
 
 history = count u16 (at most MAX_GENERATIONS), then count x (id u64, first_seq u64): the
 generations the node's image descends from, oldest first (replicator/generations.py).
@@ -85,6 +90,20 @@ DIVERGED (receiver -> sender, right after WELCOME, only when the histories say t
 receiver holds records past `fork` that the sender's line does not have): the regions
 those records wrote (complete = 1), or complete = 0 when the receiver no longer knows
 them all; the sender then resyncs those regions (or checks every region) too.
+
+Processing offload (seed 000, replicator/offload/): OFFLOAD (sender -> receiver, in
+STREAMING) asks a near replica to process every record it receives from now on for the
+far target `target` (ops: offload/codec.py's Op bits); the receiver answers with OFFLOAD
+naming the ops it will do (0, and why in `reason`, when it will not). PROCESSED
+(receiver -> sender) then carries the processed form of records first_seq..last_seq
+for `target` (offload/codec.py: its payload is opaque here); the sender relays it
+verbatim to the far target (sender -> receiver, in STREAMING, in place of the RECORDS
+of the same seqs: no gap after the last seq sent, like RECORDS). MISMATCH (receiver ->
+sender, then the receiver closes): the processed write at `seq` was made against
+content the receiver does not hold at volume [offset, +length): it was not applied;
+the sender resyncs that region.
+REPORT (receiver -> sender, in any state of a session after WELCOME): the receiver's
+analytics and those of the nodes below it (replicator/analytics.py), a JSON object.
 
 Resync (sender -> receiver, instead of RECORDS): RESYNC_BEGIN(seq) opens a pass that
 brings the receiver to the sender's image after `seq` (each later pass names a seq at
@@ -122,6 +141,7 @@ need no new protocol version.
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -173,6 +193,10 @@ class FrameType(enum.IntEnum):
     RESYNC_BEGIN = 17
     SUCCESSOR = 18
     FLUSH = 19
+    OFFLOAD = 20
+    PROCESSED = 21
+    MISMATCH = 22
+    REPORT = 23
 
 
 class Refusal(enum.IntEnum):
@@ -219,9 +243,10 @@ def code_name(code: "Refusal | int") -> str:
 class Feature(enum.IntFlag):
     ZSTD = 1
     FETCH = 2  # this connection reads the receiver's journal (bunker replay)
+    PROCESSED = 4  # the sender may relay processed records (PROCESSED down: offload/)
 
 
-SUPPORTED_FEATURES = Feature.ZSTD | Feature.FETCH
+SUPPORTED_FEATURES = Feature.ZSTD | Feature.FETCH | Feature.PROCESSED
 
 
 class ProtocolError(Exception):
@@ -431,9 +456,57 @@ class Retain:
     seq: int
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Offload:
+    """Sender -> receiver: process what you receive for the far `target` (ops); receiver
+    -> sender: the ops it will do (0: none, and why)."""
+    frame_type: ClassVar[FrameType] = FrameType.OFFLOAD
+    target: str
+    ops: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Processed:
+    """The processed records first_seq..last_seq for the far `target`: receiver -> sender
+    from the near replica, sender -> receiver relayed to the far one."""
+    frame_type: ClassVar[FrameType] = FrameType.PROCESSED
+    target: str
+    first_seq: int
+    last_seq: int
+    payload: bytes
+
+    def __post_init__(self):
+        if not 1 <= self.first_seq <= self.last_seq:
+            raise ValueError(f"processed records {self.first_seq}..{self.last_seq}: "
+                             "need 1 <= first_seq <= last_seq")
+
+    def __repr__(self):
+        return (f"Processed(target={self.target!r}, first_seq={self.first_seq}, "
+                f"last_seq={self.last_seq}, payload=<{len(self.payload)} bytes>)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Mismatch:
+    """Receiver -> sender: the processed write at `seq` does not apply to what the
+    receiver holds at `volume` [offset, +length)."""
+    frame_type: ClassVar[FrameType] = FrameType.MISMATCH
+    seq: int
+    volume: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Report:
+    """Receiver -> sender: analytics of the receiver and the nodes below it."""
+    frame_type: ClassVar[FrameType] = FrameType.REPORT
+    report: dict
+
+
 Frame = (Hello | Welcome | Refuse | Records | Ack | Heartbeat | Error | ResyncData | ResyncDone
          | ResyncAck | HashRequest | HashReply | Diverged | Handover | Fetch | Retain
-         | ResyncBegin | Successor | Flush)
+         | ResyncBegin | Successor | Flush | Offload | Processed | Mismatch | Report)
 _FRAME_CLASSES = Frame.__args__
 
 
@@ -491,6 +564,9 @@ _RESYNC_BEGIN = _Fixed("Q", "seq")
 _SUCCESSOR = _Fixed("Q", "seq")
 _TARGET_FLAGS = _Fixed("B", "target flags")
 _INTERVAL = _Fixed("I", "interval")
+_OFFLOAD = _Fixed("B", "ops")
+_PROCESSED = _Fixed("QQ", "first_seq", "last_seq")
+_MISMATCH = _Fixed("QQQ", "seq", "offset", "length")
 _STRLEN = struct.Struct("<H")
 
 
@@ -830,6 +906,61 @@ def _read_successor(reader: _Reader) -> Successor:
     return Successor(seq=seq, node=reader.text("node"))
 
 
+def _write_offload(ev: Offload, out: _Writer) -> None:
+    out.fixed(_OFFLOAD, ev.ops)
+    out.name("target", ev.target)
+    out.text("reason", ev.reason)
+
+
+def _read_offload(reader: _Reader) -> Offload:
+    (ops,) = reader.fixed(_OFFLOAD)
+    return Offload(ops=ops, target=reader.text("target"),
+                   reason=reader.text("reason", MAX_REASON))
+
+
+def _write_processed(ev: Processed, out: _Writer) -> None:
+    out.fixed(_PROCESSED, ev.first_seq, ev.last_seq)
+    out.name("target", ev.target)
+    out.raw(ev.payload)
+
+
+def _read_processed(reader: _Reader) -> Processed:
+    first_seq, last_seq = reader.fixed(_PROCESSED)
+    if not 1 <= first_seq <= last_seq:
+        raise RemoteProtocolError(f"PROCESSED {first_seq}..{last_seq}: need 1 <= first_seq "
+                                  "<= last_seq")
+    target = reader.text("target")
+    return Processed(target=target, first_seq=first_seq, last_seq=last_seq,
+                     payload=bytes(reader.rest()))
+
+
+def _write_mismatch(ev: Mismatch, out: _Writer) -> None:
+    out.fixed(_MISMATCH, ev.seq, ev.offset, ev.length)
+    out.name("volume", ev.volume)
+
+
+def _read_mismatch(reader: _Reader) -> Mismatch:
+    seq, offset, length = reader.fixed(_MISMATCH)
+    return Mismatch(seq=seq, offset=offset, length=length, volume=reader.text("volume"))
+
+
+def _write_report(ev: Report, out: _Writer) -> None:
+    try:
+        out.raw(json.dumps(ev.report, separators=(",", ":")).encode())
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"REPORT is not JSON: {exc}") from None
+
+
+def _read_report(reader: _Reader) -> Report:
+    try:
+        report = json.loads(bytes(reader.rest()))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"REPORT is not JSON: {exc}") from None
+    if not isinstance(report, dict):
+        raise RemoteProtocolError(f"REPORT is a JSON {type(report).__name__}, not an object")
+    return Report(report=report)
+
+
 def _fixed_only(cls: type, part: _Fixed) -> _Codec:
     """The codec of a frame whose body is one fixed part, its fields named as the event's."""
     def write(ev, out: _Writer) -> None:
@@ -860,6 +991,10 @@ CODECS: dict[FrameType, _Codec] = {
     FrameType.RESYNC_BEGIN: _fixed_only(ResyncBegin, _RESYNC_BEGIN),
     FrameType.SUCCESSOR: _Codec(_write_successor, _read_successor),
     FrameType.FLUSH: _fixed_only(Flush, _FLUSH),
+    FrameType.OFFLOAD: _Codec(_write_offload, _read_offload),
+    FrameType.PROCESSED: _Codec(_write_processed, _read_processed),
+    FrameType.MISMATCH: _Codec(_write_mismatch, _read_mismatch),
+    FrameType.REPORT: _Codec(_write_report, _read_report),
 }
 assert set(CODECS) == set(FrameType), "every frame type needs a codec"
 

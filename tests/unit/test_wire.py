@@ -14,7 +14,8 @@ from replicator.wire import (ANY_SEQ, DEFAULT_MAX_FRAME, HASH_SIZE, HEADER_SIZE,
                              Connection, Diverged, Fetch, Handover,
                              ConnectionClosed, Error, Feature, FrameType, HashReply,
                              HashRequest, Heartbeat, Hello,
-                             LocalProtocolError, Records, Refusal, Refuse, RemoteProtocolError,
+                             LocalProtocolError, Mismatch, Offload, Processed, Records,
+                             Refusal, Refuse, RemoteProtocolError, Report,
                              ResyncAck, ResyncBegin, ResyncData, ResyncDone, Retain, Role, State,
                              Successor, Welcome, code_name, negotiate)
 from replicator.wire.frames import MAX_HASH_REGIONS, decode_body, encode_body
@@ -381,6 +382,18 @@ if given is not None:
         FrameType.RESYNC_BEGIN: st.builds(ResyncBegin, seq=u64),
         FrameType.SUCCESSOR: st.builds(Successor, seq=u64, node=names),
         FrameType.FLUSH: st.builds(Flush, seq=u64),
+        FrameType.OFFLOAD: st.builds(Offload, target=names, ops=u8, reason=names),
+        FrameType.PROCESSED: st.builds(lambda first, n, target, payload: Processed(
+            target=target, first_seq=first, last_seq=first + n, payload=payload),
+            st.integers(1, 2**63), st.integers(0, 2**32), names, st.binary(max_size=2000)),
+        FrameType.MISMATCH: st.builds(Mismatch, seq=u64, volume=names, offset=u64,
+                                      length=u64),
+        FrameType.REPORT: st.builds(Report, report=st.dictionaries(
+            names, st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53)
+                                | st.text(max_size=20),
+                                lambda inner: st.lists(inner, max_size=4)
+                                | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                                max_leaves=20), max_size=6)),
     }
 
     def test_the_round_trip_property_covers_every_frame_type():

@@ -1,0 +1,147 @@
+"""The two ends of processing offload in a receiver session (seed 000).
+
+Processing, on a near replica: for each far target its source asked for (OFFLOAD) and
+each of this node's own targets that it processes (a cascade, claim 12), every record
+received is processed against the replica's image before it (image.py, codec.py): the
+runs go back to the source in PROCESSED frames, or into the local target's relay.
+
+Restoring, on a far replica whose source agreed Feature.PROCESSED: a PROCESSED frame's
+records are restored against this replica's image and journaled like RECORDS; a write
+whose base differs here is never applied (BaseMismatch, the session reports it).
+
+Both run on the event loop, in the receiver's order of frames; every record the
+session takes, processed or not, is fed to its image, so the base of the next one is
+right whatever the group has made visible to reads by then.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..group import Group
+from ..journal.record import Kind
+from ..wire import Offload, Processed
+from .codec import (BaseMismatch, Op, Processor, ProcessedError, Restorer, load_key,
+                    ops_names, raw_run)
+from .image import Image
+from .relay import Relay
+
+
+class Processing:
+    def __init__(self, group: Group, local: list[Relay], log: logging.Logger):
+        self.group, self.log = group, log
+        self.image = Image(group, group.commit.submitted_seq)
+        self._upstream: dict[str, Processor] = {}  # far target -> processor (asked by source)
+        self._local = [(relay, Processor(relay.ops, _key(group, relay.node, relay.ops)))
+                       for relay in local]
+        self._fed = group.commit.submitted_seq
+
+    def ask(self, ev: Offload) -> Offload:
+        """The source asks for records processed for the far target ev.target: our answer."""
+        g = self.group
+        why = ""
+        if ev.ops & ~int(Op(15)) or not ev.ops:
+            why = f"unknown processing ops {ev.ops:#x}"
+        elif not g.volumes:
+            why = f"{g.name} has no volumes on this node (a bunker) to process against"
+        if not why:
+            try:
+                self._upstream[ev.target] = Processor(Op(ev.ops), _key(g, ev.target, ev.ops))
+            except ValueError as exc:
+                why = str(exc)
+        if why:
+            self.log.warning("group %s: will not process records for %s: %s", g.name,
+                             ev.target, why)
+            return Offload(target=ev.target, ops=0, reason=why[:1000])
+        self.log.info("group %s: processing records for %s (%s)", g.name, ev.target,
+                      ", ".join(ops_names(ev.ops)))
+        return Offload(target=ev.target, ops=ev.ops)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._upstream or self._local)
+
+    def records(self, payload) -> list[Processed]:
+        """Records just queued in the group (submit_records, in this same turn of the
+        loop, so none of them is visible to reads yet): the PROCESSED frames for the
+        source, and the runs for local relays."""
+        image = self.image
+        image.settle()
+        valid = image.valid
+        sinks = [(name, proc, []) for name, proc in self._upstream.items()] + \
+            [(relay, proc, []) for relay, proc in self._local]
+        first = last = 0
+        for rec, head in raw_run(payload):
+            if rec.seq <= self._fed:
+                continue  # held already (a resent batch): fed when it first came
+            if valid:
+                base = image.base(rec) if rec.kind is Kind.WRITE else None
+                for _, proc, parts in sinks:
+                    parts.extend(proc.process(head, rec, base))
+                first, last = first or rec.seq, rec.seq
+            image.feed(rec)
+            self._fed = rec.seq
+        if not first:
+            return []
+        frames = []
+        for sink, _, parts in sinks:
+            run = b"".join(parts)
+            if isinstance(sink, Relay):
+                sink.add(first, last, run)
+            else:
+                frames.append(Processed(target=sink, first_seq=first, last_seq=last,
+                                        payload=run))
+        return frames
+
+
+class Restoring:
+    def __init__(self, group: Group, node: str, log: logging.Logger):
+        self.group = group
+        self.image = Image(group, group.commit.consistent_seq)
+        key, key_path = None, group.cfg.link_keys.get(node)
+        if key_path:
+            try:
+                key = load_key(key_path)
+            except ValueError as exc:  # encrypted records will be refused, saying so
+                log.error("group %s: %s", group.name, exc)
+        self._restorer = Restorer(key)
+
+    def records(self, payload) -> None:
+        """Feed a RECORDS batch of the session to the image."""
+        for rec, _ in raw_run(payload):
+            self.image.feed(rec)
+
+    def restore(self, ev: Processed) -> tuple[list, int, BaseMismatch | None]:
+        """The journal bytes of ev's records, as buffers, through the last one that
+        restores, that seq, and the BaseMismatch that stopped it there, or None. Raises
+        ProcessedError for a run that is corrupt or not exactly first..last."""
+        image = self.image
+        image.settle()
+        parts, pos, view = [], 0, memoryview(ev.payload)
+        seq = ev.first_seq - 1
+        try:
+            while pos < len(view):
+                rec, bufs, pos = self._restorer.restore(view, pos, image.base)
+                if rec.seq != seq + 1:
+                    raise ProcessedError(f"processed run {ev.first_seq}..{ev.last_seq}: seq "
+                                         f"{rec.seq} after {seq}")
+                seq = rec.seq
+                image.feed(rec)
+                parts.extend(bufs)
+        except BaseMismatch as exc:
+            return parts, seq, exc
+        if seq != ev.last_seq:
+            raise ProcessedError(f"processed run {ev.first_seq}..{ev.last_seq} holds "
+                                 f"{ev.first_seq}..{seq}")
+        return parts, seq, None
+
+
+def _key(group: Group, far: str, ops: int) -> bytes | None:
+    """The link key of `far` when ops encrypt (ValueError naming what is missing)."""
+    if not ops & Op.ENCRYPT:
+        return None
+    path = group.cfg.link_keys.get(far)
+    if path is None:
+        raise ValueError(f"no link key for {far} in group {group.name}'s link_keys on "
+                         "this node (encrypt needs one)")
+    return load_key(path)

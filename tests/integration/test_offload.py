@@ -1,0 +1,192 @@
+"""Processing offload (seed 000): a near secondary processes each write for a far
+target against the content it overwrites, and the primary relays the result; with real
+agents and NBD clients, under faults."""
+
+import os
+import socket
+import threading
+
+import pytest
+
+from replicator.drill.nbd_client import NbdClient
+from tests.agents import MiB, wait_until
+from tests.clients import fio, qemu_io
+from tests.integration.test_replication import write_patterns
+
+pytestmark = pytest.mark.integration
+
+ALL = ["delta", "zstd", "checksum"]
+
+
+def offloaded(topology, process=ALL, **kwargs):
+    """a -sync-> b, and a -async-> c processed via b."""
+    return topology(["a", "b", "c"], [("a", "b", "sync"),
+                                      ("a", "c", "async", {"via": "b", "process": process})],
+                    **kwargs)
+
+
+def test_offloaded_far_link_is_identical_after_fio_and_qemu_io(topology):
+    topo = offloaded(topology)
+    topo.wait_converged()
+    write_patterns(topo["a"])
+    fio(topo["a"].nbd_uri("data"), size="8M", extra=["--number_ios=2000"])
+    qemu_io(topo["a"].nbd_uri("log"), "write -P 0x5a 0 1M", "write -P 0x5b 4k 4k")
+    seq = topo.wait_converged()
+    topo.assert_identical()
+    off = topo["a"].target("db", "c")["offload"]
+    assert off["via"] == "b" and off["process"] == ALL
+    assert off["records_processed"] + off["records_direct"] == seq > 2000, off
+    assert off["records_processed"] > 0.9 * seq, off
+    assert off["path"] == "via b" and off["base_mismatches"] == 0
+    assert off["bytes_raw"] > off["bytes_processed"] > 0
+
+
+def test_base_mismatch_on_the_far_replica_is_never_applied_and_is_repaired(topology):
+    topo = offloaded(topology)
+    a, c = topo["a"], topo["c"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x21 12M 64k")
+    topo.wait_converged()
+    c.kill()
+    with open(c.volume_path("db", "data"), "r+b") as f:  # c's copy rots under a write
+        f.seek(12 * MiB + 8192)
+        f.write(b"\xee" * 512)
+    c.start()
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 0x22 12M 16k")  # processed against b's 0x21
+    wait_until(lambda: a.target("db", "c")["offload"]["base_mismatches"] >= 1, 30,
+               "c to report the base mismatch")
+    topo.wait_converged()
+    topo.assert_identical()
+    off = a.target("db", "c")["offload"]
+    assert off["last_mismatch"]["volume"] == "data"
+    assert off["last_mismatch"]["offset"] == 12 * MiB
+    assert "not applied" in c.log_tail(200)
+
+
+def test_near_node_killed_mid_stream_the_far_link_goes_direct_and_converges(topology):
+    topo = offloaded(topology)
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    topo.wait_converged()
+    done = threading.Event()
+
+    def kill_b_midway():
+        wait_until(lambda: a.target("db", "c")["offload"]["records_processed"] > 500, 60,
+                   "the far link to relay processed records")
+        b.kill()
+        done.set()
+    killer = threading.Thread(target=kill_b_midway)
+    killer.start()
+    fio(a.nbd_uri("data"), size="16M", extra=["--number_ios=8000"])
+    killer.join()
+    assert done.is_set()
+
+    def c_caught_up():
+        seq = a.group("db")["seq"]
+        return c.group("db")["applied_seq"] == seq and \
+            a.target("db", "c")["state"] == "replicating"
+    wait_until(c_caught_up, 60, "c to converge without b")
+    topo.assert_identical(["a", "c"])
+    off = a.target("db", "c")["offload"]
+    assert off["path"] == "direct" and not off["processing"], off
+    assert off["records_direct"] > 0 and off["records_processed"] > 500, off
+    b.start()
+    topo.wait_converged()
+    topo.assert_identical()
+
+
+class Tap:
+    """A TCP relay on loopback that keeps every byte one way (client to server)."""
+
+    def __init__(self, port: int):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target = port
+        self.seen = bytearray()
+        self._socks = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # not listening yet: the agent dials again
+                client.close()
+                continue
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, keep):
+        try:
+            while data := src.recv(1 << 16):
+                if keep:
+                    self.seen += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        for s in self._socks:
+            s.close()
+
+
+def test_encrypted_payloads_are_never_readable_on_the_relaying_primary(topology, tmp_path):
+    key = tmp_path / "c.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    keys = {"link_keys": {"c": str(key)}}
+    topo = offloaded(topology, process=["delta", "zstd", "checksum", "encrypt"],
+                     node_options={"b": keys, "c": keys}, start=False)
+    a = topo["a"]
+    taps = {n: Tap(int(a.config["peers"][n].rsplit(":", 1)[1])) for n in ("b", "c")}
+    try:
+        for n, tap in taps.items():
+            a.config["peers"][n] = f"127.0.0.1:{tap.port}"
+        a.save_config()
+        topo.start()
+        topo.wait_converged()
+        secret = b"OFFLOADED-SECRET"
+        blocks = b"".join(secret + i.to_bytes(4, "little") * 1020 for i in range(64))
+        # a first write (its base zeroes, so its delta is the data itself), then a rewrite
+        nbd_write(a, "data", 4 * MiB, blocks)
+        nbd_write(a, "data", 4 * MiB + 100, secret * 8)
+        topo.wait_converged()
+        topo.assert_identical()
+        off = a.target("db", "c")["offload"]
+        assert off["records_processed"] >= 2 and off["path"] == "via b", off
+        assert secret in taps["b"].seen  # the near node gets the writes as they are...
+        assert secret not in taps["c"].seen  # ...the far one only ciphertext
+    finally:
+        for tap in taps.values():
+            tap.close()
+
+
+def nbd_write(agent, volume, offset, data):
+    client = NbdClient.connect("127.0.0.1", agent.nbd_port, volume)
+    try:
+        client.send_write(1, offset, data)
+        assert client.recv_reply() == (1, 0)
+    finally:
+        client.close()
+
+
+def test_cascade_near_node_processes_for_its_own_far_target(topology):
+    """Claim 12: the near node ships the processed records on itself."""
+    topo = topology(["a", "b", "c"], [("a", "b", "sync"),
+                                      ("b", "c", "async", {"process": ALL})])
+    topo.wait_converged()
+    write_patterns(topo["a"])
+    fio(topo["a"].nbd_uri("data"), size="8M", extra=["--number_ios=2000"])
+    topo.wait_converged()
+    topo.assert_identical()
+    off = topo["b"].target("db", "c")["offload"]
+    assert off["records_processed"] > 2000 and off["path"] == "processed here", off
