@@ -1,5 +1,6 @@
 """Replica analytics: rates over windows, hot regions, overwrite share, compressibility
-and the delta ratio computed from synthetic workloads on a fake clock."""
+and the delta ratio computed from synthetic workloads on a fake clock; and the
+`status --analytics` table of a replication tree."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator.analytics import BLOCK, HISTORY, REGIONS_PER_SLOT, Analytics
+from replicator.cli import analytics_table
 from replicator.journal.record import Kind
 
 MiB = 1 << 20
@@ -327,3 +329,24 @@ def test_hot_region_counts_are_never_above_the_truth(recs):
         writes, nbytes = exact[h["offset"] // BLOCK]
         assert writes - len(recs) / (REGIONS_PER_SLOT + 1) <= h["writes"] <= writes
         assert 0 < h["bytes"] <= nbytes
+
+
+def test_the_tree_table_indents_each_node_by_its_depth():
+    clock = Clock()
+    a = Analytics(clock=clock)
+    a.delta(1000, 100)
+    workload(a, clock, rate=100, seconds=12, offsets=[3 * MiB] * 1200, payload=PAGE)
+    leaf = {"node": "dc3-arc", "role": "secondary", "applied_seq": 1190, "lag_records": 10,
+            "lag_seconds": 1.5, "analytics": a.report(), "children": []}
+    mid = {"node": "dc2-dr", "role": "secondary", "applied_seq": 1200, "lag_records": 0,
+           "lag_seconds": 0.0, "analytics": None, "children": [leaf]}
+    root = {"node": "dc1-app", "role": "primary", "applied_seq": 1200, "lag_records": None,
+            "lag_seconds": None, "analytics": None, "children": [mid]}
+    assert analytics_table(root).splitlines() == [
+        "dc1-app  role:primary  applied:1200  (no analytics)",
+        "  -> dc2-dr  role:secondary  applied:1200  lag:0 rec/0.0s  (no analytics)",
+        "    -> dc3-arc  role:secondary  applied:1190  lag:10 rec/1.5s  observed:12s  "
+        "delta:0.10",
+        "       volume vm           100 w/s 400.0KiB/s  overwrite:100%  compress:0.00  "
+        "hot:3.0MiB+1.0MiB (1200 writes)",
+    ]
