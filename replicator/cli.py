@@ -87,6 +87,44 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
+def analytics_table(tree: dict) -> str:
+    """The replication tree of `status --analytics`: one line per node, indented by its
+    depth below this one, with its lag; under it one line per volume of its analytics
+    (the 10 s rates, overwrite share, compressibility, the hottest region)."""
+    lines: list[str] = []
+
+    def node(t: dict, depth: int) -> None:
+        pad = "  " * depth
+        head = (f"{pad}{'-> ' if depth else ''}{t['node']}  role:{t['role']}  "
+                f"applied:{t['applied_seq']}")
+        if t["lag_records"] is not None or t["lag_seconds"] is not None:
+            head += (f"  lag:{'?' if t['lag_records'] is None else t['lag_records']} rec/"
+                     f"{'?' if t['lag_seconds'] is None else format(t['lag_seconds'], '.1f')}s")
+        a = t["analytics"]
+        if a is None:
+            head += "  (no analytics)"
+        else:
+            head += f"  observed:{a['observed_s']}s"
+            if a["delta_ratio"] is not None:
+                head += f"  delta:{a['delta_ratio']:.2f}"
+        lines.append(head)
+        for name, v in (a["volumes"] if a else {}).items():
+            share, ratio = v["overwrite_share"], v["compressibility"]
+            hot = v["hot_regions"][0] if v["hot_regions"] else None
+            lines.append(
+                f"{pad}   volume {name:<12} {v['writes_per_s']['10s']:.0f} w/s "
+                f"{_human_bytes(v['bytes_per_s']['10s'])}/s"
+                f"  overwrite:{'-' if share is None else format(share, '.0%')}"
+                f"  compress:{'-' if ratio is None else format(ratio, '.2f')}"
+                + (f"  hot:{_human_bytes(hot['offset'])}+{_human_bytes(hot['length'])}"
+                   f" ({hot['writes']} writes)" if hot else ""))
+        for child in t["children"]:
+            node(child, depth + 1)
+
+    node(tree, 0)
+    return "\n".join(lines)
+
+
 def _load(path: str) -> config.Config:
     try:
         return config.load(path)
