@@ -26,6 +26,7 @@ from .failover import Failover
 from .group import Group, GroupError
 from .offload.relay import Relay
 from .receiver import Receiver
+from .report import child_report, node_report, with_lag
 from .shipping import Shipper, ShipError
 from .transport import tls_contexts
 
@@ -47,7 +48,7 @@ class Agent:
         self.relays: dict[str, dict[str, Relay]] = {}
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  peers=cfg.peers, promote=self._promote_to,
-                                 tls=self.server_tls, relays=self.relays)
+                                 tls=self.server_tls, relays=self.relays, report=self._tree)
         self.failover = Failover(cfg, self.receiver, self.shippers, self._sync_shippers,
                                  tls=self.client_tls)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
@@ -384,7 +385,14 @@ class Agent:
                         for v in group.volumes.values()],
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
             "watch": self.watchers[group.name].status() if group.name in self.watchers else None,
+            "tree": with_lag(self._tree(group), group),
         }
+
+    def _tree(self, group: Group) -> dict:
+        """This node's replication tree of `group` (report.py): what it sends upstream."""
+        return node_report(self.cfg.node, group, [
+            child_report(s.target.node, s.report, s.report_received)
+            for s in self.shippers.get(group.name, [])])
 
 
 @contextlib.contextmanager

@@ -176,7 +176,12 @@ def _operate(args, op: str, human, **params) -> int:
 
 
 def cmd_status(args) -> int:
-    return _operate(args, "status", format_status, group=args.group)
+    def human(st: dict) -> str:
+        if not args.analytics:
+            return format_status(st)
+        return "\n\n".join(f"group {g['name']}:\n{analytics_table(g['tree'])}"
+                             for g in st["groups"])
+    return _operate(args, "status", human, group=args.group)
 
 
 def cmd_rollback(args) -> int:
@@ -379,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the running agent's groups and targets")
     s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--analytics", action="store_true",
+                   help="the replication tree: every node below this one, its lag and the "
+                        "analytics of what it applied")
     s.add_argument("group", nargs="?")
     s.set_defaults(func=cmd_status)
 

@@ -38,12 +38,13 @@ from .group import Group, GroupError
 from .journal.segments import Position
 from .offload.codec import ProcessedError
 from .offload.session import Processing, Restoring
+from .report import REPORT_INTERVAL
 from .transport import Link, peer_node, tls_failure
 from .verify import volume_hashes
 from .wire import (ANY_SEQ, PROTOCOL_MAX, PROTOCOL_MIN, SUPPORTED_FEATURES, Ack, Connection,
                    ConnectionClosed, Diverged, Error, Feature, Flush, Handover, HashReply,
                    HashRequest, Heartbeat, Hello, LocalProtocolError, Mismatch, Offload,
-                   Processed, Records, Refusal, Refuse, RemoteProtocolError, ResyncAck,
+                   Processed, Records, Refusal, Refuse, RemoteProtocolError, Report, ResyncAck,
                    ResyncBegin, ResyncData, ResyncDone, Retain, Role, Successor, code_name,
                    negotiate)
 
@@ -92,12 +93,14 @@ class _Session:
         self.resync_task: asyncio.Task | None = None
         self.processing: Processing | None = None  # near replica: what it processes
         self.restoring: Restoring | None = None  # far replica: Feature.PROCESSED agreed
+        self.report_task: asyncio.Task | None = None
 
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
                  promote, peers=(), tls: ssl.SSLContext | None = None,
-                 log: logging.Logger | None = None, relays: dict | None = None):
+                 log: logging.Logger | None = None, relays: dict | None = None,
+                 report=None):
         self.node = node
         self.log = log or logging.getLogger("replicator.receiver")
         self.admission = Admission(node, peers, tls=tls is not None, log=self.log)
@@ -106,6 +109,7 @@ class Receiver:
         # group -> far target -> relay (the agent's): those without `via` this node's
         # receiver feeds (a cascade that processes here)
         self.relays = relays if relays is not None else {}
+        self.report = report  # group -> this node's replication tree (report.py), or None
         # group -> future done when a switchover of it here ends (set by the agent): a
         # HELLO meanwhile waits for it, so that the new primary finds this node demoted
         self.switching: dict[str, asyncio.Future] = {}
@@ -192,6 +196,10 @@ class Receiver:
                 session.group.commit.durable_listeners.add(listener)
                 session.ack_task = asyncio.create_task(
                     self._acks(session), name=f"replication-acks-{session.group.name}")
+                if self.report is not None:
+                    session.report_task = asyncio.create_task(
+                        self._reports(session),
+                        name=f"replication-reports-{session.group.name}")
                 try:
                     await self._serve(session)
                 finally:
@@ -210,9 +218,10 @@ class Receiver:
         finally:
             if session and self.sessions.get(session.group.name) is session:
                 del self.sessions[session.group.name]
-            if session and session.ack_task is not None:
-                session.ack_task.cancel()
-                await asyncio.gather(session.ack_task, return_exceptions=True)
+            for task in (session.ack_task, session.report_task) if session else ():
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if session and session.resync_task is not None:
                 session.failed = session.failed or "connection ended"
                 await asyncio.gather(session.resync_task, return_exceptions=True)
@@ -541,6 +550,15 @@ class Receiver:
             try:
                 await s.link.send(self._ack(s))
             except OSError:  # the link is gone: reading it ends the session
+                return
+
+    async def _reports(self, s: _Session) -> None:
+        """Every REPORT_INTERVAL: this node's replication tree, to the source."""
+        while s.failed is None:
+            await asyncio.sleep(REPORT_INTERVAL)
+            try:
+                await s.link.send(Report(report=self.report(s.group)))
+            except (OSError, LocalProtocolError):  # the link is gone, or its session over
                 return
 
     def status(self, group: str) -> dict | None:

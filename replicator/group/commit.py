@@ -171,6 +171,8 @@ class Commit:
         self.early_senders: set = set()  # shippers taking batches before their fdatasync
         self.durable_listeners: set[Callable[[int], None]] = set()  # receivers: ack durable
         self.flusher: Flusher | None = None
+        # called with each record received from upstream (analytics.py's observe)
+        self.observe: Callable | None = None
         self._next_seq = 1
         self._batch = _Batch()
         self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order
@@ -365,7 +367,10 @@ class Commit:
         journal_only = self._role() == "bunker"
         sizes, hcrcs, applies, closed = [], [], [], 0
         inside, closes = self._in_epoch, False
+        observe = self.observe
         for rec in received_records(payload, first_seq, last_seq, expected - 1, where):
+            if observe is not None:
+                observe(rec.volume, rec.offset, rec.length, rec.kind, rec.payload, rec.time_ns)
             sizes.append(rec.size)
             hcrcs.append(rec.hcrc)
             if rec.flags:  # FLAG_OPEN (the only flag)

@@ -30,6 +30,7 @@ from ..journal.segments import Journal, JournalError, Position
 from ..undo import UndoError, UndoLog
 from ..volume import Volume
 from .checkpoint import Checkpoint
+from ..analytics import Analytics
 from .commit import Commit, GroupError, apply_to_volumes
 from .lineage import Lineage
 from .links import Links, TargetLink
@@ -59,6 +60,10 @@ class Group:
                                    ask_checkpoint=self._checkpoint_now.set)
         self.commit = Commit(cfg, self.journal, self.volumes, self.targets, self.log,
                              role=lambda: self.role, wait_for_space=self.retention.wait_for_space)
+        # What a replica learns from the records it receives (analytics.py): fed by the
+        # commit path as it takes them, reported upstream (report.py).
+        self.analytics = Analytics(sizes={v.name: v.size for v in self.volumes.values()})
+        self.commit.observe = self.analytics.observe
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
         self._tasks: list[asyncio.Task] = []
         self.logging_after = 5.0  # seconds a target may be away before it goes to logging

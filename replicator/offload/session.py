@@ -70,7 +70,7 @@ class Processing:
         valid = image.valid
         sinks = [(name, proc, []) for name, proc in self._upstream.items()] + \
             [(relay, proc, []) for relay, proc in self._local]
-        first = last = 0
+        first = last = raw = 0
         for rec, head in raw_run(payload):
             if rec.seq <= self._fed:
                 continue  # held already (a resent batch): fed when it first came
@@ -79,13 +79,16 @@ class Processing:
                 for _, proc, parts in sinks:
                     parts.extend(proc.process(head, rec, base))
                 first, last = first or rec.seq, rec.seq
+                raw += rec.size
             image.feed(rec)
             self._fed = rec.seq
         if not first:
             return []
         frames = []
-        for sink, _, parts in sinks:
+        for i, (sink, _, parts) in enumerate(sinks):
             run = b"".join(parts)
+            if i == 0:  # what processing saves, for the replica's analytics
+                self.group.analytics.delta(raw, len(run))
             if isinstance(sink, Relay):
                 sink.add(first, last, run)
             else:

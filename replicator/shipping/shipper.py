@@ -24,7 +24,7 @@ from typing import Callable
 
 from ..group import Group, TargetLink, wake_all
 from ..journal.segments import JournalError
-from ..wire import Handover, LocalProtocolError, RemoteProtocolError, Successor
+from ..wire import Handover, LocalProtocolError, RemoteProtocolError, Report, Successor
 from .peer import Dialer, Peer, ShipError
 from .resync import Resync
 from .stream import Stream
@@ -68,6 +68,8 @@ class Shipper:
         self._peer: Peer | None = None  # the running session's
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self.report: dict | None = None  # the target's last REPORT (report.py)
+        self.report_received = 0.0  # unix time it came
 
     @property
     def bytes_sent(self) -> int:
@@ -137,6 +139,7 @@ class Shipper:
 
     async def _session(self, peer: Peer) -> None:
         self.last_error = ""
+        peer.handlers[Report] = self._took_report
         if peer.resume_seq is None:
             self._set_state("resyncing")
             await self._resync(peer)
@@ -144,6 +147,10 @@ class Shipper:
             self.stream.resume(peer.resume_seq)
             self._set_state("catching-up")
         await self.stream.run(peer)
+
+    def _took_report(self, ev: Report) -> None:
+        """The target's replication tree (report.py), as it last sent it."""
+        self.report, self.report_received = ev.report, time.time()
 
     def _disconnected(self) -> None:
         if self.target.connected:

@@ -3,8 +3,12 @@ target against the content it overwrites, and the primary relays the result; wit
 agents and NBD clients, under faults."""
 
 import os
+import random
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -190,3 +194,71 @@ def test_cascade_near_node_processes_for_its_own_far_target(topology):
     topo.assert_identical()
     off = topo["b"].target("db", "c")["offload"]
     assert off["records_processed"] > 2000 and off["path"] == "processed here", off
+
+
+class PacedWriter:
+    """`rate` 4 KiB writes a second over NBD, nine in ten inside [hot, hot + 1 MiB)."""
+
+    def __init__(self, agent, volume: str, rate: int, hot: int):
+        self.client = NbdClient.connect("127.0.0.1", agent.nbd_port, volume)
+        self.rate, self.hot = rate, hot
+        self.stop = threading.Event()
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        start = time.monotonic()
+        rng = random.Random(7)
+        while not self.stop.is_set():
+            due = start + self.written / self.rate
+            if time.monotonic() < due:  # the workload's pace, not a wait for a condition
+                self.stop.wait(due - time.monotonic())
+                continue
+            block = rng.randrange(256) if rng.random() < 0.9 else 1024 + rng.randrange(2048)
+            offset = self.hot + block * 4096 if block < 256 else block * 4096
+            self.client.send_write(self.written + 1, offset, os.urandom(4096))
+            assert self.client.recv_reply() == (self.written + 1, 0)
+            self.written += 1
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)
+        self.client.close()
+
+
+def test_analytics_of_the_whole_tree_reach_the_primary(topology):
+    """a -sync-> b -async-> c: b and c compute what a cannot afford to, and a shows both,
+    c two hops away, with the rates and the hot range of a known workload."""
+    topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("b", "c", "async")])
+    a = topo["a"]
+    topo.wait_converged()
+    with PacedWriter(a, "data", rate=100, hot=8 * MiB) as writer:
+        wait_until(lambda: writer.written >= 1300, 60, "13 s of writes")
+
+        def tree():
+            return a.group("db")["tree"]
+
+        def reported():
+            b = tree()["children"][0]
+            c = b["children"][0] if b["children"] else None
+            return c is not None and c["analytics"] is not None and \
+                c["analytics"]["observed_s"] >= 12 and b
+        b = wait_until(reported, 30, "b's report to hold c's")
+    for node in (b, b["children"][0]):
+        vol = node["analytics"]["volumes"]["data"]
+        assert 80 <= vol["writes_per_s"]["10s"] <= 120, (node["node"], vol)
+        assert 80 * 4096 <= vol["bytes_per_s"]["10s"] <= 120 * 4096, vol
+        assert vol["hot_regions"][0]["offset"] == 8 * MiB, vol
+        assert vol["compressibility"] > 0.9  # random data
+    topo.wait_converged()
+    t = wait_until(lambda: (lambda t: t["children"][0]["children"][0]["lag_records"] == 0
+                            and t)(a.group("db")["tree"]), 30, "c's lag to reach 0")
+    assert t["node"] == "a" and t["children"][0]["node"] == "b"
+    assert t["children"][0]["children"][0]["node"] == "c"
+    out = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--analytics",
+                          "-c", a.config_path], capture_output=True, text=True, check=True)
+    assert "\n  -> b" in out.stdout and "\n    -> c" in out.stdout, out.stdout
