@@ -21,6 +21,12 @@ options:
     description: Seconds to keep asking while the agent does not answer (it may be starting).
     type: float
     default: 0
+  analytics:
+    description: Also return C(analytics), the replication tree of every group as
+      C(replicator status --analytics) prints it (every node below this one, its lag and
+      the analytics of what it applied).
+    type: bool
+    default: false
 """
 
 RETURN = r"""
@@ -33,6 +39,10 @@ links:
   type: list
   elements: dict
   returned: success
+analytics:
+  description: The replication tree of each group, as text.
+  type: str
+  returned: when analytics is true
 """
 
 import time
@@ -43,7 +53,8 @@ from ansible.module_utils.replicator_agent import AGENT_ARGS, LINK_ARGS, AgentEr
 
 def main():
     module = AnsibleModule(argument_spec=dict(**AGENT_ARGS, **LINK_ARGS,
-                                              timeout=dict(type="float", default=0)),
+                                              timeout=dict(type="float", default=0),
+                                              analytics=dict(type="bool", default=False)),
                            supports_check_mode=True)
     deadline = time.monotonic() + module.params["timeout"]
     try:
@@ -59,7 +70,14 @@ def main():
                                                        module.params["targets"])]
     except AgentError as exc:
         module.fail_json(msg=str(exc))
-    module.exit_json(changed=False, status=status, links=links)
+    extra = {}
+    if module.params["analytics"]:
+        cmd = [module.params["cli"], "status", "--analytics", "-c", module.params["config"]]
+        rc, out, err = module.run_command(cmd)
+        if rc:
+            module.fail_json(msg=f"{' '.join(cmd)}: exit {rc}: {(err or out).strip()}")
+        extra["analytics"] = out.rstrip()
+    module.exit_json(changed=False, status=status, links=links, **extra)
 
 
 if __name__ == "__main__":

@@ -360,6 +360,8 @@ def cmd_pki(args) -> int:
         if args.pki_command == "init":
             made = pki.init_ca(args.dir)
             what = os.path.join(args.dir, "ca.crt")
+        elif args.pki_command == "link-key":
+            made, what = pki.link_key(args.dir, args.name)
         else:
             made = pki.issue(args.dir, args.node, args.out or args.dir, force=args.force)
             what = os.path.join(args.out or args.dir, f"{args.node}.crt")
@@ -482,14 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(func=cmd_config_check)
 
-    k = sub.add_parser("pki", help="make the replication CA and node certificates")
+    k = sub.add_parser("pki", help="make the replication CA, node certificates and link keys")
     ksub = k.add_subparsers(dest="pki_command", required=True)
     init = ksub.add_parser("init", help="create DIR/ca.crt and DIR/ca.key (kept if present)")
     iss = ksub.add_parser("issue", help="write OUT/NODE.crt and OUT/NODE.key signed by the CA")
     iss.add_argument("node")
     iss.add_argument("--out", help="output directory (default: the CA directory)")
     iss.add_argument("--force", action="store_true", help="replace an existing certificate")
-    for kp in (init, iss):
+    lk = ksub.add_parser("link-key", help="write DIR/links/NAME.key, the key of a far link "
+                                          "whose records a near replica encrypts (kept if "
+                                          "present)")
+    lk.add_argument("name", help="e.g. GROUP-FARNODE")
+    for kp in (init, iss, lk):
         kp.add_argument("--dir", required=True, help="the CA directory")
         kp.add_argument("--json", action="store_true")
         kp.set_defaults(func=cmd_pki)

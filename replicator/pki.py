@@ -87,3 +87,17 @@ def issue(ca_dir: str, node: str, out_dir: str, *, force: bool = False) -> bool:
     statefile.write_new(key_path, _key_pem(key), 0o600)
     statefile.write_new(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return True
+
+
+def link_key(directory: str, name: str) -> tuple[bool, str]:
+    """DIR/links/NAME.key, a far link's key for processing offload (64 hex digits, read by
+    offload/codec.py load_key), made unless it exists: (made, its path)."""
+    if not name or "/" in name or name.startswith("."):
+        raise PkiError(f"a link key name is a plain file name; got {name!r}")
+    links = os.path.join(directory, "links")
+    path = os.path.join(links, f"{name}.key")
+    if os.path.exists(path):
+        return False, path
+    os.makedirs(links, mode=0o700, exist_ok=True)
+    statefile.write_new(path, os.urandom(32).hex().encode() + b"\n", 0o600)
+    return True, path

@@ -25,6 +25,19 @@ A volume with `capture: watch` is a file programs write directly: the primary wa
 it (the group's watch keys go to the primary only); its replicas are ordinary volumes,
 served over NBD once promoted. A `periodic` link ships an epoch every `interval`.
 
+An async link may be processed (seed 000): `process: [delta, zstd, checksum, encrypt]`
+(some of them) with `via: NODE`, another replica its source links to (typically the sync
+one, on a fast link), which processes each write against its own copy and hands the
+result back for the source to relay; or, without `via` on a link from a replica, that
+replica processes what it receives for it (it ships the result on itself):
+
+          - {from: dc1-app, to: dc2-dr, mode: sync}
+          - {from: dc1-app, to: dc3-arc, mode: async, via: dc2-dr,
+             process: [delta, zstd, checksum, encrypt]}
+
+`encrypt` uses a key per far link, made on the controller and installed on the node that
+processes and the far node only (the replicator_pki role; replicator_node_link_keys).
+
 A link with `bunker: true` (sync, at most one per group, from the primary) makes its
 target a bunker: it keeps only the journal; the other members replay from it when
 promoted (`replicator promote`).
@@ -45,7 +58,8 @@ VOLUME_KEYS = {"name", "size", "path", "capture"}
 CAPTURES = ("nbd", "watch")
 LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "assume-clean"),
                 "on_disconnect": ("continue", "block")}  # optional keys, first = default
-LINK_KEYS = {"from", "to", "mode", "bunker", "interval", *LINK_CHOICES}
+LINK_KEYS = {"from", "to", "mode", "bunker", "interval", "via", "process", *LINK_CHOICES}
+PROCESSING = ("delta", "zstd", "checksum", "encrypt")
 
 
 def _group_errors(i, g, hosts):
@@ -130,6 +144,7 @@ def _group_errors(i, g, hosts):
                           "has exactly one source (remove one of the two links)")
         else:
             source_of[dst] = src
+    errors += _offload_errors(where, primary, [x for x in links if isinstance(x, dict)])
     bunkers = [link.get("to") for link in links if isinstance(link, dict) and link.get("bunker")]
     if len(bunkers) > 1:
         errors.append(f"{where}: more than one bunker ({', '.join(map(str, bunkers))}); a group "
@@ -150,6 +165,38 @@ def _group_errors(i, g, hosts):
             errors.append(f"{where}: link {src} -> {dst} is not fed by the primary {primary}: "
                           f"{src} receives {name} from nobody (or a loop); links must form a "
                           "tree rooted at the primary")
+    return errors
+
+
+def _offload_errors(where, primary, links):
+    """What is wrong with the links' `via` and `process`."""
+    errors = []
+    for j, link in enumerate(links):
+        if "process" not in link and "via" not in link:
+            continue
+        lw = f"{where}: link {link.get('from')} -> {link.get('to')}"
+        process = link.get("process", [])
+        if not isinstance(process, list) or not process or \
+                any(op not in PROCESSING for op in process) or len(set(process)) != len(process):
+            errors.append(f"{lw}: process must be a list of some of {', '.join(PROCESSING)}, "
+                          f"each once; got {process!r}")
+        if link.get("mode") != "async":
+            errors.append(f"{lw}: only an async link is processed (this one is "
+                          f"{link.get('mode')})")
+        via = link.get("via")
+        if via is None:
+            if link.get("from") == primary:
+                errors.append(f"{lw}: the primary does not process its own writes: name a "
+                              "near replica it links to (via), or process on a replica's link")
+            continue
+        near = next((x for x in links if x.get("from") == link.get("from")
+                     and x.get("to") == via), None)
+        if near is None or via == link.get("to"):
+            errors.append(f"{lw}: via {via!r} must be another replica {link.get('from')} links "
+                          "to (the near replica that processes)")
+        elif near.get("bunker") or near.get("mode") not in ("sync", "async") or "via" in near:
+            errors.append(f"{lw}: via {via} cannot process: a near replica holds volumes and is "
+                          "sent every record directly (sync or async, no bunker, no via)")
     return errors
 
 
@@ -195,8 +242,21 @@ def members(group):
     return nodes
 
 
+def _link_keys(g):
+    """{(processing node, far node)} of the links of `g` whose records are encrypted."""
+    return {(link.get("via") or link["from"], link["to"]) for link in g.get("links", [])
+            if "encrypt" in link.get("process", [])}
+
+
+def replicator_node_link_keys(groups, node):
+    """Names of the link keys `node` needs (GROUP-FARNODE): as the node that encrypts a far
+    link's records, or as that far node."""
+    return sorted(f"{g['name']}-{far}" for g in groups or [] for near, far in _link_keys(g)
+                  if node in (near, far))
+
+
 def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes",
-                           journal_size="256MiB"):
+                           journal_size="256MiB", key_dir="/etc/replicator/pki"):
     """The `groups` section of `node`'s agent config."""
     out = []
     for g in groups or []:
@@ -220,8 +280,12 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
             "targets": [{"node": l["to"], "mode": l["mode"],
                          **{k: l.get(k, choices[0]) for k, choices in LINK_CHOICES.items()},
                          **({"bunker": True} if l.get("bunker") else {}),
-                         **({"interval": l["interval"]} if "interval" in l else {})}
+                         **({"interval": l["interval"]} if "interval" in l else {}),
+                         **({k: l[k] for k in ("via", "process") if k in l})}
                         for l in g.get("links", []) if l["from"] == node],
+            **({"link_keys": keys} if (keys := {
+                far: f"{key_dir}/links/{g['name']}-{far}.key"
+                for near, far in sorted(_link_keys(g)) if node in (near, far)}) else {}),
             **({k: g[k] for k in WATCH_KEYS if k in g} if watched else {}),
             **({"bunker": bunker} if bunker and role == "secondary" else {}),
             # a bunker serves the takeover replay (FETCH) of the group's other members
@@ -321,8 +385,9 @@ def replicator_failover_plan(groups, group, lost, promoted):
         if end in on_path:
             if link["from"] != lost:  # reversed; the link from `lost` into the path goes
                 new.append({**link, "from": link["to"], "to": link["from"]})
-        elif link["from"] == lost:
-            new.append({**link, "from": promoted})
+        elif link["from"] == lost:  # its near replica (via) is not the promoted node's
+            new.append({k: v for k, v in link.items() if k not in ("via", "process")}
+                       | {"from": promoted})
         else:
             new.append(link)
     declared = {link["to"]: link["from"] for link in links}
@@ -404,6 +469,7 @@ class FilterModule:
             "replicator_node_groups": replicator_node_groups,
             "replicator_watched_groups": replicator_watched_groups,
             "replicator_node_peers": replicator_node_peers,
+            "replicator_node_link_keys": replicator_node_link_keys,
             "replicator_node_volumes": replicator_node_volumes,
             "replicator_links": replicator_links,
             "replicator_endpoint": replicator_endpoint,

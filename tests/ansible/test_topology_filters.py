@@ -272,3 +272,50 @@ def test_a_watched_group_is_watched_on_its_primary_only_and_periodic_links_keep_
     assert middle["targets"][0]["mode"] == "periodic" and middle["targets"][0]["interval"] == "30s"
     plan = F["replicator_failover_plan"]([WATCHED], "files", "dc1-app", "dc4-vault")
     assert plan["steps"][0]["attach"] == [] and plan["promote_targets"] == ["dc3-arc:periodic=30s"]
+
+
+OFFLOADED = {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "zstd",
+             "via": "dc2-dr", "process": ["delta", "zstd", "checksum", "encrypt"]}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda g: g["links"][1].update(OFFLOADED, process=["lz4"]),
+     "process must be a list of some of delta, zstd, checksum, encrypt"),
+    (lambda g: g["links"][1].update(OFFLOADED, mode="sync"), "only an async link is processed"),
+    (lambda g: g["links"][1].update(OFFLOADED, via="dc4-vault"),
+     "via 'dc4-vault' must be another replica dc1-app links to"),
+    (lambda g: g["links"][1].update({k: v for k, v in OFFLOADED.items() if k != "via"}),
+     "the primary does not process its own writes"),
+    (lambda g: (g["links"][1].update(OFFLOADED),
+                g["links"][0].update(bunker=True)), "via dc2-dr cannot process"),
+])
+def test_bad_offloaded_links(change, expected):
+    errors = errors_after(change)
+    assert any(expected in e for e in errors), errors
+
+
+def test_an_offloaded_link_renders_via_process_and_link_keys_on_its_two_ends_only():
+    groups = copy.deepcopy(LAB)
+    groups[0]["links"][1] = dict(OFFLOADED)
+    assert F["replicator_topology_errors"](groups, HOSTS) == []
+    key = "/etc/replicator/pki/links/db-dc3-arc.key"
+    by_node = {n: F["replicator_node_groups"](groups, n)[0] for n in HOSTS}
+    (far,) = [t for t in by_node["dc1-app"]["targets"] if t["node"] == "dc3-arc"]
+    assert far["via"] == "dc2-dr" and far["process"] == OFFLOADED["process"]
+    assert by_node["dc2-dr"]["link_keys"] == {"dc3-arc": key}
+    assert by_node["dc3-arc"]["link_keys"] == {"dc3-arc": key}
+    assert "link_keys" not in by_node["dc1-app"] and "link_keys" not in by_node["dc4-vault"]
+    assert [F["replicator_node_link_keys"](groups, n) for n in HOSTS] == \
+        [[], ["db-dc3-arc"], ["db-dc3-arc"], []]
+    # a takeover by the near node itself: the far link it takes over is plain
+    p = plan(groups, "db", "dc1-app", "dc2-dr")
+    assert {"from": "dc2-dr", "to": "dc3-arc", "mode": "async", "compress": "zstd"} \
+        in p["links"]
+
+
+def test_a_replica_processes_for_its_own_link_without_via():
+    groups = copy.deepcopy(LAB)
+    groups[0]["links"][2].update(process=["delta", "zstd", "encrypt"])
+    assert F["replicator_topology_errors"](groups, HOSTS) == []
+    assert F["replicator_node_link_keys"](groups, "dc3-arc") == ["db-dc4-vault"]
+    assert F["replicator_node_link_keys"](groups, "dc4-vault") == ["db-dc4-vault"]
