@@ -377,6 +377,9 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
                               f"expected an absolute path; got {key_path!r}")
     durability = r.choice("durability", DURABILITIES, "flush")
     watch = _watch(r, volumes)
+    if any(v.capture == "watch" for v in volumes) and any(t.process for t in targets):
+        raise ConfigError(r.sub("targets"), "a watched group's epochs are shipped as they "
+                                            "are: no target of it is processed (process, via)")
     commit_interval = r.get("commit_interval", 1.0, types=(int, float))
     if isinstance(commit_interval, bool) or not 0.001 <= commit_interval <= 60:
         raise ConfigError(r.sub("commit_interval"),

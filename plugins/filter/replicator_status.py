@@ -42,6 +42,16 @@ def _row(group, link, result, notes):
     if t.get("bunker"):
         lacks = ", ".join(f"{n} {c}" for n, c in sorted(t.get("far_lag_records", {}).items()))
         notes.append(f"{name}: bunker; records the far replicas lack: {lacks or 'none tracked'}")
+    off = t.get("offload")
+    if off:
+        ratio = (f", {off['bytes_raw'] / off['bytes_processed']:.1f}x fewer bytes than the "
+                 "records" if off["bytes_processed"] else "")
+        notes.append(f"{name}: processed ({', '.join(off['process'])}) by "
+                     f"{off['via'] or link['from']}, now {off['path']}: "
+                     f"{off['records_processed']} records relayed processed, "
+                     f"{off['records_direct']} direct{ratio}; "
+                     f"{off['base_mismatches']} base mismatches"
+                     + (f"; {off['via']} refused: {off['refused']}" if off.get("refused") else ""))
     journal = (f"{human_bytes(j['used_bytes'])}/{human_bytes(j['capacity_bytes'])} "
                f"{100 * j['used_bytes'] / j['capacity_bytes']:.0f}%" + (" FULL" if j["full"] else ""))
     return [group["name"], name, mode, state, str(g["seq"]), str(t["acked_seq"]),

@@ -145,6 +145,9 @@ def _group_errors(i, g, hosts):
         else:
             source_of[dst] = src
     errors += _offload_errors(where, primary, [x for x in links if isinstance(x, dict)])
+    if captures == {"watch"} and any(isinstance(x, dict) and "process" in x for x in links):
+        errors.append(f"{where}: a watched group's epochs are shipped as they are: none of its "
+                      "links is processed (remove process and via)")
     bunkers = [link.get("to") for link in links if isinstance(link, dict) and link.get("bunker")]
     if len(bunkers) > 1:
         errors.append(f"{where}: more than one bunker ({', '.join(map(str, bunkers))}); a group "
