@@ -37,8 +37,9 @@ def free_port() -> int:
             return port
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
-    """Poll `predicate` until it returns a truthy value; fail with `what` at the deadline."""
+def wait_until(predicate, timeout: float = 30.0, what="condition", interval: float = 0.05):
+    """Poll `predicate` until it returns a truthy value; fail with `what` (a text, or a
+    function giving one: the state at the deadline) at the deadline."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while time.monotonic() < deadline:
@@ -49,6 +50,7 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interv
         except Exception as exc:  # noqa: BLE001 - agent may be starting; keep polling
             last_exc = exc
         time.sleep(interval)
+    what = what() if callable(what) else what
     raise AssertionError(f"timed out after {timeout}s waiting for {what}"
                          + (f" (last error: {last_exc})" if last_exc else ""))
 

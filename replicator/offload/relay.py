@@ -98,8 +98,9 @@ class Relay:
         comes. True if one is there."""
         if seq in self._runs:
             return True
-        if not self.processing or self._gave_up or self.near is None or \
-                self.near.written_seq >= seq:
+        near = self.near
+        if not self.processing or self._gave_up or near is None or not near.in_sync or \
+                near.written_seq >= seq:
             return False
         self._arrived.clear()
         try:
@@ -109,11 +110,13 @@ class Relay:
             self._gave_up = seq
         return seq in self._runs
 
-    def shipped(self, records: int, processed: bool, nbytes: int, raw: int) -> None:
-        """`records` went to the far target, processed or direct."""
+    def shipped(self, records: int, processed: bool, nbytes: int, raw: int) -> str | None:
+        """`records` went to the far target, processed or direct; the new path when
+        that changed it (for the log)."""
         path = f"via {self.via}" if processed and self.via else \
             "processed here" if processed else "direct"
-        if path != self.path:
+        changed = path != self.path
+        if changed:
             self.path, self.path_changed = path, time.time()
         if processed:
             self.records_processed += records
@@ -121,6 +124,18 @@ class Relay:
             self.bytes_raw += raw
         else:
             self.records_direct += records
+        return path if changed else None
+
+    def why_direct(self) -> str:
+        """Why records go direct now, in words."""
+        if self.via is None:
+            return "no processed form of them here"
+        if not self.processing:
+            return (f"{self.via} refused: {self.refused}" if self.refused
+                    else f"{self.via} is not processing (away, resyncing or just connected)")
+        if self.near is not None and not self.near.in_sync:
+            return f"{self.via} is not in sync"
+        return f"{self.via}'s processed records came too late or not at all"
 
     def mismatched(self, seq: int, volume: str, offset: int, length: int) -> None:
         self.mismatches += 1

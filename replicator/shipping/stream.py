@@ -451,8 +451,8 @@ class Stream:
                 if through is None or last <= through:
                     last, payload = relay.take(seq)
                     self._sent(last, len(payload))
-                    relay.shipped(last - seq + 1, True, len(payload),
-                                  j.bytes_between(seq - 1, last))
+                    self._path(relay.shipped(last - seq + 1, True, len(payload),
+                                             j.bytes_between(seq - 1, last)), relay)
                     await peer.send(Processed(target=self.target.node, first_seq=seq,
                                               last_seq=last, payload=payload))
                     return
@@ -463,9 +463,15 @@ class Stream:
         frame = Records(first_seq=first, last_seq=last, payload=data, compress=peer.compress)
         self._sent(last, len(data))  # before the await: an early batch must follow it
         if relay is not None:
-            relay.shipped(last - first + 1, False, len(data), len(data))
+            self._path(relay.shipped(last - first + 1, False, len(data), len(data)), relay)
             relay.drop_through(last)
         await peer.send(frame)
+
+    def _path(self, changed: str | None, relay: Relay) -> None:
+        if changed is not None:
+            g = self.group
+            g.log.warning("group %s -> %s: records now go %s%s", g.name, self.target.node,
+                          changed, f" ({relay.why_direct()})" if changed == "direct" else "")
 
     def _sent(self, last: int, nbytes: int) -> None:
         if not self._inflight:

@@ -43,6 +43,10 @@ def test_offloaded_far_link_is_identical_after_fio_and_qemu_io(topology):
     assert off["records_processed"] > 0.9 * seq, off
     assert off["path"] == "via b" and off["base_mismatches"] == 0
     assert off["bytes_raw"] > off["bytes_processed"] > 0
+    near = wait_until(lambda: (lambda b: b["analytics"] and b["analytics"]["delta_ratio"]
+                               and b)(topo["a"].group("db")["tree"]["children"][0]), 10,
+                      "b to report the delta ratio of what it processed")
+    assert near["node"] == "b" and 0 < near["analytics"]["delta_ratio"] < 1
 
 
 def test_base_mismatch_on_the_far_replica_is_never_applied_and_is_repaired(topology):
@@ -56,9 +60,10 @@ def test_base_mismatch_on_the_far_replica_is_never_applied_and_is_repaired(topol
         f.write(b"\xee" * 512)
     c.start()
     topo.wait_converged()
+    wait_until(lambda: a.target("db", "c")["offload"]["processing"], 10, "b to process")
     qemu_io(a.nbd_uri("data"), "write -P 0x22 12M 16k")  # processed against b's 0x21
     wait_until(lambda: a.target("db", "c")["offload"]["base_mismatches"] >= 1, 30,
-               "c to report the base mismatch")
+               lambda: f"c to report the base mismatch: {a.target('db', 'c')}")
     topo.wait_converged()
     topo.assert_identical()
     off = a.target("db", "c")["offload"]
@@ -92,6 +97,7 @@ def test_near_node_killed_mid_stream_the_far_link_goes_direct_and_converges(topo
     topo.assert_identical(["a", "c"])
     off = a.target("db", "c")["offload"]
     assert off["path"] == "direct" and not off["processing"], off
+    assert "records now go direct" in a.log_tail(200)
     assert off["records_direct"] > 0 and off["records_processed"] > 500, off
     b.start()
     topo.wait_converged()
