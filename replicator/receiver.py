@@ -222,6 +222,8 @@ class Receiver:
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+            if session and session.processing is not None:
+                await session.processing.close()
             if session and session.resync_task is not None:
                 session.failed = session.failed or "connection ended"
                 await asyncio.gather(session.resync_task, return_exceptions=True)
@@ -280,7 +282,7 @@ class Receiver:
             session.restoring = Restoring(group, self.node, self.log)
         local = [r for r in self.relays.get(group.name, {}).values() if r.via is None]
         if local and group.volumes:
-            session.processing = Processing(group, local, self.log)
+            session.processing = self._processing(session, local)
         self.sessions[group.name] = session
         await group.commit.settle()
         pos = group.journal.position(group.commit.consistent_seq)
@@ -333,7 +335,7 @@ class Receiver:
                     return
             elif isinstance(ev, Offload):
                 if s.processing is None:
-                    s.processing = Processing(s.group, [], self.log)
+                    s.processing = self._processing(s, [])
                 await s.link.send(s.processing.ask(ev))
             elif isinstance(ev, ResyncData):
                 s.resync_items.append((ev.volume, ev.offset, ev.payload))
@@ -398,9 +400,13 @@ class Receiver:
         if s.restoring is not None:
             s.restoring.records(payload)
         if s.processing is not None and s.processing.active:
-            for frame in s.processing.records(payload):
-                await s.link.send(frame)
+            s.processing.take(payload)
         return True
+
+    def _processing(self, s: _Session, local: list) -> Processing:
+        p = Processing(s.group, local, self.log)
+        p.start(s.link.send)
+        return p
 
     async def _processed(self, s: _Session, ev: Processed) -> bool:
         """A far replica: journal the records of a relayed PROCESSED run, restored; a

@@ -38,7 +38,8 @@ class Relay:
         self._top = 0  # the highest seq of a run kept
         self.nbytes = 0
         self.processing = False  # the near node is processing for us, in a live session
-        self.near = None  # its TargetLink while it does (how far it has written)
+        self.near = None  # its TargetLink while it does (whether it is in sync); None for
+        # this node's own receiver (a cascade)
         self.refused = ""  # why the near node will not (its OFFLOAD answer), if it said so
         self.path = "direct"  # how the last records went: "via <node>" or "direct"
         self.records_processed = self.records_direct = 0
@@ -93,19 +94,21 @@ class Relay:
 
     async def wait_for(self, seq: int) -> bool:
         """Wait (at most `wait` seconds) for a run beginning at `seq` while the near node
-        is processing and has not written `seq` yet (once it has, its run came before its
-        ACK, or will not come); not after a run came too late, until the next one
-        comes. True if one is there."""
+        is processing and in sync, unless a run past it came already (runs come in seq
+        order: that one never will) or the last one came too late (until the next one
+        comes). True if one is there."""
         if seq in self._runs:
             return True
         near = self.near
-        if not self.processing or self._gave_up or near is None or not near.in_sync or \
-                near.written_seq >= seq:
+        if not self.processing or self._gave_up or self._top >= seq or \
+                near is not None and not near.in_sync:
             return False
         self._arrived.clear()
         try:
             async with asyncio.timeout(self.wait):
-                await self._arrived.wait()
+                while seq not in self._runs and self._top < seq and self.processing:
+                    self._arrived.clear()
+                    await self._arrived.wait()
         except TimeoutError:
             self._gave_up = seq
         return seq in self._runs
@@ -128,13 +131,14 @@ class Relay:
 
     def why_direct(self) -> str:
         """Why records go direct now, in words."""
-        if self.via is None:
-            return "no processed form of them here"
         if not self.processing:
             return (f"{self.via} refused: {self.refused}" if self.refused
-                    else f"{self.via} is not processing (away, resyncing or just connected)")
+                    else f"{self.via or 'this node'} is not processing (away, resyncing or "
+                    "just connected)")
         if self.near is not None and not self.near.in_sync:
             return f"{self.via} is not in sync"
+        if self.via is None:
+            return "this node's receiver has not processed them (yet)"
         return f"{self.via}'s processed records came too late or not at all"
 
     def mismatched(self, seq: int, volume: str, offset: int, length: int) -> None:

@@ -16,6 +16,7 @@ right whatever the group has made visible to reads by then.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ..group import Group
@@ -27,7 +28,21 @@ from .image import Image
 from .relay import Relay
 
 
+class _Job:
+    """One batch to process: its records with their bases, read on the loop."""
+    __slots__ = ("first", "last", "raw", "items", "sinks")
+
+    def __init__(self, sinks: list):
+        self.first = self.last = self.raw = 0
+        self.items: list = []  # (head, record, base)
+        self.sinks = sinks  # (far node name or local Relay, Processor)
+
+
 class Processing:
+    """Bases are read on the loop as records arrive (before the group shows them); the
+    processing itself runs in a worker thread, one batch after another, so that the
+    receiver acknowledges a sync write without waiting for it."""
+
     def __init__(self, group: Group, local: list[Relay], log: logging.Logger):
         self.group, self.log = group, log
         self.image = Image(group, group.commit.submitted_seq)
@@ -35,6 +50,10 @@ class Processing:
         self._local = [(relay, Processor(relay.ops, _key(group, relay.node, relay.ops)))
                        for relay in local]
         self._fed = group.commit.submitted_seq
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+        for relay in local:
+            relay.processing = True
 
     def ask(self, ev: Offload) -> Offload:
         """The source asks for records processed for the far target ev.target: our answer."""
@@ -61,40 +80,62 @@ class Processing:
     def active(self) -> bool:
         return bool(self._upstream or self._local)
 
-    def records(self, payload) -> list[Processed]:
+    def start(self, send) -> None:
+        """Process taken batches in order; `send(frame)` (a coroutine) sends a PROCESSED
+        frame to the source."""
+        self._worker = asyncio.create_task(self._work(send),
+                                           name=f"offload-{self.group.name}")
+
+    async def close(self) -> None:
+        for relay, _ in self._local:
+            relay.processing = False
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    def take(self, payload) -> None:
         """Records just queued in the group (submit_records, in this same turn of the
-        loop, so none of them is visible to reads yet): the PROCESSED frames for the
-        source, and the runs for local relays."""
+        loop, so none of them is visible to reads yet): read their bases now and queue
+        them for processing."""
         image = self.image
         image.settle()
-        valid = image.valid
-        sinks = [(name, proc, []) for name, proc in self._upstream.items()] + \
-            [(relay, proc, []) for relay, proc in self._local]
-        first = last = raw = 0
+        job = _Job(list(self._upstream.items()) + self._local) if image.valid else None
         for rec, head in raw_run(payload):
             if rec.seq <= self._fed:
                 continue  # held already (a resent batch): fed when it first came
-            if valid:
+            if job is not None:
                 base = image.base(rec) if rec.kind is Kind.WRITE else None
-                for _, proc, parts in sinks:
-                    parts.extend(proc.process(head, rec, base))
-                first, last = first or rec.seq, rec.seq
-                raw += rec.size
+                job.items.append((head, rec, base))
+                job.first, job.last = job.first or rec.seq, rec.seq
+                job.raw += rec.size
             image.feed(rec)
             self._fed = rec.seq
-        if not first:
-            return []
-        frames = []
-        for i, (sink, _, parts) in enumerate(sinks):
-            run = b"".join(parts)
-            if i == 0:  # what processing saves, for the replica's analytics
-                self.group.analytics.delta(raw, len(run))
-            if isinstance(sink, Relay):
-                sink.add(first, last, run)
-            else:
-                frames.append(Processed(target=sink, first_seq=first, last_seq=last,
-                                        payload=run))
-        return frames
+        if job is not None and job.items:
+            self._jobs.put_nowait(job)
+
+    async def _work(self, send) -> None:
+        while True:
+            job = await self._jobs.get()
+            runs = await asyncio.to_thread(_process, job)
+            for i, ((sink, _), run) in enumerate(zip(job.sinks, runs)):
+                if i == 0:  # what processing saves, for the replica's analytics
+                    self.group.analytics.delta(job.raw, len(run))
+                if isinstance(sink, Relay):
+                    sink.add(job.first, job.last, run)
+                else:
+                    await send(Processed(target=sink, first_seq=job.first,
+                                         last_seq=job.last, payload=run))
+
+
+def _process(job: _Job) -> list[bytes]:
+    """A worker thread: each sink's processed run of the job (one job at a time)."""
+    out = []
+    for _, proc in job.sinks:
+        parts: list = []
+        for head, rec, base in job.items:
+            parts.extend(proc.process(head, rec, base))
+        out.append(b"".join(parts))
+    return out
 
 
 class Restoring:
