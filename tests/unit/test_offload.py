@@ -6,6 +6,7 @@ tests (tests/integration/test_offload.py) run the same with real agents."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import types
@@ -309,3 +310,300 @@ def test_relay_paths_counters_and_status():
         "dropped_runs": 0, "base_mismatches": 1,
         "last_mismatch": {"seq": 12, "volume": "data", "offset": 4096, "length": 512,
                           "time": status["last_mismatch"]["time"]}}
+
+
+# ---- image.py and session.py, with real groups ------------------------------------------
+
+SIZE = 1 << 20
+LOG = logging.getLogger("test_offload")
+
+
+def replica(tmp_path, node: str, keys: dict | None = None, role: str = "secondary") -> Group:
+    """A group `db` on `node`, a replica of `q` (`near` and `far` are its peers)."""
+    peers = {name: f"127.0.0.1:{port}" for port, name in enumerate(("q", "near", "far"), 3)
+             if name != node}
+    paths = {}
+    for far, key in (keys or {}).items():
+        path = tmp_path / f"{node}-{far}.key"
+        path.write_text(key.hex())
+        paths[far] = str(path)
+    volumes = [] if role == "bunker" else [
+        {"name": "data", "path": str(tmp_path / f"{node}-data.img"), "size": SIZE},
+        {"name": "log", "path": str(tmp_path / f"{node}-log.img"), "size": SIZE // 2}]
+    group = {"name": "db", "role": role, "journal_size": "16MiB", "source": "q",
+             "volumes": volumes, "targets": [], "link_keys": paths}
+    cfg = parse({"node": node, "listen": "127.0.0.1:1", "nbd_listen": "127.0.0.1:2",
+                 "state_dir": str(tmp_path / f"{node}-state"), "tls": False,
+                 "peers": peers, "groups": [group]})
+    g = Group(cfg.group("db"), cfg.state_dir)
+    g.open()
+    return g
+
+
+@contextlib.asynccontextmanager
+async def running(*groups: Group):
+    """The groups' committers run (and stop, everything durable, at the end)."""
+    for g in groups:
+        g.start()
+    try:
+        async with asyncio.timeout(60):
+            yield
+    finally:
+        for g in groups:
+            await g.stop()
+
+
+def submit(g: Group, payload: bytes) -> asyncio.Future:
+    """Queue a received batch (as the receiver does); the future: its errno once written."""
+    recs = raw_run(payload)
+    fut = asyncio.get_running_loop().create_future()
+    g.commit.submit_records(recs[0][0].seq, recs[-1][0].seq, payload, fut.set_result)
+    return fut
+
+
+async def durable(g: Group, fut: asyncio.Future) -> None:
+    assert await fut == 0
+    await g.commit.commit_now()
+
+
+def restore_into(far: Group, restoring: Restoring, frame: Processed) -> tuple[bytes, asyncio.Future]:
+    """What the far receiver does with a PROCESSED frame that restores in full."""
+    parts, last, mismatch = restoring.restore(frame)
+    assert mismatch is None and last == frame.last_seq
+    journal = b"".join(bytes(p) for p in parts)
+    fut = submit(far, journal)
+    restoring.records(journal)
+    return journal, fut
+
+
+def read(g: Group, volume: str, offset: int, length: int) -> bytes:
+    return g.commit.read(g.volumes[volume], offset, length)
+
+
+ALL_OPS = Op.DELTA | Op.ZSTD | Op.CHECKSUM | Op.ENCRYPT
+
+
+def batches(rng: random.Random, first: int) -> list[bytes]:
+    """Batches of writes over a few overlapping regions, each record's extent written by
+    earlier records of its own batch and of the batches before."""
+    out, seq = [], first
+    for _ in range(6):
+        batch = b""
+        for _ in range(rng.randint(1, 6)):
+            offset, length = rng.choice([(0, 4096), (512, 1024), (2048, 8192), (65024, 1024)])
+            if rng.random() < 0.15:
+                batch += zero(seq, offset, length)
+            else:
+                page = bytearray(read_model(out, batch, offset, length))
+                for _ in range(rng.choice([1, 16, length])):
+                    page[rng.randrange(length)] = rng.randrange(256)
+                batch += write(seq, bytes(page), offset)
+            seq += 1
+        out.append(batch)
+    return out
+
+
+def read_model(done: list[bytes], batch: bytes, offset: int, length: int) -> bytes:
+    """The content of `data` [offset, +length) after the records of `done` and `batch`."""
+    image = bytearray(SIZE)
+    for rec, _ in raw_run(b"".join(done) + batch):
+        if rec.kind is Kind.WRITE:
+            image[rec.offset:rec.offset + rec.length] = rec.payload
+        elif rec.kind is Kind.ZERO:
+            image[rec.offset:rec.offset + rec.length] = bytes(rec.length)
+    return bytes(image[offset:offset + length])
+
+
+def model_base(done: list[bytes], batch: bytes):
+    """base_of for the records of `batch`, after those of `done`: the model's content."""
+    def base_of(rec):
+        before = b"".join(rec_bytes for (r, _), rec_bytes in zip(raw_run(batch),
+                                                                 records_of(batch))
+                          if r.seq < rec.seq)
+        return read_model(done, before, rec.offset, rec.length)
+    return base_of
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_near_replica_processes_and_a_far_one_restores_byte_for_byte(tmp_path, seed):
+    async def main():
+        near = replica(tmp_path, "near", {"far": KEY})
+        far = replica(tmp_path, "far", {"far": KEY})
+        async with running(near, far):
+            processing = Processing(near, [], LOG)
+            answer = processing.ask(Offload(target="far", ops=int(ALL_OPS)))
+            assert answer == Offload(target="far", ops=int(ALL_OPS)) and processing.active
+            restoring = Restoring(far, "far", LOG)
+            rng = random.Random(seed)
+            pending, done = [], []
+            for batch in batches(rng, 1):
+                fut = submit(near, batch)
+                frames = processing.records(batch)  # in the same turn: none of it is readable
+                assert [(f.target, f.first_seq, f.last_seq) for f in frames] == \
+                    [("far", raw_run(batch)[0][0].seq, raw_run(batch)[-1][0].seq)]
+                # each write was processed against what the records before it left there
+                assert restore_run(Restorer(KEY), frames[0].payload,
+                                   model_base(done, batch)) == records_of(batch)
+                done.append(batch)
+                journal, far_fut = restore_into(far, restoring, frames[0])
+                assert journal == batch
+                pending += [(near, fut), (far, far_fut)]
+                if rng.random() < 0.5:  # sometimes the groups catch up, sometimes not
+                    for g, f in pending:
+                        await durable(g, f)
+                    pending = []
+            for g, f in pending:
+                await durable(g, f)
+            expected = read_model(batches(random.Random(seed), 1), b"", 0, SIZE)
+            assert read(near, "data", 0, SIZE) == read(far, "data", 0, SIZE) == expected
+
+    asyncio.run(main())
+
+
+def test_the_base_of_a_write_sees_the_earlier_records_of_its_batch(tmp_path):
+    async def main():
+        near = replica(tmp_path, "near")
+        async with running(near):
+            image = Image(near, 0)
+            first = raw_run(write(1, b"a" * 1024, 512))[0][0]
+            image.feed(first)
+            image.feed(raw_run(zero(2, 1024, 256))[0][0])
+            later = raw_run(write(3, b"c" * 2048))[0][0]
+            assert image.base(later) == bytes(512) + b"a" * 512 + bytes(256) + b"a" * 256 + \
+                bytes(512)
+            fut = submit(near, write(1, b"a" * 1024, 512) + zero(2, 1024, 256))
+            await durable(near, fut)
+            image.settle()  # the group shows them now: the image forgets them
+            assert not image._pending
+            assert image.base(later) == bytes(512) + b"a" * 512 + bytes(256) + b"a" * 256 + \
+                bytes(512)
+
+    asyncio.run(main())
+
+
+def test_a_write_past_the_volumes_is_corrupt(tmp_path):
+    near = replica(tmp_path, "near")
+    image = Image(near, 0)
+    for rec_bytes in (write(1, b"x", volume=b"nope"), write(1, b"x" * 512, SIZE - 511),
+                      write(1, b"x" * 2, SIZE // 2 - 1, volume=b"log")):
+        rec = raw_run(rec_bytes)[0][0]
+        with pytest.raises(ProcessedError, match="which group db does not have"):
+            image.base(rec)
+    far = replica(tmp_path, "far")
+    restoring = Restoring(far, "far", LOG)
+    run = process_run(Processor(Op.DELTA), write(1, b"x" * 512, SIZE - 511),
+                      lambda rec: bytes(rec.length))
+    with pytest.raises(ProcessedError, match="which group db does not have"):
+        restoring.restore(Processed(target="far", first_seq=1, last_seq=1, payload=run))
+
+
+def test_a_run_must_hold_exactly_its_seqs(tmp_path):
+    far = replica(tmp_path, "far")
+    restoring = Restoring(far, "far", LOG)
+    proc = Processor(Op.DELTA | Op.CHECKSUM)
+    base = lambda rec: bytes(rec.length)  # noqa: E731
+    run = process_run(proc, write(1, b"a" * 600) + write(2, b"b" * 600, 4096), base)
+    with pytest.raises(ProcessedError, match="processed run 1..3 holds 1..2"):
+        restoring.restore(Processed(target="far", first_seq=1, last_seq=3, payload=run))
+    restoring = Restoring(far, "far", LOG)
+    run = process_run(proc, write(1, b"a" * 600) + write(3, b"b" * 600, 4096), base)
+    with pytest.raises(ProcessedError, match="seq 3 after 1"):
+        restoring.restore(Processed(target="far", first_seq=1, last_seq=3, payload=run))
+
+
+def test_a_far_replica_on_another_base_takes_nothing_from_the_mismatch_on(tmp_path):
+    async def main():
+        near, far = replica(tmp_path, "near"), replica(tmp_path, "far")
+        async with running(near, far):
+            processing = Processing(near, [], LOG)
+            processing.ask(Offload(target="far", ops=int(Op.DELTA | Op.ZSTD | Op.CHECKSUM)))
+            restoring = Restoring(far, "far", LOG)
+            first = write(1, b"A" * 4096)
+            await durable(near, submit(near, first))
+            assert processing.records(first)[0].last_seq == 1
+            rotten = write(1, b"A" * 4000 + b"R" * 96)  # what the far replica holds instead
+            await durable(far, submit(far, rotten))
+            restoring.records(rotten)
+            batch = write(2, b"B" * 4096, 8192) + write(3, b"C" * 4096)
+            submit(near, batch)
+            (frame,) = processing.records(batch)
+            parts, last, mismatch = restoring.restore(frame)
+            assert last == 2 and b"".join(bytes(p) for p in parts) == write(2, b"B" * 4096, 8192)
+            assert isinstance(mismatch, BaseMismatch) and mismatch.record.seq == 3
+            assert (mismatch.record.volume, mismatch.record.offset, mismatch.record.length) == \
+                ("data", 0, 4096)
+
+    asyncio.run(main())
+
+
+def test_a_session_begun_mid_stream_processes_once_the_group_is_consistent(tmp_path):
+    async def main():
+        near = replica(tmp_path, "near")
+        async with running(near):
+            early = submit(near, write(1, b"1" * 512))
+            processing = Processing(near, [], LOG)  # seq 1 is queued, not readable
+            processing.ask(Offload(target="far", ops=int(Op.DELTA)))
+            second = write(2, b"2" * 512, 256)
+            submit(near, second)
+            assert processing.records(second) == []  # its base is not known here
+            await durable(near, early)
+            await near.commit.commit_now()
+            third = write(3, b"3" * 1024)
+            submit(near, third)
+            (frame,) = processing.records(third)
+            assert (frame.first_seq, frame.last_seq) == (3, 3)
+            restored = restore_run(Restorer(), frame.payload,
+                                   lambda rec: b"1" * 256 + b"2" * 512 + bytes(256))
+            assert restored == [third]
+            assert processing.records(second + third) == []  # resent: processed once
+
+    asyncio.run(main())
+
+
+def test_a_cascade_node_processes_into_its_own_relays(tmp_path):
+    async def main():
+        near = replica(tmp_path, "near")
+        async with running(near):
+            relay = Relay(FAR)
+            processing = Processing(near, [relay], LOG)
+            assert processing.active
+            batch = write(1, b"x" * 4096) + write(2, b"y" * 4096)
+            fut = submit(near, batch)
+            assert processing.records(batch) == []  # no frames: the runs are the relay's
+            await durable(near, fut)
+            last, run = relay.take(1)
+            assert last == 2
+            assert b"".join(restore_run(Restorer(), run, lambda rec: bytes(rec.length)
+                                        if rec.seq == 1 else b"x" * 4096)) == batch
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ops,keys,reason", [
+    (0, {}, "unknown processing ops 0x0"),
+    (0x10, {}, "unknown processing ops 0x10"),
+    (int(Op.ENCRYPT), {}, "no link key for far in group db's link_keys"),
+])
+def test_a_near_replica_says_why_it_will_not_process(tmp_path, ops, keys, reason):
+    processing = Processing(replica(tmp_path, "near", keys), [], LOG)
+    answer = processing.ask(Offload(target="far", ops=ops))
+    assert answer.ops == 0 and reason in answer.reason and not processing.active
+
+
+def test_a_bunker_will_not_process(tmp_path):
+    processing = Processing(replica(tmp_path, "near", role="bunker"), [], LOG)
+    answer = processing.ask(Offload(target="far", ops=int(Op.DELTA)))
+    assert answer.ops == 0 and "a bunker" in answer.reason
+
+
+def test_a_far_replica_without_its_key_refuses_encrypted_runs(tmp_path, caplog):
+    far = replica(tmp_path, "far")
+    bad = tmp_path / "bad.key"
+    bad.write_text("0123")
+    object.__setattr__(far.cfg, "link_keys", {"far": str(bad)})
+    with caplog.at_level(logging.ERROR):
+        restoring = Restoring(far, "far", LOG)
+    assert "must hold 64 hex digits" in caplog.text
+    run = process_run(Processor(Op.ENCRYPT, KEY), write(1, b"s" * 64), lambda rec: None)
+    with pytest.raises(ProcessedError, match="no key for the link"):
+        restoring.restore(Processed(target="far", first_seq=1, last_seq=1, payload=run))
