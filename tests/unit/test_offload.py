@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 import types
 
 import pytest
@@ -176,6 +177,29 @@ def test_encrypted_records_need_the_same_key(ops, key):
     assert page not in run and page[:64] not in run
     with pytest.raises(ProcessedError, match="does not decrypt" if key else "no key"):
         restore_run(Restorer(key), run, bases_for(page))
+
+
+def zstd_claiming(declared: int, n: int) -> bytes:
+    """A zstd frame that declares `declared` bytes of content and holds one block of n
+    zero bytes (RLE)."""
+    block = 1 | 1 << 1 | n << 3  # last block, RLE, n bytes
+    return struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared) + block.to_bytes(3, "little") + b"\0"
+
+
+@pytest.mark.parametrize("ops", [Op.ZSTD, Op.ZSTD | Op.DELTA])
+@pytest.mark.parametrize("declared", [1 << 40, 1 << 62, 4095])
+def test_a_zstd_body_claiming_another_size_is_corrupt_and_never_allocated(ops, declared):
+    """The one-shot decompressor allocates what a frame declares: a damaged size field
+    must be refused before it is believed (1 TiB would be a MemoryError)."""
+    (rec, head), = raw_run(write(1, bytes(4096)))
+    body = zstd_claiming(declared, 4096)
+    run = bytes(head) + struct.pack("<BQI", ops, 0, len(body)) + body
+    with pytest.raises(ProcessedError, match=f"zstd body declares {declared} bytes for a "
+                                             "write of 4096"):
+        Restorer().restore(run, 0, lambda rec: bytes(4096))
+    good = zstd_claiming(4096, 4096)  # the same frame, honest: restores
+    run = bytes(head) + struct.pack("<BQI", ops, 0, len(good)) + good
+    assert Restorer().restore(run, 0, lambda rec: bytes(4096))[0].payload == bytes(4096)
 
 
 def test_encrypt_needs_a_key():
