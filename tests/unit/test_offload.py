@@ -560,6 +560,33 @@ def test_a_far_replica_on_another_base_takes_nothing_from_the_mismatch_on(tmp_pa
     asyncio.run(main())
 
 
+def test_records_sent_again_do_not_change_the_far_image(tmp_path):
+    """The wire allows RECORDS that overlap what was sent (the group skips what it holds):
+    a record sent again must not lay its old content over what later records wrote."""
+    async def main():
+        far = replica(tmp_path, "far")
+        async with running(far):
+            restoring = Restoring(far, "far", LOG)
+            held = write(1, b"A" * 4096) + write(2, b"B" * 4096, 8192) + write(3, b"C" * 4096)
+            fut = submit(far, held)
+            restoring.records(held)
+            await durable(far, fut)
+            newer = write(4, b"D" * 4096, 65536)
+            submit(far, newer)  # queued, not readable yet
+            restoring.records(newer)
+            again = write(1, b"A" * 4096)
+            submit(far, again)  # held already: skipped
+            restoring.records(again)
+            run = process_run(Processor(Op.DELTA | Op.CHECKSUM), write(5, b"E" * 4096),
+                              lambda rec: b"C" * 4096)
+            parts, last, mismatch = restoring.restore(
+                Processed(target="far", first_seq=5, last_seq=5, payload=run))
+            assert mismatch is None and last == 5
+            assert b"".join(bytes(p) for p in parts) == write(5, b"E" * 4096)
+
+    asyncio.run(main())
+
+
 def test_a_session_begun_mid_stream_processes_once_the_group_is_consistent(tmp_path):
     async def main():
         near = replica(tmp_path, "near")
