@@ -590,6 +590,27 @@ def test_records_sent_again_do_not_change_the_far_image(tmp_path):
     asyncio.run(main())
 
 
+def test_a_far_session_begun_inside_an_open_epoch_sees_it_sent_again(tmp_path):
+    """WELCOME names the last epoch boundary: the open epoch's records come again (the
+    group skips them) and the image of the new session must hold them."""
+    async def main():
+        far = replica(tmp_path, "far")
+        async with running(far):
+            opened = write(1, b"A" * 4096, flags=FLAG_OPEN)
+            await durable(far, submit(far, opened))
+            assert (far.commit.consistent_seq, far.commit.durable_seq) == (0, 1)
+            restoring = Restoring(far, "far", LOG)  # the next session
+            submit(far, opened)
+            restoring.records(opened)
+            run = process_run(Processor(Op.DELTA | Op.CHECKSUM), write(2, b"B" * 4096),
+                              lambda rec: b"A" * 4096)
+            parts, last, mismatch = restoring.restore(
+                Processed(target="far", first_seq=2, last_seq=2, payload=run))
+            assert mismatch is None and b"".join(bytes(p) for p in parts) == write(2, b"B" * 4096)
+
+    asyncio.run(main())
+
+
 def test_a_session_begun_mid_stream_processes_once_the_group_is_consistent(tmp_path):
     async def main():
         near = replica(tmp_path, "near")
