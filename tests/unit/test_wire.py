@@ -1183,6 +1183,9 @@ def test_a_mismatch_goes_up_in_streaming_only():
     (b'{"lag": ', "REPORT is not JSON"),
     (b"", "REPORT is not JSON"),
     (b'{"\xff": 1}', "REPORT is not JSON"),
+    (b"[" * 100_000, "REPORT is not JSON"),  # nested past the parser's recursion limit
+    (b'{"a": ' * 100_000, "REPORT is not JSON"),
+    (b'{"lag": ' + b"9" * 5000 + b"}", "REPORT is not JSON"),  # past int digits limit
 ])
 def test_a_report_is_a_json_object(body, match):
     s = handshake()[0]
