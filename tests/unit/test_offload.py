@@ -13,6 +13,7 @@ import struct
 import types
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -184,6 +185,26 @@ def zstd_claiming(declared: int, n: int) -> bytes:
     zero bytes (RLE)."""
     block = 1 | 1 << 1 | n << 3  # last block, RLE, n bytes
     return struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared) + block.to_bytes(3, "little") + b"\0"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 15), st.integers(0, 2**64 - 1),
+       st.none() | st.integers(0, 400), st.binary(max_size=400), st.booleans())
+def test_any_body_under_a_good_head_restores_or_is_refused(length, ops, check, size, body,
+                                                           zstd_head):
+    """Whatever follows a record's head (a hostile peer's, or damage the head does not
+    see): ProcessedError or BaseMismatch, never another exception nor another record."""
+    payload = bytes(range(256)) * 2
+    (rec, head), = raw_run(write(1, payload[:length]))
+    if zstd_head:  # a frame header, so the bytes go as far as the decompressor
+        body = zstandard.ZstdCompressor().compress(payload[:length])[:6] + body
+    size = len(body) if size is None else size  # None: the size is right
+    run = bytes(head) + struct.pack("<BQI", ops, check, size) + body
+    try:
+        got, bufs, _ = Restorer(KEY).restore(run, 0, lambda rec: bytes(rec.length))
+    except (ProcessedError, BaseMismatch):
+        return
+    assert b"".join(bytes(b) for b in bufs) == write(1, payload[:length])
 
 
 @pytest.mark.parametrize("ops", [Op.ZSTD, Op.ZSTD | Op.DELTA])

@@ -1,6 +1,7 @@
 """The sans-IO replication protocol: sessions between two in-memory connections,
 parsers fed whole, byte by byte and with trailing bytes, and every malformed input."""
 
+import json
 import random
 import re
 import struct
@@ -1193,6 +1194,24 @@ def test_a_report_is_a_json_object(body, match):
     with pytest.raises(RemoteProtocolError, match=match):
         drain(s)
     assert_failed(s, RemoteProtocolError)
+
+
+if given is not None:
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=64),
+                     st.integers(1, 3000).map(lambda n: b"[" * n)))
+    def test_a_report_body_is_an_object_or_a_remote_error(body):
+        try:
+            ev = decode_body(FrameType.REPORT, 0, memoryview(body), max_frame=DEFAULT_MAX_FRAME)
+        except RemoteProtocolError as exc:
+            assert "REPORT is" in str(exc)
+        else:
+            assert isinstance(ev.report, dict) and ev.report == json.loads(body)
 
 
 def test_a_report_that_is_not_json_is_not_sent():
