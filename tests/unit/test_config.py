@@ -173,6 +173,12 @@ def offload(*targets, role="primary", **group):
     return data
 
 
+def watched(data):
+    for v in data["groups"][0]["volumes"]:
+        v["capture"] = "watch"
+    return data
+
+
 NEAR = {"node": "dc2-dr", "mode": "sync"}
 FAR = {"node": "dc3-arc", "mode": "async"}
 
@@ -226,6 +232,8 @@ T = "groups[0].targets"
     (offload(NEAR, FAR, link_keys={"dc3-arc": None}), "groups[0].link_keys.dc3-arc",
      "absolute path"),
     (offload(NEAR, FAR, link_keys=["/k"]), "groups[0].link_keys", "expected dict"),
+    (watched(offload(NEAR, {**FAR, "via": "dc2-dr", "process": ["delta"]})), "groups[0].targets",
+     "a watched group's epochs are shipped as they are"),
 ])
 def test_offload_errors_name_the_key(data, where, what):
     with pytest.raises(ConfigError) as exc:

@@ -309,7 +309,10 @@ def test_relay_wait_for():
             assert not await relay.wait_for(5)  # the near node is not processing
             relay.processing = True
             assert not await relay.wait_for(5)  # nor known
-            relay.near = types.SimpleNamespace(written_seq=5)
+            relay.near = types.SimpleNamespace(written_seq=4, in_sync=False)
+            assert not await relay.wait_for(5)  # not in sync: it may be far behind
+            relay.near.in_sync = True
+            relay.near.written_seq = 5
             assert not await relay.wait_for(5)  # it has written 5: its run is not coming
             relay.near.written_seq = 4
             waiting = asyncio.create_task(relay.wait_for(5))
@@ -333,19 +336,31 @@ def test_relay_wait_for():
     asyncio.run(main())
 
 
+def test_relay_says_why_records_go_direct():
+    assert Relay(FAR).why_direct() == "no processed form of them here"
+    relay = Relay(FAR, via="near")
+    assert relay.why_direct() == "near is not processing (away, resyncing or just connected)"
+    relay.refused = "no volumes"
+    assert relay.why_direct() == "near refused: no volumes"
+    relay.processing, relay.refused = True, ""
+    relay.near = types.SimpleNamespace(written_seq=0, in_sync=False)
+    assert relay.why_direct() == "near is not in sync"
+    relay.near.in_sync = True
+    assert relay.why_direct() == "near's processed records came too late or not at all"
+
+
 def test_relay_paths_counters_and_status():
     relay = Relay(FAR, via="near")
     assert relay.path == "direct" and relay.ops == Op.DELTA | Op.ZSTD
-    relay.shipped(3, False, 300, 300)
+    assert relay.shipped(3, False, 300, 300) is None  # the path it had
     assert relay.path == "direct" and relay.path_changed == 0.0
-    relay.shipped(10, True, 100, 4000)
-    relay.shipped(5, True, 50, 2000)
+    assert relay.shipped(10, True, 100, 4000) == "via near"
+    assert relay.shipped(5, True, 50, 2000) is None
     assert relay.path == "via near" and relay.path_changed > 0
     assert (relay.records_processed, relay.records_direct, relay.bytes_processed,
             relay.bytes_raw) == (15, 3, 150, 6000)
     here = Relay(FAR)
-    here.shipped(1, True, 10, 20)
-    assert here.path == "processed here"
+    assert here.shipped(1, True, 10, 20) == "processed here"
     relay.mismatched(12, "data", 4096, 512)
     status = relay.status()
     assert status == {
