@@ -245,8 +245,8 @@ def test_steps_that_do_not_shrink_are_left_out():
     base, payload = rng.randbytes(4096), rng.randbytes(4096)
     run = process_run(Processor(Op.DELTA | Op.ZSTD | Op.CHECKSUM), write(1, payload),
                       lambda rec: base)
-    (rec, head), = raw_run(write(1, payload))
-    ops = run[rec.size - rec.length]
+    (rec, _), = raw_run(write(1, payload))
+    ops = run[rec.size - rec.length]  # the byte after the head
     assert ops == Op.DELTA | Op.CHECKSUM  # zstd of random bytes would grow
 
 
@@ -426,7 +426,7 @@ async def durable(g: Group, fut: asyncio.Future) -> None:
     await g.commit.commit_now()
 
 
-def restore_into(far: Group, restoring: Restoring, frame: Processed) -> tuple[bytes, asyncio.Future]:
+def restore_into(far: Group, restoring: Restoring, frame: Processed) -> tuple:
     """What the far receiver does with a PROCESSED frame that restores in full."""
     parts, last, mismatch = restoring.restore(frame)
     assert mismatch is None and last == frame.last_seq
