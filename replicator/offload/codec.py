@@ -44,6 +44,7 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 _ITEM = struct.Struct("<BQI")  # ops, base checksum, body size
 MAX_BODY = MAX_LENGTH + 1024  # a WRITE's body: never past its payload and some framing
+_SIZE_UNKNOWN = -1  # zstandard.frame_content_size() of a frame that does not declare it
 
 
 class Op(enum.IntFlag):
@@ -199,6 +200,15 @@ class Restorer:
                 raise ProcessedError(f"seq {rec.seq} does not decrypt with this node's key "
                                      "for the link (another key, or damaged)") from None
         if ops & Op.ZSTD:
+            # The one-shot API allocates what the frame declares, whatever
+            # max_output_size says: a damaged size must not become a huge allocation.
+            try:
+                declared = zstandard.frame_content_size(body)
+            except zstandard.ZstdError:
+                raise ProcessedError(f"seq {rec.seq}: body is not a zstd frame") from None
+            if declared not in (_SIZE_UNKNOWN, rec.length):
+                raise ProcessedError(f"seq {rec.seq}: zstd body declares {declared} bytes "
+                                     f"for a write of {rec.length}")
             unzstd = self._unzstd if ops & Op.DELTA else zstandard.ZstdDecompressor(
                 dict_data=_dictionary(base))
             try:

@@ -142,6 +142,7 @@ class Restoring:
     def __init__(self, group: Group, node: str, log: logging.Logger):
         self.group = group
         self.image = Image(group, group.commit.consistent_seq)
+        self._fed = group.commit.consistent_seq  # the last record the image has
         key, key_path = None, group.cfg.link_keys.get(node)
         if key_path:
             try:
@@ -151,9 +152,12 @@ class Restoring:
         self._restorer = Restorer(key)
 
     def records(self, payload) -> None:
-        """Feed a RECORDS batch of the session to the image."""
+        """Feed a RECORDS batch of the session to the image (records it has already, sent
+        again or restored from PROCESSED, are not laid over later ones)."""
         for rec, _ in raw_run(payload):
-            self.image.feed(rec)
+            if rec.seq > self._fed:
+                self.image.feed(rec)
+                self._fed = rec.seq
 
     def restore(self, ev: Processed) -> tuple[list, int, BaseMismatch | None]:
         """The journal bytes of ev's records, as buffers, through the last one that
@@ -171,6 +175,7 @@ class Restoring:
                                          f"{rec.seq} after {seq}")
                 seq = rec.seq
                 image.feed(rec)
+                self._fed = max(self._fed, seq)
                 parts.extend(bufs)
         except BaseMismatch as exc:
             return parts, seq, exc

@@ -954,7 +954,7 @@ def _write_report(ev: Report, out: _Writer) -> None:
 def _read_report(reader: _Reader) -> Report:
     try:
         report = json.loads(bytes(reader.rest()))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nested too deep
         raise RemoteProtocolError(f"REPORT is not JSON: {exc}") from None
     if not isinstance(report, dict):
         raise RemoteProtocolError(f"REPORT is a JSON {type(report).__name__}, not an object")

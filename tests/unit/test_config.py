@@ -158,3 +158,85 @@ def test_volumes_are_preallocated_unless_the_group_or_the_volume_says_otherwise(
     data = mutate(("groups", 0, "allocation"), "check")
     data["groups"][0]["volumes"][1]["allocation"] = "sparse"
     assert [v.allocation for v in parse(data).group("db").volumes] == ["check", "sparse"]
+
+
+# ---- processing offload (issue 17): via, process, link_keys ------------------------------
+
+def offload(*targets, role="primary", **group):
+    """BASE with the group's targets replaced (dc2-dr and dc3-arc) and `group` keys set."""
+    data = yaml.safe_load(BASE)
+    g = data["groups"][0]
+    g.update(targets=list(targets), **group)
+    if role == "secondary":
+        data["peers"]["dc0-src"] = "127.0.0.1:7800"
+        g.update(role="secondary", source="dc0-src")
+    return data
+
+
+def watched(data):
+    for v in data["groups"][0]["volumes"]:
+        v["capture"] = "watch"
+    return data
+
+
+NEAR = {"node": "dc2-dr", "mode": "sync"}
+FAR = {"node": "dc3-arc", "mode": "async"}
+
+
+def test_a_far_target_processed_via_a_near_one():
+    cfg = parse(offload(NEAR, {**FAR, "via": "dc2-dr", "process": ["zstd", "delta", "encrypt"]},
+                        link_keys={"dc3-arc": "/etc/replicator/dc3.key"}))
+    g = cfg.group("db")
+    assert (g.targets[1].via, g.targets[1].process) == ("dc2-dr", ("delta", "zstd", "encrypt"))
+    assert (g.targets[0].via, g.targets[0].process) == (None, ())
+    assert g.link_keys == {"dc3-arc": "/etc/replicator/dc3.key"}
+    # a secondary processes what it receives for its own target; its own key is allowed
+    cfg = parse(offload({**FAR, "process": ["checksum"]}, role="secondary",
+                        link_keys={"dc1-app": "/k/own.key"}))
+    assert cfg.group("db").targets[0].process == ("checksum",)
+
+
+T = "groups[0].targets"
+
+
+@pytest.mark.parametrize("data,where,what", [
+    (offload(NEAR, {**FAR, "via": "dc2-dr", "process": ["delta", "lz4"]}), f"{T}[1].process[1]",
+     "expected one of delta, zstd, checksum, encrypt; got 'lz4'"),
+    (offload(NEAR, {**FAR, "via": "dc2-dr", "process": [3]}), f"{T}[1].process[0]", "got 3"),
+    (offload(NEAR, {**FAR, "via": "dc2-dr", "process": "delta"}), f"{T}[1].process", "list"),
+    (offload(NEAR, {**FAR, "via": "dc2-dr", "process": ["zstd", "zstd"]}), f"{T}[1].process",
+     "named twice"),
+    (offload({**NEAR, "process": ["delta"]}, FAR), f"{T}[0].process", "this one is sync"),
+    (offload({**NEAR, "mode": "periodic", "interval": 60, "process": ["delta"]}, FAR),
+     f"{T}[0].process", "this one is periodic"),
+    (offload(NEAR, {**FAR, "via": "dc2-dr"}), f"{T}[1].via", "needs `process`"),
+    (offload(NEAR, {**FAR, "via": "dc2-dr", "process": []}), f"{T}[1].via", "needs `process`"),
+    (offload(NEAR, {**FAR, "via": 7, "process": ["delta"]}), f"{T}[1].via", "expected str"),
+    (offload(NEAR, {**FAR, "via": "dc9", "process": ["delta"]}), f"{T}[1].via",
+     "'dc9' is not another target of this group"),
+    (offload(NEAR, {**FAR, "via": "dc3-arc", "process": ["delta"]}), f"{T}[1].via",
+     "'dc3-arc' is not another target of this group"),
+    (offload({**NEAR, "bunker": True}, {**FAR, "via": "dc2-dr", "process": ["delta"]}),
+     f"{T}[1].via", "'dc2-dr' cannot process for dc3-arc"),
+    (offload({**NEAR, "mode": "periodic", "interval": 60},
+             {**FAR, "via": "dc2-dr", "process": ["delta"]}), f"{T}[1].via", "cannot process"),
+    (offload({**NEAR, "mode": "async", "via": "dc3-arc", "process": ["delta"]},
+             {**FAR, "via": "dc2-dr", "process": ["delta"]}), f"{T}[0].via",
+     "'dc3-arc' cannot process for dc2-dr"),
+    (offload(NEAR, {**FAR, "process": ["delta"]}), f"{T}[1].process",
+     "only a secondary processes what it receives"),
+    (offload(NEAR, FAR, link_keys={"dc9": "/k/dc9.key"}), "groups[0].link_keys.dc9",
+     "'dc9' is not in peers"),
+    (offload(NEAR, FAR, link_keys={"dc3-arc": "dc3.key"}), "groups[0].link_keys.dc3-arc",
+     "expected an absolute path; got 'dc3.key'"),
+    (offload(NEAR, FAR, link_keys={"dc3-arc": None}), "groups[0].link_keys.dc3-arc",
+     "absolute path"),
+    (offload(NEAR, FAR, link_keys=["/k"]), "groups[0].link_keys", "expected dict"),
+    (watched(offload(NEAR, {**FAR, "via": "dc2-dr", "process": ["delta"]})), "groups[0].targets",
+     "a watched group's epochs are shipped as they are"),
+])
+def test_offload_errors_name_the_key(data, where, what):
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    assert exc.value.key_path == where
+    assert what in str(exc.value)

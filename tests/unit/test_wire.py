@@ -1,6 +1,7 @@
 """The sans-IO replication protocol: sessions between two in-memory connections,
 parsers fed whole, byte by byte and with trailing bytes, and every malformed input."""
 
+import json
 import random
 import re
 import struct
@@ -1052,6 +1053,13 @@ HOSTILE = [
      [HashRequest(id=1, seq=41, volume="v", offset=0, length=1, granularity=1)] * 2,
      "id 1 is already outstanding"),
     ("fetch on a streaming connection", [Fetch(seq=1, crc=0)], "cannot receive FETCH"),
+    ("processed without the feature", [Processed(target="far", first_seq=42, last_seq=42, payload=b"")],
+     "did not agree Feature.PROCESSED"),
+    ("offload in a resync", [ResyncBegin(seq=41), Offload(target="far", ops=1)],
+     "cannot receive OFFLOAD in state resyncing"),
+    ("mismatch down", [Mismatch(seq=41, volume="v", offset=0, length=1)],
+     "cannot receive MISMATCH in state streaming"),
+    ("report down", [Report(report={})], "cannot receive REPORT in state streaming"),
 ]
 
 
@@ -1092,6 +1100,126 @@ def test_a_hostile_receiver_is_refused_too(events, match):
         drain(s)
 
 
+# ---- processing offload (issue 17) ------------------------------------------------------
+
+OFFLOADING = (Hello(proto_min=V, proto_max=V, features=Feature.ZSTD | Feature.PROCESSED, node="dc1",
+                    group="db", target="dc3"),
+              Welcome(version=V, features=Feature.PROCESSED, seq=41, crc=0, node="dc3"))
+
+
+def processed(first, last):
+    return Processed(target="dc3", first_seq=first, last_seq=last, payload=b"run")
+
+
+def test_processed_records_down_a_stream_that_agreed_them():
+    s, r = handshake(*OFFLOADING)
+    evs = [processed(42, 43), Records(first_seq=44, last_seq=44, payload=b""), processed(44, 45),
+           processed(42, 42)]  # resent after what it holds: no gap
+    r.receive_data(b"".join(s.send(ev) for ev in evs))
+    assert drain(r) == evs and s.state == r.state == State.STREAMING
+    s.receive_data(r.send(Ack(seq=45, durable=45)))
+    assert drain(s) == [Ack(seq=45, durable=45)]
+
+
+def test_processed_records_down_leave_no_gap():
+    s, r = handshake(*OFFLOADING)
+    r.receive_data(hostile(processed(43, 43)))
+    with pytest.raises(RemoteProtocolError, match="PROCESSED 43..43 leave a gap after seq 41"):
+        drain(r)
+    s = handshake(*OFFLOADING)[0]
+    with pytest.raises(LocalProtocolError, match="PROCESSED 43..43 leave a gap after seq 41"):
+        s.send(processed(43, 43))
+
+
+def test_processed_records_up_name_only_seqs_the_stream_sent():
+    s, r = handshake()  # up needs no feature: the near node answers its own source
+    r.receive_data(s.send(Records(first_seq=42, last_seq=44, payload=b"")))
+    drain(r)
+    s.receive_data(r.send(processed(1, 41)) + r.send(processed(42, 44)))
+    assert drain(s) == [processed(1, 41), processed(42, 44)]
+    with pytest.raises(LocalProtocolError, match="PROCESSED 44..45 past seq 44, the highest"):
+        r.send(processed(44, 45))
+    s.receive_data(hostile(processed(44, 45)))
+    with pytest.raises(RemoteProtocolError, match="PROCESSED 44..45 past seq 44, the highest"):
+        drain(s)
+
+
+UP_ON_ITS_OWN = [Offload(target="dc3", ops=1), processed(40, 41), Report(report={"lag": [1, 2.5]})]
+
+
+@pytest.mark.parametrize("move", [[ResyncBegin(seq=41)], [ResyncBegin(seq=41), ResyncDone(seq=41, crc=0)],
+                                  [Handover(seq=41)]], ids=["resync", "resync-done", "handover"])
+def test_what_a_receiver_sends_on_its_own_crosses_the_frames_that_move_the_session(move):
+    s, r = handshake()
+    down = b"".join(s.send(ev) for ev in move)  # the sender has moved on, the receiver not yet
+    up = b"".join(r.send(ev) for ev in UP_ON_ITS_OWN)
+    s.receive_data(up)
+    assert drain(s) == UP_ON_ITS_OWN
+    r.receive_data(down)
+    assert drain(r) == move and r.state == s.state != State.STREAMING
+    s.receive_data(b"".join(r.send(ev) for ev in UP_ON_ITS_OWN))  # and once both have
+    assert drain(s) == UP_ON_ITS_OWN
+
+
+def test_a_mismatch_goes_up_in_streaming_only():
+    s, r = handshake()
+    s.receive_data(r.send(Mismatch(seq=41, volume="v", offset=0, length=512)))
+    assert drain(s) == [Mismatch(seq=41, volume="v", offset=0, length=512)]
+    r.receive_data(s.send(ResyncBegin(seq=41)))
+    drain(r)
+    with pytest.raises(LocalProtocolError, match="receiver cannot send MISMATCH in state resyncing"):
+        r.send(Mismatch(seq=41, volume="v", offset=0, length=512))
+    s.receive_data(hostile(Mismatch(seq=41, volume="v", offset=0, length=512)))
+    with pytest.raises(RemoteProtocolError, match="sender cannot receive MISMATCH in state resyncing"):
+        drain(s)
+    s = handshake()[0]
+    with pytest.raises(LocalProtocolError, match="sender cannot send MISMATCH"):
+        s.send(Mismatch(seq=41, volume="v", offset=0, length=512))
+
+
+@pytest.mark.parametrize("body,match", [
+    (b"[1, 2]", "REPORT is a JSON list, not an object"),
+    (b'"lag"', "REPORT is a JSON str, not an object"),
+    (b"null", "REPORT is a JSON NoneType, not an object"),
+    (b'{"lag": ', "REPORT is not JSON"),
+    (b"", "REPORT is not JSON"),
+    (b'{"\xff": 1}', "REPORT is not JSON"),
+    (b"[" * 100_000, "REPORT is not JSON"),  # nested past the parser's recursion limit
+    (b'{"a": ' * 100_000, "REPORT is not JSON"),
+    (b'{"lag": ' + b"9" * 5000 + b"}", "REPORT is not JSON"),  # past int digits limit
+])
+def test_a_report_is_a_json_object(body, match):
+    s = handshake()[0]
+    s.receive_data(frame(FrameType.REPORT, body))
+    with pytest.raises(RemoteProtocolError, match=match):
+        drain(s)
+    assert_failed(s, RemoteProtocolError)
+
+
+if given is not None:
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=64),
+                     st.integers(1, 3000).map(lambda n: b"[" * n)))
+    def test_a_report_body_is_an_object_or_a_remote_error(body):
+        try:
+            ev = decode_body(FrameType.REPORT, 0, memoryview(body), max_frame=DEFAULT_MAX_FRAME)
+        except RemoteProtocolError as exc:
+            assert "REPORT is" in str(exc)
+        else:
+            assert isinstance(ev.report, dict) and ev.report == json.loads(body)
+
+
+def test_a_report_that_is_not_json_is_not_sent():
+    r = handshake()[1]
+    with pytest.raises(LocalProtocolError, match="REPORT is not JSON"):
+        r.send(Report(report={"when": object()}))
+
+
 def test_the_ack_of_resync_done_must_name_its_seq():
     s, r = handshake()
     r.receive_data(s.send(ResyncBegin(seq=41)) + s.send(ResyncDone(seq=41, crc=0)))
@@ -1125,10 +1253,13 @@ _DOWN = [Records(first_seq=f, last_seq=f + n, payload=b"") for f in (41, 42, 43)
     *(ResyncBegin(seq=q) for q in (41, 42, 44, 2**63)), *(ResyncDone(seq=q, crc=0) for q in (41, 42, 44)),
     *(HashRequest(id=i, seq=q, volume="v", offset=0, length=1, granularity=1)
       for i in (1, 2) for q in (41, ANY_SEQ)),
-    Handover(seq=41), Handover(seq=43), Successor(seq=42, node="c"), Fetch(seq=1, crc=0)]
+    Handover(seq=41), Handover(seq=43), Successor(seq=42, node="c"), Fetch(seq=1, crc=0),
+    Offload(target="far", ops=3), Processed(target="far", first_seq=42, last_seq=42, payload=b"p")]
 _UP = [*(Ack(seq=q, durable=q) for q in (40, 41, 42, 43, 44, 2**63)), Heartbeat(sent_ns=2), ResyncAck(count=1),
        *(HashReply(id=i, seq=41, hashes=b"") for i in (1, 2)), Diverged(fork=1, complete=True),
-       Records(first_seq=42, last_seq=42, payload=b"")]
+       Records(first_seq=42, last_seq=42, payload=b""), Offload(target="far", ops=0, reason="no"),
+       *(Processed(target="far", first_seq=40, last_seq=q, payload=b"p") for q in (41, 43)),
+       Mismatch(seq=41, volume="v", offset=0, length=512), Report(report={"node": "dc2"})]
 STEPS = [(Role.SENDER, ev) for ev in _DOWN] + [(Role.RECEIVER, ev) for ev in _UP]
 
 
