@@ -308,45 +308,52 @@ def test_relay_wait_for():
             assert await relay.wait_for(3)  # there
             assert not await relay.wait_for(5)  # the near node is not processing
             relay.processing = True
-            assert not await relay.wait_for(5)  # nor known
-            relay.near = types.SimpleNamespace(written_seq=4, in_sync=False)
+            relay.near = types.SimpleNamespace(in_sync=False)
             assert not await relay.wait_for(5)  # not in sync: it may be far behind
             relay.near.in_sync = True
-            relay.near.written_seq = 5
-            assert not await relay.wait_for(5)  # it has written 5: its run is not coming
-            relay.near.written_seq = 4
             waiting = asyncio.create_task(relay.wait_for(5))
             await asyncio.sleep(0)
             assert not waiting.done()
             relay.add(5, 6, b"y")
             assert await waiting
-        relay.wait = 0.05
-        assert not await relay.wait_for(7)  # too late: gave up on it
-        relay.wait = 3600
-        async with asyncio.timeout(10):
-            assert not await relay.wait_for(7)  # and no more waiting
-            assert not await relay.wait_for(8)
-            relay.add(7, 7, b"z")  # until the next run comes
-            waiting = asyncio.create_task(relay.wait_for(8))
+            relay.add(8, 9, b"v")
+            assert not await relay.wait_for(7)  # a run past it came: 7's never will
+            waiting = asyncio.create_task(relay.wait_for(10))
             await asyncio.sleep(0)
             assert not waiting.done()
-            relay.add(8, 9, b"w")
+            relay.add(11, 11, b"u")  # past it, while it waits: stop waiting
+            assert not await waiting
+        relay.wait = 0.05
+        assert not await relay.wait_for(12)  # too late: gave up on it
+        relay.wait = 3600
+        async with asyncio.timeout(10):
+            assert not await relay.wait_for(12)  # and no more waiting
+            assert not await relay.wait_for(13)
+            relay.add(12, 12, b"z")  # until the next run comes
+            waiting = asyncio.create_task(relay.wait_for(13))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            relay.add(13, 14, b"w")
             assert await waiting
 
     asyncio.run(main())
 
 
 def test_relay_says_why_records_go_direct():
-    assert Relay(FAR).why_direct() == "no processed form of them here"
     relay = Relay(FAR, via="near")
     assert relay.why_direct() == "near is not processing (away, resyncing or just connected)"
     relay.refused = "no volumes"
     assert relay.why_direct() == "near refused: no volumes"
     relay.processing, relay.refused = True, ""
-    relay.near = types.SimpleNamespace(written_seq=0, in_sync=False)
+    relay.near = types.SimpleNamespace(in_sync=False)
     assert relay.why_direct() == "near is not in sync"
     relay.near.in_sync = True
     assert relay.why_direct() == "near's processed records came too late or not at all"
+    here = Relay(FAR)  # a cascade: this node's own receiver processes
+    assert here.why_direct() == "this node is not processing (away, resyncing or just " \
+        "connected)"
+    here.processing = True
+    assert here.why_direct() == "this node's receiver has not processed them (yet)"
 
 
 def test_relay_paths_counters_and_status():
