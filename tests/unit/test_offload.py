@@ -308,45 +308,52 @@ def test_relay_wait_for():
             assert await relay.wait_for(3)  # there
             assert not await relay.wait_for(5)  # the near node is not processing
             relay.processing = True
-            assert not await relay.wait_for(5)  # nor known
-            relay.near = types.SimpleNamespace(written_seq=4, in_sync=False)
+            relay.near = types.SimpleNamespace(in_sync=False)
             assert not await relay.wait_for(5)  # not in sync: it may be far behind
             relay.near.in_sync = True
-            relay.near.written_seq = 5
-            assert not await relay.wait_for(5)  # it has written 5: its run is not coming
-            relay.near.written_seq = 4
             waiting = asyncio.create_task(relay.wait_for(5))
             await asyncio.sleep(0)
             assert not waiting.done()
             relay.add(5, 6, b"y")
             assert await waiting
-        relay.wait = 0.05
-        assert not await relay.wait_for(7)  # too late: gave up on it
-        relay.wait = 3600
-        async with asyncio.timeout(10):
-            assert not await relay.wait_for(7)  # and no more waiting
-            assert not await relay.wait_for(8)
-            relay.add(7, 7, b"z")  # until the next run comes
-            waiting = asyncio.create_task(relay.wait_for(8))
+            relay.add(8, 9, b"v")
+            assert not await relay.wait_for(7)  # a run past it came: 7's never will
+            waiting = asyncio.create_task(relay.wait_for(10))
             await asyncio.sleep(0)
             assert not waiting.done()
-            relay.add(8, 9, b"w")
+            relay.add(11, 11, b"u")  # past it, while it waits: stop waiting
+            assert not await waiting
+        relay.wait = 0.05
+        assert not await relay.wait_for(12)  # too late: gave up on it
+        relay.wait = 3600
+        async with asyncio.timeout(10):
+            assert not await relay.wait_for(12)  # and no more waiting
+            assert not await relay.wait_for(13)
+            relay.add(12, 12, b"z")  # until the next run comes
+            waiting = asyncio.create_task(relay.wait_for(13))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            relay.add(13, 14, b"w")
             assert await waiting
 
     asyncio.run(main())
 
 
 def test_relay_says_why_records_go_direct():
-    assert Relay(FAR).why_direct() == "no processed form of them here"
     relay = Relay(FAR, via="near")
     assert relay.why_direct() == "near is not processing (away, resyncing or just connected)"
     relay.refused = "no volumes"
     assert relay.why_direct() == "near refused: no volumes"
     relay.processing, relay.refused = True, ""
-    relay.near = types.SimpleNamespace(written_seq=0, in_sync=False)
+    relay.near = types.SimpleNamespace(in_sync=False)
     assert relay.why_direct() == "near is not in sync"
     relay.near.in_sync = True
     assert relay.why_direct() == "near's processed records came too late or not at all"
+    here = Relay(FAR)  # a cascade: this node's own receiver processes
+    assert here.why_direct() == "this node is not processing (away, resyncing or just " \
+        "connected)"
+    here.processing = True
+    assert here.why_direct() == "this node's receiver has not processed them (yet)"
 
 
 def test_relay_paths_counters_and_status():
@@ -426,6 +433,31 @@ async def durable(g: Group, fut: asyncio.Future) -> None:
     await g.commit.commit_now()
 
 
+@contextlib.asynccontextmanager
+async def processing_of(g: Group, local: list[Relay] | None = None):
+    """A Processing of `g` with its worker running, and the list of PROCESSED frames it
+    sends, in order; closed at the end."""
+    sent: list[Processed] = []
+
+    async def send(frame: Processed) -> None:
+        sent.append(frame)
+
+    processing = Processing(g, local or [], LOG)
+    processing.start(send)
+    try:
+        yield processing, sent
+    finally:
+        await processing.close()
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    """Poll until condition() holds (AssertionError after `timeout` seconds)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 def restore_into(far: Group, restoring: Restoring, frame: Processed) -> tuple:
     """What the far receiver does with a PROCESSED frame that restores in full."""
     parts, last, mismatch = restoring.restore(frame)
@@ -492,23 +524,24 @@ def test_a_near_replica_processes_and_a_far_one_restores_byte_for_byte(tmp_path,
     async def main():
         near = replica(tmp_path, "near", {"far": KEY})
         far = replica(tmp_path, "far", {"far": KEY})
-        async with running(near, far):
-            processing = Processing(near, [], LOG)
+        async with running(near, far), processing_of(near) as (processing, sent):
             answer = processing.ask(Offload(target="far", ops=int(ALL_OPS)))
             assert answer == Offload(target="far", ops=int(ALL_OPS)) and processing.active
             restoring = Restoring(far, "far", LOG)
             rng = random.Random(seed)
             pending, done = [], []
-            for batch in batches(rng, 1):
+            for i, batch in enumerate(batches(rng, 1)):
                 fut = submit(near, batch)
-                frames = processing.records(batch)  # in the same turn: none of it is readable
-                assert [(f.target, f.first_seq, f.last_seq) for f in frames] == \
-                    [("far", raw_run(batch)[0][0].seq, raw_run(batch)[-1][0].seq)]
+                processing.take(batch)  # in the same turn: none of it is readable
+                await until(lambda: len(sent) > i)  # processed later, the group may show it
+                frame = sent[i]
+                assert (frame.target, frame.first_seq, frame.last_seq) == \
+                    ("far", raw_run(batch)[0][0].seq, raw_run(batch)[-1][0].seq)
                 # each write was processed against what the records before it left there
-                assert restore_run(Restorer(KEY), frames[0].payload,
+                assert restore_run(Restorer(KEY), frame.payload,
                                    model_base(done, batch)) == records_of(batch)
                 done.append(batch)
-                journal, far_fut = restore_into(far, restoring, frames[0])
+                journal, far_fut = restore_into(far, restoring, frame)
                 assert journal == batch
                 pending += [(near, fut), (far, far_fut)]
                 if rng.random() < 0.5:  # sometimes the groups catch up, sometimes not
@@ -518,6 +551,7 @@ def test_a_near_replica_processes_and_a_far_one_restores_byte_for_byte(tmp_path,
             for g, f in pending:
                 await durable(g, f)
             expected = read_model(batches(random.Random(seed), 1), b"", 0, SIZE)
+            assert len(sent) == len(done)
             assert read(near, "data", 0, SIZE) == read(far, "data", 0, SIZE) == expected
 
     asyncio.run(main())
@@ -577,20 +611,22 @@ def test_a_run_must_hold_exactly_its_seqs(tmp_path):
 def test_a_far_replica_on_another_base_takes_nothing_from_the_mismatch_on(tmp_path):
     async def main():
         near, far = replica(tmp_path, "near"), replica(tmp_path, "far")
-        async with running(near, far):
-            processing = Processing(near, [], LOG)
+        async with running(near, far), processing_of(near) as (processing, sent):
             processing.ask(Offload(target="far", ops=int(Op.DELTA | Op.ZSTD | Op.CHECKSUM)))
             restoring = Restoring(far, "far", LOG)
             first = write(1, b"A" * 4096)
             await durable(near, submit(near, first))
-            assert processing.records(first)[0].last_seq == 1
+            processing.take(first)
+            await until(lambda: sent)
+            assert sent[0].last_seq == 1
             rotten = write(1, b"A" * 4000 + b"R" * 96)  # what the far replica holds instead
             await durable(far, submit(far, rotten))
             restoring.records(rotten)
             batch = write(2, b"B" * 4096, 8192) + write(3, b"C" * 4096)
             submit(near, batch)
-            (frame,) = processing.records(batch)
-            parts, last, mismatch = restoring.restore(frame)
+            processing.take(batch)
+            await until(lambda: len(sent) == 2)
+            parts, last, mismatch = restoring.restore(sent[1])
             assert last == 2 and b"".join(bytes(p) for p in parts) == write(2, b"B" * 4096, 8192)
             assert isinstance(mismatch, BaseMismatch) and mismatch.record.seq == 3
             assert (mismatch.record.volume, mismatch.record.offset, mismatch.record.length) == \
@@ -652,21 +688,29 @@ def test_a_session_begun_mid_stream_processes_once_the_group_is_consistent(tmp_p
         near = replica(tmp_path, "near")
         async with running(near):
             early = submit(near, write(1, b"1" * 512))
-            processing = Processing(near, [], LOG)  # seq 1 is queued, not readable
-            processing.ask(Offload(target="far", ops=int(Op.DELTA)))
-            second = write(2, b"2" * 512, 256)
-            submit(near, second)
-            assert processing.records(second) == []  # its base is not known here
-            await durable(near, early)
-            await near.commit.commit_now()
-            third = write(3, b"3" * 1024)
-            submit(near, third)
-            (frame,) = processing.records(third)
-            assert (frame.first_seq, frame.last_seq) == (3, 3)
-            restored = restore_run(Restorer(), frame.payload,
-                                   lambda rec: b"1" * 256 + b"2" * 512 + bytes(256))
-            assert restored == [third]
-            assert processing.records(second + third) == []  # resent: processed once
+            # seq 1 is queued, not readable
+            async with processing_of(near) as (processing, sent):
+                processing.ask(Offload(target="far", ops=int(Op.DELTA)))
+                second = write(2, b"2" * 512, 256)
+                submit(near, second)
+                processing.take(second)  # its base is not known here: not processed
+                await durable(near, early)
+                await near.commit.commit_now()
+                third = write(3, b"3" * 1024)
+                submit(near, third)
+                processing.take(third)
+                await until(lambda: sent)
+                (frame,) = sent  # batches are processed in order: none came for seq 2
+                assert (frame.first_seq, frame.last_seq) == (3, 3)
+                restored = restore_run(Restorer(), frame.payload,
+                                       lambda rec: b"1" * 256 + b"2" * 512 + bytes(256))
+                assert restored == [third]
+                processing.take(second + third)  # resent: processed once
+                fourth = write(4, b"4" * 512, 4096)
+                submit(near, fourth)
+                processing.take(fourth)
+                await until(lambda: len(sent) == 2)
+                assert [(f.first_seq, f.last_seq) for f in sent] == [(3, 3), (4, 4)]
 
     asyncio.run(main())
 
@@ -675,12 +719,18 @@ def test_a_cascade_node_processes_into_its_own_relays(tmp_path):
     async def main():
         near = replica(tmp_path, "near")
         async with running(near):
-            relay = Relay(FAR)
-            processing = Processing(near, [relay], LOG)
-            assert processing.active
-            batch = write(1, b"x" * 4096) + write(2, b"y" * 4096)
-            fut = submit(near, batch)
-            assert processing.records(batch) == []  # no frames: the runs are the relay's
+            relay = Relay(FAR, wait=3600)
+            async with processing_of(near, [relay]) as (processing, sent):
+                assert processing.active and relay.processing
+                waiting = asyncio.create_task(relay.wait_for(1))  # the far link waits
+                await asyncio.sleep(0)
+                assert not waiting.done()
+                batch = write(1, b"x" * 4096) + write(2, b"y" * 4096)
+                fut = submit(near, batch)
+                processing.take(batch)
+                assert await waiting
+                assert sent == []  # no frames: the runs are the relay's
+            assert not relay.processing  # closed: the far link no longer waits
             await durable(near, fut)
             last, run = relay.take(1)
             assert last == 2
