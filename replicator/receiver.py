@@ -405,7 +405,11 @@ class Receiver:
 
     def _processing(self, s: _Session, local: list) -> Processing:
         p = Processing(s.group, local, self.log)
-        p.start(s.link.send)
+
+        def fail(why: str) -> None:
+            s.failed = why
+            asyncio.ensure_future(s.link.close())
+        p.start(s.link.send, fail)
         return p
 
     async def _processed(self, s: _Session, ev: Processed) -> bool:

@@ -37,7 +37,7 @@ class Relay:
         self._runs: OrderedDict[int, tuple[int, bytes]] = OrderedDict()  # first -> (last, payload)
         self._top = 0  # the highest seq of a run kept
         self.nbytes = 0
-        self.processing = False  # the near node is processing for us, in a live session
+        self._processing = False  # the near node is processing for us, in a live session
         self.near = None  # its TargetLink while it does (whether it is in sync); None for
         # this node's own receiver (a cascade)
         self.refused = ""  # why the near node will not (its OFFLOAD answer), if it said so
@@ -51,6 +51,16 @@ class Relay:
         self._gave_up = 0  # the seq whose run came too late: no more waiting until the
         # next run arrives (a slow near node must not slow the far link to its pace)
         self._arrived = asyncio.Event()
+
+    @property
+    def processing(self) -> bool:
+        return self._processing
+
+    @processing.setter
+    def processing(self, value: bool) -> None:
+        self._processing = value
+        if not value:
+            self._arrived.set()  # a far stream waiting for a run goes direct at once
 
     def add(self, first: int, last: int, payload: bytes) -> None:
         """A processed run of records first..last."""

@@ -80,10 +80,10 @@ class Processing:
     def active(self) -> bool:
         return bool(self._upstream or self._local)
 
-    def start(self, send) -> None:
+    def start(self, send, fail) -> None:
         """Process taken batches in order; `send(frame)` (a coroutine) sends a PROCESSED
-        frame to the source."""
-        self._worker = asyncio.create_task(self._work(send),
+        frame to the source; `fail(why)` ends the session when processing fails."""
+        self._worker = asyncio.create_task(self._work(send, fail),
                                            name=f"offload-{self.group.name}")
 
     async def close(self) -> None:
@@ -113,10 +113,16 @@ class Processing:
         if job is not None and job.items:
             self._jobs.put_nowait(job)
 
-    async def _work(self, send) -> None:
+    async def _work(self, send, fail) -> None:
         while True:
             job = await self._jobs.get()
-            runs = await asyncio.to_thread(_process, job)
+            try:
+                runs = await asyncio.to_thread(_process, job)
+            except Exception as exc:  # noqa: BLE001 - a bug: loudly, and the session ends
+                self.log.exception("group %s: processing records %d..%d failed", self.group.name,
+                                   job.first, job.last)
+                fail(f"processing records {job.first}..{job.last} failed: {exc!r}")
+                return
             for i, ((sink, _), run) in enumerate(zip(job.sinks, runs)):
                 if i == 0:  # what processing saves, for the replica's analytics
                     self.group.analytics.delta(job.raw, len(run))

@@ -442,12 +442,14 @@ async def processing_of(g: Group, local: list[Relay] | None = None):
     async def send(frame: Processed) -> None:
         sent.append(frame)
 
+    failed: list[str] = []
     processing = Processing(g, local or [], LOG)
-    processing.start(send)
+    processing.start(send, failed.append)
     try:
         yield processing, sent
     finally:
         await processing.close()
+    assert not failed
 
 
 async def until(condition, timeout: float = 10.0) -> None:
@@ -768,3 +770,18 @@ def test_a_far_replica_without_its_key_refuses_encrypted_runs(tmp_path, caplog):
     run = process_run(Processor(Op.ENCRYPT, KEY), write(1, b"s" * 64), lambda rec: None)
     with pytest.raises(ProcessedError, match="no key for the link"):
         restoring.restore(Processed(target="far", first_seq=1, last_seq=1, payload=run))
+
+
+def test_a_relay_that_stops_processing_wakes_its_waiter_at_once():
+    async def main():
+        relay = Relay(TargetConfig(node="far", mode="async", via="near", process=("delta",)),
+                      via="near", wait=30.0)
+        relay.processing = True
+        waiter = asyncio.create_task(relay.wait_for(1))
+        await asyncio.sleep(0)  # the waiter is waiting now
+        relay.processing = False
+        assert await asyncio.wait_for(waiter, 5) is False
+        relay.processing = True
+        relay.add(1, 1, b"run")
+        assert await relay.wait_for(1)  # not given up: the near node only went away
+    asyncio.run(main())
