@@ -1,7 +1,8 @@
 """Processing offload (issue 17): the far link zstd-compressed by the primary (A) vs
 processed by the near sync replica (B), side by side in one run.
 
-    .venv/bin/python -m bench.bench_offload [--runs 3] [--pages 8192] [--rewrites 40000]
+    .venv/bin/python -m bench.bench_offload [--runs 5] [--pages 8192] [--rewrites 40000]
+                                            [--depth 16] [--rate 1000] [--paced 20000]
 
 Per run and variant, a fresh group of three agents, each in a network namespace of its
 own: primary `p`, near `n` (a sync target, on an unshaped veth pair with p) and far `f`
@@ -19,7 +20,12 @@ queue depth --depth, is a "database page" one on a volume of --pages 4 KiB pages
    count for that socket, `ss -ti` bytes_acked, inside p's namespace) and everything
    p's veth towards f sent (its tx bytes: TCP/IP headers and pure ACKs included);
    and the CPU each agent spent (utime + stime from /proc/PID/stat) per write, from
-   the phase's first write until f applied its last;
+   the phase's first write to its last reply (on the unshaped link f is only batches
+   behind: the little left to ship then is not counted, nor the status polls of the
+   wait until every replica applied the phase);
+   then --paced more rewrites at --rate writes a second, the same CPU figures: at one
+   rate both variants keep up with, so both primaries see the same batches (unpaced,
+   B's write rate is lower and its batches smaller, which costs the primary per write);
 3. then p's veth towards f is shaped with `tc qdisc ... tbf rate 100mbit` (the near
    link stays as it is) and the far link's throughput is measured on --rewrites more
    rewrites, then on as many writes of whole new random pages (nothing to compress for
@@ -27,8 +33,9 @@ queue depth --depth, is a "database page" one on a volume of --pages 4 KiB pages
    compression) f received and journaled, per second from the phase's first write to
    f's written seq reaching its last record, against the link's 12.5 MB/s.
 At the end every replica's volume is compared with the primary's. A last pass per
-variant (not in the medians) runs phases 1-2 with the primary under cProfile; the top
-of each profile is printed and written to bench/results/offload-profile-<variant>.txt.
+variant (not in the medians) runs phases 1-2 with the primary (and in B the near node)
+under cProfile, the clock its event loop thread's CPU time; the top of each profile is
+printed and written to bench/results/offload-profile-<variant>-<node>.txt.
 Medians of the runs and their ratios: stdout and bench/results/offload.json.
 """
 
@@ -195,9 +202,12 @@ class PageWriter:
         self.pages = [bytearray(PAGE) for _ in range(pages)]
         self.cookie = 0
 
-    def _write(self, writes) -> int:
-        inflight = 0
-        for offset, data in writes:
+    def _write(self, writes, rate: float = 0.0) -> int:
+        """Send `writes`, `depth` in flight; `rate`: at most that many a second."""
+        inflight, start = 0, time.monotonic()
+        for k, (offset, data) in enumerate(writes):
+            if rate and (ahead := start + k / rate - time.monotonic()) > 0:
+                time.sleep(ahead)  # the workload's pace
             if inflight == self.depth:
                 self._reply()
                 inflight -= 1
@@ -220,8 +230,8 @@ class PageWriter:
         """`n` writes of whole new random content to random pages."""
         self._write(self._whole(self.rng.randrange(len(self.pages))) for _ in range(n))
 
-    def rewrites(self, n: int) -> None:
-        self._write(self._rewrite() for _ in range(n))
+    def rewrites(self, n: int, rate: float = 0.0) -> None:
+        self._write((self._rewrite() for _ in range(n)), rate)
 
     def _whole(self, i: int):
         self.pages[i][:] = self.rng.randbytes(PAGE)
@@ -241,16 +251,17 @@ def offload_counts(p) -> dict:
 
 
 def wire_phase(topo, net, writer, cpu_pids, phase: str, work) -> dict:
-    """Run `work` (writes), until every replica applied it: its bytes towards f, the
-    CPU per write of each agent, IOPS, and the far link's path."""
+    """Run `work` (writes): its bytes towards f once every replica applied it, the CPU
+    per write of each agent while it ran, IOPS, and the far link's path."""
     p = topo["p"]
     seq0, off0 = p.group("db")["seq"], offload_counts(p)
     b0, c0 = net.far_bytes(), {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}
     start = time.monotonic()
     work()
     wrote = time.monotonic() - start
-    seq = topo.wait_converged(120)
-    c1, b1 = {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}, net.far_bytes()
+    c1 = {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}
+    seq = topo.wait_converged(120)  # (its status polls are not in the CPU figures)
+    b1 = net.far_bytes()
     writes, moved = seq - seq0, sent(b0, b1)
     off1 = offload_counts(p)
     out = {f"{phase}_writes": writes, f"{phase}_iops": writes / wrote,
@@ -298,7 +309,9 @@ def link_phase(topo, writer_work, phase: str) -> dict:
             **{f"{phase}_{k}": v - off0[k] for k, v in offload_counts(p).items()}}
 
 
-def one_run(root: str, variant: str, args, seed: int, profile: str | None = None) -> dict:
+def one_run(root: str, variant: str, args, seed: int, profile: dict | None = None) -> dict:
+    """One variant's phases; `profile`: node -> the path of its cProfile dump (then only
+    phases 1-2)."""
     topo = Topology(root, ["p", "n", "f"],
                     [("p", "n", "sync", {"initial_sync": "assume-clean"}),
                      ("p", "f", "async", {"initial_sync": "assume-clean", **VARIANTS[variant]})],
@@ -308,7 +321,7 @@ def one_run(root: str, variant: str, args, seed: int, profile: str | None = None
     with Net() as net:
         net.configure(topo)
         for node in ("f", "n", "p"):
-            net.start(topo[node], profile if node == "p" else None)
+            net.start(topo[node], (profile or {}).get(node))
         for agent in topo.agents.values():
             wait_until(agent.status, 30, f"agent {agent.node}")
         topo.wait_converged(60)
@@ -322,6 +335,8 @@ def one_run(root: str, variant: str, args, seed: int, profile: str | None = None
             out.update(wire_phase(topo, net, writer, pids, "rewrite",
                                   lambda: writer.rewrites(args.rewrites)))
             if profile is None:
+                out.update(wire_phase(topo, net, writer, pids, "paced",
+                                      lambda: writer.rewrites(args.paced, args.rate)))
                 net.shape()
                 out.update(link_phase(topo, lambda: writer.rewrites(args.rewrites),
                                       "link_rewrite"))
@@ -349,14 +364,17 @@ def profile_top(path: str, n: int = 30) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--pages", type=int, default=8192, help="4 KiB pages of the volume")
     ap.add_argument("--rewrites", type=int, default=40000, help="writes of each later phase")
     ap.add_argument("--depth", type=int, default=16, help="NBD writes in flight")
+    ap.add_argument("--rate", type=float, default=1000,
+                    help="writes a second of the paced rewrites (both variants keep up)")
+    ap.add_argument("--paced", type=int, default=20000, help="paced rewrites")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
     args = ap.parse_args()
-    if args.runs < 1 or args.pages < 1 or args.rewrites < 1 or args.depth < 1:
-        ap.error("--runs, --pages, --rewrites and --depth must be positive")
+    if min(args.runs, args.pages, args.rewrites, args.depth, args.rate, args.paced) <= 0:
+        ap.error("--runs, --pages, --rewrites, --depth, --rate and --paced must be positive")
     runs = {v: [] for v in VARIANTS}
     for n, root in each_run(args.runs, "bench-offload-"):
         order = list(VARIANTS) if n % 2 else list(VARIANTS)[::-1]
@@ -368,11 +386,13 @@ def main() -> int:
     a, b = med["A"], med["B"]
     summary = {
         "pages": args.pages, "rewrites": args.rewrites, "depth": args.depth,
+        "rate": args.rate, "paced": args.paced,
         "link_mbit": LINK_MBIT, "runs": runs, "median": med,
         "rewrite_wire_fewer_tcp": a["rewrite_tcp_bytes"] / b["rewrite_tcp_bytes"],
         "rewrite_wire_fewer_veth": a["rewrite_veth_bytes"] / b["rewrite_veth_bytes"],
         "first_wire_ratio_tcp": a["first_tcp_bytes"] / b["first_tcp_bytes"],
         "rewrite_primary_cpu_less": 1 - b["rewrite_cpu_us_p"] / a["rewrite_cpu_us_p"],
+        "paced_primary_cpu_less": 1 - b["paced_cpu_us_p"] / a["paced_cpu_us_p"],
         "link_rewrite_of_link": {"A": a["link_rewrite_of_link"], "B": b["link_rewrite_of_link"]},
         "link_new_of_link": {"A": a["link_new_of_link"], "B": b["link_new_of_link"]},
         "every_run_without_reconnect": not any(
@@ -380,17 +400,20 @@ def main() -> int:
     }
     if not args.no_profile:
         os.makedirs(RESULTS, exist_ok=True)
-        for variant in VARIANTS:
+        for variant, nodes in (("A", "p"), ("B", "pn")):  # and B's near node: what it does
             for _, root in each_run(1, f"bench-offload-prof{variant}-"):
-                prof = os.path.join(root, "p.prof")
-                out = one_run(os.path.join(root, variant), variant, args, seed=99, profile=prof)
-                top = profile_top(prof)
-            path = os.path.join(RESULTS, f"offload-profile-{variant}.txt")
-            with open(path, "w") as f:
-                f.write(f"variant {variant}: {out}\n\n{top}")
-            print(f"--- primary under cProfile, variant {variant} ({path}) ---\n"
-                  + top[:6000])
+                dumps = {node: os.path.join(root, f"{node}.prof") for node in nodes}
+                out = one_run(os.path.join(root, variant), variant, args, seed=99,
+                              profile=dumps)
+                tops = {node: profile_top(path) for node, path in dumps.items()}
             summary[f"profiled_{variant}"] = out
+            for node, top in tops.items():
+                path = os.path.join(RESULTS, f"offload-profile-{variant}-{node}.txt")
+                with open(path, "w") as f:
+                    f.write(f"variant {variant}, node {node} under cProfile; the run: {out}\n\n"
+                            f"{top}")
+                print(f"--- {node} under cProfile, variant {variant} ({path}) ---\n"
+                      + top[:6000])
     save("offload", summary)
     return 0
 
