@@ -55,6 +55,9 @@ class Op(enum.IntFlag):
 
 
 OPS = {"delta": Op.DELTA, "zstd": Op.ZSTD, "checksum": Op.CHECKSUM, "encrypt": Op.ENCRYPT}
+# the bits as plain ints, for the per-record paths (IntFlag arithmetic costs microseconds)
+_DELTA, _ZSTD, _CHECKSUM, _ENCRYPT = (int(op) for op in Op)
+_ALL = _DELTA | _ZSTD | _CHECKSUM | _ENCRYPT
 
 
 def ops_of(names) -> Op:
@@ -118,6 +121,7 @@ class Processor:
         if ops & Op.ENCRYPT and key is None:
             raise ValueError("encrypt needs the far link's key")
         self.ops = ops
+        self._ops = int(ops)
         self._aead = ChaCha20Poly1305(key) if ops & Op.ENCRYPT else None
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
@@ -126,22 +130,22 @@ class Processor:
         buffers; `base`: the content it overwrites (None for ZERO and SKIP)."""
         if rec.kind is not Kind.WRITE:
             return [head]
-        ops, body = self.ops, rec.payload
-        done = ops & Op.CHECKSUM
-        if ops & Op.DELTA:
+        ops, body = self._ops, rec.payload
+        done = ops & _CHECKSUM
+        if ops & _DELTA:
             body = _xor(body, base)
-            done |= Op.DELTA
-        if ops & Op.ZSTD and len(body) >= 64:
-            zstd = self._zstd if done & Op.DELTA else zstandard.ZstdCompressor(
+            done |= _DELTA
+        if ops & _ZSTD and len(body) >= 64:
+            zstd = self._zstd if done & _DELTA else zstandard.ZstdCompressor(
                 level=ZSTD_LEVEL, dict_data=_dictionary(base))
             packed = zstd.compress(body)
             if len(packed) < len(body):
-                body, done = packed, done | Op.ZSTD
-        if ops & Op.ENCRYPT:
+                body, done = packed, done | _ZSTD
+        if ops & _ENCRYPT:
             nonce = os.urandom(NONCE_SIZE)
             body = nonce + self._aead.encrypt(nonce, bytes(body), bytes(head))
-            done |= Op.ENCRYPT
-        check = xxh3_64_intdigest(base) if ops & Op.CHECKSUM else 0
+            done |= _ENCRYPT
+        check = xxh3_64_intdigest(base) if ops & _CHECKSUM else 0
         return [head, _ITEM.pack(done, check, len(body)), body]
 
 
@@ -170,16 +174,16 @@ class Restorer:
             raise ProcessedError(f"seq {rec.seq}: processed record cut short")
         ops, check, size = _ITEM.unpack_from(view, at)
         at += _ITEM.size
-        if ops & ~int(Op(15)) or size > MAX_BODY or len(view) - at < size:
+        if ops & ~_ALL or size > MAX_BODY or len(view) - at < size:
             raise ProcessedError(f"seq {rec.seq}: processed record with ops {ops:#x} and a "
                                  f"body of {size} bytes ({len(view) - at} left)")
         body = view[at:at + size]
         base = base_of(rec)
-        if ops & Op.CHECKSUM and xxh3_64_intdigest(base) != check:
+        if ops & _CHECKSUM and xxh3_64_intdigest(base) != check:
             raise BaseMismatch(rec)
         payload = self._unprocess(rec, ops, head, body, base)
         if crc32c(payload) != pcrc:
-            if ops & (Op.DELTA | Op.ZSTD) and not ops & Op.CHECKSUM:
+            if ops & (_DELTA | _ZSTD) and not ops & _CHECKSUM:
                 raise BaseMismatch(rec)  # most likely: nothing else says which it was
             raise ProcessedError(f"seq {rec.seq}: the restored payload does not match the "
                                  "record's checksum")
@@ -187,7 +191,7 @@ class Restorer:
             at + size
 
     def _unprocess(self, rec: Record, ops: int, head, body, base) -> bytes:
-        if ops & Op.ENCRYPT:
+        if ops & _ENCRYPT:
             if self._aead is None:
                 raise ProcessedError(f"seq {rec.seq} is encrypted and this node has no key "
                                      "for the link")
@@ -199,7 +203,7 @@ class Restorer:
             except InvalidTag:
                 raise ProcessedError(f"seq {rec.seq} does not decrypt with this node's key "
                                      "for the link (another key, or damaged)") from None
-        if ops & Op.ZSTD:
+        if ops & _ZSTD:
             # The one-shot API allocates what the frame declares, whatever
             # max_output_size says: a damaged size must not become a huge allocation.
             try:
@@ -209,7 +213,7 @@ class Restorer:
             if declared not in (_SIZE_UNKNOWN, rec.length):
                 raise ProcessedError(f"seq {rec.seq}: zstd body declares {declared} bytes "
                                      f"for a write of {rec.length}")
-            unzstd = self._unzstd if ops & Op.DELTA else zstandard.ZstdDecompressor(
+            unzstd = self._unzstd if ops & _DELTA else zstandard.ZstdDecompressor(
                 dict_data=_dictionary(base))
             try:
                 body = unzstd.decompress(body, max_output_size=rec.length,
@@ -219,7 +223,7 @@ class Restorer:
         if len(body) != rec.length:
             raise ProcessedError(f"seq {rec.seq}: body of {len(body)} bytes for a write of "
                                  f"{rec.length}")
-        return _xor(body, base) if ops & Op.DELTA else bytes(body)
+        return _xor(body, base) if ops & _DELTA else bytes(body)
 
 
 def raw_run(buf) -> list[tuple[Record, object]]:
