@@ -79,12 +79,19 @@ class Relay:
         """The last seq of the run beginning at `seq` (which must be kept)."""
         return self._runs[seq][0]
 
-    def take(self, seq: int) -> tuple[int, bytes] | None:
-        """The run beginning at `seq` (last, payload), which leaves the relay."""
-        run = self._runs.pop(seq, None)
-        if run is not None:
+    def take(self, seq: int, through: int, max_bytes: int) -> tuple[int, list]:
+        """The runs from `seq` on, one after another, through `through` at most, at most
+        `max_bytes` (the first whatever its size): (their last seq, their payloads). They
+        leave the relay. The run at `seq` must be kept and end by `through`."""
+        last, payloads, size = seq - 1, [], 0
+        while True:
+            run = self._runs.get(last + 1)
+            if run is None or run[0] > through or payloads and size + len(run[1]) > max_bytes:
+                return last, payloads
+            del self._runs[last + 1]
             self.nbytes -= len(run[1])
-        return run
+            last, size = run[0], size + len(run[1])
+            payloads.append(run[1])
 
     def next_start(self, after: int) -> int | None:
         """The first seq of the first run kept that begins after `after`."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from ..group import Group
 from ..journal.record import Kind
@@ -50,7 +51,8 @@ class Processing:
         self._local = [(relay, Processor(relay.ops, _key(group, relay.node, relay.ops)))
                        for relay in local]
         self._fed = group.commit.submitted_seq
-        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
+        self._jobs: deque[_Job] = deque()  # taken, not processed yet, in seq order
+        self._queued = asyncio.Event()
         self._worker: asyncio.Task | None = None
         for relay in local:
             relay.processing = True
@@ -111,26 +113,35 @@ class Processing:
             image.feed(rec)
             self._fed = rec.seq
         if job is not None and job.items:
-            self._jobs.put_nowait(job)
+            self._jobs.append(job)
+            self._queued.set()
 
     async def _work(self, send, fail) -> None:
         while True:
-            job = await self._jobs.get()
-            try:
-                runs = await asyncio.to_thread(_process, job)
-            except Exception as exc:  # noqa: BLE001 - a bug: loudly, and the session ends
-                self.log.exception("group %s: processing records %d..%d failed", self.group.name,
-                                   job.first, job.last)
-                fail(f"processing records {job.first}..{job.last} failed: {exc!r}")
-                return
-            for i, ((sink, _), run) in enumerate(zip(job.sinks, runs)):
-                if i == 0:  # what processing saves, for the replica's analytics
-                    self.group.analytics.delta(job.raw, len(run))
-                if isinstance(sink, Relay):
-                    sink.add(job.first, job.last, run)
-                else:
-                    await send(Processed(target=sink, first_seq=job.first,
-                                         last_seq=job.last, payload=run))
+            await self._queued.wait()
+            self._queued.clear()
+            while self._jobs:
+                job = self._jobs.popleft()
+                # what queued meanwhile goes as one run (unless an OFFLOAD came between)
+                while self._jobs and self._jobs[0].sinks == job.sinks:
+                    more = self._jobs.popleft()
+                    job.items += more.items
+                    job.last, job.raw = more.last, job.raw + more.raw
+                try:
+                    runs = await asyncio.to_thread(_process, job)
+                except Exception as exc:  # noqa: BLE001 - a bug: loudly, and the session ends
+                    self.log.exception("group %s: processing records %d..%d failed",
+                                       self.group.name, job.first, job.last)
+                    fail(f"processing records {job.first}..{job.last} failed: {exc!r}")
+                    return
+                for i, ((sink, _), run) in enumerate(zip(job.sinks, runs)):
+                    if i == 0:  # what processing saves, for the replica's analytics
+                        self.group.analytics.delta(job.raw, len(run))
+                    if isinstance(sink, Relay):
+                        sink.add(job.first, job.last, run)
+                    else:
+                        await send(Processed(target=sink, first_seq=job.first,
+                                             last_seq=job.last, payload=run))
 
 
 def _process(job: _Job) -> list[bytes]:

@@ -444,12 +444,14 @@ class Stream:
         seq, j = self.sent_seq + 1, self.group.journal
         if relay is not None:
             if await relay.wait_for(seq) and self.sent_seq + 1 == seq:
-                last = relay.last_of(seq)
-                if last > j.last_seq:  # not durable here yet: an async target never gets
+                if relay.last_of(seq) > j.last_seq:  # not durable here yet: an async
+                    # target never gets records this node may still lose
                     await self.group.commit.wait_for_records(j.last_seq, self.hb_interval)
-                    return  # records this node may still lose
-                if through is None or last <= through:
-                    last, payload = relay.take(seq)
+                    return
+                limit = j.last_seq if through is None else min(through, j.last_seq)
+                if relay.last_of(seq) <= limit:
+                    last, payloads = relay.take(seq, limit, BATCH_BYTES)
+                    payload = b"".join(payloads)
                     self._sent(last, len(payload))
                     self._path(relay.shipped(last - seq + 1, True, len(payload),
                                              j.bytes_between(seq - 1, last)), relay)

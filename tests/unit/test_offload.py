@@ -286,8 +286,7 @@ def test_relay_keeps_runs_in_order_until_taken_or_dropped():
     assert relay.nbytes == 60 and relay.last_of(8) == 8 and relay.last_of(12) == 15
     assert relay.next_start(4) == 5 and relay.next_start(5) == 8 and relay.next_start(9) == 12
     assert relay.next_start(12) is None
-    assert relay.take(6) is None and relay.nbytes == 60
-    assert relay.take(8) == (8, b"b" * 20) and relay.nbytes == 40
+    assert relay.take(8, 20, 1000) == (8, [b"b" * 20]) and relay.nbytes == 40
     relay.add(8, 8, b"b" * 20)  # resent after a reconnection: we are past it
     relay.add(15, 16, b"d")  # begins inside what we hold
     assert relay.next_start(9) == 12 and relay.nbytes == 40
@@ -298,6 +297,19 @@ def test_relay_keeps_runs_in_order_until_taken_or_dropped():
     assert relay.dropped == 1 and relay.next_start(16) is None and relay.nbytes == 60
     relay.add(21, 21, b"f" * 40)
     assert relay.nbytes == 100 and relay.next_start(16) == 21
+
+
+def test_relay_hands_out_consecutive_runs_as_one_within_limits():
+    relay = Relay(FAR, via="near", limit=1000)
+    for first, size in ((1, 10), (3, 10), (5, 10), (6, 10)):
+        relay.add(first, first + (1 if first < 5 else 0), bytes([first]) * size)
+    # runs 1-2, 3-4, 5, 6: by seq, by bytes (the first whatever its size), stopping at a gap
+    assert relay.take(1, 4, 1000) == (4, [b"\x01" * 10, b"\x03" * 10])
+    assert relay.take(5, 100, 5) == (5, [b"\x05" * 10])
+    assert relay.take(6, 100, 100) == (6, [b"\x06" * 10]) and relay.nbytes == 0
+    relay.add(7, 8, b"x")
+    relay.add(10, 10, b"y")  # 9 never came
+    assert relay.take(7, 100, 100) == (8, [b"x"]) and relay.next_start(8) == 10
 
 
 def test_relay_wait_for():
@@ -734,7 +746,7 @@ def test_a_cascade_node_processes_into_its_own_relays(tmp_path):
                 assert sent == []  # no frames: the runs are the relay's
             assert not relay.processing  # closed: the far link no longer waits
             await durable(near, fut)
-            last, run = relay.take(1)
+            last, (run,) = relay.take(1, 2, 1 << 20)
             assert last == 2
             assert b"".join(restore_run(Restorer(), run, lambda rec: bytes(rec.length)
                                         if rec.seq == 1 else b"x" * 4096)) == batch
