@@ -9,7 +9,10 @@ own: primary `p`, near `n` (a sync target, on an unshaped veth pair with p) and 
 (an async target, on a second veth pair with p). The far target is
     A: {mode: async, compress: zstd}                                (shipped by p)
     B: {mode: async, via: n, process: [delta, zstd, checksum]}     (processed by n)
-every link `initial_sync: assume-clean` (all volumes start as the same zeroes). The
+and, with --variants A,C (or A,B,C), a cascade where p ships only to n:
+    C: n's target {mode: async, process: [delta, zstd, checksum]}  (n ships on to f)
+(f then hangs off n on a third veth pair, which is the one shaped and counted). Every
+link `initial_sync: assume-clean` (all volumes start as the same zeroes). The
 variants alternate which goes first from run to run. The workload, over NBD to p at
 queue depth --depth, is a "database page" one on a volume of --pages 4 KiB pages:
 
@@ -65,9 +68,11 @@ from tests.agents import Topology, wait_until  # noqa: E402
 PAGE = 4096
 CHANGE = 64  # bytes of a page a rewrite changes
 PORT = 7800
-VARIANTS = {
-    "A": {"compress": "zstd"},
-    "B": {"via": "n", "process": ["delta", "zstd", "checksum"]},
+VARIANTS = {  # the far target's keys, and which node ships to it
+    "A": ({"compress": "zstd"}, "p"),
+    "B": ({"via": "n", "process": ["delta", "zstd", "checksum"]}, "p"),
+    # claim 12: n processes what it receives and ships it on to f itself (a cascade)
+    "C": ({"process": ["delta", "zstd", "checksum"]}, "n"),
 }
 CLONE_NEWNET = 0x40000000
 # The agent under cProfile with the CPU time of its event loop's thread as the clock (the
@@ -85,14 +90,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Net:
-    """Three namespaces p, n, f; veth pairs p-f (10.215.1.0/24) and p-n (10.215.2.0/24).
+    """Three namespaces p, n, f; veth pairs p-f (10.215.1.0/24), p-n (10.215.2.0/24) and
+    n-f (10.215.3.0/24); `shipper` ("p", or "n" for variant C) is the one that ships to f.
     Everything it made goes on close, whatever happened."""
 
-    def __init__(self):
+    def __init__(self, shipper: str = "p"):
         tag = f"rbo{os.getpid() % 10000}"
+        self.shipper = shipper
         self.ns = {n: f"{tag}{n}" for n in "pnf"}
-        self.dev = {"pf": f"{tag}pf", "fp": f"{tag}fp", "pn": f"{tag}pn", "np": f"{tag}np"}
-        self.ip = {"p": "10.215.1.1", "f": "10.215.1.2", "pn": "10.215.2.1", "n": "10.215.2.2"}
+        self.dev = {d: f"{tag}{d}" for d in ("pf", "fp", "pn", "np", "nf", "fn")}
+        self.ip = {"p": "10.215.1.1", "f": "10.215.1.2", "pn": "10.215.2.1", "n": "10.215.2.2",
+                   "nf": "10.215.3.1", "fn": "10.215.3.2"}
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "Net":
@@ -100,11 +108,11 @@ class Net:
             for ns in self.ns.values():
                 sh("ip", "netns", "add", ns)
                 sh("ip", "-n", ns, "link", "set", "lo", "up")
-            for a, b in (("pf", "fp"), ("pn", "np")):
-                sh("ip", "link", "add", self.dev[a], "netns", self.ns["p"], "type", "veth",
+            for a, b in (("pf", "fp"), ("pn", "np"), ("nf", "fn")):
+                sh("ip", "link", "add", self.dev[a], "netns", self.ns[a[0]], "type", "veth",
                    "peer", "name", self.dev[b], "netns", self.ns[b[0]])
             for ns, dev, ip in (("p", "pf", "p"), ("f", "fp", "f"), ("p", "pn", "pn"),
-                                ("n", "np", "n")):
+                                ("n", "np", "n"), ("n", "nf", "nf"), ("f", "fn", "fn")):
                 sh("ip", "-n", self.ns[ns], "addr", "add", f"{self.ip[ip]}/24", "dev",
                    self.dev[dev])
                 sh("ip", "-n", self.ns[ns], "link", "set", self.dev[dev], "up")
@@ -127,8 +135,8 @@ class Net:
     def configure(self, topo: Topology) -> None:
         """Every agent listens on its own side of its veths; p reaches n and f on theirs."""
         seen_from = {"p": {"n": self.ip["n"], "f": self.ip["f"]},
-                     "n": {"p": self.ip["pn"], "f": self.ip["f"]},
-                     "f": {"p": self.ip["p"], "n": self.ip["n"]}}  # n and f: no route
+                     "n": {"p": self.ip["pn"], "f": self.ip["fn"]},
+                     "f": {"p": self.ip["p"], "n": self.ip["nf"]}}
         for node, agent in topo.agents.items():
             agent.config["listen"] = f"0.0.0.0:{PORT}"
             agent.config["peers"] = {o: f"{ip}:{PORT}" for o, ip in seen_from[node].items()}
@@ -146,16 +154,24 @@ class Net:
         log.close()
         self.procs.append(agent.proc)
 
+    def _towards_f(self) -> tuple[str, str, str]:
+        """The shipper's namespace, its veth towards f and f's address on it."""
+        if self.shipper == "n":
+            return self.ns["n"], self.dev["nf"], self.ip["fn"]
+        return self.ns["p"], self.dev["pf"], self.ip["f"]
+
     def shape(self) -> None:
-        sh("ip", "netns", "exec", self.ns["p"], "tc", "qdisc", "add", "dev", self.dev["pf"],
+        ns, dev, _ = self._towards_f()
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev,
            "root", "tbf", "rate", f"{LINK_MBIT}mbit", "burst", "64kb", "latency", "50ms")
 
     def far_bytes(self) -> dict:
-        """What p sent towards f so far: `tcp`, the payload bytes its connections to f's
-        port had acked (per local port: a new connection starts from 0), and `veth`,
-        everything its veth towards f transmitted."""
-        out = subprocess.run(["ip", "netns", "exec", self.ns["p"], "ss", "-tinH", "state",
-                              "established", "dst", f"{self.ip['f']}:{PORT}"],
+        """What the shipper sent towards f so far: `tcp`, the payload bytes its
+        connections to f's port had acked (per local port: a new connection starts from
+        0), and `veth`, everything its veth towards f transmitted."""
+        ns, dev, far = self._towards_f()
+        out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-tinH", "state",
+                              "established", "dst", f"{far}:{PORT}"],
                              capture_output=True, text=True, check=True).stdout
         tcp = {}
         for conn in re.split(r"\n(?=\S)", out.strip()):
@@ -163,8 +179,8 @@ class Net:
             acked = re.search(r"bytes_acked:(\d+)", conn)
             if port:
                 tcp[int(port.group(1))] = int(acked.group(1)) if acked else 0
-        link = subprocess.run(["ip", "-n", self.ns["p"], "-j", "-s", "link", "show", "dev",
-                               self.dev["pf"]], capture_output=True, text=True, check=True)
+        link = subprocess.run(["ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev],
+                              capture_output=True, text=True, check=True)
         veth = int(re.search(r'"tx":\{"bytes":(\d+)', link.stdout).group(1))
         return {"tcp": tcp, "veth": veth}
 
@@ -244,8 +260,8 @@ class PageWriter:
         return i * PAGE, bytes(self.pages[i])
 
 
-def offload_counts(p) -> dict:
-    off = p.target("db", "f").get("offload") or {}
+def offload_counts(shipper) -> dict:
+    off = shipper.target("db", "f").get("offload") or {}
     return {k: off.get(k, 0) for k in ("records_processed", "records_direct",
                                        "base_mismatches", "dropped_runs")}
 
@@ -253,8 +269,8 @@ def offload_counts(p) -> dict:
 def wire_phase(topo, net, cpu_pids, phase: str, work) -> dict:
     """Run `work` (writes): its bytes towards f once every replica applied it, the CPU
     per write of each agent while it ran, IOPS, and the far link's path."""
-    p = topo["p"]
-    seq0, off0 = p.group("db")["seq"], offload_counts(p)
+    p, shipper = topo["p"], topo[net.shipper]
+    seq0, off0 = p.group("db")["seq"], offload_counts(shipper)
     b0, c0 = net.far_bytes(), {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}
     start = time.monotonic()
     work()
@@ -263,7 +279,7 @@ def wire_phase(topo, net, cpu_pids, phase: str, work) -> dict:
     seq = topo.wait_converged(120)  # (its status polls are not in the CPU figures)
     b1 = net.far_bytes()
     writes, moved = seq - seq0, sent(b0, b1)
-    off1 = offload_counts(p)
+    off1 = offload_counts(shipper)
     out = {f"{phase}_writes": writes, f"{phase}_iops": writes / wrote,
            f"{phase}_tcp_bytes": moved["tcp"], f"{phase}_veth_bytes": moved["veth"],
            f"{phase}_tcp_per_write": moved["tcp"] / writes,
@@ -275,35 +291,36 @@ def wire_phase(topo, net, cpu_pids, phase: str, work) -> dict:
     return out
 
 
-def link_phase(topo, work, phase: str) -> dict:
+def link_phase(topo, net, work, phase: str) -> dict:
     """The shaped far link: payload bytes per second f received and journaled, from the
     phase's first write to f's written seq reaching the phase's last record."""
-    p = topo["p"]
-    seq0, off0 = p.group("db")["seq"], offload_counts(p)
+    p, shipper = topo["p"], topo[net.shipper]
+    seq0, off0 = p.group("db")["seq"], offload_counts(shipper)
     start = time.monotonic()
     work()
     wrote = time.monotonic() - start
     last = p.group("db")["seq"]
-    wait_until(lambda: p.target("db", "f")["written_seq"] >= last, 600,
+    wait_until(lambda: shipper.target("db", "f")["written_seq"] >= last, 600,
                f"f to receive {phase}", interval=0.05)
     seconds = time.monotonic() - start
     payload = (last - seq0) * PAGE
     return {f"{phase}_iops": (last - seq0) / wrote, f"{phase}_s": seconds,
             f"{phase}_MBps": payload / seconds / 1e6,
             f"{phase}_of_link": payload * 8 / seconds / (LINK_MBIT * 1e6),
-            **{f"{phase}_{k}": v - off0[k] for k, v in offload_counts(p).items()}}
+            **{f"{phase}_{k}": v - off0[k] for k, v in offload_counts(shipper).items()}}
 
 
 def one_run(root: str, variant: str, args, seed: int, profile: dict | None = None) -> dict:
     """One variant's phases; `profile`: node -> the path of its cProfile dump (then only
     phases 1-2)."""
+    keys, shipper = VARIANTS[variant]
     topo = Topology(root, ["p", "n", "f"],
                     [("p", "n", "sync", {"initial_sync": "assume-clean"}),
-                     ("p", "f", "async", {"initial_sync": "assume-clean", **VARIANTS[variant]})],
+                     (shipper, "f", "async", {"initial_sync": "assume-clean", **keys})],
                     volumes={"data": args.pages * PAGE}, journal_size="2GiB",
                     heartbeat_timeout=5.0)
     out: dict = {}
-    with Net() as net:
+    with Net(shipper) as net:
         net.configure(topo)
         for node in ("f", "n", "p"):
             net.start(topo[node], (profile or {}).get(node))
@@ -323,9 +340,9 @@ def one_run(root: str, variant: str, args, seed: int, profile: dict | None = Non
                 out.update(wire_phase(topo, net, pids, "paced",
                                       lambda: writer.rewrites(args.paced, args.rate)))
                 net.shape()
-                out.update(link_phase(topo, lambda: writer.rewrites(args.rewrites),
+                out.update(link_phase(topo, net, lambda: writer.rewrites(args.rewrites),
                                       "link_rewrite"))
-                out.update(link_phase(topo, lambda: writer.new_pages(args.rewrites),
+                out.update(link_phase(topo, net, lambda: writer.new_pages(args.rewrites),
                                       "link_new"))
         finally:
             client.close()
@@ -357,37 +374,50 @@ def main() -> int:
                     help="writes a second of the paced rewrites (both variants keep up)")
     ap.add_argument("--paced", type=int, default=20000, help="paced rewrites")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
+    ap.add_argument("--variants", default="A,B",
+                    help="A (zstd on p), B (processed via n), C (n processes and ships on to "
+                         "f itself): A and at least one of the others")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if "A" not in variants or not set(variants) - {"A"} or set(variants) - set(VARIANTS):
+        ap.error("--variants: A and one or both of B, C")
     # SIGTERM as an exception: the namespaces, agents and files go on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if min(args.runs, args.pages, args.rewrites, args.depth, args.rate, args.paced) <= 0:
         ap.error("--runs, --pages, --rewrites, --depth, --rate and --paced must be positive")
-    runs = {v: [] for v in VARIANTS}
+    runs = {v: [] for v in variants}
     for n, root in each_run(args.runs, "bench-offload-"):
-        order = list(VARIANTS) if n % 2 else list(VARIANTS)[::-1]
+        order = variants if n % 2 else variants[::-1]
         for variant in order:
             out = one_run(os.path.join(root, variant), variant, args, seed=n)
             runs[variant].append(out)
             run_line(n, {"variant": variant, **out})
     med = {v: medians(r) for v, r in runs.items()}
-    a, b = med["A"], med["B"]
+    a = med["A"]
     summary = {
         "pages": args.pages, "rewrites": args.rewrites, "depth": args.depth,
         "rate": args.rate, "paced": args.paced,
         "link_mbit": LINK_MBIT, "runs": runs, "median": med,
-        "rewrite_wire_fewer_tcp": a["rewrite_tcp_bytes"] / b["rewrite_tcp_bytes"],
-        "rewrite_wire_fewer_veth": a["rewrite_veth_bytes"] / b["rewrite_veth_bytes"],
-        "first_wire_ratio_tcp": a["first_tcp_bytes"] / b["first_tcp_bytes"],
-        "rewrite_primary_cpu_less": 1 - b["rewrite_cpu_us_p"] / a["rewrite_cpu_us_p"],
-        "paced_primary_cpu_less": 1 - b["paced_cpu_us_p"] / a["paced_cpu_us_p"],
-        "link_rewrite_of_link": {"A": a["link_rewrite_of_link"], "B": b["link_rewrite_of_link"]},
-        "link_new_of_link": {"A": a["link_new_of_link"], "B": b["link_new_of_link"]},
         "every_run_without_reconnect": not any(
             r[k] for rs in runs.values() for r in rs for k in r if k.endswith("reconnected")),
     }
+    for v in (x for x in variants if x != "A"):
+        b, tag = med[v], "" if v == "B" else f"{v}_"  # B's keys as they always were
+        summary.update({
+            f"{tag}rewrite_wire_fewer_tcp": a["rewrite_tcp_bytes"] / b["rewrite_tcp_bytes"],
+            f"{tag}rewrite_wire_fewer_veth": a["rewrite_veth_bytes"] / b["rewrite_veth_bytes"],
+            f"{tag}first_wire_ratio_tcp": a["first_tcp_bytes"] / b["first_tcp_bytes"],
+            f"{tag}rewrite_primary_cpu_less": 1 - b["rewrite_cpu_us_p"] / a["rewrite_cpu_us_p"],
+            f"{tag}paced_primary_cpu_less": 1 - b["paced_cpu_us_p"] / a["paced_cpu_us_p"],
+            f"{tag}link_rewrite_of_link": {"A": a["link_rewrite_of_link"],
+                                           v: b["link_rewrite_of_link"]},
+            f"{tag}link_new_of_link": {"A": a["link_new_of_link"], v: b["link_new_of_link"]},
+        })
     if not args.no_profile:
         os.makedirs(RESULTS, exist_ok=True)
-        for variant, nodes in (("A", "p"), ("B", "pn")):  # and B's near node: what it does
+        for variant, nodes in (("A", "p"), ("B", "pn"), ("C", "pn")):  # and the near node
+            if variant not in variants:
+                continue
             for _, root in each_run(1, f"bench-offload-prof{variant}-"):
                 dumps = {node: os.path.join(root, f"{node}.prof") for node in nodes}
                 out = one_run(os.path.join(root, variant), variant, args, seed=99,
