@@ -29,6 +29,9 @@ from .image import Image
 from .relay import Relay
 
 
+RUN_GATHER = 0.005  # seconds a near node's run waits for more batches to join it
+
+
 class _Job:
     """One batch to process: its records with their bases, read on the loop."""
     __slots__ = ("first", "last", "raw", "items", "sinks")
@@ -119,6 +122,10 @@ class Processing:
     async def _work(self, send, fail) -> None:
         while True:
             await self._queued.wait()
+            # A run gathers what comes within RUN_GATHER: at a low write rate one batch
+            # holds a write or two, and every run is a frame into the source and one out
+            # to the far node (an async target: a few milliseconds do not matter to it).
+            await asyncio.sleep(RUN_GATHER)
             self._queued.clear()
             while self._jobs:
                 job = self._jobs.popleft()
