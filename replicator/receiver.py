@@ -330,6 +330,8 @@ class Receiver:
             elif isinstance(ev, Records):
                 if not await self._records(s, ev.first_seq, ev.last_seq, ev.payload):
                     return
+                if s.restoring is not None:  # (restored records feed it as they restore)
+                    s.restoring.records(ev.payload)
             elif isinstance(ev, Processed):
                 if not await self._processed(s, ev):
                     return
@@ -397,8 +399,6 @@ class Receiver:
             await s.link.send(Error(code=Refusal.BAD_RECORDS, message=str(exc)[:1000]))
             return False
         # In this same turn of the loop: none of them is visible to reads yet.
-        if s.restoring is not None:
-            s.restoring.records(payload)
         if s.processing is not None and s.processing.active:
             s.processing.take(payload)
         return True
