@@ -1,5 +1,7 @@
 """Admin socket: a unix socket on which the agent answers one JSON request per line,
 {"op": "status", ...} -> {"ok": true, "result": ...} | {"ok": false, "error": "..."}.
+A streaming op (events) answers {"ok": true, "stream": true}, then one JSON object per
+line for as long as it has any and the client stays connected.
 The socket is created mode 0600: only root (the agent's user) may operate it."""
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ import json
 import logging
 import os
 import socket
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 Handler = Callable[[dict], Awaitable[object]]
+StreamHandler = Callable[[dict], AsyncIterator[dict]]
 MAX_REQUEST = 1 << 16
 
 
@@ -20,9 +23,12 @@ class AdminError(Exception):
 
 
 class AdminServer:
-    def __init__(self, path: str, handlers: dict[str, Handler], log: logging.Logger | None = None):
+    def __init__(self, path: str, handlers: dict[str, Handler],
+                 streams: dict[str, StreamHandler] | None = None,
+                 log: logging.Logger | None = None):
         self.path = path
         self.handlers = handlers
+        self.streams = streams or {}
         self.log = log or logging.getLogger("replicator.admin")
         self._server = None
 
@@ -51,9 +57,13 @@ class AdminServer:
             try:
                 request = json.loads(line)
                 op = request["op"]
+                if op in self.streams:
+                    await self._stream(self.streams[op](request), reader, writer)
+                    return
                 handler = self.handlers[op]
             except (ValueError, KeyError, TypeError):
-                reply = {"ok": False, "error": f"bad request; ops: {', '.join(sorted(self.handlers))}"}
+                ops = ", ".join(sorted({*self.handlers, *self.streams}))
+                reply = {"ok": False, "error": f"bad request; ops: {ops}"}
             else:
                 try:
                     reply = {"ok": True, "result": await handler(request)}
@@ -66,17 +76,51 @@ class AdminServer:
         finally:
             writer.close()
 
+    @staticmethod
+    async def _stream(items: AsyncIterator[dict], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """Write each of `items` as a line until it ends or the client goes away."""
+        gone = asyncio.ensure_future(reader.read(1))  # EOF (or anything): the client left
+        try:
+            writer.write(json.dumps({"ok": True, "stream": True}).encode() + b"\n")
+            while True:
+                nxt = asyncio.ensure_future(anext(items, None))
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    return
+                item = nxt.result()
+                if item is None:
+                    return
+                writer.write(json.dumps(item).encode() + b"\n")
+                await writer.drain()
+        except AdminError as exc:
+            writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+        finally:
+            gone.cancel()
+            await items.aclose()
+
+
+def _send(path: str, op: str, args: dict, timeout: float | None) -> socket.socket:
+    """A socket connected to the agent, with the request sent."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise AdminError(f"no agent is listening on {path} (is `replicator agent` running "
+                         "with this config?)") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
 
 def request(path: str, op: str, timeout: float = 30.0, **args) -> object:
     """Client side (blocking): send one request to the agent, return its result."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise AdminError(f"no agent is listening on {path} (is `replicator agent` running "
-                             "with this config?)") from None
-        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+    with _send(path, op, args, timeout) as sock:
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
@@ -89,3 +133,21 @@ def request(path: str, op: str, timeout: float = 30.0, **args) -> object:
     if not reply.get("ok"):
         raise AdminError(reply.get("error", "unknown error"))
     return reply["result"]
+
+
+def stream(path: str, op: str, **args) -> Iterator[dict]:
+    """Client side (blocking): send one streaming request, yield each object the agent
+    sends, until it ends the stream."""
+    with _send(path, op, args, None) as sock:
+        lines = sock.makefile("rb")
+        first = lines.readline()
+        if not first:
+            raise AdminError(f"the agent on {path} closed the connection without answering")
+        reply = json.loads(first)
+        if not reply.get("ok") or not reply.get("stream"):
+            raise AdminError(reply.get("error", f"{op} is not a stream"))
+        for line in lines:
+            item = json.loads(line)
+            if item.get("ok") is False:
+                raise AdminError(item.get("error", "unknown error"))
+            yield item

@@ -22,8 +22,10 @@ from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
 from .capture.watch import Watcher
 from .config import COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, TargetConfig
+from .events import EVENTS, emit
 from .failover import Failover
 from .group import Group, GroupError
+from .metrics import MetricsServer
 from .offload.relay import Relay
 from .receiver import Receiver
 from .report import child_report, node_report, with_lag
@@ -32,6 +34,9 @@ from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
 NOFILE_CAP = 1 << 20  # the soft RLIMIT_NOFILE is raised to the hard limit, at most this
+WATCH_INTERVAL = 1.0  # seconds between the agent's looks at what no callback announces
+JOURNAL_NEARLY_FULL, JOURNAL_BELOW = 0.8, 0.7  # fractions of a journal: event, re-armed
+RESYNC_PROGRESS_EVERY = 5.0  # seconds between resync_progress events of a running resync
 log = logging.getLogger("replicator.agent")
 
 
@@ -66,8 +71,12 @@ class Agent:
                                                     "resolve": self._resolve,
                                                     "attach": self._attach,
                                                     "reparent": self._reparent,
-                                                    "restore": self._restore})
+                                                    "restore": self._restore},
+                                 streams={"events": self._events})
+        self.metrics = MetricsServer(self) if cfg.metrics_listen is not None else None
         self.started = time.time()
+        self._watch_task: asyncio.Task | None = None
+        self._nearly_full: set[str] = set()  # groups whose journal_nearly_full is out
 
     async def start(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
@@ -83,11 +92,60 @@ class Agent:
         await self.receiver.start(*self.cfg.listen)
         await self.nbd.start(*self.cfg.nbd_listen)
         await self.admin.start()
+        if self.metrics is not None:
+            await self.metrics.start(*self.cfg.metrics_listen)
         for shippers in self.shippers.values():
             for shipper in shippers:
                 shipper.start()
-        log.info("node %s up: replication on %s:%d, NBD on %s:%d, %d group(s)",
-                 self.cfg.node, *self.cfg.listen, *self.cfg.nbd_listen, len(self.groups))
+        self._watch_task = asyncio.create_task(self._watch(), name="agent-watch")
+        log.info("node %s up: replication on %s:%d, NBD on %s:%d, %d group(s)%s",
+                 self.cfg.node, *self.cfg.listen, *self.cfg.nbd_listen, len(self.groups),
+                 ", metrics on http://%s:%d/metrics" % self.cfg.metrics_listen
+                 if self.metrics is not None else "")
+        emit("agent_started", node=self.cfg.node, pid=os.getpid())
+
+    async def _watch(self) -> None:
+        """Each WATCH_INTERVAL: announce the state changes no callback announces (a
+        target switched to logging by its group), a journal over JOURNAL_NEARLY_FULL,
+        and the progress of running resyncs."""
+        progress: dict[Shipper, float] = {}
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            for group in self.groups.values():
+                self._watch_journal(group)
+                for shipper in self.shippers.get(group.name, []):
+                    shipper.announce()
+                    r = shipper.resync
+                    if r is None:
+                        progress.pop(shipper, None)
+                    elif now - progress.setdefault(shipper, now) >= RESYNC_PROGRESS_EVERY:
+                        progress[shipper] = now
+                        st = r.status()
+                        emit("resync_progress", group.name, shipper.target.node,
+                             done_bytes=st["done_bytes"], total_bytes=st["total_bytes"],
+                             rate_bytes_per_s=st["rate_bytes_per_s"],
+                             eta_seconds=st["eta_seconds"])
+
+    def _watch_journal(self, group: Group) -> None:
+        j = group.journal
+        used = j.used_bytes / j.capacity if j.capacity else 0.0
+        if used >= JOURNAL_NEARLY_FULL and group.name not in self._nearly_full:
+            self._nearly_full.add(group.name)
+            emit("journal_nearly_full", group.name, used_bytes=j.used_bytes,
+                 capacity_bytes=j.capacity)
+        elif used < JOURNAL_BELOW and group.name in self._nearly_full:
+            self._nearly_full.discard(group.name)
+            emit("journal_below_limit", group.name, used_bytes=j.used_bytes,
+                 capacity_bytes=j.capacity)
+
+    async def _events(self, request: dict):
+        """The event stream (events.py) after `since`, and with `follow` every new one."""
+        since = request.get("since") or 0
+        if not isinstance(since, int) or since < 0:
+            raise AdminError(f"events: since must be an event seq (a count); got {since!r}")
+        async for event in EVENTS.read(since, bool(request.get("follow"))):
+            yield event
 
     def _shipper_for(self, group: Group, t: TargetConfig) -> Shipper:
         if t.node not in self.cfg.peers:
@@ -248,6 +306,11 @@ class Agent:
             return await self.failover.resolve(group, survivor)
 
     async def stop(self) -> None:
+        emit("agent_stopping", node=self.cfg.node)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.admin.close()
         await self.nbd.close()
         await self.receiver.close()
@@ -269,6 +332,7 @@ class Agent:
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "nbd": self.nbd.connection_counts(),
+            "event_seq": EVENTS.seq,  # `replicator events --since` this misses nothing
             "groups": [self._group_status(g) for g in self.groups.values()
                        if wanted in (None, g.name)],
         }

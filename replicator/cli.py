@@ -184,6 +184,33 @@ def cmd_status(args) -> int:
     return _operate(args, "status", human, group=args.group)
 
 
+def format_event(e: dict) -> str:
+    """One event as a line: time, seq, where, kind, details."""
+    where = " -> ".join(filter(None, [e.get("group"), e.get("target")]))
+    details = " ".join(f"{k}={v}" for k, v in e.items()
+                       if k not in ("seq", "time", "kind", "group", "target") and v not in ("", None))
+    seq = f"#{e['seq']}" if e.get("seq") is not None else "#-"
+    return " ".join(filter(None, [e["time"], seq, where, e["kind"], details]))
+
+
+def cmd_events(args) -> int:
+    cfg = _load(args.config)
+    try:
+        for event in admin.stream(cfg.admin_socket, "events", since=args.since,
+                                  follow=args.follow):
+            if args.group is not None and event.get("group") not in (None, args.group):
+                continue
+            print(json.dumps(event) if args.json else format_event(event), flush=True)
+    except admin.AdminError as exc:
+        print(f"replicator events: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # (| head)
+        sys.stderr.close()
+    return 0
+
+
 def cmd_rollback(args) -> int:
     return _operate(args, "rollback", lambda r: (
         f"group {r['group']}: resync rolled back, {r['regions_restored']} regions restored; "
@@ -391,6 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "analytics of what it applied")
     s.add_argument("group", nargs="?")
     s.set_defaults(func=cmd_status)
+
+    ev = sub.add_parser("events", help="the agent's state changes, one per line (seq "
+                                       "numbers: `status` shows the last one)")
+    ev.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
+    ev.add_argument("--follow", "-f", action="store_true",
+                    help="keep printing new events as they happen")
+    ev.add_argument("--since", type=int, default=0, metavar="SEQ",
+                    help="only events after SEQ (e.g. status's event_seq)")
+    ev.add_argument("--group", help="only this group's events (and the agent's own)")
+    ev.set_defaults(func=cmd_events)
 
     rb = sub.add_parser("rollback", help="undo an interrupted resync on this replica: back to "
                                          "its last consistent image")

@@ -33,6 +33,9 @@ COMPRESSIONS = ("none", "zstd")
 # identical; only later writes are sent).
 RESYNC_MODES = ("full", "checksum", "assume-clean")
 ON_DISCONNECT = ("continue", "block")  # block: writes wait while the target is not streaming
+# What a streaming target over its max_lag_seconds / max_lag_bytes does to writes: nothing
+# but an event and a metric, slow them to what the target takes, or hold them.
+ON_LAG = ("alert", "throttle", "block")
 ALLOCATIONS = ("preallocate", "check", "sparse")  # how an image file's blocks are allocated
 DURABILITIES = ("flush", "write")  # when a write completes: see GroupConfig.durability
 # What a near replica computes for a far target from each write and the content it
@@ -70,6 +73,9 @@ class TargetConfig:
     # this node to relay), or, without via on a secondary, on this node as it receives them.
     via: str | None = None
     process: tuple[str, ...] = ()
+    max_lag_seconds: float | None = None
+    max_lag_bytes: int | None = None
+    on_lag: str = "alert"
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class Config:
     nbd_max_connections_per_export: int = 64  # of those, on one export
     nbd_handshake_timeout: float = 10.0  # a connection that picks no export is dropped
     log_level: str = "info"
+    metrics_listen: tuple[str, int] | None = None
+    stall_timeout: float = 60.0
     source_path: str = field(default="", compare=False)
 
     def group(self, name: str) -> GroupConfig:
@@ -266,12 +274,21 @@ def _target(data, path: str, node: str, peers) -> TargetConfig:
                      initial_sync=r.choice("initial_sync", RESYNC_MODES, "full"),
                      on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"),
                      bunker=r.get("bunker", False, types=(bool,)), interval=interval,
-                     **_offload(r, mode))
+                     **_offload(r, mode), **_lag_limits(r))
     if t.bunker and t.mode != "sync":
         raise ConfigError(r.sub("bunker"), "a bunker keeps a synchronous copy of the journal: "
                                            "its mode must be sync")
     r.done()
     return t
+
+
+def _lag_limits(r: _Reader) -> dict:
+    seconds, nbytes = r.get("max_lag_seconds", None), r.get("max_lag_bytes", None)
+    out = {"max_lag_seconds": None if seconds is None else
+           parse_duration(seconds, r.sub("max_lag_seconds"), low=0.1),
+           "max_lag_bytes": None if nbytes is None else parse_size(nbytes, r.sub("max_lag_bytes")),
+           "on_lag": r.choice("on_lag", ON_LAG, "alert")}
+    return out
 
 
 def _offload(r: _Reader, mode: str) -> dict:
@@ -501,6 +518,9 @@ def parse(data, source_path: str = "") -> Config:
     if nbd_handshake <= 0:
         raise ConfigError("nbd_handshake_timeout", f"expected positive seconds; got {nbd_handshake}")
     log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    metrics = r.get("metrics_listen", None)
+    metrics = parse_address(metrics, "metrics_listen") if metrics is not None else None
+    stall_timeout = parse_duration(r.get("stall_timeout", 60), "stall_timeout", low=0.5)
     tls = _tls(r)
     r.done()
     return Config(node=node, listen=listen, nbd_listen=nbd_listen, state_dir=state_dir,
@@ -509,7 +529,8 @@ def parse(data, source_path: str = "") -> Config:
                   sync_ack_timeout=float(sync_ack_timeout), nbd_max_connections=nbd_max,
                   nbd_max_connections_per_export=nbd_per_export,
                   nbd_handshake_timeout=float(nbd_handshake),
-                  log_level=log_level, source_path=source_path)
+                  log_level=log_level, metrics_listen=metrics, stall_timeout=stall_timeout,
+                  source_path=source_path)
 
 
 def load(path: str) -> Config:

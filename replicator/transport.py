@@ -93,6 +93,7 @@ class Link:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.subject = peer_subject(writer)
+        self.bytes_out = 0  # written to the socket (TLS: before encryption)
 
     def who(self, node: str | None = None) -> str:
         """The peer as a log line names it: its node name (as it claims), address and,
@@ -134,7 +135,9 @@ class Link:
         sends each write() at once while its buffer is empty, so a frame written as
         header and body would cost two syscalls (and the peer two wakeups)."""
         parts = [part for ev in events for part in self.conn.send_parts(ev)]
-        if len(parts) > 1 and sum(len(p) for p in parts) <= JOIN_BYTES:
+        nbytes = sum(len(p) for p in parts)
+        self.bytes_out += nbytes
+        if len(parts) > 1 and nbytes <= JOIN_BYTES:
             parts = [b"".join(parts)]
         write = self.writer.write
         for part in parts:

@@ -6,6 +6,7 @@ its volumes are not watched files (capture: watch: programs write those directly
 from __future__ import annotations
 
 from ..group import Group
+from ..metrics import IoStats
 from ..volume import Volume
 
 
@@ -16,6 +17,7 @@ class VolumeExport:
         self.volume = volume
         self.name = volume.name
         self.size = volume.size
+        self.stats = IoStats()  # its NBD writes and flushes, for metrics.py
 
     @property
     def read_only(self) -> bool:
@@ -25,13 +27,15 @@ class VolumeExport:
         return self.commit.read(self.volume, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool, done) -> None:
+        done = self.stats.write(len(data), done)
         self.commit.submit_write(self.volume, offset, data, self._fua(done) if fua else done)
 
     def zero(self, offset: int, length: int, fua: bool, done) -> None:
+        done = self.stats.write(length, done)
         self.commit.submit_zero(self.volume, offset, length, self._fua(done) if fua else done)
 
     def flush(self, done) -> None:
-        self.commit.submit_flush(done)
+        self.commit.submit_flush(self.stats.flush(done))
 
     def _fua(self, done):
         """A FUA write completes as the write followed by a flush."""

@@ -59,6 +59,7 @@ from collections import deque
 from typing import Callable
 
 from ..config import GroupConfig
+from ..events import emit
 from ..journal.flusher import Flusher
 from ..journal.record import FLAG_OPEN, Kind, RecordError, encode_header, header_crc, iterate
 from ..journal.segments import Journal
@@ -566,6 +567,9 @@ class Commit:
         if not n:
             self._open_durable.extend(batch.applies)
             return
+        if batch.urgent:  # it closes an epoch of many records
+            emit("epoch_applied", self.name, through_seq=batch.closed_seq,
+                 records=batch.closed_seq - self.consistent_seq)
         self.consistent_seq = batch.closed_seq
         if n == len(batch.applies) and not self._open_durable:  # no epoch open
             applies = batch.applies

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..bitmap import Bitmap, BitmapError
 from ..config import GroupConfig, TargetConfig
+from ..events import emit
 from ..generations import Generation
 from ..journal.record import FLAG_OPEN, iterate
 from ..journal.segments import Journal, JournalError, Position
@@ -222,6 +223,8 @@ class Group:
             self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.undo.remove()
         self.log.warning("group %s: promoted to primary, generation %s", self.name, gen)
+        emit("promoted", self.name, generation=str(gen), first_seq=gen.first_seq,
+             forced=force)
         return gen
 
     def _drop_open_epoch(self) -> None:
@@ -246,6 +249,7 @@ class Group:
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.log.warning("group %s: demoted to secondary of %s", self.name, source)
+        emit("demoted", self.name, source=source)
 
     async def restore(self) -> bool:
         """Back to the configured source and targets (after a failover and failback put

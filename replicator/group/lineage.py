@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from .. import statefile
+from ..events import emit
 from ..generations import Generation, from_json, new_generation, to_json
 from ..journal.segments import Journal
 from ..volume import Volume
@@ -41,6 +42,8 @@ class Lineage:
 
     def diverged(self, peer: str, **why) -> None:
         """`peer`'s line and ours diverged (split brain): `why` says how (fork, reason)."""
+        if self.split_brain is None or self.split_brain.get("peer") != peer:
+            emit("split_brain", self.name, peer, **why)
         self.split_brain = {"peer": peer, **why}
 
     def reconciled(self, peer: str) -> None:

@@ -30,6 +30,7 @@ class TargetLink:
         # Logging: when the oldest write it lacks was journaled (wall clock ns; 0: not
         # known yet), kept because the journal trims that record away (lag_seconds).
         self.lacks_since_ns = 0
+        self.lag_over = False  # over its max_lag_seconds or max_lag_bytes (group/guard.py)
 
     def configure(self, cfg: TargetConfig) -> None:
         """Take this target's (possibly changed) configuration; its position stays."""

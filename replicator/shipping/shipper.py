@@ -22,6 +22,7 @@ import ssl
 import time
 from typing import Callable
 
+from ..events import emit
 from ..group import Group, TargetLink, wake_all
 from ..journal.segments import JournalError
 from ..wire import Handover, LocalProtocolError, RemoteProtocolError, Report, Successor
@@ -60,12 +61,17 @@ class Shipper:
                              on_ack=self._notify, relays=self.relays)
         self.hb_timeout = heartbeat_timeout
         self.state = "connecting"
+        self.shown = "connecting"  # the state last announced (events.py): phase()'s
         self.last_error = ""
+        self.sessions = 0  # sessions established; every one after the first is a reconnect
+        self.stalls = 0  # sessions the stall watchdog ended
+        self.last_verify: dict | None = None  # {time, mismatches, bytes_checked}
         self.resync_rate = group.cfg.resync_rate  # bytes/s, 0 = unlimited; runtime-settable
         self.resync: Resync | None = None  # the running resync
         self._resync_waiters: list[asyncio.Future] = []
         self._changes = asyncio.Event()  # set whenever the state or the acked seq moves
         self._peer: Peer | None = None  # the running session's
+        self._wire_bytes = 0  # written to the sockets of sessions that ended
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.report: dict | None = None  # the target's last REPORT (report.py)
@@ -74,6 +80,11 @@ class Shipper:
     @property
     def bytes_sent(self) -> int:
         return self.stream.bytes_sent
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes written to the target's sockets, frames and all, over every session."""
+        return self._wire_bytes + (self._peer.link.bytes_out if self._peer is not None else 0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
@@ -93,6 +104,21 @@ class Shipper:
 
     def _notify(self) -> None:
         self._changes.set()
+        self.announce()
+
+    def announce(self) -> None:
+        """Emit a `state` event when the state status shows has changed since the last
+        one (the agent also calls this each second: logging starts in the group)."""
+        phase = self.phase()
+        if phase != self.shown:
+            previous, self.shown = self.shown, phase
+            why = {"why": self.target.why} if phase == "logging" else {}
+            emit("state", self.group.name, self.target.node, state=phase, previous=previous,
+                 error=self.last_error, **why)
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.sessions - 1)
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Until `condition()` holds, looked at whenever this shipper's state, its
@@ -107,6 +133,7 @@ class Shipper:
             peer, wait = None, 0.0
             try:
                 peer = self._peer = await self.dialer.connect()
+                self.sessions += 1
                 backoff = RECONNECT_MIN
                 await self._session(peer)
             except (OSError, asyncio.TimeoutError, ShipError, LocalProtocolError,
@@ -129,6 +156,8 @@ class Shipper:
                 wait = REFUSED_BACKOFF  # said loudly, then tried again
             finally:
                 self._disconnected()
+                if self._peer is not None:
+                    self._wire_bytes += self._peer.link.bytes_out
                 self._peer = None
                 if peer is not None:
                     await peer.close()
@@ -173,10 +202,15 @@ class Shipper:
         r = self.resync = Resync(g, t, peer, hb_interval=self.hb_interval,
                                  hb_timeout=self.hb_timeout,
                                  rate_limit=lambda: self.resync_rate, on_sent=self.stream.count)
+        emit("resync_started", g.name, t.node, mode=t.resync_mode, initial=t.resync_initial,
+             why=t.why)
         try:
             seq = await r.run()
         finally:
             self.resync = None
+        emit("resync_done", g.name, t.node, through_seq=seq, mode=r.mode or "full",
+             checked_bytes=r.done_bytes, sent_bytes=r.done_bytes - r.same_bytes,
+             passes=r.passes, seconds=round(time.monotonic() - r.started, 3))
         self.stream.resume(seq)
         self._set_state("catching-up")
         self.log.info("group %s -> %s: %s resync complete at seq %d (%d bytes checked, %d "
@@ -235,6 +269,11 @@ class Shipper:
                       "mismatching region(s)", g.name, t.node, result["bytes_checked"],
                       result["first_seq"], result["last_seq"], result["seconds"],
                       len(result["mismatches"]))
+        self.last_verify = {"time": time.time(), "mismatches": len(result["mismatches"]),
+                            "bytes_checked": result["bytes_checked"]}
+        emit("verify", g.name, t.node, mismatches=len(result["mismatches"]),
+             bytes_checked=result["bytes_checked"], first_seq=result["first_seq"],
+             last_seq=result["last_seq"], seconds=result["seconds"])
         return result
 
     async def repair(self, mismatches: list[dict]) -> dict:
