@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need on a fresh Debian machine (as root):
-# Debian packages (real NBD clients, fio, iproute2, sshd), a virtual environment in
+# Debian packages (real NBD clients, fio, iproute2, sshd, promtool), a virtual environment in
 # .venv with the project and its test tools. Idempotent; quick when nothing is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +16,46 @@ missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# prometheus brings promtool, which the tests use on monitoring/; the daemon itself must
+# not start here (see install_without_starting_services).
+dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed" \
+    || prometheus_missing=1
+if ((${#missing[@]})) || [[ -v prometheus_missing ]]; then
+    apt-get update -qq
+fi
 if ((${#missing[@]})); then
     echo "setup.sh: installing Debian packages: ${missing[*]}"
-    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# A package's postinst starts its service through invoke-rc.d or deb-systemd-invoke, and
+# both ask /usr/sbin/policy-rc.d first: exit 101 means "action forbidden", under sysvinit
+# and systemd alike. A policy-rc.d already there (a container image's) is the machine's
+# own and is left as it is; one made here is removed again, even if apt-get fails.
+POLICY_RC=/usr/sbin/policy-rc.d
+install_without_starting_services() {
+    local made_policy=
+    if [[ ! -e $POLICY_RC ]]; then
+        printf '#!/bin/sh\n# made by setup.sh for one apt-get install: start no service\nexit 101\n' \
+            >"$POLICY_RC"
+        chmod 755 "$POLICY_RC"
+        made_policy=1
+        trap 'rm -f "$POLICY_RC"' EXIT
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    if [[ $made_policy ]]; then
+        rm -f "$POLICY_RC"
+        trap - EXIT
+    fi
+}
+if [[ -v prometheus_missing ]]; then
+    echo "setup.sh: installing Debian package prometheus (for promtool; its service not started)"
+    install_without_starting_services prometheus
+    if pids=$(ps -C prometheus -o pid=); then
+        echo "setup.sh: a prometheus daemon runs after the install (pid ${pids//[[:space:]]/ })," \
+             "although policy-rc.d forbade starting it" >&2
+        exit 1
+    fi
 fi
 
 PY=${PYTHON:-python3}
