@@ -33,6 +33,7 @@ import ssl
 from .admission import Admission, welcome
 from .bunker import serve_fetch
 from .config import TargetConfig
+from .events import emit
 from .generations import Generation, Relation, Verdict, from_wire
 from .group import Group, GroupError
 from .journal.segments import Position
@@ -204,6 +205,8 @@ class Receiver:
                     await self._serve(session)
                 finally:
                     session.group.commit.durable_listeners.discard(listener)
+                    emit("source_lost", session.group.name, source=session.source,
+                         error=str(session.failed or ""))
         except (OSError, asyncio.TimeoutError) as exc:
             self.log.info("replication link from %s ended: %s", _who(link, session),
                           exc or type(exc).__name__)
@@ -262,6 +265,9 @@ class Receiver:
         if refused:
             self.log.warning("refused group %s to %s: %s: %s", ev.group, link.who(ev.node),
                              code_name(refused.code), refused.reason)
+            if group is not None:  # (strangers' HELLOs are the log's, not the stream's)
+                emit("refused", group.name, peer=str(ev.node), code=code_name(refused.code),
+                     reason=refused.reason)
             await link.send(Refuse(code=refused.code, reason=refused.reason))
             return None
         return await self._open_session(link, ev, group, agreed, verdict)
@@ -308,6 +314,7 @@ class Receiver:
             group.adopt(history, ev.node)
         group.lineage.reconciled(ev.node)
         self.log.info("group %s: %s connected, resuming after seq %d", group.name, ev.node, pos.seq)
+        emit("source_connected", group.name, source=ev.node, after_seq=pos.seq)
         return session
 
     async def _keep_alive(self, link: Link, func, *args):
