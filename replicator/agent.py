@@ -94,6 +94,7 @@ class Agent:
         await self.admin.start()
         if self.metrics is not None:
             await self.metrics.start(*self.cfg.metrics_listen)
+        emit("agent_started", node=self.cfg.node, pid=os.getpid())
         for shippers in self.shippers.values():
             for shipper in shippers:
                 shipper.start()
@@ -102,7 +103,6 @@ class Agent:
                  self.cfg.node, *self.cfg.listen, *self.cfg.nbd_listen, len(self.groups),
                  ", metrics on http://%s:%d/metrics" % self.cfg.metrics_listen
                  if self.metrics is not None else "")
-        emit("agent_started", node=self.cfg.node, pid=os.getpid())
 
     async def _watch(self) -> None:
         """Each WATCH_INTERVAL: announce the state changes no callback announces (a

@@ -87,6 +87,8 @@ class Shipper:
         return self._wire_bytes + (self._peer.link.bytes_out if self._peer is not None else 0)
 
     def start(self) -> None:
+        emit("state", self.group.name, self.target.node, state=self.shown, previous=None,
+             error="")
         self._task = asyncio.create_task(self._run(), name=f"ship-{self.group.name}-{self.target.node}")
 
     async def stop(self) -> None:

@@ -124,7 +124,7 @@ def test_events_list_state_changes_and_follow_misses_none(pair):
     kinds = [e["kind"] for e in past]
     assert kinds[0] == "agent_started"
     states = [e["state"] for e in past if e["kind"] == "state" and e["target"] == "s"]
-    assert states[-1] == "replicating", past
+    assert states[0] == "connecting" and states[-1] == "replicating", past
     assert [e["seq"] for e in past] == list(range(1, len(past) + 1))
 
     since = p.status()["event_seq"]
