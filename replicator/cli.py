@@ -14,17 +14,10 @@ import time
 from . import admin, config, logfilter
 from .group import GroupError
 from .journal.segments import JournalError
+from .sizes import human_bytes, size_text
 from .volume import VolumeError
 
 DEFAULT_CONFIG = "/etc/replicator/agent.yml"
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def format_status(st: dict) -> str:
@@ -33,7 +26,7 @@ def format_status(st: dict) -> str:
     for g in st["groups"]:
         j = g["journal"]
         head = (f"{g['name']}  role:{g['role']}  seq:{g['seq']}  applied:{g['applied_seq']}  "
-                f"journal:{_human_bytes(j['used_bytes'])}/{_human_bytes(j['capacity_bytes'])}")
+                f"journal:{human_bytes(j['used_bytes'])}/{human_bytes(j['capacity_bytes'])}")
         if j["full"]:
             head += "  JOURNAL-FULL"
         if g.get("writes_halted"):
@@ -57,33 +50,33 @@ def format_status(st: dict) -> str:
             head += f"  source:{g['source']}" + (f" connected({up['peer']})" if up else " disconnected")
         lines.append(head)
         for v in g["volumes"]:
-            lines.append(f"  volume {v['name']:<12} {_human_bytes(v['size']):>10}  {v['path']}")
+            lines.append(f"  volume {v['name']:<12} {human_bytes(v['size']):>10}  {v['path']}")
         w = g.get("watch")
         if w and w["watching"]:
             e = w["last_epoch"]
             lines.append(f"  watch {w['consistency']}  {w['state']}  epochs:{w['epochs']}"
-                         + (f"  last: seq {e['seq']}, {_human_bytes(e['bytes'])} in "
+                         + (f"  last: seq {e['seq']}, {human_bytes(e['bytes'])} in "
                             f"{e['capture_ms']:.0f} ms" if e else "")
                          + (f"  ({w['error']})" if w["error"] else ""))
         for t in g["targets"]:
             lines.append(
                 f"  -> {t['node']:<12} {t['mode']:<5} {t['state']:<12} acked:{t['acked_seq']:<8} "
-                f"lag:{t['lag_records']} rec/{_human_bytes(t['lag_bytes'])}/{t['lag_seconds']:.1f}s"
+                f"lag:{t['lag_records']} rec/{human_bytes(t['lag_bytes'])}/{t['lag_seconds']:.1f}s"
                 + ("  zstd" if t["compress"] == "zstd" else "")
                 + (f"  ({t['last_error']})" if t["last_error"] else ""))
             if t["mode"] == "periodic":
                 e, due = t.get("last_epoch"), t.get("next_due")
                 lines.append(f"     every {t['interval']:g}s"
-                             + (f"  last epoch: seq {e['seq']}, {_human_bytes(e['bytes_before'])}"
-                                f" -> {_human_bytes(e['bytes_after'])} ({e['why']})" if e else "")
+                             + (f"  last epoch: seq {e['seq']}, {human_bytes(e['bytes_before'])}"
+                                f" -> {human_bytes(e['bytes_after'])} ({e['why']})" if e else "")
                              + (f"  next in {max(0.0, due - time.time()):.0f}s" if due else ""))
             for what in ("resync", "verify"):
                 p = t.get(what)
                 if p:
                     eta = f", eta {p['eta_seconds']:.0f}s" if p.get("eta_seconds") is not None else ""
                     lines.append(f"     {what}{' ' + p['mode'] if p.get('mode') else ''}: "
-                                 f"{_human_bytes(p['done_bytes'])}/{_human_bytes(p['total_bytes'])}"
-                                 f" at {_human_bytes(p['rate_bytes_per_s'])}/s{eta}")
+                                 f"{human_bytes(p['done_bytes'])}/{human_bytes(p['total_bytes'])}"
+                                 f" at {human_bytes(p['rate_bytes_per_s'])}/s{eta}")
     return "\n".join(lines)
 
 
@@ -113,10 +106,10 @@ def analytics_table(tree: dict) -> str:
             hot = v["hot_regions"][0] if v["hot_regions"] else None
             lines.append(
                 f"{pad}   volume {name:<12} {v['writes_per_s']['10s']:.0f} w/s "
-                f"{_human_bytes(v['bytes_per_s']['10s'])}/s"
+                f"{human_bytes(v['bytes_per_s']['10s'])}/s"
                 f"  overwrite:{'-' if share is None else format(share, '.0%')}"
                 f"  compress:{'-' if ratio is None else format(ratio, '.2f')}"
-                + (f"  hot:{_human_bytes(hot['offset'])}+{_human_bytes(hot['length'])}"
+                + (f"  hot:{human_bytes(hot['offset'])}+{human_bytes(hot['length'])}"
                    f" ({hot['writes']} writes)" if hot else ""))
         for child in t["children"]:
             node(child, depth + 1)
@@ -227,7 +220,7 @@ def cmd_resync(args) -> int:
             return 2
     return _operate(args, "resync", lambda r: (
         f"group {r['group']} -> {r['target']}: {r['state']}, resync rate limit "
-        f"{_human_bytes(r['rate_limit_bytes_per_s']) + '/s' if r['rate_limit_bytes_per_s'] else 'none'}"),
+        f"{human_bytes(r['rate_limit_bytes_per_s']) + '/s' if r['rate_limit_bytes_per_s'] else 'none'}"),
         group=args.group, target=args.target, rate=rate, mode=args.mode)
 
 
@@ -235,12 +228,13 @@ EXIT_MISMATCH = 3
 
 
 def _verify_report(r: dict) -> str:
-    lines = [f"group {r['group']} -> {r['target']}: {_human_bytes(r['bytes_checked'])} in "
+    lines = [f"group {r['group']} -> {r['target']}: {human_bytes(r['bytes_checked'])} in "
              f"{r['regions_checked']} regions checked at seq {r['first_seq']}..{r['last_seq']} "
              f"in {r['seconds']:.1f}s: {len(r['mismatches'])} mismatching region(s)"]
-    lines += [f"  {m['volume']} offset {m['offset']} length {m['length']}" for m in r["mismatches"]]
+    lines += [f"  {m['volume']} offset {size_text(m['offset'])} length {size_text(m['length'])}"
+              for m in r["mismatches"]]
     if r["repaired"]:
-        lines.append(f"repaired: {r['repaired']} region(s), {_human_bytes(r['repaired_bytes'])} "
+        lines.append(f"repaired: {r['repaired']} region(s), {human_bytes(r['repaired_bytes'])} "
                      "resynced")
     return "\n".join(lines)
 
@@ -334,8 +328,8 @@ def cmd_switchover(args) -> int:
 
 def cmd_failback(args) -> int:
     return _operate(args, "failback", lambda r: (
-        f"group {r['group']}: {r['to']} rejoined as a replica ({_human_bytes(r['rejoin_bytes'])} "
-        f"sent for {_human_bytes(r['volume_bytes'])} of volumes), then the primary moved "
+        f"group {r['group']}: {r['to']} rejoined as a replica ({human_bytes(r['rejoin_bytes'])} "
+        f"sent for {human_bytes(r['volume_bytes'])} of volumes), then the primary moved "
         f"{r['from']} -> {r['to']} at seq {r['seq']}"),
         timeout=None, group=args.group, to=args.to, drain_timeout=args.timeout,
         rejoin_timeout=args.rejoin_timeout)

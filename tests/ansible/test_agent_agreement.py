@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from replicator import cli, config
+from replicator import config, sizes
 from tests.ansible.ansible_harness import ROOT, module_utils
 
 
@@ -34,4 +34,4 @@ def test_the_inventory_is_checked_against_the_agents_vocabulary():
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1536, 10 << 20, (1 << 40) - 1, 5 << 40, 7.5])
 def test_byte_counts_read_the_same_in_the_cli_and_in_ansible(n):
-    assert module_utils("replicator_agent").human_bytes(n) == cli._human_bytes(n)
+    assert module_utils("replicator_agent").human_bytes(n) == sizes.human_bytes(n)
