@@ -118,11 +118,19 @@ def analytics_table(tree: dict) -> str:
     return "\n".join(lines)
 
 
+def _invalid(path: str, exc: config.ConfigError) -> str:
+    """Every error of a config: on the line when there is one, else one a line below."""
+    if len(exc.errors) == 1:
+        return f"replicator: invalid config {path}: {exc}"
+    return (f"replicator: invalid config {path}: {len(exc.errors)} errors\n"
+            + "\n".join(f"  {line}" for line in str(exc).splitlines()))
+
+
 def _load(path: str) -> config.Config:
     try:
         return config.load(path)
     except config.ConfigError as exc:
-        print(f"replicator: invalid config {path}: {exc}", file=sys.stderr)
+        print(_invalid(path, exc), file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -367,9 +375,18 @@ def cmd_resolve(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    cfg = _load(args.file)
+    try:
+        cfg = config.load(args.file)
+    except config.ConfigError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "errors": [{"path": path, "message": message}
+                                                      for path, message in exc.errors]}))
+        else:
+            print(_invalid(args.file, exc), file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps({"ok": True, "node": cfg.node, "groups": [g.name for g in cfg.groups]}))
+        print(json.dumps({"ok": True, "errors": [], "node": cfg.node,
+                          "groups": [g.name for g in cfg.groups]}))
     else:
         print(f"{args.file}: ok (node {cfg.node}, {len(cfg.groups)} group(s))")
     return 0
@@ -511,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("drill", help="DR drill tools: `replicator drill ledger|report --help`")
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
-    chk = csub.add_parser("check", help="validate a config file (exit 2 on error)")
+    chk = csub.add_parser("check", help="validate a config file: every error at once "
+                                        "(exit 2 on any)")
     chk.add_argument("file")
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(func=cmd_config_check)

@@ -2,6 +2,9 @@
 
 Errors name the key path and what was expected, e.g.
     groups[0].targets[1].mode: expected one of sync, async; got 'asnyc'
+Every error of a file is reported at once: a check that fails notes its error and the
+parse goes on, with the key that failed read as its default (or as unknown, None, when
+it has none: the checks that depend on it are skipped rather than failing in its wake).
 `replicator config check` and the agent share this code, so they refuse the same files.
 """
 
@@ -13,11 +16,14 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .sizes import size_text
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+MAX_SIZE = 1 << 50  # 1024TiB: more is a typo, and past float range it is no size at all
 
 # sync: a write completes once the target has it too; async: shipped from the journal as
 # soon as durable; periodic: shipped every `interval` as one epoch, overwrites coalesced.
@@ -42,11 +48,16 @@ DURABILITIES = ("flush", "write")  # when a write completes: see GroupConfig.dur
 # overwrites (offload/codec.py): the difference, zstd of it, a checksum of that content
 # (the far side checks it holds the same), encryption with the far link's key.
 PROCESSING = ("delta", "zstd", "checksum", "encrypt")
+WILDCARDS = ("0.0.0.0", "::")  # a listener on one of these takes its port on every address
 
 
 class ConfigError(Exception):
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}" if path else message)
+    """What is wrong with a config: one or more (key path, message) pairs, in the order
+    found. str() gives them all, one a line; key_path is the first one's path."""
+
+    def __init__(self, path: str, message: str, more: list[tuple[str, str]] | tuple = ()):
+        self.errors = [(path, message), *more]
+        super().__init__("\n".join(f"{p}: {m}" if p else m for p, m in self.errors))
         self.key_path = path
 
 
@@ -73,6 +84,7 @@ class TargetConfig:
     # this node to relay), or, without via on a secondary, on this node as it receives them.
     via: str | None = None
     process: tuple[str, ...] = ()
+    # Lag limits (issue 18): over either, `on_lag` acts (ON_LAG). None: no limit.
     max_lag_seconds: float | None = None
     max_lag_bytes: int | None = None
     on_lag: str = "alert"
@@ -136,8 +148,8 @@ class Config:
     nbd_max_connections_per_export: int = 64  # of those, on one export
     nbd_handshake_timeout: float = 10.0  # a connection that picks no export is dropped
     log_level: str = "info"
-    metrics_listen: tuple[str, int] | None = None
-    stall_timeout: float = 60.0
+    metrics_listen: tuple[str, int] | None = None  # the Prometheus endpoint; None: off
+    stall_timeout: float = 60.0  # a target with a backlog and no ack progress this long: reconnected
     source_path: str = field(default="", compare=False)
 
     def group(self, name: str) -> GroupConfig:
@@ -159,6 +171,8 @@ def parse_size(value, path: str) -> int:
         n = int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].upper()]
     if n <= 0:
         raise ConfigError(path, f"expected a positive size; got {value!r}")
+    if n > MAX_SIZE:
+        raise ConfigError(path, f"expected at most {size_text(MAX_SIZE)}; got {value!r}")
     return n
 
 
@@ -167,7 +181,10 @@ def parse_duration(value, path: str, low: float = 0.001, high: float = 86400.0) 
     if isinstance(value, bool):
         raise ConfigError(path, f"expected a duration like 10s or 500ms; got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past the float range: out of range anyway
+            seconds = float("inf")
     else:
         m = _DURATION_RE.match(str(value))
         if not m:
@@ -183,67 +200,142 @@ def parse_address(value, path: str) -> tuple[str, int]:
         raise ConfigError(path, f"expected HOST:PORT; got {value!r}")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(path, f"expected HOST:PORT with a port 1..65535; got {value!r}")
     return host, int(port)
 
 
-class _Reader:
-    """Walks a mapping, tracks the key path, and rejects keys nobody read."""
+def _address_text(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def __init__(self, data, path: str):
+
+def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Two listeners cannot both bind: the same port on the same host, or on any host
+    when either is a wildcard."""
+    return a[1] == b[1] and (a[0] == b[0] or a[0] in WILDCARDS or b[0] in WILDCARDS)
+
+
+def _not_a_peer(name, peers: dict | None) -> bool:
+    """`name` is not in peers; never said while peers itself is invalid (None): that one
+    error is enough."""
+    return peers is not None and name not in peers
+
+
+class _Problems:
+    """The errors found so far, in the order found."""
+
+    def __init__(self):
+        self.errors: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.errors.append((path, message))
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise ConfigError(*self.errors[0], self.errors[1:])
+
+
+class _Reader:
+    """Walks a mapping, tracks the key path, notes what is wrong, and rejects keys nobody
+    read. A key that fails reads as its default (None when required) and is in `bad`, so
+    that the checks depending on it can be skipped."""
+
+    def __init__(self, data: dict, path: str, problems: _Problems):
+        self.data, self.path, self.problems = data, path, problems
+        self.seen: set = set()
+        self.bad: set[str] = set()
+
+    @classmethod
+    def of(cls, data, path: str, problems: _Problems) -> _Reader | None:
+        """A reader of `data`, or None (the error noted) when it is not a mapping."""
         if not isinstance(data, dict):
-            raise ConfigError(path, f"expected a mapping; got {type(data).__name__}")
-        self.data, self.path, self.seen = data, path, set()
+            problems.add(path, f"expected a mapping; got {type(data).__name__}")
+            return None
+        return cls(data, path, problems)
 
     def sub(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, message: str, default=None):
+        """Note an error of `key`; returns `default`, what the key reads as from now on."""
+        self.seen.add(key)
+        self.bad.add(key)
+        self.problems.add(self.sub(key), message)
+        return default
+
+    def given(self, key: str) -> bool:
+        return self.data.get(key) is not None
 
     def get(self, key: str, default=..., *, types=None):
         self.seen.add(key)
         if key not in self.data or self.data[key] is None and default is not ...:
             if default is ...:
-                raise ConfigError(self.sub(key), "required key is missing")
+                return self.fail(key, "required key is missing")
             return default
         value = self.data[key]
         if types and not isinstance(value, types) or isinstance(value, bool) and bool not in (types or ()):
             names = " or ".join(t.__name__ for t in types) if types else "a value"
-            raise ConfigError(self.sub(key), f"expected {names}; got {value!r}")
+            return self.fail(key, f"expected {names}; got {value!r}",
+                             None if default is ... else default)
         return value
 
-    def name(self, key: str) -> str:
+    def check(self, key: str, parse, raw, **kwargs):
+        """`raw` (the key's value) through parse(raw, key path) (parse_size,
+        parse_duration, parse_address): its result, or None when it fails or is None."""
+        if raw is None:
+            return None
+        try:
+            return parse(raw, self.sub(key), **kwargs)
+        except ConfigError as exc:
+            self.bad.add(key)
+            self.problems.errors.extend(exc.errors)
+            return None
+
+    def value(self, key: str, parse, default=..., **kwargs):
+        """The key (or `default`, as written in a config) through `parse`; see check."""
+        return self.check(key, parse, self.get(key, default), **kwargs)
+
+    def name(self, key: str) -> str | None:
         value = self.get(key, types=(str,))
-        if not NAME_RE.match(value):
-            raise ConfigError(self.sub(key), "expected a name of letters, digits, '.', '_', "
-                                             f"'-' (max 63, starting alphanumeric); got {value!r}")
+        if value is not None and not NAME_RE.match(value):
+            return self.fail(key, "expected a name of letters, digits, '.', '_', '-' (max 63, "
+                                  f"starting alphanumeric); got {value!r}")
         return value
 
-    def choice(self, key: str, choices, default=...) -> str:
+    def choice(self, key: str, choices, default=...) -> str | None:
         value = self.get(key, default, types=(str,))
-        if value not in choices:
-            raise ConfigError(self.sub(key), f"expected one of {', '.join(choices)}; got {value!r}")
+        if value is not None and value not in choices:
+            return self.fail(key, f"expected one of {', '.join(choices)}; got {value!r}",
+                             None if default is ... else default)
+        return value
+
+    def absolute_path(self, key: str, default=...) -> str | None:
+        value = self.get(key, default, types=(str,))
+        if value is not None and not os.path.isabs(value):
+            return self.fail(key, f"expected an absolute path; got {value!r}")
         return value
 
     def done(self) -> None:
-        unknown = sorted(set(map(str, self.data)) - self.seen)
-        if unknown:
-            raise ConfigError(self.sub(unknown[0]), "unknown key (typo?)")
+        for key in sorted(set(map(str, self.data)) - set(map(str, self.seen))):
+            self.problems.add(self.sub(key), "unknown key (typo?)")
 
 
-def _items(value, path: str) -> list:
+def _items(r: _Reader, key: str) -> list:
+    value = r.get(key, [])
     if not isinstance(value, list):
-        raise ConfigError(path, f"expected a list; got {type(value).__name__}")
+        return r.fail(key, f"expected a list; got {type(value).__name__}", [])
     return value
 
 
-def _volume(data, path: str, allocation: str) -> VolumeConfig:
-    r = _Reader(data, path)
-    vol_path = r.get("path", types=(str,))
-    if not os.path.isabs(vol_path):
-        raise ConfigError(r.sub("path"), f"expected an absolute path; got {vol_path!r}")
-    size = parse_size(r.get("size"), r.sub("size"))
-    if size % 512:
-        raise ConfigError(r.sub("size"), f"expected a multiple of 512 bytes; got {size}")
+def _volume(data, path: str, allocation: str, problems: _Problems) -> VolumeConfig | None:
+    r = _Reader.of(data, path, problems)
+    if r is None:
+        return None
+    vol_path = r.absolute_path("path")
+    size = r.value("size", parse_size)
+    if size is not None and size % 512:
+        size = r.fail("size", f"expected a multiple of 512 bytes; got {size_text(size)}")
     v = VolumeConfig(name=r.name("name"), path=vol_path, size=size,
                      allocation=r.choice("allocation", ALLOCATIONS, allocation),
                      capture=r.choice("capture", CAPTURES, "nbd"))
@@ -251,156 +343,172 @@ def _volume(data, path: str, allocation: str) -> VolumeConfig:
     return v
 
 
-def _target(data, path: str, node: str, peers) -> TargetConfig:
-    r = _Reader(data, path)
+def _target(data, path: str, node: str | None, peers: dict | None,
+            problems: _Problems) -> TargetConfig | None:
+    r = _Reader.of(data, path, problems)
+    if r is None:
+        return None
     target = r.name("node")
-    if target == node:
-        raise ConfigError(r.sub("node"), f"a group cannot target its own node {node!r}")
-    if target not in peers:
-        raise ConfigError(r.sub("node"), f"{target!r} is not in peers (known: "
-                                         f"{', '.join(sorted(peers)) or 'none'})")
+    if target is not None and target == node:
+        r.fail("node", f"a group cannot target its own node {node!r}")
+    elif target is not None and _not_a_peer(target, peers):
+        r.fail("node", f"{target!r} is not in peers (known: {', '.join(sorted(peers)) or 'none'})")
     mode = r.choice("mode", MODES)
-    interval = r.get("interval", None)
+    interval = None
     if mode == "periodic":
-        if interval is None:
-            raise ConfigError(r.sub("interval"), "a periodic target needs an interval "
-                                                 "(seconds between epochs, e.g. 30s)")
-        interval = parse_duration(interval, r.sub("interval"), low=0.1)
-    elif interval is not None:
-        raise ConfigError(r.sub("interval"), f"only a periodic target has an interval "
-                                             f"(this one is {mode})")
-    t = TargetConfig(node=target, mode=mode,
-                     compress=r.choice("compress", COMPRESSIONS, "none"),
-                     initial_sync=r.choice("initial_sync", RESYNC_MODES, "full"),
-                     on_disconnect=r.choice("on_disconnect", ON_DISCONNECT, "continue"),
-                     bunker=r.get("bunker", False, types=(bool,)), interval=interval,
-                     **_offload(r, mode), **_lag_limits(r))
-    if t.bunker and t.mode != "sync":
-        raise ConfigError(r.sub("bunker"), "a bunker keeps a synchronous copy of the journal: "
-                                           "its mode must be sync")
+        if not r.given("interval"):
+            r.fail("interval", "a periodic target needs an interval (seconds between epochs, "
+                               "e.g. 30s)")
+        interval = r.value("interval", parse_duration, None, low=0.1)
+    elif mode is not None and r.given("interval"):
+        r.fail("interval", f"only a periodic target has an interval (this one is {mode})")
+    r.seen.add("interval")
+    compress = r.choice("compress", COMPRESSIONS, "none")
+    initial_sync = r.choice("initial_sync", RESYNC_MODES, "full")
+    on_disconnect = r.choice("on_disconnect", ON_DISCONNECT, "continue")
+    bunker = r.get("bunker", False, types=(bool,))
+    if bunker and mode not in ("sync", None):
+        r.fail("bunker", "a bunker keeps a synchronous copy of the journal: its mode must be sync")
+    t = TargetConfig(node=target, mode=mode, compress=compress, initial_sync=initial_sync,
+                     on_disconnect=on_disconnect, bunker=bunker, interval=interval,
+                     **_offload(r, mode), **_lag_limits(r, mode, interval, bunker))
     r.done()
     return t
 
 
-def _lag_limits(r: _Reader) -> dict:
-    seconds, nbytes = r.get("max_lag_seconds", None), r.get("max_lag_bytes", None)
-    out = {"max_lag_seconds": None if seconds is None else
-           parse_duration(seconds, r.sub("max_lag_seconds"), low=0.1),
-           "max_lag_bytes": None if nbytes is None else parse_size(nbytes, r.sub("max_lag_bytes")),
-           "on_lag": r.choice("on_lag", ON_LAG, "alert")}
-    return out
-
-
-def _offload(r: _Reader, mode: str) -> dict:
+def _offload(r: _Reader, mode: str | None) -> dict:
     """A target's `via` and `process`, checked on their own (_group checks them against
-    the other targets)."""
+    the other targets). When either fails, the target reads as not processed."""
     via = r.get("via", None, types=(str,))
     process = r.get("process", [], types=(list,))
     for i, op in enumerate(process):
         if op not in PROCESSING:
-            raise ConfigError(f"{r.sub('process')}[{i}]",
-                              f"expected one of {', '.join(PROCESSING)}; got {op!r}")
-    if len(set(process)) != len(process):
-        raise ConfigError(r.sub("process"), f"an operation is named twice: {process}")
+            r.problems.add(f"{r.sub('process')}[{i}]",
+                           f"expected one of {', '.join(PROCESSING)}; got {op!r}")
+            r.bad.add("process")
+    if "process" not in r.bad and len(set(process)) != len(process):
+        r.fail("process", f"an operation is named twice: {process}")
+    if r.bad & {"via", "process"}:
+        return {"via": None, "process": ()}
     if via is not None and not process:
-        raise ConfigError(r.sub("via"), "a target processed via a near replica needs "
-                                        f"`process` (some of {', '.join(PROCESSING)})")
-    if process and mode != "async":
-        raise ConfigError(r.sub("process"), "only an async target's records are processed "
-                                            f"(this one is {mode}: a periodic link coalesces "
-                                            "them, a sync one cannot wait for a near node)")
+        r.fail("via", "a target processed via a near replica needs `process` (some of "
+                      f"{', '.join(PROCESSING)})")
+    if process and mode not in ("async", None):
+        r.fail("process", "only an async target's records are processed (this one is "
+                          f"{mode}: a periodic link coalesces them, a sync one cannot wait "
+                          "for a near node)")
+        return {"via": via, "process": ()}
     return {"via": via, "process": tuple(op for op in PROCESSING if op in process)}
+
+
+def _lag_limits(r: _Reader, mode: str | None, interval: float | None, bunker: bool) -> dict:
+    """A target's max_lag_seconds, max_lag_bytes and what over them does (on_lag)."""
+    seconds = r.value("max_lag_seconds", parse_duration, None, low=0.1)
+    size = r.value("max_lag_bytes", parse_size, None)
+    on_lag = r.choice("on_lag", ON_LAG, "alert")
+    if r.given("on_lag") and not (r.given("max_lag_seconds") or r.given("max_lag_bytes")):
+        r.fail("on_lag", "on_lag acts when the target is over a limit: set max_lag_seconds "
+                         "or max_lag_bytes too")
+    if mode == "periodic" and seconds is not None and interval is not None and seconds <= interval:
+        r.fail("max_lag_seconds", f"a periodic target lags by up to its interval "
+                                  f"({interval:g}s) by design: expected more than that; "
+                                  f"got {seconds:g}s")
+    if bunker and on_lag in ("throttle", "block"):
+        r.fail("on_lag", f"a bunker may not {on_lag} writes: its synchronous copy of the "
+                         "journal is what a takeover replays, so it is kept in sync (or "
+                         "resynced) and never traded against the writes; use on_lag: alert "
+                         "(or on_disconnect: block)")
+    return {"max_lag_seconds": seconds, "max_lag_bytes": size, "on_lag": on_lag}
 
 
 def _tls(r: _Reader) -> TlsConfig | None:
     expected = ("expected a mapping {ca, cert, key} of PEM file paths (mutual TLS), "
                 "or false for plain TCP")
-    r.seen.add("tls")
     if "tls" not in r.data:
-        raise ConfigError("tls", f"required key is missing: {expected}")
+        return r.fail("tls", f"required key is missing: {expected}")
+    r.seen.add("tls")
     value = r.data["tls"]
     if value is False:
         return None
     if not isinstance(value, dict):
-        raise ConfigError("tls", f"{expected}; got {value!r}")
-    t = _Reader(value, "tls")
-    paths = {}
-    for key in ("ca", "cert", "key"):
-        paths[key] = t.get(key, types=(str,))
-        if not os.path.isabs(paths[key]):
-            raise ConfigError(t.sub(key), f"expected an absolute path; got {paths[key]!r}")
+        return r.fail("tls", f"{expected}; got {value!r}")
+    t = _Reader(value, "tls", r.problems)
+    paths = {key: t.absolute_path(key) for key in ("ca", "cert", "key")}
     t.done()
     return TlsConfig(**paths)
 
 
-def _group(data, path: str, node: str, peers) -> GroupConfig:
-    r = _Reader(data, path)
+def _group(data, path: str, node: str | None, peers: dict | None,
+           problems: _Problems) -> GroupConfig | None:
+    r = _Reader.of(data, path, problems)
+    if r is None:
+        return None
     name = r.name("name")
     role = r.choice("role", ROLES)
     source = r.get("source", None, types=(str,))
     if role in ("secondary", "bunker"):
-        if source is None:
-            raise ConfigError(r.sub("source"), f"a {role} needs the node allowed to ship to it")
-        if source not in peers:
-            raise ConfigError(r.sub("source"), f"{source!r} is not in peers")
-    elif source is not None:
-        raise ConfigError(r.sub("source"), "only a secondary or bunker has a source; set it "
-                                           "to null")
-    journal_size = parse_size(r.get("journal_size", "256MiB"), r.sub("journal_size"))
-    if journal_size < (16 << 20):
-        raise ConfigError(r.sub("journal_size"), f"expected at least 16MiB; got {journal_size}")
+        if source is None and "source" not in r.bad:
+            r.fail("source", f"a {role} needs the node allowed to ship to it")
+        elif source is not None and _not_a_peer(source, peers):
+            source = r.fail("source", f"{source!r} is not in peers")
+    elif role is not None and source is not None:
+        source = r.fail("source", "only a secondary or bunker has a source; set it to null")
+    journal_size = r.value("journal_size", parse_size, "256MiB")
+    if journal_size is not None and journal_size < (16 << 20):
+        journal_size = r.fail("journal_size",
+                              f"expected at least 16MiB; got {size_text(journal_size)}")
     allocation = r.choice("allocation", ALLOCATIONS, "preallocate")
-    volumes = [_volume(v, f"{r.sub('volumes')}[{i}]", allocation)
-               for i, v in enumerate(_items(r.get("volumes", []), r.sub("volumes")))]
-    if role == "bunker" and volumes:
-        raise ConfigError(r.sub("volumes"), "a bunker keeps only the journal: no volumes")
-    if role != "bunker" and not volumes:
-        raise ConfigError(r.sub("volumes"), "a group needs at least one volume")
-    targets = [_target(t, f"{r.sub('targets')}[{i}]", node, peers)
-               for i, t in enumerate(_items(r.get("targets", []), r.sub("targets")))]
+    volumes = [v for i, raw in enumerate(_items(r, "volumes"))
+               if (v := _volume(raw, f"{r.sub('volumes')}[{i}]", allocation, problems))]
+    if "volumes" not in r.bad:
+        if role == "bunker" and r.data.get("volumes"):
+            r.fail("volumes", "a bunker keeps only the journal: no volumes")
+        if role not in ("bunker", None) and not r.data.get("volumes"):
+            r.fail("volumes", "a group needs at least one volume")
+    targets = [t for i, raw in enumerate(_items(r, "targets"))
+               if (t := _target(raw, f"{r.sub('targets')}[{i}]", node, peers, problems))]
     for key, items in (("volumes", [v.name for v in volumes]),
                        ("targets", [t.node for t in targets])):
-        dup = {x for x in items if items.count(x) > 1}
+        dup = {x for x in items if x is not None and items.count(x) > 1}
         if dup:
-            raise ConfigError(r.sub(key), f"duplicate name {sorted(dup)[0]!r}")
+            r.fail(key, f"duplicate name {sorted(dup)[0]!r}")
     if source is not None and source in {t.node for t in targets}:
-        raise ConfigError(r.sub("targets"), f"{source!r} is this group's source; a target "
-                                             "cannot also be the source (loop)")
-    _check_vias(targets, role, r.sub("targets"))
-    granularity = parse_size(r.get("bitmap_granularity", "64KiB"), r.sub("bitmap_granularity"))
-    if granularity < 4096 or granularity & (granularity - 1):
-        raise ConfigError(r.sub("bitmap_granularity"),
-                          f"expected a power of two of at least 4KiB; got {granularity}")
-    high_water = parse_size(r.get("logging_high_water", journal_size * 3 // 4),
-                            r.sub("logging_high_water"))
-    if high_water >= journal_size:
-        raise ConfigError(r.sub("logging_high_water"),
-                          f"expected less than journal_size ({journal_size}); got {high_water}")
+        r.fail("targets", f"{source!r} is this group's source; a target cannot also be the "
+                          "source (loop)")
+    _check_vias(targets, role, r)
+    granularity = r.value("bitmap_granularity", parse_size, "64KiB")
+    if granularity is not None and (granularity < 4096 or granularity & (granularity - 1)):
+        r.fail("bitmap_granularity", f"expected a power of two of at least 4KiB; got "
+                                     f"{size_text(granularity)}")
+    high_water = r.value("logging_high_water", parse_size,
+                         None if journal_size is None else journal_size * 3 // 4)
+    if high_water is not None and journal_size is not None and high_water >= journal_size:
+        r.fail("logging_high_water", f"expected less than journal_size "
+                                     f"({size_text(journal_size)}); got {size_text(high_water)}")
     bunker = r.get("bunker", None, types=(str,))
-    if bunker is not None and bunker not in peers:
-        raise ConfigError(r.sub("bunker"), f"{bunker!r} is not in peers")
+    if bunker is not None and _not_a_peer(bunker, peers):
+        r.fail("bunker", f"{bunker!r} is not in peers")
     rate = r.get("resync_rate", 0)
-    rate = 0 if rate in (0, "0", "unlimited") else parse_size(rate, r.sub("resync_rate"))
+    rate = 0 if rate in (0, "0", "unlimited") else r.check("resync_rate", parse_size, rate)
     members = r.get("members", [], types=(list,))
     for i, member in enumerate(members):
-        if not isinstance(member, str) or member not in peers:
-            raise ConfigError(f"{r.sub('members')}[{i}]", f"{member!r} is not in peers")
+        if not isinstance(member, str) or _not_a_peer(member, peers):
+            problems.add(f"{r.sub('members')}[{i}]", f"{member!r} is not in peers")
     link_keys = r.get("link_keys", {}, types=(dict,))
     for far, key_path in link_keys.items():
-        if far not in peers and far != node:
-            raise ConfigError(f"{r.sub('link_keys')}.{far}", f"{far!r} is not in peers")
-        if not isinstance(key_path, str) or not os.path.isabs(key_path):
-            raise ConfigError(f"{r.sub('link_keys')}.{far}",
-                              f"expected an absolute path; got {key_path!r}")
+        if far != node and _not_a_peer(far, peers):
+            problems.add(f"{r.sub('link_keys')}.{far}", f"{far!r} is not in peers")
+        elif not isinstance(key_path, str) or not os.path.isabs(key_path):
+            problems.add(f"{r.sub('link_keys')}.{far}",
+                         f"expected an absolute path; got {key_path!r}")
     durability = r.choice("durability", DURABILITIES, "flush")
     watch = _watch(r, volumes)
     if any(v.capture == "watch" for v in volumes) and any(t.process for t in targets):
-        raise ConfigError(r.sub("targets"), "a watched group's epochs are shipped as they "
-                                            "are: no target of it is processed (process, via)")
+        r.fail("targets", "a watched group's epochs are shipped as they are: no target of it "
+                          "is processed (process, via)")
     commit_interval = r.get("commit_interval", 1.0, types=(int, float))
-    if isinstance(commit_interval, bool) or not 0.001 <= commit_interval <= 60:
-        raise ConfigError(r.sub("commit_interval"),
-                          f"expected seconds between 0.001 and 60; got {commit_interval!r}")
+    if not 0.001 <= commit_interval <= 60:
+        r.fail("commit_interval", f"expected seconds between 0.001 and 60; got {commit_interval!r}")
     r.done()
     return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
                        volumes=tuple(volumes), targets=tuple(targets),
@@ -410,27 +518,27 @@ def _group(data, path: str, node: str, peers) -> GroupConfig:
                        link_keys=dict(link_keys), **watch)
 
 
-def _check_vias(targets: list[TargetConfig], role: str, path: str) -> None:
+def _check_vias(targets: list[TargetConfig], role: str | None, r: _Reader) -> None:
     """A `via` is another target of the group that holds volumes, streamed record by
     record; `process` without one means this node processes as it receives: a secondary."""
-    by_node = {t.node: t for t in targets}
+    by_node = {t.node: t for t in targets if t.node is not None}
     for i, t in enumerate(targets):
-        where = f"{path}[{i}]"
-        if t.via is None and t.process and role != "secondary":
-            raise ConfigError(f"{where}.process", "only a secondary processes what it "
-                                                  "receives for its own target; a "
-                                                  f"{role} names a near replica (via)")
+        where = f"{r.sub('targets')}[{i}]"
+        if t.via is None and t.process and role not in ("secondary", None):
+            r.problems.add(f"{where}.process", "only a secondary processes what it receives "
+                                               f"for its own target; a {role} names a near "
+                                               "replica (via)")
         if t.via is None:
             continue
         near = by_node.get(t.via)
         if near is None or near is t:
-            raise ConfigError(f"{where}.via", f"{t.via!r} is not another target of this "
-                                              "group: the near replica must be one")
-        if near.bunker or near.mode == "periodic" or near.via is not None:
-            raise ConfigError(f"{where}.via", f"{t.via!r} cannot process for {t.node}: a "
-                                              "near replica holds the volumes and is sent "
-                                              "every record directly (sync or async, no "
-                                              "bunker, no via of its own)")
+            r.problems.add(f"{where}.via", f"{t.via!r} is not another target of this group: "
+                                           "the near replica must be one")
+        elif near.bunker or near.mode == "periodic" or near.via is not None:
+            r.problems.add(f"{where}.via", f"{t.via!r} cannot process for {t.node}: a near "
+                                           "replica holds the volumes and is sent every "
+                                           "record directly (sync or async, no bunker, no "
+                                           "via of its own)")
 
 
 def _watch(r: _Reader, volumes: list[VolumeConfig]) -> dict:
@@ -438,98 +546,131 @@ def _watch(r: _Reader, volumes: list[VolumeConfig]) -> dict:
     keys = ("consistency", "interval", "quiet", "freeze", "thaw", "hook_timeout")
     captures = {v.capture for v in volumes}
     if len(captures) > 1:
-        raise ConfigError(r.sub("volumes"), "a group's volumes are all capture: watch or all "
-                                            "capture: nbd (write order across both cannot "
-                                            "be kept)")
+        r.fail("volumes", "a group's volumes are all capture: watch or all capture: nbd "
+                          "(write order across both cannot be kept)")
+        r.seen.update(keys)
+        return {}
     if captures != {"watch"}:
         for key in keys:
             if r.get(key, None) is not None:
-                raise ConfigError(r.sub(key), "only a group of watched volumes (capture: "
-                                              "watch) has this key")
+                r.fail(key, "only a group of watched volumes (capture: watch) has this key")
         return {}
     out = {"consistency": r.choice("consistency", CONSISTENCIES, "reflink"),
-           "epoch_interval": parse_duration(r.get("interval", 10), r.sub("interval"), low=0.1),
-           "quiet": parse_duration(r.get("quiet", 1), r.sub("quiet")),
-           "hook_timeout": parse_duration(r.get("hook_timeout", 30), r.sub("hook_timeout"))}
+           "epoch_interval": r.value("interval", parse_duration, 10, low=0.1),
+           "quiet": r.value("quiet", parse_duration, 1),
+           "hook_timeout": r.value("hook_timeout", parse_duration, 30)}
     for key in ("freeze", "thaw"):
         out[key] = r.get(key, None, types=(str,))
     if out["consistency"] == "hooks" and not (out["freeze"] and out["thaw"]):
-        raise ConfigError(r.sub("freeze"), "consistency hooks needs both a freeze and a thaw "
-                                           "command (e.g. fsfreeze -f /mnt, fsfreeze -u /mnt)")
-    if bool(out["freeze"]) != bool(out["thaw"]):
-        raise ConfigError(r.sub("thaw" if out["freeze"] else "freeze"),
-                          "freeze and thaw go together: every freeze must be undone")
+        r.fail("freeze", "consistency hooks needs both a freeze and a thaw command (e.g. "
+                         "fsfreeze -f /mnt, fsfreeze -u /mnt)")
+    elif bool(out["freeze"]) != bool(out["thaw"]):
+        r.fail("thaw" if out["freeze"] else "freeze",
+               "freeze and thaw go together: every freeze must be undone")
+    return out
+
+
+def _volumes_unique(groups: list[GroupConfig], problems: _Problems) -> None:
+    """Volume paths and names (the NBD export names) are unique per node; a name twice
+    in one group is that group's error already."""
+    paths: dict[str, str] = {}
+    exports: dict[str, tuple[int, str]] = {}
+    for i, g in enumerate(groups):
+        for j, v in enumerate(g.volumes):
+            where = f"groups[{i}].volumes[{j}]"
+            if v.path is not None and v.path in paths:
+                problems.add(f"{where}.path", f"{v.path} is already used by {paths[v.path]}")
+            elif v.path is not None:
+                paths[v.path] = where
+            if v.name is not None and v.name in exports and exports[v.name][0] != i:
+                problems.add(f"{where}.name", f"volume {v.name!r} already exists in "
+                                              f"{exports[v.name][1]} (volume names are NBD "
+                                              "export names: unique per node)")
+            elif v.name is not None:
+                exports.setdefault(v.name, (i, where))
+
+
+def _listeners(r: _Reader, keys: tuple[str, ...]) -> dict:
+    """The agent's listening addresses, each on a port of its own."""
+    out: dict[str, tuple[str, int] | None] = {}
+    for key in keys:
+        address = r.value(key, parse_address, None if key == "metrics_listen" else ...)
+        for other, theirs in out.items():
+            if address is not None and theirs is not None and _clash(address, theirs):
+                wild = address[0] if address[0] in WILDCARDS else theirs[0]
+                how = ("the same address" if address == theirs else
+                       f"{wild} takes the port on every address")
+                r.fail(key, f"{_address_text(address)} clashes with {other} "
+                            f"({_address_text(theirs)}): {how}; each listener needs a port "
+                            "of its own")
+                break
+        out[key] = address
     return out
 
 
 def parse(data, source_path: str = "") -> Config:
-    """Validate a decoded YAML document and build the Config."""
-    r = _Reader(data if data is not None else {}, "")
+    """Validate a decoded YAML document and build the Config; ConfigError names every
+    error found."""
+    problems = _Problems()
+    r = _Reader.of(data if data is not None else {}, "", problems)
+    if r is None:
+        problems.raise_any()
     node = r.name("node")
-    listen = parse_address(r.get("listen"), "listen")
-    nbd_listen = parse_address(r.get("nbd_listen"), "nbd_listen")
-    state_dir = r.get("state_dir", "/var/lib/replicator", types=(str,))
-    if not os.path.isabs(state_dir):
-        raise ConfigError("state_dir", f"expected an absolute path; got {state_dir!r}")
-    admin_socket = r.get("admin_socket", os.path.join(state_dir, "admin.sock"), types=(str,))
+    addresses = _listeners(r, ("listen", "nbd_listen", "metrics_listen"))
+    state_dir = r.absolute_path("state_dir", "/var/lib/replicator")
+    admin_socket = r.get("admin_socket", os.path.join(state_dir or "/var/lib/replicator",
+                                                      "admin.sock"), types=(str,))
     if len(admin_socket.encode()) > 100:
-        raise ConfigError("admin_socket", "path too long for a unix socket (max 100 bytes)")
+        r.fail("admin_socket", "path too long for a unix socket (max 100 bytes)")
     peers_raw = r.get("peers", {}, types=(dict,))
-    peers = {}
+    peers: dict | None = None if "peers" in r.bad else {}
     for peer, addr in peers_raw.items():
         if not isinstance(peer, str) or not NAME_RE.match(peer):
-            raise ConfigError(f"peers.{peer}", "expected a node name as key")
-        peers[peer] = parse_address(addr, f"peers.{peer}")
-    groups = [_group(g, f"groups[{i}]", node, peers)
-              for i, g in enumerate(_items(r.get("groups", []), "groups"))]
+            problems.add(f"peers.{peer}", "expected a node name as key")
+        else:
+            peers[peer] = r.check(f"peers.{peer}", parse_address, addr)
+    groups = [g for i, raw in enumerate(_items(r, "groups"))
+              if (g := _group(raw, f"groups[{i}]", node, peers, problems))]
     names = [g.name for g in groups]
     for i, g in enumerate(groups):
-        if names.count(g.name) > 1:
-            raise ConfigError(f"groups[{i}].name", f"duplicate group {g.name!r}")
-    paths: dict[str, str] = {}
-    exports: dict[str, str] = {}  # the volume name is the NBD export name
-    for i, g in enumerate(groups):
-        for j, v in enumerate(g.volumes):
-            where = f"groups[{i}].volumes[{j}]"
-            if v.path in paths:
-                raise ConfigError(f"{where}.path", f"{v.path} is already used by {paths[v.path]}")
-            if v.name in exports:
-                raise ConfigError(f"{where}.name", f"volume {v.name!r} already exists in "
-                                                   f"{exports[v.name]} (volume names are NBD "
-                                                   "export names: unique per node)")
-            paths[v.path] = where
-            exports[v.name] = where
+        if g.name is not None and names.count(g.name) > 1:
+            problems.add(f"groups[{i}].name", f"duplicate group {g.name!r}")
+    _volumes_unique(groups, problems)
     interval = r.get("heartbeat_interval", 1.0, types=(int, float))
     timeout = r.get("heartbeat_timeout", 5.0, types=(int, float))
     if not 0 < interval < timeout:
-        raise ConfigError("heartbeat_timeout", "expected 0 < heartbeat_interval < heartbeat_timeout")
+        r.fail("heartbeat_timeout", "expected 0 < heartbeat_interval < heartbeat_timeout")
     sync_ack_timeout = r.get("sync_ack_timeout", 10.0, types=(int, float))
     if not interval < sync_ack_timeout:
-        raise ConfigError("sync_ack_timeout", f"expected seconds more than heartbeat_interval "
-                                              f"({interval:g}); got {sync_ack_timeout!r}")
+        r.fail("sync_ack_timeout", f"expected seconds more than heartbeat_interval "
+                                   f"({interval:g}); got {sync_ack_timeout!r}")
+    stall_timeout = r.value("stall_timeout", parse_duration, 60, low=0.5)
+    if stall_timeout is not None and not interval < stall_timeout:
+        r.fail("stall_timeout", f"expected more than heartbeat_interval ({interval:g}s): a "
+                                "healthy target acks at least that often; got "
+                                f"{stall_timeout:g}s")
     nbd_max = r.get("nbd_max_connections", 256, types=(int,))
     if nbd_max < 1:
-        raise ConfigError("nbd_max_connections", f"expected at least 1; got {nbd_max}")
+        nbd_max = r.fail("nbd_max_connections", f"expected at least 1; got {nbd_max}", 256)
     nbd_per_export = r.get("nbd_max_connections_per_export", min(64, nbd_max), types=(int,))
-    if not 1 <= nbd_per_export <= nbd_max:
-        raise ConfigError("nbd_max_connections_per_export",
-                          f"expected 1..nbd_max_connections ({nbd_max}); got {nbd_per_export}")
+    if not 1 <= nbd_per_export <= nbd_max and "nbd_max_connections" not in r.bad:
+        r.fail("nbd_max_connections_per_export",
+               f"expected 1..nbd_max_connections ({nbd_max}); got {nbd_per_export}")
     nbd_handshake = r.get("nbd_handshake_timeout", 10.0, types=(int, float))
-    if nbd_handshake <= 0:
-        raise ConfigError("nbd_handshake_timeout", f"expected positive seconds; got {nbd_handshake}")
+    if not nbd_handshake > 0:
+        r.fail("nbd_handshake_timeout", f"expected positive seconds; got {nbd_handshake}")
     log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
-    metrics = r.get("metrics_listen", None)
-    metrics = parse_address(metrics, "metrics_listen") if metrics is not None else None
-    stall_timeout = parse_duration(r.get("stall_timeout", 60), "stall_timeout", low=0.5)
     tls = _tls(r)
     r.done()
-    return Config(node=node, listen=listen, nbd_listen=nbd_listen, state_dir=state_dir,
-                  admin_socket=admin_socket, peers=peers, groups=tuple(groups), tls=tls,
+    problems.raise_any()
+    return Config(node=node, listen=addresses["listen"], nbd_listen=addresses["nbd_listen"],
+                  state_dir=state_dir, admin_socket=admin_socket, peers=peers,
+                  groups=tuple(groups), tls=tls,
                   heartbeat_interval=float(interval), heartbeat_timeout=float(timeout),
                   sync_ack_timeout=float(sync_ack_timeout), nbd_max_connections=nbd_max,
                   nbd_max_connections_per_export=nbd_per_export,
-                  nbd_handshake_timeout=float(nbd_handshake),
-                  log_level=log_level, metrics_listen=metrics, stall_timeout=stall_timeout,
+                  nbd_handshake_timeout=float(nbd_handshake), log_level=log_level,
+                  metrics_listen=addresses["metrics_listen"], stall_timeout=stall_timeout,
                   source_path=source_path)
 
 
@@ -539,6 +680,6 @@ def load(path: str) -> Config:
             data = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of 4300+ digits
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
     return parse(data, source_path=path)

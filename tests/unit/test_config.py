@@ -1,10 +1,14 @@
 """Config validation: every error names the key path and what is expected."""
 
+import copy
+import json
 import subprocess
 import sys
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from replicator.config import ConfigError, parse
 
@@ -240,3 +244,242 @@ def test_offload_errors_name_the_key(data, where, what):
         parse(data)
     assert exc.value.key_path == where
     assert what in str(exc.value)
+
+
+# ---- every error at once (issue 18) -------------------------------------------------------
+
+def test_every_error_of_a_file_is_reported_at_once():
+    data = yaml.safe_load(BASE)
+    data["listen"] = "localhost"
+    g = data["groups"][0]
+    g["journal_size"] = "8MiB"
+    g["volumes"][0]["size"] = 1000
+    g["volumes"][1]["path"] = "log.img"
+    g["targets"][1].update(mode="asnyc", compress="lz4")
+    data["nbd_max_connections"] = 0
+    data["colour"] = "blue"
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    assert [path for path, _ in exc.value.errors] == [
+        "listen", "groups[0].journal_size", "groups[0].volumes[0].size",
+        "groups[0].volumes[1].path", "groups[0].targets[1].mode",
+        "groups[0].targets[1].compress", "nbd_max_connections", "colour"]
+    assert exc.value.key_path == "listen"  # the first, as callers of one error expect
+    assert str(exc.value).splitlines() == [f"{p}: {m}" for p, m in exc.value.errors]
+
+
+@pytest.mark.parametrize("path,value,where", [
+    # a key that fails reads as unknown: what depends on it says nothing more
+    (("peers",), ["a"], "peers"),  # no "not in peers" for every target
+    (("groups", 0, "journal_size"), "huge", "groups[0].journal_size"),  # no high-water error
+    (("groups", 0, "role"), "master", "groups[0].role"),  # no role-dependent checks
+    (("groups", 0, "source"), "dc2-dr", "groups[0].source"),  # no "target is the source"
+    (("groups", 0, "volumes"), "data", "groups[0].volumes"),  # no "needs a volume"
+    (("groups", 0, "volumes", 1, "name"), "data", "groups[0].volumes"),  # not again per node
+    (("groups", 0, "targets", 1, "process"), "delta", "groups[0].targets[1].process"),
+    (("groups", 0, "targets", 1, "via"), 7, "groups[0].targets[1].via"),
+    (("nbd_max_connections",), 0, "nbd_max_connections"),  # per_export not compared to it
+])
+def test_a_failed_key_brings_no_follow_on_errors(path, value, where):
+    data = mutate(path, value)
+    if path[-1] == "via":
+        data["groups"][0]["targets"][1]["process"] = ["delta"]
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    assert [p for p, _ in exc.value.errors] == [where], exc.value.errors
+
+
+def test_unknown_keys_are_all_named():
+    data = mutate(("colour",), "blue")
+    data["groups"][0]["targets"][0].update(speed="fast", colour="red")
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    assert [p for p, _ in exc.value.errors] == [
+        "groups[0].targets[0].colour", "groups[0].targets[0].speed", "colour"]
+
+
+def test_an_empty_file_names_every_required_key():
+    with pytest.raises(ConfigError) as exc:
+        parse(None)
+    assert [p for p, _ in exc.value.errors] == ["node", "listen", "nbd_listen", "tls"]
+
+
+@pytest.mark.parametrize("path,value,text", [
+    (("groups", 0, "journal_size"), "8MiB", "expected at least 16MiB; got 8MiB"),
+    (("groups", 0, "logging_high_water"), 256 << 20,
+     "expected less than journal_size (256MiB); got 256MiB"),
+    (("groups", 0, "bitmap_granularity"), 3 << 10, "got 3KiB"),
+    (("groups", 0, "volumes", 0, "size"), (64 << 20) + 100,
+     "expected a multiple of 512 bytes; got 64.0MiB (67108964 bytes)"),
+])
+def test_sizes_in_messages_read_as_sizes(path, value, text):
+    with pytest.raises(ConfigError) as exc:
+        parse(mutate(path, value))
+    assert text in str(exc.value)
+
+
+# ---- listeners: each on a port of its own -------------------------------------------------
+
+@pytest.mark.parametrize("keys,where,what", [
+    ({"nbd_listen": "127.0.0.1:7801"}, "nbd_listen", "clashes with listen (127.0.0.1:7801): the same address"),
+    ({"nbd_listen": "0.0.0.0:7801"}, "nbd_listen", "0.0.0.0 takes the port on every address"),
+    ({"listen": "0.0.0.0:10801"}, "nbd_listen", "clashes with listen (0.0.0.0:10801)"),
+    ({"nbd_listen": "[::]:7801"}, "nbd_listen", "[::]:7801 clashes with listen"),
+    ({"metrics_listen": "127.0.0.1:10801"}, "metrics_listen", "clashes with nbd_listen"),
+    ({"metrics_listen": "0.0.0.0:7801"}, "metrics_listen", "clashes with listen"),
+    ({"metrics_listen": "127.0.0.1"}, "metrics_listen", "HOST:PORT"),
+])
+def test_listeners_that_clash_are_refused(keys, where, what):
+    data = yaml.safe_load(BASE)
+    data.update(keys)
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    assert exc.value.key_path == where
+    assert what in str(exc.value)
+
+
+def test_listeners_on_other_ports_or_hosts_are_fine():
+    data = yaml.safe_load(BASE)
+    data.update(listen="127.0.0.1:7801", nbd_listen="127.0.0.2:7801",
+                metrics_listen="0.0.0.0:9808")
+    cfg = parse(data)
+    assert (cfg.nbd_listen, cfg.metrics_listen) == (("127.0.0.2", 7801), ("0.0.0.0", 9808))
+    assert parse(yaml.safe_load(BASE)).metrics_listen is None
+
+
+# ---- metrics_listen, stall_timeout, lag limits (issue 18) --------------------------------
+
+def test_stall_timeout():
+    assert parse(yaml.safe_load(BASE)).stall_timeout == 60.0
+    assert parse(mutate(("stall_timeout",), "2m")).stall_timeout == 120.0
+    with pytest.raises(ConfigError, match="stall_timeout: expected more than heartbeat_interval"):
+        parse(mutate(("stall_timeout",), "500ms"))
+    with pytest.raises(ConfigError, match="stall_timeout: expected a duration"):
+        parse(mutate(("stall_timeout",), "soon"))
+
+
+def test_lag_limits():
+    g = parse(yaml.safe_load(BASE)).group("db")
+    assert [(t.max_lag_seconds, t.max_lag_bytes, t.on_lag) for t in g.targets] == \
+        [(None, None, "alert")] * 2
+    data = offload(NEAR, {**FAR, "max_lag_seconds": "30s", "on_lag": "throttle"},
+                   {"node": "dc3-arc", "mode": "periodic", "interval": 60,
+                    "max_lag_seconds": "5m", "max_lag_bytes": "1GiB", "on_lag": "block"})
+    data["peers"]["dc3-arc"] = "127.0.0.1:7803"
+    data["groups"][0]["targets"][2]["node"] = "dc4-vault"
+    data["peers"]["dc4-vault"] = "127.0.0.1:7804"
+    t = parse(data).group("db").targets
+    assert (t[1].max_lag_seconds, t[1].max_lag_bytes, t[1].on_lag) == (30.0, None, "throttle")
+    assert (t[2].max_lag_seconds, t[2].max_lag_bytes, t[2].on_lag) == (300.0, 1 << 30, "block")
+    bunker = parse(offload({**NEAR, "bunker": True, "max_lag_bytes": "64MiB"}, FAR))
+    assert bunker.group("db").targets[0].on_lag == "alert"
+
+
+@pytest.mark.parametrize("target,where,what", [
+    ({**FAR, "on_lag": "throttle"}, "on_lag", "set max_lag_seconds or max_lag_bytes too"),
+    ({**FAR, "max_lag_seconds": 10, "on_lag": "stop"}, "on_lag", "alert, throttle, block"),
+    ({**FAR, "max_lag_seconds": "soon"}, "max_lag_seconds", "a duration like 10s"),
+    ({**FAR, "max_lag_bytes": "lots"}, "max_lag_bytes", "a size like 64MiB"),
+    ({**FAR, "mode": "periodic", "interval": "1m", "max_lag_seconds": "60s"}, "max_lag_seconds",
+     "lags by up to its interval (60s) by design: expected more than that; got 60s"),
+    ({**NEAR, "bunker": True, "max_lag_seconds": 5, "on_lag": "block"}, "on_lag",
+     "a bunker may not block writes: its synchronous copy of the journal is what a takeover"),
+    ({**NEAR, "bunker": True, "max_lag_bytes": "1MiB", "on_lag": "throttle"}, "on_lag",
+     "a bunker may not throttle"),
+])
+def test_lag_limit_errors_name_the_key(target, where, what):
+    with pytest.raises(ConfigError) as exc:
+        parse(offload(target))
+    assert exc.value.key_path == f"{T}[0].{where}"
+    assert what in str(exc.value)
+
+
+# ---- the parser takes anything without crashing ------------------------------------------
+
+FULL = yaml.safe_load(BASE)
+FULL.update(metrics_listen="127.0.0.1:9808", stall_timeout="30s", heartbeat_interval=1,
+            sync_ack_timeout=10, nbd_max_connections=16, log_level="debug")
+FULL["groups"][0]["targets"][1].update(max_lag_seconds="10s", max_lag_bytes="64MiB",
+                                       on_lag="throttle", via="dc2-dr", process=["zstd"])
+FULL["groups"][0].update(link_keys={"dc3-arc": "/k/dc3.key"}, members=["dc2-dr"],
+                         resync_rate="10MiB", bitmap_granularity="4KiB")
+FULL["groups"].append({"name": "files", "role": "secondary", "source": "dc2-dr",
+                       "consistency": "hooks", "freeze": "true", "thaw": "true",
+                       "interval": "10s", "volumes": [{"name": "vm", "path": "/srv/vm.img",
+                                                       "size": "1GiB", "capture": "watch"}],
+                       "targets": [{"node": "dc3-arc", "mode": "periodic", "interval": 30}]})
+
+
+def _paths(tree, prefix=()):
+    yield prefix
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
+        if isinstance(tree, list) else ()
+    for key, value in items:
+        yield from _paths(value, prefix + (key,))
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)] + list(tree)
+    if isinstance(tree, list):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 64, 2 ** 64) | st.floats()
+    | st.text(max_size=12) | st.sampled_from(_leaves(FULL)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=6) | st.sampled_from(sorted({k for p in _paths(FULL) for k in p
+                                                      if isinstance(k, str)})), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_mutations_of_a_valid_config_never_crash_the_parser(data):
+    assert parse(copy.deepcopy(FULL)).group("files").targets[0].interval == 30.0
+    tree = copy.deepcopy(FULL)
+    for _ in range(data.draw(st.integers(1, 4))):
+        path = data.draw(st.sampled_from(list(_paths(tree))))
+        if not path:
+            continue
+        parent = tree
+        for key in path[:-1]:
+            parent = parent[key]
+        how = data.draw(st.sampled_from(["replace", "delete", "add"]))
+        if how == "delete":
+            del parent[path[-1]]
+        elif how == "add" and isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=6))] = data.draw(VALUES)
+        else:
+            parent[path[-1]] = data.draw(VALUES)
+    try:
+        parse(tree)
+    except ConfigError as exc:
+        assert exc.errors and all(isinstance(p, str) and m for p, m in exc.errors)
+        assert len(str(exc).splitlines()) >= len(exc.errors)
+
+
+def test_config_check_reports_every_error_as_json(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(BASE.replace("mode: sync", "mode: synchronous")
+                   .replace("journal_size: 256MiB", "journal_size: 8MiB"))
+    run = [sys.executable, "-m", "replicator.cli", "config", "check"]
+    ko = subprocess.run(run + ["--json", str(bad)], capture_output=True, text=True)
+    assert ko.returncode == 2
+    assert json.loads(ko.stdout) == {"ok": False, "errors": [
+        {"path": "groups[0].journal_size", "message": "expected at least 16MiB; got 8MiB"},
+        {"path": "groups[0].targets[0].mode",
+         "message": "expected one of sync, async, periodic; got 'synchronous'"}]}
+    ko = subprocess.run(run + [str(bad)], capture_output=True, text=True)
+    assert ko.returncode == 2 and ko.stderr.splitlines() == [
+        f"replicator: invalid config {bad}: 2 errors",
+        "  groups[0].journal_size: expected at least 16MiB; got 8MiB",
+        "  groups[0].targets[0].mode: expected one of sync, async, periodic; got 'synchronous'"]
+    good = tmp_path / "good.yml"
+    good.write_text(BASE)
+    ok = subprocess.run(run + ["--json", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0
+    assert json.loads(ok.stdout) == {"ok": True, "errors": [], "node": "dc1-app",
+                                     "groups": ["db"]}
