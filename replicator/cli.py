@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from . import admin, config, logfilter
+from . import admin, config, logs
 from .group import GroupError
 from .journal.segments import JournalError
 from .sizes import human_bytes, size_text
@@ -136,10 +136,7 @@ def _load(path: str) -> config.Config:
 
 def cmd_agent(args) -> int:
     cfg = _load(args.config)
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
-                        format=f"%(asctime)s {cfg.node} %(levelname)s %(name)s: %(message)s")
-    # Floods (clients, failing writes) must not drown the log: repeats are collapsed.
-    repeats = [logfilter.install(h) for h in logging.getLogger().handlers]
+    repeats = logs.setup(cfg.node, cfg.log_level, args.log_format)
     from .agent import event_loop, run  # not needed by the client commands
     new_loop, name = event_loop()
     logging.getLogger("replicator.agent").info("event loop: %s", name)
@@ -150,8 +147,7 @@ def cmd_agent(args) -> int:
         logging.getLogger("replicator").error("cannot start: %s", exc)
         return 1
     finally:
-        for f in repeats:
-            f.report()
+        repeats.report()
 
 
 def _call(args, op: str, timeout: float | None = 30.0, **params):
@@ -419,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agent", help="run the agent in the foreground")
     a.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    a.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                   help="text (default; without timestamps when stderr is the journal: "
+                        "journald adds its own) or json (one object a line)")
     a.set_defaults(func=cmd_agent)
 
     s = sub.add_parser("status", help="show the running agent's groups and targets")
