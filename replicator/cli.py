@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this script completes its own arguments)
 """`replicator` command line: the agent itself and the operator commands that talk to a
 running agent over its admin socket (named by the same config file)."""
 
@@ -11,13 +12,13 @@ import os
 import sys
 import time
 
-from . import admin, config, logs
-from .group import GroupError
-from .journal.segments import JournalError
+import argcomplete
+
+from . import __version__, admin, config, logs
 from .sizes import human_bytes, size_text
-from .volume import VolumeError
 
 DEFAULT_CONFIG = "/etc/replicator/agent.yml"
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
 def format_status(st: dict) -> str:
@@ -137,7 +138,11 @@ def _load(path: str) -> config.Config:
 def cmd_agent(args) -> int:
     cfg = _load(args.config)
     repeats = logs.setup(cfg.node, cfg.log_level, args.log_format)
-    from .agent import event_loop, run  # not needed by the client commands
+    # Not needed by the client commands, nor by shell completion (run at every TAB).
+    from .agent import event_loop, run
+    from .group import GroupError
+    from .journal.segments import JournalError
+    from .volume import VolumeError
     new_loop, name = event_loop()
     logging.getLogger("replicator.agent").info("event loop: %s", name)
     try:
@@ -388,6 +393,11 @@ def cmd_config_check(args) -> int:
     return 0
 
 
+def cmd_completion(args) -> int:
+    print(argcomplete.shellcode(["replicator"], shell=args.shell))
+    return 0
+
+
 def cmd_pki(args) -> int:
     from . import pki
     try:
@@ -411,6 +421,7 @@ def cmd_pki(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="replicator", description=__doc__)
+    p.add_argument("--version", action="version", version=f"replicator {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("agent", help="run the agent in the foreground")
@@ -548,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
         kp.add_argument("--dir", required=True, help="the CA directory")
         kp.add_argument("--json", action="store_true")
         kp.set_defaults(func=cmd_pki)
+
+    cp = sub.add_parser("completion", help="print the shell code that completes replicator's "
+                                           "arguments, e.g. `replicator completion bash > "
+                                           "/etc/bash_completion.d/replicator`")
+    cp.add_argument("shell", choices=COMPLETION_SHELLS)
+    cp.set_defaults(func=cmd_completion)
     return p
 
 
@@ -567,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from importlib import import_module
         return import_module(f"replicator.drill.{tool}").main(argv[2:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argcomplete.autocomplete(parser)  # exits here when the shell asks for completions
+    args = parser.parse_args(argv)
     return args.func(args)
 
 
