@@ -44,6 +44,14 @@ def test_the_issue_example_is_valid():
     assert cfg.peers["dc2-dr"] == ("127.0.0.1", 7802)
 
 
+def assert_refused(data, where, what):
+    """parse(data) fails, and the first error is `what` at the key path `where`."""
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    assert exc.value.key_path == where
+    assert what in str(exc.value)
+
+
 def mutate(path, value):
     data = yaml.safe_load(BASE)
     cur = data
@@ -105,10 +113,7 @@ def mutate(path, value):
     (("tls",), {"ca": "/a", "cert": "/b", "key": "/c", "crl": "/d"}, "tls.crl", "unknown"),
 ])
 def test_errors_name_the_key(path, value, where, what):
-    with pytest.raises(ConfigError) as exc:
-        parse(mutate(path, value))
-    assert exc.value.key_path == where
-    assert what in str(exc.value)
+    assert_refused(mutate(path, value), where, what)
 
 
 def test_config_check_cli(tmp_path):
@@ -240,10 +245,7 @@ T = "groups[0].targets"
      "a watched group's epochs are shipped as they are"),
 ])
 def test_offload_errors_name_the_key(data, where, what):
-    with pytest.raises(ConfigError) as exc:
-        parse(data)
-    assert exc.value.key_path == where
-    assert what in str(exc.value)
+    assert_refused(data, where, what)
 
 
 # ---- every error at once (issue 18) -------------------------------------------------------
@@ -332,10 +334,7 @@ def test_sizes_in_messages_read_as_sizes(path, value, text):
 def test_listeners_that_clash_are_refused(keys, where, what):
     data = yaml.safe_load(BASE)
     data.update(keys)
-    with pytest.raises(ConfigError) as exc:
-        parse(data)
-    assert exc.value.key_path == where
-    assert what in str(exc.value)
+    assert_refused(data, where, what)
 
 
 def test_listeners_on_other_ports_or_hosts_are_fine():
@@ -388,10 +387,7 @@ def test_lag_limits():
      "a bunker may not throttle"),
 ])
 def test_lag_limit_errors_name_the_key(target, where, what):
-    with pytest.raises(ConfigError) as exc:
-        parse(offload(target))
-    assert exc.value.key_path == f"{T}[0].{where}"
-    assert what in str(exc.value)
+    assert_refused(offload(target), f"{T}[0].{where}", what)
 
 
 # ---- the parser takes anything without crashing ------------------------------------------
