@@ -149,7 +149,7 @@ class Config:
     nbd_handshake_timeout: float = 10.0  # a connection that picks no export is dropped
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None  # the Prometheus endpoint; None: off
-    stall_timeout: float = 60.0  # a target with a backlog and no ack progress this long: reconnected
+    stall_timeout: float = 60.0  # a target with a backlog, no ack progress this long: reconnected
     source_path: str = field(default="", compare=False)
 
     def group(self, name: str) -> GroupConfig:
