@@ -186,10 +186,18 @@ def cmd_status(args) -> int:
     return _operate(args, "status", human, group=args.group)
 
 
+def _event_detail(key: str, value) -> str:
+    """A byte count (a key naming bytes: used_bytes, rate_bytes_per_s) as 20.0MiB."""
+    if "bytes" in key.split("_") and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+        return human_bytes(value)
+    return str(value)
+
+
 def format_event(e: dict) -> str:
     """One event as a line: time, seq, where, kind, details."""
     where = " -> ".join(filter(None, [e.get("group"), e.get("target")]))
-    details = " ".join(f"{k}={v}" for k, v in e.items()
+    details = " ".join(f"{k}={_event_detail(k, v)}" for k, v in e.items()
                        if k not in ("seq", "time", "kind", "group", "target") and v not in ("", None))
     seq = f"#{e['seq']}" if e.get("seq") is not None else "#-"
     return " ".join(filter(None, [e["time"], seq, where, e["kind"], details]))

@@ -11,6 +11,7 @@ from importlib.metadata import version
 import pytest
 
 import replicator
+from replicator.cli import format_event
 
 BIN = os.path.dirname(sys.executable)  # the venv's bin: the console script is there
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -59,3 +60,13 @@ def test_completion_shell_code_for_each_shell():
     out = subprocess.run(["replicator", "completion", "csh"], capture_output=True, text=True,
                          env=ENV)
     assert out.returncode == 2 and "invalid choice: 'csh'" in out.stderr
+
+
+def test_events_show_byte_counts_as_sizes():
+    line = format_event({"seq": 5, "time": "2026-12-02T01:39:20.907Z", "kind": "resync_done",
+                         "group": "db", "target": "s", "through_seq": 0,
+                         "checked_bytes": 20 << 20, "sent_bytes": 1536,
+                         "rate_bytes_per_s": 11.5 * (1 << 20), "initial": True})
+    assert line == ("2026-12-02T01:39:20.907Z #5 db -> s resync_done through_seq=0 "
+                    "checked_bytes=20.0MiB sent_bytes=1.5KiB rate_bytes_per_s=11.5MiB "
+                    "initial=True")
