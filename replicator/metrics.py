@@ -14,12 +14,12 @@ import asyncio
 import bisect
 import logging
 import time
-from importlib import metadata
 
 from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from . import __version__
 from .config import ROLES
 from .events import EVENTS
 
@@ -150,13 +150,6 @@ METRICS = {
 METRIC_NAMES = frozenset(n + "_total" if spec[0] is _C else n for n, spec in METRICS.items())
 
 
-def build_version() -> str:
-    try:
-        return metadata.version("replicator")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def certificate_expiry(path: str) -> float | None:
     try:
         with open(path, "rb") as f:
@@ -171,13 +164,12 @@ class Collector:
 
     def __init__(self, agent):
         self.agent = agent
-        self.version = build_version()
 
     def collect(self):
         fam = {name: _family(kind, name, doc, labels)
                for name, (kind, doc, labels) in METRICS.items()}
         a = self.agent
-        fam["replicator_build_info"].add_metric([self.version], 1)
+        fam["replicator_build_info"].add_metric([__version__], 1)
         fam["replicator_agent_start_time_seconds"].add_metric([], a.started)
         for g in a.groups.values():
             self._group(fam, g)
