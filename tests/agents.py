@@ -149,6 +149,20 @@ def replicator_cli(agent: "AgentProc", *args: str, timeout: float = 120) -> tupl
                              f"\n{p.stdout}\n{p.stderr}") from None
 
 
+def events(agent: "AgentProc", *args: str, timeout: float = 30) -> list[dict]:
+    """`replicator events --json ARGS` of the agent: every event it kept, decoded."""
+    p = subprocess.run([sys.executable, "-m", "replicator.cli", "events", "--json", "-c",
+                        agent.config_path, *args], capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stderr
+    return [json.loads(line) for line in p.stdout.splitlines()]
+
+
+def kinds(agent: "AgentProc", kind: str) -> list[dict]:
+    """The agent's events of one kind."""
+    return [e for e in events(agent) if e["kind"] == kind]
+
+
 class Topology:
     """Nodes on loopback; `links` are (from, to, mode[, compress][, {target keys}]) edges
     of one group whose primary is the first node that is never a `to`."""

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from tests.agents import MiB, replicator_cli, wait_until
+from tests.agents import MiB, kinds, replicator_cli, wait_until
 from tests.clients import qemu_io
 
 SIZE = 16 * MiB
@@ -74,6 +74,10 @@ def test_switchover_and_back_loses_nothing(topology):
     assert _role(topo["b"]) == "primary" and _role(topo["a"]) == "secondary"
     assert topo["b"].group("db")["generations"] == 2
     assert _write_fails(topo["a"])  # the old primary is read-only now
+    (promoted,) = kinds(topo["b"], "promoted")
+    assert promoted["group"] == "db" and promoted["generation"] == \
+        topo["b"].group("db")["generation"]
+    assert [e["source"] for e in kinds(topo["a"], "demoted")] == ["b"]
     # b ships to a (reversed) and to c (re-pointed), and is writable.
     qemu_io(topo["b"].nbd_uri("data"), "write -P 0x22 4M 8M")
     _converged(topo, "b", ["a", "c"])
@@ -244,6 +248,7 @@ def test_split_brain_is_refused_on_both_sides_until_resolved(topology):
         wait_until(lambda: topo[n].target("db", p)["state"] == "split-brain", 30,
                    f"{n}: split-brain")
         assert topo[n].group("db")["split_brain"] and _role(topo[n]) == "primary"
+        assert p in {e["target"] for e in kinds(topo[n], "split_brain")}
 
     rc, r = replicator_cli(a, "resolve", "db", "--discard-local", "--survivor", "b")
     assert rc == 0, r

@@ -23,7 +23,7 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agents import Topology, free_port, wait_until
+from tests.agents import Topology, events, free_port, wait_until
 from tests.clients import qemu_io
 
 pytestmark = pytest.mark.integration
@@ -58,14 +58,6 @@ def pair(tmp_path):
         yield topo
     finally:
         topo.stop()
-
-
-def events(agent, *args: str, timeout: float = 30) -> list[dict]:
-    p = subprocess.run([sys.executable, "-m", "replicator.cli", "events", "--json", "-c",
-                        agent.config_path, *args], capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stderr
-    return [json.loads(line) for line in p.stdout.splitlines()]
 
 
 def test_metrics_count_what_real_clients_did_and_promtool_accepts_them(pair):

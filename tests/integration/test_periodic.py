@@ -11,7 +11,7 @@ import time
 import pytest
 
 from replicator.drill.nbd_client import NbdClient
-from tests.agents import MiB, replicator_cli, wait_until
+from tests.agents import MiB, kinds, replicator_cli, wait_until
 from tests.clients import fio, qemu_io
 from tests.integration.test_replication import write_patterns
 
@@ -85,6 +85,10 @@ def test_periodic_target_converges_to_the_primary(topology):
     epoch = topo["a"].target("db", "b")["last_epoch"]
     assert epoch["seq"] == seq
     assert topo["a"].target("db", "b")["early_batches"] == 0
+    # The replica applied each epoch all at once, and said so.
+    applied = kinds(topo["b"], "epoch_applied")
+    assert applied and applied[-1]["through_seq"] == seq
+    assert all(e["records"] > 0 for e in applied)
 
 
 def test_replica_only_ever_shows_epoch_images(topology):

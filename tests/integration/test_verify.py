@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.agents import MiB, replicator_cli, wait_until
+from tests.agents import MiB, kinds, replicator_cli, wait_until
 from tests.clients import qemu_io
 
 GRAN = 64 << 10
@@ -46,6 +46,8 @@ def test_corrupt_region_is_reported_exactly_and_repaired(topology):
     rc, ranged = replicator_cli(topo["a"], "verify", "db", "b", "--volume", "data",
                                 "--offset", "3MiB", "--length", "1")
     assert rc == 3 and ranged["regions_checked"] == 1 and len(ranged["mismatches"]) == 1
+    # Each verify is an event with its result (and the metric of the last one).
+    assert [e["mismatches"] for e in kinds(topo["a"], "verify")] == [0, 3, 1]
 
     sent_before = topo["a"].target("db", "b")["bytes_sent"]
     rc, repaired = replicator_cli(topo["a"], "verify", "db", "b", "--repair")
