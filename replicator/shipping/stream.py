@@ -6,6 +6,10 @@ two loops of a session.
         also places what rides in the stream at a seq: verify's hash requests, FLUSH,
         RETAIN (bunker), SUCCESSOR and HANDOVER.
   acks: read ACKs and heartbeats; silence longer than heartbeat_timeout ends the session.
+        The stall watchdog: records in flight (sent, not acknowledged) and no ACK
+        progress for stall_timeout end it too (Stalled), heartbeats or not: a target
+        whose link is alive but whose acks stopped (a stopped process's kernel still
+        takes the bytes, a link that drops everything) is reconnected, not waited for.
         A sync target that sends no ACK for sync_ack_timeout while records are in flight
         (its link alive, heartbeats flowing) leaves sync: it goes to logging, so writes
         stop waiting for it, or with on_disconnect: block the writes waiting for it fail
@@ -48,6 +52,15 @@ BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
 
 
+class Stalled(ShipError):
+    """The stall watchdog ended the session: records in flight, no ACK progress for
+    stall_timeout."""
+
+    def __init__(self, message: str, backlog_records: int, seconds: float):
+        super().__init__(message)
+        self.backlog_records, self.seconds = backlog_records, seconds
+
+
 class _Order:
     """A frame to send once every record through `seq` is sent (SUCCESSOR, HANDOVER);
     done when the target acknowledges exactly `seq`."""
@@ -63,7 +76,7 @@ class Stream:
     `on_caught_up` and `on_ack`."""
 
     def __init__(self, group: Group, target: TargetLink, *, hb_interval: float,
-                 hb_timeout: float, sync_ack_timeout: float,
+                 hb_timeout: float, sync_ack_timeout: float, stall_timeout: float,
                  on_caught_up: Callable[[], None], on_ack: Callable[[], None],
                  relays: dict[str, Relay] | None = None):
         self.group, self.target = group, target
@@ -72,6 +85,7 @@ class Stream:
         self.relays = relays if relays is not None else {}
         self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
         self.sync_ack_timeout = sync_ack_timeout
+        self.stall_timeout = stall_timeout
         self.on_caught_up = on_caught_up  # the target is in sync: it has all we have
         self.on_ack = on_ack  # the target acknowledged records
         self.sent_seq = 0
@@ -85,6 +99,7 @@ class Stream:
         self._inflight: deque = deque()  # (last_seq, nbytes)
         self._inflight_bytes = 0
         self._ack_wait_since: float | None = None  # the oldest batch in flight waits since
+        self._progress_at = 0.0  # the last ACK progress, or the first send after none
         self._acked = asyncio.Event()
         self._probes: deque[Probe] = deque()  # verify requests for the pump to place
         self._orders: list[_Order] = []
@@ -477,7 +492,7 @@ class Stream:
 
     def _sent(self, last: int, nbytes: int) -> None:
         if not self._inflight:
-            self._ack_wait_since = time.monotonic()
+            self._ack_wait_since = self._progress_at = time.monotonic()
         self.sent_seq = last
         self.bytes_sent += nbytes
         self._inflight.append((last, nbytes))
@@ -512,12 +527,18 @@ class Stream:
     async def _acks(self, peer: Peer) -> None:
         sync = self.target.mode == "sync"
         while True:
-            timeout, ack_due = self.hb_timeout, False
+            timeout, ack_due, stall_due = self.hb_timeout, False, False
             if sync and self._ack_wait_since is not None:
                 left = self._ack_wait_since + self.sync_ack_timeout - time.monotonic()
                 if left <= 0:
                     self._left_sync()
                 timeout, ack_due = min(timeout, left), left < timeout
+            if self._inflight:
+                left = self._progress_at + self.stall_timeout - time.monotonic()
+                if left <= 0:
+                    self._stalled()
+                if left < timeout:
+                    timeout, ack_due, stall_due = left, False, True
             try:
                 ev = await peer.next_reply(timeout, "streaming")
             except ShipTimeout:
@@ -525,6 +546,8 @@ class Stream:
                 # behind it, uvloop's does, so the wait can end just short of the due time)
                 if ack_due:
                     self._left_sync()
+                if stall_due:
+                    self._stalled()
                 raise
             if isinstance(ev, Ack):
                 self._ack(ev)
@@ -539,6 +562,8 @@ class Stream:
             raise ShipError(f"{t.node} acked seq {ev.seq} (durable {ev.durable}) "
                             f"outside {t.written_seq}..{self.sent_seq} (durable from "
                             f"{t.acked_seq})")
+        if ev.seq > t.written_seq:
+            self._progress_at = time.monotonic()
         t.acked(ev.seq, ev.durable)
         relay = self.relays.get(t.node)
         if relay is not None:
@@ -553,6 +578,17 @@ class Stream:
         self._acked.set()
         self.group.targets_changed()
         self.on_ack()
+
+    def _stalled(self) -> None:
+        """Records are in flight and the target acknowledged none of them for
+        stall_timeout: end the session (the shipper counts it and reconnects)."""
+        t = self.target
+        waited = time.monotonic() - self._progress_at
+        backlog = self.group.journal.last_seq - t.written_seq
+        raise Stalled(f"{t.node} stalled: no ACK progress for {waited:.1f}s (stall_timeout "
+                      f"{self.stall_timeout:g}s) with seq {t.written_seq + 1}..{self.sent_seq} "
+                      f"in flight ({backlog} record(s) behind): reconnecting",
+                      backlog, waited)
 
     def _left_sync(self) -> None:
         """The sync target has acknowledged nothing for sync_ack_timeout though records
