@@ -184,6 +184,7 @@ class Shipper:
         else:
             self.stream.resume(peer.resume_seq)
             self._set_state("catching-up")
+        self.group.guard.look()  # streaming from now on: a throttle gates the next write
         await self.stream.run(peer)
 
     def _took_report(self, ev: Report) -> None:
@@ -332,6 +333,8 @@ class Shipper:
             "lag_seconds": round(seconds, 3),
             "bytes_sent": s.bytes_sent,
             "early_batches": s.early_batches,
+            "stalls": self.stalls,
+            "lag_limit": self.group.guard.status(t),
             **({"offload": self.relays[t.node].status()} if t.node in self.relays else {}),
             **({"interval": t.cfg.interval, "last_epoch": s.last_epoch,
                 "next_due": round(s.next_due(), 3) if self.streaming() else None}
