@@ -7,7 +7,9 @@ resyncing). A target that is away is on_disconnect's business, not the guard's: 
 is not judged, and one that was over leaves the guard's care (lag_under_limit, with
 `streaming: false`). For a streaming one it compares Group.lag (records, bytes, seconds)
 with the limits and keeps TargetLink.lag_over (the metric) current, with hysteresis:
-over once the lag reaches a limit, under again only below HYSTERESIS of both, so that a
+over once the lag reaches a limit (as configured: the age of the oldest write it lacks
+against max_lag_seconds, the journal bytes against max_lag_bytes), under again only
+below HYSTERESIS of both, so that a
 lag hovering at the limit does not flap. Each change is an event (lag_over_limit,
 lag_under_limit) with the lag and the limits.
 
@@ -24,7 +26,8 @@ from upstream are never held, they are the source's to pace):
           (exponentially, time constant DRAIN_SMOOTHING; floored at DRAIN_FLOOR so a
           target that has been idle is not taken to drain nothing)
       L   its limit in bytes: min(max_lag_bytes, max_lag_seconds * D)
-      f   how full it is: max(lag_seconds / max_lag_seconds, lag_bytes / L)
+      f   how full it is: max(lag_seconds / max_lag_seconds, lag_bytes / L) (so the
+          bytes it could not drain within max_lag_seconds count before they age)
       allowance (bytes admitted at once, until the next look) = max(0, L/2 - lag_bytes)
       rate  (bytes/s admitted on top of it)                   = D * min(1, 2 (1 - f))
   So up to half its limit a write goes at once (the allowance covers it) and the rate
@@ -166,15 +169,17 @@ class LagGuard:
             seen.add(t.node)
             _, lag_bytes, lag_seconds = g.lag(t)
             drain = self._drain(t, lag_bytes)
-            limit = limit_bytes(t, drain)
-            f = share(t, lag_seconds, lag_bytes, limit)
+            configured = math.inf if t.cfg.max_lag_bytes is None else t.cfg.max_lag_bytes
+            f = share(t, lag_seconds, lag_bytes, configured)  # the limits as configured
             over = f >= (HYSTERESIS if t.lag_over else 1.0)
             if over != t.lag_over:
                 self._flip(t, over, lag_seconds, lag_bytes)
             if t.cfg.on_lag == "block" and over:
                 allowance, rate, gated = 0.0, 0.0, True
             elif t.cfg.on_lag == "throttle":
-                a, r = throttle(1.0 if over else f, lag_bytes, limit, drain)
+                limit = limit_bytes(t, drain)  # max_lag_seconds as bytes too (the law)
+                f = 1.0 if over else share(t, lag_seconds, lag_bytes, limit)
+                a, r = throttle(f, lag_bytes, limit, drain)
                 self.admitted_rate[t.node] = r
                 allowance, rate, gated = min(allowance, a), min(rate, r), True
         for node in set(self._drains) - seen:

@@ -1,15 +1,15 @@
 """The record stream to one target: what has been sent, what waits for its ACK, and the
-two loops of a session.
+three loops of a session.
 
   pump: read durable records after `sent_seq` from the journal (at most BATCH_BYTES a
         frame, at most WINDOW_BYTES unacked) and send them; a heartbeat when idle. It
         also places what rides in the stream at a seq: verify's hash requests, FLUSH,
         RETAIN (bunker), SUCCESSOR and HANDOVER.
   acks: read ACKs and heartbeats; silence longer than heartbeat_timeout ends the session.
-        The stall watchdog: records in flight (sent, not acknowledged) and no ACK
-        progress for stall_timeout end it too (Stalled), heartbeats or not: a target
-        whose link is alive but whose acks stopped (a stopped process's kernel still
-        takes the bytes, a link that drops everything) is reconnected, not waited for.
+  watchdog: records in flight (sent, not acknowledged) and no ACK progress for
+        stall_timeout end the session (Stalled), heartbeats or not: a target whose
+        acks stopped (a stopped process, whose kernel still takes the bytes; a link
+        that drops everything) is reconnected, not waited for.
         A sync target that sends no ACK for sync_ack_timeout while records are in flight
         (its link alive, heartbeats flowing) leaves sync: it goes to logging, so writes
         stop waiting for it, or with on_disconnect: block the writes waiting for it fail
@@ -100,6 +100,7 @@ class Stream:
         self._inflight_bytes = 0
         self._ack_wait_since: float | None = None  # the oldest batch in flight waits since
         self._progress_at = 0.0  # the last ACK progress, or the first send after none
+        self._in_flight = asyncio.Event()  # set as records go out with none in flight
         self._acked = asyncio.Event()
         self._probes: deque[Probe] = deque()  # verify requests for the pump to place
         self._orders: list[_Order] = []
@@ -124,6 +125,7 @@ class Stream:
         await self._offload(peer, near, relay)
         pump = asyncio.create_task(self._pump(peer, relay))
         acks = asyncio.create_task(self._acks(peer))
+        watchdog = asyncio.create_task(self._watchdog())
         g = self.group
         if self.target.mode == "sync":
             self._peer = peer
@@ -131,10 +133,11 @@ class Stream:
         elif self.target.mode == "periodic":
             g.commit.durable_listeners.add(self._grown)
         try:
-            done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({pump, acks, watchdog},
+                                         return_when=asyncio.FIRST_COMPLETED)
             # Both may end in one loop turn (the ACK reader makes the target leave sync,
             # which stops the pump): its reason is the one to report, on any event loop.
-            for task in (acks, pump):
+            for task in (acks, pump, watchdog):
                 if task in done:
                     task.result()
         finally:
@@ -143,9 +146,9 @@ class Stream:
             g.commit.early_senders.discard(self.send_early)
             g.commit.durable_listeners.discard(self._grown)
             self._peer = None
-            for task in (pump, acks):
+            for task in (pump, acks, watchdog):
                 task.cancel()
-            await asyncio.gather(pump, acks, return_exceptions=True)
+            await asyncio.gather(pump, acks, watchdog, return_exceptions=True)
 
     async def _offload(self, peer: Peer, near: list[Relay], relay: Relay | None) -> None:
         """Before any record of the session: ask the near replica to process for the
@@ -493,6 +496,7 @@ class Stream:
     def _sent(self, last: int, nbytes: int) -> None:
         if not self._inflight:
             self._ack_wait_since = self._progress_at = time.monotonic()
+            self._in_flight.set()
         self.sent_seq = last
         self.bytes_sent += nbytes
         self._inflight.append((last, nbytes))
@@ -527,18 +531,12 @@ class Stream:
     async def _acks(self, peer: Peer) -> None:
         sync = self.target.mode == "sync"
         while True:
-            timeout, ack_due, stall_due = self.hb_timeout, False, False
+            timeout, ack_due = self.hb_timeout, False
             if sync and self._ack_wait_since is not None:
                 left = self._ack_wait_since + self.sync_ack_timeout - time.monotonic()
                 if left <= 0:
                     self._left_sync()
                 timeout, ack_due = min(timeout, left), left < timeout
-            if self._inflight:
-                left = self._progress_at + self.stall_timeout - time.monotonic()
-                if left <= 0:
-                    self._stalled()
-                if left < timeout:
-                    timeout, ack_due, stall_due = left, False, True
             try:
                 ev = await peer.next_reply(timeout, "streaming")
             except ShipTimeout:
@@ -546,8 +544,6 @@ class Stream:
                 # behind it, uvloop's does, so the wait can end just short of the due time)
                 if ack_due:
                     self._left_sync()
-                if stall_due:
-                    self._stalled()
                 raise
             if isinstance(ev, Ack):
                 self._ack(ev)
@@ -578,6 +574,21 @@ class Stream:
         self._acked.set()
         self.group.targets_changed()
         self.on_ack()
+
+    async def _watchdog(self) -> None:
+        """The stall watchdog: end the session (Stalled) once records are in flight
+        and the target's ACKs have not moved for stall_timeout. Its own loop: the ACK
+        reader sleeps until a frame comes or heartbeat_timeout, and a stalled target
+        may send neither."""
+        while True:
+            if not self._inflight:
+                self._in_flight.clear()
+                await self._in_flight.wait()
+                continue
+            left = self._progress_at + self.stall_timeout - time.monotonic()
+            if left <= 0:
+                self._stalled()
+            await asyncio.sleep(left)
 
     def _stalled(self) -> None:
         """Records are in flight and the target acknowledged none of them for
