@@ -22,7 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agents import Topology, free_port, wait_until
-from tests.clients import fio
+from tests.clients import fio, qemu_io
+from tests.integration.test_stalls import HEARTBEAT_TYPE, FrameProxy, _drop_acks
 from tests.shaped import ShapedLink, place
 
 pytestmark = pytest.mark.integration
@@ -214,3 +215,30 @@ def test_a_stopped_target_is_reconnected_by_the_watchdog(shaped):
 def test_a_link_dropping_every_packet_is_reconnected_by_the_watchdog(shaped):
     topo = shaped({}, agent_options=STALL, heartbeat_timeout=10.0)
     _stall_then_converge(topo, topo.link.drop_all, topo.link.restore)
+
+
+def test_a_target_whose_heartbeats_flow_but_acks_stopped_is_stalled(topology):
+    """The watchdog judges ACK progress, not liveness: ACKs vanish in a frame proxy,
+    heartbeats pass, and the session is still ended after stall_timeout."""
+    topo = topology(["p", "t"], [("p", "t", "async")], start=False, heartbeat_timeout=10.0)
+    port = int(topo["p"].config["peers"]["t"].rsplit(":", 1)[1])
+    proxy = FrameProxy(port)
+    try:
+        topo["p"].config["peers"]["t"] = f"127.0.0.1:{proxy.port}"
+        topo["p"].config.update(STALL)
+        topo["p"].save_config()
+        topo.start()
+        topo.wait_converged()
+        p = topo["p"]
+        drop = _drop_acks(proxy)
+        qemu_io(p.nbd_uri("data"), *[f"write -P 7 {i * 64}k 64k" for i in range(16)])
+        wait_until(lambda: p.target("db", "t")["stalls"] >= 1, 20, "the watchdog")
+        drop.clear()
+        assert proxy.seen.get(HEARTBEAT_TYPE, 0) > 0  # the link was alive all along
+        (stalled,) = events(p, "stalled")
+        assert stalled["seconds"] >= 2 and stalled["backlog_records"] > 0
+        topo.wait_converged()
+        assert p.target("db", "t")["stalls"] == 1
+        topo.assert_identical()
+    finally:
+        proxy.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import time
 
@@ -116,6 +117,24 @@ def write(g: Group, done: list, i: int) -> None:
                           lambda err, i=i: done.append((i, err)))
 
 
+def streaming(g: Group) -> None:
+    """Target q streams now, as its shipper says it (and has the guard look)."""
+    g.targets["q"].connected = True
+    g.guard.look()
+
+
+async def over_the_limit(g: Group, n: int = 20) -> list:
+    """q streams and acknowledges nothing while n writes go: over its 32 KiB limit,
+    the writes completed; returns their (index, errno) list, for more to follow."""
+    streaming(g)
+    done: list = []
+    for i in range(n):
+        write(g, done, i)
+    await until(lambda: g.targets["q"].lag_over, "lag over the limit")
+    await until(lambda: len(done) == n, "the writes before it")
+    return done
+
+
 def events_since(seq: int, kind: str) -> list[dict]:
     return [e for e in EVENTS.since(seq) if e["kind"] == kind]
 
@@ -126,7 +145,7 @@ def test_no_limit_no_gate(tmp_path):
 
     async def main():
         async with running(g):
-            g.targets["q"].connected = True
+            streaming(g)
             done: list = []
             for i in range(50):
                 write(g, done, i)
@@ -146,8 +165,7 @@ def test_block_holds_writes_in_order_while_over_and_lets_them_go_once_under(tmp_
 
     async def main():
         async with running(g):
-            t.connected = True  # streaming (its shipper then has the guard look)
-            g.guard.look()  # (it acknowledges nothing yet)
+            streaming(g)  # (it acknowledges nothing yet)
             done: list = []
             i = 0
             while not t.lag_over:
@@ -187,8 +205,7 @@ def test_alert_only_says_it(tmp_path):
 
     async def main():
         async with running(g):
-            t.connected = True  # streaming (its shipper then has the guard look)
-            g.guard.look()
+            streaming(g)
             done: list = []
             for i in range(40):  # 160 KiB: far over the limit
                 write(g, done, i)
@@ -206,8 +223,7 @@ def test_throttle_keeps_the_lag_inside_the_limit_and_releases_as_the_target_drai
 
     async def main():
         async with running(g):
-            t.connected = True  # streaming (its shipper then has the guard look)
-            g.guard.look()
+            streaming(g)
             done: list = []
             n = 400  # 1.6 MiB, six times the limit, all at once
             for i in range(n):
@@ -230,78 +246,59 @@ def test_throttle_keeps_the_lag_inside_the_limit_and_releases_as_the_target_drai
     asyncio.run(main())
 
 
+def over_a_block_limit(tmp_path, then) -> None:
+    """A group whose target q (max_lag_bytes 32 KiB, on_lag block) is over its limit,
+    then `then(group, done)` (done: the writes so far, see over_the_limit)."""
+    g = primary(tmp_path, max_lag_bytes=32 * KiB, on_lag="block")
+
+    async def main():
+        async with running(g):
+            await then(g, await over_the_limit(g))
+    asyncio.run(main())
+
+
 def test_a_target_that_is_not_streaming_is_not_judged(tmp_path):
     """Away, its lag is on_disconnect's business: it leaves the guard's care and the
     writes the block held go."""
-    g = primary(tmp_path, max_lag_bytes=32 * KiB, on_lag="block")
-    t = g.targets["q"]
     seq0 = EVENTS.seq
 
-    async def main():
-        async with running(g):
-            t.connected = True  # streaming (its shipper then has the guard look)
-            g.guard.look()
-            done: list = []
-            for i in range(20):
-                write(g, done, i)
-            await until(lambda: t.lag_over, "lag over the limit")
-            for i in range(20, 30):
-                write(g, done, i)
-            t.connected = False  # the link went down
-            await until(lambda: len(done) == 30, "the held writes")
-            under = events_since(seq0, "lag_under_limit")
-            assert len(under) == 1 and under[0]["streaming"] is False
-            assert not t.lag_over
-    asyncio.run(main())
+    async def then(g, done):
+        for i in range(20, 30):
+            write(g, done, i)
+        g.targets["q"].connected = False  # the link went down
+        await until(lambda: len(done) == 30, "the held writes")
+        under = events_since(seq0, "lag_under_limit")
+        assert len(under) == 1 and under[0]["streaming"] is False
+        assert not g.targets["q"].lag_over
+    over_a_block_limit(tmp_path, then)
 
 
 def test_a_switchover_hold_and_a_lag_gate_together(tmp_path):
-    g = primary(tmp_path, max_lag_bytes=32 * KiB, on_lag="block")
-    t = g.targets["q"]
-
-    async def main():
-        async with running(g):
-            t.connected = True  # streaming (its shipper then has the guard look)
-            g.guard.look()
-            done: list = []
-            for i in range(20):
-                write(g, done, i)
-            await until(lambda: t.lag_over, "lag over the limit")
-            await until(lambda: len(done) == 20, "the first writes")
-            g.commit.hold_writes()
-            for i in range(20, 25):
-                write(g, done, i)
-            g.commit.release_writes()  # the hold ends; the lag gate still holds them
-            await asyncio.sleep(0.3)
-            assert len(done) == 20
-            g.commit.hold_writes()
-            last = g.journal.last_seq
-            t.acked(last, last)
-            g.targets_changed()
-            await until(lambda: not t.lag_over, "back under")
-            await asyncio.sleep(0.3)
-            assert len(done) == 20  # the switchover still holds them
-            g.commit.release_writes()
-            await until(lambda: len(done) == 25, "the writes")
-            assert [i for i, _ in done] == list(range(25))
-    asyncio.run(main())
+    async def then(g, done):
+        t = g.targets["q"]
+        g.commit.hold_writes()
+        for i in range(20, 25):
+            write(g, done, i)
+        g.commit.release_writes()  # the hold ends; the lag gate still holds them
+        await asyncio.sleep(0.3)
+        assert len(done) == 20
+        g.commit.hold_writes()
+        last = g.journal.last_seq
+        t.acked(last, last)
+        g.targets_changed()
+        await until(lambda: not t.lag_over, "back under")
+        await asyncio.sleep(0.3)
+        assert len(done) == 20  # the switchover still holds them
+        g.commit.release_writes()
+        await until(lambda: len(done) == 25, "the writes")
+        assert [i for i, _ in done] == list(range(25))
+    over_a_block_limit(tmp_path, then)
 
 
 def test_a_halted_group_fails_the_writes_a_gate_holds(tmp_path):
-    g = primary(tmp_path, max_lag_bytes=32 * KiB, on_lag="block")
-    t = g.targets["q"]
-
-    async def main():
-        async with running(g):
-            t.connected = True  # streaming (its shipper then has the guard look)
-            g.guard.look()
-            done: list = []
-            for i in range(20):
-                write(g, done, i)
-            await until(lambda: t.lag_over, "lag over the limit")
-            await until(lambda: len(done) == 20, "the first writes")
-            write(g, done, 20)
-            g.commit.halt("test: halted")
-            write(g, done, 21)  # refused at once, not held
-            assert done[20:] == [(20, 5), (21, 5)]  # EIO
-    asyncio.run(main())
+    async def then(g, done):
+        write(g, done, 20)
+        g.commit.halt("test: halted")
+        write(g, done, 21)  # refused at once, not held
+        assert done[20:] == [(20, errno.EIO), (21, errno.EIO)]
+    over_a_block_limit(tmp_path, then)
