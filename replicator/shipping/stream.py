@@ -579,7 +579,8 @@ class Stream:
         """The stall watchdog: end the session (Stalled) once records are in flight
         and the target's ACKs have not moved for stall_timeout. Its own loop: the ACK
         reader sleeps until a frame comes or heartbeat_timeout, and a stalled target
-        may send neither."""
+        may send neither. A target acks per RECORDS frame, so stall_timeout must be
+        longer than one frame (BATCH_BYTES) takes over the slowest link."""
         while True:
             if not self._inflight:
                 self._in_flight.clear()
