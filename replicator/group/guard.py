@@ -84,11 +84,11 @@ def limit_bytes(t: TargetLink, drain: float) -> float:
 
 def throttle(f: float, lag_bytes: int, limit: float, drain: float) -> tuple[float, float]:
     """The control law (module docstring): (allowance in bytes, rate in bytes/s) for a
-    throttle target that is f full with lag_bytes behind, limit bytes and drain
-    bytes/s."""
+    throttle target that is f full with lag_bytes behind, limit bytes (limit_bytes:
+    finite, as it has a limit) and drain bytes/s."""
     if f >= 1.0:
         return 0.0, 0.0
-    allowance = max(0.0, limit * THROTTLE_FROM - lag_bytes) if limit != math.inf else math.inf
+    allowance = max(0.0, limit * THROTTLE_FROM - lag_bytes)
     rate = max(drain, DRAIN_FLOOR) * min(1.0, (1.0 - f) / (1.0 - THROTTLE_FROM))
     return allowance, rate
 
@@ -117,6 +117,7 @@ class Gate:
         if self.allowance > 0 or (nbytes == 0 and self.rate > 0):
             self.allowance -= nbytes
             return 0.0
+        # (a millisecond more, so that the timer never fires just short of it)
         return -self.allowance / self.rate + 1e-3 if self.rate > 0 else math.inf
 
 
