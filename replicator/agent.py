@@ -156,6 +156,7 @@ class Agent:
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
                        sync_ack_timeout=self.cfg.sync_ack_timeout,
+                       stall_timeout=self.cfg.stall_timeout,
                        initial_sync=t.initial_sync, tls=self.client_tls,
                        relays=self.relays.setdefault(group.name, {}))
 

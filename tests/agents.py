@@ -66,6 +66,7 @@ class AgentProc:
         self.save_config()
         self.proc: subprocess.Popen | None = None
         self.nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) to start it with
+        self.prefix: list[str] = []  # a wrapper to start it under (ip netns exec NS)
 
     def save_config(self) -> None:
         with open(self.config_path, "w") as f:
@@ -90,8 +91,8 @@ class AgentProc:
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "agent", "-c",
-                                      self.config_path], stdout=log, stderr=log,
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "replicator.cli",
+                                      "agent", "-c", self.config_path], stdout=log, stderr=log,
                                      preexec_fn=limits if nofile is not None else None)
         log.close()
         if wait:

@@ -6,6 +6,8 @@
     memtable.py  completed writes not yet in the volumes, laid over reads
     links.py     each target as the write path sees it (written and durable seq, in
                  sync, bitmap), and the floors writes and flushes wait for
+    guard.py     lag limits: over / under (events), and the gate local writes wait
+                 at while a target with on_lag block or throttle needs it
     retention.py what the journal must keep (targets, checkpoint, a bunker's far
                  replicas) and waiting for room in it
     checkpoint.py group.json: the seq the volumes hold durably, and the group's state

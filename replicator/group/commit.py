@@ -187,7 +187,13 @@ class Commit:
         self._idle_waiters: list[asyncio.Future] = []
         self._durable_waiters: list[asyncio.Future] = []
         self._kick = asyncio.Event()
-        self._held: list | None = None  # writes held during a switchover
+        # Local writes waiting for admission, before they get a seq, in order: while a
+        # switchover holds writes (_holding) or a lag guard's gate limits them (gate,
+        # group/guard.py). None otherwise: the one check on the write path.
+        self._admission: deque | None = None
+        self._holding = False
+        self.gate = None  # guard.Gate while some target's on_lag limits writes
+        self._admit_timer: asyncio.TimerHandle | None = None
         # Journaled, not yet in the volumes: (last seq, applies) in seq order, held while
         # a volume refuses writes (_volume_failed).
         self._unapplied: deque[tuple[int, list]] = deque()
@@ -232,6 +238,7 @@ class Commit:
         if self.halted is None:
             self.halted = why
             self.log.error("group %s: %s", self.name, why)
+        self._fail_waiting(errno.EIO)
         self._fail_pending(errno.EIO)
         for waits in (self._sync_waits, self._flush_waits):
             while waits:
@@ -243,6 +250,9 @@ class Commit:
     async def stop(self) -> None:
         """The committer was cancelled: make what is written durable and applied, fail
         what still waits, close the Flusher."""
+        self._fail_waiting(errno.ESHUTDOWN)
+        if self._admit_timer is not None:
+            self._admit_timer.cancel()
         if self._batch.dones:
             self._fail_pending(errno.ESHUTDOWN)
         await self.settle()
@@ -288,18 +298,61 @@ class Commit:
 
     def hold_writes(self) -> None:
         """Switchover: new writes wait (uncompleted) until release_writes()."""
-        self._held = []
+        self._holding = True
+        if self._admission is None:
+            self._admission = deque()
 
     def release_writes(self) -> None:
-        """Queue the held writes: written if this node is still primary, else refused."""
-        held, self._held = self._held or [], None
-        for item in held:
-            self._queue_local(*item)
+        """Queue the held writes: written if this node is still primary, else refused
+        (as far as a lag gate lets them go; the rest wait for it, in order)."""
+        self._holding = False
+        self.admit()
+
+    def set_gate(self, gate) -> None:
+        """The lag guard (group/guard.py): from now on local writes go as `gate` lets
+        them (None: freely); the waiting ones go as far as it lets them now."""
+        self.gate = gate
+        if gate is not None and self._admission is None:
+            self._admission = deque()
+        self.admit()
+
+    def admit(self) -> None:
+        """Give the waiting local writes their seqs, in order, as far as the hold and
+        the gate let them; when neither holds any more, writes go straight again."""
+        waiting = self._admission
+        if self._holding or waiting is None:
+            return
+        if self._admit_timer is not None:
+            self._admit_timer.cancel()
+            self._admit_timer = None
+        gate = self.gate
+        while waiting:
+            if gate is not None and not self._refusal():  # a refusal goes at once
+                item = waiting[0]
+                wait = gate.wait(item[3] if item[1] == Kind.WRITE else 0)
+                if wait > 0:
+                    if wait != float("inf"):  # else the guard's next look admits it
+                        self._admit_timer = asyncio.get_running_loop().call_later(
+                            wait, self.admit)
+                    return
+            self._take_local(*waiting.popleft())
+        if gate is None:
+            self._admission = None
+
+    def _fail_waiting(self, err: int) -> None:
+        waiting, self._admission = self._admission, (deque() if self._holding or self.gate
+                                                     else None)
+        for *_, done in waiting or ():
+            done(err)
 
     def _queue_local(self, volume, kind, offset, length, payload, done) -> None:
-        if self._held is not None:
-            self._held.append((volume, kind, offset, length, payload, done))
+        if self._admission is not None:  # held, or gated: in order behind the others
+            self._admission.append((volume, kind, offset, length, payload, done))
+            self.admit()
             return
+        self._take_local(volume, kind, offset, length, payload, done)
+
+    def _take_local(self, volume, kind, offset, length, payload, done) -> None:
         err = self._refusal() or (self._unapplied_errno if self._unapplied else 0)
         if err:  # (unapplied: the volumes lack journaled records; see _durable)
             done(err)

@@ -33,6 +33,7 @@ from ..volume import Volume
 from .checkpoint import Checkpoint
 from ..analytics import Analytics
 from .commit import Commit, GroupError, apply_to_volumes
+from .guard import LagGuard
 from .lineage import Lineage
 from .links import Links, TargetLink
 from .retention import Retention
@@ -63,6 +64,7 @@ class Group:
                              role=lambda: self.role, wait_for_space=self.retention.wait_for_space)
         # What a replica learns from the records it receives (analytics.py): fed by the
         # commit path as it takes them, reported upstream (report.py).
+        self.guard = LagGuard(self)  # max_lag_seconds / max_lag_bytes (guard.py)
         self.analytics = Analytics(sizes={v.name: v.size for v in self.volumes.values()})
         self.commit.observe = self.analytics.observe
         self._io = ThreadPoolExecutor(1, thread_name_prefix=f"io-{cfg.name}")
@@ -197,6 +199,7 @@ class Group:
             if member_at is not None and not link.synced and not link.logging:
                 link.reset_position(member_at)
                 link.synced = True
+        self.guard.limits_changed()
         self.targets_changed()
 
     async def promote(self, targets: list[TargetConfig] | None, force: bool) -> Generation:
@@ -324,7 +327,9 @@ class Group:
         self._tasks = [loop.create_task(self._guarded(self.commit.start(), "committer"),
                                         name=f"commit-{self.name}"),
                        loop.create_task(self._guarded(self._checkpointer(), "checkpointer"),
-                                        name=f"checkpoint-{self.name}")]
+                                        name=f"checkpoint-{self.name}"),
+                       loop.create_task(self._guarded(self.guard.run(), "lag guard"),
+                                        name=f"guard-{self.name}")]
 
     async def _guarded(self, loop_coro, what: str) -> None:
         """Run one of the group's long-running loops; should it ever raise, the group

@@ -80,5 +80,7 @@ class Links(dict):
 
     @property
     def blocked_by(self) -> list[str]:
-        """Targets with on_disconnect: block that hold writes back right now."""
-        return [t.node for t in self.values() if t.block and not t.streaming]
+        """Targets that hold writes back right now: with on_disconnect: block and not
+        streaming, or over their lag limit with on_lag: block or throttle (guard.py)."""
+        return [t.node for t in self.values() if (t.block and not t.streaming)
+                or (t.lag_over and t.cfg.on_lag != "alert")]

@@ -11,6 +11,9 @@ of listening: an attempt on a peer whose agent is down costs a SYN and its RST (
 four a second per target), and one on a dead WAN peer waits out its connect timeout
 (heartbeat_timeout) first, so it cannot spin. A target that refuses us (split brain,
 stale, needs-resync, TLS) waits REFUSED_BACKOFF: that takes an operator, not a retry.
+A session the stall watchdog ends (stream.Stalled: records in flight and no ACK
+progress for stall_timeout) is counted (`stalls`), logged and an event (stalled), then
+reconnected like any other.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..journal.segments import JournalError
 from ..wire import Handover, LocalProtocolError, RemoteProtocolError, Report, Successor
 from .peer import Dialer, Peer, ShipError
 from .resync import Resync
-from .stream import Stream
+from .stream import Stalled, Stream
 from .verify import Verify
 
 STREAMING_STATES = ("replicating", "catching-up")
@@ -43,6 +46,7 @@ class Shipper:
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
                  heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
+                 stall_timeout: float = 60.0,
                  initial_sync: str = "full",
                  tls: ssl.SSLContext | None = None, relays: dict | None = None):
         self.group = group
@@ -57,6 +61,7 @@ class Shipper:
                              log=self.log, processed=lambda: link.node in self.relays)
         self.stream = Stream(group, link, hb_interval=heartbeat_interval,
                              hb_timeout=heartbeat_timeout, sync_ack_timeout=sync_ack_timeout,
+                             stall_timeout=stall_timeout,
                              on_caught_up=lambda: self._set_state("replicating"),
                              on_ack=self._notify, relays=self.relays)
         self.hb_timeout = heartbeat_timeout
@@ -141,6 +146,10 @@ class Shipper:
             except (OSError, asyncio.TimeoutError, ShipError, LocalProtocolError,
                     RemoteProtocolError, JournalError) as exc:
                 state = exc.state if isinstance(exc, ShipError) else "connecting"
+                if isinstance(exc, Stalled):
+                    self.stalls += 1
+                    emit("stalled", self.group.name, self.target.node,
+                         backlog_records=exc.backlog_records, seconds=round(exc.seconds, 3))
                 msg = str(exc) or type(exc).__name__
                 if msg != self.last_error or state != self.state:
                     self.log.warning("group %s -> %s: %s", self.group.name, self.target.node, msg)
@@ -177,6 +186,7 @@ class Shipper:
         else:
             self.stream.resume(peer.resume_seq)
             self._set_state("catching-up")
+        self.group.guard.look()  # streaming from now on: a throttle gates the next write
         await self.stream.run(peer)
 
     def _took_report(self, ev: Report) -> None:
@@ -325,6 +335,8 @@ class Shipper:
             "lag_seconds": round(seconds, 3),
             "bytes_sent": s.bytes_sent,
             "early_batches": s.early_batches,
+            "stalls": self.stalls,
+            "lag_limit": self.group.guard.status(t),
             **({"offload": self.relays[t.node].status()} if t.node in self.relays else {}),
             **({"interval": t.cfg.interval, "last_epoch": s.last_epoch,
                 "next_due": round(s.next_due(), 3) if self.streaming() else None}

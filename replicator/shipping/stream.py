@@ -1,11 +1,15 @@
 """The record stream to one target: what has been sent, what waits for its ACK, and the
-two loops of a session.
+three loops of a session.
 
   pump: read durable records after `sent_seq` from the journal (at most BATCH_BYTES a
         frame, at most WINDOW_BYTES unacked) and send them; a heartbeat when idle. It
         also places what rides in the stream at a seq: verify's hash requests, FLUSH,
         RETAIN (bunker), SUCCESSOR and HANDOVER.
   acks: read ACKs and heartbeats; silence longer than heartbeat_timeout ends the session.
+  watchdog: records in flight (sent, not acknowledged) and no ACK progress for
+        stall_timeout end the session (Stalled), heartbeats or not: a target whose
+        acks stopped (a stopped process, whose kernel still takes the bytes; a link
+        that drops everything) is reconnected, not waited for.
         A sync target that sends no ACK for sync_ack_timeout while records are in flight
         (its link alive, heartbeats flowing) leaves sync: it goes to logging, so writes
         stop waiting for it, or with on_disconnect: block the writes waiting for it fail
@@ -48,6 +52,15 @@ BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 16 << 20
 
 
+class Stalled(ShipError):
+    """The stall watchdog ended the session: records in flight, no ACK progress for
+    stall_timeout."""
+
+    def __init__(self, message: str, backlog_records: int, seconds: float):
+        super().__init__(message)
+        self.backlog_records, self.seconds = backlog_records, seconds
+
+
 class _Order:
     """A frame to send once every record through `seq` is sent (SUCCESSOR, HANDOVER);
     done when the target acknowledges exactly `seq`."""
@@ -63,7 +76,7 @@ class Stream:
     `on_caught_up` and `on_ack`."""
 
     def __init__(self, group: Group, target: TargetLink, *, hb_interval: float,
-                 hb_timeout: float, sync_ack_timeout: float,
+                 hb_timeout: float, sync_ack_timeout: float, stall_timeout: float,
                  on_caught_up: Callable[[], None], on_ack: Callable[[], None],
                  relays: dict[str, Relay] | None = None):
         self.group, self.target = group, target
@@ -72,6 +85,7 @@ class Stream:
         self.relays = relays if relays is not None else {}
         self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
         self.sync_ack_timeout = sync_ack_timeout
+        self.stall_timeout = stall_timeout
         self.on_caught_up = on_caught_up  # the target is in sync: it has all we have
         self.on_ack = on_ack  # the target acknowledged records
         self.sent_seq = 0
@@ -85,6 +99,8 @@ class Stream:
         self._inflight: deque = deque()  # (last_seq, nbytes)
         self._inflight_bytes = 0
         self._ack_wait_since: float | None = None  # the oldest batch in flight waits since
+        self._progress_at = 0.0  # the last ACK progress, or the first send after none
+        self._in_flight = asyncio.Event()  # set as records go out with none in flight
         self._acked = asyncio.Event()
         self._probes: deque[Probe] = deque()  # verify requests for the pump to place
         self._orders: list[_Order] = []
@@ -109,6 +125,7 @@ class Stream:
         await self._offload(peer, near, relay)
         pump = asyncio.create_task(self._pump(peer, relay))
         acks = asyncio.create_task(self._acks(peer))
+        watchdog = asyncio.create_task(self._watchdog())
         g = self.group
         if self.target.mode == "sync":
             self._peer = peer
@@ -116,10 +133,11 @@ class Stream:
         elif self.target.mode == "periodic":
             g.commit.durable_listeners.add(self._grown)
         try:
-            done, _ = await asyncio.wait({pump, acks}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({pump, acks, watchdog},
+                                         return_when=asyncio.FIRST_COMPLETED)
             # Both may end in one loop turn (the ACK reader makes the target leave sync,
             # which stops the pump): its reason is the one to report, on any event loop.
-            for task in (acks, pump):
+            for task in (acks, pump, watchdog):
                 if task in done:
                     task.result()
         finally:
@@ -128,9 +146,9 @@ class Stream:
             g.commit.early_senders.discard(self.send_early)
             g.commit.durable_listeners.discard(self._grown)
             self._peer = None
-            for task in (pump, acks):
+            for task in (pump, acks, watchdog):
                 task.cancel()
-            await asyncio.gather(pump, acks, return_exceptions=True)
+            await asyncio.gather(pump, acks, watchdog, return_exceptions=True)
 
     async def _offload(self, peer: Peer, near: list[Relay], relay: Relay | None) -> None:
         """Before any record of the session: ask the near replica to process for the
@@ -477,7 +495,8 @@ class Stream:
 
     def _sent(self, last: int, nbytes: int) -> None:
         if not self._inflight:
-            self._ack_wait_since = time.monotonic()
+            self._ack_wait_since = self._progress_at = time.monotonic()
+            self._in_flight.set()
         self.sent_seq = last
         self.bytes_sent += nbytes
         self._inflight.append((last, nbytes))
@@ -539,6 +558,8 @@ class Stream:
             raise ShipError(f"{t.node} acked seq {ev.seq} (durable {ev.durable}) "
                             f"outside {t.written_seq}..{self.sent_seq} (durable from "
                             f"{t.acked_seq})")
+        if ev.seq > t.written_seq:
+            self._progress_at = time.monotonic()
         t.acked(ev.seq, ev.durable)
         relay = self.relays.get(t.node)
         if relay is not None:
@@ -553,6 +574,33 @@ class Stream:
         self._acked.set()
         self.group.targets_changed()
         self.on_ack()
+
+    async def _watchdog(self) -> None:
+        """The stall watchdog: end the session (Stalled) once records are in flight
+        and the target's ACKs have not moved for stall_timeout. Its own loop: the ACK
+        reader sleeps until a frame comes or heartbeat_timeout, and a stalled target
+        may send neither. A target acks per RECORDS frame, so stall_timeout must be
+        longer than one frame (BATCH_BYTES) takes over the slowest link."""
+        while True:
+            if not self._inflight:
+                self._in_flight.clear()
+                await self._in_flight.wait()
+                continue
+            left = self._progress_at + self.stall_timeout - time.monotonic()
+            if left <= 0:
+                self._stalled()
+            await asyncio.sleep(left)
+
+    def _stalled(self) -> None:
+        """Records are in flight and the target acknowledged none of them for
+        stall_timeout: end the session (the shipper counts it and reconnects)."""
+        t = self.target
+        waited = time.monotonic() - self._progress_at
+        backlog = self.group.journal.last_seq - t.written_seq
+        raise Stalled(f"{t.node} stalled: no ACK progress for {waited:.1f}s (stall_timeout "
+                      f"{self.stall_timeout:g}s) with seq {t.written_seq + 1}..{self.sent_seq} "
+                      f"in flight ({backlog} record(s) behind): reconnecting",
+                      backlog, waited)
 
     def _left_sync(self) -> None:
         """The sync target has acknowledged nothing for sync_ack_timeout though records
