@@ -485,6 +485,13 @@ def _group(data, path: str, node: str | None, peers: dict | None,
     if high_water is not None and journal_size is not None and high_water >= journal_size:
         r.fail("logging_high_water", f"expected less than journal_size "
                                      f"({size_text(journal_size)}); got {size_text(high_water)}")
+    for i, t in enumerate(targets):
+        if high_water is not None and t.max_lag_bytes is not None \
+                and t.max_lag_bytes >= high_water:
+            r.problems.add(f"{r.sub('targets')}[{i}].max_lag_bytes",
+                           f"{size_text(t.max_lag_bytes)} would never be reached: at "
+                           f"logging_high_water ({size_text(high_water)}) the target goes "
+                           "to logging first; expected less")
     bunker = r.get("bunker", None, types=(str,))
     if bunker is not None and _not_a_peer(bunker, peers):
         r.fail("bunker", f"{bunker!r} is not in peers")

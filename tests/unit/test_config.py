@@ -363,13 +363,13 @@ def test_lag_limits():
         [(None, None, "alert")] * 2
     data = offload(NEAR, {**FAR, "max_lag_seconds": "30s", "on_lag": "throttle"},
                    {"node": "dc3-arc", "mode": "periodic", "interval": 60,
-                    "max_lag_seconds": "5m", "max_lag_bytes": "1GiB", "on_lag": "block"})
+                    "max_lag_seconds": "5m", "max_lag_bytes": "128MiB", "on_lag": "block"})
     data["peers"]["dc3-arc"] = "127.0.0.1:7803"
     data["groups"][0]["targets"][2]["node"] = "dc4-vault"
     data["peers"]["dc4-vault"] = "127.0.0.1:7804"
     t = parse(data).group("db").targets
     assert (t[1].max_lag_seconds, t[1].max_lag_bytes, t[1].on_lag) == (30.0, None, "throttle")
-    assert (t[2].max_lag_seconds, t[2].max_lag_bytes, t[2].on_lag) == (300.0, 1 << 30, "block")
+    assert (t[2].max_lag_seconds, t[2].max_lag_bytes, t[2].on_lag) == (300.0, 128 << 20, "block")
     bunker = parse(offload({**NEAR, "bunker": True, "max_lag_bytes": "64MiB"}, FAR))
     assert bunker.group("db").targets[0].on_lag == "alert"
 
@@ -385,6 +385,8 @@ def test_lag_limits():
      "a bunker may not block writes: its synchronous copy of the journal is what a takeover"),
     ({**NEAR, "bunker": True, "max_lag_bytes": "1MiB", "on_lag": "throttle"}, "on_lag",
      "a bunker may not throttle"),
+    ({**FAR, "max_lag_bytes": "16TiB", "on_lag": "block"}, "max_lag_bytes",
+     "16TiB would never be reached: at logging_high_water"),
 ])
 def test_lag_limit_errors_name_the_key(target, where, what):
     assert_refused(offload(target), f"{T}[0].{where}", what)
