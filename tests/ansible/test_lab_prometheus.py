@@ -15,6 +15,7 @@ from hypothesis import given, strategies as st
 
 from tests.agents import wait_until
 from tests.ansible.ansible_harness import ROOT, filters, module_utils
+from tests.ansible.lab_harness import Lab, playbook
 
 prom = module_utils("replicator_lab_prometheus")
 net = module_utils("replicator_lab_net")
@@ -140,6 +141,23 @@ def test_a_prometheus_that_cannot_start_says_why(lab_dir):
         listen = f"127.0.0.1:{busy.getsockname()[1]}"
         with pytest.raises(net.LabError, match="prometheus exited at start with 1; see .*prometheus.log"):
             prom.LabPrometheus(lab_dir).up(listen, {"a": "127.0.0.1:9"}, [])
+
+
+@needs_prometheus
+def test_metrics_playbook_names_every_link_without_a_series(lab_dir):
+    """metrics.yml against a real Prometheus that has no replicator series (its one target
+    does not answer): a row per link of the lab inventory, each missing, and a failure
+    naming them."""
+    p, listen = prom.LabPrometheus(lab_dir), f"127.0.0.1:{free_port()}"
+    p.up(listen, {"dc1-app": "127.0.0.1:9"}, [])
+    out = playbook("metrics.yml", "-e", f"replicator_prometheus_url={p.url(listen)}",
+                   "-e", "replicator_metrics_timeout=1", check=False)
+    links = Lab().links()
+    for group, source, target in links:
+        assert f"{group} " in out and f" {source} -> {target} " in out
+    assert out.count(" missing\n") == len(links), out
+    assert ("no replicator_target_lag_seconds for "
+            + ", ".join(f"{g} {s} -> {t}" for g, s, t in links)) in " ".join(out.split()), out
 
 
 # ---------------------------------------------------------------- one row per link
