@@ -178,3 +178,10 @@ def test_module_documentation_parses(name):
     for option, spec in (doc.get("options") or {}).items():
         assert spec.get("description"), f"{name}: option {option} has no description"
     assert isinstance(yaml.safe_load(docs.get("RETURN", "{}")) or {}, dict)
+
+
+def test_lab_metrics_targets_are_the_hosts_that_serve_metrics():
+    targets = filters("replicator_lab")["replicator_lab_metrics_targets"]
+    hostvars = {"a": {"replicator_agent_metrics_listen": "10.0.0.1:9808"},
+                "b": {"replicator_agent_metrics_listen": ""}, "c": {}}
+    assert targets(["a", "b", "c"], hostvars) == {"a": "10.0.0.1:9808"}
