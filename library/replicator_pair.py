@@ -12,7 +12,7 @@ description:
     C(replicator resync GROUP TARGET --checksum|--assume-clean) while that initial sync is
     pending, and resolves a target in C(needs-resync) (its history diverged) with the chosen
     kind, which overwrites the target; that is refused while I(safe_mode) is true.
-    It does not wait: see replicator_wait.
+    It does not wait (see replicator_wait).
 extends_documentation_fragment: [replicator_agent]
 options:
   initial_sync:

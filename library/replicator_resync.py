@@ -11,7 +11,7 @@ description:
     C(full) every region is sent again, with C(checksum) only regions whose hashes differ,
     with C(assume-clean) none (the target is declared identical); without I(mode) no resync
     is forced (the agent resyncs what an outage left dirty by itself) and only I(rate) is
-    applied. Does not wait: see replicator_wait.
+    applied. Does not wait (see replicator_wait).
 extends_documentation_fragment: [replicator_agent]
 options:
   mode:

@@ -7,10 +7,15 @@ DOCUMENTATION = r"""
 module: replicator_wait
 short_description: Wait until this host's outgoing links are replicating
 description:
-  - Polls the agent's status for up to I(timeout) seconds and returns as soon as every
-    selected link is in I(state). Returns C(done=false) (not a failure) when time runs out,
-    so a playbook can call it in an C(until) loop and show C(lines) as progress. Fails at once
-    when a link is C(refused) (the peer's configuration does not accept this node). Read-only.
+  - Waits up to I(timeout) seconds and returns as soon as every selected link is in
+    I(state). Returns C(done=false) (not a failure) when time runs out, so a playbook can
+    call it in an C(until) loop and show C(lines) as progress. Fails at once when a link is
+    C(refused) (the peer's configuration does not accept this node). Read-only.
+  - Reads the agent's status, then follows its event stream from the status's C(event_seq)
+    (C(replicator events --follow --since SEQ --json)), so no change between the two is
+    missed, and reads the status again only when a selected link changed state. It polls
+    the status instead when the agent has no event stream, when the stream ends, or with
+    I(follow_events=false).
 extends_documentation_fragment: [replicator_agent]
 options:
   state:
@@ -21,6 +26,10 @@ options:
     description: Seconds to wait in this call.
     type: float
     default: 5
+  follow_events:
+    description: Follow the agent's event stream (C(false) polls the status every 0.25 s).
+    type: bool
+    default: true
 """
 
 RETURN = r"""
@@ -38,41 +47,110 @@ lines:
   type: list
   elements: str
   returned: success
+watched:
+  description: How the call waited, C(events) (the agent's event stream), C(polling), or
+    C(none) when the links were in I(state) at once.
+  type: str
+  returned: success
 """
 
+import json
+import os
+import select
+import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call, link,
-                                                   progress_line, select)
+                                                   progress_line, select as select_links)
 
 POLL_SECONDS = 0.25
+
+
+class EventStream:
+    """`replicator events --follow --since SEQ --json` of the agent: `wait` returns once a
+    selected link's state changed (or events were lost), at the deadline, or when the
+    stream is gone."""
+
+    def __init__(self, module, since: int, links: list[dict]):
+        self.keys = {(lk["group"], lk["target"]) for lk in links}
+        self.proc = subprocess.Popen(
+            [module.params["cli"], "events", "--follow", "--since", str(since), "--json",
+             "-c", module.params["config"]],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buffer = b""
+
+    def _relevant(self, line: bytes) -> bool:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return True  # not an event: the status will say what is going on
+        return event.get("kind") == "events_lost" or (
+            event.get("kind") == "state" and (event.get("group"), event.get("target")) in self.keys)
+
+    def wait(self, deadline: float) -> bool:
+        """True: read the status again (a selected link changed, or time is up); False:
+        the stream ended (the agent stopped, or has no event stream): poll instead."""
+        fd = self.proc.stdout.fileno()
+        while True:
+            lines = self.buffer.split(b"\n")
+            self.buffer = lines.pop()
+            if any(self._relevant(line) for line in lines if line.strip()):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return True
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return False
+            self.buffer += chunk
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(10)
+        self.proc.stdout.close()
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(**AGENT_ARGS, **LINK_ARGS,
                            state=dict(type="str", default="replicating"),
-                           timeout=dict(type="float", default=5)),
+                           timeout=dict(type="float", default=5),
+                           follow_events=dict(type="bool", default=True)),
         supports_check_mode=True,
     )
     p = module.params
     deadline = time.monotonic() + p["timeout"]
-    while True:
-        try:
-            _, status = call(module, "status")
-            links = [link(status, g, t) for g, t in select(status, p["group"], p["targets"])]
-        except AgentError as exc:
-            module.fail_json(msg=str(exc))
-        lines = [progress_line(lk) for lk in links]
-        refused = [lk for lk in links if lk["state"] == "refused" and p["state"] != "refused"]
-        if refused:
-            module.fail_json(msg="refused by the target: " + "; ".join(
-                progress_line(lk) for lk in refused), links=links, lines=lines)
-        done = all(lk["state"] == p["state"] for lk in links)
-        if done or time.monotonic() >= deadline:
-            module.exit_json(changed=False, done=done, links=links, lines=lines)
-        time.sleep(POLL_SECONDS)
+    stream, watched = None, "none"
+    try:
+        while True:
+            try:
+                _, status = call(module, "status")
+                links = [link(status, g, t) for g, t in select_links(status, p["group"], p["targets"])]
+            except AgentError as exc:
+                module.fail_json(msg=str(exc))
+            lines = [progress_line(lk) for lk in links]
+            refused = [lk for lk in links if lk["state"] == "refused" and p["state"] != "refused"]
+            if refused:
+                module.fail_json(msg="refused by the target: " + "; ".join(
+                    progress_line(lk) for lk in refused), links=links, lines=lines)
+            done = all(lk["state"] == p["state"] for lk in links)
+            if done or time.monotonic() >= deadline:
+                module.exit_json(changed=False, done=done, links=links, lines=lines,
+                                 watched=watched)
+            if watched == "none" and p["follow_events"] and "event_seq" in status:
+                # from the seq of the status just read: no change after it is missed
+                stream, watched = EventStream(module, status["event_seq"], links), "events"
+            if stream is not None and not stream.wait(deadline):
+                stream.close()
+                stream = None  # the stream ended: poll for the rest
+            if stream is None:
+                watched = "polling"
+                time.sleep(POLL_SECONDS)
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@
 # link: region hashes compared on both ends while replication runs), compare.yml (every replica equals the primary: sha256 on each host) and
 # status.yml (one table), then the DR drill (dr_exercise.yml: dc1-app crashed under a
 # ledger-logged workload, dc3-arc promoted through the bunker, ledger checked, failback,
-# report in /var/tmp/replicator-dr/db). Re-running it reuses the lab; the end says how to
-# remove it.
+# report in /var/tmp/replicator-dr/db), and last every link's lag in seconds as the lab's
+# Prometheus (on the controller, scraping every agent's metrics endpoint) has it
+# (metrics.yml). Re-running it reuses the lab; the end says how to remove it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -29,7 +30,7 @@ inventory() {  # inventory EXPR: a Python expression over the lab inventory's `h
         "import json, sys; hostvars = json.load(sys.stdin)['_meta']['hostvars']; print($1)"
 }
 
-play lab.yml -e lab_state=up
+play lab.yml -e lab_state=up -e lab_prometheus=true
 play site.yml
 play pair.yml
 
@@ -54,14 +55,18 @@ play compare.yml
 play status.yml
 play dr_exercise.yml -e dr_report_dir=/var/tmp/replicator-dr
 sed -n '1,12p' /var/tmp/replicator-dr/db/report.md
+play metrics.yml
 
 lab_dir=$(inventory "hostvars['$primary']['replicator_lab_dir']")
+prometheus=$(inventory "hostvars['$primary']['replicator_lab_prometheus_listen']")
 cat <<TEXT
 
 demo ok in $((SECONDS - started))s. The DR report: /var/tmp/replicator-dr/db/report.{md,json,xml}.
 The lab is still up; try:
   ssh -i $lab_dir/ssh/id_ed25519 -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no root@$address
   .venv/bin/ansible-playbook -i inventories/lab playbooks/status.yml
+  .venv/bin/ansible-playbook -i inventories/lab playbooks/metrics.yml -e replicator_metrics_query=replicator_target_lag_bytes
+  curl -s 'http://$prometheus/api/v1/query?query=replicator_target_lag_seconds'   (Prometheus, alerts: http://$prometheus/alerts)
   .venv/bin/ansible-playbook -i inventories/lab playbooks/lab_fault.yml -e lab_fault=isolate -l dc3-arc
 Tear it down (removes every namespace, link, process and file it made):
   .venv/bin/ansible-playbook -i inventories/lab playbooks/lab.yml -e lab_state=down

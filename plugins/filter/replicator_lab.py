@@ -15,6 +15,18 @@ def replicator_lab_hosts(names, hostvars):
     return hosts
 
 
+def replicator_lab_metrics_targets(names, hostvars):
+    """{host: its replicator_agent_metrics_listen} for the hosts whose agent serves metrics
+    (the lab's Prometheus scrapes them from the controller)."""
+    targets = {}
+    for name in names:
+        listen = hostvars[name].get("replicator_agent_metrics_listen")
+        if listen:
+            targets[name] = str(listen)
+    return targets
+
+
 class FilterModule:
     def filters(self):
-        return {"replicator_lab_hosts": replicator_lab_hosts}
+        return {"replicator_lab_hosts": replicator_lab_hosts,
+                "replicator_lab_metrics_targets": replicator_lab_metrics_targets}

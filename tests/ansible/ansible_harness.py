@@ -25,7 +25,8 @@ def _load(name: str, path: str):
     return mod
 
 
-MODULE_UTILS = ("replicator_agent", "replicator_lab_net", "replicator_lab")  # dependencies first
+MODULE_UTILS = ("replicator_agent", "replicator_lab_net", "replicator_lab",  # dependencies first
+                "replicator_lab_prometheus")
 
 
 def module_utils(name: str):

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import yaml
@@ -60,7 +61,10 @@ class Lab:
         with open(os.path.join(inventory_dir(inventory), "hosts.yml")) as f:
             hosts = yaml.safe_load(f)["all"]["children"]["replicator"]["hosts"]
         with open(os.path.join(vars_dir, "lab.yml")) as f:
-            self.dir = yaml.safe_load(f)["replicator_lab_dir"]
+            lab_vars = yaml.safe_load(f)
+        self.dir = lab_vars["replicator_lab_dir"]
+        # where -e lab_prometheus=true runs Prometheus
+        self.prometheus_url = f"http://{lab_vars.get('replicator_lab_prometheus_listen')}"
         with open(os.path.join(vars_dir, "topology.yml")) as f:
             self.groups = {g["name"]: g for g in yaml.safe_load(f)["replicator_groups"]}
         self.group = next(iter(self.groups.values()))
@@ -92,6 +96,17 @@ class Lab:
 
     def status(self, node: str) -> dict:
         return admin.request(self.host_path(node, "/run/replicator/admin.sock"), "status", timeout=5)
+
+    def prometheus(self, path: str) -> dict:
+        """GET the lab Prometheus's API PATH (like `query?query=up`); its `data`."""
+        with urllib.request.urlopen(f"{self.prometheus_url}/api/v1/{path}", timeout=5) as r:
+            answer = json.load(r)
+        assert answer["status"] == "success", answer
+        return answer["data"]
+
+    def links(self) -> list[tuple[str, str, str]]:
+        """Every link of the topology as (group, source, target)."""
+        return [(g["name"], lk["from"], lk["to"]) for g in self.groups.values() for lk in g["links"]]
 
     def group_status(self, node: str, group: str | None = None) -> dict:
         name = group or self.group["name"]

@@ -1,6 +1,8 @@
 """The operation modules against real agents on loopback (tests/agents.py): status,
 wait, pair, resync and verify, in normal and check mode."""
 
+import threading
+
 import pytest
 
 from tests.agents import MiB, Topology, wait_until
@@ -26,6 +28,7 @@ def test_status_and_wait(cascade):
     res = run_module("replicator_wait", args(cascade, "a", timeout=20))
     assert res["done"] and not res.get("failed"), res
     assert res["lines"] == ["db a -> b sync: replicating seq 0 acked 0 lag 0 rec/0B/0.0s"]
+    assert res["watched"] == "none"  # replicating at once: nothing to wait for
     qemu_io(cascade["a"].nbd_uri("data"), "write -P 0x5a 0 1M")
     res = run_module("replicator_status", args(cascade, "b"), check_mode=True)
     assert not res["changed"] and res["status"]["node"] == "b"
@@ -39,8 +42,25 @@ def test_wait_reports_not_done_within_its_timeout(cascade):
     cascade["c"].kill()
     wait_until(lambda: cascade["b"].target("db", "c")["state"] != "replicating", 20, "c to drop")
     res = run_module("replicator_wait", args(cascade, "b", timeout=0.5))
-    assert not res.get("failed") and res["done"] is False
+    assert not res.get("failed") and res["done"] is False and res["watched"] == "events"
     assert res["links"][0]["state"] != "replicating"
+
+
+@pytest.mark.parametrize("follow_events, watched", [(True, "events"), (False, "polling")])
+def test_wait_returns_when_the_link_is_back(cascade, follow_events, watched):
+    """It follows the agent's event stream from status's event_seq (or polls the status)
+    and returns once the link to the restarted target replicates again."""
+    cascade["c"].kill()
+    wait_until(lambda: cascade["b"].target("db", "c")["state"] != "replicating", 20, "c to drop")
+    restart = threading.Timer(0.5, cascade["c"].start, kwargs={"wait": False})
+    restart.start()
+    try:
+        res = run_module("replicator_wait", args(cascade, "b", timeout=30,
+                                                 follow_events=follow_events))
+    finally:
+        restart.join()
+    assert res["done"] and not res.get("failed"), res
+    assert res["watched"] == watched and res["links"][0]["state"] == "replicating"
 
 
 def test_pair_leaves_replicating_links_alone(cascade):

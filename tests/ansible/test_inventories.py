@@ -33,11 +33,11 @@ def short_tmp():
     shutil.rmtree(path)
 
 
-def render(name, tmp_path):
+def render(name, tmp_path, *args):
     os.makedirs(os.path.join(tmp_path, "install"))
     os.symlink(os.path.dirname(BIN), os.path.join(tmp_path, "install", "venv"))
     p = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", f"inventories/{name}",
-                        "tests/ansible/render_config.yml", "-e", f"render_dir={tmp_path}"],
+                        "tests/ansible/render_config.yml", "-e", f"render_dir={tmp_path}", *args],
                        cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     return {h: config.load(os.path.join(tmp_path, h, "etc", "agent.yml"))
@@ -59,6 +59,8 @@ def test_inventory_topology_and_rendered_configs(name, short_tmp):
         assert cfg.node == node and cfg.tls is not None
         assert cfg.listen == (str(hostvars[node].get("replicator_agent_address")
                                   or hostvars[node]["ansible_host"]), 7789)
+        # both inventories serve metrics on the host's address, for a Prometheus elsewhere
+        assert cfg.metrics_listen == (str(hostvars[node]["ansible_host"]), 9808)
         expected = {g["name"]: g for g in TOPOLOGY["replicator_node_groups"](groups, node)}
         assert {g.name for g in cfg.groups} == set(expected)
         for g in cfg.groups:
@@ -67,6 +69,14 @@ def test_inventory_topology_and_rendered_configs(name, short_tmp):
                 (t["node"], t["mode"], t["compress"]) for t in expected[g.name]["targets"]]
         assert sorted(cfg.peers) == TOPOLOGY["replicator_node_peers"](groups, node)
         check_unit(os.path.join(short_tmp, node), cfg)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes root-owned files")
+def test_an_empty_metrics_listen_turns_the_endpoint_off(short_tmp):
+    configs = render("lab", short_tmp, "-e", json.dumps({"replicator_agent_metrics_listen": ""}))
+    assert configs and all(cfg.metrics_listen is None for cfg in configs.values())
+    with open(os.path.join(short_tmp, "dc1-app", "etc", "agent.yml")) as f:
+        assert "metrics_listen" not in f.read()
 
 
 def check_unit(host_dir, cfg):

@@ -1,15 +1,20 @@
 """The lab end to end, as an operator runs it: lab up from inventories/lab, site.yml,
 pair.yml, a workload written through NBD on the primary host, replicas compared byte
 for byte, status.yml, faults (isolate/heal, crash/boot) and the catch-up after them,
-a switchover and back, and the DR exercise (failover through the bunker, failback).
-The lab is always torn down, and the teardown is checked to leave nothing behind."""
+a switchover and back, and the DR exercise (failover through the bunker, failback);
+the lab's Prometheus scraping every agent, with the alert rules loaded. The lab is always
+torn down, and the teardown is checked to leave nothing behind (its Prometheus too)."""
 
 import json
 import os
+import re
 import subprocess
+import urllib.parse
+import urllib.request
 import xml.etree.ElementTree as ET
 
 import pytest
+import yaml
 
 from tests.agents import wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
@@ -19,15 +24,23 @@ from tests.clients import fio, qemu_io
 pytestmark = lab_marks(timeout=900)
 
 
+PROMETHEUS = module_utils("replicator_lab_prometheus")
+
+
 @pytest.fixture(scope="module")
 def lab():
     lab = Lab()
+    prometheus = PROMETHEUS.LabPrometheus(lab.dir)
+    pid = None
     try:
-        playbook("lab.yml", "-e", "lab_state=up")
+        playbook("lab.yml", "-e", "lab_state=up", "-e", "lab_prometheus=true")
+        pid = prometheus.pid()
+        assert pid is not None
         yield lab
     finally:
         playbook("lab.yml", "-e", "lab_state=down")
         assert lab.leftovers() == []
+        assert pid is None or prometheus.cmdline(pid) is None, "the lab's Prometheus survived"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +88,44 @@ def test_write_through_nbd_and_compare_replicas(deployed):
     assert "dc1-app -> dc1-bunker: bunker; records the far replicas lack: dc2-dr 0, dc3-arc 0" \
         in table
     assert "0 mismatching region(s)" in playbook("verify.yml")
+
+
+def test_prometheus_scrapes_every_agent_and_sees_every_link(deployed):
+    lab = deployed
+    prometheus = PROMETHEUS.LabPrometheus(lab.dir)
+    pid = prometheus.pid()
+
+    def query(expr):
+        return lab.prometheus("query?query=" + urllib.parse.quote(expr))["result"]
+
+    def every_agent_up():
+        return sorted(s["metric"]["node"] for s in query('up{job="replicator"}')
+                      if s["value"][1] == "1") == sorted(lab.nodes)
+    wait_until(every_agent_up, 30, "Prometheus to scrape every agent (up == 1)")
+
+    def every_link_has_lag():
+        return set(lab.links()) <= {(s["metric"]["group"], s["metric"]["node"], s["metric"]["target"])
+                                    for s in query("replicator_target_lag_seconds")}
+    wait_until(every_link_has_lag, 10, "replicator_target_lag_seconds of every link")
+    out = playbook("metrics.yml")
+    for group, source, target in lab.links():  # one line per link, with its lag in seconds
+        assert re.search(rf"\b{group} +{source} -> {target} +\d+\.\d\b", out), out
+    # each agent's /metrics, fetched as Prometheus does, passes promtool's lint
+    for t in lab.prometheus("targets")["activeTargets"]:
+        with urllib.request.urlopen(t["scrapeUrl"], timeout=5) as r:
+            body = r.read()
+        p = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+        assert p.returncode == 0, (t["labels"]["node"], p.stdout, p.stderr)
+    p = subprocess.run(["promtool", "check", "config", prometheus.config], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with open(os.path.join(ROOT, "monitoring", "alerts.yml")) as f:
+        alerts = {r["alert"] for g in yaml.safe_load(f)["groups"] for r in g["rules"] if "alert" in r}
+    loaded = {r["name"] for g in lab.prometheus("rules")["groups"] for r in g["rules"]}
+    assert "ReplicatorAgentDown" in alerts and alerts <= loaded
+    # a second up keeps the one Prometheus that runs
+    playbook("lab.yml", "-e", "lab_state=up", "-e", "lab_prometheus=true")
+    assert prometheus.pid() == pid
 
 
 def test_isolated_host_catches_up_after_heal(deployed):
