@@ -25,6 +25,7 @@ from .config import COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, Ta
 from .events import EVENTS, emit
 from .failover import Failover
 from .group import Group, GroupError
+from .hooks import HookError, run_hook
 from .metrics import MetricsServer
 from .offload.relay import Relay
 from .receiver import Receiver
@@ -71,7 +72,9 @@ class Agent:
                                                     "resolve": self._resolve,
                                                     "attach": self._attach,
                                                     "reparent": self._reparent,
-                                                    "restore": self._restore},
+                                                    "restore": self._restore,
+                                                    "mark": self._mark,
+                                                    "markers": self._markers},
                                  streams={"events": self._events})
         self.metrics = MetricsServer(self) if cfg.metrics_listen is not None else None
         self.started = time.time()
@@ -297,6 +300,38 @@ class Agent:
         return {"group": group.name, "role": group.role, "source": group.source,
                 "targets": [t.node for t in group.target_cfgs], "changed": changed}
 
+    async def _mark(self, request: dict) -> dict:
+        """A marker on the primary, between the freeze and thaw hooks when given (the
+        thaw runs whatever happened after the freeze began)."""
+        group = self._group(request)
+        freeze, thaw = request.get("freeze"), request.get("thaw")
+        if bool(freeze) != bool(thaw):
+            raise AdminError("mark: --freeze and --thaw go together (every freeze must be "
+                             "undone)")
+        timeout = float(request.get("hook_timeout") or 30)
+        with _context(group, "mark"):
+            try:
+                if freeze:
+                    await run_hook("freeze", freeze, timeout)
+                marker = await group.mark(str(request.get("name") or ""), bool(freeze))
+            except HookError as exc:
+                raise AdminError(f"mark of group {group.name}: {exc}: no marker") from None
+            finally:
+                if thaw:
+                    try:
+                        await run_hook("thaw", thaw, timeout)
+                    except HookError as exc:
+                        raise AdminError(f"mark of group {group.name}: {exc} (the marker "
+                                         "was taken; the application may still be frozen)"
+                                         ) from None
+        return {"group": group.name, **marker.as_dict()}
+
+    async def _markers(self, request: dict) -> dict:
+        group = self._group(request)
+        first = group.journal.first_seq
+        return {"group": group.name, "journal_first_seq": first,
+                "markers": [{**m.as_dict(), "in_journal": m.seq >= first} for m in group.markers]}
+
     async def _resolve(self, request: dict) -> dict:
         group = self._group(request)
         if not request.get("discard_local"):
@@ -448,6 +483,8 @@ class Agent:
                         "full": group.retention.journal_full or group.commit.journal_no_space},
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
+            "markers": {"count": len(group.markers),
+                        "last": (lambda m: m and m.as_dict())(group.markers.last())},
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
             "watch": self.watchers[group.name].status() if group.name in self.watchers else None,
             "tree": with_lag(self._tree(group), group),

@@ -47,7 +47,7 @@ HOT_REGIONS = 8  # regions a report names
 REGIONS_PER_SLOT = 64  # Misra-Gries counters per second of a volume
 _RING = HISTORY + 1  # the complete seconds and the current one
 
-_WRITE, _ZERO, _SKIP = int(Kind.WRITE), int(Kind.ZERO), int(Kind.SKIP)
+_WRITE, _ZERO, _SKIP, _MARKER = int(Kind.WRITE), int(Kind.ZERO), int(Kind.SKIP), int(Kind.MARKER)
 _ONES = memoryview(b"\xff" * 65536)  # set bitmap bytes from this, a chunk at a time
 
 
@@ -112,9 +112,9 @@ class Analytics:
     def observe(self, volume: str, offset: int, length: int, kind: int, payload,
                 time_ns: int) -> None:
         """Count one applied record: a WRITE with its payload, a ZERO of `length` bytes
-        (no payload); a SKIP changes nothing and is not counted. `time_ns` is when the
-        primary journaled it."""
-        if kind == _SKIP:
+        (no payload); a SKIP or a MARKER changes nothing and is not counted. `time_ns` is
+        when the primary journaled it."""
+        if kind == _SKIP or kind == _MARKER:
             return
         if kind != _WRITE and kind != _ZERO:
             raise ValueError(f"analytics: record of volume {volume!r} at offset {offset} "

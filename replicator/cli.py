@@ -256,6 +256,26 @@ def _verify_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _marker_line(m: dict) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m["time_ns"] / 1e9))
+    return (f"{m['seq']:>10}  {when}  {m['name']}"
+            + ("  (application-consistent)" if m["consistent"] else "")
+            + ("" if m.get("in_journal", True) else "  (no longer in the journal)"))
+
+
+def cmd_mark(args) -> int:
+    return _operate(args, "mark", lambda r: f"group {r['group']}: marker {r['name']} at seq "
+                    f"{r['seq']}" + (" (application-consistent)" if r["consistent"] else ""),
+                    timeout=2 * args.hook_timeout + 30, group=args.group, name=args.name,
+                    freeze=args.freeze, thaw=args.thaw, hook_timeout=args.hook_timeout)
+
+
+def cmd_markers(args) -> int:
+    return _operate(args, "markers", lambda r: "\n".join(
+        [f"group {r['group']}: {len(r['markers'])} marker(s)"]
+        + [_marker_line(m) for m in r["markers"]]), group=args.group)
+
+
 def cmd_verify(args) -> int:
     try:
         offset = config.parse_size(args.offset, "--offset") if args.offset else 0
@@ -533,12 +553,24 @@ def build_parser() -> argparse.ArgumentParser:
                                          "target that becomes the source is dropped")
     rp.add_argument("group")
     rp.add_argument("--source", required=True)
+    mk = sub.add_parser("mark", help="on the primary: a named point in the journal (a marker), "
+                                     "optionally between freeze and thaw commands so that it "
+                                     "is application-consistent; it travels down every link")
+    mk.add_argument("group")
+    mk.add_argument("name")
+    mk.add_argument("--freeze", help="shell command run first (e.g. fsfreeze -f /mnt)")
+    mk.add_argument("--thaw", help="shell command run after, whatever happened (fsfreeze -u /mnt)")
+    mk.add_argument("--hook-timeout", type=float, default=30.0,
+                    help="seconds each hook may take (default 30; killed after)")
+    mks = sub.add_parser("markers", help="the group's markers on this node: seq, time, name")
+    mks.add_argument("group")
     rt = sub.add_parser("restore", help="back to the configured source and targets once the "
                                         "role is where the config has it (after a failback)")
     rt.add_argument("group")
     for op, func in ((rt, cmd_restore), (rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify),
                      (pr, cmd_promote), (dm, cmd_demote), (so, cmd_switchover), (fb, cmd_failback),
-                     (rv, cmd_resolve), (at, cmd_attach), (rp, cmd_reparent)):
+                     (rv, cmd_resolve), (at, cmd_attach), (rp, cmd_reparent), (mk, cmd_mark),
+                     (mks, cmd_markers)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)

@@ -87,6 +87,7 @@ from watchdog.observers import Observer
 
 from .. import statefile
 from ..group import GroupError
+from ..hooks import HookError, run_hook
 from ..journal.record import Kind
 from ..verify import differing, region_hashes
 
@@ -632,21 +633,10 @@ class Watcher:
                 await self._hook("thaw", self.cfg.thaw)
 
     async def _hook(self, what: str, command: str) -> None:
-        proc = await asyncio.create_subprocess_shell(
-            command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.cfg.hook_timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            proc.kill()
-            await proc.wait()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise WatchError(f"{what} hook {command!r} did not finish in "
-                             f"{self.cfg.hook_timeout:g}s (killed): no epoch") from None
-        if proc.returncode:
-            raise WatchError(f"{what} hook {command!r} exited {proc.returncode}: "
-                             f"{out.decode(errors='replace').strip()[-500:]}: no epoch")
+            await run_hook(what, command, self.cfg.hook_timeout)
+        except HookError as exc:
+            raise WatchError(f"{exc}: no epoch") from None
 
     # ---- epochs ------------------------------------------------------------------------
     async def _take(self) -> None:

@@ -116,7 +116,10 @@ def received_records(payload, first_seq: int, last_seq: int, held: int, where: s
 
 
 def volume_of(volumes: dict, rec, where: str):
-    """The volume a received record writes, which must hold the record's extent."""
+    """The volume a received record writes, which must hold the record's extent (a
+    MARKER, which writes nothing, applies like a SKIP of the first volume)."""
+    if rec.kind is Kind.MARKER:
+        return next(iter(volumes.values()))
     vol = volumes.get(rec.volume)
     if vol is None or rec.offset + rec.length > vol.size:
         raise GroupError(f"{where}: record {rec.seq} targets {rec.volume!r} "
@@ -174,6 +177,7 @@ class Commit:
         self.flusher: Flusher | None = None
         # called with each record received from upstream (analytics.py's observe)
         self.observe: Callable | None = None
+        self.marked: Callable | None = None  # called with each MARKER record journaled
         self._next_seq = 1
         self._batch = _Batch()
         self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order
@@ -358,19 +362,35 @@ class Commit:
             done(err)
             return
         b = self._batch
-        seq = b.closed_seq = self._append(volume, kind, offset, length, payload, time.time_ns())
+        seq = b.closed_seq = self._append(volume.name_bytes, kind, offset, length, payload,
+                                          time.time_ns())
         b.applies.append((volume, kind, offset, length, payload))
         b.dones.append((seq, done))
+
+    def submit_marker(self, name: str, consistent: bool, done: Done) -> tuple[int, int]:
+        """Primary: journal a MARKER record named `name` (journal/record.py); done(0) once
+        written, like a write (a FLUSH after it makes it durable). Refused while a
+        switchover holds writes: the marker would land on either side of it."""
+        err = errno.EBUSY if self._held is not None else self._refusal()
+        if err:
+            done(err)
+            return 0, 0
+        b, now = self._batch, time.time_ns()
+        seq = b.closed_seq = self._append(name.encode(), Kind.MARKER, int(consistent), 0, b"", now)
+        b.applies.append((next(iter(self.volumes.values())), Kind.MARKER, 0, 0, b""))
+        b.dones.append((seq, done))
+        return seq, now
 
     def _refusal(self) -> int:
         """Why a local record is refused now (an errno), or 0."""
         return errno.EROFS if self._role() != "primary" else errno.EIO if self.halted else 0
 
-    def _append(self, volume, kind, offset, length, payload, time_ns: int, flags: int = 0) -> int:
+    def _append(self, name: bytes, kind, offset, length, payload, time_ns: int,
+                flags: int = 0) -> int:
         """Give a local record the next seq and queue it in the batch; returns the seq."""
         seq = self._next_seq
         self._next_seq = seq + 1
-        hdr = encode_header(seq, volume.name_bytes, offset, length, kind, time_ns, payload, flags)
+        hdr = encode_header(seq, name, offset, length, kind, time_ns, payload, flags)
         b = self._batch
         if not b.sizes:  # the batch's first record
             b.first_seq = seq
@@ -404,7 +424,7 @@ class Commit:
         b, now = self._batch, time.time_ns()
         for i, (volume, kind, offset, length, payload) in enumerate(items, 1):
             closes = last and i == len(items)
-            seq = self._append(volume, kind, offset, length, payload, now,
+            seq = self._append(volume.name_bytes, kind, offset, length, payload, now,
                                0 if closes else FLAG_OPEN)
             if closes:
                 b.closed_seq = seq
@@ -419,12 +439,14 @@ class Commit:
         expected = self._next_seq
         where = f"group {self.name}"
         journal_only = self._role() == "bunker"
-        sizes, hcrcs, applies, closed = [], [], [], 0
+        sizes, hcrcs, applies, closed, marks = [], [], [], 0, []
         inside, closes = self._in_epoch, False
         observe = self.observe
         for rec in received_records(payload, first_seq, last_seq, expected - 1, where):
             if observe is not None:
                 observe(rec.volume, rec.offset, rec.length, rec.kind, rec.payload, rec.time_ns)
+            if rec.kind is Kind.MARKER:
+                marks.append(rec)
             sizes.append(rec.size)
             hcrcs.append(rec.hcrc)
             if rec.flags:  # FLAG_OPEN (the only flag)
@@ -462,6 +484,9 @@ class Commit:
         b.hcrcs.extend(hcrcs)
         b.applies.extend(applies)
         b.dones.append((last_seq, done))
+        if self.marked is not None:
+            for rec in marks:
+                self.marked(rec.seq, rec.volume, rec.time_ns, rec.offset == 1)
 
     async def _committer(self) -> None:
         """Writes each batch into the journal as soon as it exists (one writev, on the

@@ -17,24 +17,26 @@ journal past the checkpoint onto the volumes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..bitmap import Bitmap, BitmapError
-from ..config import GroupConfig, TargetConfig
+from ..config import NAME_RE, GroupConfig, TargetConfig
 from ..events import emit
 from ..generations import Generation
-from ..journal.record import FLAG_OPEN, iterate
+from ..journal.record import CHANGING, FLAG_OPEN, Kind, iterate
 from ..journal.segments import Journal, JournalError, Position
 from ..undo import UndoError, UndoLog
 from ..volume import Volume
 from .checkpoint import Checkpoint
 from ..analytics import Analytics
-from .commit import Commit, GroupError, apply_to_volumes
+from .commit import Commit, GroupError, apply_to_volumes, volume_of
 from .guard import LagGuard
 from .lineage import Lineage
+from .markers import Marker, Markers
 from .links import Links, TargetLink
 from .retention import Retention
 
@@ -85,6 +87,8 @@ class Group:
         self.overridden = False
         self.lineage = Lineage(cfg.name, self.dir, self.journal, self.volumes, self.log,
                                changed=self._lineage_changed)
+        self.markers = Markers(cfg.name, changed=self._lineage_changed)
+        self.commit.marked = self.markers.took
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -98,6 +102,7 @@ class Group:
         self._synced_saved = set(state.get("synced", ()))
         self._lacks_saved = state.get("lacks_since_ns", {})
         self.lineage.load(state)
+        self.markers.load(state)
         # A state saved before has_image existed is taken to have one (keep protecting).
         self._had_image = bool(state.get("has_image", bool(state)))
         runtime = state.get("runtime")
@@ -144,6 +149,10 @@ class Group:
             raise GroupError(f"group {self.name}: cannot replay the journal after seq "
                              f"{cp.seq} onto the volumes: {exc}") from None
         self.commit.reset(j.last_seq, consistent, open_tail)
+        self.markers.cut(j.last_seq)  # (noted once written: a crash may have lost them)
+        for rec in j.records(cp.seq):  # noted after the checkpoint saved the list
+            if rec.kind is Kind.MARKER:
+                self.markers.took(rec.seq, rec.volume, rec.time_ns, rec.offset == 1)
         if consistent < j.last_seq:
             self.log.warning("group %s: records %d..%d are an epoch that does not close "
                              "yet: %s", self.name, consistent + 1, j.last_seq,
@@ -240,6 +249,35 @@ class Group:
                              c.consistent_seq + 1, self.journal.last_seq, c.consistent_seq)
             self.journal.truncate_after(c.consistent_seq)
             c.drop_open_epoch()
+            self.markers.cut(c.consistent_seq)
+
+    async def mark(self, name: str, consistent: bool) -> Marker:
+        """Primary: journal the marker `name` (group/markers.py) and make it durable with
+        every write before it (a FLUSH); returns once it is."""
+        if self.role != "primary":
+            raise GroupError(f"group {self.name} is {self.role} here: markers are taken on "
+                             "the primary")
+        if self.watched:
+            raise GroupError(f"group {self.name} is watched: its consistent points are its "
+                             "epochs, taken when its files change")
+        if not NAME_RE.match(name):
+            raise GroupError(f"marker name {name!r}: expected letters, digits, '.', '_', '-' "
+                             "(max 63, starting alphanumeric)")
+        held = self.markers.named(name)
+        if held is not None:
+            raise GroupError(f"marker {name!r} exists already (seq {held.seq}): names are "
+                             "unique in a group")
+        loop = asyncio.get_running_loop()
+        written, durable = loop.create_future(), loop.create_future()
+        seq, time_ns = self.commit.submit_marker(name, consistent, written.set_result)
+        err = await written
+        if not err:
+            self.commit.submit_flush(durable.set_result)
+            err = await durable
+        if err:
+            raise GroupError(f"marker {name!r}: {os.strerror(err)}"
+                             + (" (a switchover holds writes)" if err == errno.EBUSY else ""))
+        return self.markers.took(seq, name, time_ns, consistent)
 
     async def demote(self, source: str) -> None:
         """The primary becomes a secondary of `source`: writes are refused from now on,
@@ -308,8 +346,8 @@ class Group:
         for _, _, data in self.journal.chunks(after_seq):
             for r in iterate(data):
                 if apply:
-                    pending.append((self.volumes[r.volume], r.kind, r.offset, r.length,
-                                    r.payload))
+                    pending.append((volume_of(self.volumes, r, f"group {self.name}"), r.kind,
+                                    r.offset, r.length, r.payload))
                 if not r.flags & FLAG_OPEN:
                     apply_to_volumes(pending)
                     count += r.seq - consistent
@@ -428,6 +466,7 @@ class Group:
         self._had_image = True
         await loop.run_in_executor(self._io, self._sync_and_save, pos)
         self.journal.rebase(pos)
+        self.markers.cut(pos.seq)  # (what this image held after it is gone)
         self._resync_done = False
         # The agent did not stop cleanly last time (kill -9 or power loss): the journal
         # may have lost records it had shipped, so a target may hold more than we do.
@@ -491,7 +530,8 @@ class Group:
             t.resync_mode = "checksum"  # its image is ours at some seq: most regions agree
             seq = j.first_seq
         for rec in j.records(seq - 1):
-            bm.mark(rec.volume, rec.offset, rec.length)
+            if rec.kind in CHANGING:
+                bm.mark(rec.volume, rec.offset, rec.length)
         bm.through = j.last_seq
 
     def start_logging(self, t: TargetLink, why: str) -> None:
@@ -651,6 +691,7 @@ class Group:
     def _state(self, acked: dict) -> dict:
         """What group.json keeps besides the checkpoint: targets' acked seqs and more."""
         state = {"acked": {**self._acked_saved, **acked}, **self.lineage.state(),
+                 **self.markers.state(),
                  "has_image": self.has_image, "clean": self._stopped_cleanly,
                  "resync_modes": {n: [t.resync_mode, t.resync_initial]
                                   for n, t in self.targets.items() if t.logging},

@@ -15,6 +15,7 @@ from typing import Callable
 from .. import statefile
 from ..events import emit
 from ..generations import Generation, from_json, new_generation, to_json
+from ..journal.record import CHANGING
 from ..journal.segments import Journal
 from ..volume import Volume
 
@@ -105,5 +106,6 @@ class Lineage:
         not complete when the journal no longer holds all of them."""
         j = self.journal
         complete = fork + 1 >= j.first_seq
-        extents = [(r.volume, r.offset, r.length) for r in j.records(max(fork, j.base.seq))]
+        extents = [(r.volume, r.offset, r.length) for r in j.records(max(fork, j.base.seq))
+                   if r.kind in CHANGING]
         return complete, extents

@@ -11,7 +11,7 @@ Byte layout (little-endian), header then the volume name then the payload:
     24   4     length     bytes affected in the volume
     28   4     pcrc       CRC32C of the payload (0 when there is none)
     32   8     time_ns    wall clock when the primary journaled the write (for lag)
-    40   1     kind       Kind.WRITE carries `length` payload bytes; ZERO and SKIP none
+    40   1     kind       Kind.WRITE carries `length` payload bytes; ZERO, SKIP, MARKER none
     41   1     name_len   bytes of volume name that follow the header (1..255)
     42   2     flags      FLAG_OPEN or 0 (every other bit must be 0)
     44   n     name       volume name, UTF-8
@@ -21,6 +21,11 @@ A WRITE's `length` is checked against MAX_LENGTH before anything is read, so a d
 length never triggers a huge read. A ZERO carries no payload, so its length may be any
 u32 (a whole-device discard is one record). Decoding is strict: an unknown kind or flag,
 a SKIP with a length or an empty name is corruption, like a checksum mismatch.
+
+A MARKER is a named point in the journal (`replicator mark`): its name field holds the
+marker's name (not a volume's), its length is 0 and its offset 1 when it was taken
+between freeze and thaw hooks (application-consistent), else 0. It changes nothing, so
+it applies like a SKIP, and it closes its epoch: the image after it is the marker's.
 
 Epochs (DESIGN.md): a record with FLAG_OPEN is inside an epoch that goes on after it, so
 the image after it is not one any node may show; the epoch's last record has no flag.
@@ -53,8 +58,10 @@ class Kind(enum.IntEnum):
     WRITE = 1
     ZERO = 2  # NBD TRIM and WRITE_ZEROES: the range reads back as zeroes
     SKIP = 3  # holds its seq, changes nothing (coalesced away by a periodic link)
+    MARKER = 4  # a named point: changes nothing; name = the marker's (see above)
 
 
+CHANGING = frozenset((Kind.WRITE, Kind.ZERO))  # the kinds that change a volume
 FLAG_OPEN = 1  # the record's epoch goes on after it: the image after it is not consistent
 
 
@@ -139,7 +146,8 @@ def _head(view: memoryview, pos: int) -> tuple:
         raise RecordError(f"header checksum mismatch at seq field {seq}", torn=False)
     known = _KINDS.get(kind)
     if flags & ~FLAG_OPEN or name_len == 0 or known is None or \
-            known is Kind.SKIP and length:
+            known is Kind.SKIP and length or \
+            known is Kind.MARKER and (length or offset > 1 or flags):
         raise RecordError(f"invalid header fields (kind {kind}, length {length}, name_len "
                           f"{name_len}, flags {flags:#x})", torn=False)
     volume = _volume_name(bytes(view[pos + HEADER_SIZE:name_end]), seq)

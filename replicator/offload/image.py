@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..group import Group
 from ..group.memtable import Memtable
-from ..journal.record import Kind, Record
+from ..journal.record import CHANGING, Kind, Record
 from .codec import ProcessedError
 
 
@@ -42,7 +42,7 @@ class Image:
 
     def feed(self, rec: Record) -> None:
         """`rec` is the next record of the image (its payload restored)."""
-        if rec.kind is not Kind.SKIP:
+        if rec.kind in CHANGING:
             payload = rec.payload if rec.kind is Kind.WRITE else None
             self._pending.add(rec.seq, ((rec.seq, rec.volume, rec.offset, rec.length,
                                          payload),))

@@ -388,6 +388,17 @@ class Stream:
         return True
 
     async def _send_epoch(self, peer: Peer, k: int, why: str) -> None:
+        """The records after sent_seq through the consistent seq `k`, as epochs that
+        end at every marker on the way (group/markers.py): the target then holds the
+        image at each marker exactly, as the primary did (coalescing would have made
+        the marker's record a SKIP inside an epoch)."""
+        marker = self.group.markers.after(self.sent_seq)
+        while marker is not None and marker < k:
+            await self._send_coalesced(peer, marker, "marker")
+            marker = self.group.markers.after(marker)
+        await self._send_coalesced(peer, k, why)
+
+    async def _send_coalesced(self, peer: Peer, k: int, why: str) -> None:
         """The records after sent_seq through the consistent seq `k`, coalesced, in
         RECORDS frames of at most BATCH_BYTES, within the window; `why` it goes now."""
         j, first = self.group.journal, self.sent_seq + 1
