@@ -371,7 +371,7 @@ class Commit:
         """Primary: journal a MARKER record named `name` (journal/record.py); done(0) once
         written, like a write (a FLUSH after it makes it durable). Refused while a
         switchover holds writes: the marker would land on either side of it."""
-        err = errno.EBUSY if self._held is not None else self._refusal()
+        err = errno.EBUSY if self._holding else self._refusal()
         if err:
             done(err)
             return 0, 0
