@@ -270,14 +270,19 @@ class Group:
         loop = asyncio.get_running_loop()
         written, durable = loop.create_future(), loop.create_future()
         seq, time_ns = self.commit.submit_marker(name, consistent, written.set_result)
+        # Noted at once, as a replica notes the ones it receives: a periodic stream must
+        # know of it before it can send an epoch that holds it.
+        marker = self.markers.took(seq, name, time_ns, consistent) if seq else None
         err = await written
         if not err:
             self.commit.submit_flush(durable.set_result)
             err = await durable
         if err:
+            if seq and err != errno.EBUSY:
+                self.markers.cut(seq - 1)  # its batch failed: the journal does not hold it
             raise GroupError(f"marker {name!r}: {os.strerror(err)}"
                              + (" (a switchover holds writes)" if err == errno.EBUSY else ""))
-        return self.markers.took(seq, name, time_ns, consistent)
+        return marker
 
     async def demote(self, source: str) -> None:
         """The primary becomes a secondary of `source`: writes are refused from now on,

@@ -20,7 +20,7 @@ def _markers(agent) -> list[tuple[str, int]]:
 def test_markers_travel_down_every_link_and_survive_a_restart(topology, tmp_path):
     topo = topology(["a", "b", "c", "d"],
                     [("a", "b", "async"), ("b", "c", "async"),
-                     ("a", "d", "periodic", {"interval": 4.0})])
+                     ("a", "d", "periodic", {"interval": 10.0})])
     a = topo["a"]
     log = tmp_path / "hooks.log"
     # Right after an epoch went to d, so that the next one holds all of this: writes,
