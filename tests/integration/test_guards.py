@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,7 +19,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agents import Topology, free_port, wait_until
+from tests.agents import Topology, free_port, kinds, wait_until
 from tests.clients import fio, qemu_io
 from tests.integration.test_stalls import HEARTBEAT_TYPE, FrameProxy, _drop_acks
 from tests.shaped import ShapedLink, place
@@ -31,13 +29,6 @@ pytestmark = pytest.mark.integration
 RATE = "16mbit"  # the link: 2 MB/s
 LINK_BYTES_PER_S = 2_000_000
 WRITER = "8m"  # fio's rate: four times the link
-
-
-def events(agent, kind: str) -> list[dict]:
-    p = subprocess.run([sys.executable, "-m", "replicator.cli", "events", "--json", "-c",
-                        agent.config_path], capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    return [e for e in map(json.loads, p.stdout.splitlines()) if e["kind"] == kind]
 
 
 def metric(port: int, name: str, **labels) -> float:
@@ -118,7 +109,7 @@ def test_alert_says_the_lag_is_over_and_holds_no_write(shaped):
     writer.start()
     wait_until(lambda: p.target("db", "t")["lag_limit"]["over"], 20, "the lag over 1 s")
     assert metric(topo.port, "replicator_target_lag_over_limit", group="db", target="t") == 1
-    over = events(p, "lag_over_limit")
+    over = kinds(p, "lag_over_limit")
     assert len(over) == 1 and over[0]["target"] == "t" and over[0]["lag_seconds"] >= 1
     assert over[0]["max_lag_seconds"] == 1 and over[0]["on_lag"] == "alert"
     assert p.group("db")["writes_blocked_by"] == []
@@ -127,7 +118,7 @@ def test_alert_says_the_lag_is_over_and_holds_no_write(shaped):
     # the writer was not slowed down to the link: alert holds nothing
     assert done["runtime"] / 1000 < 8 * (1 << 20) / LINK_BYTES_PER_S
     topo.wait_converged(30)
-    wait_until(lambda: events(p, "lag_under_limit"), 10, "lag_under_limit")
+    wait_until(lambda: kinds(p, "lag_under_limit"), 10, "lag_under_limit")
     assert metric(topo.port, "replicator_target_lag_over_limit", group="db", target="t") == 0
     topo.assert_identical()
 
@@ -152,7 +143,7 @@ def test_throttle_keeps_the_lag_inside_the_limit_at_about_the_link_rate(shaped):
     rate = done["io_bytes"] / (done["runtime"] / 1000)
     assert 0.4 * LINK_BYTES_PER_S < rate < 1.6 * LINK_BYTES_PER_S, f"{rate:.0f} B/s"
     assert any(rates)
-    assert events(p, "lag_over_limit") == []
+    assert kinds(p, "lag_over_limit") == []
     topo.wait_converged(30)
     topo.assert_identical()
 
@@ -173,10 +164,10 @@ def test_block_holds_writes_while_over_and_lets_them_go(shaped):
     done = writer.result()  # every write completed, each once the target was under again
     assert done["io_bytes"] == size
     assert done["runtime"] / 1000 > 0.6 * size / LINK_BYTES_PER_S  # paced by the link
-    over = events(p, "lag_over_limit")
+    over = kinds(p, "lag_over_limit")
     assert over and over[0]["on_lag"] == "block" and over[0]["lag_seconds"] >= 1
     topo.wait_converged(30)
-    wait_until(lambda: events(p, "lag_under_limit"), 10, "lag_under_limit")
+    wait_until(lambda: kinds(p, "lag_under_limit"), 10, "lag_under_limit")
     assert p.group("db")["writes_blocked_by"] == []
     assert metric(topo.port, "replicator_group_writes_blocked", group="db") == 0
     topo.assert_identical()
@@ -192,7 +183,7 @@ def _stall_then_converge(topo, stop, resume) -> None:
     writer.start()
     try:
         wait_until(lambda: p.target("db", "t")["stalls"] >= 1, 20, "the watchdog")
-        stalled = events(p, "stalled")
+        stalled = kinds(p, "stalled")
         assert len(stalled) == 1 and stalled[0]["target"] == "t"
         assert stalled[0]["backlog_records"] > 0 and stalled[0]["seconds"] >= 2
         assert "stalled" in p.log_tail(200)
@@ -235,7 +226,7 @@ def test_a_target_whose_heartbeats_flow_but_acks_stopped_is_stalled(topology):
         wait_until(lambda: p.target("db", "t")["stalls"] >= 1, 20, "the watchdog")
         drop.clear()
         assert proxy.seen.get(HEARTBEAT_TYPE, 0) > 0  # the link was alive all along
-        (stalled,) = events(p, "stalled")
+        (stalled,) = kinds(p, "stalled")
         assert stalled["seconds"] >= 2 and stalled["backlog_records"] > 0
         topo.wait_converged()
         assert p.target("db", "t")["stalls"] == 1
