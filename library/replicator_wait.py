@@ -72,11 +72,11 @@ class EventStream:
     selected link's state changed (or events were lost), at the deadline, or when the
     stream is gone."""
 
-    def __init__(self, module, since: int, links: list[dict]):
+    def __init__(self, module, since: int, stream: str | None, links: list[dict]):
         self.keys = {(lk["group"], lk["target"]) for lk in links}
         self.proc = subprocess.Popen(
             [module.params["cli"], "events", "--follow", "--since", str(since), "--json",
-             "-c", module.params["config"]],
+             *(["--stream", stream] if stream else []), "-c", module.params["config"]],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.buffer = b""
 
@@ -141,7 +141,8 @@ def main():
                                  watched=watched)
             if watched == "none" and p["follow_events"] and "event_seq" in status:
                 # from the seq of the status just read: no change after it is missed
-                stream, watched = EventStream(module, status["event_seq"], links), "events"
+                stream, watched = EventStream(module, status["event_seq"],
+                                              status.get("event_stream"), links), "events"
             if stream is not None and not stream.wait(deadline):
                 stream.close()
                 stream = None  # the stream ended: poll for the rest

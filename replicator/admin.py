@@ -16,6 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator
 Handler = Callable[[dict], Awaitable[object]]
 StreamHandler = Callable[[dict], AsyncIterator[dict]]
 MAX_REQUEST = 1 << 16
+STREAM_DRAIN_TIMEOUT = 30.0  # seconds a stream's client may leave a line unread
 
 
 class AdminError(Exception):
@@ -86,16 +87,19 @@ class AdminServer:
             while True:
                 nxt = asyncio.ensure_future(anext(items, None))
                 await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
+                if not nxt.done():  # the client left: end the generator's step first
                     nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
                     return
                 item = nxt.result()
                 if item is None:
                     return
                 writer.write(json.dumps(item).encode() + b"\n")
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), STREAM_DRAIN_TIMEOUT)
         except AdminError as exc:
             writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+        except asyncio.TimeoutError:
+            return  # a client that stopped reading is let go (its lines would pile up)
         finally:
             gone.cancel()
             await items.aclose()

@@ -144,10 +144,12 @@ class Agent:
 
     async def _events(self, request: dict):
         """The event stream (events.py) after `since`, and with `follow` every new one."""
-        since = request.get("since") or 0
+        since, stream = request.get("since") or 0, request.get("stream")
         if not isinstance(since, int) or since < 0:
             raise AdminError(f"events: since must be an event seq (a count); got {since!r}")
-        async for event in EVENTS.read(since, bool(request.get("follow"))):
+        if stream is not None and not isinstance(stream, str):
+            raise AdminError(f"events: stream must be status's event_stream; got {stream!r}")
+        async for event in EVENTS.read(since, bool(request.get("follow")), stream):
             yield event
 
     def _shipper_for(self, group: Group, t: TargetConfig) -> Shipper:
@@ -309,11 +311,14 @@ class Agent:
             raise AdminError("mark: --freeze and --thaw go together (every freeze must be "
                              "undone)")
         timeout = float(request.get("hook_timeout") or 30)
+        name = str(request.get("name") or "")
+        marker = None
         with _context(group, "mark"):
+            group.check_mark(name)  # before the application is frozen for nothing
             try:
                 if freeze:
                     await run_hook("freeze", freeze, timeout)
-                marker = await group.mark(str(request.get("name") or ""), bool(freeze))
+                marker = await group.mark(name, bool(freeze))
             except HookError as exc:
                 raise AdminError(f"mark of group {group.name}: {exc}: no marker") from None
             finally:
@@ -321,9 +326,10 @@ class Agent:
                     try:
                         await run_hook("thaw", thaw, timeout)
                     except HookError as exc:
-                        raise AdminError(f"mark of group {group.name}: {exc} (the marker "
-                                         "was taken; the application may still be frozen)"
-                                         ) from None
+                        taken = (f"marker {name} was taken at seq {marker.seq}"
+                                 if marker is not None else "no marker was taken")
+                        raise AdminError(f"mark of group {group.name}: {exc} ({taken}; the "
+                                         "application may still be frozen)") from None
         return {"group": group.name, **marker.as_dict()}
 
     async def _markers(self, request: dict) -> dict:
@@ -369,6 +375,7 @@ class Agent:
             "uptime_seconds": round(time.time() - self.started, 1),
             "nbd": self.nbd.connection_counts(),
             "event_seq": EVENTS.seq,  # `replicator events --since` this misses nothing
+            "event_stream": EVENTS.stream,  # (and --stream this: a restart is said)
             "groups": [self._group_status(g) for g in self.groups.values()
                        if wanted in (None, g.name)],
         }

@@ -207,7 +207,7 @@ def cmd_events(args) -> int:
     cfg = _load(args.config)
     try:
         for event in admin.stream(cfg.admin_socket, "events", since=args.since,
-                                  follow=args.follow):
+                                  follow=args.follow, stream=args.stream):
             if args.group is not None and event.get("group") not in (None, args.group):
                 continue
             print(json.dumps(event) if args.json else format_event(event), flush=True)
@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep printing new events as they happen")
     ev.add_argument("--since", type=int, default=0, metavar="SEQ",
                     help="only events after SEQ (e.g. status's event_seq)")
+    ev.add_argument("--stream", metavar="ID",
+                    help="the stream --since is of (status's event_stream): after a restart "
+                         "of the agent, an events_lost line says what was missed")
     ev.add_argument("--group", help="only this group's events (and the agent's own)")
     ev.set_defaults(func=cmd_events)
 

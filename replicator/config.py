@@ -413,6 +413,9 @@ def _lag_limits(r: _Reader, mode: str | None, interval: float | None, bunker: bo
         r.fail("max_lag_seconds", f"a periodic target lags by up to its interval "
                                   f"({interval:g}s) by design: expected more than that; "
                                   f"got {seconds:g}s")
+    if mode == "periodic" and on_lag == "throttle":
+        r.fail("on_lag", "a periodic target drains in bursts, one epoch per interval: its "
+                         "drain rate cannot pace writes; use alert or block")
     if bunker and on_lag in ("throttle", "block"):
         r.fail("on_lag", f"a bunker may not {on_lag} writes: its synchronous copy of the "
                          "journal is what a takeover replays, so it is kept in sync (or "
@@ -656,6 +659,13 @@ def parse(data, source_path: str = "") -> Config:
         r.fail("stall_timeout", f"expected more than heartbeat_interval ({interval:g}s): a "
                                 "healthy target acks at least that often; got "
                                 f"{stall_timeout:g}s")
+    sync = any(t.mode == "sync" for g in groups for t in g.targets)
+    if stall_timeout is not None and sync and isinstance(sync_ack_timeout, (int, float)) \
+            and not sync_ack_timeout < stall_timeout:
+        r.fail("stall_timeout", f"expected more than sync_ack_timeout ({sync_ack_timeout:g}s) "
+                                "with a sync target: a sync target silent on ACKs leaves sync "
+                                "(its waiting writes go on) before the watchdog reconnects it; "
+                                f"got {stall_timeout:g}s")
     nbd_max = r.get("nbd_max_connections", 256, types=(int,))
     if nbd_max < 1:
         nbd_max = r.fail("nbd_max_connections", f"expected at least 1; got {nbd_max}", 256)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import uuid
 from typing import AsyncIterator
 
 _PLAIN = (str, int, float, bool, type(None), list, dict)  # as JSON has them
@@ -59,6 +60,9 @@ class Subscription:
 class Events:
     def __init__(self, keep: int = KEEP):
         self.seq = 0  # the last event's
+        # This stream's name: seqs start again at 1 with each agent, and a reader that
+        # names the stream its seq came from learns that it missed a restart.
+        self.stream = uuid.uuid4().hex[:12]
         self.counts: collections.Counter = collections.Counter()  # kind -> events emitted
         self._kept: collections.deque = collections.deque(maxlen=keep)
         self._subscribers: set[Subscription] = set()
@@ -87,10 +91,18 @@ class Events:
             return [lost(seq + 1, first - 1)] + kept
         return kept
 
-    async def read(self, since: int = 0, follow: bool = False) -> AsyncIterator[dict]:
-        """The events after `since`, then (follow) each new one as it comes. A reader
-        that falls QUEUE events behind starts over from the kept ones after the last it
-        had, so it misses nothing the stream still keeps."""
+    async def read(self, since: int = 0, follow: bool = False,
+                   stream: str | None = None) -> AsyncIterator[dict]:
+        """The events after `since` (a seq of `stream`, this one if None), then (follow)
+        each new one as it comes. A reader that falls QUEUE events behind starts over
+        from the kept ones after the last it had, so it misses nothing the stream still
+        keeps. A seq of another stream (the agent restarted since), or one this stream
+        has not reached, starts with an events_lost record and then this stream's
+        kept events from its start."""
+        if (stream is not None and stream != self.stream) or since > self.seq:
+            yield {**lost(since + 1, None), "reason": f"seq {since} is not of this stream "
+                   f"({self.stream}): the agent restarted since; its events start at 1"}
+            since = 0
         last = since
         while True:
             sub = Subscription()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
 import time
 
 from cryptography import x509
@@ -32,6 +33,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 STATES = ("connecting", "catching-up", "replicating", "logging", "resyncing", "verifying",
           "refused", "needs-resync", "split-brain", "stale", "failed")
 MAX_REQUEST = 8192  # bytes of an HTTP request head
+MAX_CLIENTS = 8  # scrapes served at once; more are closed at once (Prometheus scrapes one)
+CLIENT_TIMEOUT = 10.0  # seconds to send a request head, and to take the answer
 
 
 class Histogram:
@@ -133,7 +136,8 @@ METRICS = {
     "replicator_target_resync_done_bytes": (_G, "The running resync's bytes done.", TARGET),
     "replicator_target_resync_total_bytes": (_G, "The running resync's bytes in all.", TARGET),
     "replicator_target_resync_eta_seconds": (_G, "The running resync's estimated seconds "
-                                                 "left.", TARGET),
+                                                 "left (0: none runs; absent: not known "
+                                                 "yet).", TARGET),
     "replicator_target_verify_mismatches": (_G, "Regions the last verify found different.",
                                             TARGET),
     "replicator_target_last_verify_timestamp_seconds": (_G, "When the last verify ended.",
@@ -150,13 +154,23 @@ METRICS = {
 METRIC_NAMES = frozenset(n + "_total" if spec[0] is _C else n for n, spec in METRICS.items())
 
 
+_expiry_cache: dict[str, tuple[float, float | None]] = {}  # path -> (mtime, expiry)
+
+
 def certificate_expiry(path: str) -> float | None:
+    """When the PEM certificate at `path` expires (unix time), read again only when the
+    file changes (a scrape must not parse certificates each time)."""
     try:
+        mtime = os.stat(path).st_mtime
+        cached = _expiry_cache.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
         with open(path, "rb") as f:
-            cert = x509.load_pem_x509_certificate(f.read())
+            expiry = x509.load_pem_x509_certificate(f.read()).not_valid_after_utc.timestamp()
     except (OSError, ValueError):
         return None
-    return cert.not_valid_after_utc.timestamp()
+    _expiry_cache[path] = (mtime, expiry)
+    return expiry
 
 
 class Collector:
@@ -239,8 +253,9 @@ class Collector:
         r = s.resync.status() if s.resync is not None else None
         fam["replicator_target_resync_done_bytes"].add_metric(labels, r["done_bytes"] if r else 0)
         fam["replicator_target_resync_total_bytes"].add_metric(labels, r["total_bytes"] if r else 0)
-        fam["replicator_target_resync_eta_seconds"].add_metric(
-            labels, (r["eta_seconds"] or 0) if r else 0)
+        if r is None or r["eta_seconds"] is not None:  # (a resync's first moment: unknown)
+            fam["replicator_target_resync_eta_seconds"].add_metric(
+                labels, r["eta_seconds"] if r else 0)
         if s.last_verify is not None:
             fam["replicator_target_verify_mismatches"].add_metric(
                 labels, s.last_verify["mismatches"])
@@ -255,6 +270,7 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Collector(agent))
         self._server: asyncio.base_events.Server | None = None
+        self._clients = 0
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port,
@@ -265,20 +281,30 @@ class MetricsServer:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.close()
+            return
+        self._clients += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT)
             method, path, *_ = head.split(b" ", 2) + [b""]
             if method not in (b"GET", b"HEAD") or path.split(b"?")[0] not in (b"/metrics", b"/"):
                 status, ctype, body = "404 Not Found", "text/plain", b"GET /metrics\n"
             else:
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+                try:
+                    status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(
+                        self.registry)
+                except Exception as exc:  # noqa: BLE001 - a collector bug: say so, not "down"
+                    log.warning("metrics: the scrape failed: %r", exc)
+                    status, ctype, body = "500 Internal Server Error", "text/plain", \
+                        f"scrape failed: {exc!r}\n".encode()
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
                          f"{len(body)}\r\nConnection: close\r\n\r\n".encode()
                          + (body if method != b"HEAD" else b""))
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), CLIENT_TIMEOUT)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError) as exc:
             log.debug("metrics request failed: %s", exc)
         finally:
+            self._clients -= 1
             writer.close()
-

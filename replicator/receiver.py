@@ -293,6 +293,8 @@ class Receiver:
         await group.commit.settle()
         pos = group.journal.position(group.commit.consistent_seq)
         await link.send(welcome(group, self.node, agreed))
+        if verdict.relation == Relation.DIVERGED:
+            group.markers.cut(verdict.fork)  # points of a line that is given up
         if verdict.relation == Relation.DIVERGED and group.role == "bunker":
             # Records past the fork were never acknowledged on the new line; a bunker has
             # no volumes to roll back: the sender just restarts its journal at its position.

@@ -177,7 +177,8 @@ class Commit:
         self.flusher: Flusher | None = None
         # called with each record received from upstream (analytics.py's observe)
         self.observe: Callable | None = None
-        self.marked: Callable | None = None  # called with each MARKER record journaled
+        # called with each MARKER record received from upstream, as its batch is queued
+        self.marked: Callable | None = None
         self._next_seq = 1
         self._batch = _Batch()
         self._unsynced: deque[_Batch] = deque()  # written, not durable yet, in seq order

@@ -254,6 +254,28 @@ class Group:
     async def mark(self, name: str, consistent: bool) -> Marker:
         """Primary: journal the marker `name` (group/markers.py) and make it durable with
         every write before it (a FLUSH); returns once it is."""
+        self.check_mark(name)
+        loop = asyncio.get_running_loop()
+        written, durable = loop.create_future(), loop.create_future()
+        seq, time_ns = self.commit.submit_marker(name, consistent, written.set_result)
+        # Noted at once, as a replica notes the ones it receives (a periodic stream
+        # splits its epochs at the records themselves), announced once durable.
+        marker = self.markers.took(seq, name, time_ns, consistent, announce=False) \
+            if seq else None
+        err = await written
+        if not err:
+            self.commit.submit_flush(durable.set_result)
+            err = await durable
+        if err:
+            if seq and err != errno.EBUSY:
+                self.markers.cut(seq - 1)  # its batch failed: the journal does not hold it
+            raise GroupError(f"marker {name!r}: {os.strerror(err)}"
+                             + (" (a switchover holds writes)" if err == errno.EBUSY else ""))
+        self.markers.announce(marker)
+        return marker
+
+    def check_mark(self, name: str) -> None:
+        """Why the marker `name` cannot be taken here (GroupError), before any hook runs."""
         if self.role != "primary":
             raise GroupError(f"group {self.name} is {self.role} here: markers are taken on "
                              "the primary")
@@ -267,22 +289,6 @@ class Group:
         if held is not None:
             raise GroupError(f"marker {name!r} exists already (seq {held.seq}): names are "
                              "unique in a group")
-        loop = asyncio.get_running_loop()
-        written, durable = loop.create_future(), loop.create_future()
-        seq, time_ns = self.commit.submit_marker(name, consistent, written.set_result)
-        # Noted at once, as a replica notes the ones it receives: a periodic stream must
-        # know of it before it can send an epoch that holds it.
-        marker = self.markers.took(seq, name, time_ns, consistent) if seq else None
-        err = await written
-        if not err:
-            self.commit.submit_flush(durable.set_result)
-            err = await durable
-        if err:
-            if seq and err != errno.EBUSY:
-                self.markers.cut(seq - 1)  # its batch failed: the journal does not hold it
-            raise GroupError(f"marker {name!r}: {os.strerror(err)}"
-                             + (" (a switchover holds writes)" if err == errno.EBUSY else ""))
-        return marker
 
     async def demote(self, source: str) -> None:
         """The primary becomes a secondary of `source`: writes are refused from now on,

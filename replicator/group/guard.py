@@ -103,8 +103,14 @@ class Gate:
         self._at = time.monotonic()
 
     def set(self, allowance: float, rate: float) -> None:
-        """A new look: the bytes that may go at once, and the rate after them."""
-        self.allowance, self.rate, self._at = allowance, rate, time.monotonic()
+        """A new look: the bytes that may go at once, and the rate after them. A debt
+        (a large write that went on a small allowance) is carried over, not forgiven:
+        else a write per look would pass whatever the rate."""
+        now = time.monotonic()
+        if self.rate > 0:
+            self.allowance += (now - self._at) * self.rate
+        self.allowance = min(self.allowance, 0.0) + allowance
+        self.rate, self._at = rate, now
 
     def wait(self, nbytes: int) -> float:
         """Seconds until a write of `nbytes` may go (inf: until the next look); 0: it
@@ -159,7 +165,9 @@ class LagGuard:
         g = self.group
         allowance, rate, gated = math.inf, math.inf, False
         seen = set()
+        local = g.role == "primary"  # (elsewhere no local writes to hold: alert only)
         for t in g.targets.values():
+            t.lag_holds = False
             if not limited(t) or not t.streaming:
                 self._drains.pop(t.node, None)
                 self.admitted_rate.pop(t.node, None)
@@ -175,6 +183,9 @@ class LagGuard:
             over = f >= (HYSTERESIS if t.lag_over else 1.0)
             if over != t.lag_over:
                 self._flip(t, over, lag_seconds, lag_bytes)
+            t.lag_holds = local and over and t.cfg.on_lag != "alert"
+            if not local:
+                continue
             if t.cfg.on_lag == "block" and over:
                 allowance, rate, gated = 0.0, 0.0, True
             elif t.cfg.on_lag == "throttle":

@@ -31,6 +31,7 @@ class TargetLink:
         # known yet), kept because the journal trims that record away (lag_seconds).
         self.lacks_since_ns = 0
         self.lag_over = False  # over its max_lag_seconds or max_lag_bytes (group/guard.py)
+        self.lag_holds = False  # ...and so holds a primary's writes (on_lag block, throttle)
 
     def configure(self, cfg: TargetConfig) -> None:
         """Take this target's (possibly changed) configuration; its position stays."""
@@ -82,5 +83,4 @@ class Links(dict):
     def blocked_by(self) -> list[str]:
         """Targets that hold writes back right now: with on_disconnect: block and not
         streaming, or over their lag limit with on_lag: block or throttle (guard.py)."""
-        return [t.node for t in self.values() if (t.block and not t.streaming)
-                or (t.lag_over and t.cfg.on_lag != "alert")]
+        return [t.node for t in self.values() if (t.block and not t.streaming) or t.lag_holds]

@@ -37,22 +37,40 @@ class Markers:
         self._changed = changed  # group.json must be saved again
         self._seqs: list[int] = []
         self._by_seq: dict[int, Marker] = {}
+        # What state() gives: rebuilt on the loop at each change, never changed in place,
+        # since the checkpoint reads it from its thread while the loop goes on.
+        self._saved: list = []
 
     def load(self, state: dict) -> None:
         for seq, name, time_ns, consistent in state.get("markers", []):
             self._add(Marker(seq, name, time_ns, bool(consistent)))
+        self._saved = self._snapshot()
 
     def state(self) -> dict:
-        return {"markers": [list(self._by_seq[s]) for s in self._seqs]}
+        return {"markers": self._saved}
 
-    def took(self, seq: int, name: str, time_ns: int, consistent: bool) -> Marker:
-        """The journal holds a MARKER record at `seq` now."""
+    def _snapshot(self) -> list:
+        return [list(self._by_seq[s]) for s in self._seqs]
+
+    def _save(self) -> None:
+        self._saved = self._snapshot()
+        self._changed()
+
+    def took(self, seq: int, name: str, time_ns: int, consistent: bool, *,
+             announce: bool = True) -> Marker:
+        """The journal holds a MARKER record at `seq` (or will: a batch queued for it);
+        `announce` emits its event now (else the caller does, once it is journaled)."""
         marker = Marker(seq, name, time_ns, consistent)
         if self._by_seq.get(seq) != marker:
             self._add(marker)
-            self._changed()
-            emit("marker", self.group, name=name, marker_seq=seq, consistent=consistent)
+            self._save()
+            if announce:
+                self.announce(marker)
         return marker
+
+    def announce(self, marker: Marker) -> None:
+        emit("marker", self.group, name=marker.name, marker_seq=marker.seq,
+             consistent=marker.consistent)
 
     def _add(self, marker: Marker) -> None:
         if marker.seq not in self._by_seq:
@@ -68,12 +86,7 @@ class Markers:
             for s in self._seqs[i:]:
                 del self._by_seq[s]
             del self._seqs[i:]
-            self._changed()
-
-    def after(self, seq: int) -> int | None:
-        """The seq of the first marker after `seq`, or None."""
-        i = bisect.bisect_right(self._seqs, seq)
-        return self._seqs[i] if i < len(self._seqs) else None
+            self._save()
 
     def last(self) -> Marker | None:
         return self._by_seq[self._seqs[-1]] if self._seqs else None

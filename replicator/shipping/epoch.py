@@ -19,7 +19,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from typing import Iterable, Iterator
 
-from ..journal.record import FLAG_OPEN, Kind, Record, rewritten
+from ..journal.record import CHANGING, FLAG_OPEN, Kind, Record, rewritten
 
 
 class Extents:
@@ -47,22 +47,55 @@ class Extents:
         self.ends[lo:hi] = [end]
 
 
+class _Part:
+    """The extents of the records of one epoch, a few bytes per record held."""
+
+    def __init__(self):
+        self.volumes: dict[str, int] = {}
+        self.vol, self.start, self.end = array("H"), array("Q"), array("Q")
+        self.last_seq = 0
+
+    def add(self, rec: Record) -> None:
+        self.vol.append(self.volumes.setdefault(rec.volume, len(self.volumes)))
+        self.start.append(rec.offset)
+        self.end.append(rec.offset + (rec.length if rec.kind in CHANGING else 0))
+        self.last_seq = rec.seq
+
+    def skips(self) -> bytearray:
+        """1 at index i when later records of the epoch write every byte that record i
+        writes, else 0 (always 0 for the last)."""
+        vol, start, end = self.vol, self.start, self.end
+        written = [Extents() for _ in self.volumes]
+        skip = bytearray(len(vol))
+        for i in range(len(vol) - 2, -1, -1):
+            written[vol[i + 1]].add(start[i + 1], end[i + 1])
+            skip[i] = written[vol[i]].covers(start[i], end[i])
+        return skip
+
+
 def rewrites(records: Iterable[Record]) -> bytearray:
     """For the records of one epoch in seq order: 1 at index i when later records of the
     epoch write every byte that record i writes, else 0 (always 0 for the last)."""
-    volumes: dict[str, int] = {}
-    vol, start, end = array("H"), array("Q"), array("Q")  # a few bytes per record held
+    part = _Part()
     for rec in records:
-        vol.append(volumes.setdefault(rec.volume, len(volumes)))
-        start.append(rec.offset)
-        end.append(rec.offset + (0 if rec.kind == Kind.SKIP else rec.length))
-    written = [Extents() for _ in volumes]
-    skip = bytearray(len(vol))
-    for i in range(len(vol) - 2, -1, -1):
-        after = written[vol[i + 1]]
-        after.add(start[i + 1], end[i + 1])
-        skip[i] = written[vol[i]].covers(start[i], end[i])
-    return skip
+        part.add(rec)
+    return part.skips()
+
+
+def epochs(records: Iterable[Record]) -> list[tuple[int, bytearray]]:
+    """The records (a, k] as the epochs a periodic link sends them: one that ends at
+    each MARKER record on the way (the target then holds the image at the marker, as
+    the primary did: inside a coalesced epoch it would be no image at all), and the
+    last at k; each as (its last seq, its rewrites())."""
+    out, part = [], _Part()
+    for rec in records:
+        part.add(rec)
+        if rec.kind is Kind.MARKER:
+            out.append((rec.seq, part.skips()))
+            part = _Part()
+    if part.last_seq:
+        out.append((part.last_seq, part.skips()))
+    return out
 
 
 def coalesced(records: Iterable[Record], skip: bytearray) -> Iterator[tuple[Record, list]]:

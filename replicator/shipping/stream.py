@@ -44,7 +44,7 @@ from ..group import Group, TargetLink
 from ..verify import volume_hashes
 from ..offload.relay import Relay
 from ..wire import Ack, Flush, Heartbeat, Mismatch, Offload, Processed, Records, Retain
-from .epoch import coalesced, rewrites
+from .epoch import coalesced, epochs
 from .peer import Peer, ShipError, ShipTimeout
 from .verify import Probe, Verify
 
@@ -389,23 +389,19 @@ class Stream:
 
     async def _send_epoch(self, peer: Peer, k: int, why: str) -> None:
         """The records after sent_seq through the consistent seq `k`, as epochs that
-        end at every marker on the way (group/markers.py): the target then holds the
-        image at each marker exactly, as the primary did (coalescing would have made
-        the marker's record a SKIP inside an epoch)."""
-        marker = self.group.markers.after(self.sent_seq)
-        while marker is not None and marker < k:
-            await self._send_coalesced(peer, marker, "marker")
-            marker = self.group.markers.after(marker)
-        await self._send_coalesced(peer, k, why)
+        end at every MARKER record on the way (epoch.py epochs()): the target then holds
+        the image at each marker exactly, as the primary did."""
+        # The first pass reads every header (seconds' worth of writes): off the loop.
+        # The journal holds these records until the target acks them.
+        parts = await asyncio.to_thread(epochs, self.group.journal.records(self.sent_seq, k))
+        for last, skip in parts:
+            await self._send_coalesced(peer, last, why if last == k else "marker", skip)
 
-    async def _send_coalesced(self, peer: Peer, k: int, why: str) -> None:
-        """The records after sent_seq through the consistent seq `k`, coalesced, in
+    async def _send_coalesced(self, peer: Peer, k: int, why: str, skip: bytearray) -> None:
+        """The records after sent_seq through `k` (an epoch's), coalesced by `skip`, in
         RECORDS frames of at most BATCH_BYTES, within the window; `why` it goes now."""
         j, first = self.group.journal, self.sent_seq + 1
         cut = time.time()
-        # The first pass reads every header of the epoch (seconds' worth of writes):
-        # off the loop. The journal holds these records until the target acks them.
-        skip = await asyncio.to_thread(rewrites, j.records(self.sent_seq, k))
         frame: list = []
         size = before = after = 0
         for rec, bufs in coalesced(j.records(self.sent_seq, k), skip):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -101,12 +102,26 @@ def test_metrics_count_what_real_clients_did_and_promtool_accepts_them(pair):
                              **link) == 1, 30, "one reconnect counted")
 
 
-def test_metrics_endpoint_refuses_other_requests(pair):
+def test_metrics_endpoint_refuses_other_requests_and_idle_crowds(pair):
     req = urllib.request.Request(f"http://127.0.0.1:{pair.port}/other")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 404
-    scrape(pair.port)  # and still answers
+    head = urllib.request.Request(f"http://127.0.0.1:{pair.port}/metrics", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as r:
+        assert r.status == 200 and r.read() == b""
+    # Clients that connect and say nothing: a few at most are served at once, the rest
+    # closed at once (memory and descriptors stay bounded); once they go, it answers.
+    idle = [socket.create_connection(("127.0.0.1", pair.port)) for _ in range(8)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", pair.port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed without an answer
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: scrape(pair.port), 20, "a scrape once the idle clients left")
 
 
 def test_events_list_state_changes_and_follow_misses_none(pair):

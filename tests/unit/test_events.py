@@ -82,6 +82,25 @@ def test_a_follower_gets_every_event_even_after_falling_behind(monkeypatch):
     assert [e["seq"] for e in got] == list(range(1, 22))
 
 
+def test_a_seq_of_another_stream_is_said_lost_and_this_one_starts_over():
+    ev = Events()
+    for _ in range(3):
+        ev.emit("x")
+
+    async def first(n: int, **kw) -> list:
+        reader = ev.read(**kw)
+        got = [await anext(reader) for _ in range(n)]
+        await reader.aclose()
+        return got
+    # A seq of the agent before its restart (another stream), or past this one's end.
+    for kw in ({"since": 2, "stream": "0123456789ab"}, {"since": 7}):
+        lost, *rest = asyncio.run(first(4, **kw))
+        assert lost["kind"] == "events_lost" and "restarted" in lost["reason"]
+        assert [e["seq"] for e in rest] == [1, 2, 3]
+    got = asyncio.run(first(1, since=2, stream=ev.stream))
+    assert [e["seq"] for e in got] == [3]
+
+
 def test_admin_socket_streams_until_the_client_leaves(tmp_path):
     path = os.path.join(tmp_path, "admin.sock")
     ev = Events()
@@ -92,7 +111,10 @@ def test_admin_socket_streams_until_the_client_leaves(tmp_path):
         async for e in ev.read(request.get("since", 0), request.get("follow", False)):
             yield e
 
+    errors = []
+
     async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
         server = admin.AdminServer(path, {}, streams={"events": stream})
         await server.start()
         try:
@@ -129,6 +151,7 @@ def test_admin_socket_streams_until_the_client_leaves(tmp_path):
         finally:
             await server.close()
     asyncio.run(run())
+    assert errors == []  # a client leaving is no error (the generator ends cleanly)
 
 
 @settings(max_examples=200, deadline=None)
