@@ -7,7 +7,6 @@ import asyncio
 import bisect
 import errno
 import os
-import threading
 
 import pytest
 from hypothesis import given, settings
@@ -125,7 +124,7 @@ def test_admin_socket_streams_until_the_client_leaves(tmp_path):
             with pytest.raises(admin.AdminError, match="since must be"):
                 await asyncio.to_thread(lambda: list(admin.stream(path, "events", since=-1)))
             # Follow: a thread reads two new events, then leaves.
-            got, ready = [], threading.Event()
+            got = []
 
             def follow():
                 it = admin.stream(path, "events", since=2, follow=True)
