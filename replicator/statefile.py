@@ -19,6 +19,7 @@ under `<name>.old`, which the next replace takes back as its spare.
 from __future__ import annotations
 
 import os
+import tempfile
 
 _PAGE = 4096
 
@@ -67,6 +68,26 @@ def write_new(path: str, data: bytes, mode: int = 0o600) -> None:
     os.chmod(tmp, mode)  # whatever the umask or an older file said
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def create(path: str, data: bytes, mode: int = 0o600) -> bool:
+    """Make `path` with `data` unless it exists, atomically and durably even while
+    another process makes it too (a temporary file of this call's own, then a link to
+    `path`, which only one of them gets): True if this call made it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write(tmp, data, mode)
+        os.chmod(tmp, mode)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    fsync_dir(os.path.dirname(path) or ".")
+    return True
 
 
 def _write(path: str, data: bytes, mode: int = 0o600) -> None:

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 from cryptography import x509
@@ -67,3 +68,23 @@ def test_cli(tmp_path):
     assert r.returncode == 0 and "unchanged" in r.stdout
     r = run("issue", "--dir", str(tmp_path / "nope"), "n2")
     assert r.returncode == 1 and "pki init" in r.stderr
+
+
+def test_hosts_racing_for_one_link_key_get_the_same_key(tmp_path):
+    """The pki role makes each host's link keys at once, on the controller: the two
+    ends of a far link ask for the same key together. One makes it; every caller ends
+    up with that key; no temporary file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+    start = threading.Barrier(16)
+
+    def make(_):
+        start.wait()
+        return pki.link_key(str(tmp_path), "db-far")
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(make, range(16)))
+    assert sum(made for made, _ in results) == 1
+    (path,) = {p for _, p in results}
+    key = open(path).read().strip()
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert os.listdir(os.path.dirname(path)) == ["db-far.key"]
+    assert os.stat(path).st_mode & 0o777 == 0o600
