@@ -490,8 +490,7 @@ class Agent:
                         "full": group.retention.journal_full or group.commit.journal_no_space},
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
-            "markers": {"count": len(group.markers),
-                        "last": (lambda m: m and m.as_dict())(group.markers.last())},
+            "markers": group.markers.status(),
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
             "watch": self.watchers[group.name].status() if group.name in self.watchers else None,
             "tree": with_lag(self._tree(group), group),

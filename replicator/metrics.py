@@ -89,10 +89,6 @@ class IoStats:
         return completed
 
 
-def _family(kind, name: str, doc: str, labels: tuple[str, ...]):
-    return kind(name, doc, labels=list(labels))
-
-
 # name -> (type, help, labels); the families a scrape fills (Collector.collect)
 _G, _C, _H = GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily
 GROUP, VOLUME, TARGET = ("group",), ("group", "volume"), ("group", "target")
@@ -180,7 +176,7 @@ class Collector:
         self.agent = agent
 
     def collect(self):
-        fam = {name: _family(kind, name, doc, labels)
+        fam = {name: kind(name, doc, labels=list(labels))
                for name, (kind, doc, labels) in METRICS.items()}
         a = self.agent
         fam["replicator_build_info"].add_metric([__version__], 1)

@@ -88,8 +88,10 @@ class Markers:
             del self._seqs[i:]
             self._save()
 
-    def last(self) -> Marker | None:
-        return self._by_seq[self._seqs[-1]] if self._seqs else None
+    def status(self) -> dict:
+        """How many, and the last one (status)."""
+        last = self._by_seq[self._seqs[-1]].as_dict() if self._seqs else None
+        return {"count": len(self._seqs), "last": last}
 
     def named(self, name: str) -> Marker | None:
         return next((m for m in self._by_seq.values() if m.name == name), None)

@@ -77,7 +77,7 @@ def test_the_oldest_go_first_and_each_marker_is_one_event(monkeypatch):
     ms.took(5, "m5", 0, False)  # the same marker noted again (a replay): no event
     assert [m.name for m in ms] == ["m3", "m4", "m5"]
     assert events.EVENTS.counts["marker"] - before == 5
-    assert ms.named("m4").seq == 4 and ms.named("m1") is None and ms.last().name == "m5"
+    assert ms.named("m4").seq == 4 and ms.named("m1") is None and ms.status() == {"count": 3, "last": ms.named("m5").as_dict()}
 
 
 def _group(tmp_path) -> Group:
