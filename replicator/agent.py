@@ -74,6 +74,7 @@ class Agent:
                                                     "reparent": self._reparent,
                                                     "restore": self._restore,
                                                     "mark": self._mark,
+                                                    "rewind": self._rewind,
                                                     "markers": self._markers},
                                  streams={"events": self._events})
         self.metrics = MetricsServer(self) if cfg.metrics_listen is not None else None
@@ -234,10 +235,24 @@ class Agent:
         force = bool(request.get("force"))
         bunker = None if request.get("no_bunker") else request.get("bunker") or group.cfg.bunker
         with _context(group, "promote"):
+            if request.get("at"):
+                if request.get("copy"):
+                    raise AdminError("promote takes --at or --copy, not both: a copy at a point "
+                                     "is `replicator rewind --to POINT --copy DIR`")
+                return await self.failover.promote_at(group, str(request["at"]), targets,
+                                                      force=force)
             if request.get("copy"):
                 return await self.failover.promote_copy(
                     group, os.path.abspath(request["copy"]), bunker=bunker, force=force)
             return await self.failover.promote(group, targets, bunker=bunker, force=force)
+
+    async def _rewind(self, request: dict) -> dict:
+        group = self._group(request)
+        if not request.get("to") or not request.get("copy"):
+            raise AdminError("rewind needs --to SEQ|TIME|MARKER and --copy DIR")
+        with _context(group, "rewind"):
+            return await self.failover.rewind_copy(group, str(request["to"]),
+                                                   os.path.abspath(request["copy"]))
 
     async def _demote(self, request: dict) -> dict:
         group = self._group(request)
@@ -491,6 +506,7 @@ class Agent:
             "volumes": [{"name": v.name, "path": v.path, "size": v.size}
                         for v in group.volumes.values()],
             "markers": group.markers.status(),
+            "window": group.window.status(),
             "targets": [s.status() for s in self.shippers.get(group.name, [])],
             "watch": self.watchers[group.name].status() if group.name in self.watchers else None,
             "tree": with_lag(self._tree(group), group),

@@ -330,6 +330,7 @@ def cmd_promote(args) -> int:
 
     def human(r: dict) -> str:
         replay = r.get("bunker_replay")
+        at = r.get("at")
         if r.get("copy"):
             line = (f"group {r['group']}: a writable copy at seq {r['seq']} in "
                     + ", ".join(v["path"] for v in r["copy"]["volumes"].values())
@@ -337,6 +338,10 @@ def cmd_promote(args) -> int:
         else:
             line = (f"group {r['group']}: primary here, generation {r['generation']} from seq "
                     f"{r['seq'] + 1}; ships to {', '.join(r['targets']) or 'nobody'}")
+        if at:
+            line += (f"\nthe volumes hold seq {at['seq']} ({at['time']}"
+                     + (f", marker {at['marker']}" if at["marker"] else "") + "); "
+                     f"{r['kept_records']} later record(s) set aside, not applied, in {r['kept']}")
         if replay and "error" not in replay:
             line += (f"\nreplayed {replay['replayed']} record(s) from bunker {replay['bunker']}: "
                      "no acknowledged write lost (RPO 0)")
@@ -346,7 +351,20 @@ def cmd_promote(args) -> int:
 
     return _operate(args, "promote", human, timeout=None, group=args.group, force=args.force,
                     targets=targets, bunker=args.bunker, no_bunker=args.no_bunker,
-                    copy=os.path.abspath(args.copy) if args.copy else None)
+                    copy=os.path.abspath(args.copy) if args.copy else None, at=args.at)
+
+
+def cmd_rewind(args) -> int:
+    def human(r: dict) -> str:
+        c = r["copy"]
+        return (f"group {r['group']}: a writable copy at seq {c['seq']} ({c['time']}"
+                + (f", marker {c['marker']}" if c["marker"] else "") + ") in "
+                + ", ".join(v["path"] for v in c["volumes"].values())
+                + f" (taken back from seq {c['rewound_from']} in {r['seconds']}s; "
+                "replication went on)")
+
+    return _operate(args, "rewind", human, timeout=None, group=args.group, to=args.to,
+                    copy=os.path.abspath(args.copy))
 
 
 def cmd_demote(args) -> int:
@@ -523,6 +541,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target", action="append", metavar=TARGET_SPEC,
                     help="ship to this node once primary (repeatable; added to the current "
                          "targets)")
+    pr.add_argument("--at", metavar="SEQ|TIME|MARKER",
+                    help="take over at this point of the replica's window (retain): before a "
+                         "logical corruption; the records after it are set aside, not applied, "
+                         "and no bunker is replayed")
+    rw = sub.add_parser("rewind", help="on a secondary with retain / apply_delay: a writable "
+                                       "copy of its volumes at a point of its window (a seq, a "
+                                       "time like 2026-12-02T05:10:00Z or -15m, or a marker), "
+                                       "while it goes on replicating")
+    rw.add_argument("group")
+    rw.add_argument("--to", required=True, metavar="SEQ|TIME|MARKER")
+    rw.add_argument("--copy", required=True, metavar="DIR",
+                    help="a new (or empty) directory: one image per volume and snapshot.json")
     dm = sub.add_parser("demote", help="make this primary a secondary of SOURCE")
     dm.add_argument("group")
     dm.add_argument("--source", required=True, help="the node that is (or becomes) the primary")
@@ -573,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     for op, func in ((rt, cmd_restore), (rb, cmd_rollback), (rs, cmd_resync), (vf, cmd_verify),
                      (pr, cmd_promote), (dm, cmd_demote), (so, cmd_switchover), (fb, cmd_failback),
                      (rv, cmd_resolve), (at, cmd_attach), (rp, cmd_reparent), (mk, cmd_mark),
-                     (mks, cmd_markers)):
+                     (mks, cmd_markers), (rw, cmd_rewind)):
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)

@@ -21,8 +21,9 @@ from .sizes import size_text
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+MAX_RETAIN_SECONDS = 366 * 86400  # a year of history: more is a typo
 MAX_SIZE = 1 << 50  # 1024TiB: more is a typo, and past float range it is no size at all
 
 # sync: a write completes once the target has it too; async: shipped from the journal as
@@ -122,6 +123,12 @@ class GroupConfig:
     # records are encrypted, by far node: on the near node that encrypts them and on the
     # far node that decrypts them (the primary relaying them has none).
     link_keys: dict = field(default_factory=dict)
+    # Point in time on a secondary (group/history.py): how far back it can rewind (seconds
+    # of history, or bytes of journal and old block content; 0: no history), and how
+    # long a record waits, journaled, before it is applied to the volumes.
+    retain_seconds: float = 0.0
+    retain_bytes: int = 0
+    apply_delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -519,13 +526,34 @@ def _group(data, path: str, node: str | None, peers: dict | None,
     commit_interval = r.get("commit_interval", 1.0, types=(int, float))
     if not 0.001 <= commit_interval <= 60:
         r.fail("commit_interval", f"expected seconds between 0.001 and 60; got {commit_interval!r}")
+    point_in_time = _point_in_time(r, role)
     r.done()
     return GroupConfig(name=name, role=role, source=source, journal_size=journal_size,
                        volumes=tuple(volumes), targets=tuple(targets),
                        bitmap_granularity=granularity, logging_high_water=high_water,
                        resync_rate=rate, bunker=bunker, members=tuple(members),
                        durability=durability, commit_interval=float(commit_interval),
-                       link_keys=dict(link_keys), **watch)
+                       link_keys=dict(link_keys), **watch, **point_in_time)
+
+
+def _point_in_time(r: _Reader, role: str | None) -> dict:
+    """`retain` (a duration, or a size) and `apply_delay`: keys of a secondary."""
+    out = {}
+    raw = r.get("retain", None, types=(str, int))
+    if raw is not None:
+        if isinstance(raw, str) and _DURATION_RE.match(raw) and not raw.strip().isdigit():
+            out["retain_seconds"] = r.check("retain", parse_duration, raw, low=1,
+                                            high=MAX_RETAIN_SECONDS)
+        else:
+            out["retain_bytes"] = r.check("retain", parse_size, raw)
+    delay = r.value("apply_delay", parse_duration, None, low=0, high=7 * 86400)
+    if delay is not None:
+        out["apply_delay"] = delay
+    for key in ("retain", "apply_delay"):
+        if key in r.data and key not in r.bad and role not in ("secondary", None):
+            r.fail(key, f"a key of a secondary (its volumes keep the history); "
+                        f"this node is the group's {role}")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _check_vias(targets: list[TargetConfig], role: str | None, r: _Reader) -> None:

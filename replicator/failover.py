@@ -69,6 +69,36 @@ class Failover:
         result = await self.promote_to(group, targets, force)
         return {**result, "bunker_replay": replayed, "rpo_records": _rpo_records(replayed)}
 
+    async def promote_at(self, group: Group, to: str, targets: list[TargetConfig] | None, *,
+                         force: bool) -> dict:
+        """Takeover at a point of this secondary's window before a logical corruption
+        (group/window.py): the records after it are set aside, not applied, and no bunker
+        is asked (what it holds comes after the point)."""
+        if self.receiver.status(group.name) is not None and not force:
+            raise AdminError(f"group {group.name}: its source {group.source} is still "
+                             "connected; stop it first (it would go on shipping what comes "
+                             "after the point), or force")
+        if group.role != "secondary":
+            raise AdminError(f"group {group.name} is {group.role} here; only a secondary is "
+                             "promoted")
+        point, kept, path = await group.rewind_to(to)
+        result = await self.promote_to(group, targets, force)
+        return {**result, "at": point.as_dict(), "kept_records": kept, "kept": path}
+
+    async def rewind_copy(self, group: Group, to: str, directory: str) -> dict:
+        """`replicator rewind --copy`: a writable copy at a point of the window, while
+        replication goes on."""
+        started = time.monotonic()
+        try:
+            manifest = await snapshot.rewind(group, directory, to)
+        except OSError as exc:
+            raise AdminError(f"rewind copy of group {group.name} into {directory}: "
+                             f"{exc}") from None
+        log.warning("group %s: rewound a copy to seq %d into %s", group.name, manifest["seq"],
+                    directory)
+        return {"group": group.name, "copy": manifest, "seq": manifest["seq"],
+                "seconds": round(time.monotonic() - started, 3)}
+
     async def promote_copy(self, group: Group, directory: str, *, bunker: str | None,
                            force: bool) -> dict:
         """The non-destructive takeover of a DR drill: a snapshot of this replica (which

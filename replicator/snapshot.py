@@ -11,8 +11,14 @@ write there left it. The copy is then the image after s1, a prefix of the group'
 history like the replica itself. A bunker replay can add the records after s1
 (`apply`), exactly as a takeover adds them to the replica.
 
+A rewind copy (`replicator rewind`) is a snapshot taken to a point of a secondary's
+window (group/window.py): from the image after s1, the journal's records through the
+point are applied to the copy (a point after s1: the replica applies late), or the
+history's before-images of the records after it are written back onto the copy,
+newest first (a point before s1).
+
 The directory holds one image per volume and snapshot.json (group, seq, history, the
-images), written last.
+images; a rewind's point: time, marker), written last.
 """
 
 from __future__ import annotations
@@ -58,13 +64,13 @@ class Snapshot:
                 self._open = []
                 self.position = Position(rec.seq, rec.hcrc)
 
-    def seal(self) -> dict:
+    def seal(self, point: dict | None = None) -> dict:
         """Make the images durable, write snapshot.json, close; returns the manifest."""
         for vol in self.volumes.values():
             vol.sync()
             vol.close()
         manifest = {"group": self.group, "seq": self.position.seq, "crc": self.position.hcrc,
-                    "history": to_json(self.history),
+                    **(point or {}), "history": to_json(self.history),
                     "volumes": {n: {"path": v.path, "size": v.size}
                                 for n, v in self.volumes.items()}}
         statefile.write_new(os.path.join(self.directory, "snapshot.json"),
@@ -111,6 +117,35 @@ async def take(group: Group, directory: str) -> Snapshot:
         for vol in copies.values():
             vol.close()
         raise
+
+
+async def rewind(group: Group, directory: str, to: str) -> dict:
+    """A copy of `group`'s volumes in `directory` at the point `to` names (a seq, time or
+    marker of its window); returns the manifest."""
+    window = group.window
+    point = window.resolve(to)
+    loop = asyncio.get_running_loop()
+    window.history.pin()
+    try:
+        snap = await take(group, directory)
+        try:
+            start = snap.position.seq
+            if point.seq > start:
+                for first, last, data in group.journal.chunks(start, point.seq):
+                    snap.apply(first, last, data)
+            elif point.seq < start:
+                await loop.run_in_executor(None, window.undo_onto, snap.volumes, point.seq, start)
+                snap.position = group.journal.position(point.seq) or group.journal.base
+            if snap.position.seq != point.seq:
+                raise GroupError(f"the copy reached seq {snap.position.seq}, not {point.seq}")
+            return await loop.run_in_executor(None, snap.seal,
+                                              {**point.as_dict(), "rewound_from": start})
+        except BaseException:
+            snap.discard()
+            remove(directory)
+            raise
+    finally:
+        window.history.unpin()
 
 
 def remove(directory: str) -> None:

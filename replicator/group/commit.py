@@ -208,17 +208,27 @@ class Commit:
         self._open_written: list = []  # (seq, volume name, offset, length, payload)
         self._open_durable: list = []  # (volume, kind, offset, length, payload)
         self._in_epoch = False  # the last record received has FLAG_OPEN
+        # A secondary that keeps a history or applies late (group/applier.py): durable
+        # records are applied by the applier, not here; `delayed` ones are not shown to
+        # reads either (the memtable would hold the whole delay).
+        self.deferred = False
+        self.delayed = False
+        self.applier_wake: Callable[[], None] | None = None
 
-    def reset(self, seq: int, consistent: int | None = None, open_tail=()) -> None:
+    def reset(self, seq: int, consistent: int | None = None, open_tail=(),
+              applied: int | None = None) -> None:
         """The journal holds records through `seq`, the volumes the image after
         `consistent` (seq itself unless an epoch does not close yet), and `open_tail` are
         the applies of the records after it: everything starts from there (opened and
         replayed, or a resync finished). A watched primary passes no applies: its files
-        hold them."""
+        hold them. A deferred secondary's volumes hold the image after `applied`."""
         self.written_seq = self.durable_seq = seq
         self.applied_seq = self.consistent_seq = seq if consistent is None else consistent
+        if applied is not None:
+            self.applied_seq = applied
         self._next_seq = seq + 1
         self._unapplied.clear()
+        self._memtable = Memtable()  # (the volumes hold all it could show)
         self._in_epoch = self.consistent_seq < seq
         self._open_durable = list(open_tail)
         self._open_written = [(s, vol.name, off, n, data if kind == Kind.WRITE else None)
@@ -439,7 +449,7 @@ class Commit:
         record that does not fit this group raises GroupError and nothing is queued."""
         expected = self._next_seq
         where = f"group {self.name}"
-        journal_only = self._role() == "bunker"
+        journal_only = self._role() == "bunker" or self.delayed
         sizes, hcrcs, applies, closed, marks = [], [], [], 0, []
         inside, closes = self._in_epoch, False
         observe = self.observe
@@ -646,6 +656,11 @@ class Commit:
         if not n:
             self._open_durable.extend(batch.applies)
             return
+        if self.deferred:  # the applier applies it (group/applier.py)
+            self.consistent_seq = batch.closed_seq
+            self._open_durable = []
+            self.applier_wake()
+            return
         if batch.urgent:  # it closes an epoch of many records
             emit("epoch_applied", self.name, through_seq=batch.closed_seq,
                  records=batch.closed_seq - self.consistent_seq)
@@ -664,6 +679,12 @@ class Commit:
             self.applied_seq = batch.closed_seq
         else:
             self._unapplied.append((batch.closed_seq, applies))
+
+    def applied_through(self, seq: int) -> None:
+        """The applier: the volumes hold the image after `seq` now."""
+        self.applied_seq = seq
+        self.volume_error = None
+        self._memtable.drop_through(seq)
 
     def _release_flushes(self) -> None:
         """Complete the flushes (and durability: write writes) now durable everywhere

@@ -39,6 +39,7 @@ from .lineage import Lineage
 from .markers import Marker, Markers
 from .links import Links, TargetLink
 from .retention import Retention
+from .window import Point, Window
 
 CHECKPOINT_INTERVAL = 1.0  # how often the checkpointer looks
 SYNC_INTERVAL = 10.0  # seconds the volumes may go without an fdatasync while written
@@ -61,7 +62,8 @@ class Group:
                                    role=lambda: self.role,
                                    checkpoint_seq=lambda: self.checkpoint.position.seq,
                                    applied_seq=lambda: self.commit.applied_seq,
-                                   ask_checkpoint=self._checkpoint_now.set)
+                                   ask_checkpoint=self._checkpoint_now.set,
+                                   keep_after=lambda: self.window.keep_after())
         self.commit = Commit(cfg, self.journal, self.volumes, self.targets, self.log,
                              role=lambda: self.role, wait_for_space=self.retention.wait_for_space)
         # What a replica learns from the records it receives (analytics.py): fed by the
@@ -89,6 +91,7 @@ class Group:
                                changed=self._lineage_changed)
         self.markers = Markers(cfg.name, changed=self._lineage_changed)
         self.commit.marked = self.markers.took
+        self.window = Window(self)  # retain / apply_delay on a secondary (window.py)
 
     # ---- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -142,13 +145,21 @@ class Group:
         if j.position(cp.seq) != cp:
             raise GroupError(f"group {self.name}: journal record {cp.seq} does "
                              "not match the checkpoint (journal replaced?)")
+        mark, rewind = self.window.open()  # a deferred secondary's volumes stop at mark
         try:
             replayed, consistent, open_tail = (0, j.last_seq, []) if self.role == "bunker" \
-                else self._replay(cp.seq, apply=not self.watched)
+                else self._replay(cp.seq, apply=not self.watched, through=mark)
         except OSError as exc:
             raise GroupError(f"group {self.name}: cannot replay the journal after seq "
                              f"{cp.seq} onto the volumes: {exc}") from None
-        self.commit.reset(j.last_seq, consistent, open_tail)
+        if self.window.wanted():
+            applied = consistent if mark is None else max(cp.seq, min(mark, consistent))
+            self.commit.reset(j.last_seq, consistent, (), applied=applied)
+            if rewind:
+                self.commit.applied_through(self.window.recover_rewind(rewind))
+            self.window.activate(self.commit.applied_seq, fresh=mark is None)
+        else:
+            self.commit.reset(j.last_seq, consistent, open_tail)
         self.markers.cut(j.last_seq)  # (noted once written: a crash may have lost them)
         for rec in j.records(cp.seq):  # noted after the checkpoint saved the list
             if rec.kind is Kind.MARKER:
@@ -161,7 +172,7 @@ class Group:
         if replayed:
             self.log.info("group %s: replayed %d journal records onto the volumes",
                           self.name, replayed)
-            self._sync_and_save(j.position(consistent))
+            self._sync_and_save(j.position(self.commit.applied_seq))
         for t in self.targets.values():
             if t.logging:  # rebuild what the journal holds past the saved bitmap
                 self.mark_bitmap(t)
@@ -225,6 +236,7 @@ class Group:
             raise GroupError(f"group {self.name} is in split brain with "
                              f"{self.lineage.split_brain['peer']}; resolve it first, or force")
         await self.commit.settle()
+        await self.window.deactivate()  # every durable record applied: the delay is over
         self._drop_open_epoch()
         gen = self.lineage.begin(self.journal.last_seq + 1)
         self.role, self.source, self.overridden = "primary", None, True
@@ -238,6 +250,30 @@ class Group:
         emit("promoted", self.name, generation=str(gen), first_seq=gen.first_seq,
              forced=force)
         return gen
+
+    async def rewind_to(self, to: str) -> tuple[Point, int, str]:
+        """promote --at, before the promotion: the volumes go to the point `to` names
+        (window.py), the records after it are set aside in a file of their own and the
+        journal ends there. Returns (the point, how many records were set aside, their
+        file)."""
+        if self.inconsistent:
+            raise GroupError(f"group {self.name} is being resynced here: no window to go "
+                             "back in")
+        await self.commit.settle()
+        point = self.window.resolve(to)
+        keep = os.path.join(self.dir, f"kept-after-{point.seq}.journal")
+        kept = await self.window.rewind_in_place(point, keep)
+        self.log.warning("group %s: volumes taken to seq %d%s; %d later records set aside in "
+                         "%s", self.name, point.seq,
+                         f" (marker {point.marker})" if point.marker else "", kept, keep)
+        return point, kept, keep
+
+    def truncate_after(self, seq: int) -> None:
+        """The journal ends at `seq` (the volumes hold its image; what came after it was
+        set aside)."""
+        self.journal.truncate_after(seq)
+        self.commit.reset(seq)
+        self.markers.cut(seq)
 
     def _drop_open_epoch(self) -> None:
         """A replica becoming primary: records of an epoch that never closed (its
@@ -298,6 +334,9 @@ class Group:
         self.role, self.source, self.overridden = "secondary", source, True
         self.set_targets([])
         await self.commit.settle()
+        if self.window.wanted():
+            self.window.activate(self.commit.applied_seq, fresh=True)
+            self._start_applier()
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self.log.warning("group %s: demoted to secondary of %s", self.name, source)
@@ -348,22 +387,24 @@ class Group:
         self.checkpoint.changed = True
         self._checkpoint_now.set()
 
-    def _replay(self, after_seq: int, apply: bool) -> tuple[int, int, list]:
+    def _replay(self, after_seq: int, apply: bool,
+                through: int | None = None) -> tuple[int, int, list]:
         """Apply the journal's records after `after_seq` onto the volumes, through the
         last one that closes an epoch (unless `apply` is False: a watched primary's files
-        hold them). Returns (records applied, that seq, the applies of the records after
-        it)."""
+        hold them; a deferred secondary's volumes go no further than `through`). Returns
+        (records applied, that seq, the applies of the records after it)."""
         count, consistent, pending = 0, after_seq, []
         for _, _, data in self.journal.chunks(after_seq):
             for r in iterate(data):
-                if apply:
+                applying = apply and (through is None or r.seq <= through)
+                if applying:
                     pending.append((volume_of(self.volumes, r, f"group {self.name}"), r.kind,
                                     r.offset, r.length, r.payload))
                 if not r.flags & FLAG_OPEN:
                     apply_to_volumes(pending)
-                    count += r.seq - consistent
+                    count += (r.seq - consistent) if applying else 0
                     consistent, pending = r.seq, []
-        return (count if apply else 0), consistent, pending
+        return count, consistent, pending
 
     @property
     def watched(self) -> bool:
@@ -379,6 +420,12 @@ class Group:
                                         name=f"checkpoint-{self.name}"),
                        loop.create_task(self._guarded(self.guard.run(), "lag guard"),
                                         name=f"guard-{self.name}")]
+        if self.window.active:
+            self._start_applier()
+
+    def _start_applier(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            self._guarded(self.window.run(), "applier"), name=f"apply-{self.name}"))
 
     async def _guarded(self, loop_coro, what: str) -> None:
         """Run one of the group's long-running loops; should it ever raise, the group
@@ -404,6 +451,7 @@ class Group:
             self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
         self._io.shutdown()
         self.journal.close()
+        self.window.history.close()
         for vol in self.volumes.values():
             vol.close()
 
@@ -431,6 +479,7 @@ class Group:
         loop = asyncio.get_running_loop()
         if self.resync_base is None:
             await self.commit.settle()
+            await self.window.resync_started()
             self.resync_base = self.journal.position()
             await loop.run_in_executor(self._io, self.undo.open)
             await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint.position)
@@ -487,6 +536,7 @@ class Group:
         for vol in self.volumes.values():
             vol.forget()  # what the resync read and wrote
         self.commit.reset(pos.seq)  # unapplied records: the resync wrote their image
+        await self.window.resynced(pos.seq)
         for t in self.targets.values():
             if t.logging:
                 t.bitmap.through = pos.seq
@@ -507,6 +557,7 @@ class Group:
         self.resync_base = None
         await loop.run_in_executor(self._io, self._sync_and_save, self.checkpoint.position)
         self.undo.remove()
+        await self.window.resynced(self.commit.applied_seq)
         self.log.warning("group %s: resync rolled back (%d regions restored); consistent "
                          "at seq %d", self.name, restored, base.seq)
         return restored
@@ -688,10 +739,18 @@ class Group:
                 if self.checkpoint.changed or (changed and due):
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
                     synced_at = time.monotonic()
+                self.window.trim()
                 await self.retention.trim()
             except (OSError, JournalError) as exc:
                 self.log.error("group %s: checkpoint failed: %s", self.name, exc)
             self.retention.room_made()
+
+    async def in_io(self, fn, *args):
+        """fn(*args) in the group's io worker (what must not run on the loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def save_checkpoint(self, pos: Position) -> None:
+        await self.in_io(self._sync_and_save, pos)
 
     def _sync_and_save(self, pos: Position, acked: dict | None = None) -> None:
         """Checkpoint the volumes at `pos` (checkpoint.py). Runs in the checkpointer's

@@ -22,7 +22,8 @@ from .links import Links
 class Retention:
     def __init__(self, cfg: GroupConfig, journal: Journal, links: Links, log: logging.Logger,
                  *, role: Callable[[], str], checkpoint_seq: Callable[[], int],
-                 applied_seq: Callable[[], int], ask_checkpoint: Callable[[], None]):
+                 applied_seq: Callable[[], int], ask_checkpoint: Callable[[], None],
+                 keep_after: Callable[[], int]):
         self.cfg = cfg
         self.name = cfg.name
         self.journal = journal
@@ -30,6 +31,7 @@ class Retention:
         self.log = log
         self._role, self._checkpoint_seq = role, checkpoint_seq
         self._applied_seq, self._ask_checkpoint = applied_seq, ask_checkpoint
+        self._keep_after = keep_after  # a secondary's point-in-time window (window.py)
         self.journal_full = False  # writes wait for the journal to be trimmed
         self.bunker_far_seq: int | None = None  # bunker: RETAIN from the primary
         self._space = asyncio.Event()
@@ -49,11 +51,11 @@ class Retention:
     def needed_after(self) -> int:
         """Records after this seq must stay in the journal: not yet in the volumes'
         checkpoint, not acked by a streaming target, not marked in a logging target's
-        saved bitmap. A bunker keeps what the far replicas lack (a takeover replays it
+        saved bitmap, not in a secondary's point-in-time window. A bunker keeps what the far replicas lack (a takeover replays it
         from there), within logging_high_water bytes."""
         if self._role() == "bunker":  # journal only; a restart still checks its checkpoint
             return min(self._bunker_needed_after(), self._checkpoint_seq())
-        low = self._checkpoint_seq()
+        low = min(self._checkpoint_seq(), self._keep_after())
         for t in self.targets.values():
             low = min(low, t.bitmap.through if t.logging else t.acked_seq)
         return low
