@@ -553,6 +553,10 @@ def _point_in_time(r: _Reader, role: str | None) -> dict:
         if key in r.data and key not in r.bad and role not in ("secondary", None):
             r.fail(key, f"a key of a secondary (its volumes keep the history); "
                         f"this node is the group's {role}")
+    if out.get("apply_delay") and r.data.get("targets"):
+        r.fail("apply_delay", "a delayed secondary's volumes are behind its journal: it cannot "
+                              "resync or process for targets of its own (put the delay on a "
+                              "leaf replica)")
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -141,6 +141,12 @@ METRICS = {
     "replicator_bunker_far_lag_records": (_G, "Bunker: records the far replicas lack.", GROUP),
     "replicator_bunker_covers_far_replicas": (_G, "Bunker: 1 while its journal holds every "
                                                   "record the far replicas lack.", GROUP),
+    "replicator_window_start_timestamp_seconds": (_G, "Secondary with retain: the time of the "
+                                                      "oldest point it can rewind to.", GROUP),
+    "replicator_window_retained_bytes": (_G, "Secondary with retain: bytes its window holds "
+                                             "(before-images and journal records).", GROUP),
+    "replicator_apply_waiting_records": (_G, "Secondary with retain or apply_delay: records "
+                                             "durable here, not yet in the volumes.", GROUP),
     "replicator_certificate_expiry_timestamp_seconds": (_G, "When the TLS certificate "
                                                             "expires (unix time).",
                                                         ("certificate",)),
@@ -211,6 +217,13 @@ class Collector:
         fam["replicator_group_writes_blocked"].add_metric(n, int(bool(g.targets.blocked_by)))
         fam["replicator_group_writes_halted"].add_metric(
             n, int(bool(c.halted or c.volume_error)))
+        w = g.window
+        if w.active:
+            fam["replicator_apply_waiting_records"].add_metric(n, w.applier.waiting)
+            if w.history.images:
+                fam["replicator_window_start_timestamp_seconds"].add_metric(
+                    n, w.start_time_ns / 1e9)
+                fam["replicator_window_retained_bytes"].add_metric(n, w.retained_bytes)
         bunker = g.retention.bunker_status()
         if bunker is not None and bunker["far_seq"] is not None:
             fam["replicator_bunker_far_lag_records"].add_metric(n, bunker["far_lag_records"])

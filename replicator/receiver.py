@@ -341,6 +341,9 @@ class Receiver:
                     return
                 if s.restoring is not None:  # (restored records feed it as they restore)
                     s.restoring.records(ev.payload)
+            elif isinstance(ev, (Processed, Offload)) and s.group.commit.delayed:
+                await self._refuse_processing(s)
+                return
             elif isinstance(ev, Processed):
                 if not await self._processed(s, ev):
                     return
@@ -412,6 +415,13 @@ class Receiver:
             s.processing.take(payload)
         return True
 
+    async def _refuse_processing(self, s: _Session) -> None:
+        why = (f"group {s.group.name} applies with a delay on {self.node} (apply_delay): its "
+               "volumes are behind its journal, so it can neither make nor restore processed "
+               "records (a via, or a processed link to it); remove the delay or the via")
+        self.log.error("group %s: %s", s.group.name, why)
+        await s.link.send(Error(code=Refusal.BAD_RECORDS, message=why))
+
     def _processing(self, s: _Session, local: list) -> Processing:
         p = Processing(s.group, local, self.log)
 
@@ -464,7 +474,7 @@ class Receiver:
     async def _handover(self, s: _Session, ev: Handover) -> None:
         """Planned switchover: we hold every record through ev.seq; become the primary."""
         g = s.group
-        await g.commit.settle()
+        await g.caught_up()
         if g.commit.applied_seq != ev.seq or g.inconsistent:
             why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
                    f"{g.commit.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
@@ -510,7 +520,10 @@ class Receiver:
             return (f"hash request for {ev.volume!r} [{ev.offset}, +{ev.length}) which "
                     f"group {g.name} does not have")
         if ev.seq != ANY_SEQ:
-            await g.commit.settle()
+            if g.commit.delayed:
+                return (f"group {g.name} applies with a delay here (apply_delay): its volumes "
+                        "are behind its journal, so they cannot be hashed at the stream's seq")
+            await g.caught_up()
             if g.inconsistent:
                 return f"group {g.name} is being resynced: no consistent image to hash"
             if g.commit.applied_seq != ev.seq:

@@ -275,6 +275,13 @@ class Group:
         self.commit.reset(seq)
         self.markers.cut(seq)
 
+    async def caught_up(self) -> None:
+        """Until everything accepted is durable and in the volumes (a deferred secondary's
+        applier applies what waits, the delay notwithstanding: a switchover, a verify)."""
+        await self.commit.settle()
+        if self.window.active:
+            await self.window.applier.catch_up()
+
     def _drop_open_epoch(self) -> None:
         """A replica becoming primary: records of an epoch that never closed (its
         source went down mid-epoch) are no image anyone may build on: they go."""

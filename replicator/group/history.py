@@ -41,6 +41,7 @@ from crc32c import crc32c
 
 from .. import statefile
 from ..journal.record import Kind
+from .memtable import Memtable
 
 MAGIC = b"RHI1"
 _HEAD = struct.Struct("<4sIQQQIH")
@@ -165,9 +166,11 @@ class History:
     # ---- the step ----------------------------------------------------------------------
     def save(self, through: int, time_ns: int, records, volumes=None) -> None:
         """Worker thread: append the before-images of `records` (Record tuples, applied
-        next; those that change nothing need none) read from `volumes`, then the step
-        end at `through`, durably. The volumes may be written once this returns."""
+        next; those that change nothing need none), then the step end at `through`,
+        durably. A record's before-image is what `volumes` hold with the step's earlier
+        records laid over it. The volumes may be written once this returns."""
         bufs, entries, at = [], [], 0
+        earlier = Memtable()  # the step's records before each one: the volumes lack them
         if self.images:
             for rec in records:
                 if rec.kind not in (Kind.WRITE, Kind.ZERO):
@@ -177,12 +180,15 @@ class History:
                 done = 0
                 while done < rec.length:
                     n = min(_PIECE, rec.length - done)
-                    old = vol.read(rec.offset + done, n)
+                    old = earlier.overlay(rec.volume, rec.offset + done,
+                                          vol.read(rec.offset + done, n))
                     entries.append((rec.seq, at))
                     bufs += (_entry(rec.seq, rec.time_ns, rec.offset + done, name, old), name,
                              old)
                     at += _HEAD.size + len(name) + n
                     done += n
+                earlier.add(rec.seq, ((rec.seq, rec.volume, rec.offset, rec.length,
+                                       rec.payload if rec.kind is Kind.WRITE else None),))
         bufs.append(_entry(through, time_ns, 0, b"", b""))
         at += _HEAD.size
         with self._lock:

@@ -177,7 +177,7 @@ class Window:
                 why = "retain"
             elif self.retain_bytes and self.retained_bytes > self.retain_bytes:
                 why = "retain"
-            elif j.used_bytes > j.capacity // 2:
+            elif j.bytes_between(self.low_seq, j.last_seq) > j.capacity // 2:
                 why = "journal_size"
             else:
                 break
@@ -207,7 +207,7 @@ class Window:
                 "retain": _retain_text(self.retain_seconds, self.retain_bytes),
                 "apply_delay_seconds": self.delay,
                 "from_seq": self.low_seq if active and h.images else None,
-                "from_time": _iso(self._time_of(self.low_seq)) if active and h.images else None,
+                "from_time": _iso(self.start_time_ns) if active and h.images else None,
                 "to_seq": g.commit.consistent_seq if active else None,
                 "to_time": _iso(g.journal.time_ns(g.commit.consistent_seq)) if active else None,
                 "applied_seq": g.commit.applied_seq,
@@ -216,6 +216,11 @@ class Window:
                 "retained_bytes": self.retained_bytes if active else 0,
                 "limited_by": self.limited_by, "held": self.held,
                 "delay_shortened": bool(self.applier and self.applier.hurried)}
+
+    @property
+    def start_time_ns(self) -> int:
+        """When the primary journaled the window's oldest point."""
+        return self._time_of(self.low_seq)
 
     def _time_of(self, seq: int) -> int:
         return self.group.journal.time_ns(seq) or self.history.low_time_ns
@@ -317,9 +322,9 @@ class Window:
                 await self.applier.catch_up(to)
             await g.in_io(self._undo_volumes, to, frm)
             g.commit.applied_through(to)
-            await g.in_io(g.sync_and_save, g.journal.position(to))
+            await g.save_checkpoint(g.journal.position(to))
             g.truncate_after(to)
-            emit("rewound", g.name, seq=to, marker=point.marker, kept_records=kept,
+            emit("rewound", g.name, to_seq=to, marker=point.marker, kept_records=kept,
                  kept=keep_path)
             return kept
         finally:

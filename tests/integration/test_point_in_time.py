@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import time
+from datetime import datetime
 
 from replicator.journal.record import iterate
-from tests.agents import MiB, replicator_cli, wait_until
+from replicator.journal.segments import Journal
+from tests.agents import MiB, kinds, replicator_cli, wait_until
 from tests.clients import fio, qemu_io, run
 
 
@@ -45,7 +47,7 @@ def test_a_rewind_copy_at_a_marker_equals_the_primarys_image_at_it(topology, tmp
     fio(a.nbd_uri("data"), size="16M", runtime=1, bs="4k")
     qemu_io(a.nbd_uri("log"), "write -P 0x66 0 2M", "write -z 2M 1M")
     seq = topo.wait_converged()
-    for to in ("good", str(m["seq"]), f"marker:good"):
+    for to in ("good", str(m["seq"]), "marker:good"):
         out = tmp_path / f"copy-{to.replace(':', '-')}"
         rc, r = replicator_cli(b, "rewind", "db", "--to", to, "--copy", str(out))
         assert rc == 0, r
@@ -71,13 +73,7 @@ def test_time_based_rewind_lands_on_the_last_seq_at_or_before_the_time(topology,
     seq = topo.wait_converged()
     # Record times from b's journal (the primary's clock): pick a time between two.
     b.stop()
-    from replicator.journal.segments import Journal
-    j = Journal(os.path.join(b.dir, "state", "groups", "db", "journal"), capacity=64 * MiB)
-    j.open()
-    try:
-        recs = list(j.records(seq - 5, seq))
-    finally:
-        j.close()
+    recs = _journal_records(b, seq - 5, seq)
     b.start()
     mid = recs[2]
     when = (mid.time_ns + recs[3].time_ns) // 2
@@ -96,5 +92,211 @@ def test_time_based_rewind_lands_on_the_last_seq_at_or_before_the_time(topology,
 
 
 def _ns(iso: str) -> int:
-    from datetime import datetime
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1e9)
+
+
+def _journal_records(agent, after: int, through: int | None = None) -> list:
+    """The records of a stopped agent's journal of group db."""
+    j = Journal(os.path.join(agent.dir, "state", "groups", "db", "journal"), capacity=64 * MiB)
+    j.open()
+    try:
+        return list(j.records(after, through))
+    finally:
+        j.close()
+
+
+def _block(agent, volume: str, offset: int, length: int) -> bytes:
+    with open(agent.volume_path("db", volume), "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def test_a_delayed_replica_journals_at_once_and_applies_after_the_delay(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")],
+                    node_options={"b": {"apply_delay": "3s"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    t0 = time.time()
+    qemu_io(a.nbd_uri("data"), "write -P 0x77 1M 64k")
+    seq = a.group("db")["seq"]
+    # Durable on b at once: it counts for the RPO (a's target lag is 0) ...
+    wait_until(lambda: a.target("db", "b")["acked_seq"] == seq, 10, "b to ack the write")
+    assert time.time() - t0 < 2.5
+    g = b.group("db")
+    assert g["seq"] == seq and g["applied_seq"] < seq, g
+    assert g["window"]["waiting_records"] >= 1 and g["window"]["apply_delay_seconds"] == 3
+    assert _block(b, "data", 1 * MiB, 65536) == bytes(65536)  # ... not in the volume yet
+    # A restart (kill -9) keeps the delay: the record is still not applied early.
+    b.kill()
+    b.start()
+    if time.time() - t0 < 2.5:
+        assert b.group("db")["applied_seq"] < seq
+        assert _block(b, "data", 1 * MiB, 65536) == bytes(65536)
+    wait_until(lambda: _applied(b, seq), 15, "b to apply the write after the delay")
+    assert time.time() - t0 >= 3.0
+    assert _block(b, "data", 1 * MiB, 65536) == b"\x77" * 65536
+    topo.wait_converged()
+    topo.assert_identical()
+
+
+def test_promote_at_on_a_delayed_replica_recovers_the_data_before_a_corruption(topology,
+                                                                           tmp_path):
+    topo = topology(["a", "b"], [("a", "b", "async")],
+                    node_options={"b": {"apply_delay": "1h", "retain": "1h"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M", "write -P 0x12 4M 1M")
+    good = a.group("db")["seq"]
+    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
+    # The logical corruption (an operator's mistake: the data overwritten, then discarded).
+    qemu_io(a.nbd_uri("data"), "write -P 0xee 0 8M", "discard 8M 4M")
+    last = a.group("db")["seq"]
+    wait_until(lambda: b.group("db")["seq"] == last, 10, "b to journal everything")
+    assert b.group("db")["applied_seq"] < good  # (the delay holds all of it back)
+    a.kill()  # the primary is lost (or: stopped, to fail over to the point before)
+    rc, r = replicator_cli(b, "promote", "db", "--at", str(good))
+    assert rc == 0, r
+    assert r["at"]["seq"] == good and r["kept_records"] == last - good, r
+    assert r["seq"] == good  # the new generation starts right after the point
+    assert _copy_from_nbd(b, "data", tmp_path / "promoted.img") == want
+    # The records after the point are kept, not applied: the corruption, to look at.
+    with open(r["kept"], "rb") as f:
+        kept = list(iterate(f.read()))
+    assert [k.seq for k in kept] == list(range(good + 1, last + 1))
+    assert kept[0].payload[:4] == b"\xee" * 4
+    g = b.group("db")
+    assert g["role"] == "primary" and g["window"]["active"] is False
+    assert [e["to_seq"] for e in kinds(b, "rewound")] == [good]
+    qemu_io(b.nbd_uri("data"), "write -P 0x13 8M 64k")  # and it takes writes
+    assert b.group("db")["seq"] == good + 1
+
+
+def test_promote_at_goes_back_through_the_history_on_a_replica_that_applied_it(topology,
+                                                                           tmp_path):
+    topo = topology(["a", "b"], [("a", "b", "async")], journal_size="256MiB",
+                    node_options={"b": {"retain": "1h"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    fio(a.nbd_uri("data"), size="16M", bs="4k")
+    rc, m = replicator_cli(a, "mark", "db", "before-upgrade")
+    assert rc == 0, m
+    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
+    fio(a.nbd_uri("data"), size="16M", bs="64k")
+    last = topo.wait_converged()  # b applied the corruption too
+    a.kill()
+    rc, r = replicator_cli(b, "promote", "db", "--at", "before-upgrade")
+    assert rc == 0, r
+    assert r["at"] == {**r["at"], "seq": m["seq"], "marker": "before-upgrade"}
+    assert r["kept_records"] == last - m["seq"]
+    assert _copy_from_nbd(b, "data", tmp_path / "promoted.img") == want
+    # A restart keeps the promoted image (the checkpoint is at the point).
+    b.kill()
+    b.start()
+    assert b.group("db")["seq"] == m["seq"]
+    assert _copy_from_nbd(b, "data", tmp_path / "restarted.img") == want
+
+
+def test_an_interrupted_promote_at_is_finished_and_held_after_a_restart(topology, tmp_path):
+    """A crash inside promote --at, after rewind.json was written: the restart takes the
+    volumes to the point again (whatever the crash left of the undo) and applies no
+    record after it until the operator acts."""
+    topo = topology(["a", "b"], [("a", "b", "async")], node_options={"b": {"retain": "1h"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 0x21 0 2M")
+    good = a.group("db")["seq"]
+    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
+    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x23 0 512k")
+    last = topo.wait_converged()
+    a.kill()
+    b.kill()
+    # What the crash left: rewind.json, and the undo half done (the first before-image
+    # written back: 1M..3M holds 0x21 again, 0..512k still the corruption).
+    with open(os.path.join(b.dir, "state", "groups", "db", "rewind.json"), "w") as f:
+        json.dump({"to": good, "from": last}, f)
+    with open(b.volume_path("db", "data"), "r+b") as f:
+        f.seek(1 * MiB)
+        f.write(b"\x21" * MiB + bytes(MiB))
+    b.start()
+    g = b.group("db")
+    assert g["applied_seq"] == good and g["window"]["held"], g
+    assert "promote --at" in g["window"]["held"]
+    assert _image(b.volume_path("db", "data")) == want
+    rc, r = replicator_cli(b, "promote", "db", "--at", str(good))
+    assert rc == 0, r
+    assert _copy_from_nbd(b, "data", tmp_path / "promoted.img") == want
+
+
+def test_retention_drops_the_oldest_points_first_and_status_says_the_window(topology,
+                                                                        tmp_path):
+    topo = topology(["a", "b"], [("a", "b", "async")], journal_size="128MiB",
+                    node_options={"b": {"retain": "8MiB"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    lows = []
+    for i in range(8):
+        qemu_io(a.nbd_uri("data"), *[f"write -P {i + 1} {k}M 64k" for k in range(16)])
+        topo.wait_converged()
+        w = b.group("db")["window"]
+        lows.append(w["from_seq"])
+        # The window's bytes stay within retain (plus the file being dropped next).
+        assert w["retained_bytes"] <= 8 * MiB + 2 * MiB, w
+    assert lows == sorted(lows) and lows[-1] > lows[0], lows  # the oldest go first
+    w = b.group("db")["window"]
+    assert w["to_seq"] == a.group("db")["seq"] and w["from_time"] <= w["to_time"]
+    rc, r = replicator_cli(b, "rewind", "db", "--to", str(lows[0] - 1 if lows[0] else 0),
+                           "--copy", str(tmp_path / "gone"))
+    assert rc != 0 and "outside" in r["error"], r
+    rc, r = replicator_cli(b, "rewind", "db", "--to", str(w["to_seq"] - 8),
+                           "--copy", str(tmp_path / "inside"))
+    assert rc == 0, r
+    # (the last round wrote 16 blocks with pattern 8: 8 back, half of them are not there)
+    data = _image(tmp_path / "inside" / "data.img")
+    assert [data[k * MiB] for k in range(16)] == [8] * 8 + [7] * 8
+
+
+def test_time_retention_keeps_about_the_configured_span(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")], node_options={"b": {"retain": "2s"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 1 0 64k")
+    first = a.group("db")["seq"]
+    deadline = time.time() + 4
+    while time.time() < deadline:  # keep writing: points older than 2s are dropped
+        qemu_io(a.nbd_uri("data"), "write -P 2 1M 64k")
+    topo.wait_converged()
+    w = wait_until(lambda: (lambda w: w["from_seq"] > first and w)(b.group("db")["window"]),
+                   5, "the oldest points to be dropped")
+    span = (_ns(w["to_time"]) - _ns(w["from_time"])) / 1e9
+    assert 1.0 <= span <= 3.5, w
+
+
+def test_a_retaining_replica_killed_under_load_still_rewinds_exactly(topology, tmp_path):
+    topo = topology(["a", "b"], [("a", "b", "async")], journal_size="256MiB",
+                    node_options={"b": {"retain": "128MiB"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    fio(a.nbd_uri("data"), size="16M", runtime=1, bs="4k")
+    rc, m = replicator_cli(a, "mark", "db", "m")
+    assert rc == 0, m
+    want = _copy_from_nbd(a, "data", tmp_path / "m.img")
+    wait_until(lambda: _applied(b, m["seq"]), 30, "b to apply through the marker")
+    proc = subprocess.Popen(["fio", "--name=job", "--ioengine=nbd", f"--uri={a.nbd_uri('data')}",
+                             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
+                             "--runtime=4", "--time_based", "--rate=4m"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: b.group("db")["applied_seq"] > m["seq"] + 1000, 20,
+                   "b to apply more records")
+        b.kill()
+        b.start()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    topo.wait_converged()
+    topo.assert_identical()
+    rc, r = replicator_cli(b, "rewind", "db", "--to", "m", "--copy", str(tmp_path / "c"))
+    assert rc == 0, r
+    assert _image(tmp_path / "c" / "data.img") == want
