@@ -184,7 +184,7 @@ def test_promote_at_goes_back_through_the_history_on_a_replica_that_applied_it(t
     fio(a.nbd_uri("data"), size="16M", bs="64k")
     last = topo.wait_converged()  # b applied the corruption too
     a.kill()
-    rc, r = replicator_cli(b, "promote", "db", "--at", "before-upgrade")
+    rc, r = replicator_cli(b, "promote", "db", "--at", "before-upgrade", "--target", "a:async")
     assert rc == 0, r
     assert r["at"] == {**r["at"], "seq": m["seq"], "marker": "before-upgrade"}
     assert r["kept_records"] == last - m["seq"]
@@ -194,6 +194,15 @@ def test_promote_at_goes_back_through_the_history_on_a_replica_that_applied_it(t
     b.start()
     assert b.group("db")["seq"] == m["seq"]
     assert _copy_from_nbd(b, "data", tmp_path / "restarted.img") == want
+    # The old primary rejoins as a replica (README's step 5): its records after the point
+    # are a fork's far side, saved and resynced away; then both hold the good image.
+    a.start()
+    rc, r = replicator_cli(a, "demote", "db", "--source", "b")
+    assert rc == 0, r
+    wait_until(lambda: a.group("db")["applied_seq"] == m["seq"] and b.group("db")["targets"]
+               and b.target("db", "a")["state"] == "replicating", 60, "a to rejoin")
+    assert _image(a.volume_path("db", "data")) == want
+    assert a.group("db")["discarded"], a.group("db")
 
 
 def test_an_interrupted_promote_at_is_finished_and_held_after_a_restart(topology, tmp_path):
