@@ -52,6 +52,22 @@ def format_status(st: dict) -> str:
         lines.append(head)
         for v in g["volumes"]:
             lines.append(f"  volume {v['name']:<12} {human_bytes(v['size']):>10}  {v['path']}")
+        pit = g.get("window")
+        if pit and pit["active"]:
+            line = "  window"
+            if pit["from_seq"] is not None:
+                line += (f" seq {pit['from_seq']}..{pit['to_seq']} ({pit['from_time']} .. "
+                         f"{pit['to_time']})  {human_bytes(pit['retained_bytes'])} of "
+                         f"retain {pit['retain']}")
+            if pit["apply_delay_seconds"]:
+                line += (f"  apply_delay:{pit['apply_delay_seconds']:g}s waiting:"
+                         f"{pit['waiting_records']} rec"
+                         + ("  DELAY-SHORTENED(journal 3/4 full)" if pit["delay_shortened"] else ""))
+            if pit["limited_by"]:
+                line += f"  LIMITED-BY:{pit['limited_by']}"
+            if pit["held"]:
+                line += f"  HELD({pit['held']})"
+            lines.append(line)
         w = g.get("watch")
         if w and w["watching"]:
             e = w["last_epoch"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from datetime import datetime
 
@@ -126,6 +127,8 @@ def test_a_delayed_replica_journals_at_once_and_applies_after_the_delay(topology
     assert g["seq"] == seq and g["applied_seq"] < seq, g
     assert g["window"]["waiting_records"] >= 1 and g["window"]["apply_delay_seconds"] == 3
     assert _block(b, "data", 1 * MiB, 65536) == bytes(65536)  # ... not in the volume yet
+    text = run([sys.executable, "-m", "replicator.cli", "status", "-c", b.config_path])
+    assert "apply_delay:3s waiting:" in text, text
     # A restart (kill -9) keeps the delay: the record is still not applied early.
     b.kill()
     b.start()

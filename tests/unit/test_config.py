@@ -481,3 +481,36 @@ def test_config_check_reports_every_error_as_json(tmp_path):
     assert ok.returncode == 0
     assert json.loads(ok.stdout) == {"ok": True, "errors": [], "node": "dc1-app",
                                      "groups": ["db"]}
+
+
+# ---- point in time (issue 19): retain, apply_delay ---------------------------------------
+
+def test_retain_is_a_time_or_a_size_and_apply_delay_a_duration():
+    assert parse(offload(role="secondary", retain="24h")).group("db").retain_seconds == 86400
+    assert parse(offload(role="secondary", retain="2d")).group("db").retain_seconds == 172800
+    g = parse(offload(role="secondary", retain="20GiB", apply_delay="15m")).group("db")
+    assert (g.retain_bytes, g.retain_seconds, g.apply_delay) == (20 << 30, 0, 900.0)
+    g = parse(offload(role="secondary")).group("db")
+    assert (g.retain_bytes, g.retain_seconds, g.apply_delay) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("group,where,what", [
+    ({"retain": "soon"}, "retain", "a size like 64MiB"),
+    ({"retain": "0s"}, "retain", "expected between 1s and"),
+    ({"retain": "400d"}, "retain", "expected between 1s and"),
+    ({"apply_delay": "8d"}, "apply_delay", "expected between 0s and 604800s"),
+    ({"apply_delay": "later"}, "apply_delay", "a duration like 10s"),
+])
+def test_point_in_time_errors_name_the_key(group, where, what):
+    assert_refused(offload(role="secondary", **group), f"groups[0].{where}", what)
+
+
+def test_a_delayed_secondary_is_a_leaf():
+    assert_refused(offload(FAR, role="secondary", apply_delay="15m"), "groups[0].apply_delay",
+                   "cannot resync or process for targets of its own")
+    assert parse(offload(FAR, role="secondary", retain="1h")).group("db").retain_seconds
+
+
+@pytest.mark.parametrize("key,value", [("retain", "1h"), ("apply_delay", "5m")])
+def test_point_in_time_is_a_secondarys(key, value):
+    assert_refused(offload(NEAR, **{key: value}), f"groups[0].{key}", "a key of a secondary")
