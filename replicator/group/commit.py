@@ -466,9 +466,9 @@ class Commit:
                 closed = rec.seq
                 if inside:
                     closes, inside = True, False
+            vol = volume_of(self.volumes, rec, where) if self._role() != "bunker" else None
             if not journal_only:
-                applies.append((volume_of(self.volumes, rec, where), rec.kind, rec.offset,
-                                rec.length, rec.payload))
+                applies.append((vol, rec.kind, rec.offset, rec.length, rec.payload))
         skip = len(payload) - sum(sizes)  # the records held already come first
         if not sizes:
             done(0)

@@ -56,7 +56,7 @@ class HistoryError(Exception):
 
 class _File:
     __slots__ = ("path", "first_seq", "seqs", "starts", "size", "last_seq", "first_time",
-                 "last_time")
+                 "last_time", "began")
 
     def __init__(self, path: str, first_seq: int):
         self.path = path
@@ -65,7 +65,8 @@ class _File:
         self.starts = array("Q")  # its file offset
         self.size = 0  # through its last step end
         self.last_seq = first_seq - 1  # its last step end
-        self.first_time = self.last_time = 0
+        self.first_time = self.last_time = 0  # first: its low point's (0: not known)
+        self.began = 0  # what its time span counts from: first_time, else its first step's
 
 
 class History:
@@ -115,7 +116,7 @@ class History:
                 if magic != MAGIC or len(body) != name_len + length or \
                         crc32c(body, crc32c(head[_CRC_FROM:])) != crc:
                     break
-                if not f.first_time:
+                if pos == 0:  # the step end the file starts after: the window's low point
                     f.first_time = time_ns
                 if name_len:
                     seqs.append(seq)
@@ -125,6 +126,7 @@ class History:
                     f.starts.extend(starts)
                     del seqs[:], starts[:]
                     f.size, f.last_seq, f.last_time = pos + _HEAD.size, seq, time_ns
+                    f.began = f.began or time_ns
                 pos += _HEAD.size + name_len + length
 
     def start_at(self, seq: int, time_ns: int) -> None:
@@ -132,8 +134,7 @@ class History:
         to (a new history, or one a resync made void): one step end in a new file."""
         with self._lock:
             self.clear()
-            self._new_file(seq + 1)
-            self.save(seq, time_ns, [])
+            self._new_file(seq + 1, time_ns)
 
     def clear(self) -> None:
         """Forget the whole window (a resync rewrites the volumes outside it)."""
@@ -195,33 +196,44 @@ class History:
             if not self._files:
                 raise HistoryError("the history was cleared (a resync began)")
             f = self._files[-1]
-            base = f.size
-            try:
-                written = sum(os.writev(self._fd, bufs[i:i + 1000])
-                              for i in range(0, len(bufs), 1000))
-                if written != at:
-                    raise OSError(errno.ENOSPC, f"short write to {f.path}")
-                os.fdatasync(self._fd)
-            except OSError:
-                os.ftruncate(self._fd, base)  # no step: its volumes are not written
-                raise
-            for seq, pos in entries:
-                f.seqs.append(seq)
-                f.starts.append(base + pos)
-            f.size = base + at
-            f.last_seq, f.last_time = through, time_ns
-            f.first_time = f.first_time or time_ns
+            self._append(f, bufs, at, entries, through, time_ns)
             if f.size >= self.file_bytes or \
-                    self.file_ns and time_ns - f.first_time >= self.file_ns:
-                self._new_file(through + 1)
+                    self.file_ns and time_ns - f.began >= self.file_ns:
+                self._new_file(through + 1, time_ns)
 
-    def _new_file(self, first_seq: int) -> None:
+    def _append(self, f: _File, bufs: list, nbytes: int, entries: list, through: int,
+                time_ns: int) -> None:
+        """Under the lock: one step's entries (then its end) appended to `f`, durably."""
+        base = f.size
+        try:
+            written = sum(os.writev(self._fd, bufs[i:i + 1000])
+                          for i in range(0, len(bufs), 1000))
+            if written != nbytes:
+                raise OSError(errno.ENOSPC, f"short write to {f.path}")
+            os.fdatasync(self._fd)
+        except OSError:
+            os.ftruncate(self._fd, base)  # no step: its volumes are not written
+            raise
+        for seq, pos in entries:
+            f.seqs.append(seq)
+            f.starts.append(base + pos)
+        f.size = base + nbytes
+        f.last_seq, f.last_time = through, time_ns
+        f.began = f.began or time_ns
+
+    def _new_file(self, first_seq: int, time_ns: int) -> None:
+        """A file that starts with the step end at first_seq - 1 (its time is the time of
+        the window's low point once the files before it are dropped)."""
         if self._fd >= 0:
             os.close(self._fd)
         path = os.path.join(self.directory, f"{first_seq:020d}.hist")
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
         statefile.fsync_dir(self.directory)
-        self._files.append(_File(path, first_seq))
+        f = _File(path, first_seq)
+        f.first_time = time_ns
+        self._files.append(f)
+        self._append(f, [_entry(first_seq - 1, time_ns, 0, b"", b"")], _HEAD.size, [],
+                     first_seq - 1, time_ns)
 
     def cut_after(self, seq: int, time_ns: int) -> None:
         """Forget the before-images of records after `seq` (the volumes were taken back
@@ -258,6 +270,8 @@ class History:
 
     @property
     def low_time_ns(self) -> int:
+        """When the primary journaled the window's low point (0: not known, as for seq 0
+        or after a resync)."""
         return self._files[0].first_time if self._files else 0
 
     @property

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 from .. import statefile
@@ -34,6 +34,7 @@ from .history import History
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class Point(NamedTuple):
@@ -234,10 +235,12 @@ class Window:
             raise GroupError(f"group {g.name} keeps no point-in-time window here ("
                              + ("not a secondary now" if self.configured else
                                 "retain / apply_delay are not set") + ")")
-        kind, _, value = to.partition(":") if to.split(":", 1)[0] in (
-            "seq", "time", "marker") else ("", "", to)
+        head, colon, rest = to.partition(":")
+        kind, value = (head, rest) if colon and head in ("seq", "time", "marker") else ("", to)
+        if kind == "seq" and not (value.isascii() and value.isdigit()):
+            raise GroupError(f"seq:{value}: expected a seq number")
         low, high = self.low_seq, g.commit.consistent_seq
-        if kind == "seq" or not kind and value.isdigit():
+        if kind == "seq" or not kind and value.isascii() and value.isdigit():
             seq = int(value)
             self._inside(seq, low, high, f"seq {seq}")
             if seq > low and self._open(seq):
@@ -262,8 +265,8 @@ class Window:
     def _inside(self, seq: int, low: int, high: int, what: str) -> None:
         if not low <= seq <= high:
             raise GroupError(f"{what} is outside group {self.group.name}'s window here "
-                             f"(seq {low}..{high}" + (", " + _iso(self._time_of(low)) + " .. "
-                             + _iso(self.group.journal.time_ns(high)) if high > low else "")
+                             f"(seq {low}..{high}" + (f", {_when(self._time_of(low))} .. "
+                             f"{_when(self.group.journal.time_ns(high))}" if high > low else "")
                              + ")")
 
     def _open(self, seq: int) -> bool:
@@ -276,8 +279,8 @@ class Window:
         if high <= low or j.time_ns(low + 1) > when_ns:
             if self._time_of(low) and self._time_of(low) <= when_ns:
                 return low
-            raise GroupError(f"{_iso(when_ns)} is before group {self.group.name}'s window "
-                             f"here (it starts at seq {low}, {_iso(self._time_of(low))})")
+            raise GroupError(f"{_when(when_ns)} is before group {self.group.name}'s window "
+                             f"here (it starts at seq {low}, {_when(self._time_of(low))})")
         a, b = low + 1, high  # the last seq with time <= when_ns, by bisection
         while a < b:
             mid = (a + b + 1) // 2
@@ -352,7 +355,10 @@ def _looks_like_time(value: str) -> bool:
 def _parse_time(value: str) -> int:
     m = _RELATIVE.match(value)
     if m:
-        return time.time_ns() - int(float(m.group(1)) * _UNIT[m.group(2)] * 1e9)
+        ns = time.time_ns() - int(float(m.group(1)) * _UNIT[m.group(2)] * 1e9)
+        if ns < 0:
+            raise GroupError(f"{value!r} is before 1970: before any window")
+        return ns
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -360,14 +366,23 @@ def _parse_time(value: str) -> int:
                          "2026-12-02T05:10:00Z) or -15m (15 minutes ago)") from None
     if when.tzinfo is None:
         when = when.astimezone()  # the local time of this node
-    return int(when.timestamp() * 1e9)
+    ns = (when - _EPOCH) // timedelta(microseconds=1) * 1000  # exact: no float rounding
+    if ns < 0:
+        raise GroupError(f"{value!r} is before 1970: before any window")
+    return ns
 
 
 def _iso(time_ns: int) -> str | None:
+    """To the microsecond, rounded up: given back (rewind --to), it names the same seq
+    unless another record came within that microsecond."""
     if not time_ns:
         return None
-    return datetime.fromtimestamp(time_ns / 1e9, timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+    when = _EPOCH + timedelta(microseconds=-(-time_ns // 1000))
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _when(time_ns: int) -> str:
+    return _iso(time_ns) or "time not known"
 
 
 def _retain_text(seconds: float, nbytes: int) -> str | None:
