@@ -431,8 +431,7 @@ class Group:
             self._start_applier()
 
     def _start_applier(self) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(
-            self._guarded(self.window.run(), "applier"), name=f"apply-{self.name}"))
+        self._tasks.append(self.window.start(self._guarded))
 
     async def _guarded(self, loop_coro, what: str) -> None:
         """Run one of the group's long-running loops; should it ever raise, the group
@@ -746,7 +745,7 @@ class Group:
                 if self.checkpoint.changed or (changed and due):
                     await loop.run_in_executor(None, self._sync_and_save, pos, acked)
                     synced_at = time.monotonic()
-                self.window.trim()
+                await self.window.trim()
                 await self.retention.trim()
             except (OSError, JournalError) as exc:
                 self.log.error("group %s: checkpoint failed: %s", self.name, exc)

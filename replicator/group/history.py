@@ -282,14 +282,17 @@ class History:
         """(last seq, last time_ns, bytes) of each file, oldest first."""
         return [(f.last_seq, f.last_time, f.size) for f in self._files]
 
-    def drop_oldest(self) -> bool:
-        """Drop the oldest file (never the one appended to); False if there is none."""
+    def drop_oldest(self, count: int = 1) -> bool:
+        """Drop the `count` oldest files (never the one appended to); False if none was
+        (pinned by a rewind, or only one file)."""
         with self._lock:
-            if len(self._files) < 2 or self.pins:
+            count = min(count, len(self._files) - 1)
+            if count < 1 or self.pins:
                 return False
-            f = self._files.pop(0)
-            self._close_reader(f.path)
-            os.unlink(f.path)
+            for f in self._files[:count]:
+                self._close_reader(f.path)
+                os.unlink(f.path)
+            del self._files[:count]
             return True
 
     # ---- going back ------------------------------------------------------------------

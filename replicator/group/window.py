@@ -17,6 +17,7 @@ back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -63,6 +64,7 @@ class Window:
         self.held: str | None = None  # why nothing is applied (an interrupted promote --at)
         self.limited_by: str | None = None  # "journal_size" when the journal cut the window
         self._resyncing = False  # the applier is held until the resync ends
+        self._task: asyncio.Task | None = None
         self._rewind_path = os.path.join(group.dir, "rewind.json")
 
     @property
@@ -122,16 +124,22 @@ class Window:
             self._resyncing = False
             self.applier.resume()
 
-    def run(self):
-        return self.applier.run()
+    def start(self, guarded) -> asyncio.Task:
+        """Run the applier (under the group's guard) until deactivate()."""
+        self._task = asyncio.get_running_loop().create_task(
+            guarded(self.applier.run(), "applier"), name=f"apply-{self.group.name}")
+        return self._task
 
     async def deactivate(self) -> None:
         """The group leaves the secondary role: every durable record is applied first
         (the delay is over), and the history goes."""
         if self.applier is None:
             return
-        if not self.held:
+        if not self.held and not self._resyncing:
             await self.applier.catch_up()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         g = self.group
         g.commit.deferred = g.commit.delayed = False
         g.commit.applier_wake = None
@@ -164,32 +172,38 @@ class Window:
         """The journal keeps the records after this seq for the window."""
         return self.low_seq if self.active else 1 << 63
 
-    def trim(self) -> None:
-        """Drop the window's oldest files while it is beyond its limits (checkpointer)."""
+    async def trim(self) -> None:
+        """Drop the window's oldest files while it is beyond its limits (checkpointer):
+        decided here on the loop, dropped in the io worker (the history's lock may be
+        held by a step's fdatasync there)."""
         if not self.active:
             return
         h, j = self.history, self.group.journal
-        now = time.time_ns()
-        while len(h.files()) > 1:
-            last_seq, last_time, _ = h.files()[0]
+        cutoff = time.time_ns() - self.retain_seconds * 1e9
+        files, held, low = h.files(), h.nbytes, self.low_seq
+        drop, why = 0, None
+        while drop < len(files) - 1:
+            last_seq, last_time, size = files[drop]
+            in_journal = j.bytes_between(low, j.last_seq) if j.last_seq > low else 0
             if not h.images:
                 why = "delay"
-            elif self.retain_seconds and last_time < now - self.retain_seconds * 1e9:
+            elif self.retain_seconds and last_time < cutoff:
                 why = "retain"
-            elif self.retain_bytes and self.retained_bytes > self.retain_bytes:
+            elif self.retain_bytes and held + in_journal > self.retain_bytes:
                 why = "retain"
-            elif j.bytes_between(self.low_seq, j.last_seq) > j.capacity // 2:
+            elif in_journal > j.capacity // 2:
                 why = "journal_size"
             else:
                 break
-            if not h.drop_oldest():
-                break
-            if why == "journal_size" and self.limited_by != why:
-                self.group.log.warning("group %s: the point-in-time window is cut short by "
-                                       "journal_size (the journal holds the window's records "
-                                       "too): it now starts at seq %d", self.group.name,
-                                       self.low_seq)
-            self.limited_by = why if why == "journal_size" else None
+            drop, held, low = drop + 1, held - size, max(last_seq, j.base.seq)
+        if not drop or not await self.group.in_io(h.drop_oldest, drop):
+            return
+        if why == "journal_size" and self.limited_by != why:
+            self.group.log.warning("group %s: the point-in-time window is cut short by "
+                                   "journal_size (the journal holds the window's records "
+                                   "too): it now starts at seq %d", self.group.name,
+                                   self.low_seq)
+        self.limited_by = why if why == "journal_size" else None
 
     @property
     def retained_bytes(self) -> int:
