@@ -279,8 +279,17 @@ class Group:
         """Until everything accepted is durable and in the volumes (a deferred secondary's
         applier applies what waits, the delay notwithstanding: a switchover, a verify)."""
         await self.commit.settle()
+        await self.apply_through(self.commit.consistent_seq)
+
+    async def apply_through(self, seq: int) -> None:
+        """A deferred secondary's volumes are brought to `seq` now (others are there)."""
         if self.window.active:
-            await self.window.applier.catch_up()
+            await self.window.applier.catch_up(seq)
+
+    def read(self, volume: str, offset: int, length: int) -> bytes:
+        """What the group shows of a volume's range: the volume with the completed
+        writes not in it yet laid over it (a resync sends this)."""
+        return self.commit.read(self.volumes[volume], offset, length)
 
     def _drop_open_epoch(self) -> None:
         """A replica becoming primary: records of an epoch that never closed (its

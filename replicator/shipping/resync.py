@@ -152,7 +152,7 @@ class Resync:
             for volume, region, offset, length in regions:
                 if epoch != t.resync_epoch:
                     break
-                await self._send(volume, region, offset, g.volumes[volume].read(offset, length))
+                await self._send(volume, region, offset, g.read(volume, offset, length))
         await self._wait(lambda: not self.pending)
 
     async def _finish(self) -> int:
@@ -237,8 +237,7 @@ class Resync:
         bm = self.target.bitmap
         for i, (volume, region, offset, length) in enumerate(run):
             if i in diff:
-                await self._send(volume, region, offset,
-                                 self.group.volumes[volume].read(offset, length))
+                await self._send(volume, region, offset, self.group.read(volume, offset, length))
             elif bm.clear(volume, region):
                 self.done_bytes += length
                 self.same_bytes += length

@@ -521,6 +521,7 @@ class Stream:
                 raise ShipError(f"group {g.name}: {g.commit.halted}")
             await g.commit.wait_for_records(g.journal.last_seq, self.hb_interval)
         seq = g.commit.consistent_seq
+        await g.apply_through(seq)  # (a deferred secondary applies in steps)
         if g.commit.applied_seq != seq or g.inconsistent:
             probe.reply.set_exception(ShipError(f"group {g.name} on this node is not a "
                                                 "consistent image right now"))

@@ -312,3 +312,30 @@ def test_a_retaining_replica_killed_under_load_still_rewinds_exactly(topology, t
     rc, r = replicator_cli(b, "rewind", "db", "--to", "m", "--copy", str(tmp_path / "c"))
     assert rc == 0, r
     assert _image(tmp_path / "c" / "data.img") == want
+
+
+def test_a_retaining_intermediate_verifies_and_resyncs_its_own_target(topology):
+    """b keeps a window and feeds c: its volumes lag its journal by a step at most, and
+    a verify or resync from b sees what b shows (the step's records laid over)."""
+    topo = topology(["a", "b", "c"], [("a", "b", "async"), ("b", "c", "async")],
+                    journal_size="256MiB", node_options={"b": {"retain": "1h"}})
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    topo.wait_converged()
+    proc = subprocess.Popen(["fio", "--name=job", "--ioengine=nbd", f"--uri={a.nbd_uri('data')}",
+                             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
+                             "--runtime=3", "--time_based", "--rate=4m"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        rc, r = replicator_cli(b, "verify", "db", "c")  # in the stream, while writes flow
+        assert rc == 0 and not r["mismatches"], r
+        rc, r = replicator_cli(b, "resync", "db", "c", "--full")
+        assert rc == 0, r
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    topo.wait_converged()
+    topo.assert_identical()
+    rc, r = replicator_cli(b, "verify", "db", "c")
+    assert rc == 0 and not r["mismatches"] and r["bytes_checked"] > 0, r
