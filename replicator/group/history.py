@@ -209,7 +209,7 @@ class History:
             written = sum(os.writev(self._fd, bufs[i:i + 1000])
                           for i in range(0, len(bufs), 1000))
             if written != nbytes:
-                raise OSError(errno.ENOSPC, f"short write to {f.path}")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.path)  # a short write
             os.fdatasync(self._fd)
         except OSError:
             os.ftruncate(self._fd, base)  # no step: its volumes are not written

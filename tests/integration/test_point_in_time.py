@@ -15,7 +15,7 @@ from datetime import datetime
 
 from replicator.journal.record import iterate
 from replicator.journal.segments import Journal
-from tests.agents import MiB, kinds, replicator_cli, wait_until
+from tests.agents import MiB, fill_up, kinds, replicator_cli, small_fs, wait_until
 from tests.clients import fio, qemu_io, run
 
 
@@ -339,3 +339,40 @@ def test_a_retaining_intermediate_verifies_and_resyncs_its_own_target(topology):
     topo.assert_identical()
     rc, r = replicator_cli(b, "verify", "db", "c")
     assert rc == 0 and not r["mismatches"] and r["bytes_checked"] > 0, r
+
+
+def test_a_full_disk_under_the_history_holds_the_applies_and_loses_nothing(topology,
+                                                                          tmp_path):
+    """b's state directory fills up: the before-images cannot be saved, so nothing is
+    applied (an apply without them would leave a hole in the window); the records stay
+    journaled (reserved space) and acked, status says why, and once there is room the
+    applies go on and the window is whole."""
+    topo = topology(["a", "b"], [("a", "b", "async")], journal_size="16MiB", start=False,
+                    node_options={"b": {"retain": "1h"}})
+    a, b = topo["a"], topo["b"]
+    with small_fs(tmp_path / "bstate", "64m") as mnt:
+        b.config["state_dir"] = mnt
+        b.save_config()
+        topo.start()
+        topo.wait_converged()
+        qemu_io(a.nbd_uri("data"), "write -P 0x31 0 1M")
+        rc, m = replicator_cli(a, "mark", "db", "before-full")
+        assert rc == 0, m
+        want = _copy_from_nbd(a, "data", tmp_path / "m.img")
+        wait_until(lambda: _applied(b, m["seq"]), 10, "b to apply through the marker")
+        filler = fill_up(mnt)
+        qemu_io(a.nbd_uri("data"), "write -P 0x32 0 512k", "write -P 0x33 1M 512k")
+        seq = a.group("db")["seq"]
+        wait_until(lambda: a.target("db", "b")["acked_seq"] == seq, 10, "b to ack")
+        g = wait_until(lambda: (lambda g: g["writes_halted"] and g)(b.group("db")), 10,
+                       "b to say why it does not apply")
+        assert "No space left" in g["writes_halted"] and g["applied_seq"] == m["seq"], g
+        os.unlink(filler)
+        wait_until(lambda: _applied(b, seq), 10, "b to apply once there is room")
+        assert not b.group("db")["writes_halted"]
+        topo.assert_identical()
+        rc, r = replicator_cli(b, "rewind", "db", "--to", "before-full",
+                               "--copy", str(tmp_path / "c"))
+        assert rc == 0, r
+        assert _image(tmp_path / "c" / "data.img") == want
+        topo.stop()
