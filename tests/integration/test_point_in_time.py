@@ -6,6 +6,7 @@ aside. Real agents, real NBD clients (qemu-io, qemu-img, fio)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -104,6 +105,23 @@ def _journal_records(agent, after: int, through: int | None = None) -> list:
         return list(j.records(after, through))
     finally:
         j.close()
+
+
+@contextlib.contextmanager
+def _writing(agent, seconds: int):
+    """fio writing 4 KiB blocks at 4 MB/s into the agent's `data` for `seconds`, in the
+    background; it must end well (it is killed if the block fails)."""
+    proc = subprocess.Popen(["fio", "--name=job", "--ioengine=nbd",
+                             f"--uri={agent.nbd_uri('data')}", "--rw=randwrite", "--bs=4k",
+                             "--iodepth=16", "--size=16M", f"--runtime={seconds}",
+                             "--time_based", "--rate=4m"], stdout=subprocess.DEVNULL)
+    try:
+        yield
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _block(agent, volume: str, offset: int, length: int) -> bytes:
@@ -293,20 +311,11 @@ def test_a_retaining_replica_killed_under_load_still_rewinds_exactly(topology, t
     assert rc == 0, m
     want = _copy_from_nbd(a, "data", tmp_path / "m.img")
     wait_until(lambda: _applied(b, m["seq"]), 30, "b to apply through the marker")
-    proc = subprocess.Popen(["fio", "--name=job", "--ioengine=nbd", f"--uri={a.nbd_uri('data')}",
-                             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
-                             "--runtime=4", "--time_based", "--rate=4m"],
-                            stdout=subprocess.DEVNULL)
-    try:
+    with _writing(a, seconds=4):
         wait_until(lambda: b.group("db")["applied_seq"] > m["seq"] + 1000, 20,
                    "b to apply more records")
         b.kill()
         b.start()
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     topo.wait_converged()
     topo.assert_identical()
     rc, r = replicator_cli(b, "rewind", "db", "--to", "m", "--copy", str(tmp_path / "c"))
@@ -319,22 +328,13 @@ def test_a_retaining_intermediate_verifies_and_resyncs_its_own_target(topology):
     a verify or resync from b sees what b shows (the step's records laid over)."""
     topo = topology(["a", "b", "c"], [("a", "b", "async"), ("b", "c", "async")],
                     journal_size="256MiB", node_options={"b": {"retain": "1h"}})
-    a, b, c = topo["a"], topo["b"], topo["c"]
+    a, b = topo["a"], topo["b"]
     topo.wait_converged()
-    proc = subprocess.Popen(["fio", "--name=job", "--ioengine=nbd", f"--uri={a.nbd_uri('data')}",
-                             "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
-                             "--runtime=3", "--time_based", "--rate=4m"],
-                            stdout=subprocess.DEVNULL)
-    try:
+    with _writing(a, seconds=3):
         rc, r = replicator_cli(b, "verify", "db", "c")  # in the stream, while writes flow
         assert rc == 0 and not r["mismatches"], r
         rc, r = replicator_cli(b, "resync", "db", "c", "--full")
         assert rc == 0, r
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     topo.wait_converged()
     topo.assert_identical()
     rc, r = replicator_cli(b, "verify", "db", "c")
