@@ -62,7 +62,7 @@ def format_status(st: dict) -> str:
             if pit["apply_delay_seconds"]:
                 line += (f"  apply_delay:{pit['apply_delay_seconds']:g}s waiting:"
                          f"{pit['waiting_records']} rec"
-                         + ("  DELAY-SHORTENED(journal 3/4 full)" if pit["delay_shortened"] else ""))
+                         + ("  DELAY-SHORTENED(journal half full)" if pit["delay_shortened"] else ""))
             if pit["limited_by"]:
                 line += f"  LIMITED-BY:{pit['limited_by']}"
             if pit["held"]:

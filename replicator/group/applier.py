@@ -12,8 +12,9 @@ end (a consistent point):
    relies on applies happening only there), and move applied_seq on.
 
 The records wait in the journal, which keeps everything after the volumes' checkpoint.
-When the journal is three quarters full of records the delay still holds back, the
-delay gives way (they are applied now, with a warning and an event) rather than stop
+When the journal is half full of records the delay still holds back, the delay gives
+way for the oldest of them, until a quarter of the journal waits (before the source's
+logging_high_water, 3/4 of a journal of the same size, sends it to logging) (they are applied now, with a warning and an event) rather than stop
 replication: what the volumes lag by is the operator's to size (journal_size).
 """
 
@@ -31,6 +32,7 @@ from .history import History, HistoryError
 
 STEP_BYTES = 8 << 20  # of record payload per step (a longer epoch is one step)
 RETRY = 1.0  # seconds before a failed step is tried again
+PRESSURE_CHECK = 1.0  # seconds between looks at the journal while the delay holds records
 
 
 class Applier:
@@ -48,7 +50,8 @@ class Applier:
         self._wake = asyncio.Event()
         self._paused = 0
         self._stepping = asyncio.Lock()  # one step at a time (run, and catch_up)
-        commit.applier_wake = self._wake.set
+        self._waiting_for_time = False  # the next record falls due later: a timer wakes us
+        commit.applier_wake = self._woken
 
     async def run(self) -> None:
         while True:
@@ -68,10 +71,20 @@ class Applier:
                 wait = RETRY
             if wait == 0:
                 continue
+            self._waiting_for_time = wait is not None
+            if wait is not None:
+                wait = min(wait, PRESSURE_CHECK)
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
+
+    def _woken(self) -> None:
+        """The commit path: records are durable. Not a reason to look while the next
+        one is not due yet (a delayed secondary gets batches far more often than its
+        records fall due)."""
+        if not self._waiting_for_time or self._over_pressure():
+            self._wake.set()
 
     async def step(self, through: int | None) -> float | None:
         """Apply one step (due records; every record through `through` if given, delay
@@ -82,8 +95,13 @@ class Applier:
         if c.applied_seq >= target:
             return None
         cutoff = time.time_ns() - self.delay_ns
-        if through is not None or self._pressed():
+        if through is not None:
             cutoff = 1 << 63
+        elif self._pressed():  # early, the oldest first, until a quarter of it waits
+            cutoff, target = 1 << 63, self._early_through(target)
+        first = self.journal.time_ns(c.applied_seq + 1)  # (one header read)
+        if first > cutoff:
+            return (first - cutoff) / 1e9
         records, nbytes, end, wait = [], 0, 0, None
         for rec in self.journal.records(c.applied_seq, target):
             if rec.time_ns > cutoff:
@@ -105,12 +123,28 @@ class Applier:
         c.applied_through(last.seq)
         return 0 if last.seq < target else wait
 
-    def _pressed(self) -> bool:
-        """The journal is 3/4 full: the delay gives way (see the docstring)."""
+    def _early_through(self, target: int) -> int:
+        """The seq through which records go early for no more than a quarter of the
+        journal to wait after it."""
+        j, lo, hi = self.journal, self.commit.applied_seq, target
+        while lo < hi:  # the smallest seq leaving at most capacity/4 after it
+            mid = (lo + hi) // 2
+            if j.bytes_between(mid, j.last_seq) <= j.capacity // 4:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _over_pressure(self) -> bool:
         j = self.journal
-        full = self.delay_ns and j.used_bytes > j.capacity * 3 // 4
+        return bool(self.delay_ns) and j.used_bytes > j.capacity // 2
+
+    def _pressed(self) -> bool:
+        """The journal is half full: the delay gives way (see the docstring)."""
+        j = self.journal
+        full = self._over_pressure()
         if full and not self.hurried:
-            self.log.warning("group %s: the journal is 3/4 full of records waiting for "
+            self.log.warning("group %s: the journal is half full of records waiting for "
                              "apply_delay: applying them now (the volumes lag by less than "
                              "the delay until it empties; a larger journal_size keeps it)",
                              self.name)
@@ -144,6 +178,7 @@ class Applier:
 
     def resume(self) -> None:
         self._paused -= 1
+        self._waiting_for_time = False
         self._wake.set()
 
     @property

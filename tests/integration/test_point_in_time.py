@@ -376,3 +376,23 @@ def test_a_full_disk_under_the_history_holds_the_applies_and_loses_nothing(topol
         assert rc == 0, r
         assert _image(tmp_path / "c" / "data.img") == want
         topo.stop()
+
+
+def test_the_delay_gives_way_when_the_journal_fills_with_records_it_holds(topology):
+    """A delayed secondary whose journal is half full of records the delay holds back
+    applies them early (an event, status says so) instead of stopping replication (no
+    resync: its source never sent it to logging)."""
+    topo = topology(["a", "b"], [("a", "b", "async")], journal_size="16MiB",
+                    node_options={"b": {"apply_delay": "1h"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    for i in range(10):  # 10 MiB into a 16 MiB journal
+        qemu_io(a.nbd_uri("data"), f"write -P {i + 1} {i * MiB} 1M")
+    seq = a.group("db")["seq"]
+    wait_until(lambda: a.target("db", "b")["acked_seq"] == seq, 30, "b to take every record")
+    assert a.target("db", "b")["state"] == "replicating"
+    wait_until(lambda: kinds(b, "apply_delay_shortened"), 10, "the event")
+    g = b.group("db")
+    assert 0 < g["applied_seq"] < seq and g["window"]["delay_shortened"], g
+    assert seq - g["applied_seq"] <= 4, g  # the oldest went early: a quarter waits
+    assert [e["initial"] for e in kinds(a, "resync_started")] == [True]  # no other resync
