@@ -48,6 +48,7 @@ _HEAD = struct.Struct("<4sIQQQIH")
 _CRC_FROM = 8
 _PIECE = 16 << 20  # the before-image of a long ZERO goes in pieces of this size
 FILE_BYTES = 64 << 20  # a file is closed at the first step end past this size
+UNDO_READ = 8 << 20  # bytes of entries an undo reads at once
 
 
 class HistoryError(Exception):
@@ -307,21 +308,40 @@ class History:
         for f in reversed(list(self._files)):
             if f.last_seq <= after_seq:
                 break
-            fd = self._reader(f.path)
-            for i in range(len(f.seqs) - 1, -1, -1):
-                seq = f.seqs[i]
-                if seq > from_seq:
-                    continue
-                if seq <= after_seq:
-                    break
-                head = os.pread(fd, _HEAD.size, f.starts[i])
+            lo, hi = bisect_right(f.seqs, after_seq), bisect_right(f.seqs, from_seq)
+            if lo < hi:
+                total += self._undo_file(f, lo, hi, write)
+        return total
+
+    def _undo_file(self, f: _File, lo: int, hi: int, write) -> int:
+        """Entries lo..hi-1 of `f`, newest first. They are a contiguous stretch of the
+        file: read backwards in blocks of up to UNDO_READ (the kernel's readahead does
+        not follow a walk backwards entry by entry: each would be a synchronous disk
+        read), after a hint to read it all ahead."""
+        fd = self._reader(f.path)
+        end = f.starts[hi] if hi < len(f.starts) else f.size
+        os.posix_fadvise(fd, f.starts[lo], end - f.starts[lo], os.POSIX_FADV_WILLNEED)
+        total, i = 0, hi - 1
+        while i >= lo:
+            j = i  # the block: entries j..i, within UNDO_READ (one entry at least)
+            while j > lo and end - f.starts[j - 1] <= UNDO_READ:
+                j -= 1
+            start = f.starts[j]
+            block = memoryview(os.pread(fd, end - start, start))
+            if len(block) != end - start:
+                raise HistoryError(f"{f.path}: short read at offset {start}")
+            for k in range(i, j - 1, -1):
+                at = f.starts[k] - start
+                head = block[at:at + _HEAD.size]
                 _, crc, _, _, offset, length, name_len = _HEAD.unpack(head)
-                body = os.pread(fd, name_len + length, f.starts[i] + _HEAD.size)
-                if crc32c(body, crc32c(head[_CRC_FROM:])) != crc:
-                    raise HistoryError(f"{f.path}: the entry of seq {seq} at offset "
-                                       f"{f.starts[i]} is corrupt")
-                write(body[:name_len].decode(), offset, memoryview(body)[name_len:])
+                body = block[at + _HEAD.size:at + _HEAD.size + name_len + length]
+                if len(body) != name_len + length or \
+                        crc32c(body, crc32c(head[_CRC_FROM:])) != crc:
+                    raise HistoryError(f"{f.path}: the entry of seq {f.seqs[k]} at offset "
+                                       f"{f.starts[k]} is corrupt")
+                write(bytes(body[:name_len]).decode(), offset, body[name_len:])
                 total += length
+            end, i = start, j - 1
         return total
 
     def pin(self) -> None:
