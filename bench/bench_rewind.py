@@ -19,14 +19,14 @@ applied everything:
 
 - retained: the secondary's status `window.retained_bytes` divided by the bytes fio
   wrote (everything written inside the window; fio's write_iolog lists them);
-- cold: sync and drop the page cache, time `replicator rewind db --to m --copy DIR` on
-  the secondary (the CLI's wall time, and the `seconds` the agent reports: the CLI's own
-  Python start is ~0.15 s), then sync and drop the cache again and time the reference:
-  the changed bytes copied once, i.e. every extent fio wrote (merged, in offset order)
-  read from the rewind copy (which is the image at the marker: the old content) and
-  written at its offset into a new sparse file, then fdatasync;
-- warm: the same two again (rewind into a second directory), the page cache as the
-  cold pair left it.
+- warm: time `replicator rewind db --to m --copy DIR` on the secondary (the CLI's wall
+  time, and the `seconds` the agent reports: the CLI's own Python start is ~0.15 s),
+  the page cache as the writes left it (a recent point); then time the reference: the
+  changed bytes copied once, i.e. every extent fio wrote (merged, in offset order) read
+  from the rewind copy (which is the image at the marker: the old content) and written
+  at its offset into a new sparse file, then fdatasync;
+- cold: the same two again (rewind into a second directory), each after a sync and a
+  drop of the page cache (an old point: nothing of it cached).
 
 Medians of the runs go to stdout and bench/results/rewind.json. --profile adds, per
 file system and workload of the first run, a cProfile of the rewind's own work done
@@ -44,9 +44,12 @@ import io
 import os
 import pstats
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -151,12 +154,13 @@ def one(base: str, fs: str, workload: str, volume: int, written: int,
                "history_per_written": window["history_bytes"] / written}
         copies = os.path.join(root, "copies")
         os.makedirs(copies)
-        for cache in ("cold", "warm"):
+        for cache in ("warm", "cold"):
             if cache == "cold":
                 drop_caches()
             copy = os.path.join(copies, cache)
-            wall, (rc, r) = timed(replicator_cli, b, "rewind", "db", "--to", "m", "--copy",
-                                  copy)
+            with sampled(b, f"{fs}-{workload}-{cache}" if profile else None):
+                wall, (rc, r) = timed(replicator_cli, b, "rewind", "db", "--to", "m",
+                                      "--copy", copy)
             assert rc == 0, r
             assert r["copy"]["seq"] == m["seq"] and r["copy"]["rewound_from"] == seq, r
             if cache == "cold":
@@ -174,6 +178,40 @@ def one(base: str, fs: str, workload: str, volume: int, written: int,
     finally:
         topo.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sampled(agent, name: str | None):
+    """py-spy (when installed; its pip package, not one of the project's) sampling the
+    agent meanwhile, every thread, idle ones too: its stacks (raw: collapsed, with
+    counts) in bench/results/pyspy-rewind-NAME.raw, the busy ones' top leaf frames in
+    pyspy-rewind-NAME.txt."""
+    if name is None or shutil.which("py-spy") is None:
+        yield
+        return
+    raw = os.path.join(RESULTS, f"pyspy-rewind-{name}.raw")
+    os.makedirs(RESULTS, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(agent.proc.pid), "--idle",
+                            "--threads", "--rate", "500", "--format", "raw", "-o", raw],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # it attaches while the CLI's Python starts (~0.15 s), before the agent works
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+    leaves: Counter = Counter()
+    with open(raw) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            frames = stack.split(";")
+            if any(fr.startswith(("_WorkItem.run ", "rewind ", "take ")) for fr in frames):
+                leaves[" <- ".join(reversed(frames[-2:]))] += int(count)
+    total = sum(leaves.values())
+    with open(raw[:-4] + ".txt", "w") as f:
+        f.write(f"{total} samples (500/s) of the agent's busy stacks (worker threads' work "
+                f"items, the rewind coroutine), by leaf frame <- its caller:\n")
+        for frame, n in leaves.most_common(15):
+            f.write(f"{n:6d} {n / total:6.1%}  {frame}\n")
 
 
 def profile_rewind(agent, mark_seq: int, volume: int, directory: str, path: str) -> None:
