@@ -24,6 +24,7 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 MAX_RETAIN_SECONDS = 366 * 86400  # a year of history: more is a typo
+MIN_RETAIN_BYTES = 16 << 20  # less holds no more than a step or two
 MAX_SIZE = 1 << 50  # 1024TiB: more is a typo, and past float range it is no size at all
 
 # sync: a write completes once the target has it too; async: shipped from the journal as
@@ -539,13 +540,21 @@ def _group(data, path: str, node: str | None, peers: dict | None,
 def _point_in_time(r: _Reader, role: str | None) -> dict:
     """`retain` (a duration, or a size) and `apply_delay`: keys of a secondary."""
     out = {}
-    raw = r.get("retain", None, types=(str, int))
+    raw = r.get("retain", None, types=(str,))
     if raw is not None:
-        if isinstance(raw, str) and _DURATION_RE.match(raw) and not raw.strip().isdigit():
+        if _DURATION_RE.match(raw) and not raw.strip().isdigit():
             out["retain_seconds"] = r.check("retain", parse_duration, raw, low=1,
                                             high=MAX_RETAIN_SECONDS)
+        elif raw.strip().isdigit():
+            r.fail("retain", f"expected a time like 24h or a size like 20GiB; {raw!r} is "
+                             "neither (say 3600s, or 3600B)")
         else:
-            out["retain_bytes"] = r.check("retain", parse_size, raw)
+            nbytes = out["retain_bytes"] = r.check("retain", parse_size, raw)
+            if nbytes is not None and nbytes < MIN_RETAIN_BYTES:
+                out["retain_bytes"] = r.fail("retain", f"expected at least "
+                                                       f"{size_text(MIN_RETAIN_BYTES)} (the "
+                                                       "window is dropped a file at a time); "
+                                                       f"got {size_text(nbytes)}")
     delay = r.value("apply_delay", parse_duration, None, low=0, high=7 * 86400)
     if delay is not None:
         out["apply_delay"] = delay

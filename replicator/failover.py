@@ -74,13 +74,14 @@ class Failover:
         """Takeover at a point of this secondary's window before a logical corruption
         (group/window.py): the records after it are set aside, not applied, and no bunker
         is asked (what it holds comes after the point)."""
-        if self.receiver.status(group.name) is not None and not force:
+        if self.receiver.status(group.name) is not None:
             raise AdminError(f"group {group.name}: its source {group.source} is still "
                              "connected; stop it first (it would go on shipping what comes "
-                             "after the point), or force")
+                             "after the point; --force does not change that)")
         if group.role != "secondary":
             raise AdminError(f"group {group.name} is {group.role} here; only a secondary is "
                              "promoted")
+        group.check_promotable(force)  # before anything is undone
         point, kept, path = await group.rewind_to(to)
         result = await self.promote_to(group, targets, force)
         return {**result, "at": point.as_dict(), "kept_records": kept, "kept": path}

@@ -474,10 +474,15 @@ class Receiver:
     async def _handover(self, s: _Session, ev: Handover) -> None:
         """Planned switchover: we hold every record through ev.seq; become the primary."""
         g = s.group
-        await g.caught_up()
-        if g.commit.applied_seq != ev.seq or g.inconsistent:
-            why = (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds seq "
-                   f"{g.commit.applied_seq}" + (" and is inconsistent" if g.inconsistent else ""))
+        try:
+            await g.caught_up()
+            held = None
+        except GroupError as exc:  # held: an interrupted promote --at (window.py)
+            held = str(exc)
+        if held or g.commit.applied_seq != ev.seq or g.inconsistent:
+            why = held or (f"handover at seq {ev.seq} but group {g.name} on {self.node} holds "
+                           f"seq {g.commit.applied_seq}"
+                           + (" and is inconsistent" if g.inconsistent else ""))
             self.log.error("group %s: %s", g.name, why)
             await s.link.send(Error(code=Refusal.HANDOVER_REFUSED, message=why))
             return
@@ -523,7 +528,10 @@ class Receiver:
             if g.commit.delayed:
                 return (f"group {g.name} applies with a delay here (apply_delay): its volumes "
                         "are behind its journal, so they cannot be hashed at the stream's seq")
-            await g.caught_up()
+            try:
+                await g.caught_up()
+            except GroupError as exc:  # held: an interrupted promote --at (window.py)
+                return f"group {g.name}: {exc}"
             if g.inconsistent:
                 return f"group {g.name} is being resynced: no consistent image to hash"
             if g.commit.applied_seq != ev.seq:

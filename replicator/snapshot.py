@@ -32,6 +32,7 @@ import os
 from . import statefile
 from .generations import Generation, to_json
 from .group import Group, GroupError, apply_to_volumes, received_records, volume_of
+from .group.history import HistoryError
 from .journal.record import FLAG_OPEN
 from .journal.segments import Position
 from .volume import Volume
@@ -92,6 +93,9 @@ async def take(group: Group, directory: str) -> Snapshot:
     if group.inconsistent:
         raise GroupError(f"group {group.name} is being resynced here: no consistent image "
                          "to copy")
+    if group.window.rewinding:
+        raise GroupError(f"group {group.name}: a promote --at is taking the volumes to another "
+                         "point right now: no consistent image to copy")
     os.makedirs(directory, exist_ok=True)
     loop = asyncio.get_running_loop()
     copies = {n: Volume(n, os.path.join(directory, f"{n}.img"), v.size)
@@ -123,10 +127,10 @@ async def rewind(group: Group, directory: str, to: str) -> dict:
     """A copy of `group`'s volumes in `directory` at the point `to` names (a seq, time or
     marker of its window); returns the manifest."""
     window = group.window
-    point = window.resolve(to)
     loop = asyncio.get_running_loop()
-    window.history.pin()
+    window.history.pin()  # from the point's resolution to the undo: nothing dropped between
     try:
+        point = window.resolve(to)
         snap = await take(group, directory)
         try:
             start = snap.position.seq
@@ -134,7 +138,12 @@ async def rewind(group: Group, directory: str, to: str) -> dict:
                 for first, last, data in group.journal.chunks(start, point.seq):
                     snap.apply(first, last, data)
             elif point.seq < start:
-                await loop.run_in_executor(None, window.undo_onto, snap.volumes, point.seq, start)
+                try:
+                    await loop.run_in_executor(None, window.undo_onto, snap.volumes,
+                                               point.seq, start)
+                except HistoryError as exc:
+                    raise GroupError(f"the history cannot take the copy to seq "
+                                     f"{point.seq}: {exc}") from None
                 snap.position = group.journal.position(point.seq) or group.journal.base
             if snap.position.seq != point.seq:
                 raise GroupError(f"the copy reached seq {snap.position.seq}, not {point.seq}")

@@ -27,7 +27,7 @@ import time
 from ..events import emit
 from ..journal.segments import Journal
 from ..volume import Volume
-from .commit import Commit, apply_to_volumes
+from .commit import Commit, GroupError, apply_to_volumes
 from .history import History, HistoryError
 
 STEP_BYTES = 8 << 20  # of record payload per step (a longer epoch is one step)
@@ -37,16 +37,19 @@ PRESSURE_CHECK = 1.0  # seconds between looks at the journal while the delay hol
 
 class Applier:
     def __init__(self, name: str, journal: Journal, volumes: dict[str, Volume], commit: Commit,
-                 history: History, delay: float, log: logging.Logger, in_io):
+                 history: History, delay: float, log: logging.Logger, in_io,
+                 step_bytes: int = STEP_BYTES):
         self.name = name
         self.journal = journal
         self.volumes = volumes
         self.commit = commit
         self.history = history
         self.delay_ns = int(delay * 1e9)
+        self.step_bytes = step_bytes
         self.log = log
         self._in_io = in_io  # the group's io worker: history saves and clears in turn
         self.hurried = False  # the journal filled: applying before the delay is over
+        self.held: str | None = None  # why nothing may be applied (window.py: rewind.json)
         self._wake = asyncio.Event()
         self._paused = 0
         self._stepping = asyncio.Lock()  # one step at a time (run, and catch_up)
@@ -57,7 +60,7 @@ class Applier:
         while True:
             self._wake.clear()  # before the step: a wake during it makes another
             try:
-                wait = await self.step(None) if not self._paused else None
+                wait = await self.step(None) if not (self._paused or self.held) else None
             except HistoryError as exc:
                 self.log.info("group %s: apply step dropped: %s", self.name, exc)
                 wait = None
@@ -74,9 +77,10 @@ class Applier:
             self._waiting_for_time = wait is not None
             if wait is not None:
                 wait = min(wait, PRESSURE_CHECK)
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
+            try:  # (not wait_for: on 3.11 it loses a cancel that comes with the wake)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     def _woken(self) -> None:
@@ -89,7 +93,12 @@ class Applier:
     async def step(self, through: int | None) -> float | None:
         """Apply one step (due records; every record through `through` if given, delay
         or not). Returns 0 if more is due now, the seconds until the next record falls
-        due, or None when nothing waits."""
+        due, or None when nothing waits. One step at a time: a second one would save
+        before-images the first one is overwriting."""
+        async with self._stepping:
+            return await self._step(through)
+
+    async def _step(self, through: int | None) -> float | None:
         c = self.commit
         target = c.consistent_seq if through is None else min(through, c.consistent_seq)
         if c.applied_seq >= target:
@@ -111,7 +120,7 @@ class Applier:
             nbytes += rec.length
             if not rec.flags:
                 end = len(records)
-                if nbytes >= STEP_BYTES:
+                if nbytes >= self.step_bytes:
                     break
         if not end:
             return wait
@@ -156,6 +165,8 @@ class Applier:
         """Apply every durable record (through `through`), the delay notwithstanding (a
         promote, a switchover, a rewind in place)."""
         c = self.commit
+        if self.held:
+            raise GroupError(self.held)
         target = c.consistent_seq if through is None else through
         self.pause()
         try:
@@ -175,6 +186,11 @@ class Applier:
         self.pause()
         async with self._stepping:
             pass
+
+    def resume_after_hold(self) -> None:
+        """`held` was lifted: look again."""
+        self._waiting_for_time = False
+        self._wake.set()
 
     def resume(self) -> None:
         self._paused -= 1

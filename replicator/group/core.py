@@ -226,15 +226,7 @@ class Group:
         """This replica becomes the primary: a new generation starts after its last
         record. Refused for an inconsistent (being resynced) or split-brained image
         unless forced."""
-        if self.role == "primary":
-            raise GroupError(f"group {self.name} is already primary here")
-        if self.inconsistent and not force:
-            raise GroupError(f"group {self.name} is inconsistent here (a resync was "
-                             f"interrupted; last consistent image: seq {self.resync_base.seq}); "
-                             "roll it back first (replicator rollback), or force")
-        if self.lineage.split_brain and not force:
-            raise GroupError(f"group {self.name} is in split brain with "
-                             f"{self.lineage.split_brain['peer']}; resolve it first, or force")
+        self.check_promotable(force)
         await self.commit.settle()
         await self.window.deactivate()  # every durable record applied: the delay is over
         self._drop_open_epoch()
@@ -251,6 +243,17 @@ class Group:
              forced=force)
         return gen
 
+    def check_promotable(self, force: bool) -> None:
+        if self.role == "primary":
+            raise GroupError(f"group {self.name} is already primary here")
+        if self.inconsistent and not force:
+            raise GroupError(f"group {self.name} is inconsistent here (a resync was "
+                             f"interrupted; last consistent image: seq {self.resync_base.seq}); "
+                             "roll it back first (replicator rollback), or force")
+        if self.lineage.split_brain and not force:
+            raise GroupError(f"group {self.name} is in split brain with "
+                             f"{self.lineage.split_brain['peer']}; resolve it first, or force")
+
     async def rewind_to(self, to: str) -> tuple[Point, int, str]:
         """promote --at, before the promotion: the volumes go to the point `to` names
         (window.py), the records after it are set aside in a file of their own and the
@@ -260,9 +263,14 @@ class Group:
             raise GroupError(f"group {self.name} is being resynced here: no window to go "
                              "back in")
         await self.commit.settle()
-        point = self.window.resolve(to)
-        keep = os.path.join(self.dir, f"kept-after-{point.seq}.journal")
-        kept = await self.window.rewind_in_place(point, keep)
+        history = self.window.history
+        history.pin()  # from the point's resolution to the undo: nothing dropped between
+        try:
+            point = self.window.resolve(to)
+            keep = os.path.join(self.dir, f"kept-after-{point.seq}.journal")
+            kept = await self.window.rewind_in_place(point, keep)
+        finally:
+            history.unpin()
         self.log.warning("group %s: volumes taken to seq %d%s; %d later records set aside in "
                          "%s", self.name, point.seq,
                          f" (marker {point.marker})" if point.marker else "", kept, keep)
@@ -351,7 +359,7 @@ class Group:
         self.set_targets([])
         await self.commit.settle()
         if self.window.wanted():
-            self.window.activate(self.commit.applied_seq, fresh=True)
+            await self.window.begin(self.commit.applied_seq)
             self._start_applier()
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._sync_and_save, self.journal.position(self.commit.applied_seq))
@@ -733,10 +741,11 @@ class Group:
         loop = asyncio.get_running_loop()
         synced_at = time.monotonic()
         while True:
-            try:
-                await asyncio.wait_for(self._checkpoint_now.wait(), CHECKPOINT_INTERVAL)
+            try:  # (not wait_for: on 3.11 it loses a cancel that comes with the event)
+                async with asyncio.timeout(CHECKPOINT_INTERVAL):
+                    await self._checkpoint_now.wait()
                 asked = True
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 asked = False
             self._checkpoint_now.clear()
             try:

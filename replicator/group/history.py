@@ -94,6 +94,8 @@ class History:
         for name in names:
             f = _File(os.path.join(self.directory, name), int(name[:-5]))
             self._scan(f)
+            if self._files and f.first_seq != self._files[-1].last_seq + 1:
+                self._drop_before_gap(f)
             self._files.append(f)
         if not self._files:
             return None
@@ -103,6 +105,14 @@ class History:
             os.truncate(last.path, last.size)  # a step the crash tore: never applied
             os.fsync(self._fd)
         return last.last_seq if last.size else last.first_seq - 1
+
+    def _drop_before_gap(self, f: _File) -> None:
+        """`f` does not follow the files before it (a drop or a clear that a crash left
+        half done): they are no window of these volumes any more."""
+        for old in self._files:
+            os.unlink(old.path)
+        self._files.clear()
+        statefile.fsync_dir(self.directory)
 
     def _scan(self, f: _File) -> None:
         seqs, starts = array("Q"), array("Q")
@@ -134,6 +144,7 @@ class History:
         """The volumes hold the image after `seq` and nothing before it can be gone back
         to (a new history, or one a resync made void): one step end in a new file."""
         with self._lock:
+            os.makedirs(self.directory, exist_ok=True)  # (remove() took it: a promote)
             self.clear()
             self._new_file(seq + 1, time_ns)
 
@@ -239,7 +250,7 @@ class History:
     def cut_after(self, seq: int, time_ns: int) -> None:
         """Forget the before-images of records after `seq` (the volumes were taken back
         to it): they are saved again when those records are applied again."""
-        if seq < self.low_seq:
+        if not self._files or seq < self.low_seq:
             self.start_at(seq, time_ns)
             return
         with self._lock:
@@ -290,9 +301,10 @@ class History:
             count = min(count, len(self._files) - 1)
             if count < 1 or self.pins:
                 return False
-            for f in self._files[:count]:
-                self._close_reader(f.path)
+            for f in self._files[:count]:  # oldest first, each unlink durable before the
+                self._close_reader(f.path)  # next: a power loss never leaves a gap
                 os.unlink(f.path)
+                statefile.fsync_dir(self.directory)
             del self._files[:count]
             return True
 

@@ -29,9 +29,9 @@ from .. import statefile
 from ..events import emit
 from ..journal.record import FLAG_OPEN
 from ..sizes import size_text
-from .applier import Applier
+from .applier import STEP_BYTES, Applier
 from .commit import GroupError
-from .history import History
+from .history import History, HistoryError
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -65,6 +65,7 @@ class Window:
         self.limited_by: str | None = None  # "journal_size" when the journal cut the window
         self._resyncing = False  # the applier is held until the resync ends
         self._task: asyncio.Task | None = None
+        self.rewinding = False  # a rewind in place is writing the volumes (no snapshot now)
         self._rewind_path = os.path.join(group.dir, "rewind.json")
 
     @property
@@ -100,11 +101,19 @@ class Window:
         if fresh:
             self.history.start_at(applied_seq, g.journal.time_ns(applied_seq))
         self.applier = Applier(g.name, g.journal, g.volumes, g.commit, self.history,
-                               self.delay, g.log, g.in_io)
+                               self.delay, g.log, g.in_io,
+                               step_bytes=min(STEP_BYTES, self.retain_bytes // 16 or STEP_BYTES))
+        self.applier.held = self.held
         g.commit.deferred, g.commit.delayed = True, bool(self.delay)
         self._resyncing = g.inconsistent
-        if self.held or self._resyncing:
+        if self._resyncing:
             self.applier.pause()
+
+    async def begin(self, applied_seq: int) -> None:
+        """A primary that became a secondary (demote): a new window after `applied_seq`."""
+        g = self.group
+        await g.in_io(self.history.start_at, applied_seq, g.journal.time_ns(applied_seq))
+        self.activate(applied_seq, fresh=False)
 
     async def resync_started(self) -> None:
         """A resync overwrites the volumes out of order: nothing is applied meanwhile, and
@@ -120,6 +129,7 @@ class Window:
         if not self.active:
             return
         await self.group.in_io(self.history.start_at, seq, self.group.journal.time_ns(seq))
+        self._release()  # (the resync wrote over an interrupted promote --at's point)
         if self._resyncing:
             self._resyncing = False
             self.applier.resume()
@@ -135,7 +145,9 @@ class Window:
         (the delay is over), and the history goes."""
         if self.applier is None:
             return
-        if not self.held and not self._resyncing:
+        if self.held:
+            raise GroupError(f"{self.held}; a plain promote would apply them")
+        if not self._resyncing:
             await self.applier.catch_up()
         if self._task is not None:
             self._task.cancel()
@@ -144,22 +156,36 @@ class Window:
         g.commit.deferred = g.commit.delayed = False
         g.commit.applier_wake = None
         self.applier = None
-        self.held = None
+        self._release()
         self.history.remove()
+
+    def _release(self) -> None:
+        """No rewind in place is unfinished any more: rewind.json goes, applies may go on."""
         if os.path.exists(self._rewind_path):
             os.unlink(self._rewind_path)
+            statefile.fsync_dir(self.group.dir)
+        self.held = None
+        if self.applier is not None:
+            self.applier.held = None
+            self.applier.resume_after_hold()
 
     def recover_rewind(self, rewind: dict) -> int:
         """Recovery found rewind.json: take the volumes back to its point again (after the
-        journal was replayed through the checkpoint's point) and hold them there."""
-        to, frm = rewind["to"], rewind["from"]
+        journal was replayed through the history's last step end) and hold them there."""
+        to, frm = rewind["to"], self.history.applied_seq
         g = self.group
+        if not self.history.low_seq <= to <= frm:
+            raise GroupError(f"group {g.name}: {self._rewind_path} says a promote --at seq "
+                             f"{to} was interrupted, but the history holds seq "
+                             f"{self.history.low_seq}..{frm}: the volumes cannot be taken "
+                             "there; remove the file to start with what they hold (then "
+                             "resync this node from its source)")
         self._undo_volumes(to, frm)
         self.history.cut_after(to, g.journal.time_ns(to))
         self.held = (f"a promote --at seq {to} was interrupted: the volumes hold seq {to}, "
                      f"the records after it are kept in the journal and not applied; run "
-                     f"the promote --at again (or restart with the records applied: remove "
-                     f"{self._rewind_path})")
+                     f"`replicator promote {g.name} --at {to}` again (or, to apply them after "
+                     f"all, remove {self._rewind_path} and restart)")
         g.log.error("group %s: %s", g.name, self.held)
         return to
 
@@ -327,24 +353,33 @@ class Window:
     async def rewind_in_place(self, point: Point, keep_path: str) -> int:
         """promote --at: the volumes go to `point` (forward through the journal, or back
         through the history), the records after it are copied to `keep_path`, and the
-        journal ends at it. Returns how many records were set aside."""
+        journal ends at it. Returns how many records were set aside. The history is
+        pinned (the caller resolved the point with it pinned)."""
         g = self.group
         await self.applier.hold()
+        self.rewinding = True
         try:
-            to, frm = point.seq, g.commit.applied_seq
+            to = point.seq
+            if to > g.commit.applied_seq:  # forward first: rewind.json then says "from: to"
+                await self.applier.catch_up(to)
+            frm = g.commit.applied_seq
             kept = await g.in_io(self._keep, to, keep_path)
             await g.in_io(statefile.replace, self._rewind_path,
                           json.dumps({"to": to, "from": frm}).encode())
-            if to > frm:
-                await self.applier.catch_up(to)
             await g.in_io(self._undo_volumes, to, frm)
+            await g.in_io(self.history.cut_after, to, g.journal.time_ns(to))
             g.commit.applied_through(to)
             await g.save_checkpoint(g.journal.position(to))
             g.truncate_after(to)
+            self.held = self.applier.held = None
             emit("rewound", g.name, to_seq=to, marker=point.marker, kept_records=kept,
                  kept=keep_path)
             return kept
+        except HistoryError as exc:
+            raise GroupError(f"the history cannot take the volumes to seq {point.seq}: "
+                             f"{exc}") from None
         finally:
+            self.rewinding = False
             self.applier.resume()
 
     def _keep(self, after: int, path: str) -> int:

@@ -138,6 +138,9 @@ class Resync:
             for run in _runs(regions, CHUNK // self.gran or 1):
                 if epoch != t.resync_epoch:
                     break
+                # (a deferred secondary's volumes lag its journal by a step: its records
+                # are not all laid over them after a restart; the hash is the volume's)
+                await g.apply_through(g.commit.consistent_seq)
                 volume, offset = run[0][0], run[0][2]
                 length = sum(r[3] for r in run)
                 ours = volume_hashes(g.volumes[volume], offset, length, self.gran)
@@ -149,6 +152,7 @@ class Resync:
             while probes:
                 await self._settle(*probes.popleft())
         else:
+            await g.apply_through(g.commit.consistent_seq)
             for volume, region, offset, length in regions:
                 if epoch != t.resync_epoch:
                     break
@@ -203,9 +207,10 @@ class Resync:
             if self.error is not None:
                 raise self.error
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.hb_interval)
-            except asyncio.TimeoutError:
+            try:  # (not wait_for: on 3.11 it loses a cancel that comes with the wake)
+                async with asyncio.timeout(self.hb_interval):
+                    await self._wake.wait()
+            except TimeoutError:
                 await self.peer.send(Heartbeat(sent_ns=time.time_ns()))
 
     async def _send(self, volume: str, region: int, offset: int, data) -> None:

@@ -499,6 +499,9 @@ def test_retain_is_a_time_or_a_size_and_apply_delay_a_duration():
     ({"retain": "0s"}, "retain", "expected between 1s and"),
     ({"retain": "400d"}, "retain", "expected between 1s and"),
     ({"apply_delay": "8d"}, "apply_delay", "expected between 0s and 604800s"),
+    ({"retain": 3600}, "retain", "expected str"),
+    ({"retain": "3600"}, "retain", "is neither (say 3600s, or 3600B)"),
+    ({"retain": "4MiB"}, "retain", "expected at least 16MiB"),
     ({"apply_delay": "later"}, "apply_delay", "a duration like 10s"),
 ])
 def test_point_in_time_errors_name_the_key(group, where, what):
