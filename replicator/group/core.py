@@ -268,7 +268,7 @@ class Group:
         try:
             point = self.window.resolve(to)
             keep = os.path.join(self.dir, f"kept-after-{point.seq}.journal")
-            kept = await self.window.rewind_in_place(point, keep)
+            kept, keep = await self.window.rewind_in_place(point, keep)
         finally:
             history.unpin()
         self.log.warning("group %s: volumes taken to seq %d%s; %d later records set aside in "

@@ -87,12 +87,7 @@ class Window:
                                        self.group.name)
                 self.history.remove()
             return None, None
-        mark = self.history.open()
-        rewind = None
-        if os.path.exists(self._rewind_path):
-            with open(self._rewind_path) as f:
-                rewind = json.load(f)
-        return mark, rewind
+        return self.history.open(), self._rewind_state()
 
     def activate(self, applied_seq: int, fresh: bool) -> None:
         """Start applying through the applier (recovered, or a new history after
@@ -350,11 +345,11 @@ class Window:
         for vol in g.volumes.values():
             vol.sync()
 
-    async def rewind_in_place(self, point: Point, keep_path: str) -> int:
+    async def rewind_in_place(self, point: Point, keep_path: str) -> tuple[int, str]:
         """promote --at: the volumes go to `point` (forward through the journal, or back
-        through the history), the records after it are copied to `keep_path`, and the
-        journal ends at it. Returns how many records were set aside. The history is
-        pinned (the caller resolved the point with it pinned)."""
+        through the history), the records after it are copied to `keep_path` (or beside
+        it), and the journal ends at it. Returns how many records were set aside, and
+        where. The history is pinned (the caller resolved the point with it pinned)."""
         g = self.group
         await self.applier.hold()
         self.rewinding = True
@@ -363,9 +358,13 @@ class Window:
             if to > g.commit.applied_seq:  # forward first: rewind.json then says "from: to"
                 await self.applier.catch_up(to)
             frm = g.commit.applied_seq
-            kept = await g.in_io(self._keep, to, keep_path)
-            await g.in_io(statefile.replace, self._rewind_path,
-                          json.dumps({"to": to, "from": frm}).encode())
+            prior = self._rewind_state()
+            if prior and prior["to"] == to and g.journal.last_seq <= to and "kept" in prior:
+                kept, keep_path = prior["kept_records"], prior["kept"]  # (cut already)
+            else:
+                kept, keep_path = await g.in_io(self._keep, to, keep_path)
+            await g.in_io(statefile.replace, self._rewind_path, json.dumps(
+                {"to": to, "from": frm, "kept": keep_path, "kept_records": kept}).encode())
             await g.in_io(self._undo_volumes, to, frm)
             await g.in_io(self.history.cut_after, to, g.journal.time_ns(to))
             g.commit.applied_through(to)
@@ -374,7 +373,7 @@ class Window:
             self.held = self.applier.held = None
             emit("rewound", g.name, to_seq=to, marker=point.marker, kept_records=kept,
                  kept=keep_path)
-            return kept
+            return kept, keep_path
         except HistoryError as exc:
             raise GroupError(f"the history cannot take the volumes to seq {point.seq}: "
                              f"{exc}") from None
@@ -382,9 +381,21 @@ class Window:
             self.rewinding = False
             self.applier.resume()
 
-    def _keep(self, after: int, path: str) -> int:
-        """Copy the journal's records after `after` to `path`, durably: the records as a
+    def _rewind_state(self) -> dict | None:
+        try:
+            with open(self._rewind_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def _keep(self, after: int, path: str) -> tuple[int, str]:
+        """Copy the journal's records after `after` to `path` (a new name beside it if a
+        file set aside before is there: never replaced), durably: the records as a
         journal segment holds them (journal/record.py's layout, one after another)."""
+        n, base = 0, path
+        while os.path.exists(path):
+            n += 1
+            path = f"{base}.{n}"
         count = 0
         with open(path + ".tmp", "wb") as f:
             for first, last, data in self.group.journal.chunks(after):
@@ -394,7 +405,7 @@ class Window:
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         statefile.fsync_dir(os.path.dirname(path))
-        return count
+        return count, path
 
 
 def _looks_like_time(value: str) -> bool:

@@ -259,6 +259,8 @@ def test_an_interrupted_promote_at_is_finished_and_held_after_a_restart(topology
     rc, r = replicator_cli(b, "promote", "db", "--at", str(good))  # ...this finishes it
     assert rc == 0, r
     assert _copy_from_nbd(b, "data", tmp_path / "promoted.img") == want
+    with open(r["kept"], "rb") as f:
+        assert [k.seq for k in iterate(f.read())] == list(range(good + 1, last + 1))
     b.kill()
     b.start()  # and it stays so
     assert _copy_from_nbd(b, "data", tmp_path / "restarted.img") == want
@@ -449,3 +451,53 @@ def test_a_retaining_replica_promoted_then_demoted_keeps_a_new_window(topology):
     b.start()
     w = b.group("db")["window"]
     assert w["active"] and w["from_seq"] == seq and b.group("db")["role"] == "secondary", w
+
+
+def test_promote_at_run_again_after_the_journal_was_cut_keeps_what_was_set_aside(topology,
+                                                                              tmp_path):
+    """A crash after promote --at cut the journal (before the promotion): the second
+    run finds nothing after the point in the journal; the file set aside by the first
+    run is what it reports, untouched."""
+    topo = topology(["a", "b"], [("a", "b", "async")], node_options={"b": {"retain": "1h"}})
+    a, b = topo["a"], topo["b"]
+    topo.wait_converged()
+    qemu_io(a.nbd_uri("data"), "write -P 0x51 0 1M")
+    good = a.group("db")["seq"]
+    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
+    qemu_io(a.nbd_uri("data"), "write -P 0x52 0 1M", "write -P 0x53 2M 1M")
+    last = topo.wait_converged()
+    a.kill()
+    b.kill()
+    gdir = os.path.join(b.dir, "state", "groups", "db")
+    records = b"".join(_raw_records(b, good))
+    kept = os.path.join(gdir, f"kept-after-{good}.journal")
+    with open(kept, "wb") as f:  # what the first run set aside, then the cut journal
+        f.write(records)
+    j = Journal(os.path.join(gdir, "journal"), capacity=64 * MiB)
+    j.open()
+    point = j.position(good)
+    j.truncate_after(good)
+    j.close()
+    with open(os.path.join(gdir, "group.json")) as f:  # checkpointed at the point first
+        state = json.load(f)
+    with open(os.path.join(gdir, "group.json"), "w") as f:
+        json.dump({**state, "checkpoint": [point.seq, point.hcrc]}, f)
+    with open(os.path.join(gdir, "rewind.json"), "w") as f:
+        json.dump({"to": good, "from": last, "kept": kept, "kept_records": last - good}, f)
+    b.start()
+    assert b.group("db")["window"]["held"]
+    rc, r = replicator_cli(b, "promote", "db", "--at", str(good))
+    assert rc == 0, r
+    assert (r["kept"], r["kept_records"]) == (kept, last - good)
+    assert open(kept, "rb").read() == records
+    assert _copy_from_nbd(b, "data", tmp_path / "promoted.img") == want
+
+
+def _raw_records(agent, after: int) -> list[bytes]:
+    """The encoded records after `after` of a stopped agent's journal of group db."""
+    j = Journal(os.path.join(agent.dir, "state", "groups", "db", "journal"), capacity=64 * MiB)
+    j.open()
+    try:
+        return [bytes(data) for _, _, data in j.chunks(after)]
+    finally:
+        j.close()
