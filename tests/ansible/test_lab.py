@@ -288,7 +288,7 @@ def test_dr_exercise_at_a_marker_checks_the_application(deployed, tmp_path):
     drill takes a marker (between freeze and thaw commands) and the application check
     passes on dc4-vault's copy rewound to it. Then the file system is overwritten: a
     copy rewound to the marker passes again, and the same check on a current copy fails
-    the drill (the negative control)."""
+    the drill (the negative control), as does a check that does not end in time."""
     lab = deployed
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", app_image(tmp_path),
          lab.nbd_uri("data")])
@@ -360,6 +360,12 @@ def test_dr_exercise_at_a_marker_checks_the_application(deployed, tmp_path):
     assert "Bad magic number" in open(os.path.join(tmp_path, "current", "db", "report.md")).read()
     suite = ET.parse(os.path.join(tmp_path, "current", "db", "report.xml")).getroot().find("testsuite")
     assert int(suite.get("failures")) == 1
+    # a check that does not end in time is killed, and fails
+    _, report = drill("hung", "-e", json.dumps({"dr_exercise_app_check": "echo checking {data}; sleep 60",
+                                                "dr_exercise_app_check_timeout": 2}), check=False)
+    app = check_of(report, "application check on the copy")
+    assert app["status"] == "failed" and "exited 124 (timed out after 2 s)" in app["message"], app
+    assert report["app_check"]["output_tail"] == ["checking /var/lib/replicator/drill/db/data.img"]
 
     lab.wait_converged()
     lab.assert_identical()  # the replicas went on: corrupted like the primary
