@@ -286,8 +286,8 @@ def test_dr_exercise_at_a_marker_checks_the_application(deployed, tmp_path):
     """The test failover to a point before a logical corruption. A real ext4 file system
     holding a SQLite database is written to the primary's volume data through NBD; the
     drill takes a marker (between freeze and thaw commands) and the application check
-    passes on dc4-vault's copy rewound to it. Then the file system is overwritten: a
-    copy rewound to the marker passes again, and the same check on a current copy fails
+    passes on dc4-vault's copy rewound to it. Then the operator marks the group
+    (mark.yml) and the file system is overwritten: a copy rewound to that marker passes, and the same check on a current copy fails
     the drill (the negative control), as does a check that does not end in time."""
     lab = deployed
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", app_image(tmp_path),
@@ -333,14 +333,19 @@ def test_dr_exercise_at_a_marker_checks_the_application(deployed, tmp_path):
     assert check_of(report, "application check on the copy")["status"] == "passed"
     assert "marker app-ok" in open(os.path.join(tmp_path, "marked", "db", "report.md")).read()
 
-    # a logical corruption, replicated everywhere: the file system is overwritten
-    qemu_io(lab.nbd_uri("data"), "write -P 0x5a 0 8M")
+    # the operator marks the group (mark.yml) before an upgrade that goes wrong: a logical
+    # corruption, replicated everywhere, overwrites the file system's first MiB (its
+    # superblock, group descriptors and inode table)
+    out = playbook("mark.yml", "-e", "replicator_mark_group=db",
+                   "-e", "replicator_mark_name=before-upgrade")
+    (seq,) = {int(n) for n in re.findall(r"db dc4-vault: marker before-upgrade at seq\s+(\d+)", out)}
+    qemu_io(lab.nbd_uri("data"), "write -P 0x5a 0 1M")
     lab.wait_converged()
-    # the copy rewound to the marker, after the corruption: the application is whole
-    _, report = drill("recovered", "-e", "dr_exercise_marker=app-ok")
+    # the copy rewound to that marker, after the corruption: the application is whole
+    _, report = drill("recovered", "-e", "dr_exercise_marker=before-upgrade")
     assert report["result"] == "pass", report
     assert report["marker"]["taken_by_drill"] is False
-    assert report["point"]["seq"] == on_primary["seq"] and report["point"]["marker"] == "app-ok"
+    assert report["point"]["seq"] == seq and report["point"]["marker"] == "before-upgrade"
     assert report["app_check"]["rc"] == 0
     # the marker came before the drill: none of its writes is in the copy
     assert report["ledger"]["acknowledged"] == 0 and report["ledger"]["unacknowledged_present"] == 0
