@@ -10,7 +10,7 @@
           - {from: dc1-app, to: dc2-dr, mode: sync}
           - {from: dc1-app, to: dc3-arc, mode: async, compress: zstd}
           - {from: dc3-arc, to: dc4-vault, mode: async, initial_sync: checksum,
-             on_disconnect: continue}
+             on_disconnect: continue, retain: 24h, apply_delay: 15m}
           - {from: dc1-app, to: dc1-bunker, mode: sync, bunker: true}
       - name: files                           # a group of watched files
         primary: dc1-app
@@ -38,6 +38,12 @@ replica processes what it receives for it (it ships the result on itself):
 `encrypt` uses a key per far link, made on the controller and installed on the node that
 processes and the far node only (the replicator_pki role; replicator_node_link_keys).
 
+A link's `retain` and `apply_delay` go to its target's group config (keys of a replica
+that holds volumes, so not of a bunker's link): `retain: 24h` or `retain: 20GiB` keeps
+the history a rewind (`replicator rewind`, `promote --at`, the DR exercise at a marker)
+goes back through; `apply_delay: 15m` applies the records to its volumes that much later.
+The agent checks their values when the role validates the rendered config.
+
 A link with `bunker: true` (sync, at most one per group, from the primary) makes its
 target a bunker: it keeps only the journal; the other members replay from it when
 promoted (`replicator promote`).
@@ -58,7 +64,9 @@ VOLUME_KEYS = {"name", "size", "path", "capture"}
 CAPTURES = ("nbd", "watch")
 LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "assume-clean"),
                 "on_disconnect": ("continue", "block")}  # optional keys, first = default
-LINK_KEYS = {"from", "to", "mode", "bunker", "interval", "via", "process", *LINK_CHOICES}
+REPLICA_KEYS = ("retain", "apply_delay")  # keys of a link that go to its target's group
+LINK_KEYS = {"from", "to", "mode", "bunker", "interval", "via", "process", *LINK_CHOICES,
+             *REPLICA_KEYS}
 PROCESSING = ("delta", "zstd", "checksum", "encrypt")
 
 
@@ -134,6 +142,15 @@ def _group_errors(i, g, hosts):
         elif link.get("bunker") and (link.get("mode") != "sync" or src != primary):
             errors.append(f"{lw}: a bunker keeps a synchronous copy of the primary's journal: "
                           f"it must be linked from the primary {primary} with mode sync")
+        if link.get("bunker") is True and any(k in link for k in REPLICA_KEYS):
+            errors.append(f"{lw}: a bunker keeps only the journal: retain and apply_delay are "
+                          "keys of a replica with volumes (set them on its link)")
+        for key in REPLICA_KEYS:
+            if key in link and (isinstance(link[key], bool)
+                                or not isinstance(link[key], (str, int, float))):
+                errors.append(f"{lw}: {key} must be a duration like 24h"
+                              + (" or a size like 20GiB" if key == "retain" else "")
+                              + f"; got {link[key]!r}")
         if src == dst:
             errors.append(f"{lw}: {src} links to itself")
         elif dst == primary:
@@ -265,7 +282,8 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
     for g in groups or []:
         if node not in members(g):
             continue
-        source = next((l["from"] for l in g.get("links", []) if l["to"] == node), None)
+        incoming = next((l for l in g.get("links", []) if l["to"] == node), {})
+        source = incoming.get("from")
         bunker = next((l["to"] for l in g.get("links", []) if l.get("bunker")), None)
         role = ("primary" if node == g["primary"] else "bunker" if node == bunker
                 else "secondary")
@@ -291,6 +309,7 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
                 for near, far in sorted(_link_keys(g)) if node in (near, far)}) else {}),
             **({k: g[k] for k in WATCH_KEYS if k in g} if watched else {}),
             **({"bunker": bunker} if bunker and role == "secondary" else {}),
+            **{k: incoming[k] for k in REPLICA_KEYS if k in incoming},
             # a bunker serves the takeover replay (FETCH) of the group's other members
             **({"members": [m for m in members(g) if m not in (node, source)]}
                if role == "bunker" else {}),

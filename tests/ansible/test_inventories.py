@@ -67,6 +67,10 @@ def test_inventory_topology_and_rendered_configs(name, short_tmp):
             assert g.role == expected[g.name]["role"] and g.source == expected[g.name]["source"]
             assert [(t.node, t.mode, t.compress) for t in g.targets] == [
                 (t["node"], t["mode"], t["compress"]) for t in expected[g.name]["targets"]]
+            # a link's retain / apply_delay reach the replica it ships to, as the agent reads them
+            want = expected[g.name]
+            assert bool(g.retain_seconds or g.retain_bytes) == ("retain" in want)
+            assert (g.apply_delay > 0) == ("apply_delay" in want)
         assert sorted(cfg.peers) == TOPOLOGY["replicator_node_peers"](groups, node)
         check_unit(os.path.join(short_tmp, node), cfg)
 

@@ -1,13 +1,15 @@
 """The lab end to end, as an operator runs it: lab up from inventories/lab, site.yml,
 pair.yml, a workload written through NBD on the primary host, replicas compared byte
 for byte, status.yml, faults (isolate/heal, crash/boot) and the catch-up after them,
-a switchover and back, and the DR exercise (failover through the bunker, failback);
+a switchover and back, and the DR exercise (failover through the bunker, failback; a copy
+at a marker with the application's own check: ext4 and SQLite);
 the lab's Prometheus scraping every agent, with the alert rules loaded. The lab is always
 torn down, and the teardown is checked to leave nothing behind (its Prometheus too)."""
 
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import urllib.parse
 import urllib.request
@@ -16,10 +18,11 @@ import xml.etree.ElementTree as ET
 import pytest
 import yaml
 
+from replicator import admin
 from tests.agents import wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
 from tests.ansible.lab_harness import Lab, lab_marks, playbook
-from tests.clients import fio, qemu_io
+from tests.clients import fio, qemu_io, run
 
 pytestmark = lab_marks(timeout=900)
 
@@ -88,6 +91,127 @@ def test_write_through_nbd_and_compare_replicas(deployed):
     assert "dc1-app -> dc1-bunker: bunker; records the far replicas lack: dc2-dr 0, dc3-arc 0" \
         in table
     assert "0 mismatching region(s)" in playbook("verify.yml")
+
+
+# The application's own check of a copy, as an operator writes dr_exercise_app_check:
+# {data} is the copy's image of the volume data. The file system must be whole (fsck -n),
+# and the database read out of it must pass SQLite's integrity check and hold its rows.
+APP_ROWS = 2000
+APP_CHECK = (
+    't=$(mktemp -d) && trap \'rm -rf "$t"\' EXIT && fsck.ext4 -fn {data}'
+    ' && debugfs -R "dump /db.sqlite $t/db.sqlite" {data} && test -s "$t/db.sqlite"'
+    ' && python3 -c "import sqlite3, sys; c = sqlite3.connect(\'file:\' + sys.argv[1] + \'?mode=ro\','
+    ' uri=True); r = c.execute(\'PRAGMA integrity_check\').fetchall();'
+    ' n = c.execute(\'SELECT count(*) FROM t\').fetchone()[0]; print(\'integrity\', r[0][0], \'rows\', n);'
+    f' sys.exit(r != [(\'ok\',)] or n != {APP_ROWS})" "$t/db.sqlite"')
+
+
+def app_image(tmp_path) -> str:
+    """An 8 MiB ext4 file system holding /db.sqlite, made in user space (mkfs.ext4 -d)."""
+    root = tmp_path / "app-root"
+    root.mkdir()
+    db = sqlite3.connect(root / "db.sqlite")
+    with db:
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        db.executemany("INSERT INTO t (v) VALUES (?)", [(f"row {i} " * 20,) for i in range(APP_ROWS)])
+    db.close()
+    image = str(tmp_path / "app.img")
+    run(["mkfs.ext4", "-q", "-F", "-d", str(root), "-L", "app", image, "8M"])
+    return image
+
+
+def test_dr_exercise_at_a_marker_checks_the_application(deployed, tmp_path):
+    """The test failover to a point before a logical corruption. A real ext4 file system
+    holding a SQLite database is written to the primary's volume data through NBD; the
+    drill takes a marker (between freeze and thaw commands) and the application check
+    passes on dc4-vault's copy rewound to it. Then the operator marks the group
+    (mark.yml) and the file system is overwritten: a copy rewound to that marker passes, and the same check on a current copy fails
+    the drill (the negative control), as does a check that does not end in time."""
+    lab = deployed
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", app_image(tmp_path),
+         lab.nbd_uri("data")])
+    lab.wait_converged()
+
+    def drill(name, *args, check=True):
+        report_dir = str(tmp_path / name)
+        out = playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}",
+                       "-e", "dr_exercise_mode=copy", "-e", "dr_exercise_volume_name=log",
+                       "-e", "dr_exercise_target=dc4-vault", "-e", "dr_exercise_writes=200",
+                       "-e", json.dumps({"dr_exercise_app_check": APP_CHECK}), *args,
+                       check=check, timeout=900)
+        with open(os.path.join(report_dir, "db", "report.json")) as f:
+            return out, json.load(f)
+
+    def check_of(report, name):
+        (found,) = [c for c in report["checks"] if c["name"] == name]
+        return found
+
+    hooks = "/var/lib/replicator/dr-hooks.log"  # a lab host's own directory
+    _, report = drill("marked", "-e", "dr_exercise_marker=app-ok", "-e", json.dumps({
+        "dr_exercise_marker_freeze": f"echo frozen >> {hooks}",
+        "dr_exercise_marker_thaw": f"echo thawed >> {hooks}"}))
+    assert report["result"] == "pass", report
+    with open(lab.host_path("dc1-app", hooks)) as f:
+        assert f.read() == "frozen\nthawed\n"  # the marker was taken between the two
+    (on_primary,) = [m for m in admin.request(lab.host_path("dc1-app", "/run/replicator/admin.sock"),
+                                              "markers", group="db", timeout=5)["markers"]
+                     if m["name"] == "app-ok"]
+    marker = report["marker"]
+    assert marker["taken_by_drill"] is True and marker["consistent"] is True
+    assert marker["seq"] == on_primary["seq"]
+    point = report["point"]
+    assert (point["seq"], point["marker"]) == (on_primary["seq"], "app-ok") and point["time"]
+    assert point["rewound_from"] >= point["seq"]
+    assert check_of(report, "the copy is at marker app-ok")["status"] == "passed"
+    # every write acknowledged before the marker was asked for is in the copy at it
+    assert report["ledger"]["acknowledged"] >= 200 and report["rpo_writes_lost"] == 0
+    assert report["ledger"]["prefix"] is True
+    assert report["app_check"]["rc"] == 0
+    assert f"integrity ok rows {APP_ROWS}" in report["app_check"]["output_tail"]
+    assert check_of(report, "application check on the copy")["status"] == "passed"
+    assert "marker app-ok" in open(os.path.join(tmp_path, "marked", "db", "report.md")).read()
+
+    # the operator marks the group (mark.yml) before an upgrade that goes wrong: a logical
+    # corruption, replicated everywhere, overwrites the file system's first MiB (its
+    # superblock, group descriptors and inode table)
+    out = playbook("mark.yml", "-e", "replicator_mark_group=db",
+                   "-e", "replicator_mark_name=before-upgrade")
+    (seq,) = {int(n) for n in re.findall(r"db dc4-vault: marker before-upgrade at seq\s+(\d+)", out)}
+    qemu_io(lab.nbd_uri("data"), "write -P 0x5a 0 1M")
+    lab.wait_converged()
+    # the copy rewound to that marker, after the corruption: the application is whole
+    _, report = drill("recovered", "-e", "dr_exercise_marker=before-upgrade")
+    assert report["result"] == "pass", report
+    assert report["marker"]["taken_by_drill"] is False
+    assert report["point"]["seq"] == seq and report["point"]["marker"] == "before-upgrade"
+    assert report["app_check"]["rc"] == 0
+    # the marker came before the drill: none of its writes is in the copy
+    assert report["ledger"]["acknowledged"] == 0 and report["ledger"]["unacknowledged_present"] == 0
+    assert check_of(report, "no write of the drill after the marker is in the copy")["status"] == "passed"
+    assert not os.path.exists(lab.host_path("dc4-vault", "/var/lib/replicator/drill/db"))
+    # the negative control: the same check on a current copy fails, and the drill with it
+    out, report = drill("current", check=False)
+    assert "the DR exercise failed for db" in out
+    assert report["result"] == "fail" and report["point"]["marker"] is None
+    app = check_of(report, "application check on the copy")
+    assert app["status"] == "failed" and "exited 8" in app["message"], app
+    assert report["app_check"]["rc"] == 8
+    assert any("Bad magic number in super-block" in line for line in report["app_check"]["output_tail"])
+    assert any(r.startswith("application check on the copy: ") for r in report["reasons"])
+    assert check_of(report, "RPO within objective")["status"] == "passed"  # only the app failed
+    assert [e["event"] for e in report["timeline"]][-1] == "copy_deleted"
+    assert "Bad magic number" in open(os.path.join(tmp_path, "current", "db", "report.md")).read()
+    suite = ET.parse(os.path.join(tmp_path, "current", "db", "report.xml")).getroot().find("testsuite")
+    assert int(suite.get("failures")) == 1
+    # a check that does not end in time is killed, and fails
+    _, report = drill("hung", "-e", json.dumps({"dr_exercise_app_check": "echo checking {data}; sleep 60",
+                                                "dr_exercise_app_check_timeout": 2}), check=False)
+    app = check_of(report, "application check on the copy")
+    assert app["status"] == "failed" and "exited 124 (timed out after 2 s)" in app["message"], app
+    assert report["app_check"]["output_tail"] == ["checking /var/lib/replicator/drill/db/data.img"]
+
+    lab.wait_converged()
+    lab.assert_identical()  # the replicas went on: corrupted like the primary
 
 
 def test_prometheus_scrapes_every_agent_and_sees_every_link(deployed):

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from replicator import config
 from tests.ansible.ansible_harness import filters
 
 F = filters("replicator_topology")
@@ -154,6 +155,41 @@ def test_bad_bunker_links(change, message):
     errors = F["replicator_topology_errors"](groups, HOSTS + ["dc1-bunker"])
     assert any(message in e for e in errors), errors
 
+
+
+def test_retain_and_apply_delay_of_a_link_go_to_its_replica_only():
+    groups = copy.deepcopy(LAB)
+    groups[0]["links"][2].update(retain="24h", apply_delay="15m")  # dc3-arc -> dc4-vault
+    groups[0]["links"][1]["retain"] = "1GiB"                      # dc1-app -> dc3-arc
+    assert F["replicator_topology_errors"](groups, HOSTS) == []
+    node_groups = F["replicator_node_groups"]
+    (leaf,) = node_groups(groups, "dc4-vault")
+    assert (leaf["retain"], leaf["apply_delay"]) == ("24h", "15m")
+    (cascade,) = node_groups(groups, "dc3-arc")
+    assert cascade["retain"] == "1GiB" and "apply_delay" not in cascade
+    assert all(set(t) & {"retain", "apply_delay"} == set() for t in cascade["targets"])
+    (primary,) = node_groups(groups, "dc1-app")
+    assert "retain" not in primary and "apply_delay" not in primary
+    # the agent takes them as they are rendered (its config check, as the role runs it)
+    cfg = config.parse({"node": "dc4-vault", "listen": "127.0.0.1:7789", "tls": False,
+                        "nbd_listen": "127.0.0.1:10809", "peers": {"dc3-arc": "127.0.0.1:7790"},
+                        "groups": [leaf]})
+    assert (cfg.groups[0].retain_seconds, cfg.groups[0].apply_delay) == (86400, 900)
+
+
+@pytest.mark.parametrize("link,message", [
+    ({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "bunker": True, "retain": "1h"},
+     "a bunker keeps only the journal: retain and apply_delay are keys of a replica"),
+    ({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "apply_delay": ["15m"]},
+     "apply_delay must be a duration like 24h; got ['15m']"),
+    ({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "retain": True},
+     "retain must be a duration like 24h or a size like 20GiB; got True"),
+])
+def test_bad_retain_and_apply_delay(link, message):
+    groups = copy.deepcopy(LAB)
+    groups[0]["links"].append(link)
+    errors = F["replicator_topology_errors"](groups, HOSTS + ["dc1-bunker"])
+    assert any(message in e for e in errors), errors
 
 
 # The takeover plans of the DR playbooks: the five-host lab topology, then small ones.
