@@ -124,6 +124,23 @@ def _writing(agent, seconds: int):
             proc.wait()
 
 
+def _good_then_bad(topo, tmp_path, good: list[str], bad: list[str]) -> tuple[int, bytes, int]:
+    """qemu-io `good` then `bad` commands on the primary's `data`, the secondaries
+    converged: (the seq after the good ones, the image then, the last seq)."""
+    a = topo[topo.primary]
+    qemu_io(a.nbd_uri("data"), *good)
+    seq = a.group("db")["seq"]
+    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
+    qemu_io(a.nbd_uri("data"), *bad)
+    return seq, want, topo.wait_converged()
+
+
+def _leave_rewind_json(agent, **state) -> None:
+    """What a crash inside promote --at leaves in a stopped agent's group db."""
+    with open(os.path.join(agent.dir, "state", "groups", "db", "rewind.json"), "w") as f:
+        json.dump(state, f)
+
+
 def _block(agent, volume: str, offset: int, length: int) -> bytes:
     with open(agent.volume_path("db", volume), "rb") as f:
         f.seek(offset)
@@ -233,17 +250,13 @@ def test_an_interrupted_promote_at_is_finished_and_held_after_a_restart(topology
     topo = topology(["a", "b"], [("a", "b", "async")], node_options={"b": {"retain": "1h"}})
     a, b = topo["a"], topo["b"]
     topo.wait_converged()
-    qemu_io(a.nbd_uri("data"), "write -P 0x21 0 2M")
-    good = a.group("db")["seq"]
-    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
-    qemu_io(a.nbd_uri("data"), "write -P 0x22 1M 2M", "write -P 0x23 0 512k")
-    last = topo.wait_converged()
+    good, want, last = _good_then_bad(topo, tmp_path, ["write -P 0x21 0 2M"],
+                                      ["write -P 0x22 1M 2M", "write -P 0x23 0 512k"])
     a.kill()
     b.kill()
     # What the crash left: rewind.json, and the undo half done (the first before-image
     # written back: 1M..3M holds 0x21 again, 0..512k still the corruption).
-    with open(os.path.join(b.dir, "state", "groups", "db", "rewind.json"), "w") as f:
-        json.dump({"to": good, "from": last}, f)
+    _leave_rewind_json(b, to=good, **{"from": last})
     with open(b.volume_path("db", "data"), "r+b") as f:
         f.seek(1 * MiB)
         f.write(b"\x21" * MiB + bytes(MiB))
@@ -421,8 +434,7 @@ def test_a_held_replica_applies_nothing_for_a_verify_and_promote_at_needs_the_so
     assert rc != 0 and "still connected" in r["error"], r  # (even forced)
     assert b.group("db")["applied_seq"] == last and b.group("db")["seq"] == last
     b.kill()
-    with open(os.path.join(b.dir, "state", "groups", "db", "rewind.json"), "w") as f:
-        json.dump({"to": good, "from": last}, f)
+    _leave_rewind_json(b, to=good, **{"from": last})
     b.start()  # held at good; a reconnects and verifies
     wait_until(lambda: a.target("db", "b")["state"] == "replicating", 20, "a to reconnect")
     rc, r = replicator_cli(a, "verify", "db", "b")
@@ -461,11 +473,8 @@ def test_promote_at_run_again_after_the_journal_was_cut_keeps_what_was_set_aside
     topo = topology(["a", "b"], [("a", "b", "async")], node_options={"b": {"retain": "1h"}})
     a, b = topo["a"], topo["b"]
     topo.wait_converged()
-    qemu_io(a.nbd_uri("data"), "write -P 0x51 0 1M")
-    good = a.group("db")["seq"]
-    want = _copy_from_nbd(a, "data", tmp_path / "good.img")
-    qemu_io(a.nbd_uri("data"), "write -P 0x52 0 1M", "write -P 0x53 2M 1M")
-    last = topo.wait_converged()
+    good, want, last = _good_then_bad(topo, tmp_path, ["write -P 0x51 0 1M"],
+                                      ["write -P 0x52 0 1M", "write -P 0x53 2M 1M"])
     a.kill()
     b.kill()
     gdir = os.path.join(b.dir, "state", "groups", "db")
@@ -482,8 +491,7 @@ def test_promote_at_run_again_after_the_journal_was_cut_keeps_what_was_set_aside
         state = json.load(f)
     with open(os.path.join(gdir, "group.json"), "w") as f:
         json.dump({**state, "checkpoint": [point.seq, point.hcrc]}, f)
-    with open(os.path.join(gdir, "rewind.json"), "w") as f:
-        json.dump({"to": good, "from": last, "kept": kept, "kept_records": last - good}, f)
+    _leave_rewind_json(b, to=good, kept=kept, kept_records=last - good, **{"from": last})
     b.start()
     assert b.group("db")["window"]["held"]
     rc, r = replicator_cli(b, "promote", "db", "--at", str(good))
