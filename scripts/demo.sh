@@ -53,7 +53,8 @@ ansible -i inventories/lab "$primary" -m ansible.builtin.command -a \
 play verify.yml
 play compare.yml
 play status.yml
-play dr_exercise.yml -e dr_report_dir=/var/tmp/replicator-dr
+play dr_exercise.yml -e dr_exercise_mode=destructive -e replicator_safe_mode=false \
+    -e dr_report_dir=/var/tmp/replicator-dr
 sed -n '1,12p' /var/tmp/replicator-dr/db/report.md
 play metrics.yml
 

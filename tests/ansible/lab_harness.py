@@ -20,6 +20,8 @@ from tests.agents import wait_until
 from tests.ansible.ansible_harness import ROOT
 
 BIN = os.path.dirname(sys.executable)
+# the extra vars of a DR exercise that fails the primary over and back (not the default)
+DESTRUCTIVE = ("-e", "dr_exercise_mode=destructive", "-e", "replicator_safe_mode=false")
 LAB_PLAYBOOKS = {"lab.yml": ("lab", "playbooks"), "lab_fault.yml": ("lab", "playbooks")}
 
 
