@@ -74,6 +74,28 @@ options:
     type: list
     elements: path
     default: []
+author: [The replicator team]
+"""
+
+EXAMPLES = r"""
+- name: Bring the lab up, one namespace per inventory host
+  voltrail.replicator_lab.replicator_lab:
+    state: up
+    dir: "{{ replicator_lab_dir }}"
+    network: "{{ replicator_lab_network }}"
+    hosts: "{{ ansible_play_hosts_all | voltrail.replicator_lab.replicator_lab_hosts(hostvars) }}"
+    init_script: "{{ playbook_dir }}/../scripts/lab_init.py"
+  run_once: true
+  delegate_to: localhost
+
+- name: Remove it
+  voltrail.replicator_lab.replicator_lab:
+    state: down
+    dir: "{{ replicator_lab_dir }}"
+    network: "{{ replicator_lab_network }}"
+    hosts: "{{ ansible_play_hosts_all | voltrail.replicator_lab.replicator_lab_hosts(hostvars) }}"
+  run_once: true
+  delegate_to: localhost
 """
 
 RETURN = r"""

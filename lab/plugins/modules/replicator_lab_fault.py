@@ -25,6 +25,31 @@ options:
     type: str
     choices: [isolate, heal, crash, boot]
     required: true
+author: [The replicator team]
+"""
+
+EXAMPLES = r"""
+- name: Crash the primary's host, as a power loss would
+  voltrail.replicator_lab.replicator_lab_fault:
+    dir: "{{ replicator_lab_dir }}"
+    host: dc1-app
+    action: crash
+  delegate_to: localhost
+
+- name: Boot it again, with its disks as they were
+  voltrail.replicator_lab.replicator_lab_fault:
+    dir: "{{ replicator_lab_dir }}"
+    host: dc1-app
+    action: boot
+  delegate_to: localhost
+"""
+
+RETURN = r"""
+host:
+  description: The host's state after the action (before it, in check mode) as
+    replicator_lab returns it in C(hosts) (address, site, namespace, running, connected).
+  type: dict
+  returned: success
 """
 
 import signal
