@@ -198,7 +198,7 @@ def cmd_status(args) -> int:
         if not args.analytics:
             return format_status(st)
         return "\n\n".join(f"group {g['name']}:\n{analytics_table(g['tree'])}"
-                             for g in st["groups"])
+                           for g in st["groups"])
     return _operate(args, "status", human, group=args.group)
 
 

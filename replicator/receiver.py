@@ -193,7 +193,8 @@ class Receiver:
             link = Link(reader, writer, Connection(Role.RECEIVER))
             session = await self._handshake(link)
             if session:
-                listener = lambda _seq, s=session: self._ack_soon(s)  # noqa: E731
+                def listener(_seq, s=session):
+                    self._ack_soon(s)
                 session.group.commit.durable_listeners.add(listener)
                 session.ack_task = asyncio.create_task(
                     self._acks(session), name=f"replication-acks-{session.group.name}")

@@ -60,7 +60,7 @@ def stop_everything(signum, frame) -> None:
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     while time.monotonic() < deadline:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, _status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             log("all processes stopped")
             sys.exit(0)

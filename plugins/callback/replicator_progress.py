@@ -1,7 +1,7 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Show progress while a replicator task waits: the `lines` of each retry's result
 (replicator_wait in an `until` loop returns one line per link)."""
-
-from ansible.plugins.callback import CallbackBase
 
 DOCUMENTATION = r"""
 name: replicator_progress
@@ -10,8 +10,11 @@ short_description: Progress lines of replicator tasks that retry
 description:
   - On every retry of a task whose result has C(lines), prints them, one per link.
 requirements:
-  - enabled in ansible.cfg (callbacks_enabled = replicator_progress)
+  - enabled in ansible.cfg (callbacks_enabled = voltrail.replicator.replicator_progress)
+author: [The replicator team (@voltrail)]
 """
+
+from ansible.plugins.callback import CallbackBase
 
 
 class CallbackModule(CallbackBase):

@@ -1,8 +1,11 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """A Prometheus instant query of a per-target metric, as one row per link of the topology
 (playbooks/metrics.yml). The agents label a target's series `group` and `target`; the
 scrape configuration adds `node`, the agent scraped, which is the link's source."""
 
 import math
+
 
 def _series(response):
     """{(group, source, target): value} from an instant query's answer (the largest value

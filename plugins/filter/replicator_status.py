@@ -1,3 +1,5 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The status table of a whole topology, from every agent's replicator_status result."""
 
 from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import human_bytes
@@ -17,7 +19,7 @@ def _row(group, link, result, notes):
     t = g and next((x for x in g["targets"] if x["node"] == link["to"]), None)
     if t is None:
         return [group["name"], name, mode, f"unknown: {link['from']}'s agent does not ship "
-                                            f"{group['name']} to {link['to']} (run site.yml)"]
+                f"{group['name']} to {link['to']} (run site.yml)"]
     running = t["mode"] + ("/zstd" if t.get("compress", "none") == "zstd" else "")
     if running != mode:
         notes.append(f"{name}: runs {running} but the inventory says {mode} (after a failback, "

@@ -1,3 +1,5 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Talk to a running replicator agent through its command line (`replicator ... --json`)
 and describe its links. Shared by the replicator_* modules; pure functions where it can
 be, so the unit tests feed them status documents."""

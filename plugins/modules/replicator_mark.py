@@ -16,6 +16,10 @@ description:
   - In check mode nothing is marked.
 extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
+  group:
+    description: The group.
+    type: str
+    required: true
   name:
     description: The marker's name (letters, digits, '.', '_', '-'; unique in the group).
     type: str

@@ -13,7 +13,7 @@ description:
     pending, and resolves a target in C(needs-resync) (its history diverged) with the chosen
     kind, which overwrites the target; that is refused while I(safe_mode) is true.
     It does not wait (see replicator_wait).
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   initial_sync:
     description: C(full) copies every region, C(checksum) only regions whose hashes differ

@@ -12,7 +12,7 @@ description:
     with C(assume-clean) none (the target is declared identical); without I(mode) no resync
     is forced (the agent resyncs what an outage left dirty by itself) and only I(rate) is
     applied. Does not wait (see replicator_wait).
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   mode:
     description: What to resync; omit it to force none.

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """A writable copy of a replica's volumes at a point of its window (replicator rewind)."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ description:
   - C(state=absent) deletes the copy (its images and C(snapshot.json)), nothing else in I(copy).
   - In check mode nothing is copied or deleted.
 version_added: 0.1.0
-author: [The replicator team]
+author: [The replicator team (@voltrail)]
 extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   group:
@@ -25,9 +27,10 @@ options:
     type: str
     required: true
   to:
-    description: The point: a seq, a time (ISO 8601 like C(2026-12-02T05:10:00Z), or C(-15m)), a
-      marker name; C(seq:), C(time:) or C(marker:) in front when a name could be either.
-      Required with C(state=present).
+    description:
+      - "The point - a seq, a time (ISO 8601 like C(2026-12-02T05:10:00Z), or C(-15m)), a marker name;
+        C(seq:), C(time:) or C(marker:) in front when a name could be either."
+      - Required with C(state=present).
     type: str
   copy:
     description: Directory of the copy (new or empty), on the replica's host.

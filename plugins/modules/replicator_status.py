@@ -8,7 +8,7 @@ module: replicator_status
 short_description: Status of the replicator agent on this host, and its outgoing links
 description:
   - Runs C(replicator status --json) against the agent named by I(config). Read-only.
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   group:
     description: Only this group's links in C(links) (C(status) is always complete).

@@ -11,7 +11,7 @@ description:
     every selected link, and returns what it found. Mismatches are not a module failure (a
     playbook decides; see playbooks/verify.yml); an error of the command is. In check mode
     the verify runs without repair (it only reads).
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   repair:
     description: Resync the mismatching regions found.

@@ -16,7 +16,7 @@ description:
     missed, and reads the status again only when a selected link changed state. It polls
     the status instead when the agent has no event stream, when the stream ends, or with
     I(follow_events=false).
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   state:
     description: The state to wait for.

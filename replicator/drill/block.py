@@ -67,8 +67,7 @@ def decode(data: bytes) -> BlockId | None:
     if len(data) < SECTOR or data[:len(MAGIC)] != MAGIC:
         return None
     _, run_id, index, offset, block_size, crc = HEADER.unpack_from(data)
-    if block_size != len(data) or zlib.crc32(data[HEADER.size:],
-                                              zlib.crc32(data[:_CRC_AT])) != crc:
+    if block_size != len(data) or zlib.crc32(data[HEADER.size:], zlib.crc32(data[:_CRC_AT])) != crc:
         return None
     return BlockId(run_id, index, offset)
 

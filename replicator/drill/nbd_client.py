@@ -136,8 +136,8 @@ class NbdClient:
         if fua and not self.can_fua:
             raise ValueError("the export does not accept FUA")
         flags = CMD_FLAG_FUA if fua else 0
-        self.sock.sendall(REQUEST.pack(REQUEST_MAGIC, flags, Cmd.WRITE, cookie, offset,
-                                        len(data)) + data)
+        self.sock.sendall(REQUEST.pack(REQUEST_MAGIC, flags, Cmd.WRITE, cookie, offset, len(data))
+                          + data)
 
     def send_flush(self, cookie: int) -> None:
         """NBD_Cmd.FLUSH: its successful reply means every write whose reply arrived

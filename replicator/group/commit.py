@@ -616,8 +616,8 @@ class Commit:
             # Records that completed may be lost: nobody may build on them (a restart
             # recovers what the journal really holds).
             self.halt(f"the journal's fdatasync failed ({os.strerror(err)}) "
-                       f"with seq {self._unsynced[0].first_seq}..{through} written: no "
-                       "more writes until the agent restarts")
+                      f"with seq {self._unsynced[0].first_seq}..{through} written: no "
+                      "more writes until the agent restarts")
             return
         self.durable_seq = through
         unsynced = self._unsynced

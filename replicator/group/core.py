@@ -460,7 +460,7 @@ class Group:
         except BaseException as exc:  # noqa: BLE001 - anything: the group must say so
             self.log.exception("group %s: the %s failed", self.name, what)
             self.commit.halt(f"the {what} failed ({type(exc).__name__}: {exc}): no more writes "
-                       "until the agent restarts")
+                             "until the agent restarts")
 
     async def stop(self) -> None:
         """Finish what is queued, make it durable, checkpoint, close files."""

@@ -380,5 +380,3 @@ def _entry(seq: int, time_ns: int, offset: int, name: bytes, old: bytes) -> byte
     head = _HEAD.pack(MAGIC, 0, seq, time_ns, offset, len(old), len(name))
     crc = crc32c(old, crc32c(name, crc32c(head[_CRC_FROM:])))
     return head[:4] + struct.pack("<I", crc) + head[_CRC_FROM:]
-
-

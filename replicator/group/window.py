@@ -299,10 +299,10 @@ class Window:
 
     def _inside(self, seq: int, low: int, high: int, what: str) -> None:
         if not low <= seq <= high:
+            times = (f", {_when(self._time_of(low))} .. {_when(self.group.journal.time_ns(high))}"
+                     if high > low else "")
             raise GroupError(f"{what} is outside group {self.group.name}'s window here "
-                             f"(seq {low}..{high}" + (f", {_when(self._time_of(low))} .. "
-                             f"{_when(self.group.journal.time_ns(high))}" if high > low else "")
-                             + ")")
+                             f"(seq {low}..{high}{times})")
 
     def _open(self, seq: int) -> bool:
         rec = next(self.group.journal.records(seq - 1, seq))

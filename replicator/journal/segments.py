@@ -99,7 +99,6 @@ class _Segment:
 
 
 
-
 class Journal:
     def __init__(self, directory: str, *, capacity: int, segment_size: int | None = None):
         self.directory = directory

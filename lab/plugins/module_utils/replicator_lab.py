@@ -1,3 +1,5 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The lab: several hosts on one Linux machine, reached over real SSH.
 
 Theory of operation
@@ -372,7 +374,7 @@ class Lab:
         sockets = os.listdir(cp)
         for sock in sockets:
             subprocess.run(["ssh", "-o", f"ControlPath={os.path.join(cp, sock)}", "-O", "exit",
-                            "lab"], capture_output=True, timeout=10)
+                            "lab"], capture_output=True, timeout=10, check=False)
         return bool(sockets)
 
     def _kill_netns_stragglers(self) -> bool:

@@ -1,3 +1,5 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The lab's network: bridges, veth pairs, namespaces and shaped site uplinks.
 
 One bridge `<prefix>wan` in the root namespace carries the controller's address (the
@@ -28,7 +30,7 @@ class LabError(Exception):
 def run(*cmd: str, check: bool = True, netns: str | None = None) -> str:
     if netns:
         cmd = ("ip", "netns", "exec", netns) + cmd
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout

@@ -1,3 +1,5 @@
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The lab's Prometheus: the Debian package's `prometheus` on the controller (root network
 namespace), scraping every lab agent's metrics endpoint and evaluating the repository's
 alert rules.
@@ -21,7 +23,8 @@ import shutil
 import signal
 import subprocess
 import urllib.error
-import urllib.request
+
+from ansible.module_utils.urls import open_url
 
 from ansible_collections.voltrail.replicator_lab.plugins.module_utils.replicator_lab import (
     start_time, wait_for)
@@ -118,7 +121,7 @@ class LabPrometheus:
             raise LabError(f"prometheus exited at start with {proc.returncode}; see {self.log}:\n"
                            f"{self._log_tail()}")
         try:
-            with urllib.request.urlopen(self.url(listen) + "/-/ready", timeout=1) as r:
+            with open_url(self.url(listen) + "/-/ready", timeout=1, use_proxy=False) as r:
                 return r.status == 200
         except (OSError, urllib.error.URLError):
             return False
@@ -134,7 +137,7 @@ class LabPrometheus:
         promtool = shutil.which("promtool")
         if not promtool:
             raise LabError("promtool not found: run scripts/setup.sh (Debian package prometheus)")
-        p = subprocess.run([promtool, "check", "config", path], capture_output=True, text=True)
+        p = subprocess.run([promtool, "check", "config", path], capture_output=True, text=True, check=False)
         if p.returncode != 0:
             raise LabError(f"the generated Prometheus configuration {path} does not pass "
                            f"promtool check config:\n{p.stdout}{p.stderr}")

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Build or remove the replicator lab on the controller."""
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ options:
     type: list
     elements: path
     default: []
-author: [The replicator team]
+author: [The replicator team (@voltrail)]
 """
 
 EXAMPLES = r"""

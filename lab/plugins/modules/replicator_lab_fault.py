@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Fault actions on one lab host: isolate, heal, crash, boot."""
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ options:
     type: str
     choices: [isolate, heal, crash, boot]
     required: true
-author: [The replicator team]
+author: [The replicator team (@voltrail)]
 """
 
 EXAMPLES = r"""
