@@ -133,7 +133,7 @@ def _write_files(directory: str, report: dict) -> dict[str, str]:
     paths = {}
     for kind, render in renderings.items():
         paths[kind] = os.path.join(directory, f"report.{kind}")
-        _write_text(paths[kind], render(report))
+        write_text(paths[kind], render(report))
     return paths
 
 
@@ -332,7 +332,7 @@ th, td { border: 1px solid #c8cdd2; padding: .25em .6em; text-align: left;
 th { background: #eef1f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .pass, .passed { color: #176b2c; font-weight: 600; }
 .fail, .failed, .unreadable { color: #b3261e; font-weight: 600; }
-.skipped, .none { color: #6b7178; }
+.skipped, .noreport { color: #6b7178; }
 pre { background: #f4f6f8; padding: .6em; overflow-x: auto; }
 svg text { font: 12px system-ui, sans-serif; fill: #1d2329; }
 """
@@ -408,14 +408,16 @@ def _bytes(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Make TEXT the content of PATH (0644), atomically: a reader never sees half of it."""
     statefile.write_new(path, text.encode("utf-8"), 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m replicator.drill.report",
-        description="Write the DR drill report (report.json, report.xml, report.md) from a "
+        description="Write the DR drill report (report.json, report.xml, report.md, "
+                    "report.html) from a "
                     "drill description. Exit 0 when the drill passed, 3 when it failed, "
                     "1 on an error.")
     parser.add_argument("--input", required=True, help="drill description (JSON), - for stdin")
