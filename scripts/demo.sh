@@ -6,7 +6,7 @@
 # and a group of watched files: dc1-app's /srv/files/vm.img (XFS with reflink) written by
 # a program directly, dc1-app --async--> dc3-arc --periodic, 10 s--> dc4-vault.
 # Each host is a network namespace with its own address, sshd, hostname, private mounts and
-# process tree (playbooks/lab.yml). Then site.yml (CA and certificates, install, configure,
+# process tree (lab/playbooks/lab.yml). Then site.yml (CA and certificates, install, configure,
 # start: mutual TLS), pair.yml (every link replicating), a workload through NBD on the
 # primary host (qemu-io patterns, fio random writes), verify.yml (online verify of every
 # link: region hashes compared on both ends while replication runs), compare.yml (every replica equals the primary: sha256 on each host) and
@@ -53,7 +53,8 @@ ansible -i inventories/lab "$primary" -m ansible.builtin.command -a \
 play verify.yml
 play compare.yml
 play status.yml
-play dr_exercise.yml -e dr_report_dir=/var/tmp/replicator-dr
+play dr_exercise.yml -e dr_exercise_mode=destructive -e replicator_safe_mode=false \
+    -e dr_report_dir=/var/tmp/replicator-dr
 sed -n '1,12p' /var/tmp/replicator-dr/db/report.md
 play metrics.yml
 
@@ -67,7 +68,7 @@ The lab is still up; try:
   .venv/bin/ansible-playbook -i inventories/lab playbooks/status.yml
   .venv/bin/ansible-playbook -i inventories/lab playbooks/metrics.yml -e replicator_metrics_query=replicator_target_lag_bytes
   curl -s 'http://$prometheus/api/v1/query?query=replicator_target_lag_seconds'   (Prometheus, alerts: http://$prometheus/alerts)
-  .venv/bin/ansible-playbook -i inventories/lab playbooks/lab_fault.yml -e lab_fault=isolate -l dc3-arc
+  .venv/bin/ansible-playbook -i inventories/lab lab/playbooks/lab_fault.yml -e lab_fault=isolate -l dc3-arc
 Tear it down (removes every namespace, link, process and file it made):
-  .venv/bin/ansible-playbook -i inventories/lab playbooks/lab.yml -e lab_state=down
+  .venv/bin/ansible-playbook -i inventories/lab lab/playbooks/lab.yml -e lab_state=down
 TEXT

@@ -69,3 +69,10 @@ if [[ ! -f $stamp ]]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+
+# The checkout as the collections voltrail.replicator (the repository root) and
+# voltrail.replicator_lab (lab/), for ansible.cfg's collections_path: links, so that an edit
+# is seen at once (`ansible-galaxy collection build` makes the shipped copy).
+mkdir -p .collections/ansible_collections/voltrail
+ln -sfn ../../.. .collections/ansible_collections/voltrail/replicator
+ln -sfn ../../../lab .collections/ansible_collections/voltrail/replicator_lab

@@ -1,15 +1,6 @@
 """The status table of a whole topology, from every agent's replicator_status result."""
 
-import importlib.util
-import os
-
-# the modules' helpers (module_utils are not importable from controller-side plugins)
-_spec = importlib.util.spec_from_file_location(
-    "replicator_agent_utils",
-    os.path.join(os.path.dirname(__file__), "..", "module_utils", "replicator_agent.py"))
-_utils = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_utils)
-human_bytes = _utils.human_bytes
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import human_bytes
 
 COLUMNS = ("GROUP", "LINK", "MODE", "STATE", "SEQ", "ACKED", "LAG REC", "LAG BYTES", "LAG S",
            "JOURNAL (SOURCE)")

@@ -20,6 +20,9 @@ from tests.agents import wait_until
 from tests.ansible.ansible_harness import ROOT
 
 BIN = os.path.dirname(sys.executable)
+# the extra vars of a DR exercise that fails the primary over and back (not the default)
+DESTRUCTIVE = ("-e", "dr_exercise_mode=destructive", "-e", "replicator_safe_mode=false")
+LAB_PLAYBOOKS = {"lab.yml": ("lab", "playbooks"), "lab_fault.yml": ("lab", "playbooks")}
 
 
 def lab_marks(timeout: float) -> list:
@@ -43,7 +46,7 @@ def playbook(name: str, *args: str, check: bool = True, timeout: float = 900,
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     p = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", inventory_dir(inventory),
-                        os.path.join(ROOT, "playbooks", name), *args],
+                        os.path.join(ROOT, *LAB_PLAYBOOKS.get(name, ("playbooks",)), name), *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"ansible-playbook {name} {' '.join(args)} exited {p.returncode}:\n"

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.agents import wait_until
-from tests.ansible.lab_harness import Lab, lab_marks
+from tests.ansible.lab_harness import DESTRUCTIVE, Lab, lab_marks
 
 pytestmark = lab_marks(timeout=1500)
 
@@ -64,7 +64,7 @@ def assert_declared_topology(lab):
 def test_destructive_drill_of_every_group(matrix, tmp_path):
     lab = matrix
     report_dir = str(tmp_path / "dr")
-    out = lab.playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}",
+    out = lab.playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", *DESTRUCTIVE,
                        "-e", "dr_exercise_writes=200", timeout=1400, check=False)
     for group, report in reports(report_dir).items():
         promoted, covered, links = CASES[group]

@@ -21,7 +21,7 @@ import yaml
 from replicator import admin
 from tests.agents import wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
-from tests.ansible.lab_harness import Lab, lab_marks, playbook
+from tests.ansible.lab_harness import DESTRUCTIVE, Lab, lab_marks, playbook
 from tests.clients import fio, qemu_io, run
 
 pytestmark = lab_marks(timeout=900)
@@ -303,7 +303,7 @@ def test_dr_exercise_through_the_bunker(deployed, tmp_path):
     to the far async replica through the bunker, ledger check, failback, report."""
     lab = deployed
     report_dir = str(tmp_path / "dr")
-    playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", timeout=900)
+    playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", *DESTRUCTIVE, timeout=900)
     report_dir = os.path.join(report_dir, "db")  # one directory per group drilled
     with open(os.path.join(report_dir, "report.json")) as f:
         report = json.load(f)
@@ -334,7 +334,7 @@ def test_dr_exercise_promoting_the_leaf_below_the_intermediate(deployed, tmp_pat
     over dc1-app's links; failback puts every link back as declared."""
     lab = deployed
     report_dir = str(tmp_path / "dr")
-    playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", "-e", "dr_exercise_target=dc4-vault",
+    playbook("dr_exercise.yml", "-e", f"dr_report_dir={report_dir}", *DESTRUCTIVE, "-e", "dr_exercise_target=dc4-vault",
              "-e", "dr_exercise_writes=300", timeout=900)
     with open(os.path.join(report_dir, "db", "report.json")) as f:
         report = json.load(f)

@@ -2,13 +2,10 @@
 status table (including hosts that do not answer), the pair decision, lab validation;
 the modules' documentation."""
 
-import ast
-import os
 
 import pytest
-import yaml
 
-from tests.ansible.ansible_harness import ROOT, filters, library_module, module_utils
+from tests.ansible.ansible_harness import filters, library_module, module_utils
 
 agent = module_utils("replicator_agent")
 net = module_utils("replicator_lab_net")
@@ -161,23 +158,6 @@ def test_lab_refuses_to_run_without_root(action, monkeypatch, tmp_path):
     monkeypatch.setattr(lab.os, "geteuid", lambda: 1000)
     with pytest.raises(net.LabError, match="the lab needs root.*sudo"):
         getattr(lb, action)()
-
-
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "library"))
-                                        if f.endswith(".py")))
-def test_module_documentation_parses(name):
-    """What ansible-doc shows: DOCUMENTATION and RETURN are YAML (a stray `word: word` in a
-    plain description is a mapping there, and ansible-doc gives up)."""
-    with open(os.path.join(ROOT, "library", f"{name}.py")) as f:
-        tree = ast.parse(f.read())
-    docs = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name)
-            and t.id in ("DOCUMENTATION", "RETURN")}
-    doc = yaml.safe_load(docs["DOCUMENTATION"])
-    assert doc["module"] == name and doc["short_description"]
-    for option, spec in (doc.get("options") or {}).items():
-        assert spec.get("description"), f"{name}: option {option} has no description"
-    assert isinstance(yaml.safe_load(docs.get("RETURN", "{}")) or {}, dict)
 
 
 def test_lab_metrics_targets_are_the_hosts_that_serve_metrics():

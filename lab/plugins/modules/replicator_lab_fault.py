@@ -30,7 +30,8 @@ options:
 import signal
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_lab import Lab, LabError
+from ansible_collections.voltrail.replicator_lab.plugins.module_utils.replicator_lab import (
+    Lab, LabError)
 
 
 def main():

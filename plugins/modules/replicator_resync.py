@@ -12,7 +12,7 @@ description:
     with C(assume-clean) none (the target is declared identical); without I(mode) no resync
     is forced (the agent resyncs what an outage left dirty by itself) and only I(rate) is
     applied. Does not wait (see replicator_wait).
-extends_documentation_fragment: [replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   mode:
     description: What to resync; omit it to force none.
@@ -32,8 +32,8 @@ results:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call,
-                                                   parse_rate, select)
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
+    AGENT_ARGS, LINK_ARGS, AgentError, call, parse_rate, select)
 
 
 def main():

@@ -5,7 +5,7 @@ Theory of operation
 Network: see replicator_lab_net (a namespace per host with its address, site bridges,
 uplinks shaped with tc tbf, isolation by taking a host's link down).
 
-Processes. Each host is a process tree rooted at scripts/lab_init.py, PID 1 of the
+Processes. Each host is a process tree rooted at lab/scripts/lab_init.py, PID 1 of the
 host's own PID, mount and UTS namespaces (see that script). We record the launcher's
 and the init's host PIDs (read from the root namespace, with their start times so a
 reused PID is never taken for ours) and the PID namespace inode. A crash is SIGKILL of
@@ -28,7 +28,8 @@ import socket
 import subprocess
 import time
 
-from ansible.module_utils.replicator_lab_net import LabError, LabNetwork, links, rate_bits, run
+from ansible_collections.voltrail.replicator_lab.plugins.module_utils.replicator_lab_net import (
+    LabError, LabNetwork, links, rate_bits, run)
 
 # /srv too: volumes an inventory places there (the same path on every host, as a real
 # site's layout would be) must be each host's own, not one file of the machine's.
@@ -178,7 +179,7 @@ class Lab:
             with open(os.path.join(lab_dir, STATE_FILE)) as f:
                 spec = json.load(f)["spec"]
         except (FileNotFoundError, KeyError):
-            raise LabError(f"no lab in {lab_dir}: run playbooks/lab.yml -e lab_state=up") from None
+            raise LabError(f"no lab in {lab_dir}: run lab/playbooks/lab.yml -e lab_state=up") from None
         return cls(lab_dir, init_script=os.path.join(lab_dir, "lab_init.py"), **spec)
 
     # hosts ------------------------------------------------------------------
@@ -320,7 +321,7 @@ class Lab:
         state = self.load_state()
         if state and state.get("spec") != self.spec():
             raise LabError(f"a lab built from another inventory exists in {self.dir}; run "
-                           "playbooks/lab.yml -e lab_state=down with that inventory first")
+                           "lab/playbooks/lab.yml -e lab_state=down with that inventory first")
         changed = not state
         os.makedirs(os.path.join(self.dir, "ssh"), mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(self.dir, "cp"), mode=0o700, exist_ok=True)

@@ -8,7 +8,7 @@ module: replicator_status
 short_description: Status of the replicator agent on this host, and its outgoing links
 description:
   - Runs C(replicator status --json) against the agent named by I(config). Read-only.
-extends_documentation_fragment: [replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   group:
     description: Only this group's links in C(links) (C(status) is always complete).
@@ -48,7 +48,8 @@ analytics:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import AGENT_ARGS, LINK_ARGS, AgentError, call, link, select
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
+    AGENT_ARGS, LINK_ARGS, AgentError, call, link, select)
 
 
 def main():

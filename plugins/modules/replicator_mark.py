@@ -14,7 +14,7 @@ description:
   - With C(state=listed), returns the group's markers on this host (a replica lists a marker
     once its records reached it).
   - In check mode nothing is marked.
-extends_documentation_fragment: [replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   name:
     description: The marker's name (letters, digits, '.', '_', '-'; unique in the group).
@@ -53,7 +53,8 @@ skipped:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import AGENT_ARGS, AgentError, call
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
+    AGENT_ARGS, AgentError, call)
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Filters for playbooks/lab.yml."""
+"""Filters for lab/playbooks/lab.yml."""
 
 
 def replicator_lab_hosts(names, hostvars):

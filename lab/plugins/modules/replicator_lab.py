@@ -10,7 +10,7 @@ description:
   - Builds one lab host per inventory host, each with its own network namespace holding
     its address, its own sshd (key-only root login), hostname, private mounts and PID
     namespace; sites are joined by uplinks shaped with tc tbf. Runs on the controller
-    as root. See plugins/module_utils/replicator_lab.py for how it works.
+    as root. See lab/plugins/module_utils/replicator_lab.py for how it works.
 options:
   state:
     description: C(up) builds what is missing, C(down) removes everything, C(status) reports.
@@ -45,7 +45,7 @@ options:
     type: dict
     default: {}
   init_script:
-    description: Path of scripts/lab_init.py (copied into the lab directory). Required for C(up).
+    description: Path of lab/scripts/lab_init.py (copied into the lab directory). Required for C(up).
     type: path
   boot:
     description: Command a lab host runs at boot if its program exists (the agent's supervisor).
@@ -93,8 +93,10 @@ summary:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_lab import Lab, LabError
-from ansible.module_utils.replicator_lab_prometheus import LabPrometheus
+from ansible_collections.voltrail.replicator_lab.plugins.module_utils.replicator_lab import (
+    Lab, LabError)
+from ansible_collections.voltrail.replicator_lab.plugins.module_utils.replicator_lab_prometheus import (
+    LabPrometheus)
 
 
 def summary(hosts: dict, prometheus: dict) -> list[str]:

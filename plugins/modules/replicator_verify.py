@@ -11,7 +11,7 @@ description:
     every selected link, and returns what it found. Mismatches are not a module failure (a
     playbook decides; see playbooks/verify.yml); an error of the command is. In check mode
     the verify runs without repair (it only reads).
-extends_documentation_fragment: [replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   repair:
     description: Resync the mismatching regions found.
@@ -37,8 +37,8 @@ lines:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call,
-                                                   human_bytes, select)
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
+    AGENT_ARGS, LINK_ARGS, AgentError, call, human_bytes, select)
 
 EXIT_MISMATCH = 3
 

@@ -13,7 +13,7 @@ description:
     pending, and resolves a target in C(needs-resync) (its history diverged) with the chosen
     kind, which overwrites the target; that is refused while I(safe_mode) is true.
     It does not wait (see replicator_wait).
-extends_documentation_fragment: [replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   initial_sync:
     description: C(full) copies every region, C(checksum) only regions whose hashes differ
@@ -41,8 +41,8 @@ started:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call, link,
-                                                   select)
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
+    AGENT_ARGS, LINK_ARGS, AgentError, call, link, select)
 
 FLAGS = {mode: f"--{mode}" for mode in ("full", "checksum", "assume-clean")}
 

@@ -16,7 +16,7 @@ description:
     missed, and reads the status again only when a selected link changed state. It polls
     the status instead when the agent has no event stream, when the stream ends, or with
     I(follow_events=false).
-extends_documentation_fragment: [replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   state:
     description: The state to wait for.
@@ -61,8 +61,8 @@ import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.replicator_agent import (AGENT_ARGS, LINK_ARGS, AgentError, call, link,
-                                                   progress_line, select as select_links)
+from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
+    AGENT_ARGS, LINK_ARGS, AgentError, call, link, progress_line, select as select_links)
 
 POLL_SECONDS = 0.25
 
