@@ -17,6 +17,8 @@ from datetime import datetime
 
 import pytest
 
+from tests.agents import wait_until
+from tests.ansible.cron_harness import cron_daemon, lock_free, needs_cron
 from tests.ansible.lab_harness import playbook
 
 # A stand-in for dr_exercise.yml: the report of one group, written by the real `replicator
@@ -257,3 +259,23 @@ def test_a_run_out_of_time_is_stopped(where):
     (row,) = index_of(where)["rows"]
     assert row["run"] == run and row["result"] == "no report"  # stopped before its report
     assert row["log"] == f"{run}/ansible.log"
+
+
+@needs_cron
+@pytest.mark.timeout(400)
+def test_cron_fires_the_installed_runner(where, tmp_path):
+    """The cron path end to end, with the stand-in exercise: Debian's cron (over the
+    test's cron.d only) fires the runner the role installed, every minute, in cron's own
+    environment; a run directory with its report and the index appear."""
+    base = where["replicator_dr_schedule_report_dir"]
+    with cron_daemon(str(tmp_path)):
+        schedule(where, replicator_dr_schedule_cron="* * * * *")
+        try:
+            wait_until(lambda: os.path.exists(os.path.join(base, "index.json")), 150,
+                       "cron to fire the runner and the run to be indexed", interval=1)
+        finally:
+            schedule(where, replicator_dr_schedule_state="absent")
+            wait_until(lambda: lock_free(os.path.join(base, ".lock")), 120, "the run to end")
+    (row,) = index_of(where)["rows"][:1]
+    assert row["result"] == "pass" and row["group"] == "db", row
+    assert os.path.isfile(os.path.join(base, row["run"], "db", "report.html"))
