@@ -417,9 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m replicator.drill.report",
         description="Write the DR drill report (report.json, report.xml, report.md, "
-                    "report.html) from a "
-                    "drill description. Exit 0 when the drill passed, 3 when it failed, "
-                    "1 on an error.")
+                    "report.html) from a drill description. Exit 0 when the drill passed, "
+                    "3 when it failed, 1 on an error.")
     parser.add_argument("--input", required=True, help="drill description (JSON), - for stdin")
     parser.add_argument("--dir", required=True, help="directory to write the report into")
     parser.add_argument("--json", action="store_true", help="print the report paths as JSON")
