@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)
 
-    sub.add_parser("drill", help="DR drill tools: `replicator drill ledger|report --help`")
+    sub.add_parser("drill", help="DR drill tools: `replicator drill ledger|report|index "
+                   "--help`")
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file: every error at once "
@@ -660,7 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
 DRILL = {"ledger": "a workload that flushes every few writes and logs every acknowledged "
                    "(flushed) write, and its check against a volume image (python -m "
                    "replicator.drill.ledger)",
-         "report": "the DR drill report: report.json, report.xml (JUnit), report.md"}
+         "report": "the DR drill report: report.json, report.xml (JUnit), report.md, "
+                   "report.html",
+         "index": "the index of scheduled DR exercise runs: keeps the newest N, writes "
+                  "index.html (each run's verdict, the trend of RPO and RTO) and index.json"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["drill"]:  # the drill tools keep their own argument parsers
         tool = argv[1] if len(argv) > 1 else ""
         if tool not in DRILL:
-            print("usage: replicator drill {ledger|report} ...\n" + "\n".join(
+            print("usage: replicator drill {ledger|report|index} ...\n" + "\n".join(
                 f"  {name}: {what}" for name, what in DRILL.items()), file=sys.stderr)
             return 2
         from importlib import import_module

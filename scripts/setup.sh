@@ -16,11 +16,15 @@ missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-# prometheus brings promtool, which the tests use on monitoring/; the daemon itself must
-# not start here (see install_without_starting_services).
-dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed" \
-    || prometheus_missing=1
-if ((${#missing[@]})) || [[ -v prometheus_missing ]]; then
+# Daemons whose service must not start here (see install_without_starting_services):
+# prometheus brings promtool, which the tests use on monitoring/; cron is the scheduler the
+# lab test of roles/replicator_dr_schedule starts itself, as its own child.
+daemons_missing=()
+for pkg in prometheus cron; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || daemons_missing+=("$pkg")
+done
+if ((${#missing[@]})) || ((${#daemons_missing[@]})); then
     apt-get update -qq
 fi
 if ((${#missing[@]})); then
@@ -48,14 +52,16 @@ install_without_starting_services() {
         trap - EXIT
     fi
 }
-if [[ -v prometheus_missing ]]; then
-    echo "setup.sh: installing Debian package prometheus (for promtool; its service not started)"
-    install_without_starting_services prometheus
-    if pids=$(ps -C prometheus -o pid=); then
-        echo "setup.sh: a prometheus daemon runs after the install (pid ${pids//[[:space:]]/ })," \
-             "although policy-rc.d forbade starting it" >&2
-        exit 1
-    fi
+if ((${#daemons_missing[@]})); then
+    echo "setup.sh: installing Debian packages ${daemons_missing[*]} (their services not started)"
+    install_without_starting_services "${daemons_missing[@]}"
+    for pkg in "${daemons_missing[@]}"; do
+        if pids=$(ps -C "$pkg" -o pid=); then
+            echo "setup.sh: a $pkg daemon runs after the install (pid ${pids//[[:space:]]/ })," \
+                 "although policy-rc.d forbade starting it" >&2
+            exit 1
+        fi
+    done
 fi
 
 PY=${PYTHON:-python3}

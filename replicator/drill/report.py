@@ -1,12 +1,14 @@
 """The DR drill report: what happened, what was measured, and whether it was good enough.
 
-`write_report(directory, drill)` writes three files and returns their paths:
+`write_report(directory, drill)` writes four files and returns their paths:
 
 - `report.json`: the whole report, for automation (`result`, `rpo_writes_lost`,
   `rpo_seconds`, `rto_seconds`, `timeline`, `checks`, `reasons`, objectives, ...);
 - `report.xml`: JUnit XML, one <testsuite> in a <testsuites> root, one <testcase> per
   check, with <failure> or <skipped>, so Jenkins, GitLab or AWX show the drill as tests;
-- `report.md`: a human summary with the measures, the checks and the timeline as tables.
+- `report.md`: a human summary with the measures, the checks and the timeline as tables;
+- `report.html`: the same summary as one self-contained page (no scripts, no external
+  assets, every text escaped), for a browser or an archive of reports.
 
 Each file is written to a temporary name and renamed, so a reader never sees half a
 report. The input is a plain dict (the drill playbook assembles it from facts):
@@ -45,6 +47,7 @@ from a JSON file (or - for stdin) for a playbook: exit 0 pass, 3 fail, 1 bad inp
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import sys
@@ -118,17 +121,19 @@ def build_report(drill: dict) -> dict:
 
 
 def write_report(directory: str, drill: dict) -> dict[str, str]:
-    """Write report.json, report.xml and report.md into `directory` (created if needed);
-    return {"json": path, "xml": path, "md": path}."""
+    """Write report.json, report.xml, report.md and report.html into `directory` (created
+    if needed); return {"json": path, "xml": path, "md": path, "html": path}."""
     return _write_files(directory, build_report(drill))
 
 
 def _write_files(directory: str, report: dict) -> dict[str, str]:
     os.makedirs(directory, exist_ok=True)
-    paths = {kind: os.path.join(directory, f"report.{kind}") for kind in ("json", "xml", "md")}
-    _write_text(paths["json"], json.dumps(report, indent=2) + "\n")
-    _write_text(paths["xml"], junit_xml(report))
-    _write_text(paths["md"], markdown(report))
+    renderings = {"json": lambda r: json.dumps(r, indent=2) + "\n", "xml": junit_xml,
+                  "md": markdown, "html": html_page}
+    paths = {}
+    for kind, render in renderings.items():
+        paths[kind] = os.path.join(directory, f"report.{kind}")
+        write_text(paths[kind], render(report))
     return paths
 
 
@@ -266,33 +271,43 @@ def junit_xml(report: dict) -> str:
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def markdown(report: dict) -> str:
-    obj = report["objectives"]
-    rto = report["rto_seconds"]
-    lines = [f"# DR drill {report['name']}: {report['result'].upper()}", ""]
-    about = [f"group `{report['group']}`"] if report["group"] else []
+def _about(report: dict, quote: str = "") -> list[str]:
+    """The report's subject and span, as phrases (group, times, generation); the group's
+    name between QUOTEs."""
+    about = [f"group {quote}{report['group']}{quote}"] if report["group"] else []
     if report["started"]:
         about.append(f"from {report['started']} to {report['finished']} "
                      f"({report['duration_seconds']:.1f} s)")
     about.append(f"report generated {report['generated_at']}")
-    rto_text = "-" if rto is None else f"{rto:.1f} s"
-    rto_limit = obj["max_rto_seconds"]
-    rto_objective = "-" if rto_limit is None else f"at most {rto_limit} s"
-    lines += ["; ".join(about), "", "| Measure | Value | Objective |", "|---|---|---|",
-              f"| RPO: acknowledged (flushed) writes lost | "
-              f"{_text(report['rpo_writes_lost'], '-')} "
-              f"| {'-' if obj['max_rpo_writes'] is None else 'at most %d' % obj['max_rpo_writes']} |",
-              f"| RPO: seconds of acknowledged (flushed) writes lost | "
-              f"{'-' if report['rpo_seconds'] is None else '%.3f s' % report['rpo_seconds']} "
-              f"| - |",
-              f"| RTO: declared failure to writable | {rto_text} | {rto_objective} |"]
+    return about
+
+
+def _measures(report: dict) -> list[tuple[str, str, str]]:
+    """The measures as (measure, value, objective) rows, "-" where there is none."""
+    obj = report["objectives"]
+    rto, rpo_limit, rto_limit = (report["rto_seconds"], obj["max_rpo_writes"],
+                                 obj["max_rto_seconds"])
+    rows = [("RPO: acknowledged (flushed) writes lost", _text(report["rpo_writes_lost"], "-"),
+             "-" if rpo_limit is None else f"at most {rpo_limit}"),
+            ("RPO: seconds of acknowledged (flushed) writes lost",
+             "-" if report["rpo_seconds"] is None else f"{report['rpo_seconds']:.3f} s", "-"),
+            ("RTO: declared failure to writable", "-" if rto is None else f"{rto:.1f} s",
+             "-" if rto_limit is None else f"at most {rto_limit} s")]
     if report["failback_bytes_shipped"] is not None:
         value = _bytes(report["failback_bytes_shipped"])
         if report["failback_fraction"] is not None:
             value += f" of {_bytes(report['volume_size'])} ({report['failback_fraction']:.2%})"
         limit = obj["max_failback_fraction"]
-        objective = "-" if limit is None else f"at most {limit:.2%}"
-        lines.append(f"| Failback: bytes shipped | {value} | {objective} |")
+        rows.append(("Failback: bytes shipped", value,
+                     "-" if limit is None else f"at most {limit:.2%}"))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# DR drill {report['name']}: {report['result'].upper()}", "",
+             "; ".join(_about(report, "`")), "", "| Measure | Value | Objective |", "|---|---|---|"]
+    lines += [f"| {measure} | {value} | {objective} |"
+              for measure, value, objective in _measures(report)]
     lines += ["", "## Checks", "", "| Check | Result | Detail |", "|---|---|---|"]
     lines += [f"| {_cell(c['name'])} | {c['status']} | {_cell(c['message'])} |"
               for c in report["checks"]]
@@ -303,6 +318,71 @@ def markdown(report: dict) -> str:
     lines += [f"| {n} | {e['time']} | {e['offset_seconds']:.3f} | {_cell(e['event'])} | "
               f"{_cell(e.get('detail', ''))} |" for n, e in enumerate(report["timeline"], 1)]
     return "\n".join(lines) + "\n"
+
+
+# The look of report.html and of the drill index (replicator.drill.index): one style
+# sheet in the page itself, so a page copied out of the report directory still reads.
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em;
+       padding: 0 1em; color: #1d2329; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .6em 0; }
+th, td { border: 1px solid #c8cdd2; padding: .25em .6em; text-align: left;
+         vertical-align: top; }
+th { background: #eef1f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.pass, .passed { color: #176b2c; font-weight: 600; }
+.fail, .failed, .unreadable { color: #b3261e; font-weight: 600; }
+.skipped, .noreport { color: #6b7178; }
+pre { background: #f4f6f8; padding: .6em; overflow-x: auto; }
+svg text { font: 12px system-ui, sans-serif; fill: #1d2329; }
+"""
+
+
+def html_document(title: str, body: list[str]) -> str:
+    """A self-contained HTML page: TITLE (escaped here) and BODY, lines already escaped."""
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+                      f"<title>{html.escape(title)}</title>", f"<style>{STYLE}</style>",
+                      "</head>", "<body>", *body, "</body>", "</html>"]) + "\n"
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    """A table from already escaped cells; a cell given as (html, css class) gets the class."""
+    def cell(tag, value):
+        if isinstance(value, tuple):
+            return f'<{tag} class="{value[1]}">{value[0]}</{tag}>'
+        return f"<{tag}>{value}</{tag}>"
+    lines = ["<table>", "<tr>" + "".join(cell("th", h) for h in head) + "</tr>"]
+    lines += ["<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows]
+    return "\n".join(lines + ["</table>"])
+
+
+def html_page(report: dict) -> str:
+    """report.html: the result, the measures, the checks, why it failed (the step that
+    failed, if one did) and the timeline."""
+    e = html.escape
+    result = report["result"]
+    title = f"DR drill {report['name']}: {result.upper()}"
+    body = [f'<h1>DR drill {e(report["name"])}: <span class="{result}">{result.upper()}</span></h1>',
+            f"<p>{e('; '.join(_about(report)))}</p>",
+            html_table(["Measure", "Value", "Objective"],
+                       [[e(m), (e(v), "num"), e(o)] for m, v, o in _measures(report)]),
+            "<h2>Checks</h2>",
+            html_table(["Check", "Result", "Detail"],
+                       [[e(c["name"]), (e(c["status"]), c["status"]), e(c["message"])]
+                        for c in report["checks"]])]
+    if report["reasons"]:
+        body += ["<h2>Why it failed</h2>", "<ul>"]
+        body += [f"<li>{e(r)}</li>" for r in report["reasons"]] + ["</ul>"]
+    step = report.get("failed_step")
+    if isinstance(step, dict) and step.get("error"):
+        body += [f"<h2>Failed step: {e(str(step.get('step', '')))}</h2>",
+                 f"<pre>{e(str(step['error']))}</pre>"]
+    body += ["<h2>Timeline</h2>",
+             html_table(["#", "Time (UTC)", "+ seconds", "Event", "Detail"],
+                        [[(str(n), "num"), e(ev["time"]), (f"{ev['offset_seconds']:.3f}", "num"),
+                          e(ev["event"]), e(ev.get("detail", ""))]
+                         for n, ev in enumerate(report["timeline"], 1)])]
+    return html_document(title, body)
 
 
 def _cell(text: str) -> str:
@@ -328,16 +408,17 @@ def _bytes(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Make TEXT the content of PATH (0644), atomically: a reader never sees half of it."""
     statefile.write_new(path, text.encode("utf-8"), 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m replicator.drill.report",
-        description="Write the DR drill report (report.json, report.xml, report.md) from a "
-                    "drill description. Exit 0 when the drill passed, 3 when it failed, "
-                    "1 on an error.")
+        description="Write the DR drill report (report.json, report.xml, report.md, "
+                    "report.html) from a drill description. Exit 0 when the drill passed, "
+                    "3 when it failed, 1 on an error.")
     parser.add_argument("--input", required=True, help="drill description (JSON), - for stdin")
     parser.add_argument("--dir", required=True, help="directory to write the report into")
     parser.add_argument("--json", action="store_true", help="print the report paths as JSON")

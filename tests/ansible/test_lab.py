@@ -21,6 +21,7 @@ import yaml
 from replicator import admin
 from tests.agents import wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
+from tests.ansible.cron_harness import cron_daemon, lock_free, needs_cron
 from tests.ansible.lab_harness import DESTRUCTIVE, Lab, lab_marks, playbook
 from tests.clients import fio, qemu_io, run
 
@@ -373,5 +374,57 @@ def test_dr_exercise_copy_mode_leaves_production_running(deployed, tmp_path):
     for node, was in before.items():
         now = lab.group_status(node)
         assert (now["role"], now["generation"]) == (was["role"], was["generation"])
+    lab.wait_converged()
+    lab.assert_identical()
+
+
+@needs_cron
+def test_scheduled_dr_exercise_fires_from_cron(deployed, tmp_path):
+    """The DR exercise on a schedule, as an operator installs it with dr_schedule.yml on a
+    controller without systemd: every minute, copy mode. Debian's cron, started by the
+    test as its own child (tests/ansible/cron_harness.py: over the test's cron.d only),
+    fires it; a run directory with a passing report and the index appear; state=absent
+    removes the schedule."""
+    lab = deployed
+    base = tmp_path / "dr"
+    settings = {"replicator_dr_schedule_cron": "* * * * *",
+                "replicator_dr_schedule_cron_file": str(tmp_path / "cron.d" / "replicator-dr-exercise"),
+                "replicator_dr_schedule_runner": str(tmp_path / "replicator-dr-run"),
+                "replicator_dr_schedule_report_dir": str(base), "replicator_dr_schedule_keep": 3,
+                "replicator_dr_schedule_extra_vars": {"dr_exercise_volume_name": "log",
+                                                      "dr_exercise_writes": 300}}
+    with cron_daemon(str(tmp_path)):
+        # the defaults: the cron path (no systemd here), this inventory, the directory
+        # ansible-playbook runs from (the checkout), the playbook voltrail.replicator.dr_exercise
+        out = playbook("dr_schedule.yml", "-e", json.dumps(settings))
+        assert "Schedule it (cron)" in out
+        with open(settings["replicator_dr_schedule_cron_file"]) as f:
+            assert f"* * * * * root {tmp_path}/replicator-dr-run\n" in f.read()
+        try:
+            (run_dir,) = wait_until(lambda: sorted(p for p in base.iterdir() if p.is_dir()),
+                                    150, "cron to start the first scheduled run", interval=1)[:1]
+        finally:  # no further run (one that fires meanwhile finds the lock held)
+            playbook("dr_schedule.yml", "-e", json.dumps(settings),
+                     "-e", "replicator_dr_schedule_state=absent")
+            # a run going on ends before the test does (and the lab's teardown)
+            wait_until(lambda: lock_free(str(base / ".lock")), 600, "the scheduled run to end",
+                       interval=1)
+    with open(run_dir / "db" / "report.json") as f:
+        report = json.load(f)
+    log = (run_dir / "ansible.log").read_text()
+    assert report["result"] == "pass", log[-3000:]
+    assert report["rpo_writes_lost"] == 0 and report["ledger"]["acknowledged"] >= 300
+    assert report["takeover"]["role"] == "copy"  # the copy drill: production went on
+    for name in ("report.xml", "report.md", "report.html"):
+        assert (run_dir / "db" / name).is_file(), name
+    assert "PLAY RECAP" in log
+    with open(base / "index.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["run"], r["group"], r["result"]) for r in rows] == [(run_dir.name, "db", "pass")]
+    assert rows[0]["rto_seconds"] == report["rto_seconds"]
+    index_html = (base / "index.html").read_text()
+    assert "<svg" in index_html and f'href="{run_dir.name}/db/report.html"' in index_html
+    assert not os.path.exists(settings["replicator_dr_schedule_cron_file"])
+    assert not (tmp_path / "replicator-dr-run").exists()
     lab.wait_converged()
     lab.assert_identical()

@@ -1,7 +1,8 @@
-"""The DR drill report: JSON, JUnit XML and Markdown from a drill description."""
+"""The DR drill report: JSON, JUnit XML, Markdown and HTML from a drill description."""
 
 import json
 import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 
 import pytest
 
@@ -35,7 +36,7 @@ def drill(**overrides):
 
 def written(tmp_path, d):
     paths = report.write_report(str(tmp_path / "out"), d)
-    assert set(paths) == {"json", "xml", "md"}
+    assert set(paths) == {"json", "xml", "md", "html"}
     with open(paths["json"]) as f:
         j = json.load(f)
     x = ET.parse(paths["xml"]).getroot()
@@ -183,7 +184,7 @@ def test_rewriting_a_report_replaces_it(tmp_path):
     j, _, _ = written(tmp_path, drill())
     assert j["result"] == "pass"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "report.json", "report.md", "report.xml"]
+        "report.html", "report.json", "report.md", "report.xml"]
 
 
 @pytest.mark.parametrize("bad", [
@@ -242,3 +243,53 @@ def test_rpo_seconds_from_the_ledger_check(tmp_path):
     j, _, md = written(tmp_path, d)
     assert j["rpo_seconds"] is None
     assert "| RPO: seconds of acknowledged (flushed) writes lost | - | - |" in md
+
+
+class _Page(HTMLParser):
+    """What a browser would take from report.html: its tags, text and attributes."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [value or "" for _, value in attrs]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def html_of(tmp_path, d):
+    paths = report.write_report(str(tmp_path / "out"), d)
+    with open(paths["html"], encoding="utf-8") as f:
+        return _Page(f.read())
+
+
+def test_html_report_shows_result_measures_checks_and_timeline(tmp_path):
+    page = html_of(tmp_path, drill())
+    text = " ".join(page.text)
+    assert "DR drill nightly: PASS" in text
+    assert "RTO: declared failure to writable" in text and "5.2 s" in text and "at most 30 s" in text
+    assert "RPO: acknowledged (flushed) writes lost" in text and "2.0 MiB of 64.0 MiB (3.12%)" in text
+    assert "failback shipped only changed regions" in text
+    assert "2023-11-14T22:13:30.000Z" in text and "dc2-dr | 12 records replayed" in text
+    assert "Why it failed" not in text
+
+
+def test_html_report_of_a_failed_step_is_escaped_and_self_contained(tmp_path):
+    """Whatever a step's error or an event's detail says, it is text on the page, and the
+    page loads nothing: no script, no link, no image, no external address."""
+    hostile = '<script>alert("x")</script><img src="http://example.invalid/x.png">'
+    timeline = drill()["timeline"][:2] + [{"event": "promoted", "time": T0 + 12,
+                                           "detail": hostile}]
+    page = html_of(tmp_path, drill(timeline=timeline, reasons=[f"step failed: {hostile}"],
+                                   failed_step={"step": "Promote <b>", "error": hostile}))
+    text = " ".join(page.text)
+    assert "DR drill nightly: FAIL" in text
+    assert text.count(hostile) == 4  # the detail, the reason, the check, the failed step
+    assert "Failed step: Promote <b>" in text
+    assert set(page.tags) <= {"html", "head", "meta", "title", "style", "body", "h1", "h2",
+                              "p", "span", "table", "tr", "th", "td", "ul", "li", "pre"}
+    assert not [a for a in page.attrs if "//" in a or "javascript" in a]
