@@ -6,7 +6,6 @@ a configuration the agent accepts), shipping none of the lab."""
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 
 import pytest
@@ -15,17 +14,9 @@ import yaml
 from replicator import config
 from tests.ansible.ansible_harness import ROOT, filters
 from tests.ansible.lab_harness import BIN
+from tests.ansible.project import build, fresh_project, run
 
-ENV = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-           PATH=f"{BIN}:{os.environ.get('PATH', '')}")
 COLLECTIONS = {"voltrail.replicator": ROOT, "voltrail.replicator_lab": os.path.join(ROOT, "lab")}
-
-
-def run(*cmd, cwd=ROOT, env=ENV):
-    p = subprocess.run([os.path.join(BIN, cmd[0]), *cmd[1:]], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"{' '.join(cmd)}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout
 
 
 def plugin_names(root, kind):
@@ -59,10 +50,7 @@ def test_every_filter_is_documented(collection):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    run("ansible-galaxy", "collection", "build", "--output-path", str(out))
-    (archive,) = out.iterdir()
-    return archive
+    return build(tmp_path_factory.mktemp("build"))
 
 
 def test_the_built_collection_ships_the_product_and_none_of_the_lab(built):
@@ -86,9 +74,7 @@ def test_installed_outside_the_checkout_the_role_renders_by_fqcn(built, tmp_path
     library path), an inventory of its own, roles and filters named by FQCN."""
     project = tmp_path / "project"
     shutil.copytree(os.path.join(ROOT, "inventories", "example"), project / "inventory")
-    (project / "ansible.cfg").write_text("[defaults]\ncollections_path = ./collections\n")
-    env = dict(ENV, ANSIBLE_CONFIG=str(project / "ansible.cfg"))
-    run("ansible-galaxy", "collection", "install", "-p", "collections", str(built), cwd=project, env=env)
+    env = fresh_project(project, built)
     listed = run("ansible-galaxy", "collection", "list", "-p", "collections", "--format", "json",
                  cwd=project, env=env)
     assert "voltrail.replicator" in json.loads(listed)[str(project / "collections" / "ansible_collections")]
