@@ -1,5 +1,7 @@
-"""Options shared by the modules that talk to a replicator agent (see AGENT_ARGS and
-LINK_ARGS in module_utils/replicator_agent.py)."""
+"""Options shared by the modules that talk to a replicator agent (see AGENT_ARGS,
+LINK_ARGS and GROUP_ARGS in module_utils/replicator_agent.py): the agent (every one of
+them), the selection of links (status, wait, pair, resync, verify) and the group of an
+operation (promote, demote, switchover, ...)."""
 
 
 class ModuleDocFragment:
@@ -13,6 +15,10 @@ options:
     description: The agent's configuration file.
     type: path
     default: /etc/replicator/agent.yml
+"""
+
+    LINKS = r"""
+options:
   group:
     description: Only this group's links.
     type: str
@@ -20,4 +26,25 @@ options:
     description: Only the links to these nodes.
     type: list
     elements: str
+"""
+
+    OPERATION = r"""
+notes:
+  - Reads the agent's status first and runs the operation only when the group is not yet
+    as the operation leaves it (a second run changes nothing). In check mode nothing is
+    run; C(changed) and the diff say what would happen. The diff shows the group's role,
+    generation, source, targets (as NODE:MODE[:zstd][:bunker][:block]), whether it is
+    inconsistent and with whom it is in split brain, before and after.
+options:
+  group:
+    description: The replication group.
+    type: str
+    required: true
+attributes:
+  check_mode:
+    description: Nothing is run; C(changed) and the diff say what would happen.
+    support: full
+  diff_mode:
+    description: The group's state before and after (predicted in check mode).
+    support: full
 """

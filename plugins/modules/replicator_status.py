@@ -6,9 +6,11 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_status
 short_description: Status of the replicator agent on this host, and its outgoing links
+version_added: 0.1.0
+author: The replicator team
 description:
   - Runs C(replicator status --json) against the agent named by I(config). Read-only.
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   group:
     description: Only this group's links in C(links) (C(status) is always complete).
@@ -27,6 +29,19 @@ options:
       the analytics of what it applied).
     type: bool
     default: false
+"""
+
+EXAMPLES = r"""
+- name: Status of the agent, waiting up to 30 s for it to answer
+  voltrail.replicator.replicator_status:
+    timeout: 30
+  register: agent
+
+- name: The links of db to dc3-arc, and the replication tree
+  voltrail.replicator.replicator_status:
+    group: db
+    targets: [dc3-arc]
+    analytics: true
 """
 
 RETURN = r"""

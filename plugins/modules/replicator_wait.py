@@ -6,6 +6,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_wait
 short_description: Wait until this host's outgoing links are replicating
+version_added: 0.1.0
+author: The replicator team
 description:
   - Waits up to I(timeout) seconds and returns as soon as every selected link is in
     I(state). Returns C(done=false) (not a failure) when time runs out, so a playbook can
@@ -16,7 +18,7 @@ description:
     missed, and reads the status again only when a selected link changed state. It polls
     the status instead when the agent has no event stream, when the stream ends, or with
     I(follow_events=false).
-extends_documentation_fragment: [voltrail.replicator.replicator_agent]
+extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   state:
     description: The state to wait for.
@@ -30,6 +32,17 @@ options:
     description: Follow the agent's event stream (C(false) polls the status every 0.25 s).
     type: bool
     default: true
+"""
+
+EXAMPLES = r"""
+- name: Until every link of db replicates, showing progress every 5 s (10 min at most)
+  voltrail.replicator.replicator_wait:
+    group: db
+    timeout: 5
+  register: waited
+  until: waited.done
+  retries: 120
+  delay: 0
 """
 
 RETURN = r"""

@@ -6,6 +6,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_wheelhouse
 short_description: Wheels of the replicator and its dependencies, built once per source version
+version_added: 0.1.0
+author: The replicator team
 description:
   - Hashes the source files named by I(paths) into a build id and, unless I(cache)/<build id>
     already exists, runs C(pip wheel) for the project into it (dependencies included), so that
@@ -33,6 +35,15 @@ options:
     description: How many builds to keep in I(cache).
     type: int
     default: 3
+"""
+
+EXAMPLES = r"""
+- name: Wheels of the replicator, built once per source version
+  voltrail.replicator.replicator_wheelhouse:
+    source: "{{ playbook_dir }}/.."
+    cache: "{{ lookup('env', 'HOME') }}/.cache/replicator-wheels"
+  delegate_to: localhost
+  run_once: true
 """
 
 RETURN = r"""
