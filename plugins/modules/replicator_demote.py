@@ -10,7 +10,7 @@ version_added: 0.1.0
 author: The replicator team
 description:
   - Runs C(replicator demote GROUP --source SOURCE) where the group is primary (an old
-    primary back after a takeover: it rejoins as a replica of SOURCE, and what it wrote that
+    primary back after a takeover, which rejoins as a replica of SOURCE, and what it wrote that
     never reached SOURCE is saved, then rolled back) or a secondary of another node (it takes
     records from SOURCE from now on). Nothing is done where it is a secondary of SOURCE.
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.operation]

@@ -9,7 +9,7 @@ short_description: Give the primary role back to the old primary once it rejoine
 version_added: 0.1.0
 author: The replicator team
 description:
-  - Runs C(replicator failback GROUP --to TO) on the current primary after a takeover: it
+  - Runs C(replicator failback GROUP --to TO) on the current primary after a takeover. It
     waits until TO (the old primary, demoted to a replica of this host) has rejoined (only
     the regions changed on either side since the fork are sent), then switches the role back
     to it.

@@ -11,12 +11,12 @@ author: The replicator team
 description:
   - Runs C(replicator resolve GROUP --discard-local --survivor SURVIVOR) on the node whose
     writes since the split are given up; a primary is demoted to a secondary of SURVIVOR,
-    whose line wins when it connects. Those writes are not lost outright: before the
+    whose line wins when it connects. Those writes are not lost outright; before the
     survivor's data replaces them the agent keeps them under the group's directory in its
     C(state_dir) (C(diverged-FORK-TIME/), its C(index.json) and C(regions.bin), or a copy of
     every volume); the status lists these directories in C(discarded).
   - Nothing is done where there is no split brain and the group is a secondary of SURVIVOR
-    (resolved). Without a split brain otherwise, it is an error (nothing to resolve: this
+    (resolved). Without a split brain otherwise, it is an error (nothing to resolve, and this
     would demote a healthy primary).
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.operation]
 options:

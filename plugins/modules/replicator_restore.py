@@ -10,11 +10,11 @@ version_added: 0.1.0
 author: The replicator team
 description:
   - Runs C(replicator restore GROUP) where the group's source or targets were changed at
-    runtime (a takeover, a failback, a reparent or an attach: status C(role_from=runtime)),
-    once its role is where the configuration has it (refused otherwise: fail back or switch
+    runtime (a takeover, a failback, a reparent or an attach, status C(role_from=runtime)),
+    once its role is where the configuration has it (refused otherwise; fail back or switch
     over first). Nothing is done where the group is as configured.
   - In check mode the source and targets it would take are not known (they are the
-    configuration's): the predicted state says C((as configured)).
+    configuration's), so the predicted state says C((as configured)).
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.operation]
 """
 

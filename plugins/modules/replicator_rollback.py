@@ -10,7 +10,7 @@ version_added: 0.1.0
 author: The replicator team
 description:
   - Runs C(replicator rollback GROUP) where the group is inconsistent (a resync from its
-    source was interrupted, the source lost): every region the resync overwrote is put back,
+    source was interrupted, the source lost); every region the resync overwrote is put back,
     so that the volumes hold the last consistent image again (which a takeover can then
     promote). Every write the resync brought since that image is undone. Nothing is done where
     the group is consistent. Refused while the source is connected (it is resyncing it),

@@ -13,7 +13,7 @@ description:
     every selected link, and returns what it found. Mismatches are not a module failure (a
     playbook decides; see playbooks/verify.yml); an error of the command is. In check mode
     the verify runs without repair (it only reads). The diff shows the mismatching regions
-    per link before and after the repair (predicted in check mode: none left).
+    per link before and after the repair (predicted in check mode, none left).
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   repair:
