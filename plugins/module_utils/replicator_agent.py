@@ -108,8 +108,8 @@ def parse_rate(value) -> int:
 # ---- the operation modules (promote, demote, switchover, ...) ------------------------
 GROUP_ARGS = dict(group=dict(type="str", required=True))
 _TARGET_OPTIONS = ("zstd", "bunker", "block")
-_SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}  # as the agent reads them
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*$")
 
 
 def group_of(status: dict, name: str) -> dict:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.agents import MiB, Topology, wait_until
-from tests.ansible.ansible_harness import CLI, ROOT, library_module, run_module
+from tests.ansible.ansible_harness import CLI, ROOT, library_module, module_utils, run_module
 from tests.clients import qemu_io
 
 MODULES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "plugins", "modules"))
@@ -83,12 +83,32 @@ def refused(res, *words):
     return res
 
 
+def playbook(topo, tmp_path, name, *extra, ok=True):
+    """ansible-playbook playbooks/NAME from the checkout against the topology's agents:
+    an inventory of local hosts whose install and config directories are theirs."""
+    install = tmp_path / "install"
+    if not install.exists():
+        install.mkdir()
+        (install / "venv").symlink_to(os.path.dirname(os.path.dirname(CLI)))
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"replicator": {"hosts": {
+        n: {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+            "replicator_agent_install_dir": str(install),
+            "replicator_agent_config_dir": topo[n].dir,
+            "replicator_groups": [{"name": "db"}]} for n in topo.agents}}}}}))
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
+                          "-i", str(inventory), f"playbooks/{name}", *extra],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (run.returncode == 0) == ok, run.stdout[-4000:] + run.stderr[-2000:]
+    return run.stdout
+
+
 def replicating(topo, source, target):
     wait_until(lambda: topo[source].target("db", target)["state"] == "replicating", 60,
                f"{source} -> {target} replicating")
 
 
-def test_switchover_failback_and_restore(topology):
+def test_switchover_failback_and_restore(topology, tmp_path):
     topo = topology(["a", "b", "c"], [("a", "b", "sync"), ("a", "c", "async", "zstd")],
                     volumes={"data": 4 * MiB})
     qemu_io(topo["a"].nbd_uri("data"), "write -P 0x11 0 1M")
@@ -134,6 +154,12 @@ def test_switchover_failback_and_restore(topology):
     refused(op(topo, "a", "resolve", survivor="b"), "discard_local true")
     res = ok(op(topo, "b", "resolve", survivor="a", discard_local=True))
     assert not res["changed"]  # b follows a: there is nothing to resolve
+
+    # the playbook, on every host with the inventory's directories; again: nothing to do
+    out = playbook(topo, tmp_path, "switchover.yml", "-e", "replicator_switchover_to=b")
+    assert group_state(topo, "b")[0] == "primary" and "to: b" in out, out
+    out = playbook(topo, tmp_path, "switchover.yml", "-e", "replicator_switchover_to=b")
+    assert "changed=0" in out and "changed=1" not in out
 
 
 def test_takeover_attach_demote_and_a_drill_copy(topology, tmp_path):
@@ -190,9 +216,13 @@ def test_takeover_attach_demote_and_a_drill_copy(topology, tmp_path):
     assert not res["changed"] and "as c:async:zstd, not c:async" in json.dumps(res["warnings"])
     refused(op(topo, "a", "attach", target="c:periodic"), "expected NODE")
     wait_until(lambda: a.target("db", "c")["state"] == "replicating", 60, "a -> c")
+    # and back below b, which still lists it as a target
+    out = playbook(topo, tmp_path, "reparent.yml", "-e", "replicator_reparent_node=c",
+                   "-e", "replicator_reparent_source=b")
+    assert "db b -> c async: replicating" in out and topo["c"].group("db")["source"] == "b"
 
 
-def test_rollback_of_an_interrupted_resync(topology):
+def test_rollback_of_an_interrupted_resync(topology, tmp_path):
     topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 8 * MiB},
                     heartbeat_timeout=1.5, group_options={"resync_rate": "1MiB"})
     a, b = topo["a"], topo["b"]
@@ -209,11 +239,17 @@ def test_rollback_of_an_interrupted_resync(topology):
     refused(op(topo, "b", "promote"), "is inconsistent on b", "replicator_rollback")
     res = checked(topo, "b", "rollback")
     assert res["diff"]["before"]["inconsistent"] and not res["diff"]["after"]["inconsistent"]
-    twice(topo, "b", "rollback")
+    out = playbook(topo, tmp_path, "rollback.yml", "-e", "replicator_rollback_node=b", ok=False)
+    assert "re-run with -e replicator_safe_mode=false" in out and b.group("db")["inconsistent"]
+    out = playbook(topo, tmp_path, "rollback.yml", "-e", "replicator_rollback_node=b",
+                   "-e", "replicator_safe_mode=false")
+    assert "region(s) restored; consistent at seq" in out
     assert b.group("db")["inconsistent"] is False
+    res = ok(op(topo, "b", "rollback"))
+    assert not res["changed"]
 
 
-def test_resolve_a_split_brain_on_the_loser(topology):
+def test_resolve_a_split_brain_on_the_loser(topology, tmp_path):
     topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 4 * MiB})
     a, b = topo["a"], topo["b"]
     qemu_io(a.nbd_uri("data"), "write -P 0x11 0 1M")
@@ -240,10 +276,18 @@ def test_resolve_a_split_brain_on_the_loser(topology):
     assert res["diff"]["before"]["split_brain"] == "b"
     assert res["diff"]["after"] == {**res["diff"]["before"], "role": "secondary", "source": "b",
                                     "role_from": "runtime", "split_brain": None, "targets": []}
-    twice(topo, "a", "resolve", survivor="b", discard_local=True)
-    wait_until(lambda: b.target("db", "a")["state"] == "replicating", 60, "b -> a")
+    resolve = ["-e", "replicator_resolve_node=a", "-e", "replicator_resolve_survivor=b"]
+    out = playbook(topo, tmp_path, "resolve.yml", *resolve, ok=False)
+    assert "re-run with -e replicator_safe_mode=false" in out and a.group("db")["split_brain"]
+    out = playbook(topo, tmp_path, "resolve.yml", *resolve, "-e", "replicator_safe_mode=false")
+    assert b.target("db", "a")["state"] == "replicating"  # the playbook waited for it
     (kept,) = a.group("db")["discarded"]
-    assert os.path.isfile(os.path.join(kept, "index.json"))
+    assert os.path.isfile(os.path.join(kept, "index.json")) and f"is kept in {kept}" in out
+    res = ok(op(topo, "a", "resolve", survivor="b", discard_local=True))
+    assert not res["changed"] and res["state"]["source"] == "b"
+    topo.primary = "b"
+    topo.wait_converged()
+    topo.assert_identical()
 
 
 def _argument_spec(name: str) -> dict:
@@ -293,3 +337,19 @@ def test_every_module_is_shown_by_ansible_doc_as_it_is():
                     bool(got.get("required")), got.get("elements")) == \
                 (want.get("type", "str"), want.get("default"), want.get("choices"),
                  bool(want.get("required")), want.get("elements")), (name, option)
+
+
+def test_target_specs_compare_as_the_agent_reads_them():
+    helpers = module_utils("replicator_agent")
+    assert helpers.canonical_spec("b") == "b:async"
+    assert helpers.canonical_spec("b:async:block:zstd") == "b:async:zstd:block"
+    assert helpers.canonical_spec("v:periodic=1m:zstd") == "v:periodic=60s:zstd"
+    assert helpers.canonical_spec("v:periodic=1d") == "v:periodic=86400s"
+    assert helpers.target_spec({"node": "v", "mode": "periodic", "interval": 60.0,
+                                "compress": "zstd", "on_disconnect": "continue"}) == \
+        "v:periodic=60s:zstd"
+    assert helpers.target_spec({"node": "k", "mode": "sync", "compress": "none", "bunker": True,
+                                "on_disconnect": "block"}) == "k:sync:bunker:block"
+    for bad in (":async", "b:fast", "b:periodic", "b:sync=5s", "b:async:zstd:zstd", "b:async:gzip"):
+        with pytest.raises(helpers.AgentError, match="expected NODE"):
+            helpers.canonical_spec(bad)
