@@ -36,9 +36,9 @@ def topology(tmp_path):
             topo.stop()
 
 
-def op(topo, node, name, check=False, **params):
-    """Module replicator_NAME on `node` with --diff (and --check)."""
-    return run_module(f"replicator_{name}", {"cli": CLI, "config": topo[node].config_path,
+def op(topo, node, module, check=False, **params):
+    """Module replicator_MODULE on `node` with --diff (and --check)."""
+    return run_module(f"replicator_{module}", {"cli": CLI, "config": topo[node].config_path,
                                              "group": "db", "_ansible_diff": True, **params},
                       check_mode=check)
 
@@ -353,3 +353,37 @@ def test_target_specs_compare_as_the_agent_reads_them():
     for bad in (":async", "b:fast", "b:periodic", "b:sync=5s", "b:async:zstd:zstd", "b:async:gzip"):
         with pytest.raises(helpers.AgentError, match="expected NODE"):
             helpers.canonical_spec(bad)
+
+
+def test_the_link_modules_show_what_they_change_as_a_diff(topology):
+    topo = topology(["a", "b"], [("a", "b", "async")], volumes={"data": 4 * MiB})
+    a, b = topo["a"], topo["b"]
+    qemu_io(a.nbd_uri("data"), "write -P 0x42 0 4M")
+    topo.wait_converged()
+    link = "db -> b"
+    res = ok(op(topo, "a", "pair"))
+    assert not res["changed"] and res["diff"]["before"] == res["diff"]["after"] == \
+        {link: {"state": "replicating", "resync": None}}
+    res = ok(op(topo, "a", "pair", check=True, initial_sync="checksum"))
+    assert not res["changed"]  # no initial sync pending: nothing to change
+
+    res = ok(op(topo, "a", "resync", check=True, rate="2MiB"))
+    assert res["changed"] and res["diff"]["after"][link]["rate_limit_bytes_per_s"] == 2 * MiB
+    res = ok(op(topo, "a", "resync", rate="2MiB"))
+    assert res["diff"]["before"][link]["rate_limit_bytes_per_s"] != 2 * MiB
+    assert res["diff"]["after"][link] == {"state": "replicating", "rate_limit_bytes_per_s": 2 * MiB}
+
+    with open(b.volume_path("db", "data"), "r+b") as f:
+        f.seek(MiB)
+        f.write(b"corrupt")
+    res = ok(op(topo, "a", "verify", check=True, repair=True))
+    assert res["changed"] and res["diff"] == {"before": {link: 1}, "after": {link: 0}}
+    res = ok(op(topo, "a", "verify", repair=True))
+    assert res["changed"] and res["diff"] == {"before": {link: 1}, "after": {link: 0}}
+
+    res = ok(op(topo, "a", "mark", check=True, name="m1"))
+    assert res["changed"] and res["diff"] == {"before": {"markers": []},
+                                              "after": {"markers": ["m1"]}}
+    assert ok(op(topo, "a", "mark", name="m1"))["diff"]["after"] == {"markers": ["m1"]}
+    res = ok(op(topo, "a", "mark", name="m1"))
+    assert not res["changed"] and "diff" not in res  # there already: nothing to show
