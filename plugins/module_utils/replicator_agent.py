@@ -105,3 +105,108 @@ def parse_rate(value) -> int:
     if not m:
         raise AgentError(f"rate {value!r}: expected bytes per second like 50MiB, 1G or 0")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+# ---- the operation modules (promote, demote, switchover, ...) ------------------------
+GROUP_ARGS = dict(group=dict(type="str", required=True))
+_TARGET_OPTIONS = ("zstd", "bunker", "block")
+_SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}  # as the agent reads them
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*$")
+
+
+def group_of(status: dict, name: str) -> dict:
+    """The status of group `name` on this node."""
+    for g in status["groups"]:
+        if g["name"] == name:
+            return g
+    raise AgentError(f"node {status['node']} has no group {name!r} "
+                     f"(groups: {', '.join(g['name'] for g in status['groups']) or 'none'})")
+
+
+def target_spec(t: dict) -> str:
+    """A target of the status as TARGET_SPEC (NODE:MODE[:zstd][:bunker][:block]), the
+    notation of promote --target and attach --target, intervals in seconds."""
+    mode = f"periodic={t['interval']:g}s" if t["mode"] == "periodic" else t["mode"]
+    return ":".join([t["node"], mode]
+                    + (["zstd"] if t.get("compress") == "zstd" else [])
+                    + (["bunker"] if t.get("bunker") else [])
+                    + (["block"] if t.get("on_disconnect") == "block" else []))
+
+
+def canonical_spec(spec: str) -> str:
+    """A TARGET_SPEC as target_spec writes it (MODE defaults to async), so that a wanted
+    target compares with the status's; a malformed one is an error."""
+    node, *rest = str(spec).split(":")
+    mode, _, every = (rest[0] if rest else "async").partition("=")
+    options = rest[1:]
+    m = _DURATION_RE.match(every)
+    if not node or mode not in ("sync", "async", "periodic") \
+            or (mode == "periodic") != bool(m and every) \
+            or len(set(options)) != len(options) or not set(options) <= set(_TARGET_OPTIONS):
+        raise AgentError(f"target {spec!r}: expected NODE[:sync|async|periodic=INTERVAL]"
+                         "[:zstd][:bunker][:block]")
+    if mode == "periodic":
+        mode = f"periodic={float(m.group(1)) * _SECONDS[m.group(2)]:g}s"
+    return ":".join([node, mode] + [o for o in _TARGET_OPTIONS if o in options])
+
+
+def group_state(status: dict, name: str) -> dict:
+    """What an operation changes of a group here, as the modules' diff shows it."""
+    g = group_of(status, name)
+    return {"node": status["node"], "role": g["role"], "role_from": g.get("role_from"),
+            "generation": g.get("generation"),
+            "source": g.get("source") if g["role"] != "primary" else None,
+            "targets": sorted(target_spec(t) for t in g["targets"]),
+            "inconsistent": g.get("inconsistent", False),
+            "split_brain": (g.get("split_brain") or {}).get("peer")}
+
+
+def diff(module, before, after) -> dict:
+    """The `diff` of a module's answer when the run asked for one (--diff)."""
+    return {"diff": {"before": before, "after": after}} if module._diff else {}
+
+
+def operate(module, command: list[str], plan) -> None:
+    """Run one operation the way every operation module does: read the group's status,
+    ask plan(state, group status) what the operation would leave (None: nothing to do;
+    AgentError: refused), run `replicator COMMAND` unless in check mode, and exit with
+    the command's answer (`result`), the group's state before and after (`diff`, and
+    `state`) and its links."""
+    name = module.params["group"]
+    result = None
+    try:
+        _, status = call(module, "status")
+        before = group_state(status, name)
+        after = plan(dict(before), group_of(status, name))
+        changed = after is not None
+        if changed and not module.check_mode:
+            _, result = call(module, *command)
+            _, status = call(module, "status")
+        if not changed or not module.check_mode:
+            after = group_state(status, name)
+        links = [link(status, g, t) for g, t in select(status, name)]
+    except AgentError as exc:
+        module.fail_json(msg=str(exc), result=result)
+    module.exit_json(changed=changed, result=result, state=after, links=links,
+                     **diff(module, before, after))
+
+
+def handover_plan(name: str, to: str, op: str, replicating: bool):
+    """The plan (see operate) of a switchover or failback of group `name` to `to`, run on
+    the primary: done once this node follows `to`; `replicating`: `to` must be (the
+    failback waits for it)."""
+    def plan(before, g):
+        if g["role"] == "secondary" and g["source"] == to:
+            return None
+        if g["role"] != "primary":
+            raise AgentError(f"group {name} is {g['role']} on {before['node']} (source "
+                             f"{g['source']}); run the {op} on the primary")
+        target = next((t for t in g["targets"] if t["node"] == to), None)
+        if target is None:
+            raise AgentError(f"group {name} on node {before['node']} does not ship to {to!r} "
+                             f"(targets: {', '.join(before['targets']) or 'none'})")
+        if replicating and target["state"] != "replicating":
+            raise AgentError(f"{to} is {target['state']}: a {op} needs it replicating")
+        return {**before, "role": "secondary", "role_from": "runtime", "source": to,
+                "targets": []}
+    return plan

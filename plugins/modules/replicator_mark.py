@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Take a marker on the group's primary, or list a group's markers on this host."""
 
 from __future__ import annotations
@@ -6,6 +8,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_mark
 short_description: A marker (a named point in the journal) on the primary, or the markers here
+version_added: 0.1.0
+author: The replicator team
 description:
   - With C(state=present), runs C(replicator mark GROUP NAME) on this host when the group is
     primary here, optionally between a freeze and a thaw command (application-consistent).
@@ -13,11 +17,12 @@ description:
     the group is not primary nothing is done (C(skipped) says why).
   - With C(state=listed), returns the group's markers on this host (a replica lists a marker
     once its records reached it).
-  - In check mode nothing is marked.
+  - In check mode nothing is marked. The diff shows the names of the group's markers here
+    before and after.
 extends_documentation_fragment: [voltrail.replicator.replicator_agent]
 options:
   group:
-    description: The group.
+    description: The replication group.
     type: str
     required: true
   name:
@@ -38,6 +43,28 @@ options:
     description: Seconds each hook may take (killed after).
     type: float
     default: 30
+attributes:
+  check_mode:
+    description: Nothing is marked; C(changed) says whether a marker would be taken.
+    support: full
+  diff_mode:
+    description: The names of the group's markers here, before and after.
+    support: full
+"""
+
+EXAMPLES = r"""
+- name: An application-consistent marker before the deploy
+  voltrail.replicator.replicator_mark:
+    group: db
+    name: before-deploy-42
+    freeze: fsfreeze -f /srv/db
+    thaw: fsfreeze -u /srv/db
+
+- name: The markers a replica holds
+  voltrail.replicator.replicator_mark:
+    group: db
+    state: listed
+  register: markers
 """
 
 RETURN = r"""
@@ -58,7 +85,7 @@ skipped:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
-    AGENT_ARGS, AgentError, call)
+    AGENT_ARGS, AgentError, call, diff)
 
 
 def main():
@@ -88,15 +115,17 @@ def main():
         if role != "primary":
             module.exit_json(changed=False, markers=markers,
                              skipped=f"group {p['group']} is {role} on {status['node']}")
+        names = [m["name"] for m in markers]
+        shown = diff(module, {"markers": names}, {"markers": names + [p["name"]]})
         if module.check_mode:
-            module.exit_json(changed=True, markers=markers)
+            module.exit_json(changed=True, markers=markers, **shown)
         args = ["mark", p["group"], p["name"], "--hook-timeout", str(p["hook_timeout"])]
         if p["freeze"]:
             args += ["--freeze", p["freeze"], "--thaw", p["thaw"]]
         _, marker = call(module, *args)
     except AgentError as exc:
         module.fail_json(msg=str(exc))
-    module.exit_json(changed=True, marker=marker, markers=markers + [marker])
+    module.exit_json(changed=True, marker=marker, markers=markers + [marker], **shown)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Establish this host's outgoing links: start the initial sync a link needs."""
 
 from __future__ import annotations
@@ -6,6 +8,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_pair
 short_description: Start the initial sync of this host's outgoing links where one is needed
+version_added: 0.1.0
+author: The replicator team
 description:
   - A new target gets its initial sync from the agent by itself (a full resync, or nothing when
     both sides are blank at seq 0). This module asks for another kind with
@@ -13,6 +17,8 @@ description:
     pending, and resolves a target in C(needs-resync) (its history diverged) with the chosen
     kind, which overwrites the target; that is refused while I(safe_mode) is true.
     It does not wait (see replicator_wait).
+  - In check mode nothing is started; the diff shows each selected link's state and resync
+    before and after (predicted in check mode).
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
 options:
   initial_sync:
@@ -25,6 +31,27 @@ options:
     description: Refuse to overwrite a target whose history diverged (C(needs-resync)).
     type: bool
     default: true
+attributes:
+  check_mode:
+    description: Nothing is started; C(changed) and the diff say what would be.
+    support: full
+  diff_mode:
+    description: Each selected link's C(state) and C(resync) kind, before and after.
+    support: full
+"""
+
+EXAMPLES = r"""
+- name: The links of a target seeded from a backup sync only the regions that differ
+  voltrail.replicator.replicator_pair:
+    group: db
+    targets: [dc3-arc]
+    initial_sync: checksum
+
+- name: Overwrite a target whose history diverged (it loses what only it holds)
+  voltrail.replicator.replicator_pair:
+    group: db
+    targets: [dc2-dr]
+    safe_mode: false
 """
 
 RETURN = r"""
@@ -42,7 +69,7 @@ started:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.voltrail.replicator.plugins.module_utils.replicator_agent import (
-    AGENT_ARGS, LINK_ARGS, AgentError, call, link, select)
+    AGENT_ARGS, LINK_ARGS, AgentError, call, diff, link, select)
 
 FLAGS = {mode: f"--{mode}" for mode in ("full", "checksum", "assume-clean")}
 
@@ -54,6 +81,21 @@ def wanted(lk: dict, initial_sync: str) -> bool:
     resync = lk.get("resync") or {}
     # an initial sync the agent started by itself, of another kind than asked for
     return bool(resync.get("initial")) and resync.get("mode", "full") != initial_sync
+
+
+def sync_view(links: list[dict], started=(), initial_sync=None) -> dict:
+    """The diff's view of links: state and resync kind per GROUP -> TARGET; `started`
+    (check mode) are shown as the initial sync asked for would leave them."""
+    view = {}
+    for lk in links:
+        resync = lk.get("resync") or {}
+        view[f"{lk['group']} -> {lk['target']}"] = {"state": lk["state"],
+                                                    "resync": resync.get("mode")}
+    for lk in started:
+        view[f"{lk['group']} -> {lk['target']}"] = (
+            {"state": "replicating", "resync": None} if initial_sync == "assume-clean"
+            else {"state": "resyncing", "resync": initial_sync})
+    return view
 
 
 def main():
@@ -82,9 +124,16 @@ def main():
                 started.append(answer)
             else:
                 started.append({"group": lk["group"], "target": lk["target"]})
+        if todo and not module.check_mode:
+            _, status = call(module, "status")
+            after = sync_view([link(status, g, t) for g, t in select(status, p["group"],
+                                                                     p["targets"])])
+        else:
+            after = sync_view(links, todo, p["initial_sync"])
     except AgentError as exc:
         module.fail_json(msg=str(exc))
-    module.exit_json(changed=bool(todo), links=links, started=started)
+    module.exit_json(changed=bool(todo), links=links, started=started,
+                     **diff(module, sync_view(links), after))
 
 
 if __name__ == "__main__":

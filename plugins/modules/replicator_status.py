@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Read the status of the agent on this host."""
 
 from __future__ import annotations
@@ -6,6 +8,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_status
 short_description: Status of the replicator agent on this host, and its outgoing links
+version_added: 0.1.0
+author: The replicator team
 description:
   - Runs C(replicator status --json) against the agent named by I(config). Read-only.
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
@@ -27,6 +31,19 @@ options:
       the analytics of what it applied).
     type: bool
     default: false
+"""
+
+EXAMPLES = r"""
+- name: Status of the agent, waiting up to 30 s for it to answer
+  voltrail.replicator.replicator_status:
+    timeout: 30
+  register: agent
+
+- name: The links of db to dc3-arc, and the replication tree
+  voltrail.replicator.replicator_status:
+    group: db
+    targets: [dc3-arc]
+    analytics: true
 """
 
 RETURN = r"""

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Wait (a bounded while) for this host's outgoing links to reach a state."""
 
 from __future__ import annotations
@@ -6,6 +8,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_wait
 short_description: Wait until this host's outgoing links are replicating
+version_added: 0.1.0
+author: The replicator team
 description:
   - Waits up to I(timeout) seconds and returns as soon as every selected link is in
     I(state). Returns C(done=false) (not a failure) when time runs out, so a playbook can
@@ -30,6 +34,17 @@ options:
     description: Follow the agent's event stream (C(false) polls the status every 0.25 s).
     type: bool
     default: true
+"""
+
+EXAMPLES = r"""
+- name: Until every link of db replicates, showing progress every 5 s (10 min at most)
+  voltrail.replicator.replicator_wait:
+    group: db
+    timeout: 5
+  register: waited
+  until: waited.done
+  retries: 120
+  delay: 0
 """
 
 RETURN = r"""

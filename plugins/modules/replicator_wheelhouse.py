@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, The replicator team
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Build the project's wheel and its dependencies' wheels once, on the controller."""
 
 from __future__ import annotations
@@ -6,6 +8,8 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: replicator_wheelhouse
 short_description: Wheels of the replicator and its dependencies, built once per source version
+version_added: 0.1.0
+author: The replicator team
 description:
   - Hashes the source files named by I(paths) into a build id and, unless I(cache)/<build id>
     already exists, runs C(pip wheel) for the project into it (dependencies included), so that
@@ -33,6 +37,15 @@ options:
     description: How many builds to keep in I(cache).
     type: int
     default: 3
+"""
+
+EXAMPLES = r"""
+- name: Wheels of the replicator, built once per source version
+  voltrail.replicator.replicator_wheelhouse:
+    source: "{{ playbook_dir }}/.."
+    cache: "{{ lookup('env', 'HOME') }}/.cache/replicator-wheels"
+  delegate_to: localhost
+  run_once: true
 """
 
 RETURN = r"""
