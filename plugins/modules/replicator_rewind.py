@@ -49,11 +49,7 @@ EXAMPLES = r"""
     group: db
     to: before-upgrade
     copy: /var/lib/replicator/rewind/db
-  register: rewound
-
-- name: Check the application's data in it
-  ansible.builtin.command: fsck.ext4 -fn {{ rewound.snapshot.volumes.data.path }}
-  changed_when: false
+  register: rewound  # rewound.snapshot.volumes.data.path: the copy of volume data
 
 - name: A copy as of 15 minutes ago
   voltrail.replicator.replicator_rewind:
