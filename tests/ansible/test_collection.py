@@ -5,8 +5,10 @@ a configuration the agent accepts), shipping none of the lab."""
 
 import json
 import os
+import pathlib
 import shutil
 import tarfile
+import tempfile
 
 import pytest
 import yaml
@@ -69,8 +71,17 @@ def test_the_built_collection_ships_the_product_and_none_of_the_lab(built):
         assert "replicator_lab" not in name and "inventories/lab" not in name, name
 
 
+@pytest.fixture
+def short_dir():
+    """A directory with a short path (unix socket paths are rendered under it; pytest's
+    tmp_path can be too long for them), removed afterwards."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the role makes root-owned files")
-def test_installed_outside_the_checkout_the_role_renders_by_fqcn(built, tmp_path):
+def test_installed_outside_the_checkout_the_role_renders_by_fqcn(built, tmp_path, short_dir):
     """A new user's project: only the installed collection (no ansible.cfg of ours, no
     library path), an inventory of its own, roles and filters named by FQCN."""
     project = tmp_path / "project"
@@ -79,7 +90,7 @@ def test_installed_outside_the_checkout_the_role_renders_by_fqcn(built, tmp_path
     listed = run("ansible-galaxy", "collection", "list", "-p", "collections", "--format", "json",
                  cwd=project, env=env)
     assert "voltrail.replicator" in json.loads(listed)[str(project / "collections" / "ansible_collections")]
-    render = tmp_path / "r"  # short: admin socket paths are rendered under it
+    render = short_dir  # admin socket paths are rendered under it
     os.makedirs(render / "install")
     os.symlink(os.path.dirname(BIN), render / "install" / "venv")
     (project / "render.yml").write_text(yaml.safe_dump([{
