@@ -21,18 +21,18 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_CONFIG="$PWD/ansible.cfg"
 started=$SECONDS
 
-play() {
-    echo "== ansible-playbook -i inventories/lab playbooks/$*"
-    ansible-playbook -i inventories/lab "playbooks/$1" "${@:2}"
+play() {  # play [lab/]playbooks/NAME.yml ARGS...
+    echo "== ansible-playbook -i inventories/lab $*"
+    ansible-playbook -i inventories/lab "$@"
 }
 inventory() {  # inventory EXPR: a Python expression over the lab inventory's `hostvars`
     ansible-inventory -i inventories/lab --list | python3 -c \
         "import json, sys; hostvars = json.load(sys.stdin)['_meta']['hostvars']; print($1)"
 }
 
-play lab.yml -e lab_state=up -e lab_prometheus=true
-play site.yml
-play pair.yml
+play lab/playbooks/lab.yml -e lab_state=up -e lab_prometheus=true
+play playbooks/site.yml
+play playbooks/pair.yml
 
 primary=$(inventory "next(iter(hostvars.values()))['replicator_groups'][0]['primary']")
 address=$(inventory "hostvars['$primary']['ansible_host']")
@@ -50,13 +50,13 @@ ansible -i inventories/lab "$primary" -m ansible.builtin.command -a \
      --bs=64k --io_size=32M --output-format=terse" | awk -F";" 'NF > 48 {
         printf "fio psync randwrite 64k into the watched file: %s KiB/s\n", $48}'
 
-play verify.yml
-play compare.yml
-play status.yml
-play dr_exercise.yml -e dr_exercise_mode=destructive -e replicator_safe_mode=false \
+play playbooks/verify.yml
+play playbooks/compare.yml
+play playbooks/status.yml
+play playbooks/dr_exercise.yml -e dr_exercise_mode=destructive -e replicator_safe_mode=false \
     -e dr_report_dir=/var/tmp/replicator-dr
 sed -n '1,12p' /var/tmp/replicator-dr/db/report.md
-play metrics.yml
+play playbooks/metrics.yml
 
 lab_dir=$(inventory "hostvars['$primary']['replicator_lab_dir']")
 prometheus=$(inventory "hostvars['$primary']['replicator_lab_prometheus_listen']")
