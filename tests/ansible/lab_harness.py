@@ -45,9 +45,14 @@ def playbook(name: str, *args: str, check: bool = True, timeout: float = 900,
              inventory: str = "lab") -> str:
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    p = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", inventory_dir(inventory),
-                        os.path.join(ROOT, *LAB_PLAYBOOKS.get(name, ("playbooks",)), name), *args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [os.path.join(BIN, "ansible-playbook"), "-i", inventory_dir(inventory),
+           os.path.join(ROOT, *LAB_PLAYBOOKS.get(name, ("playbooks",)), name), *args]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # where it hung: the tail of what it printed
+        raise AssertionError(f"ansible-playbook {name} {' '.join(args)} still ran after {timeout}s:\n"
+                             f"{(e.stdout or b'').decode(errors='replace')[-6000:]}\n"
+                             f"{(e.stderr or b'').decode(errors='replace')[-3000:]}") from None
     if check and p.returncode != 0:
         raise AssertionError(f"ansible-playbook {name} {' '.join(args)} exited {p.returncode}:\n"
                              f"{p.stdout[-6000:]}\n{p.stderr[-3000:]}")
