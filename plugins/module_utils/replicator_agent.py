@@ -26,13 +26,13 @@ class AgentError(Exception):
 
 
 def call(module, *args, ok_rcs=(0,)):
-    """Run `replicator ARGS -c CONFIG --json`; return (rc, decoded JSON)."""
+    """Run `replicator ARGS -c CONFIG --json`; return its decoded JSON."""
     cmd = [module.params["cli"], *args, "-c", module.params["config"], "--json"]
     rc, out, err = module.run_command(cmd)
     if rc not in ok_rcs:
         raise AgentError(f"{' '.join(cmd)}: exit {rc}: {(err or out).strip()}")
     try:
-        return rc, json.loads(out)
+        return json.loads(out)
     except ValueError:
         raise AgentError(f"{' '.join(cmd)}: expected JSON, got: {out[:300]!r}") from None
 
@@ -46,7 +46,7 @@ def select(status: dict, group: str | None = None, targets=None) -> list[tuple[d
                          f"(groups: {', '.join(g['name'] for g in status['groups']) or 'none'})")
     pairs = [(g, t) for g in groups for t in g["targets"]
              if not targets or t["node"] in targets]
-    missing = set(targets or ()) - {t["node"] for _, t in pairs}
+    missing = set(targets or ()) - {t["node"] for g, t in pairs}
     if missing:
         raise AgentError(f"node {status['node']} does not ship {group or 'any group'} to "
                          f"{', '.join(sorted(missing))}")
@@ -137,7 +137,7 @@ def canonical_spec(spec: str) -> str:
     """A TARGET_SPEC as target_spec writes it (MODE defaults to async), so that a wanted
     target compares with the status's; a malformed one is an error."""
     node, *rest = str(spec).split(":")
-    mode, _, every = (rest[0] if rest else "async").partition("=")
+    mode, sep, every = (rest[0] if rest else "async").partition("=")
     options = rest[1:]
     m = _DURATION_RE.match(every)
     if not node or mode not in ("sync", "async", "periodic") \
@@ -175,13 +175,13 @@ def operate(module, command: list[str], plan) -> None:
     name = module.params["group"]
     result = None
     try:
-        _, status = call(module, "status")
+        status = call(module, "status")
         before = group_state(status, name)
         after = plan(dict(before), group_of(status, name))
         changed = after is not None
         if changed and not module.check_mode:
-            _, result = call(module, *command)
-            _, status = call(module, "status")
+            result = call(module, *command)
+            status = call(module, "status")
         if not changed or not module.check_mode:
             after = group_state(status, name)
         links = [link(status, g, t) for g, t in select(status, name)]

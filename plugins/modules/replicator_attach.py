@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_attach
 short_description: Ship a group from this host to one more target
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator attach GROUP --target TARGET) (a re-parented replica, the old primary
     at failback). Nothing is done where the group ships to that node already; when it does
@@ -60,8 +60,8 @@ def main():
 
     def plan(before, g):
         spec = canonical_spec(module.params["target"])
-        node = spec.split(":")[0]
-        current = next((t for t in before["targets"] if t.split(":")[0] == node), None)
+        node = spec.split(":", maxsplit=1)[0]
+        current = next((t for t in before["targets"] if t.split(":", maxsplit=1)[0] == node), None)
         if current is None:
             return {**before, "role_from": "runtime", "targets": sorted(before["targets"] + [spec])}
         if current != spec:

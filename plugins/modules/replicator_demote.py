@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_demote
 short_description: Make this host a secondary of a group's (new) primary
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator demote GROUP --source SOURCE) where the group is primary (an old
     primary back after a takeover, which rejoins as a replica of SOURCE, and what it wrote that

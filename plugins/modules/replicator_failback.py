@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_failback
 short_description: Give the primary role back to the old primary once it rejoined
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator failback GROUP --to TO) on the current primary after a takeover. It
     waits until TO (the old primary, demoted to a replica of this host) has rejoined (only

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_mark
 short_description: A marker (a named point in the journal) on the primary, or the markers here
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - With C(state=present), runs C(replicator mark GROUP NAME) on this host when the group is
     primary here, optionally between a freeze and a thaw command (application-consistent).
@@ -102,7 +102,7 @@ def main():
     )
     p = module.params
     try:
-        _, listed = call(module, "markers", p["group"])
+        listed = call(module, "markers", p["group"])
         markers = listed["markers"]
         if p["state"] == "listed":
             module.exit_json(changed=False, markers=markers)
@@ -110,7 +110,7 @@ def main():
         if found is not None:
             module.exit_json(changed=False, marker={"group": p["group"], **found},
                              markers=markers)
-        _, status = call(module, "status", p["group"])
+        status = call(module, "status", p["group"])
         role = status["groups"][0]["role"]
         if role != "primary":
             module.exit_json(changed=False, markers=markers,
@@ -122,7 +122,7 @@ def main():
         args = ["mark", p["group"], p["name"], "--hook-timeout", str(p["hook_timeout"])]
         if p["freeze"]:
             args += ["--freeze", p["freeze"], "--thaw", p["thaw"]]
-        _, marker = call(module, *args)
+        marker = call(module, *args)
     except AgentError as exc:
         module.fail_json(msg=str(exc))
     module.exit_json(changed=True, marker=marker, markers=markers + [marker], **shown)

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_pair
 short_description: Start the initial sync of this host's outgoing links where one is needed
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - A new target gets its initial sync from the agent by itself (a full resync, or nothing when
     both sides are blank at seq 0). This module asks for another kind with
@@ -107,7 +107,7 @@ def main():
     )
     p = module.params
     try:
-        _, status = call(module, "status")
+        status = call(module, "status")
         links = [link(status, g, t) for g, t in select(status, p["group"], p["targets"])]
         todo = [lk for lk in links if wanted(lk, p["initial_sync"])]
         diverged = [lk for lk in todo if lk["state"] == "needs-resync"]
@@ -120,12 +120,12 @@ def main():
         started = []
         for lk in todo:
             if not module.check_mode:
-                _, answer = call(module, "resync", lk["group"], lk["target"], FLAGS[p["initial_sync"]])
+                answer = call(module, "resync", lk["group"], lk["target"], FLAGS[p["initial_sync"]])
                 started.append(answer)
             else:
                 started.append({"group": lk["group"], "target": lk["target"]})
         if todo and not module.check_mode:
-            _, status = call(module, "status")
+            status = call(module, "status")
             after = sync_view([link(status, g, t) for g, t in select(status, p["group"],
                                                                      p["targets"])])
         else:

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_promote
 short_description: Make this host's replica of a group its primary (takeover), or promote a copy
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator promote GROUP) on a secondary whose primary is lost. It first replays
     from the group's bunker (I(bunker), or the group's C(bunker) key) every record it lacks,

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_reparent
 short_description: A replica takes a group's records from another source from now on
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator reparent GROUP --source SOURCE) on a replica whose source was lost, or
     that was away during a switchover. SOURCE must be of the same line (where the replica

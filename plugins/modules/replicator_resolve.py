@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_resolve
 short_description: Split brain, on the losing node, give up its writes since the split
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator resolve GROUP --discard-local --survivor SURVIVOR) on the node whose
     writes since the split are given up; a primary is demoted to a secondary of SURVIVOR,

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_restore
 short_description: Back to the source and targets the agent's configuration gives a group
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator restore GROUP) where the group's source or targets were changed at
     runtime (a takeover, a failback, a reparent or an attach, status C(role_from=runtime)),

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_resync
 short_description: Start a resync of this host's outgoing links, or set their resync rate
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator resync GROUP TARGET) on the node that ships to TARGET. With I(mode)
     C(full) every region is sent again, with C(checksum) only regions whose hashes differ,
@@ -80,10 +80,10 @@ def main():
     changed, results, before, after = False, [], [], []
     try:
         rate = parse_rate(p["rate"]) if p["rate"] is not None else None
-        _, status = call(module, "status")
+        status = call(module, "status")
         for group, target in select(status, p["group"], p["targets"]):
             args = ["resync", group["name"], target["node"]]
-            _, current = call(module, *args)  # without options: shows, changes nothing
+            current = call(module, *args)  # without options: shows, changes nothing
             before.append(current)
             flags = [f"--{p['mode']}"] if p["mode"] else []
             if rate is not None and current.get("rate_limit_bytes_per_s") != rate:
@@ -93,7 +93,7 @@ def main():
                 after.append(current)
                 continue
             changed = True
-            results.append(current if module.check_mode else call(module, *args, *flags)[1])
+            results.append(current if module.check_mode else call(module, *args, *flags))
             after.append({**current, **({"rate_limit_bytes_per_s": rate} if rate is not None else {}),
                           **({"state": "resyncing"} if p["mode"] else {})}
                          if module.check_mode else results[-1])

@@ -102,7 +102,7 @@ def existing(directory: str) -> dict | None:
 
 def at_point(manifest: dict, point: str) -> bool:
     """Is the copy at the point as asked for (the same words)?"""
-    kind, _, value = point.partition(":") if point.split(":", 1)[0] in ("seq", "time", "marker") \
+    kind, sep, value = point.partition(":") if point.split(":", 1)[0] in ("seq", "time", "marker") \
         else ("", "", point)
     if kind in ("", "marker") and manifest.get("marker") == value:
         return True
@@ -147,7 +147,7 @@ def main():
             module.exit_json(changed=False, snapshot=manifest)
         if module.check_mode:
             module.exit_json(changed=True, diff=dict(before={}, after={"copy": p["copy"], "to": p["to"]}))
-        _, answer = call(module, "rewind", p["group"], "--to", p["to"], "--copy", p["copy"])
+        answer = call(module, "rewind", p["group"], "--to", p["to"], "--copy", p["copy"])
     except AgentError as exc:
         module.fail_json(msg=str(exc))
     snapshot = answer["copy"]

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_rollback
 short_description: Undo an interrupted resync on a replica, back to its last consistent image
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator rollback GROUP) where the group is inconsistent (a resync from its
     source was interrupted, the source lost); every region the resync overwrote is put back,

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_status
 short_description: Status of the replicator agent on this host, and its outgoing links
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator status --json) against the agent named by I(config). Read-only.
 extends_documentation_fragment: [voltrail.replicator.replicator_agent, voltrail.replicator.replicator_agent.links]
@@ -78,7 +78,7 @@ def main():
     try:
         while True:
             try:
-                _, status = call(module, "status")
+                status = call(module, "status")
                 break
             except AgentError:
                 if time.monotonic() >= deadline:

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_switchover
 short_description: Move a group's primary role from this host to a replicating target, no write lost
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator switchover GROUP --to TO) on the group's primary. The agent holds new
     writes, drains every target, names TO to the other targets as their new source, hands

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_verify
 short_description: Online verify of this host's outgoing links, with optional repair
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Runs C(replicator verify GROUP TARGET [--repair]) on the node that ships to TARGET, for
     every selected link, and returns what it found. Mismatches are not a module failure (a
@@ -88,10 +88,10 @@ def main():
     repair = p["repair"] and not module.check_mode
     results = []
     try:
-        _, status = call(module, "status")
+        status = call(module, "status")
         for group, target in select(status, p["group"], p["targets"]):
             args = ["verify", group["name"], target["node"]] + (["--repair"] if repair else [])
-            _, found = call(module, *args, ok_rcs=(0, EXIT_MISMATCH))
+            found = call(module, *args, ok_rcs=(0, EXIT_MISMATCH))
             results.append(found)
     except AgentError as exc:
         module.fail_json(msg=str(exc), results=results)

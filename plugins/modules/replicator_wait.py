@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_wait
 short_description: Wait until this host's outgoing links are replicating
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Waits up to I(timeout) seconds and returns as soon as every selected link is in
     I(state). Returns C(done=false) (not a failure) when time runs out, so a playbook can
@@ -141,7 +141,7 @@ def main():
     try:
         while True:
             try:
-                _, status = call(module, "status")
+                status = call(module, "status")
                 links = [link(status, g, t) for g, t in select_links(status, p["group"], p["targets"])]
             except AgentError as exc:
                 module.fail_json(msg=str(exc))

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: replicator_wheelhouse
 short_description: Wheels of the replicator and its dependencies, built once per source version
 version_added: 0.1.0
-author: The replicator team
+author: [The replicator team (@voltrail)]
 description:
   - Hashes the source files named by I(paths) into a build id and, unless I(cache)/<build id>
     already exists, runs C(pip wheel) for the project into it (dependencies included), so that
@@ -78,7 +78,6 @@ python_version:
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -134,8 +133,8 @@ def main():
     if not os.path.isfile(os.path.join(p["source"], "pyproject.toml")):
         module.fail_json(msg=f"{p['source']} has no pyproject.toml: set "
                              "replicator_agent_source_dir to the project directory")
-    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = module.run_command([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 check_rc=True)[1].strip()
     build_id = source_hash(p["source"], p["paths"])
     target = os.path.join(p["cache"], build_id)
     result = dict(build_id=build_id, dir=target, archive=os.path.join(target, ARCHIVE),
@@ -143,18 +142,19 @@ def main():
     if os.path.isfile(result["archive"]):
         module.exit_json(wheel=wheel_named(target, "replicator"),
                          pip_wheel=wheel_named(target, "pip"), **result)
+    result["changed"] = True  # from here on, a build (or would be one, in check mode)
     if module.check_mode:
-        module.exit_json(wheel="", pip_wheel="", **dict(result, changed=True))
+        module.exit_json(wheel="", pip_wheel="", **result)
     os.makedirs(p["cache"], exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{build_id}-", dir=p["cache"])
     try:
         # pip's own wheel too: hosts run pip from it, so their venv needs no pip of its own
         for what in ([p["source"]], ["--no-deps", "pip"]):
-            proc = subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", tmp,
-                                   *what], capture_output=True, text=True)
-            if proc.returncode != 0:
-                module.fail_json(msg=f"pip wheel {' '.join(what)} failed (exit {proc.returncode})",
-                                 stderr=proc.stderr, stdout=proc.stdout)
+            rc, out, err = module.run_command([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
+                                               tmp, *what])
+            if rc != 0:
+                module.fail_json(msg=f"pip wheel {' '.join(what)} failed (exit {rc})", stderr=err,
+                                 stdout=out)
         with tarfile.open(os.path.join(tmp, ARCHIVE), "w") as tar:
             for name in sorted(os.listdir(tmp)):
                 if name.endswith(".whl"):
@@ -168,7 +168,7 @@ def main():
     for old in builds[p["keep"]:]:
         shutil.rmtree(old.path, ignore_errors=True)
     module.exit_json(wheel=wheel_named(target, "replicator"), pip_wheel=wheel_named(target, "pip"),
-                     **dict(result, changed=True))
+                     **result)
 
 
 if __name__ == "__main__":

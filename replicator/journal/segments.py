@@ -98,7 +98,6 @@ class _Segment:
         return self.offsets[i] if i < len(self.offsets) else self.size
 
 
-
 class Journal:
     def __init__(self, directory: str, *, capacity: int, segment_size: int | None = None):
         self.directory = directory
