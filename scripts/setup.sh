@@ -68,12 +68,23 @@ PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
     "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+version=$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$version
 if [[ ! -f $stamp ]]; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+# The agent's dependencies, its build requirement and pip as wheels: the lab inventories
+# install agents from them (replicator_agent_wheel_find_links), so that deploying needs no
+# package index once setup is done.
+if [[ ! -f .venv/wheelhouse/.made-$version ]]; then
+    rm -rf .venv/wheelhouse
+    .venv/bin/pip wheel -q --wheel-dir .venv/wheelhouse.new . pip 'setuptools>=61'
+    rm -f .venv/wheelhouse.new/replicator-*.whl
+    touch ".venv/wheelhouse.new/.made-$version"
+    mv .venv/wheelhouse.new .venv/wheelhouse
 fi
 
 # The checkout as the collections voltrail.replicator (the repository root) and

@@ -37,6 +37,13 @@ options:
     description: How many builds to keep in I(cache).
     type: int
     default: 3
+  find_links:
+    description:
+      - A directory of wheels to build from instead of a package index (C(pip wheel --no-index
+        --find-links)), for a controller without one (an air-gapped site, a test lab). It must
+        hold the dependencies' wheels and the build requirements (setuptools), and pip's own
+        wheel.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -44,6 +51,14 @@ EXAMPLES = r"""
   voltrail.replicator.replicator_wheelhouse:
     source: "{{ playbook_dir }}/.."
     cache: "{{ lookup('env', 'HOME') }}/.cache/replicator-wheels"
+  delegate_to: localhost
+  run_once: true
+
+- name: The same, from a directory of wheels (no package index)
+  voltrail.replicator.replicator_wheelhouse:
+    source: /srv/src/replicator
+    cache: /var/cache/replicator-wheels
+    find_links: /srv/wheels
   delegate_to: localhost
   run_once: true
 """
@@ -125,6 +140,7 @@ def main():
             paths=dict(type="list", elements="str", default=["pyproject.toml", "replicator"]),
             python=dict(type="path"),
             keep=dict(type="int", default=3),
+            find_links=dict(type="path"),
         ),
         supports_check_mode=True,
     )
@@ -149,9 +165,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix=f".{build_id}-", dir=p["cache"])
     try:
         # pip's own wheel too: hosts run pip from it, so their venv needs no pip of its own
+        index = ["--no-index", "--find-links", p["find_links"]] if p["find_links"] else []
         for what in ([p["source"]], ["--no-deps", "pip"]):
-            rc, out, err = module.run_command([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
-                                               tmp, *what])
+            rc, out, err = module.run_command([python, "-m", "pip", "wheel", "--quiet", *index,
+                                               "--wheel-dir", tmp, *what])
             if rc != 0:
                 module.fail_json(msg=f"pip wheel {' '.join(what)} failed (exit {rc})", stderr=err,
                                  stdout=out)
