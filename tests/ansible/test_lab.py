@@ -409,9 +409,10 @@ def test_scheduled_dr_exercise_fires_from_cron(deployed, tmp_path):
             # a run going on ends before the test does (and the lab's teardown)
             wait_until(lambda: lock_free(str(base / ".lock")), 600, "the scheduled run to end",
                        interval=1)
+    log = (run_dir / "ansible.log").read_text() if (run_dir / "ansible.log").exists() else "(no log)"
+    assert (run_dir / "db" / "report.json").exists(), f"{sorted(os.listdir(run_dir))}\n{log[-4000:]}"
     with open(run_dir / "db" / "report.json") as f:
         report = json.load(f)
-    log = (run_dir / "ansible.log").read_text()
     assert report["result"] == "pass", log[-3000:]
     assert report["rpo_writes_lost"] == 0 and report["ledger"]["acknowledged"] >= 300
     assert report["takeover"]["role"] == "copy"  # the copy drill: production went on
