@@ -384,7 +384,7 @@ class Agent:
             conflict = self._conflict(changes)
             if conflict:
                 self._refused(dry_run, conflict, errors=[conflict])
-                raise AdminError(f"reload: {conflict}; nothing changed")
+                raise AdminError(f"{conflict}; nothing changed")
             if dry_run:
                 return answer
             if changes:
