@@ -360,14 +360,24 @@ class Agent:
                 "markers": [{**m.as_dict(), "in_journal": m.seq >= first} for m in group.markers]}
 
     async def _reload(self, request: dict) -> dict:
-        return await self.reload(dry_run=bool(request.get("dry_run")))
+        """`config`: the file the operator named; a dry run may name any (what reloading
+        it would do: the role's check mode), a reload only the agent's own."""
+        dry_run, path = bool(request.get("dry_run")), request.get("config")
+        own = os.path.realpath(self.cfg.source_path)
+        if path is not None and not isinstance(path, str):
+            raise AdminError(f"reload: config must be a file's path; got {path!r}")
+        if not dry_run and path is not None and os.path.realpath(path) != own:
+            raise AdminError(f"reload: this agent runs with {own}, not {path}; a reload "
+                             "re-reads the agent's own file (a --dry-run may name another)")
+        return await self.reload(dry_run, path if dry_run else None)
 
-    async def reload(self, dry_run: bool = False) -> dict:
-        """Re-read the config file and take what changed live (reload.py), all of it or
-        nothing: an invalid file, a change that needs a restart, or one the running state
-        contradicts (AdminError) changes nothing. The answer is reload.outcome's."""
+    async def reload(self, dry_run: bool = False, path: str | None = None) -> dict:
+        """Re-read the config file (a dry run: `path`, if given) and take what changed
+        live (reload.py), all of it or nothing: an invalid file, a change that needs a
+        restart, or one the running state contradicts (AdminError) changes nothing. The
+        answer is reload.outcome's."""
         async with self._reloading:
-            path = self.cfg.source_path
+            path = path or self.cfg.source_path
             try:
                 new = load(path)
             except ConfigError as exc:

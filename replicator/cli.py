@@ -470,7 +470,8 @@ def cmd_reload(args) -> int:
     except config.ConfigError as exc:
         return failed(2, str(exc).splitlines(), _invalid(args.config, exc))
     try:
-        r = admin.request(cfg.admin_socket, "reload", timeout=120, dry_run=args.dry_run)
+        r = admin.request(cfg.admin_socket, "reload", timeout=120, dry_run=args.dry_run,
+                          config=os.path.realpath(args.config))
     except admin.AdminError as exc:
         return failed(1, [str(exc)], f"replicator reload: {exc}")
     print(json.dumps(r, indent=2) if args.json else format_reload(r))
@@ -669,7 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "SIGHUP, drbdadm adjust); exit 3 when they need a "
                                        "restart (nothing is applied), 2 when the file is "
                                        "invalid")
-    rl.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    rl.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help="the agent's config file (with --dry-run, any file naming the same "
+                         "admin_socket: what reloading it would do)")
     rl.add_argument("--dry-run", action="store_true",
                     help="say what would change and whether it needs a restart; apply nothing")
     rl.add_argument("--json", action="store_true")

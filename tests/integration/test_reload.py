@@ -2,12 +2,15 @@
 taken by the running agent without cutting its NBD clients; a change that needs a
 restart, an invalid file, a dry run change nothing."""
 
+import copy
+import json
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from replicator import admin
 from tests.agents import kinds, replicator_cli, wait_until
@@ -92,6 +95,28 @@ def test_restart_only_change_and_dry_run_apply_nothing(topology):
                             "-c", a.config_path], capture_output=True, text=True, timeout=60)
     assert human.returncode == 0 and "would apply, live:" in human.stdout
     assert 'groups[db].targets[b].mode: "sync" -> "async"' in human.stdout
+    assert target_modes(a) == {"b": "sync"}
+
+    # Another file (the role's check mode: the config as it would be written): a dry run
+    # of it says what reloading it would do; a reload re-reads only the agent's own file.
+    other = os.path.join(a.dir, "next.yml")
+    next_cfg = copy.deepcopy(a.config)
+    next_cfg["groups"][0]["targets"][0]["compress"] = "zstd"
+    with open(other, "w") as f:
+        yaml.safe_dump(next_cfg, f)
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "replicator.cli", "reload", "--json", "-c",
+                            other, *args], capture_output=True, text=True, timeout=60)
+        return p.returncode, json.loads(p.stdout)
+    code, out = cli("--dry-run")
+    assert code == 0 and {c["key"] for c in out["changes"]} == {
+        "groups[db].targets[b].mode", "groups[db].targets[b].compress"}, out
+    code, out = cli()
+    assert code == 1 and f"this agent runs with {os.path.realpath(a.config_path)}, not " \
+        f"{other}" in out["errors"][0], out
+    with pytest.raises(admin.AdminError, match="config must be a file's path; got 7"):
+        admin.request(a.config["admin_socket"], "reload", dry_run=True, config=7)
     assert target_modes(a) == {"b": "sync"}
 
     a.config["groups"][0]["journal_size"] = "128MiB"
