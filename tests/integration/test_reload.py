@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from replicator import admin
+from replicator.drill.nbd_client import NbdClient, NbdError
 from tests.agents import kinds, replicator_cli, wait_until
 from tests.integration.test_periodic import CounterWriter
 
@@ -157,8 +158,23 @@ def test_invalid_file_changes_nothing_and_an_absent_agent_is_exit_1(topology):
     assert a.status()["pid"] == pid and target_modes(a) == {"b": "sync"}
     assert kept("config_reloaded") == []
 
-    a.config["groups"][0]["targets"][0]["mode"] = "async"
+    # Fixed, with the NBD limits and the link timers changed: taken live.
+    a.config["groups"][0]["targets"][0]["mode"] = "sync"
+    a.config.update(nbd_max_connections_per_export=1, heartbeat_timeout=4, log_level="debug")
     a.save_config()
+    code, out = replicator_cli(a, "reload")
+    assert code == 0 and out["reloaded"], out
+    assert [c["key"] for c in out["changes"]] == [
+        "heartbeat_timeout", "log_level", "nbd_max_connections_per_export"]
+    wait_until(lambda: a.target("db", "b")["state"] == "replicating", 30,
+               "b to replicate again (its shipper reconnected with the new timers)")
+    first = NbdClient.connect("127.0.0.1", a.nbd_port, "data")
+    try:
+        with pytest.raises(NbdError, match="nbd_max_connections_per_export 1"):
+            NbdClient.connect("127.0.0.1", a.nbd_port, "data")
+    finally:
+        first.close()
+    assert a.status()["pid"] == pid
     a.stop()
     code, out = replicator_cli(a, "reload")
     assert code == 1, out
