@@ -702,16 +702,22 @@ async def run(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.start()
+    started = asyncio.Event()  # a SIGHUP while the agent starts reloads once it is up
     reloads: set[asyncio.Task] = set()  # (held: the loop keeps only weak references)
 
+    async def reload_when_started() -> None:
+        await started.wait()
+        await agent.reload()
+
     def hangup() -> None:
-        task = asyncio.create_task(agent.reload(), name="reload")
+        task = asyncio.create_task(reload_when_started(), name="reload")
         reloads.add(task)
         task.add_done_callback(_reloaded)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    await agent.start()
+    started.set()
     await stop.wait()
     log.info("signal received, shutting down")
     for task in reloads:

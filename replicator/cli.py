@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -152,6 +153,9 @@ def _load(path: str) -> config.Config:
 
 
 def cmd_agent(args) -> int:
+    # A SIGHUP (systemctl reload) before the agent's loop handles it must not end the
+    # agent: the config it is about to read is the file as it is now anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = _load(args.config)
     repeats = logs.setup(cfg.node, cfg.log_level, args.log_format)
     # Not needed by the client commands, nor by shell completion (run at every TAB).
