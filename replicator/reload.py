@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from .config import Config
+from .config import Config, _address_text
 
 LIVE, RESTART = "live", "restart"
 ANY = "*"  # in a KEYS pattern: any one name (a group's, a target's, a peer's)
 
 # Collections found by name: field -> the field of an item that names it.
 _NAMED_BY = {"groups": "name", "volumes": "name", "targets": "node"}
+_ADDRESSES = ("listen", "nbd_listen", "metrics_listen")  # (host, port): shown as HOST:PORT
 
 KEYS: dict[tuple[str, ...], str] = {
     # What the agent is: its identity, where it listens and keeps its state, its TLS
@@ -153,7 +154,9 @@ def _flatten(obj, prefix: tuple[str, ...], values: dict, named: set) -> None:
                 _flatten(item, item_key, values, named)
         elif f.name == "peers":
             for peer, address in value.items():
-                values[key + (peer,)] = _plain(address)
+                values[key + (peer,)] = _address_text(address)
+        elif f.name in _ADDRESSES and value is not None:
+            values[key] = _address_text(value)
         else:
             values[key] = _plain(value)
 

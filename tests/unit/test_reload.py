@@ -70,7 +70,7 @@ def test_mode_rate_peer_and_timer_changes_are_live():
                              "heartbeat_timeout", "log_level", "peers[dc2]"]
     assert changes[1].as_dict() == {"key": "groups[db].targets[dc2].mode", "from": "sync",
                                     "to": "async"}
-    assert changes[4].old == ["127.0.0.1", 7802] and changes[4].new == ["127.0.0.2", 7802]
+    assert changes[4].old == "127.0.0.1:7802" and changes[4].new == "127.0.0.2:7802"
     assert reload.restart_required(changes) == []
 
 
@@ -85,6 +85,8 @@ def test_identity_listeners_and_volumes_need_a_restart():
     assert reload.restart_required(changes) == [
         "groups[db].journal_size", "groups[db].volumes[data].size", "groups[db].volumes[log]",
         "nbd_listen"]
+    assert changes[-1].as_dict() == {"key": "nbd_listen", "from": "127.0.0.1:10801",
+                                     "to": "127.0.0.1:10901"}
     assert "groups[db].targets[dc2].mode" in keys(changes)
 
 
