@@ -21,7 +21,9 @@ from .admin import AdminError, AdminServer
 from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
 from .capture.watch import Watcher
-from .config import COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, TargetConfig
+from . import reload
+from .config import (COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, ConfigError,
+                     TargetConfig, load)
 from .events import EVENTS, emit
 from .failover import Failover
 from .group import Group, GroupError
@@ -75,12 +77,14 @@ class Agent:
                                                     "restore": self._restore,
                                                     "mark": self._mark,
                                                     "rewind": self._rewind,
-                                                    "markers": self._markers},
+                                                    "markers": self._markers,
+                                                    "reload": self._reload},
                                  streams={"events": self._events})
         self.metrics = MetricsServer(self) if cfg.metrics_listen is not None else None
         self.started = time.time()
         self._watch_task: asyncio.Task | None = None
         self._nearly_full: set[str] = set()  # groups whose journal_nearly_full is out
+        self._reloading = asyncio.Lock()  # one reload at a time (SIGHUP and admin socket)
 
     async def start(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
@@ -179,15 +183,17 @@ class Agent:
             if node not in relays:
                 relays[node] = Relay(t, via=t.via)
 
-    async def _sync_shippers(self, group: Group) -> None:
+    async def _sync_shippers(self, group: Group, replace: set[str] | frozenset = frozenset()) -> None:
         """Start and stop shippers so that they match the group's targets (and a
-        watched group's watcher its role: before the shippers read its volumes)."""
+        watched group's watcher its role: before the shippers read its volumes); the
+        shippers to the nodes of `replace` are made anew (a reload changed their link)."""
         await self._sync_watcher(group)
         self._sync_relays(group)
         keep = []
         for shipper in self.shippers.get(group.name, []):
             t = shipper.target
-            if group.targets.get(t.node) is t and shipper.compress == (t.cfg.compress == "zstd"):
+            if group.targets.get(t.node) is t and t.node not in replace \
+                    and shipper.compress == (t.cfg.compress == "zstd"):
                 keep.append(shipper)
             else:
                 await shipper.stop()
@@ -352,6 +358,106 @@ class Agent:
         first = group.journal.first_seq
         return {"group": group.name, "journal_first_seq": first,
                 "markers": [{**m.as_dict(), "in_journal": m.seq >= first} for m in group.markers]}
+
+    async def _reload(self, request: dict) -> dict:
+        """`config`: the file the operator named; a dry run may name any (what reloading
+        it would do: the role's check mode), a reload only the agent's own."""
+        dry_run, path = bool(request.get("dry_run")), request.get("config")
+        own = os.path.realpath(self.cfg.source_path)
+        if path is not None and not isinstance(path, str):
+            raise AdminError(f"reload: config must be a file's path; got {path!r}")
+        if not dry_run and path is not None and os.path.realpath(path) != own:
+            raise AdminError(f"reload: this agent runs with {own}, not {path}; a reload "
+                             "re-reads the agent's own file (a --dry-run may name another)")
+        return await self.reload(dry_run, path if dry_run else None)
+
+    async def reload(self, dry_run: bool = False, path: str | None = None) -> dict:
+        """Re-read the config file (a dry run: `path`, if given) and take what changed
+        live (reload.py), all of it or nothing: an invalid file, a change that needs a
+        restart, or one the running state contradicts (AdminError) changes nothing. The
+        answer is reload.outcome's."""
+        async with self._reloading:
+            path = path or self.cfg.source_path
+            try:
+                new = load(path)
+            except ConfigError as exc:
+                errors = str(exc).splitlines()
+                self._refused(dry_run, f"{path} is invalid", errors=errors)
+                return reload.outcome([], dry_run=dry_run, errors=errors)
+            changes = reload.diff(self.cfg, new)
+            answer = reload.outcome(changes, dry_run=dry_run)
+            if answer["restart_required"]:
+                self._refused(dry_run, f"{path} changes {', '.join(answer['restart_required'])}"
+                              ", which needs a restart",
+                              restart_required=answer["restart_required"])
+                return answer
+            conflict = self._conflict(changes)
+            if conflict:
+                self._refused(dry_run, conflict, errors=[conflict])
+                raise AdminError(f"{conflict}; nothing changed")
+            if dry_run:
+                return answer
+            if changes:
+                await self._apply(new, changes)
+                log.info("reload: %s applied: %s", path, ", ".join(c.key for c in changes))
+                emit("config_reloaded", node=self.cfg.node, path=path,
+                     changes=answer["changes"])
+            return {**answer, "reloaded": True}
+
+    def _refused(self, dry_run: bool, why: str, errors: list[str] | tuple = (),
+                 restart_required: list[str] | tuple = ()) -> None:
+        """A reload that changes nothing: said in the log and as an event (not for a
+        dry run, which never was to change anything)."""
+        if dry_run:
+            return
+        log.error("reload: %s; nothing changed%s", why,
+                  "".join(f"\n  {e}" for e in errors if e != why))
+        emit("config_reload_refused", node=self.cfg.node, path=self.cfg.source_path,
+             errors=list(errors), restart_required=list(restart_required))
+
+    def _conflict(self, changes: list[reload.Change]) -> str | None:
+        """What in the running state contradicts live `changes`: new targets for a group
+        whose targets a runtime role change set, or the removal of a peer such a group
+        still ships to. None: nothing."""
+        runtime = {name for name, g in self.groups.items() if g.overridden}
+        for c in changes:
+            if c.path[:1] == ("groups",) and c.path[2:3] == ("targets",) \
+                    and c.path[1] in runtime:
+                return (f"{c.key} changed, but group {c.path[1]}'s role and targets were set "
+                        "at runtime (promote, demote, attach...): run `replicator restore` "
+                        "first, or leave its targets as they are")
+            if c.path[0] == "peers" and c.new is None:
+                users = [g for g in sorted(runtime)
+                         if c.path[1] in {t.node for t in self.groups[g].target_cfgs}]
+                if users:
+                    return (f"{c.key} removed, but group(s) {', '.join(users)} still ship to "
+                            f"{c.path[1]} (targets set at runtime)")
+        return None
+
+    async def _apply(self, new: Config, changes: list[reload.Change]) -> None:
+        """Take `new`, whose `changes` are all live: the parts holding each change take it,
+        and the shippers whose link changed reconnect with it (NBD clients, the receiver's
+        sessions and the other shippers go on)."""
+        self.cfg = self.failover.cfg = new
+        logging.getLogger().setLevel(new.log_level.upper())
+        self.receiver.reconfigure(new.peers, new.heartbeat_timeout)
+        self.nbd.set_limits(handshake_timeout=new.nbd_handshake_timeout,
+                            max_connections=new.nbd_max_connections,
+                            max_connections_per_export=new.nbd_max_connections_per_export)
+        timers = {"heartbeat_interval", "heartbeat_timeout", "sync_ack_timeout", "stall_timeout"}
+        every_link = any(c.path[0] in timers for c in changes)
+        peers = {c.path[1] for c in changes if c.path[0] == "peers"}
+        for group in self.groups.values():
+            cfg = new.group(group.name)
+            changed = {c.path[3] for c in changes
+                       if c.path[:3] == ("groups", group.name, "targets")}
+            group.logging_after = new.heartbeat_timeout
+            group.reconfigure(cfg)
+            if ("groups", group.name, "resync_rate") in {c.path for c in changes}:
+                for shipper in self.shippers.get(group.name, []):
+                    shipper.resync_rate = cfg.resync_rate
+            await self._sync_shippers(group, set(group.targets) if every_link
+                                      else changed | peers)
 
     async def _resolve(self, request: dict) -> dict:
         group = self._group(request)
@@ -552,6 +658,14 @@ def _target(t: dict) -> TargetConfig:
     return target
 
 
+def _reloaded(task: asyncio.Task) -> None:
+    """The end of a SIGHUP's reload: a refusal is logged and an event already; a bug is
+    logged here (the answer has no reader)."""
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None and not isinstance(exc, AdminError):
+        log.error("reload failed", exc_info=exc)
+
+
 def raise_nofile_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard limit (at most NOFILE_CAP): the default
     soft limit (1024) is what idle NBD clients once exhausted. The NBD server keeps a
@@ -588,8 +702,26 @@ async def run(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    started = asyncio.Event()  # a SIGHUP while the agent starts reloads once it is up
+    reloads: set[asyncio.Task] = set()  # (held: the loop keeps only weak references)
+
+    async def reload_when_started() -> None:
+        await started.wait()
+        await agent.reload()
+
+    def hangup() -> None:
+        task = asyncio.create_task(reload_when_started(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(_reloaded)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     await agent.start()
+    started.set()
     await stop.wait()
     log.info("signal received, shutting down")
+    for task in reloads:
+        task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
     await agent.stop()
     return 0

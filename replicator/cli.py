@@ -9,12 +9,13 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
 import argcomplete
 
-from . import __version__, admin, config, logs
+from . import __version__, admin, config, logs, reload
 from .sizes import human_bytes, size_text
 
 DEFAULT_CONFIG = "/etc/replicator/agent.yml"
@@ -152,6 +153,9 @@ def _load(path: str) -> config.Config:
 
 
 def cmd_agent(args) -> int:
+    # A SIGHUP (systemctl reload) before the agent's loop handles it must not end the
+    # agent: the config it is about to read is the file as it is now anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = _load(args.config)
     repeats = logs.setup(cfg.node, cfg.log_level, args.log_format)
     # Not needed by the client commands, nor by shell completion (run at every TAB).
@@ -437,6 +441,47 @@ def cmd_resolve(args) -> int:
         group=args.group, survivor=args.survivor, discard_local=args.discard_local)
 
 
+def format_reload(r: dict) -> str:
+    """A reload's answer for a person: what changed, and whether it was taken."""
+    def value(v) -> str:
+        return "(none)" if v is None else json.dumps(v)
+
+    lines = [f"  {c['key']}: {value(c['from'])} -> {value(c['to'])}" for c in r["changes"]]
+    if r["errors"]:
+        return "\n".join(["the agent's config file is invalid; nothing changed:",
+                          *(f"  {e}" for e in r["errors"])])
+    if not r["changes"]:
+        return "nothing to change: the agent runs with what its config file says"
+    if r["restart_required"]:
+        head = (f"nothing {'would be ' if r['dry_run'] else ''}applied: a restart is needed "
+                f"for {', '.join(r['restart_required'])}; the changes:")
+    else:
+        head = "would apply, live:" if r["dry_run"] else "applied, live:"
+    return "\n".join([head, *lines])
+
+
+def cmd_reload(args) -> int:
+    """Exit 0: applied (or nothing to change), 3: a restart is needed (nothing applied),
+    2: the config is invalid, 1: no agent answered or it refused."""
+    def failed(code: int, errors: list[str], text: str) -> int:
+        if args.json:
+            print(json.dumps(reload.outcome([], dry_run=args.dry_run, errors=errors)))
+        print(text, file=sys.stderr)
+        return code
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        return failed(2, str(exc).splitlines(), _invalid(args.config, exc))
+    try:
+        r = admin.request(cfg.admin_socket, "reload", timeout=120, dry_run=args.dry_run,
+                          config=os.path.realpath(args.config))
+    except admin.AdminError as exc:
+        return failed(1, [str(exc)], f"replicator reload: {exc}")
+    print(json.dumps(r, indent=2) if args.json else format_reload(r))
+    return 2 if r["errors"] else 3 if r["restart_required"] else 0
+
+
 def cmd_config_check(args) -> int:
     try:
         cfg = config.load(args.file)
@@ -623,6 +668,19 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         op.add_argument("--json", action="store_true")
         op.set_defaults(func=func)
+
+    rl = sub.add_parser("reload", help="make the agent re-read its config file and take the "
+                                       "changes live, without cutting NBD clients (like "
+                                       "SIGHUP, drbdadm adjust); exit 3 when they need a "
+                                       "restart (nothing is applied), 2 when the file is "
+                                       "invalid")
+    rl.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help="the agent's config file (with --dry-run, any file naming the same "
+                         "admin_socket: what reloading it would do)")
+    rl.add_argument("--dry-run", action="store_true",
+                    help="say what would change and whether it needs a restart; apply nothing")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=cmd_reload)
 
     sub.add_parser("drill", help="DR drill tools: `replicator drill ledger|report|index "
                    "--help`")

@@ -8,7 +8,7 @@ Kinds (README "Events" lists them with their details): state (a target's shown s
 connecting, catching-up, replicating, logging, resyncing, ...), resync_started,
 resync_progress, resync_done, verify, promoted, demoted, split_brain, lag_over_limit,
 lag_under_limit, stalled, journal_nearly_full, journal_below_limit, epoch_applied,
-agent_started, agent_stopping.
+config_reloaded, config_reload_refused, agent_started, agent_stopping.
 
 Like logging, there is one stream per process (`emit` from anywhere): the agent is one
 process, and what it emits is what its admin socket streams (`replicator events`). The

@@ -131,6 +131,13 @@ class Receiver:
         self._accepting = [asyncio.create_task(self._accept(sock), name="replication-accept")
                            for sock in self._listeners]
 
+    def reconfigure(self, peers, heartbeat_timeout: float) -> None:
+        """A reloaded address book and heartbeat timeout: every HELLO from now on is
+        judged by them; sessions already admitted go on (a peer removed is refused when it
+        reconnects)."""
+        self.admission.peers = set(peers)
+        self.hb_timeout = heartbeat_timeout
+
     async def close(self) -> None:
         for task in self._accepting:
             task.cancel()

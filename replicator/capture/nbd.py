@@ -732,9 +732,8 @@ class NbdServer:
                              f"[{PREFERRED_BLOCK}, 2**32-1]")
         self.exports = exports
         self.max_request = max_request
-        self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
-        self.max_connections_per_export = max_connections_per_export
+        self.set_limits(handshake_timeout=handshake_timeout, max_connections=max_connections,
+                        max_connections_per_export=max_connections_per_export)
         self.fd_reserve = fd_reserve
         self._per_export: dict[str, int] = {}  # connections in transmission, by export
         self.log = log or logging.getLogger("replicator.nbd")
@@ -743,6 +742,14 @@ class NbdServer:
         self._connections: set[_Connection] = set()
         self._closing = False
         self._all_gone: asyncio.Event | None = None
+
+    def set_limits(self, *, handshake_timeout: float, max_connections: int,
+                   max_connections_per_export: int) -> None:
+        """The admission limits (module docstring) from now on: each accept and handshake
+        reads them, the connections already open stay (a reload lowers none of them)."""
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_export = max_connections_per_export
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (0 picks a free port; see `port`)."""

@@ -222,6 +222,17 @@ class Group:
         self.guard.limits_changed()
         self.targets_changed()
 
+    def reconfigure(self, cfg: GroupConfig) -> None:
+        """Take a reloaded config of this group whose changes are all live (reload.py
+        decides which): its tunables from now on, and its targets unless a runtime role
+        change (promote, demote, attach...) holds them until the config agrees again."""
+        if cfg.name != self.name:
+            raise GroupError(f"group {self.name}: a config of group {cfg.name} cannot be "
+                             "taken live")
+        self.cfg = self.commit.cfg = self.retention.cfg = cfg
+        if not self.overridden and list(cfg.targets) != self.target_cfgs:
+            self.set_targets(list(cfg.targets))
+
     async def promote(self, targets: list[TargetConfig] | None, force: bool) -> Generation:
         """This replica becomes the primary: a new generation starts after its last
         record. Refused for an inconsistent (being resynced) or split-brained image

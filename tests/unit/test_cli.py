@@ -43,7 +43,7 @@ def complete(line: str) -> list[str]:
 
 @pytest.mark.parametrize("line, want", [
     ("replicator sta", ["status"]),
-    ("replicator re", ["reparent", "resolve", "restore", "resync", "rewind"]),
+    ("replicator re", ["reload", "reparent", "resolve", "restore", "resync", "rewind"]),
     ("replicator agent --log-format ", ["json", "text"]),
     ("replicator config check --j", ["--json"]),
     ("replicator completion ", ["--help", "-h", "bash", "fish", "zsh"]),
