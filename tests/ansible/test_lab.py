@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from replicator import admin
-from tests.agents import wait_until
+from replicator.drill.nbd_client import NbdClient
+from tests.agents import MiB, wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
 from tests.ansible.cron_harness import cron_daemon, lock_free, needs_cron
 from tests.ansible.lab_harness import DESTRUCTIVE, Lab, lab_marks, playbook
@@ -105,6 +106,77 @@ APP_CHECK = (
     ' uri=True); r = c.execute(\'PRAGMA integrity_check\').fetchall();'
     ' n = c.execute(\'SELECT count(*) FROM t\').fetchone()[0]; print(\'integrity\', r[0][0], \'rows\', n);'
     f' sys.exit(r != [(\'ok\',)] or n != {APP_ROWS})" "$t/db.sqlite"')
+
+
+def agents(lab) -> dict:
+    """Per host: the agent's pid, its agent.yml, and each group's role, source and targets."""
+    out = {}
+    for node in lab.nodes:
+        st = lab.status(node)
+        with open(lab.host_path(node, "/etc/replicator/agent.yml")) as f:
+            conf = f.read()
+        groups = {g["name"]: (g["role"], g.get("source"), sorted(t["node"] for t in g["targets"]))
+                  for g in st["groups"]}
+        out[node] = (st["pid"], conf, groups)
+    return out
+
+
+CHECKED_OPERATIONS = [  # operation playbooks in check mode, and a line of the diff each shows
+    # (pair and verify: every link replicates and matches, so they would change nothing)
+    (("switchover.yml", "-e", "replicator_switchover_to=dc2-dr"), "+    role: secondary"),
+    (("pair.yml", "-e", "replicator_pair_initial_sync=checksum"), None),
+    (("resync.yml", "-e", "replicator_resync_mode=full", "-e", "replicator_resync_rate=20MiB"), "+++ after"),
+    (("reparent.yml", "-e", "replicator_reparent_node=dc4-vault", "-e", "replicator_reparent_source=dc2-dr"),
+     "+++ after"),
+    (("verify.yml",), None),
+]
+
+
+def test_check_diff_changes_nothing_and_shows_what_would_change(deployed):
+    """site.yml and the operation playbooks under --check --diff: every host's agent, its
+    configuration and every group's role, source and targets are as before; the diffs say
+    what a real run would do (a new agent.yml line; a role that moves)."""
+    lab = deployed
+    before = agents(lab)
+    out = playbook("site.yml", "--check", "--diff", "-e", json.dumps({"replicator_agent_heartbeat_timeout": 7}))
+    assert "failed=0" in out and "+heartbeat_timeout: 7" in out, out[-4000:]
+    assert re.search(r"^-heartbeat_timeout: [0-9.]+$", out, re.M), out[-4000:]
+    assert "would restart" not in out  # a live change: its dry run says reload suffices
+    for (name, *args), diff_line in CHECKED_OPERATIONS:
+        out = playbook(name, "--check", "--diff", *args)
+        assert "failed=0" in out, (name, out[-4000:])
+        assert (diff_line in out) if diff_line else ("+++ after" not in out), (name, out[-4000:])
+    assert agents(lab) == before
+    for node in lab.nodes:
+        assert not os.path.exists(lab.host_path(node, "/etc/replicator/agent.yml.check"))
+
+
+def test_a_live_change_is_reloaded_without_cutting_nbd_clients(deployed):
+    """A timer changed in the inventory: site.yml reloads every agent (same pid) instead of
+    restarting it, and an NBD client connected before it keeps writing on the same
+    connection; the change is undone the same way."""
+    lab = deployed
+    before = agents(lab)
+    client = NbdClient.connect(lab.address[lab.primary], 10809, "data")
+    try:
+        out = playbook("site.yml", "-e", json.dumps({"replicator_agent_heartbeat_timeout": 7}))
+        assert "failed=0" in out and "Reload the agent's configuration" in out, out[-4000:]
+        assert "restarts for" not in out, out[-4000:]
+        after = agents(lab)
+        for node in lab.nodes:
+            assert after[node][0] == before[node][0], node  # the same agent process
+            assert after[node][2] == before[node][2], node
+            assert "heartbeat_timeout: 7" in after[node][1]
+        client.send_write(1, 16 * MiB, b"\x5e" * MiB)
+        client.send_flush(2)
+        assert sorted(client.recv_reply() for _ in range(2)) == [(1, 0), (2, 0)]
+    finally:
+        client.close()
+    out = playbook("site.yml")
+    assert "failed=0" in out
+    assert agents(lab) == before  # back as deployed, still the same agents
+    lab.wait_converged()
+    lab.assert_identical()
 
 
 def app_image(tmp_path) -> str:
