@@ -24,6 +24,7 @@ from tests.agents import MiB, wait_until
 from tests.ansible.ansible_harness import CLI, ROOT, module_utils
 from tests.ansible.cron_harness import cron_daemon, lock_free, needs_cron
 from tests.ansible.lab_harness import DESTRUCTIVE, Lab, lab_marks, playbook
+from tests.ansible import project
 from tests.clients import fio, qemu_io, run
 
 pytestmark = lab_marks(timeout=900)
@@ -177,6 +178,22 @@ def test_a_live_change_is_reloaded_without_cutting_nbd_clients(deployed):
     assert agents(lab) == before  # back as deployed, still the same agents
     lab.wait_converged()
     lab.assert_identical()
+
+
+def test_site_from_an_installed_collection_by_fqcn(deployed, tmp_path):
+    """A new user's project: the built collection installed, no ansible.cfg of ours; its
+    site playbook by FQCN against the lab inventory finds the lab as deployed (nothing to
+    change), and its check mode too."""
+    lab = deployed
+    before = agents(lab)
+    env = project.fresh_project(tmp_path / "project", project.build(tmp_path / "build"))
+    inventory = os.path.join(ROOT, "inventories", "lab")
+    for mode in (["--check", "--diff"], []):
+        out = project.run("ansible-playbook", "-i", inventory, "voltrail.replicator.site", *mode,
+                          cwd=tmp_path / "project", env=env)
+        recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0", out, re.M)
+        assert sorted(recap) == sorted((node, "0") for node in lab.nodes), out[-4000:]
+    assert agents(lab) == before
 
 
 def app_image(tmp_path) -> str:
