@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import yaml
@@ -22,6 +23,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_FLOAT_MAX = sys.float_info.max
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 MAX_RETAIN_SECONDS = 366 * 86400  # a year of history: more is a typo
 MIN_RETAIN_BYTES = 16 << 20  # less holds no more than a step or two
@@ -286,6 +288,9 @@ class _Reader:
             names = " or ".join(t.__name__ for t in types) if types else "a value"
             return self.fail(key, f"expected {names}; got {value!r}",
                              None if default is ... else default)
+        if types and float in types and isinstance(value, int) and abs(value) > _FLOAT_MAX:
+            return self.fail(key, f"expected a number a float can hold; got one of "
+                                  f"{len(str(abs(value)))} digits", None if default is ... else default)
         return value
 
     def check(self, key: str, parse, raw, **kwargs):

@@ -100,6 +100,10 @@ def mutate(path, value):
     (("nbd_max_connections_per_export",), 300, "nbd_max_connections_per_export",
      "1..nbd_max_connections (256)"),
     (("nbd_handshake_timeout",), 0, "nbd_handshake_timeout", "positive"),
+    # numbers past a float's range are an error of their key, not an OverflowError
+    *[(path, 10**400, ".".join(map(str, path)).replace(".0.", "[0]."), "a float can hold")
+      for path in [("heartbeat_interval",), ("heartbeat_timeout",), ("sync_ack_timeout",),
+                   ("nbd_handshake_timeout",), ("groups", 0, "commit_interval")]],
     (("groups", 0, "bitmap_granularity"), "3KiB", "groups[0].bitmap_granularity", "power of two"),
     (("groups", 0, "logging_high_water"), "1GiB", "groups[0].logging_high_water", "journal_size"),
     (("groups", 0, "resync_rate"), "fast", "groups[0].resync_rate", "size"),
