@@ -163,6 +163,7 @@ class Agent:
                              f"known: {', '.join(sorted(self.cfg.peers))}")
         return Shipper(group, group.targets[t.node], node=self.cfg.node,
                        address=self.cfg.peers[t.node], compress=t.compress == "zstd",
+                       zstd_level=t.compress_level,
                        heartbeat_interval=self.cfg.heartbeat_interval,
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
                        sync_ack_timeout=self.cfg.sync_ack_timeout,
@@ -193,7 +194,8 @@ class Agent:
         for shipper in self.shippers.get(group.name, []):
             t = shipper.target
             if group.targets.get(t.node) is t and t.node not in replace \
-                    and shipper.compress == (t.cfg.compress == "zstd"):
+                    and shipper.compress == (t.cfg.compress == "zstd") \
+                    and shipper.zstd_level == t.cfg.compress_level:
                 keep.append(shipper)
             else:
                 await shipper.stop()

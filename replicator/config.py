@@ -38,6 +38,10 @@ CAPTURES = ("nbd", "watch")  # how a volume's writes reach the journal (README: 
 CONSISTENCIES = ("reflink", "hooks", "none")
 ROLES = ("primary", "secondary", "bunker")  # bunker: journal only, no volumes
 COMPRESSIONS = ("none", "zstd")
+# zstd levels a target's records may be compressed with (compress_level): 1, the default,
+# is the fastest (on the primary they are compressed on the write path); 19 the smallest
+# below zstd's "ultra" levels, which need far more memory on both ends.
+ZSTD_LEVELS = (1, 19)
 # How a resync starts (a new target's initial sync, or one an operator asks for): send
 # every region, every region whose checksum differs, or nothing (the target is declared
 # identical; only later writes are sent).
@@ -79,6 +83,7 @@ class TargetConfig:
     node: str
     mode: str
     compress: str = "none"
+    compress_level: int = ZSTD_LEVELS[0]  # zstd's level, with compress: zstd
     initial_sync: str = "full"
     on_disconnect: str = "continue"
     bunker: bool = False  # the target keeps only the journal (a sync copy of it)
@@ -377,12 +382,19 @@ def _target(data, path: str, node: str | None, peers: dict | None,
         r.fail("interval", f"only a periodic target has an interval (this one is {mode})")
     r.seen.add("interval")
     compress = r.choice("compress", COMPRESSIONS, "none")
+    level = r.get("compress_level", ZSTD_LEVELS[0], types=(int,))
+    if not ZSTD_LEVELS[0] <= level <= ZSTD_LEVELS[1]:
+        level = r.fail("compress_level", f"expected a zstd level {ZSTD_LEVELS[0]}.."
+                                         f"{ZSTD_LEVELS[1]}; got {level}", ZSTD_LEVELS[0])
+    elif r.given("compress_level") and compress == "none":
+        r.fail("compress_level", "the level of zstd: only a target with compress: zstd has one")
     initial_sync = r.choice("initial_sync", RESYNC_MODES, "full")
     on_disconnect = r.choice("on_disconnect", ON_DISCONNECT, "continue")
     bunker = r.get("bunker", False, types=(bool,))
     if bunker and mode not in ("sync", None):
         r.fail("bunker", "a bunker keeps a synchronous copy of the journal: its mode must be sync")
-    t = TargetConfig(node=target, mode=mode, compress=compress, initial_sync=initial_sync,
+    t = TargetConfig(node=target, mode=mode, compress=compress, compress_level=level,
+                     initial_sync=initial_sync,
                      on_disconnect=on_disconnect, bunker=bunker, interval=interval,
                      **_offload(r, mode), **_lag_limits(r, mode, interval, bunker))
     r.done()

@@ -84,6 +84,7 @@ KEYS: dict[tuple[str, ...], str] = {
     ("groups", ANY, "targets", ANY, "mode"): LIVE,
     ("groups", ANY, "targets", ANY, "interval"): LIVE,
     ("groups", ANY, "targets", ANY, "compress"): LIVE,
+    ("groups", ANY, "targets", ANY, "compress_level"): LIVE,
     ("groups", ANY, "targets", ANY, "initial_sync"): LIVE,
     ("groups", ANY, "targets", ANY, "on_disconnect"): LIVE,
     ("groups", ANY, "targets", ANY, "max_lag_seconds"): LIVE,

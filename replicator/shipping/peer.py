@@ -123,12 +123,13 @@ class Dialer:
     """Opens sessions with one target of a group."""
 
     def __init__(self, group: Group, target: TargetLink, *, node: str,
-                 address: tuple[str, int], compress: bool, timeout: float, initial_sync: str,
+                 address: tuple[str, int], compress: bool, zstd_level: int, timeout: float,
+                 initial_sync: str,
                  tls: ssl.SSLContext | None, log: logging.Logger,
                  processed: Callable[[], bool] = lambda: False):
         self.group, self.target = group, target
         self.node, self.address, self.tls = node, address, tls
-        self.compress = compress
+        self.compress, self.zstd_level = compress, zstd_level
         self.processed = processed  # whether to offer Feature.PROCESSED (a relayed target)
         self.timeout = timeout  # for the connect and for each handshake frame
         self.initial_sync = initial_sync  # config.RESYNC_MODES, for a new target
@@ -149,7 +150,7 @@ class Dialer:
         except TimeoutError:
             raise ShipTimeout(f"group {g.name}: connecting to {t.node} at {host}:{port} "
                               f"timed out after {self.timeout:.3g}s") from None
-        link = Link(reader, writer, Connection(Role.SENDER))
+        link = Link(reader, writer, Connection(Role.SENDER, zstd_level=self.zstd_level))
         try:
             features = Feature.ZSTD if self.compress else Feature(0)
             if self.processed():

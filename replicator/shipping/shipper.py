@@ -28,7 +28,7 @@ from typing import Callable
 from ..events import emit
 from ..group import Group, TargetLink, wake_all
 from ..journal.segments import JournalError
-from ..wire import Handover, LocalProtocolError, RemoteProtocolError, Report, Successor
+from ..wire import ZSTD_LEVEL, Handover, LocalProtocolError, RemoteProtocolError, Report, Successor
 from .peer import Dialer, Peer, ShipError
 from .resync import Resync
 from .stream import Stalled, Stream
@@ -45,6 +45,7 @@ class Shipper:
 
     def __init__(self, group: Group, link: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, heartbeat_interval: float,
+                 zstd_level: int = ZSTD_LEVEL,
                  heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
                  stall_timeout: float = 60.0,
                  initial_sync: str = "full",
@@ -53,11 +54,13 @@ class Shipper:
         self.target = link
         self.address = address
         self.compress = compress  # configured; the session's Peer says what was agreed
+        self.zstd_level = zstd_level
         self.hb_interval = heartbeat_interval
         self.log = logging.getLogger(f"replicator.ship.{group.name}.{link.node}")
         self.relays = relays if relays is not None else {}  # the group's, by far target
         self.dialer = Dialer(group, link, node=node, address=address, compress=compress,
-                             timeout=heartbeat_timeout, initial_sync=initial_sync, tls=tls,
+                             zstd_level=zstd_level, timeout=heartbeat_timeout,
+                             initial_sync=initial_sync, tls=tls,
                              log=self.log, processed=lambda: link.node in self.relays)
         self.stream = Stream(group, link, hb_interval=heartbeat_interval,
                              hb_timeout=heartbeat_timeout, sync_ack_timeout=sync_ack_timeout,
@@ -316,6 +319,7 @@ class Shipper:
             "address": f"{self.address[0]}:{self.address[1]}",
             "mode": t.mode,
             "compress": "zstd" if self.compress else "none",
+            **({"compress_level": self.zstd_level} if self.compress else {}),
             "state": self.phase(),
             "in_sync": t.in_sync,
             **({"bunker": True, "far_lag_records": {

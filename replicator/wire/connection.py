@@ -121,7 +121,7 @@ _S, _R = Role.SENDER, Role.RECEIVER
 _F = FrameType
 _DOWN, _UP = "down", "up"  # sender -> receiver, receiver -> sender
 MAX_HASHES_OUTSTANDING = 256  # HASH_REQUESTs not yet answered, per connection
-ZSTD_LEVEL = 1  # RECORDS are compressed on the write path: the fastest level
+ZSTD_LEVEL = 1  # RECORDS are compressed on the write path: the fastest level by default
 
 TRANSITIONS: dict[tuple[Role, State, str, FrameType], State] = {
     (_S, State.START, SEND, _F.HELLO): State.HELLO_SENT,
@@ -194,7 +194,8 @@ def _framed(kind: FrameType, flags: int, parts: list) -> list:
 class Connection:
     """One end of a replication stream, as a sans-IO state machine (h11 style)."""
 
-    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 zstd_level: int = ZSTD_LEVEL):
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, not {role!r}")
         if not 0 < max_frame <= 0xFFFFFFFF:
@@ -202,6 +203,7 @@ class Connection:
         self.our_role = role
         self.state = State.START
         self.max_frame = max_frame
+        self.zstd_level = zstd_level  # of the RECORDS this side sends, when ZSTD is agreed
         self.version: int | None = None  # agreed in the handshake
         self.features: Feature | None = None  # agreed in the handshake
         self._hello: Hello | None = None
@@ -414,7 +416,7 @@ class Connection:
         self.version = welcome.version
         self.features = Feature(welcome.features)
         if self.features & Feature.ZSTD:
-            self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            self._compressor = zstandard.ZstdCompressor(level=self.zstd_level)
             self._decompressor = zstandard.ZstdDecompressor()
         return State.FETCH_READY if self.features & Feature.FETCH else next_state
 

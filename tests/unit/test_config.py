@@ -40,6 +40,9 @@ def test_the_issue_example_is_valid():
     assert [(t.node, t.mode, t.compress) for t in g.targets] == \
         [("dc2-dr", "sync", "none"), ("dc3-arc", "async", "zstd")]
     assert [(t.initial_sync, t.on_disconnect) for t in g.targets] == [("full", "continue")] * 2
+    assert [t.compress_level for t in g.targets] == [1, 1]  # zstd's fastest, unless set
+    assert parse(mutate(("groups", 0, "targets", 1, "compress_level"), 9)).group("db") \
+        .targets[1].compress_level == 9
     assert cfg.admin_socket == "/var/lib/replicator/admin.sock"
     assert cfg.peers["dc2-dr"] == ("127.0.0.1", 7802)
 
@@ -73,6 +76,12 @@ def mutate(path, value):
     (("groups", 0, "targets", 1, "node"), "dc9", "groups[0].targets[1].node", "not in peers"),
     (("groups", 0, "targets", 0, "node"), "dc1-app", "groups[0].targets[0].node", "own node"),
     (("groups", 0, "targets", 1, "compress"), "lz4", "groups[0].targets[1].compress", "zstd"),
+    (("groups", 0, "targets", 1, "compress_level"), 22, "groups[0].targets[1].compress_level",
+     "zstd level 1..19"),
+    (("groups", 0, "targets", 1, "compress_level"), "max", "groups[0].targets[1].compress_level",
+     "int"),
+    (("groups", 0, "targets", 0, "compress_level"), 3, "groups[0].targets[0].compress_level",
+     "only a target with compress: zstd"),
     (("groups", 0, "targets", 1, "initial_sync"), "fast", "groups[0].targets[1].initial_sync",
      "full, checksum, assume-clean"),
     (("groups", 0, "targets", 0, "on_disconnect"), "wait", "groups[0].targets[0].on_disconnect",
