@@ -586,6 +586,15 @@ def _point_in_time(r: _Reader, role: str | None) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def group_errors(data, node: str) -> list[tuple[str, str]]:
+    """What is wrong with one group's config on `node`, as (key path within the group,
+    message) pairs, checked on its own: node names are not looked up in peers. What a
+    controller can check of each node's groups before it renders any config."""
+    problems = _Problems()
+    _group(data, "", node, None, problems)
+    return problems.errors
+
+
 def _check_vias(targets: list[TargetConfig], role: str | None, r: _Reader) -> None:
     """A `via` is another target of the group that holds volumes, streamed record by
     record; `process` without one means this node processes as it receives: a secondary."""

@@ -50,6 +50,10 @@ A link with `bunker: true` (sync, at most one per group, from the primary) makes
 target a bunker: it keeps only the journal; the other members replay from it when
 promoted (`replicator promote`).
 
+Every key the agent reads in a group, a volume or a target can be set (GROUP_CONFIG_KEYS,
+VOLUME_KEYS, TARGET_KEYS) and goes as it is to the members' configs; the agent's own
+parser (config.py, shipped in the collection) checks their values here on the controller.
+
 Each group's links must form a tree rooted at its primary: the primary receives
 nothing, every other member receives from exactly one node, and every member is
 reachable from the primary. `replicator_topology_errors` says what breaks that, in
@@ -58,21 +62,42 @@ words an operator can act on; the other filters assume a valid topology.
 
 import re
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-MODES = ("sync", "async", "periodic")
+from ansible_collections.voltrail.replicator.replicator import config as agent
+
+NAME_RE = agent.NAME_RE
+# An inventory group's keys that its members' group configs take as they are (the agent
+# checks their values), and the keys of a watched group, which go to its primary only.
+GROUP_CONFIG_KEYS = ("journal_size", "allocation", "bitmap_granularity", "logging_high_water",
+                     "resync_rate", "durability", "commit_interval")
 WATCH_KEYS = ("consistency", "interval", "quiet", "freeze", "thaw", "hook_timeout")
-GROUP_KEYS = {"name", "primary", "volumes", "links", "journal_size", "drill_volume", *WATCH_KEYS}
-VOLUME_KEYS = {"name", "size", "path", "capture"}
-CAPTURES = ("nbd", "watch")
-LINK_CHOICES = {"compress": ("none", "zstd"), "initial_sync": ("full", "checksum", "assume-clean"),
-                "on_disconnect": ("continue", "block")}  # optional keys, first = default
-REPLICA_KEYS = ("retain", "apply_delay")  # keys of a link that go to its target's group
-LINK_KEYS = {"from", "to", "mode", "bunker", "interval", "via", "process", *LINK_CHOICES,
-             *REPLICA_KEYS}
-PROCESSING = ("delta", "zstd", "checksum", "encrypt")
+GROUP_KEYS = ("name", "primary", "volumes", "links", "drill_volume", *GROUP_CONFIG_KEYS,
+              *WATCH_KEYS)
+VOLUME_KEYS = ("name", "size", "path", "capture", "allocation")
+# A link's keys that its source's target config takes as they are; and those that go to
+# its target's group config (a replica's point in time).
+TARGET_KEYS = ("mode", "interval", "compress", "compress_level", "initial_sync",
+               "on_disconnect", "bunker", "via", "process", "max_lag_seconds",
+               "max_lag_bytes", "on_lag")
+REPLICA_KEYS = ("retain", "apply_delay")
+LINK_KEYS = ("from", "to", *TARGET_KEYS, *REPLICA_KEYS)
+# Keys of a node's agent config and the role variables they come from, where the name is
+# not replicator_agent_KEY.
+NODE_VARS = {"node": "replicator_agent_node_name",
+             "listen": "replicator_agent_address, replicator_agent_port",
+             "nbd_listen": "replicator_agent_nbd_address, replicator_agent_nbd_port",
+             "admin_socket": "replicator_agent_run_dir",
+             "tls": "replicator_agent_tls, replicator_agent_pki_dir",
+             "peers": "the peers' replicator_agent_address and replicator_agent_port"}
+
+
+def _unknown(where, data, known):
+    return [f"{where}: unknown key {k!r} (known: {', '.join(sorted(known))})"
+            for k in sorted(set(map(str, data)) - set(known))]
 
 
 def _group_errors(i, g, hosts):
+    """What is wrong with the shape of group `g`: its names, keys, hosts and tree (the
+    values of the keys the agent reads are _agent_errors')."""
     where = f"replicator_groups[{i}]"
     if not isinstance(g, dict):
         return [f"{where}: expected a mapping with name, primary, volumes, links"]
@@ -81,8 +106,7 @@ def _group_errors(i, g, hosts):
         return [f"{where}.name: expected a group name (letters, digits, '.', '_', '-'); "
                 f"got {name!r}"]
     where = f"{where} ({name})"
-    errors = [f"{where}: unknown key {k!r} (known: {', '.join(sorted(GROUP_KEYS))})"
-              for k in sorted(set(g) - GROUP_KEYS)]
+    errors = _unknown(where, g, GROUP_KEYS)
     primary = g.get("primary")
     if primary not in hosts:
         errors.append(f"{where}: primary {primary!r} is not a host of the inventory group "
@@ -97,62 +121,33 @@ def _group_errors(i, g, hosts):
             errors.append(f"{where}: volumes[{j}] needs a name and a size, like "
                           "{name: data, size: 256MiB}")
             continue
-        errors += [f"{where}: volumes[{j}]: unknown key {k!r}" for k in sorted(set(v) - VOLUME_KEYS)]
-        if v["name"] in seen:
+        errors += _unknown(f"{where}: volumes[{j}] ({v['name']})", v, VOLUME_KEYS)
+        if str(v["name"]) in seen:
             errors.append(f"{where}: volume {v['name']!r} is declared twice")
-        seen.add(v["name"])
-        if v.get("capture", "nbd") not in CAPTURES:
-            errors.append(f"{where}: volumes[{j}]: capture must be one of {', '.join(CAPTURES)}; "
-                          f"got {v.get('capture')!r}")
-    captures = {v.get("capture", "nbd") for v in volumes if isinstance(v, dict)}
-    if len(captures) > 1:
-        errors.append(f"{where}: its volumes are all capture: watch or all capture: nbd "
-                      "(write order across both cannot be kept); split the group")
-    if captures != {"watch"}:
-        errors += [f"{where}: {k} is a key of watched groups only (capture: watch volumes)"
-                   for k in WATCH_KEYS if k in g]
-    if "drill_volume" in g and g["drill_volume"] not in seen:
+        seen.add(str(v["name"]))
+    if "drill_volume" in g and str(g["drill_volume"]) not in seen:
         errors.append(f"{where}: drill_volume {g['drill_volume']!r} is not one of its volumes "
                       f"({', '.join(sorted(seen)) or 'none'})")
     links = g.get("links", [])
     if not isinstance(links, list):
-        return errors + [f"{where}: links must be a list of {{from, to, mode[, compress]}}"]
+        return errors + [f"{where}: links must be a list of {{from, to, mode, ...}}"]
     source_of = {}
     for j, link in enumerate(links):
         lw = f"{where}: links[{j}]"
         if not isinstance(link, dict):
-            errors.append(f"{lw}: expected {{from, to, mode[, compress]}}")
+            errors.append(f"{lw}: expected {{from, to, mode, ...}}")
             continue
-        errors += [f"{lw}: unknown key {k!r} (known: {', '.join(sorted(LINK_KEYS))})"
-                   for k in sorted(set(link) - LINK_KEYS)]
+        errors += _unknown(lw, link, LINK_KEYS)
         src, dst = link.get("from"), link.get("to")
-        for end, node in (("from", src), ("to", dst)):
-            if node not in hosts:
-                errors.append(f"{lw}: {end} {node!r} is not a host of the inventory group "
-                              f"(hosts: {', '.join(hosts)})")
-        if link.get("mode") not in MODES:
-            errors.append(f"{lw}: mode must be one of {', '.join(MODES)}; got {link.get('mode')!r}")
-        elif (link["mode"] == "periodic") != ("interval" in link):
-            errors.append(f"{lw}: a periodic link needs an interval (e.g. interval: 30s), and "
-                          "only a periodic one has one")
-        for key, choices in LINK_CHOICES.items():
-            if link.get(key, choices[0]) not in choices:
-                errors.append(f"{lw}: {key} must be one of {', '.join(choices)}; "
-                              f"got {link.get(key)!r}")
-        if link.get("bunker", False) not in (True, False):
-            errors.append(f"{lw}: bunker must be true or false")
-        elif link.get("bunker") and (link.get("mode") != "sync" or src != primary):
+        strangers = [(end, node) for end, node in (("from", src), ("to", dst))
+                     if node not in hosts]
+        errors += [f"{lw}: {end} {node!r} is not a host of the inventory group "
+                   f"(hosts: {', '.join(hosts)})" for end, node in strangers]
+        if strangers:
+            continue
+        if link.get("bunker") is True and (link.get("mode") != "sync" or src != primary):
             errors.append(f"{lw}: a bunker keeps a synchronous copy of the primary's journal: "
                           f"it must be linked from the primary {primary} with mode sync")
-        if link.get("bunker") is True and any(k in link for k in REPLICA_KEYS):
-            errors.append(f"{lw}: a bunker keeps only the journal: retain and apply_delay are "
-                          "keys of a replica with volumes (set them on its link)")
-        for key in REPLICA_KEYS:
-            if key in link and (isinstance(link[key], bool)
-                                or not isinstance(link[key], (str, int, float))):
-                errors.append(f"{lw}: {key} must be a duration like 24h"
-                              + (" or a size like 20GiB" if key == "retain" else "")
-                              + f"; got {link[key]!r}")
         if src == dst:
             errors.append(f"{lw}: {src} links to itself")
         elif dst == primary:
@@ -163,17 +158,17 @@ def _group_errors(i, g, hosts):
                           "has exactly one source (remove one of the two links)")
         else:
             source_of[dst] = src
-    errors += _offload_errors(where, primary, [x for x in links if isinstance(x, dict)])
-    if captures == {"watch"} and any(isinstance(x, dict) and "process" in x for x in links):
-        errors.append(f"{where}: a watched group's epochs are shipped as they are: none of its "
-                      "links is processed (remove process and via)")
-    bunkers = [link.get("to") for link in links if isinstance(link, dict) and link.get("bunker")]
+    bunkers = [link.get("to") for link in links if isinstance(link, dict)
+               and link.get("bunker") is True]
     if len(bunkers) > 1:
         errors.append(f"{where}: more than one bunker ({', '.join(map(str, bunkers))}); a group "
                       "has at most one")
-    feeds = {link.get("from") for link in links if isinstance(link, dict)}
+    feeds = {link.get("from") for link in links if isinstance(link, dict)
+             and link.get("from") in hosts}
     errors += [f"{where}: bunker {b} cannot ship to other nodes (it has no volumes)"
                for b in bunkers if b in feeds]
+    if primary not in hosts:
+        return errors
     # every member must be reachable from the primary (this also rules out cycles)
     reached, frontier = {primary}, [primary]
     while frontier:
@@ -190,40 +185,54 @@ def _group_errors(i, g, hosts):
     return errors
 
 
-def _offload_errors(where, primary, links):
-    """What is wrong with the links' `via` and `process`."""
-    errors = []
-    for j, link in enumerate(links):
-        if "process" not in link and "via" not in link:
-            continue
-        lw = f"{where}: link {link.get('from')} -> {link.get('to')}"
-        process = link.get("process", [])
-        if not isinstance(process, list) or not process or \
-                any(op not in PROCESSING for op in process) or len(set(process)) != len(process):
-            errors.append(f"{lw}: process must be a list of some of {', '.join(PROCESSING)}, "
-                          f"each once; got {process!r}")
-        if link.get("mode") != "async":
-            errors.append(f"{lw}: only an async link is processed (this one is "
-                          f"{link.get('mode')})")
-        via = link.get("via")
-        if via is None:
-            if link.get("from") == primary:
-                errors.append(f"{lw}: the primary does not process its own writes: name a "
-                              "near replica it links to (via), or process on a replica's link")
-            continue
-        near = next((x for x in links if x.get("from") == link.get("from")
-                     and x.get("to") == via), None)
-        if near is None or via == link.get("to"):
-            errors.append(f"{lw}: via {via!r} must be another replica {link.get('from')} links "
-                          "to (the near replica that processes)")
-        elif near.get("bunker") or near.get("mode") not in ("sync", "async") or "via" in near:
-            errors.append(f"{lw}: via {via} cannot process: a near replica holds volumes and is "
-                          "sent every record directly (sync or async, no bunker, no via)")
-    return errors
+_ITEM = re.compile(r"^(targets|volumes)\[(\d+)\](?:\.(.+))?$")
 
 
-def replicator_topology_errors(groups, hosts):
-    """Every reason the topology is not usable, as sentences (empty list: valid)."""
+def _inventory_place(i, g, rendered, node, path):
+    """Where the key `path` of the group config `rendered` (of inventory group
+    replicator_groups[i], `g`, on `node`) is set in the inventory."""
+    where = f"replicator_groups[{i}] ({g['name']})"
+    links = g.get("links", [])
+    item = _ITEM.match(path)
+    if item and item[1] == "targets":
+        to = rendered["targets"][int(item[2])]["node"]
+        j = next(j for j, x in enumerate(links) if (x["from"], x["to"]) == (node, to))
+        return f"{where}: links[{j}] ({node} -> {to})" + (f": {item[3]}" if item[3] else "")
+    if item:
+        j = int(item[2])
+        return f"{where}: volumes[{j}] ({g['volumes'][j]['name']})" + \
+            (f": {item[3]}" if item[3] else "")
+    key = path.split(".")[0].split("[")[0]
+    if key in REPLICA_KEYS:
+        j = next(j for j, x in enumerate(links) if x["to"] == node)
+        return f"{where}: links[{j}] ({links[j]['from']} -> {node}): {path}"
+    if key == "targets":
+        return f"{where}: the links from {node}"
+    if key in GROUP_KEYS:
+        return f"{where}: {path}" + (" (the role's replicator_agent_journal_size)"
+                                     if key == "journal_size" and key not in g else "")
+    return f"{where}, as {node}'s agent config renders it: {path}"
+
+
+def _agent_errors(groups, hosts, journal_size):
+    """What the agents would refuse in the group configs the inventory renders for every
+    host, said of the inventory's keys; each once (each member reads a group's keys)."""
+    index = {g["name"]: i for i, g in enumerate(groups)}
+    out = {}
+    for node in hosts:
+        for rendered in replicator_node_groups(groups, node, journal_size=journal_size):
+            i = index[rendered["name"]]
+            for path, message in agent.group_errors(rendered, node):
+                out.setdefault(f"{_inventory_place(i, groups[i], rendered, node, path)}: "
+                               f"{message}", None)
+    return list(out)
+
+
+def replicator_topology_errors(groups, hosts, journal_size="256MiB"):
+    """Every reason the topology is not usable, as sentences (empty list: valid): its
+    shape, then every value the agents would refuse in the configs it renders (sizes,
+    durations, choices and the rules between keys, as the agent's own parser reads them);
+    `journal_size` is the role's, for groups that do not set one."""
     hosts = list(hosts)
     if groups is None:
         return []
@@ -233,11 +242,12 @@ def replicator_topology_errors(groups, hosts):
     names = {}
     for i, g in enumerate(groups):
         errors += _group_errors(i, g, hosts)
-        if isinstance(g, dict) and g.get("name") in names:
-            errors.append(f"replicator_groups[{i}]: group {g['name']!r} is declared twice "
-                          f"(also replicator_groups[{names[g['name']]}])")
-        elif isinstance(g, dict):
-            names[g.get("name")] = i
+        name = g.get("name") if isinstance(g, dict) else None
+        if isinstance(name, str) and name in names:
+            errors.append(f"replicator_groups[{i}]: group {name!r} is declared twice "
+                          f"(also replicator_groups[{names[name]}])")
+        elif isinstance(name, str):
+            names[name] = i
     if errors:
         return errors
     # volume names are NBD export names: unique per node across its groups
@@ -251,7 +261,37 @@ def replicator_topology_errors(groups, hosts):
                                       f"{owner[v['name']]} and {g['name']}; volume names are NBD "
                                       "export names and must be unique per host")
                     owner[v["name"]] = g["name"]
-    return errors
+    return errors or _agent_errors(groups, hosts, journal_size)
+
+
+def replicator_config_errors(config, groups=None):
+    """What the agent would refuse in `config`, a node's whole agent config as the role
+    renders it (checked on the controller with the agent's own parser, before anything is
+    written), each error said of the role variable or inventory key it comes from; empty
+    when the agent takes it. `groups` is the topology the config's groups come from."""
+    try:
+        agent.parse(config)
+    except agent.ConfigError as exc:
+        errors = exc.errors
+    else:
+        return []
+    node = config.get("node") if isinstance(config, dict) else None
+    index = {g.get("name"): i for i, g in enumerate(groups or []) if isinstance(g, dict)}
+    rendered = config.get("groups") if isinstance(config, dict) else None
+    out = []
+    for path, message in errors:
+        place = None
+        if path.startswith("groups["):
+            k, _, rest = path[len("groups["):].partition("]")
+            g = rendered[int(k)] if isinstance(rendered, list) else {}
+            if isinstance(g, dict) and g.get("name") in index and rest.startswith("."):
+                i = index[g["name"]]
+                place = _inventory_place(i, groups[i], g, node, rest[1:])
+        if place is None:
+            key = path.split(".")[0]
+            place = f"{NODE_VARS.get(key, f'replicator_agent_{key}')} (agent key {path})"
+        out.append(f"{node}: {place}: {message}")
+    return out
 
 
 def members(group):
@@ -279,41 +319,40 @@ def replicator_node_link_keys(groups, node):
 
 def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes",
                            journal_size="256MiB", key_dir="/etc/replicator/pki"):
-    """The `groups` section of `node`'s agent config."""
+    """The `groups` section of `node`'s agent config: each group's keys as the inventory
+    sets them (GROUP_CONFIG_KEYS; WATCH_KEYS on its primary), its links from `node` as
+    targets (TARGET_KEYS), its link to `node`'s REPLICA_KEYS."""
     out = []
     for g in groups or []:
         if node not in members(g):
             continue
-        incoming = next((l for l in g.get("links", []) if l["to"] == node), {})
-        source = incoming.get("from")
-        bunker = next((l["to"] for l in g.get("links", []) if l.get("bunker")), None)
+        links = g.get("links", [])
+        incoming = next((x for x in links if x["to"] == node), {})
+        bunker = next((x["to"] for x in links if x.get("bunker") is True), None)
         role = ("primary" if node == g["primary"] else "bunker" if node == bunker
                 else "secondary")
-        watched = role == "primary" and any(v.get("capture") == "watch" for v in g["volumes"])
         out.append({
             "name": g["name"],
             "role": role,
-            "source": source,
+            "source": incoming.get("from"),
             "journal_size": g.get("journal_size", journal_size),
+            **{k: g[k] for k in GROUP_CONFIG_KEYS[1:] if k in g},
             "volumes": [] if role == "bunker" else [
                 {"name": v["name"],
                  "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
                  "size": v["size"],
-                 **({"capture": "watch"} if watched else {})} for v in g["volumes"]],
-            "targets": [{"node": l["to"], "mode": l["mode"],
-                         **{k: l.get(k, choices[0]) for k, choices in LINK_CHOICES.items()},
-                         **({"bunker": True} if l.get("bunker") else {}),
-                         **({"interval": l["interval"]} if "interval" in l else {}),
-                         **({k: l[k] for k in ("via", "process") if k in l})}
-                        for l in g.get("links", []) if l["from"] == node],
+                 **{k: v[k] for k in ("allocation", "capture") if k in v
+                    and (k != "capture" or role == "primary")}} for v in g["volumes"]],
+            "targets": [{"node": x["to"], **{k: x[k] for k in TARGET_KEYS if k in x}}
+                        for x in links if x["from"] == node],
             **({"link_keys": keys} if (keys := {
                 far: f"{key_dir}/links/{g['name']}-{far}.key"
                 for near, far in sorted(_link_keys(g)) if node in (near, far)}) else {}),
-            **({k: g[k] for k in WATCH_KEYS if k in g} if watched else {}),
+            **({k: g[k] for k in WATCH_KEYS if k in g} if role == "primary" else {}),
             **({"bunker": bunker} if bunker and role == "secondary" else {}),
             **{k: incoming[k] for k in REPLICA_KEYS if k in incoming},
             # a bunker serves the takeover replay (FETCH) of the group's other members
-            **({"members": [m for m in members(g) if m not in (node, source)]}
+            **({"members": [m for m in members(g) if m not in (node, incoming.get("from"))]}
                if role == "bunker" else {}),
         })
     return out
@@ -490,6 +529,7 @@ class FilterModule:
     def filters(self):
         return {
             "replicator_topology_errors": replicator_topology_errors,
+            "replicator_config_errors": replicator_config_errors,
             "replicator_node_groups": replicator_node_groups,
             "replicator_watched_groups": replicator_watched_groups,
             "replicator_node_peers": replicator_node_peers,

@@ -31,6 +31,10 @@ def module_utils(name: str):
     return _plugin("module_utils", name)
 
 
+def filter_module(name: str):
+    return _plugin("filter", name)
+
+
 def filters(name: str) -> dict:
     return _plugin("filter", name).FilterModule().filters()
 

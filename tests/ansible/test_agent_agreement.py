@@ -1,35 +1,60 @@
-"""The Ansible side (plugins/, run on the controller and shipped to hosts by Ansible)
-cannot import the agent's package, so the few things both sides must say alike are
-written in both; this keeps them alike: the topology vocabulary the inventory is checked
-against is the one the agent's config parser accepts, and byte counts read the same in
-`replicator status` and in the playbooks' progress lines."""
-
-import importlib.util
-import os
+"""The Ansible side and the agent must say some things alike. The topology filters check
+values with the agent's own parser (config.py, which the collection ships), so what is
+left to keep alike is the vocabulary: every key the agent reads in a group, a volume or a
+target can be set from the inventory, or is one the role derives from the topology; and
+byte counts read the same in `replicator status` and in the playbooks' progress lines."""
 
 import pytest
 
 from replicator import config, sizes
-from tests.ansible.ansible_harness import ROOT, module_utils
+from tests.ansible.ansible_harness import filter_module, module_utils
+
+TOPOLOGY = filter_module("replicator_topology")
+# keys of the agent's config that the role works out from the topology, not set directly
+DERIVED = {"group": {"name", "role", "source", "volumes", "targets", "bunker", "members",
+                     "link_keys", "retain", "apply_delay"},  # the last two: from a link
+           "volume": set(), "target": {"node"}}
 
 
-def _topology():
-    path = os.path.join(ROOT, "plugins", "filter", "replicator_topology.py")
-    spec = importlib.util.spec_from_file_location("replicator_topology_vocabulary", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _keys_the_agent_reads(monkeypatch) -> dict:
+    """{"group"|"volume"|"target": keys} the parser reads in each, from a parse of a
+    config that has every section (the readers' `seen` sets: what they looked up)."""
+    read = {"group": set(), "volume": set(), "target": set()}
+    done = config._Reader.done
+
+    def record(self):
+        kind = ("target" if ".targets[" in self.path else "volume" if ".volumes[" in self.path
+                else "group" if self.path.startswith("groups[") else None)
+        if kind:
+            read[kind] |= self.seen
+        done(self)
+
+    monkeypatch.setattr(config._Reader, "done", record)
+    config.parse({
+        "node": "a", "listen": "127.0.0.1:1", "nbd_listen": "127.0.0.1:2", "tls": False,
+        "peers": {"b": "127.0.0.1:3", "c": "127.0.0.1:4"},
+        "groups": [
+            {"name": "db", "role": "primary", "source": None,
+             "volumes": [{"name": "v", "path": "/v.img", "size": "1MiB"}],
+             "targets": [{"node": "b", "mode": "async"}]},
+            {"name": "files", "role": "primary", "source": None,
+             "volumes": [{"name": "w", "path": "/w.img", "size": "1MiB", "capture": "watch"}],
+             "targets": [{"node": "b", "mode": "periodic", "interval": 30}]},
+            {"name": "far", "role": "secondary", "source": "b",
+             "volumes": [{"name": "x", "path": "/x.img", "size": "1MiB"}]},
+        ]})
+    return read
 
 
-def test_the_inventory_is_checked_against_the_agents_vocabulary():
-    topo = _topology()
-    assert topo.NAME_RE.pattern == config.NAME_RE.pattern
-    assert topo.MODES == config.MODES
-    assert topo.LINK_CHOICES == {"compress": config.COMPRESSIONS,
-                                 "initial_sync": config.RESYNC_MODES,
-                                 "on_disconnect": config.ON_DISCONNECT}
-    for key, choices in topo.LINK_CHOICES.items():  # first = the agent's default
-        assert config.TargetConfig.__dataclass_fields__[key].default == choices[0], key
+def test_every_key_the_agent_reads_can_be_set_from_the_inventory(monkeypatch):
+    read = _keys_the_agent_reads(monkeypatch)
+    settable = {"group": set(TOPOLOGY.GROUP_CONFIG_KEYS) | set(TOPOLOGY.WATCH_KEYS),
+                "volume": set(TOPOLOGY.VOLUME_KEYS),
+                "target": set(TOPOLOGY.TARGET_KEYS)}
+    for kind, keys in read.items():
+        assert keys - DERIVED[kind] == settable[kind], kind
+    # and a link's replica keys are the group keys of its target
+    assert set(TOPOLOGY.REPLICA_KEYS) <= read["group"]
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1536, 10 << 20, (1 << 40) - 1, 5 << 40, 7.5])

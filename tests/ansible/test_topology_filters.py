@@ -41,12 +41,12 @@ def test_the_lab_topology_is_valid():
      "ships to the primary"),
     (lambda g: g["links"].append({"from": "dc1-app", "to": "dc9-x", "mode": "sync"}),
      "to 'dc9-x' is not a host of the inventory group"),
-    (lambda g: g["links"][0].update(mode="asnyc"), "mode must be one of sync, async, periodic; got 'asnyc'"),
-    (lambda g: g["links"][1].update(compress="lz4"), "compress must be one of none, zstd"),
+    (lambda g: g["links"][0].update(mode="asnyc"), "links[0] (dc1-app -> dc2-dr): mode: expected one of sync, async, periodic; got 'asnyc'"),
+    (lambda g: g["links"][1].update(compress="lz4"), "links[1] (dc1-app -> dc3-arc): compress: expected one of none, zstd; got 'lz4'"),
     (lambda g: g["links"][1].update(initial_sync="rsync"),
-     "initial_sync must be one of full, checksum, assume-clean"),
+     "links[1] (dc1-app -> dc3-arc): initial_sync: expected one of full, checksum, assume-clean"),
     (lambda g: g["links"][0].update(on_disconnect="wait"),
-     "on_disconnect must be one of continue, block"),
+     "links[0] (dc1-app -> dc2-dr): on_disconnect: expected one of continue, block; got 'wait'"),
     (lambda g: g.update(primary="dc5"), "primary 'dc5' is not a host of the inventory group"),
     (lambda g: g["links"].append({"from": "dc2-dr", "to": "dc2-dr", "mode": "sync"}),
      "dc2-dr links to itself"),
@@ -55,11 +55,11 @@ def test_the_lab_topology_is_valid():
     (lambda g: g.update(volumes=[]), "volumes must be a non-empty list"),
     (lambda g: g["volumes"].append({"name": "data", "size": "1MiB"}), "volume 'data' is declared twice"),
     (lambda g: g["links"][0].update(rate="1G"), "unknown key 'rate'"),
-    (lambda g: g["links"][2].update(mode="periodic"), "a periodic link needs an interval"),
-    (lambda g: g["links"][2].update(interval="30s"), "only a periodic one has one"),
-    (lambda g: g["volumes"][0].update(capture="inotify"), "capture must be one of nbd, watch"),
+    (lambda g: g["links"][2].update(mode="periodic"), "links[2] (dc3-arc -> dc4-vault): interval: a periodic target needs an interval"),
+    (lambda g: g["links"][2].update(interval="30s"), "links[2] (dc3-arc -> dc4-vault): interval: only a periodic target has an interval"),
+    (lambda g: g["volumes"][0].update(capture="inotify"), "volumes[0] (data): capture: expected one of nbd, watch; got 'inotify'"),
     (lambda g: g["volumes"][0].update(capture="watch"), "all capture: watch or all capture: nbd"),
-    (lambda g: g.update(consistency="reflink"), "consistency is a key of watched groups only"),
+    (lambda g: g.update(consistency="reflink"), "(db): consistency: only a group of watched volumes (capture: watch) has this key"),
 ])
 def test_broken_topologies_are_explained(change, expected):
     errors = errors_after(change)
@@ -90,15 +90,13 @@ def test_node_groups_render_roles_sources_targets_and_default_paths():
     assert primary["journal_size"] == "32MiB"
     assert primary["volumes"] == [{"name": "data", "path": "/v/db/data.img", "size": "64MiB"},
                                   {"name": "log", "path": "/srv/log.img", "size": "16MiB"}]
-    defaults = {"initial_sync": "full", "on_disconnect": "continue"}
+    # a target has the keys its link sets, the agent's defaults for the rest
     assert primary["targets"] == [
-        {"node": "dc2-dr", "mode": "sync", "compress": "none", **defaults},
-        {"node": "dc3-arc", "mode": "async", "compress": "zstd", **defaults,
-         "initial_sync": "checksum"}]
+        {"node": "dc2-dr", "mode": "sync"},
+        {"node": "dc3-arc", "mode": "async", "compress": "zstd", "initial_sync": "checksum"}]
     (cascade,) = node_groups(LAB, "dc3-arc")
     assert (cascade["role"], cascade["source"]) == ("secondary", "dc1-app")
-    assert cascade["targets"] == [{"node": "dc4-vault", "mode": "async", "compress": "none",
-                                   **defaults}]
+    assert cascade["targets"] == [{"node": "dc4-vault", "mode": "async"}]
     assert cascade["volumes"][0]["path"] == "/var/lib/replicator/volumes/db/data.img"
     (leaf,) = node_groups(LAB, "dc4-vault")
     assert (leaf["role"], leaf["source"], leaf["targets"]) == ("secondary", "dc3-arc", [])
@@ -179,11 +177,13 @@ def test_retain_and_apply_delay_of_a_link_go_to_its_replica_only():
 
 @pytest.mark.parametrize("link,message", [
     ({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "bunker": True, "retain": "1h"},
-     "a bunker keeps only the journal: retain and apply_delay are keys of a replica"),
+     "links[3] (dc1-app -> dc1-bunker): retain: a key of a secondary (its volumes keep the "
+     "history); this node is the group's bunker"),
     ({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "apply_delay": ["15m"]},
-     "apply_delay must be a duration like 24h; got ['15m']"),
+     "links[3] (dc1-app -> dc1-bunker): apply_delay: expected a duration like 10s or 500ms; "
+     "got ['15m']"),
     ({"from": "dc1-app", "to": "dc1-bunker", "mode": "sync", "retain": True},
-     "retain must be a duration like 24h or a size like 20GiB; got True"),
+     "links[3] (dc1-app -> dc1-bunker): retain: expected str; got True"),
 ])
 def test_bad_retain_and_apply_delay(link, message):
     groups = copy.deepcopy(LAB)
@@ -316,14 +316,14 @@ OFFLOADED = {"from": "dc1-app", "to": "dc3-arc", "mode": "async", "compress": "z
 
 @pytest.mark.parametrize("change, expected", [
     (lambda g: g["links"][1].update(OFFLOADED, process=["lz4"]),
-     "process must be a list of some of delta, zstd, checksum, encrypt"),
-    (lambda g: g["links"][1].update(OFFLOADED, mode="sync"), "only an async link is processed"),
+     "links[1] (dc1-app -> dc3-arc): process[0]: expected one of delta, zstd, checksum, encrypt"),
+    (lambda g: g["links"][1].update(OFFLOADED, mode="sync"), "links[1] (dc1-app -> dc3-arc): process: only an async target's records are processed"),
     (lambda g: g["links"][1].update(OFFLOADED, via="dc4-vault"),
-     "via 'dc4-vault' must be another replica dc1-app links to"),
+     "links[1] (dc1-app -> dc3-arc): via: 'dc4-vault' is not another target of this group"),
     (lambda g: g["links"][1].update({k: v for k, v in OFFLOADED.items() if k != "via"}),
-     "the primary does not process its own writes"),
+     "links[1] (dc1-app -> dc3-arc): process: only a secondary processes what it receives"),
     (lambda g: (g["links"][1].update(OFFLOADED),
-                g["links"][0].update(bunker=True)), "via dc2-dr cannot process"),
+                g["links"][0].update(bunker=True)), "links[1] (dc1-app -> dc3-arc): via: 'dc2-dr' cannot process for dc3-arc"),
 ])
 def test_bad_offloaded_links(change, expected):
     errors = errors_after(change)
