@@ -282,7 +282,7 @@ def replicator_config_errors(config, groups=None):
     for path, message in errors:
         place = None
         if path.startswith("groups["):
-            k, _, rest = path[len("groups["):].partition("]")
+            k, rest = path[len("groups["):].split("]", 1)
             g = rendered[int(k)] if isinstance(rendered, list) else {}
             if isinstance(g, dict) and g.get("name") in index and rest.startswith("."):
                 i = index[g["name"]]
