@@ -25,6 +25,7 @@ def args(topo, node, **kw):
 
 
 def test_status_and_wait(cascade):
+    cascade.wait_converged()  # agents answer before their links connect; now they have
     res = run_module("replicator_wait", args(cascade, "a", timeout=20))
     assert res["done"] and not res.get("failed"), res
     assert res["lines"] == ["db a -> b sync: replicating seq 0 acked 0 lag 0 rec/0B/0.0s"]
