@@ -386,7 +386,7 @@ def _target(data, path: str, node: str | None, peers: dict | None,
     if not ZSTD_LEVELS[0] <= level <= ZSTD_LEVELS[1]:
         level = r.fail("compress_level", f"expected a zstd level {ZSTD_LEVELS[0]}.."
                                          f"{ZSTD_LEVELS[1]}; got {level}", ZSTD_LEVELS[0])
-    elif r.given("compress_level") and compress == "none":
+    elif r.given("compress_level") and compress == "none" and "compress" not in r.bad:
         r.fail("compress_level", "the level of zstd: only a target with compress: zstd has one")
     initial_sync = r.choice("initial_sync", RESYNC_MODES, "full")
     on_disconnect = r.choice("on_disconnect", ON_DISCONNECT, "continue")

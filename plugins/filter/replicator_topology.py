@@ -328,21 +328,23 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
             continue
         links = g.get("links", [])
         incoming = next((x for x in links if x["to"] == node), {})
+        source = incoming.get("from")
         bunker = next((x["to"] for x in links if x.get("bunker") is True), None)
         role = ("primary" if node == g["primary"] else "bunker" if node == bunker
                 else "secondary")
+        # a replica of a watched file is an ordinary volume: capture is the primary's
+        copied = ("allocation", "capture") if role == "primary" else ("allocation",)
         out.append({
             "name": g["name"],
             "role": role,
-            "source": incoming.get("from"),
-            "journal_size": g.get("journal_size", journal_size),
-            **{k: g[k] for k in GROUP_CONFIG_KEYS[1:] if k in g},
+            "source": source,
+            "journal_size": journal_size,
+            **{k: g[k] for k in GROUP_CONFIG_KEYS if k in g},
             "volumes": [] if role == "bunker" else [
                 {"name": v["name"],
                  "path": v.get("path") or f"{volume_dir}/{g['name']}/{v['name']}.img",
                  "size": v["size"],
-                 **{k: v[k] for k in ("allocation", "capture") if k in v
-                    and (k != "capture" or role == "primary")}} for v in g["volumes"]],
+                 **{k: v[k] for k in copied if k in v}} for v in g["volumes"]],
             "targets": [{"node": x["to"], **{k: x[k] for k in TARGET_KEYS if k in x}}
                         for x in links if x["from"] == node],
             **({"link_keys": keys} if (keys := {
@@ -352,7 +354,7 @@ def replicator_node_groups(groups, node, volume_dir="/var/lib/replicator/volumes
             **({"bunker": bunker} if bunker and role == "secondary" else {}),
             **{k: incoming[k] for k in REPLICA_KEYS if k in incoming},
             # a bunker serves the takeover replay (FETCH) of the group's other members
-            **({"members": [m for m in members(g) if m not in (node, incoming.get("from"))]}
+            **({"members": [m for m in members(g) if m not in (node, source)]}
                if role == "bunker" else {}),
         })
     return out

@@ -44,9 +44,8 @@ class Shipper:
     the switchover orders for it, and its status."""
 
     def __init__(self, group: Group, link: TargetLink, *, node: str,
-                 address: tuple[str, int], compress: bool, heartbeat_interval: float,
-                 zstd_level: int = ZSTD_LEVEL,
-                 heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
+                 address: tuple[str, int], compress: bool, zstd_level: int = ZSTD_LEVEL,
+                 heartbeat_interval: float, heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
                  stall_timeout: float = 60.0,
                  initial_sync: str = "full",
                  tls: ssl.SSLContext | None = None, relays: dict | None = None):

@@ -294,11 +294,15 @@ def test_every_error_of_a_file_is_reported_at_once():
     (("groups", 0, "targets", 1, "process"), "delta", "groups[0].targets[1].process"),
     (("groups", 0, "targets", 1, "via"), 7, "groups[0].targets[1].via"),
     (("nbd_max_connections",), 0, "nbd_max_connections"),  # per_export not compared to it
+    # no "only a target with compress: zstd has a level" for a compress that failed
+    (("groups", 0, "targets", 1, "compress"), "lz4", "groups[0].targets[1].compress"),
 ])
 def test_a_failed_key_brings_no_follow_on_errors(path, value, where):
     data = mutate(path, value)
     if path[-1] == "via":
         data["groups"][0]["targets"][1]["process"] = ["delta"]
+    if path[-1] == "compress":
+        data["groups"][0]["targets"][1]["compress_level"] = 9
     with pytest.raises(ConfigError) as exc:
         parse(data)
     assert [p for p, _ in exc.value.errors] == [where], exc.value.errors

@@ -111,7 +111,7 @@ def streaming_sender(**kw):
 def test_records_are_compressed_at_the_sending_side_zstd_level():
     """compress_level reaches the compressor: a higher level packs the same records
     smaller, and the receiver (which knows no level) reads them back alike."""
-    rng = __import__("random").Random(7)
+    rng = random.Random(7)
     words = [bytes(rng.choices(b"abcdefghij", k=rng.randint(3, 9))) for _ in range(400)]
     payload = b" ".join(rng.choices(words, k=40_000))
     sizes = {}
