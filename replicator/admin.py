@@ -2,7 +2,9 @@
 {"op": "status", ...} -> {"ok": true, "result": ...} | {"ok": false, "error": "..."}.
 A streaming op (events) answers {"ok": true, "stream": true}, then one JSON object per
 line for as long as it has any and the client stays connected.
-The socket is created mode 0600: only root (the agent's user) may operate it."""
+The socket is created mode 0600: only root (the agent's user) may operate it. Should its
+mode be loosened, the agent still answers no other user: each connection's peer
+credentials (SO_PEERCRED) are checked, and another uid gets a clear refusal."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 Handler = Callable[[dict], Awaitable[object]]
@@ -54,6 +57,12 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            refusal = _stranger(writer)
+            if refusal:
+                self.log.warning("admin socket: %s", refusal)
+                writer.write(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
+                await writer.drain()
+                return
             line = await reader.readline()
             try:
                 request = json.loads(line)
@@ -105,6 +114,19 @@ class AdminServer:
             await items.aclose()
 
 
+def _stranger(writer: asyncio.StreamWriter) -> str:
+    """Why the client may not use the admin socket ("" when it may: root or our uid)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return ""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))
+    if uid in (0, os.geteuid()):
+        return ""
+    return (f"permission denied: uid {uid} (pid {pid}) may not operate this agent; its "
+            "admin socket answers root only")
+
+
 def _send(path: str, op: str, args: dict, timeout: float | None) -> socket.socket:
     """A socket connected to the agent, with the request sent."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -116,6 +138,10 @@ def _send(path: str, op: str, args: dict, timeout: float | None) -> socket.socke
         sock.close()
         raise AdminError(f"no agent is listening on {path} (is `replicator agent` running "
                          "with this config?)") from None
+    except PermissionError:
+        sock.close()
+        raise AdminError(f"permission denied on {path}: the agent's admin socket is root's "
+                         "only (mode 0600); run this as root") from None
     except BaseException:
         sock.close()
         raise

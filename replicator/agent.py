@@ -22,6 +22,7 @@ from .capture.export import VolumeExport
 from .capture.nbd import NbdServer
 from .capture.watch import Watcher
 from . import reload
+from .credentials import Credentials
 from .config import (COMPRESSIONS, MODES, ON_DISCONNECT, RESYNC_MODES, Config, ConfigError,
                      TargetConfig, load)
 from .events import EVENTS, emit
@@ -33,7 +34,6 @@ from .offload.relay import Relay
 from .receiver import Receiver
 from .report import child_report, node_report, with_lag
 from .shipping import Shipper, ShipError
-from .transport import tls_contexts
 
 NBD_MAX_REQUEST = 4 << 20
 NOFILE_CAP = 1 << 20  # the soft RLIMIT_NOFILE is raised to the hard limit, at most this
@@ -51,18 +51,20 @@ class Agent:
                          if any(v.capture == "watch" for v in g.cfg.volumes)}
         self.shippers: dict[str, list[Shipper]] = {}
         self.exports: dict[str, VolumeExport] = {}
-        self.server_tls, self.client_tls = tls_contexts(cfg.tls)
+        self.credentials = Credentials(cfg.tls)  # read at each connection: reload renews it
         # group -> far target -> its relay of processed records (offload/relay.py)
         self.relays: dict[str, dict[str, Relay]] = {}
         self.receiver = Receiver(cfg.node, self.groups, heartbeat_timeout=cfg.heartbeat_timeout,
                                  peers=cfg.peers, promote=self._promote_to,
-                                 tls=self.server_tls, relays=self.relays, report=self._tree)
+                                 credentials=self.credentials, relays=self.relays,
+                                 report=self._tree)
         self.failover = Failover(cfg, self.receiver, self.shippers, self._sync_shippers,
-                                 tls=self.client_tls)
+                                 credentials=self.credentials)
         self.nbd = NbdServer(lambda: self.exports, max_request=NBD_MAX_REQUEST,
                              handshake_timeout=cfg.nbd_handshake_timeout,
                              max_connections=cfg.nbd_max_connections,
                              max_connections_per_export=cfg.nbd_max_connections_per_export)
+        self.nbd.tls_context, self.nbd.grants = self.credentials.nbd, cfg.nbd_clients
         self.admin = AdminServer(cfg.admin_socket, {"status": self._status,
                                                     "rollback": self._rollback,
                                                     "resync": self._resync,
@@ -98,7 +100,13 @@ class Agent:
             self.shippers[group.name] = [self._shipper_for(group, t) for t in group.target_cfgs]
             await self._sync_watcher(group)
         await self.receiver.start(*self.cfg.listen)
-        await self.nbd.start(*self.cfg.nbd_listen)
+        if self.cfg.nbd_socket:
+            await self.nbd.start_unix(self.cfg.nbd_socket, self.cfg.nbd_socket_mode,
+                                      self.cfg.nbd_socket_group)
+        if self.cfg.nbd_listen:
+            await self.nbd.start(*self.cfg.nbd_listen)
+        if self.cfg.nbd_tls_listen:
+            await self.nbd.start(*self.cfg.nbd_tls_listen, tls=True)
         await self.admin.start()
         if self.metrics is not None:
             await self.metrics.start(*self.cfg.metrics_listen)
@@ -107,8 +115,8 @@ class Agent:
             for shipper in shippers:
                 shipper.start()
         self._watch_task = asyncio.create_task(self._watch(), name="agent-watch")
-        log.info("node %s up: replication on %s:%d, NBD on %s:%d, %d group(s)%s",
-                 self.cfg.node, *self.cfg.listen, *self.cfg.nbd_listen, len(self.groups),
+        log.info("node %s up: replication on %s:%d, NBD on %s, %d group(s)%s",
+                 self.cfg.node, *self.cfg.listen, ", ".join(self.nbd.listeners), len(self.groups),
                  ", metrics on http://%s:%d/metrics" % self.cfg.metrics_listen
                  if self.metrics is not None else "")
 
@@ -168,7 +176,7 @@ class Agent:
                        heartbeat_timeout=self.cfg.heartbeat_timeout,
                        sync_ack_timeout=self.cfg.sync_ack_timeout,
                        stall_timeout=self.cfg.stall_timeout,
-                       initial_sync=t.initial_sync, tls=self.client_tls,
+                       initial_sync=t.initial_sync, credentials=self.credentials,
                        relays=self.relays.setdefault(group.name, {}))
 
     def _sync_relays(self, group: Group) -> None:
@@ -397,14 +405,30 @@ class Agent:
             if conflict:
                 self._refused(dry_run, conflict, errors=[conflict])
                 raise AdminError(f"{conflict}; nothing changed")
-            if dry_run:
-                return answer
+            try:  # the TLS files are read again, whether or not their paths changed
+                if dry_run:
+                    Credentials(new.tls)
+                    return answer
+                self._renew(new)
+            except OSError as exc:
+                self._refused(dry_run, str(exc), errors=[str(exc)])
+                return reload.outcome([], dry_run=dry_run, errors=[str(exc)])
             if changes:
                 await self._apply(new, changes)
                 log.info("reload: %s applied: %s", path, ", ".join(c.key for c in changes))
                 emit("config_reloaded", node=self.cfg.node, path=path,
                      changes=answer["changes"])
             return {**answer, "reloaded": True}
+
+    def _renew(self, cfg: Config) -> None:
+        """Read the TLS files of `cfg` again: every connection from now on uses them."""
+        old = self.credentials.cert
+        self.credentials.reload(cfg.tls)
+        self.nbd.tls_context = self.credentials.nbd
+        new = self.credentials.cert
+        if old is not None and new is not None and old.serial_number != new.serial_number:
+            log.info("reload: TLS certificate renewed (%s, valid until %s)",
+                     new.subject.rfc4514_string(), new.not_valid_after_utc.isoformat())
 
     def _refused(self, dry_run: bool, why: str, errors: list[str] | tuple = (),
                  restart_required: list[str] | tuple = ()) -> None:
@@ -443,6 +467,7 @@ class Agent:
         self.cfg = self.failover.cfg = new
         logging.getLogger().setLevel(new.log_level.upper())
         self.receiver.reconfigure(new.peers, new.heartbeat_timeout)
+        self.nbd.grants = new.nbd_clients
         self.nbd.set_limits(handshake_timeout=new.nbd_handshake_timeout,
                             max_connections=new.nbd_max_connections,
                             max_connections_per_export=new.nbd_max_connections_per_export)
@@ -496,7 +521,8 @@ class Agent:
             "node": self.cfg.node,
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
-            "nbd": self.nbd.connection_counts(),
+            "nbd": {**self.nbd.connection_counts(), "listeners": self.nbd.listeners},
+            "tls": self.credentials.status(),
             "event_seq": EVENTS.seq,  # `replicator events --since` this misses nothing
             "event_stream": EVENTS.stream,  # (and --stream this: a restart is said)
             "groups": [self._group_status(g) for g in self.groups.values()

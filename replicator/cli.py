@@ -513,8 +513,20 @@ def cmd_pki(args) -> int:
             what = os.path.join(args.dir, "ca.crt")
         elif args.pki_command == "link-key":
             made, what = pki.link_key(args.dir, args.name)
+        elif args.pki_command == "revoke":
+            count, what = pki.revoke(args.dir, args.certs)
+            if args.json:
+                print(json.dumps({"changed": True, "path": what, "revoked": count}))
+            else:
+                print(f"{what}: signed anew, {count} certificate(s) revoked; copy it to "
+                      "every node's tls.crl and reload them")
+            return 0
+        elif args.client:
+            what = args.out or os.path.join(args.dir, "clients", args.node)
+            made = pki.issue_client(args.dir, args.node, what, force=args.force)
         else:
-            made = pki.issue(args.dir, args.node, args.out or args.dir, force=args.force)
+            made = pki.issue(args.dir, args.node, args.out or args.dir,
+                             addresses=tuple(args.address), force=args.force)
             what = os.path.join(args.out or args.dir, f"{args.node}.crt")
     except (pki.PkiError, OSError) as exc:
         print(f"replicator pki: {exc}", file=sys.stderr)
@@ -695,15 +707,27 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("pki", help="make the replication CA, node certificates and link keys")
     ksub = k.add_subparsers(dest="pki_command", required=True)
     init = ksub.add_parser("init", help="create DIR/ca.crt and DIR/ca.key (kept if present)")
-    iss = ksub.add_parser("issue", help="write OUT/NODE.crt and OUT/NODE.key signed by the CA")
-    iss.add_argument("node")
-    iss.add_argument("--out", help="output directory (default: the CA directory)")
+    iss = ksub.add_parser("issue", help="write OUT/NODE.crt and OUT/NODE.key signed by the "
+                                        "CA; with --client, an NBD client's certificate")
+    iss.add_argument("node", metavar="NAME", help="the node (or with --client the client)")
+    iss.add_argument("--out", help="output directory (default: the CA directory; with "
+                                   "--client DIR/clients/NAME)")
+    iss.add_argument("--address", action="append", default=[], metavar="IP",
+                     help="an IP address of the node, for NBD clients that connect by "
+                          "address (repeatable)")
+    iss.add_argument("--client", action="store_true",
+                     help="an NBD client certificate: OUT/ca-cert.pem, client-cert.pem, "
+                          "client-key.pem, as nbds://...?tls-certificates=OUT and qemu's "
+                          "tls-creds-x509 dir=OUT read them; it opens what nbd_clients grants NAME")
     iss.add_argument("--force", action="store_true", help="replace an existing certificate")
+    rv = ksub.add_parser("revoke", help="add certificates to DIR/crl.pem (tls.crl of the "
+                                        "nodes), signed anew; with none, only signed anew")
+    rv.add_argument("certs", nargs="*", metavar="CERT", help="certificate files (PEM)")
     lk = ksub.add_parser("link-key", help="write DIR/links/NAME.key, the key of a far link "
                                           "whose records a near replica encrypts (kept if "
                                           "present)")
     lk.add_argument("name", help="e.g. GROUP-FARNODE")
-    for kp in (init, iss, lk):
+    for kp in (init, iss, lk, rv):
         kp.add_argument("--dir", required=True, help="the CA directory")
         kp.add_argument("--json", action="store_true")
         kp.set_defaults(func=cmd_pki)

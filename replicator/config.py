@@ -10,6 +10,7 @@ it has none: the checks that depend on it are skipped rather than failing in its
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -144,13 +145,23 @@ class TlsConfig:
     ca: str
     cert: str
     key: str
+    crl: str | None = None  # a revocation list of the CA (`replicator pki revoke`), PEM
+
+
+@dataclass(frozen=True)
+class NbdGrant:
+    """What one NBD client (the CN of its `pki issue --client` certificate) may open on
+    nbd_tls_listen: these exports ("*": every one), read-write or read-only. A replica's
+    export is read-only whatever the grant."""
+    exports: tuple[str, ...]
+    write: bool
 
 
 @dataclass(frozen=True)
 class Config:
     node: str
     listen: tuple[str, int]
-    nbd_listen: tuple[str, int]
+    nbd_listen: tuple[str, int] | None  # plain NBD: loopback addresses only
     state_dir: str
     admin_socket: str
     peers: dict[str, tuple[str, int]]
@@ -162,6 +173,14 @@ class Config:
     nbd_max_connections: int = 256  # NBD connections at once, handshaking ones included
     nbd_max_connections_per_export: int = 64  # of those, on one export
     nbd_handshake_timeout: float = 10.0  # a connection that picks no export is dropped
+    # The other NBD listeners: a unix socket (its mode and group), and NBD with TLS only
+    # (STARTTLS before any other option; a client certificate of the CA, granted exports
+    # by nbd_clients: client name -> NbdGrant).
+    nbd_socket: str | None = None
+    nbd_socket_mode: int = 0o660
+    nbd_socket_group: str | None = None
+    nbd_tls_listen: tuple[str, int] | None = None
+    nbd_clients: dict = field(default_factory=dict)
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None  # the Prometheus endpoint; None: off
     stall_timeout: float = 60.0  # a target with a backlog, no ack progress this long: reconnected
@@ -450,7 +469,7 @@ def _lag_limits(r: _Reader, mode: str | None, interval: float | None, bunker: bo
 
 
 def _tls(r: _Reader) -> TlsConfig | None:
-    expected = ("expected a mapping {ca, cert, key} of PEM file paths (mutual TLS), "
+    expected = ("expected a mapping {ca, cert, key[, crl]} of PEM file paths (mutual TLS), "
                 "or false for plain TCP")
     if "tls" not in r.data:
         return r.fail("tls", f"required key is missing: {expected}")
@@ -462,6 +481,7 @@ def _tls(r: _Reader) -> TlsConfig | None:
         return r.fail("tls", f"{expected}; got {value!r}")
     t = _Reader(value, "tls", r.problems)
     paths = {key: t.absolute_path(key) for key in ("ca", "cert", "key")}
+    paths["crl"] = t.absolute_path("crl", None)
     t.done()
     return TlsConfig(**paths)
 
@@ -671,7 +691,7 @@ def _listeners(r: _Reader, keys: tuple[str, ...]) -> dict:
     """The agent's listening addresses, each on a port of its own."""
     out: dict[str, tuple[str, int] | None] = {}
     for key in keys:
-        address = r.value(key, parse_address, None if key == "metrics_listen" else ...)
+        address = r.value(key, parse_address, ... if key == "listen" else None)
         for other, theirs in out.items():
             if address is not None and theirs is not None and _clash(address, theirs):
                 wild = address[0] if address[0] in WILDCARDS else theirs[0]
@@ -685,6 +705,86 @@ def _listeners(r: _Reader, keys: tuple[str, ...]) -> dict:
     return out
 
 
+def _socket_path(r: _Reader, key: str, default) -> str | None:
+    path = r.absolute_path(key, default)
+    if path is not None and len(path.encode()) > 100:
+        return r.fail(key, "path too long for a unix socket (max 100 bytes)")
+    return path
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def _nbd(r: _Reader, addresses: dict, state_dir: str | None, tls: TlsConfig | None,
+         groups: list[GroupConfig]) -> dict:
+    """The NBD listeners besides the addresses, and who may use the TLS one (Config's
+    nbd_* fields): plain NBD has no authentication, so it is served on a unix socket
+    and on loopback only; any other address is nbd_tls_listen's, with client
+    certificates. Without any of the three, the socket STATE_DIR/nbd.sock."""
+    plain, secure = addresses["nbd_listen"], addresses["nbd_tls_listen"]
+    if plain is not None and not _loopback(plain[0]):
+        r.fail("nbd_listen", f"plain NBD has no authentication, so it listens on loopback "
+                             f"only (127.0.0.1, ::1); got {_address_text(plain)}: for clients "
+                             "on other hosts use nbd_tls_listen (TLS with client certificates)")
+    if secure is not None and tls is None and "tls" not in r.bad:
+        r.fail("nbd_tls_listen", "needs the node's TLS files (tls: {ca, cert, key}); this "
+                                 "agent runs with tls: false")
+    default_socket = None
+    if not any(r.given(k) for k in ("nbd_socket", "nbd_listen", "nbd_tls_listen")):
+        default_socket = os.path.join(state_dir or "/var/lib/replicator", "nbd.sock")
+    socket_path = _socket_path(r, "nbd_socket", default_socket)
+    mode = r.get("nbd_socket_mode", 0o660, types=(int, str))
+    if isinstance(mode, str):
+        mode = int(mode, 8) if re.fullmatch(r"0?[0-7]{3}", mode) else r.fail(
+            "nbd_socket_mode", f"expected an octal mode like 0660; got {mode!r}", 0o660)
+    if not 0 <= mode <= 0o777:
+        mode = r.fail("nbd_socket_mode", f"expected an octal mode like 0660; got {mode:o}", 0o660)
+    elif mode & 0o007:
+        mode = r.fail("nbd_socket_mode", f"mode {mode:04o} lets every user of the host read "
+                      "and write the volumes; give access with nbd_socket_group", 0o660)
+    group = r.get("nbd_socket_group", None, types=(str, int))
+    clients = _nbd_clients(r, {v.name for g in groups for v in g.volumes})
+    if clients and secure is None and "nbd_tls_listen" not in r.bad:
+        r.fail("nbd_clients", "grants exports on nbd_tls_listen, which is not set")
+    return {"nbd_socket": socket_path, "nbd_socket_mode": mode,
+            "nbd_socket_group": None if group is None else str(group),
+            "nbd_clients": clients}
+
+
+def _nbd_clients(r: _Reader, volumes: set[str]) -> dict:
+    """nbd_clients: {client name: {exports: [volume names] or "*", access: rw or ro}}."""
+    raw = r.get("nbd_clients", {}, types=(dict,))
+    clients = {}
+    for name, grant in raw.items():
+        where = f"nbd_clients.{name}"
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            r.problems.add(where, "expected a client name (the CN of its certificate) as key")
+            continue
+        g = _Reader.of(grant, r.sub(where), r.problems)
+        if g is None:
+            continue
+        exports = g.get("exports", types=(list, str))
+        if exports == "*":
+            exports = ["*"]
+        elif isinstance(exports, str):
+            exports = g.fail("exports", f'expected a list of volume names or "*"; got {exports!r}')
+        for export in exports or ():
+            if not isinstance(export, str) or export != "*" and export not in volumes:
+                g.fail("exports", f"no volume {export!r} on this node; volumes: "
+                                  f"{', '.join(sorted(volumes)) or '(none)'}")
+        access = g.choice("access", ("rw", "ro"), "rw")
+        g.done()
+        if exports is not None and not g.bad:
+            clients[name] = NbdGrant(exports=tuple(exports), write=access == "rw")
+    return clients
+
+
 def parse(data, source_path: str = "") -> Config:
     """Validate a decoded YAML document and build the Config; ConfigError names every
     error found."""
@@ -693,12 +793,10 @@ def parse(data, source_path: str = "") -> Config:
     if r is None:
         problems.raise_any()
     node = r.name("node")
-    addresses = _listeners(r, ("listen", "nbd_listen", "metrics_listen"))
+    addresses = _listeners(r, ("listen", "nbd_listen", "nbd_tls_listen", "metrics_listen"))
     state_dir = r.absolute_path("state_dir", "/var/lib/replicator")
-    admin_socket = r.get("admin_socket", os.path.join(state_dir or "/var/lib/replicator",
-                                                      "admin.sock"), types=(str,))
-    if len(admin_socket.encode()) > 100:
-        r.fail("admin_socket", "path too long for a unix socket (max 100 bytes)")
+    admin_socket = _socket_path(r, "admin_socket", os.path.join(
+        state_dir or "/var/lib/replicator", "admin.sock"))
     peers_raw = r.get("peers", {}, types=(dict,))
     peers: dict | None = None if "peers" in r.bad else {}
     for peer, addr in peers_raw.items():
@@ -745,9 +843,11 @@ def parse(data, source_path: str = "") -> Config:
         r.fail("nbd_handshake_timeout", f"expected positive seconds; got {nbd_handshake}")
     log_level = r.choice("log_level", ("debug", "info", "warning", "error"), "info")
     tls = _tls(r)
+    nbd = _nbd(r, addresses, state_dir, tls, groups)
     r.done()
     problems.raise_any()
     return Config(node=node, listen=addresses["listen"], nbd_listen=addresses["nbd_listen"],
+                  nbd_tls_listen=addresses["nbd_tls_listen"], **nbd,
                   state_dir=state_dir, admin_socket=admin_socket, peers=peers,
                   groups=tuple(groups), tls=tls,
                   heartbeat_interval=float(interval), heartbeat_timeout=float(timeout),

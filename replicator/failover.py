@@ -33,12 +33,12 @@ log = logging.getLogger("replicator.failover")
 
 class Failover:
     def __init__(self, cfg: Config, receiver: Receiver, shippers: dict[str, list[Shipper]],
-                 sync_shippers, tls):
+                 sync_shippers, credentials):
         self.cfg = cfg
         self.receiver = receiver  # its upstream status, and switching: its HANDOVER gate
         self.shippers = shippers  # the agent's, by group
         self.sync_shippers = sync_shippers  # async (group): shippers to match its targets
-        self.tls = tls  # client side, for the bunker
+        self.credentials = credentials  # its client context, for the bunker
 
     async def promote_to(self, group: Group, targets: list[TargetConfig] | None,
                          force: bool = False) -> dict:
@@ -138,7 +138,7 @@ class Failover:
         try:
             result = await bunker_replay(group, self.cfg.node, bunker, self.cfg.peers[bunker],
                                          timeout=self.cfg.heartbeat_timeout * 2,
-                                         tls=self.tls, into=into)
+                                         tls=self.credentials.client, into=into)
         except BunkerError as exc:
             if not force:
                 raise AdminError(f"{exc}; nothing was promoted. Promote with --no-bunker (or "

@@ -1,14 +1,23 @@
-"""The replication PKI: one CA per installation, one certificate per node.
+"""The replication PKI: one CA per installation, one certificate per node, one per NBD
+client, and the CA's revocation list.
 
-A node certificate carries the node name as subject CN and as DNS subjectAltName, so a
-sender verifies the target with ordinary hostname checking (server_hostname = target
+A node certificate carries the node name as subject CN and as DNS subjectAltName (and
+the node's addresses as IP subjectAltNames, for NBD clients that connect by address), so
+a sender verifies the target with ordinary hostname checking (server_hostname = target
 node) and a receiver compares the client certificate's CN with the node named in HELLO.
+An NBD client certificate (`issue_client`) has the client's name as CN, OU CLIENT_OU and
+client authentication only: it names no node, so it opens no replication session, and
+nbd_clients says which exports it may open. It is written as the directory libnbd
+(`nbds://...?tls-certificates=DIR`) and qemu (`tls-creds-x509,dir=DIR`) read:
+ca-cert.pem, client-cert.pem, client-key.pem.
+`revoke` adds certificates to DIR/crl.pem (tls.crl on the nodes), signed by the CA.
 Keys are EC P-256 and written 0600; nothing is ever overwritten unless asked (`force`).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 
 from cryptography import x509
@@ -20,6 +29,9 @@ from . import statefile
 
 CA_DAYS = 3650
 NODE_DAYS = 825
+CLIENT_DAYS = 825
+CRL_DAYS = 365  # a CRL past its next update refuses every peer: `revoke` again before
+CLIENT_OU = "replicator NBD client"
 
 
 class PkiError(Exception):
@@ -61,11 +73,7 @@ def init_ca(directory: str, name: str = "replicator CA") -> bool:
     return True
 
 
-def issue(ca_dir: str, node: str, out_dir: str, *, force: bool = False) -> bool:
-    """Write OUT/NODE.crt and OUT/NODE.key signed by the CA in CA_DIR; True when made."""
-    crt, key_path = os.path.join(out_dir, f"{node}.crt"), os.path.join(out_dir, f"{node}.key")
-    if not force and os.path.exists(crt) and os.path.exists(key_path):
-        return False
+def _ca(ca_dir: str):
     try:
         with open(os.path.join(ca_dir, "ca.crt"), "rb") as f:
             ca_cert = x509.load_pem_x509_certificate(f.read())
@@ -74,19 +82,89 @@ def issue(ca_dir: str, node: str, out_dir: str, *, force: bool = False) -> bool:
     except OSError as exc:
         raise PkiError(f"cannot read the CA in {ca_dir} ({exc.strerror}); "
                        "run `replicator pki init` first") from None
-    os.makedirs(out_dir, mode=0o755, exist_ok=True)
+    return ca_cert, ca_key
+
+
+def _signed(ca_dir: str, subject: x509.Name, days: int, usages: list, names: list,
+            crt: str, key_path: str) -> None:
+    """A new key and certificate for `subject`, signed by the CA, written to crt/key_path."""
+    ca_cert, ca_key = _ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)])
-    cert = (_builder(subject, ca_cert.subject, key.public_key(), NODE_DAYS)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    builder = (_builder(subject, ca_cert.subject, key.public_key(), days)
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    os.makedirs(os.path.dirname(crt), mode=0o755, exist_ok=True)
     statefile.write_new(key_path, _key_pem(key), 0o600)
     statefile.write_new(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def issue(ca_dir: str, node: str, out_dir: str, *, addresses: tuple[str, ...] = (),
+          force: bool = False) -> bool:
+    """Write OUT/NODE.crt and OUT/NODE.key signed by the CA in CA_DIR, naming the node and
+    its IP `addresses`; True when made."""
+    crt, key_path = os.path.join(out_dir, f"{node}.crt"), os.path.join(out_dir, f"{node}.key")
+    if not force and os.path.exists(crt) and os.path.exists(key_path):
+        return False
+    names: list = [x509.DNSName(node)]
+    for address in addresses:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
+        except ValueError:
+            raise PkiError(f"--address takes an IP address; got {address!r}") from None
+    _signed(ca_dir, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]), NODE_DAYS,
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], names,
+            crt, key_path)
     return True
+
+
+def issue_client(ca_dir: str, name: str, out_dir: str, *, force: bool = False) -> bool:
+    """Write an NBD client's OUT/{ca-cert,client-cert,client-key}.pem (module docstring);
+    True when made."""
+    crt, key_path = os.path.join(out_dir, "client-cert.pem"), os.path.join(out_dir, "client-key.pem")
+    if not force and os.path.exists(crt) and os.path.exists(key_path):
+        return False
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, CLIENT_OU)])
+    _signed(ca_dir, subject, CLIENT_DAYS, [ExtendedKeyUsageOID.CLIENT_AUTH], [], crt, key_path)
+    with open(os.path.join(ca_dir, "ca.crt"), "rb") as f:
+        statefile.write_new(os.path.join(out_dir, "ca-cert.pem"), f.read(), 0o644)
+    return True
+
+
+def revoke(ca_dir: str, certs: list[str]) -> tuple[int, str]:
+    """Add the certificates in the files `certs` to CA_DIR/crl.pem (made if missing) and
+    sign it anew, valid CRL_DAYS: (certificates revoked in all, its path). With no
+    certificates it is only signed anew (its next update moved on)."""
+    ca_cert, ca_key = _ca(ca_dir)
+    path = os.path.join(ca_dir, "crl.pem")
+    revoked: dict[int, datetime.datetime] = {}
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for entry in x509.load_pem_x509_crl(f.read()):
+                revoked[entry.serial_number] = entry.revocation_date_utc
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for cert_path in certs:
+        try:
+            with open(cert_path, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+        except (OSError, ValueError) as exc:
+            raise PkiError(f"cannot read the certificate {cert_path}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+        if cert.issuer != ca_cert.subject:
+            raise PkiError(f"{cert_path} was not issued by the CA in {ca_dir} "
+                           f"(issuer {cert.issuer.rfc4514_string()})")
+        revoked.setdefault(cert.serial_number, now)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now).next_update(now + datetime.timedelta(days=CRL_DAYS)))
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    statefile.write_new(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return len(revoked), path
 
 
 def link_key(directory: str, name: str) -> tuple[bool, str]:

@@ -33,6 +33,7 @@ import ssl
 from .admission import Admission, welcome
 from .bunker import serve_fetch
 from .config import TargetConfig
+from .credentials import Credentials
 from .events import emit
 from .generations import Generation, Relation, Verdict, from_wire
 from .group import Group, GroupError
@@ -99,12 +100,13 @@ class _Session:
 
 class Receiver:
     def __init__(self, node: str, groups: dict[str, Group], *, heartbeat_timeout: float,
-                 promote, peers=(), tls: ssl.SSLContext | None = None,
+                 promote, peers=(), credentials: Credentials | None = None,
                  log: logging.Logger | None = None, relays: dict | None = None,
                  report=None):
         self.node = node
         self.log = log or logging.getLogger("replicator.receiver")
-        self.admission = Admission(node, peers, tls=tls is not None, log=self.log)
+        self.credentials = credentials  # its `server` context is read at each accept
+        self.admission = Admission(node, peers, tls=self._tls() is not None, log=self.log)
         self.promote = promote  # async (group, [TargetConfig]): HANDOVER makes us primary
         self.groups = groups
         # group -> far target -> relay (the agent's): those without `via` this node's
@@ -115,11 +117,13 @@ class Receiver:
         # HELLO meanwhile waits for it, so that the new primary finds this node demoted
         self.switching: dict[str, asyncio.Future] = {}
         self.hb_timeout = heartbeat_timeout
-        self.tls = tls
         self.sessions: dict[str, _Session] = {}
         self._listeners: list[socket.socket] = []
         self._accepting: list[asyncio.Task] = []
         self._conns: set[asyncio.Task] = set()
+
+    def _tls(self) -> ssl.SSLContext | None:
+        return self.credentials.server if self.credentials is not None else None
 
     async def start(self, host: str, port: int) -> None:
         # Accepted sockets become streams here (_open), TLS from their first byte, so that
@@ -177,12 +181,13 @@ class Receiver:
             where = f"{peer[0]}:{peer[1]}"
         except OSError:  # gone already
             where = "?"
+        tls = self._tls()
         try:
             transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=self.tls,
-                ssl_handshake_timeout=self.hb_timeout if self.tls is not None else None)
+                lambda: protocol, sock, ssl=tls,
+                ssl_handshake_timeout=self.hb_timeout if tls is not None else None)
         except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
-            if self.tls is None:
+            if tls is None:
                 raise
             self.log.warning("refused a replication connection from %s: TLS handshake "
                              "failed: %s", where, tls_failure(exc))

@@ -25,18 +25,22 @@ ANY = "*"  # in a KEYS pattern: any one name (a group's, a target's, a peer's)
 
 # Collections found by name: field -> the field of an item that names it.
 _NAMED_BY = {"groups": "name", "volumes": "name", "targets": "node"}
-_ADDRESSES = ("listen", "nbd_listen", "metrics_listen")  # (host, port): shown as HOST:PORT
+_ADDRESSES = ("listen", "nbd_listen", "nbd_tls_listen", "metrics_listen")  # (host, port): shown as HOST:PORT
 
 KEYS: dict[tuple[str, ...], str] = {
-    # What the agent is: its identity, where it listens and keeps its state, its TLS
-    # identity (contexts are made once, at start) and its log's plumbing.
+    # What the agent is: its identity, where it listens and keeps its state, where its
+    # TLS files are and its log's plumbing.
     ("node",): RESTART,
     ("listen",): RESTART,
     ("nbd_listen",): RESTART,
     ("metrics_listen",): RESTART,
     ("state_dir",): RESTART,
     ("admin_socket",): RESTART,
-    ("tls",): RESTART,
+    ("nbd_tls_listen",): RESTART,
+    ("nbd_socket",): RESTART,
+    ("nbd_socket_mode",): RESTART,
+    ("nbd_socket_group",): RESTART,
+    ("tls",): RESTART,  # where the files are; what they hold is read again at every reload
     # The address book: admission reads it at each HELLO; a target's shipper whose
     # address changed reconnects there.
     ("peers", ANY): LIVE,
@@ -49,6 +53,7 @@ KEYS: dict[tuple[str, ...], str] = {
     ("nbd_max_connections",): LIVE,
     ("nbd_max_connections_per_export",): LIVE,
     ("nbd_handshake_timeout",): LIVE,
+    ("nbd_clients",): LIVE,  # read at each TLS client's LIST, INFO and GO
     ("log_level",): LIVE,
     # A group added or removed: its journal, volumes and exports are opened at start.
     ("groups", ANY): RESTART,

@@ -1,5 +1,5 @@
 """asyncio adapter for the sans-IO wire protocol: bytes in, events out, over TCP or
-mutual TLS.
+mutual TLS (the contexts: credentials.py).
 
 A Link owns one TCP (or TLS) stream and one wire.Connection. Timeouts only surface as
 asyncio.TimeoutError to the caller, which closes the link; cleanup is in one place
@@ -14,9 +14,8 @@ the peer's heartbeats kept trickling into it."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 
-from .config import TlsConfig
+from .pki import CLIENT_OU
 from .wire import NEED_DATA, Connection
 
 READ_CHUNK = 1 << 20
@@ -26,39 +25,16 @@ READ_CHUNK = 1 << 20
 MIN_FRAME_RATE = 64 << 10
 
 
-def tls_contexts(tls: TlsConfig | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) contexts for mutual TLS with the replication CA, or (None, None).
-
-    Both sides require a certificate from the CA. The client checks the server's name
-    against the target node (ssl hostname checking on the DNS subjectAltName); the
-    server checks the client's name against HELLO (`peer_node`)."""
-    if tls is None:
-        return None, None
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for ctx in (server, client):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        try:
-            ctx.load_cert_chain(tls.cert, tls.key)
-            ctx.load_verify_locations(cafile=tls.ca)
-        except OSError as exc:  # ssl names neither the file nor which of the three failed
-            raise OSError(exc.errno, f"cannot load TLS files (tls.ca {tls.ca}, tls.cert "
-                                     f"{tls.cert}, tls.key {tls.key}): {exc.strerror or exc}"
-                          ) from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return server, client
-
-
 def peer_node(writer: asyncio.StreamWriter) -> str | None:
-    """The node name (subject CN) of a TLS peer's verified certificate; None on plain TCP."""
+    """The node name (subject CN) of a TLS peer's verified certificate; None on plain TCP.
+    An NBD client's certificate (pki.issue_client) names no node: "NBD client NAME"."""
     cert = writer.get_extra_info("peercert")
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return ""
+    subject = dict(pair for rdn in cert.get("subject", ()) for pair in rdn)
+    if subject.get("organizationalUnitName") == CLIENT_OU:  # no node, whatever its CN
+        return f"NBD client {subject.get('commonName', '')}"
+    return subject.get("commonName", "")
 
 
 def peer_subject(writer: asyncio.StreamWriter) -> str | None:
@@ -76,8 +52,11 @@ _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName":
 
 
 def tls_failure(exc: BaseException) -> str:
-    """Why a TLS handshake failed, in the words of the check that failed."""
-    return (getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+    """Why a TLS handshake failed, in the words of the check that failed (OpenSSL's
+    reason codes, PEER_DID_NOT_RETURN_A_CERTIFICATE, as words)."""
+    reason = getattr(exc, "reason", None)
+    return (getattr(exc, "verify_message", None)
+            or (reason.replace("_", " ").lower() if reason else None)
             or str(exc) or type(exc).__name__)
 
 

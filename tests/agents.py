@@ -182,7 +182,7 @@ class Topology:
         for n in nodes:
             targets = [_target(link) for link in links if link[0] == n]
             if tls:
-                pki.issue(ca_dir, n, os.path.join(self.root, n, "pki"))
+                pki.issue(ca_dir, n, os.path.join(self.root, n, "pki"), addresses=("127.0.0.1",))
             cfg = {
                 "node": n,
                 "tls": {"ca": os.path.join(ca_dir, "ca.crt"),

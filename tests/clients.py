@@ -13,10 +13,23 @@ def run(cmd: list[str], timeout: float = 120) -> str:
 
 
 def qemu_io(uri: str, *commands: str, read_only: bool = False) -> str:
-    cmd = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
+    return _qemu_io(["-f", "raw", uri], commands, read_only)
+
+
+def qemu_io_tls(port: int, certs: str, export: str, *commands: str) -> str:
+    """qemu-io on 127.0.0.1:PORT/EXPORT over NBD with TLS, with qemu's x509 credentials
+    from the directory `certs` (ca-cert.pem, client-cert.pem, client-key.pem)."""
+    return _qemu_io(["--object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=client",
+                     "--image-opts", f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+                                     f"server.port={port},export={export},tls-creds=tls0"],
+                    commands, False)
+
+
+def _qemu_io(image: list[str], commands, read_only: bool) -> str:
+    cmd = ["qemu-io"] + (["-r"] if read_only else [])
     for c in commands:
         cmd += ["-c", c]
-    out = run(cmd + [uri])
+    out = run(cmd + image)
     if "error" in out.lower() or "fail" in out.lower():
         raise AssertionError(f"qemu-io reported a problem:\n{out}")
     return out

@@ -2,10 +2,13 @@
 
 Theory of operation
 -------------------
-`NbdServer` listens on TCP; every client connection is one `_Connection`, an
-`asyncio.Protocol` that walks these states (anything else closes the connection):
+`NbdServer` listens on TCP (plain, or TLS only) and on unix sockets; every client
+connection is one `_Connection`, an `asyncio.Protocol` that walks these states (anything
+else closes the connection):
 
     FLAGS        --client flags with FIXED_NEWSTYLE--------------> OPTIONS
+    OPTIONS      --STARTTLS on a TLS listener, ACK sent----------> TLS
+    TLS          --handshake with a certificate of the CA--------> OPTIONS (as the client)
     OPTIONS      --GO / EXPORT_NAME naming a known export-------> TRANSMISSION
     OPTIONS      --ABORT, bad magic, unknown EXPORT_NAME--------> CLOSED
     TRANSMISSION --DISC, client EOF, server close()------------> DRAINING
@@ -36,6 +39,18 @@ agent's descriptors and every journal write failed EMFILE):
                                  asyncio accepts up to that many sockets in one go.
 Refusals are logged at WARNING (repeats are collapsed by the agent's log filter).
 
+TLS (`start(..., tls=True)`, nbd_tls_listen) has the NBD spec's FORCEDTLS semantics:
+before STARTTLS every option but ABORT is answered ERR_TLS_REQD (EXPORT_NAME, which has
+no error reply, closes), so nothing, not even the list of exports, is told to a client
+that has not authenticated. STARTTLS is acknowledged, then `tls_context` (read at that
+moment, so a reload's new certificate or CRL serves the next client) runs the handshake,
+which requires a client certificate of the CA (credentials.py) within what is left of
+the handshake timeout. The client is the certificate's CN; only an NBD client
+certificate (pki.CLIENT_OU) is one. `grants` (nbd_clients: name -> NbdGrant, read at
+each option) says which exports it may list and open, and whether read-write; the
+others are unknown to it. A plain listener (loopback, unix socket) answers STARTTLS
+ERR_POLICY and serves every export: who may connect is the socket's business.
+
 Options
     EXPORT_NAME   enters transmission; unknown or empty name closes (the spec leaves no
                   way to answer an error).
@@ -45,7 +60,8 @@ Options
                   message listing the valid names; we never guess a default export.
     LIST          one REP_SERVER per export, then ACK.
     ABORT         ACK, then close.
-    STARTTLS      ERR_POLICY (no TLS on this port).
+    STARTTLS      TLS listener: ACK and the handshake (ERR_INVALID once TLS is on or
+                  with data); plain listener: ERR_POLICY.
     anything else ERR_UNSUP (STRUCTURED_REPLY, meta contexts, extended headers...).
     An option payload over MAX_OPTION bytes is discarded as it arrives and answered
     ERR_TOO_BIG; over MAX_DISCARD bytes (or an oversized EXPORT_NAME) closes.
@@ -98,13 +114,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import grp
 import logging
+import os
 import resource
+import ssl
 import struct
 from typing import Callable, Mapping, Protocol
 
 __all__ = ["Export", "NbdServer", "Done"]
 
+from ..config import NbdGrant
+from ..pki import CLIENT_OU
+from ..transport import tls_failure
 from ..nbd_protocol import (
     BLOCK_INFO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, EXPORT_INFO, EXPORT_NAME_REPLY,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, GREETING, IHAVEOPT, NBDMAGIC, OPTION,
@@ -170,21 +192,23 @@ class Export(Protocol):
 class _State(enum.Enum):
     FLAGS = "awaiting client flags"
     OPTIONS = "negotiating options"
+    TLS = "TLS handshake"
     TRANSMISSION = "transmission"
     DRAINING = "draining outstanding requests"
     LINGERING = "lingering after a refused write"
     CLOSED = "closed"
 
 
-_FLAGS, _OPTIONS, _TRANSMISSION = _State.FLAGS, _State.OPTIONS, _State.TRANSMISSION
+_FLAGS, _OPTIONS, _TLS, _TRANSMISSION = _State.FLAGS, _State.OPTIONS, _State.TLS, _State.TRANSMISSION
+_EVERYTHING = NbdGrant(exports=("*",), write=True)  # a plain listener's client
 _DRAINING, _LINGERING, _CLOSED = _State.DRAINING, _State.LINGERING, _State.CLOSED
 
 
-def transmission_flags(export: Export) -> int:
+def transmission_flags(export: Export, read_only: bool = False) -> int:
     flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
              | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM
              | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.CAN_MULTI_CONN)
-    if export.read_only:
+    if export.read_only or read_only:
         flags |= TransmissionFlag.READ_ONLY
     return int(flags)
 
@@ -198,8 +222,12 @@ class _Connection(asyncio.BufferedProtocol):
     socket is read straight into a buffer of the payload's size, which then goes to
     the export as it is (one copy of the data instead of three)."""
 
-    def __init__(self, server: NbdServer):
+    def __init__(self, server: NbdServer, tls: bool):
         self._server = server
+        self._tls = tls                # a TLS-only listener's: STARTTLS before all else
+        self._client: str | None = None  # after TLS: the client its certificate names
+        self._not_client = ""          # after TLS: why its certificate is no client's
+        self._read_only = False        # its grant is read-only
         self._log = server.log
         self._loop = server.loop
         self._max_request = server.max_request
@@ -233,7 +261,8 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._peer = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple)
+                      else f"on {transport.get_extra_info('sockname')}")
         server = self._server
         refusal = "shutting down" if server._closing else server._refusal(transport)
         if refusal:
@@ -331,7 +360,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _handshake_expired(self) -> None:
         self._timer = None
-        if self._state is _FLAGS or self._state is _OPTIONS:
+        if self._state is _FLAGS or self._state is _OPTIONS or self._state is _TLS:
             self._log.info("NBD client %s: no export chosen within %gs; closing", self._peer,
                            self._server.handshake_timeout)
             self._state = _CLOSED
@@ -370,6 +399,9 @@ class _Connection(asyncio.BufferedProtocol):
         requests are answered."""
         if self._state is _FLAGS or self._state is _OPTIONS:
             self._hang_up("")
+        elif self._state is _TLS:
+            self._state = _CLOSED
+            self._transport.abort()
         elif self._state is _TRANSMISSION:
             self._drain()
         elif self._state is _LINGERING:
@@ -425,6 +457,15 @@ class _Connection(asyncio.BufferedProtocol):
             self._out.append(payload)
 
     def _option(self, option: int, payload: bytes) -> None:
+        if self._tls and self._client is None and not self._not_client:
+            if option == Opt.STARTTLS:
+                return self._option_starttls(payload)
+            if option == Opt.EXPORT_NAME:
+                return self._hang_up("EXPORT_NAME before STARTTLS on a TLS-only listener",
+                                     logging.WARNING)
+            if option != Opt.ABORT:
+                return self._option_reply(option, Rep.ERR_TLS_REQD,
+                                          b"TLS is required on this port: STARTTLS first")
         if option == Opt.GO or option == Opt.INFO:
             self._option_go(option, payload)
         elif option == Opt.EXPORT_NAME:
@@ -432,7 +473,9 @@ class _Connection(asyncio.BufferedProtocol):
         elif option == Opt.LIST:
             if payload:
                 return self._option_reply(option, Rep.ERR_INVALID, b"LIST takes no data")
-            for name in sorted(self._server.exports()):
+            if self._not_client:
+                return self._option_reply(option, Rep.ERR_POLICY, self._not_client.encode())
+            for name in sorted(self._visible()):
                 raw = name.encode()
                 self._option_reply(option, Rep.SERVER, U32.pack(len(raw)) + raw)
             self._option_reply(option, Rep.ACK)
@@ -440,14 +483,80 @@ class _Connection(asyncio.BufferedProtocol):
             self._option_reply(option, Rep.ACK)
             self._hang_up("")
         elif option == Opt.STARTTLS:
-            self._option_reply(option, Rep.ERR_POLICY, b"TLS is not offered on this port")
+            if self._tls:
+                self._option_reply(option, Rep.ERR_INVALID, b"TLS is on already")
+            else:
+                self._option_reply(option, Rep.ERR_POLICY, b"this listener is plain NBD "
+                                   b"(loopback or unix socket); TLS is on nbd_tls_listen")
         else:
             self._option_reply(option, Rep.ERR_UNSUP,
                                f"option {_option_name(option)} is not supported".encode())
 
+    def _option_starttls(self, payload: bytes) -> None:
+        if payload:
+            return self._option_reply(Opt.STARTTLS, Rep.ERR_INVALID, b"STARTTLS takes no data")
+        context = self._server.tls_context
+        if context is None:  # (the agent gives a TLS listener its context first)
+            return self._option_reply(Opt.STARTTLS, Rep.ERR_POLICY, b"no TLS context")
+        self._option_reply(Opt.STARTTLS, Rep.ACK)
+        if self._buf:  # the client may not send before the handshake
+            return self._hang_up("data after STARTTLS, before the TLS handshake",
+                                 logging.WARNING)
+        self._transport.pause_reading()
+        self._state = _TLS
+        self._flush()
+        asyncio.ensure_future(self._start_tls(context))
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        plain = self._transport
+        left = self._timer.when() - self._loop.time() if self._timer else 1.0
+        try:
+            transport = await self._loop.start_tls(plain, self, context, server_side=True,
+                                                   ssl_handshake_timeout=max(left, 0.1))
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            self._log.warning("NBD client %s refused: TLS handshake failed: %s", self._peer,
+                              tls_failure(exc))
+            plain.abort()
+            self.connection_lost(None)  # the TLS protocol that failed never tells us
+            return
+        if self._state is not _TLS or transport is None:  # closed meanwhile
+            if transport is not None:
+                transport.abort()
+            return
+        self._transport = transport
+        cert = transport.get_extra_info("peercert") or {}
+        subject = dict(pair for rdn in cert.get("subject", ()) for pair in rdn)
+        if subject.get("organizationalUnitName") == CLIENT_OU and subject.get("commonName"):
+            self._client = subject["commonName"]
+            self._peer = f"{self._peer} (client {self._client!r})"
+        else:
+            self._not_client = (f"the certificate {subject.get('commonName', '?')!r} is not an "
+                                "NBD client's (`replicator pki issue --client NAME`)")
+            self._log.warning("NBD client %s refused: %s", self._peer, self._not_client)
+        self._state = _OPTIONS
+
+    def _grant(self, name: str) -> NbdGrant | None:
+        """What this connection may do with export `name`: None when nothing (a TLS
+        client not granted it); plain listeners may do everything."""
+        if not self._tls:
+            return _EVERYTHING
+        grant = self._server.grants.get(self._client) if self._client else None
+        if grant is None or name not in grant.exports and "*" not in grant.exports:
+            return None
+        return grant
+
+    def _visible(self) -> dict[str, Export]:
+        """The exports this connection may know of."""
+        exports = self._server.exports()
+        if not self._tls:
+            return exports
+        return {name: e for name, e in exports.items() if self._grant(name) is not None}
+
     def _find_export(self, raw_name: bytes) -> tuple[Export | None, str]:
         """The export called raw_name, or None and why not (naming the valid ones)."""
-        exports = self._server.exports()
+        if self._not_client:
+            return None, self._not_client
+        exports = self._visible()
         try:
             name = raw_name.decode()
         except UnicodeDecodeError:
@@ -483,15 +592,16 @@ class _Connection(asyncio.BufferedProtocol):
         if full:
             self._log.warning("NBD client %s refused: %s", self._peer, full)
             return self._option_reply(option, Rep.ERR_POLICY, full.encode())
+        read_only = not self._grant(export.name).write
         self._option_reply(option, Rep.INFO, EXPORT_INFO.pack(
-            Info.EXPORT, export.size, transmission_flags(export)))
+            Info.EXPORT, export.size, transmission_flags(export, read_only)))
         self._option_reply(option, Rep.INFO, BLOCK_INFO.pack(
             Info.BLOCK_SIZE, 1, PREFERRED_BLOCK, self._max_request))
         if Info.NAME in wanted:
             self._option_reply(option, Rep.INFO, U16.pack(Info.NAME) + export.name.encode())
         self._option_reply(option, Rep.ACK)
         if option == Opt.GO:
-            self._enter_transmission(export)
+            self._enter_transmission(export, read_only)
 
     def _option_export_name(self, raw_name: bytes) -> None:
         export, why = self._find_export(raw_name)
@@ -500,14 +610,16 @@ class _Connection(asyncio.BufferedProtocol):
         full = self._server._export_full(export.name)
         if full:
             return self._hang_up(f"EXPORT_NAME refused: {full}", logging.WARNING)
-        self._out.append(EXPORT_NAME_REPLY.pack(export.size, transmission_flags(export)))
+        read_only = not self._grant(export.name).write
+        self._out.append(EXPORT_NAME_REPLY.pack(export.size, transmission_flags(export, read_only)))
         if not self._no_zeroes:
             self._out.append(bytes(124))
-        self._enter_transmission(export)
+        self._enter_transmission(export, read_only)
 
-    def _enter_transmission(self, export: Export) -> None:
+    def _enter_transmission(self, export: Export, read_only: bool) -> None:
         self._cancel_timer()
         self._export = export
+        self._read_only = read_only
         self._server._joined(export.name)
         self._size = export.size
         self._state = _TRANSMISSION
@@ -522,7 +634,7 @@ class _Connection(asyncio.BufferedProtocol):
         pos = 0
         export = self._export
         size = self._size
-        read_only = export.read_only  # may change at runtime (role switch)
+        read_only = export.read_only or self._read_only  # may change at runtime (role switch)
         max_request = self._max_request
         unpack = REQUEST.unpack_from
         reply = self._reply
@@ -731,6 +843,8 @@ class NbdServer:
             raise ValueError(f"max_request {max_request} must be within "
                              f"[{PREFERRED_BLOCK}, 2**32-1]")
         self.exports = exports
+        self.tls_context: ssl.SSLContext | None = None  # for STARTTLS on TLS listeners
+        self.grants: Mapping[str, NbdGrant] = {}  # TLS clients: name -> what they may open
         self.max_request = max_request
         self.set_limits(handshake_timeout=handshake_timeout, max_connections=max_connections,
                         max_connections_per_export=max_connections_per_export)
@@ -738,7 +852,8 @@ class NbdServer:
         self._per_export: dict[str, int] = {}  # connections in transmission, by export
         self.log = log or logging.getLogger("replicator.nbd")
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[tuple[asyncio.Server, str]] = []  # (server, what it listens on)
+        self._server: asyncio.Server | None = None  # the first TCP one (`port`)
         self._connections: set[_Connection] = set()
         self._closing = False
         self._all_gone: asyncio.Event | None = None
@@ -751,28 +866,69 @@ class NbdServer:
         self.max_connections = max_connections
         self.max_connections_per_export = max_connections_per_export
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port (0 picks a free port; see `port`)."""
+    async def start(self, host: str, port: int, *, tls: bool = False) -> int:
+        """Listen on host:port (0 picks a free port), with `tls` TLS only; the port."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(lambda: _Connection(self), host, port,
-                                                     reuse_address=True,
-                                                     backlog=LISTEN_BACKLOG)
-        self.log.info("NBD listening on %s:%d", host, self.port)
+        server = await self.loop.create_server(lambda: _Connection(self, tls), host, port,
+                                               reuse_address=True, backlog=LISTEN_BACKLOG)
+        port = server.sockets[0].getsockname()[1]
+        self._servers.append((server, f"{'TLS ' if tls else ''}{host}:{port}"))
+        if self._server is None:
+            self._server = server
+        self.log.info("NBD listening on %s:%d%s", host, port, " (TLS only)" if tls else "")
+        return port
+
+    async def start_unix(self, path: str, mode: int = 0o660, group: str | None = None) -> None:
+        """Listen on the unix socket `path` (a stale one replaced), made `mode`, and owned
+        by `group` (a name or gid) when given; OSError names what failed."""
+        self.loop = asyncio.get_running_loop()
+        gid = -1
+        if group is not None:
+            try:
+                gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise OSError(errno.EINVAL, f"nbd_socket_group {group!r}: no such group "
+                                            "on this host") from None
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from an agent that was killed
+        old = os.umask(0o177)  # no one else may connect before its mode is set
+        try:
+            server = await self.loop.create_unix_server(lambda: _Connection(self, False), path,
+                                                        backlog=LISTEN_BACKLOG)
+        finally:
+            os.umask(old)
+        os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        self._servers.append((server, path))
+        self.log.info("NBD listening on %s (mode %04o%s)", path, mode,
+                      f", group {group}" if group is not None else "")
 
     @property
     def port(self) -> int:
+        """The port of the first TCP listener."""
         if self._server is None or not self._server.sockets:
-            raise RuntimeError("NbdServer.port: the server is not started")
+            raise RuntimeError("NbdServer.port: no TCP listener is started")
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def listeners(self) -> list[str]:
+        return [what for _, what in self._servers]
 
     async def close(self) -> None:
         """Stop accepting; end handshakes; let connections in transmission answer what
         they have outstanding (for up to CLOSE_TIMEOUT seconds), then drop them."""
-        if self._server is None:
+        if not self._servers:
             return
-        server, self._server = self._server, None
+        servers, self._servers, self._server = self._servers, [], None
         self._closing = True
-        server.close()
+        for server, what in servers:
+            server.close()
+            if what.startswith("/"):
+                try:
+                    os.unlink(what)
+                except FileNotFoundError:
+                    pass
         self._all_gone = asyncio.Event()
         for conn in list(self._connections):
             conn.shutdown()
@@ -789,10 +945,11 @@ class NbdServer:
                     await asyncio.wait_for(self._all_gone.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
-        try:
-            await asyncio.wait_for(server.wait_closed(), 1.0)
-        except asyncio.TimeoutError:
-            pass
+        for server, _ in servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
 
     def _refusal(self, transport: asyncio.BaseTransport) -> str:
         """Why a connection just accepted must be closed at once ("" to serve it)."""

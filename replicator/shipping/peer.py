@@ -23,6 +23,7 @@ import logging
 import ssl
 from typing import Callable
 
+from ..credentials import Credentials
 from ..generations import Relation, compare, from_wire, to_wire
 from ..group import Group, TargetLink
 from ..transport import Link
@@ -125,10 +126,11 @@ class Dialer:
     def __init__(self, group: Group, target: TargetLink, *, node: str,
                  address: tuple[str, int], compress: bool, zstd_level: int, timeout: float,
                  initial_sync: str,
-                 tls: ssl.SSLContext | None, log: logging.Logger,
+                 credentials: Credentials | None, log: logging.Logger,
                  processed: Callable[[], bool] = lambda: False):
         self.group, self.target = group, target
-        self.node, self.address, self.tls = node, address, tls
+        self.node, self.address = node, address
+        self.credentials = credentials  # its client context is read at each connect
         self.compress, self.zstd_level = compress, zstd_level
         self.processed = processed  # whether to offer Feature.PROCESSED (a relayed target)
         self.timeout = timeout  # for the connect and for each handshake frame
@@ -138,10 +140,11 @@ class Dialer:
     async def connect(self) -> Peer:
         host, port = self.address
         g, t = self.group, self.target
+        tls = self.credentials.client if self.credentials is not None else None
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=self.tls,
-                                        server_hostname=t.node if self.tls else None),
+                asyncio.open_connection(host, port, ssl=tls,
+                                        server_hostname=t.node if tls else None),
                 self.timeout)
         except ssl.SSLError as exc:
             raise ShipError(f"TLS with {t.node} at {host}:{port} failed: "

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
 import time
 from typing import Callable
 
+from ..credentials import Credentials
 from ..events import emit
 from ..group import Group, TargetLink, wake_all
 from ..journal.segments import JournalError
@@ -48,7 +48,7 @@ class Shipper:
                  heartbeat_interval: float, heartbeat_timeout: float, sync_ack_timeout: float = 10.0,
                  stall_timeout: float = 60.0,
                  initial_sync: str = "full",
-                 tls: ssl.SSLContext | None = None, relays: dict | None = None):
+                 credentials: Credentials | None = None, relays: dict | None = None):
         self.group = group
         self.target = link
         self.address = address
@@ -59,7 +59,7 @@ class Shipper:
         self.relays = relays if relays is not None else {}  # the group's, by far target
         self.dialer = Dialer(group, link, node=node, address=address, compress=compress,
                              zstd_level=zstd_level, timeout=heartbeat_timeout,
-                             initial_sync=initial_sync, tls=tls,
+                             initial_sync=initial_sync, credentials=credentials,
                              log=self.log, processed=lambda: link.node in self.relays)
         self.stream = Stream(group, link, hb_interval=heartbeat_interval,
                              hb_timeout=heartbeat_timeout, sync_ack_timeout=sync_ack_timeout,

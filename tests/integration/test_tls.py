@@ -57,3 +57,19 @@ def test_agent_refuses_to_start_with_missing_tls_files(topology):
     with open(a.log_path) as f:
         log = f.read()
     assert "cannot start" in log and "/nonexistent/a.key" in log
+
+
+def test_an_nbd_client_certificate_opens_no_replication_session(topology):
+    """A client certificate whose CN is a node's name (`pki issue --client a`) is no
+    node's: with it, a cannot pose as b's source."""
+    topo = topology(["a", "b"], [("a", "b", "async")], tls=True)
+    a = topo["a"]
+    a.kill()
+    out = os.path.join(topo.root, "clients", "a")
+    pki.issue_client(os.path.join(topo.root, "ca"), "a", out)
+    a.config["tls"]["cert"] = os.path.join(out, "client-cert.pem")
+    a.config["tls"]["key"] = os.path.join(out, "client-key.pem")
+    a.save_config()
+    a.start()
+    t = wait_until(lambda: _refused(a, "b"), 20, "a -> b refused")
+    assert "IDENTITY" in t["last_error"] and "'NBD client a'" in t["last_error"], t

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicator.config import ConfigError, parse
+from replicator.config import ConfigError, NbdGrant, parse
 
 BASE = """
 node: dc1-app
@@ -123,7 +123,7 @@ def mutate(path, value):
     (("tls",), True, "tls", "mapping"),
     (("tls",), {"ca": "/a", "cert": "/b"}, "tls.key", "required"),
     (("tls",), {"ca": "/a", "cert": "/b", "key": "k.pem"}, "tls.key", "absolute"),
-    (("tls",), {"ca": "/a", "cert": "/b", "key": "/c", "crl": "/d"}, "tls.crl", "unknown"),
+    (("tls",), {"ca": "/a", "cert": "/b", "key": "/c", "crt": "/d"}, "tls.crt", "unknown"),
 ])
 def test_errors_name_the_key(path, value, where, what):
     assert_refused(mutate(path, value), where, what)
@@ -320,7 +320,7 @@ def test_unknown_keys_are_all_named():
 def test_an_empty_file_names_every_required_key():
     with pytest.raises(ConfigError) as exc:
         parse(None)
-    assert [p for p, _ in exc.value.errors] == ["node", "listen", "nbd_listen", "tls"]
+    assert [p for p, _ in exc.value.errors] == ["node", "listen", "tls"]
 
 
 @pytest.mark.parametrize("path,value,text", [
@@ -534,3 +534,61 @@ def test_a_delayed_secondary_is_a_leaf():
 @pytest.mark.parametrize("key,value", [("retain", "1h"), ("apply_delay", "5m")])
 def test_point_in_time_is_a_secondarys(key, value):
     assert_refused(offload(NEAR, **{key: value}), f"groups[0].{key}", "a key of a secondary")
+
+
+# ---- NBD listeners: plain on loopback and unix sockets, anywhere else TLS ------------------
+
+TLS = {"ca": "/etc/replicator/pki/ca.crt", "cert": "/etc/replicator/pki/a.crt",
+       "key": "/etc/replicator/pki/a.key"}
+
+
+@pytest.mark.parametrize("keys,where,what", [
+    ({"nbd_listen": "10.0.0.1:10809"}, "nbd_listen", "plain NBD has no authentication"),
+    ({"nbd_listen": "0.0.0.0:10809"}, "nbd_listen", "use nbd_tls_listen"),
+    ({"nbd_listen": "db.example:10809"}, "nbd_listen", "loopback only"),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "tls": False}, "nbd_tls_listen",
+     "needs the node's TLS files"),
+    ({"nbd_socket": "run/nbd.sock"}, "nbd_socket", "absolute path"),
+    ({"nbd_socket": "/" + "s" * 120}, "nbd_socket", "too long"),
+    ({"nbd_socket": "/run/nbd.sock", "nbd_socket_mode": 0o666}, "nbd_socket_mode",
+     "every user of the host"),
+    ({"nbd_socket": "/run/nbd.sock", "nbd_socket_mode": "rw"}, "nbd_socket_mode", "octal"),
+    ({"nbd_socket": "/run/nbd.sock", "nbd_socket_mode": 0o1777}, "nbd_socket_mode", "octal"),
+    ({"nbd_clients": {"app": {"exports": ["data"]}}}, "nbd_clients", "nbd_tls_listen, which is not set"),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "nbd_clients": {"app": {"exports": ["nope"]}}},
+     "nbd_clients.app.exports", "no volume 'nope'"),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "nbd_clients": {"app": {"exports": "data"}}},
+     "nbd_clients.app.exports", 'or "*"'),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "nbd_clients": {"app": {"exports": [{"a": 1}]}}},
+     "nbd_clients.app.exports", "no volume"),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "nbd_clients": {"app": {"exports": "*", "access": "w"}}},
+     "nbd_clients.app.access", "rw, ro"),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "nbd_clients": {"app": {"export": "*"}}},
+     "nbd_clients.app.exports", "required"),
+    ({"nbd_tls_listen": "10.0.0.1:10809", "nbd_clients": {"a b": {"exports": "*"}}},
+     "nbd_clients.a b", "client name"),
+])
+def test_nbd_listeners_that_would_expose_volumes_are_refused(keys, where, what):
+    data = yaml.safe_load(BASE)
+    data["tls"] = TLS
+    data.update(keys)
+    assert_refused(data, where, what)
+
+
+def test_nbd_listeners_and_grants():
+    data = yaml.safe_load(BASE)
+    del data["nbd_listen"]
+    data["tls"] = TLS
+    cfg = parse(data)
+    assert (cfg.nbd_socket, cfg.nbd_listen, cfg.nbd_tls_listen) == (
+        "/var/lib/replicator/nbd.sock", None, None)  # nothing said: the socket alone
+    data.update(nbd_listen="[::1]:10809", nbd_socket="/run/r/nbd.sock", nbd_socket_mode="0640",
+                nbd_socket_group="disk", nbd_tls_listen="10.0.0.1:10809",
+                nbd_clients={"app": {"exports": ["data"]}, "backup": {"exports": "*", "access": "ro"}})
+    cfg = parse(data)
+    assert (cfg.nbd_socket, cfg.nbd_socket_mode, cfg.nbd_socket_group) == (
+        "/run/r/nbd.sock", 0o640, "disk")
+    assert cfg.nbd_listen == ("::1", 10809) and cfg.nbd_tls_listen == ("10.0.0.1", 10809)
+    assert cfg.nbd_clients == {"app": NbdGrant(("data",), True), "backup": NbdGrant(("*",), False)}
+    data["tls"]["crl"] = "/etc/replicator/pki/crl.pem"
+    assert parse(data).tls.crl == "/etc/replicator/pki/crl.pem"

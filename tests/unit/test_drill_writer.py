@@ -396,7 +396,8 @@ def test_an_export_without_flush_is_refused(tmp_path, nbd_server, client, monkey
     from replicator.capture import nbd as N
     announce = N.transmission_flags
     monkeypatch.setattr(N, "transmission_flags",
-                        lambda export: announce(export) & ~N.TransmissionFlag.SEND_FLUSH)
+                        lambda export, read_only=False: announce(export, read_only)
+                        & ~N.TransmissionFlag.SEND_FLUSH)
     srv = nbd_server(data_export(tmp_path))
     c = client(srv, "data")
     assert not c.can_flush and c.can_fua
