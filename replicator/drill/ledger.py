@@ -79,6 +79,7 @@ flush interval before them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -89,7 +90,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple
 
 from replicator.drill import block
-from replicator.drill.nbd_client import NbdClient, NbdError, strerror
+from replicator.drill.nbd_client import NbdClient, NbdError, strerror, tls_context
 
 FORMAT = "replicator-drill-ledger/1"
 FLUSH_EVERY = 8  # default: a FLUSH after every 8 completed writes
@@ -493,6 +494,10 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _nbd_address(text: str) -> tuple[str, int] | str:
+    return text if text.startswith("/") else _host_port(text)
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -512,7 +517,11 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("write", help="write the workload and its ledger",
                        description="Exit 0 when stopped by count, time, signal, a full "
                                    "export or a lost connection; 1 on an error.")
-    w.add_argument("--nbd", required=True, type=_host_port, metavar="HOST:PORT")
+    w.add_argument("--nbd", required=True, type=_nbd_address, metavar="HOST:PORT|SOCKET",
+                   help="the agent's NBD server: an address, or its unix socket's path")
+    w.add_argument("--tls-certificates", metavar="DIR",
+                   help="NBD over TLS with the client certificate in DIR (ca-cert.pem, "
+                        "client-cert.pem, client-key.pem: `replicator pki issue --client`)")
     w.add_argument("--export", required=True, help="export name")
     w.add_argument("--ledger", required=True, help="ledger file to create (must not exist)")
     limit = w.add_mutually_exclusive_group()
@@ -551,16 +560,27 @@ def _write(args) -> int:
     stopping = []
     previous = {sig: signal.signal(sig, lambda *_: stopping.append(True))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    host, port = args.nbd
+    if isinstance(args.nbd, str):
+        server = args.nbd
+        if args.tls_certificates:
+            raise NbdError("--tls-certificates is for an address: the unix socket is plain")
+        connect = functools.partial(NbdClient.connect_unix, server, args.export,
+                                    timeout=args.timeout)
+    else:
+        host, port = args.nbd
+        server = f"{host}:{port}"
+        tls = tls_context(args.tls_certificates) if args.tls_certificates else None
+        connect = functools.partial(NbdClient.connect, host, port, args.export,
+                                    timeout=args.timeout, tls=tls)
     try:
-        client = NbdClient.connect(host, port, args.export, timeout=args.timeout)
+        client = connect()
         try:
             result = run_workload(client, args.ledger, count=args.count, seconds=args.seconds,
                                   block_size=args.block_size, iodepth=args.iodepth, seed=seed,
                                   shuffle=args.order == "shuffled",
                                   fsync_every=args.fsync_every, fua=args.fua,
                                   flush_every=args.flush_every,
-                                  stop=lambda: bool(stopping), server=f"{host}:{port}")
+                                  stop=lambda: bool(stopping), server=server)
         finally:
             client.close()
     finally:

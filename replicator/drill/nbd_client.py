@@ -4,10 +4,13 @@ Handshake (fixed newstyle only): read the server's greeting (NBDMAGIC, IHAVEOPT,
 handshake flags), answer FIXED_NEWSTYLE (plus NO_ZEROES when offered), send one
 NBD_Opt.GO naming the export and asking for NBD_Info.BLOCK_SIZE, collect the
 NBD_REP_INFO replies (size and transmission flags, block size constraints) until
-NBD_REP_ACK. Asking for the block sizes commits this client to honour them, which
+NBD_REP_ACK. With a TLS context, NBD_Opt.STARTTLS comes first and the rest runs over
+TLS (the server's certificate checked against the host connected to; the client's
+from `tls_context(DIR)`, the ca-cert.pem, client-cert.pem, client-key.pem layout of
+`replicator pki issue --client`). A unix socket (`connect_unix`) is plain NBD. Asking for the block sizes commits this client to honour them, which
 `send_write` enforces for every request. An error reply ends the session with an
-`NbdError` carrying the server's message. Old-style servers, servers without GO and
-TLS are refused rather than worked around.
+`NbdError` carrying the server's message. Old-style servers and servers without GO are
+refused rather than worked around.
 
 Transmission: simple replies only (structured replies are never negotiated). Requests
 are sent and replies received separately (`send_write` / `recv_reply`), so a caller
@@ -25,6 +28,7 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import socket
+import ssl
 
 from ..nbd_protocol import (
     BLOCK_INFO, CMD_FLAG_FUA, DEFAULT_BLOCK_SIZES, EXPORT_INFO, FLAG_FIXED_NEWSTYLE,
@@ -64,17 +68,30 @@ class NbdClient:
         return bool(self.flags & TransmissionFlag.SEND_FLUSH)
 
     @classmethod
-    def connect(cls, host: str, port: int, export: str, timeout: float = 30.0) -> "NbdClient":
+    def connect(cls, host: str, port: int, export: str, timeout: float = 30.0,
+                tls: ssl.SSLContext | None = None) -> "NbdClient":
         sock = socket.create_connection((host, port), timeout=timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return cls._handshake(sock, export)
+            return cls._handshake(sock, export, tls, host)
         except BaseException:
             sock.close()
             raise
 
     @classmethod
-    def _handshake(cls, sock: socket.socket, export: str) -> "NbdClient":
+    def connect_unix(cls, path: str, export: str, timeout: float = 30.0) -> "NbdClient":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            return cls._handshake(sock, export, None, "")
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def _handshake(cls, sock: socket.socket, export: str, tls: ssl.SSLContext | None,
+                   host: str) -> "NbdClient":
         magic, opt_magic, hflags = GREETING.unpack(_recv_exact(sock, GREETING.size))
         if magic != NBDMAGIC:
             raise NbdError(f"not an NBD server (greeting {magic.to_bytes(8, 'big')!r})")
@@ -85,6 +102,14 @@ class NbdClient:
         if not hflags & FLAG_FIXED_NEWSTYLE:
             raise NbdError("server does not offer the fixed newstyle handshake")
         sock.sendall(U32.pack(FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)))
+        if tls is not None:
+            sock.sendall(OPTION.pack(IHAVEOPT, Opt.STARTTLS, 0))
+            _, data = _option_reply(sock, Opt.STARTTLS, export)
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except ssl.SSLError as exc:
+                raise NbdError(f"TLS with {host}: {getattr(exc, 'verify_message', None) or exc}"
+                               ) from None
 
         name = export.encode()
         payload = U32.pack(len(name)) + name + U16.pack(1) + U16.pack(Info.BLOCK_SIZE)
@@ -92,19 +117,7 @@ class NbdClient:
         size = flags = None
         block_sizes = DEFAULT_BLOCK_SIZES
         while True:
-            magic, option, rtype, length = OPTION_REPLY.unpack(
-                _recv_exact(sock, OPTION_REPLY.size))
-            if magic != OPTION_REPLY_MAGIC or option != Opt.GO:
-                raise NbdError(f"bad option reply (magic 0x{magic:x}, option {option})")
-            if length > MAX_OPTION_REPLY:
-                raise NbdError(f"option reply of {length} bytes is too long")
-            data = _recv_exact(sock, length)
-            if rtype & REP_ERROR_BIT:
-                code = rtype & ~REP_ERROR_BIT
-                what = REP_ERROR_MEANINGS.get(code, f"error {code}")
-                message = data.decode(errors="replace")
-                _abort(sock)
-                raise NbdError(f"export {export!r}: {what}" + (f": {message}" if message else ""))
+            rtype, data = _option_reply(sock, Opt.GO, export)
             if rtype == Rep.ACK:
                 break
             if rtype != Rep.INFO or len(data) < 2:
@@ -165,6 +178,38 @@ class NbdClient:
 def strerror(error: int) -> str:
     name = errno_mod.errorcode.get(error, str(error))
     return f"{name} ({os.strerror(error)})"
+
+
+def tls_context(certs: str) -> ssl.SSLContext:
+    """A client context from DIR/ca-cert.pem, client-cert.pem and client-key.pem (what
+    `replicator pki issue --client` writes, and libnbd's tls-certificates reads)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_verify_locations(os.path.join(certs, "ca-cert.pem"))
+        ctx.load_cert_chain(os.path.join(certs, "client-cert.pem"),
+                            os.path.join(certs, "client-key.pem"))
+    except (OSError, ssl.SSLError) as exc:
+        raise NbdError(f"cannot load the client certificate in {certs} (ca-cert.pem, "
+                       f"client-cert.pem, client-key.pem): {exc}") from None
+    return ctx
+
+
+def _option_reply(sock: socket.socket, option: int, export: str) -> tuple[int, bytes]:
+    """One reply to `option`: (its type, its data); an error reply raises NbdError."""
+    magic, got, rtype, length = OPTION_REPLY.unpack(_recv_exact(sock, OPTION_REPLY.size))
+    if magic != OPTION_REPLY_MAGIC or got != option:
+        raise NbdError(f"bad option reply (magic 0x{magic:x}, option {got})")
+    if length > MAX_OPTION_REPLY:
+        raise NbdError(f"option reply of {length} bytes is too long")
+    data = _recv_exact(sock, length)
+    if rtype & REP_ERROR_BIT:
+        code = rtype & ~REP_ERROR_BIT
+        what = REP_ERROR_MEANINGS.get(code, f"error {code}")
+        message = data.decode(errors="replace")
+        _abort(sock)
+        raise NbdError(f"export {export!r}: {what}" + (f": {message}" if message else ""))
+    return rtype, data
 
 
 def _abort(sock: socket.socket) -> None:
