@@ -129,9 +129,10 @@ class ErrorRecorder(logging.Handler):
 
 class ServerThread:
     """An NbdServer on a private loop in a daemon thread. `exports` is a dict the test
-    may change (the server reads it at each handshake)."""
+    may change (the server reads it at each handshake). With `tls` (a server context)
+    it listens TLS-only, granting `grants` (client name -> config.NbdGrant)."""
 
-    def __init__(self, exports: dict, **kwargs):
+    def __init__(self, exports: dict, tls=None, grants=None, **kwargs):
         self.exports = exports
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="nbd-test-loop",
@@ -139,7 +140,9 @@ class ServerThread:
         self.thread.start()
         try:
             self.server = self.call(lambda: NbdServer(lambda: self.exports, **kwargs))
-            asyncio.run_coroutine_threadsafe(self.server.start("127.0.0.1", 0), self.loop).result(10)
+            self.server.tls_context, self.server.grants = tls, grants or {}
+            asyncio.run_coroutine_threadsafe(self.server.start("127.0.0.1", 0, tls=tls is not None),
+                                             self.loop).result(10)
         except BaseException:
             self._stop_loop()
             raise
@@ -242,6 +245,12 @@ class Client:
 
     def start(self, flags=N.FLAG_FIXED_NEWSTYLE | N.FLAG_NO_ZEROES):
         self.s.sendall(struct.pack(">I", flags))
+
+    def starttls(self, context) -> None:
+        """STARTTLS, acknowledged, then the TLS handshake with `context` (a client's)."""
+        self.option(N.Opt.STARTTLS)
+        assert self.option_reply()[1] == N.Rep.ACK
+        self.s = context.wrap_socket(self.s, server_hostname="127.0.0.1")
 
     def option(self, opt: int, data: bytes = b"") -> None:
         self.s.sendall(struct.pack(">QII", N.IHAVEOPT, opt, len(data)) + data)

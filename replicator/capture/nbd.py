@@ -311,6 +311,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         state = self._state
+        if state is _TLS:  # decrypted before _start_tls resumed: kept for it
+            self._buf += self._scratch[:nbytes]
+            return
         if state is not _TRANSMISSION and state is not _FLAGS and state is not _OPTIONS:
             return  # draining after DISC, lingering or closed: input is ignored
         payload = self._payload_view
@@ -494,7 +497,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _option_starttls(self, payload: bytes) -> None:
         if payload:
-            return self._option_reply(Opt.STARTTLS, Rep.ERR_INVALID, b"STARTTLS takes no data")
+            return self._option_reply(Opt.STARTTLS, Rep.ERR_INVALID, b"STARTTLS takes no payload")
         context = self._server.tls_context
         if context is None:  # (the agent gives a TLS listener its context first)
             return self._option_reply(Opt.STARTTLS, Rep.ERR_POLICY, b"no TLS context")
@@ -519,9 +522,10 @@ class _Connection(asyncio.BufferedProtocol):
             plain.abort()
             self.connection_lost(None)  # the TLS protocol that failed never tells us
             return
-        if self._state is not _TLS or transport is None:  # closed meanwhile
-            if transport is not None:
-                transport.abort()
+        if self._state is not _TLS or transport is None:  # closed meanwhile (by the
+            if transport is not None:                    # handshake timeout, say): the
+                transport.abort()                        # TLS layer, mid-handshake,
+            self.connection_lost(None)                   # does not tell us
             return
         self._transport = transport
         cert = transport.get_extra_info("peercert") or {}
@@ -534,6 +538,8 @@ class _Connection(asyncio.BufferedProtocol):
                                 "NBD client's (`replicator pki issue --client NAME`)")
             self._log.warning("NBD client %s refused: %s", self._peer, self._not_client)
         self._state = _OPTIONS
+        if self._buf:  # options the TLS layer handed over before we resumed
+            self.buffer_updated(0)
 
     def _grant(self, name: str) -> NbdGrant | None:
         """What this connection may do with export `name`: None when nothing (a TLS
