@@ -148,8 +148,11 @@ METRICS = {
     "replicator_apply_waiting_records": (_G, "Secondary with retain or apply_delay: records "
                                              "durable here, not yet in the volumes.", GROUP),
     "replicator_certificate_expiry_timestamp_seconds": (_G, "When the TLS certificate "
-                                                            "expires (unix time).",
+                                                            "expires (unix time): the CA's, "
+                                                            "and the node's in use.",
                                                         ("certificate",)),
+    "replicator_crl_next_update_timestamp_seconds": (_G, "When the CRL in use (tls.crl) ends: "
+                                                         "past it, every peer is refused.", ()),
     "replicator_events": (_C, "Events emitted (replicator events), by kind.", ("kind",)),
 }
 # The names a scrape shows (counters with _total), for dashboards and rules to check.
@@ -194,11 +197,15 @@ class Collector:
         for name, export in a.exports.items():
             self._volume(fam, export.group.name, name, export.stats)
         if a.cfg.tls is not None:
-            for which, path in (("ca", a.cfg.tls.ca), ("node", a.cfg.tls.cert)):
-                expiry = certificate_expiry(path)
-                if expiry is not None:
-                    fam["replicator_certificate_expiry_timestamp_seconds"].add_metric(
-                        [which], expiry)
+            expiry = certificate_expiry(a.cfg.tls.ca)
+            if expiry is not None:
+                fam["replicator_certificate_expiry_timestamp_seconds"].add_metric(["ca"], expiry)
+            creds = a.credentials  # what the agent serves with, until a reload reads anew
+            fam["replicator_certificate_expiry_timestamp_seconds"].add_metric(
+                ["node"], creds.cert.not_valid_after_utc.timestamp())
+            if creds.crl is not None and creds.crl.next_update_utc is not None:
+                fam["replicator_crl_next_update_timestamp_seconds"].add_metric(
+                    [], creds.crl.next_update_utc.timestamp())
         for kind, n in sorted(EVENTS.counts.items()):
             fam["replicator_events"].add_metric([kind], n)
         return fam.values()

@@ -11,6 +11,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from cryptography import x509
@@ -40,7 +41,7 @@ def secure(topology, tmp_path):
     port = free_port()
     del a.config["nbd_listen"]
     a.config["tls"]["crl"] = os.path.join(ca, "crl.pem")
-    a.config.update(nbd_tls_listen=f"127.0.0.1:{port}",
+    a.config.update(nbd_tls_listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{free_port()}",
                     nbd_socket=os.path.join(topo.root, "a", "nbd.sock"),
                     nbd_clients={"app": {"exports": ["data"]},
                                  "reader": {"exports": "*", "access": "ro"},
@@ -239,6 +240,15 @@ def test_a_plain_client_of_the_tls_port_is_refused_before_any_export_is_listed(s
         sock.close()
 
 
+def _metric(agent, name: str) -> float:
+    with urllib.request.urlopen(f"http://{agent.config['metrics_listen']}/metrics",
+                                timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"no {name} in the scrape")
+
+
 def _served_certificate(port: int, ca: str) -> x509.Certificate:
     """STARTTLS by hand; the certificate the agent showed."""
     sock = _negotiate(port)
@@ -266,6 +276,9 @@ def test_a_reload_takes_a_new_certificate_and_crl_without_a_restart(secure):
     tls = a.status()["tls"]
     assert tls["subject"] == "CN=a" and 824 < tls["days_left"] <= 825
     assert tls["crl"]["revoked"] == 1 and 364 < tls["crl"]["days_left"] <= 365
+    assert _metric(a, 'replicator_certificate_expiry_timestamp_seconds{certificate="node"}') \
+        == before.not_valid_after_utc.timestamp()
+    crl_end = _metric(a, "replicator_crl_next_update_timestamp_seconds")
     run(["nbdinfo", _nbds(port, "data", clients["app"])])  # app is served
     # renew a's certificate and revoke app's; the agent is told by a reload
     pki.issue(ca, "a", os.path.dirname(a.config["tls"]["cert"]), addresses=("127.0.0.1",),
@@ -276,6 +289,9 @@ def test_a_reload_takes_a_new_certificate_and_crl_without_a_restart(secure):
     after = _served_certificate(port, os.path.join(ca, "ca.crt"))
     assert after.serial_number != before.serial_number
     assert a.status()["tls"]["crl"]["revoked"] == 2 and a.status()["pid"] == pid
+    assert _metric(a, 'replicator_certificate_expiry_timestamp_seconds{certificate="node"}') \
+        == after.not_valid_after_utc.timestamp()
+    assert _metric(a, "replicator_crl_next_update_timestamp_seconds") >= crl_end
     _refused(["nbdinfo", _nbds(port, "data", clients["app"])])
     run(["nbdinfo", _nbds(port, "data", clients["reader"])])  # the others go on
     # files that do not load are refused by the reload, and the old ones stay in use

@@ -22,6 +22,7 @@ DATASOURCE = "${datasource}"
 EXPECTED_ALERTS = {
     "ReplicatorLagOverObjective", "ReplicatorLinkNotReplicating", "ReplicatorSplitBrain",
     "ReplicatorTargetStalled", "ReplicatorJournalNearlyFull", "ReplicatorCertificateExpiring",
+    "ReplicatorCrlExpiring",
     "ReplicatorAgentDown", "ReplicatorWritesHalted",
 }
 # Grafana's variables, as Prometheus would see them once Grafana substituted them.
