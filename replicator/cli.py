@@ -25,6 +25,20 @@ COMPLETION_SHELLS = ("bash", "zsh", "fish")
 def format_status(st: dict) -> str:
     """The human table: one block per group, one line per target (like drbdadm status)."""
     lines = [f"node {st['node']}  (pid {st['pid']}, up {st['uptime_seconds']:.0f}s)"]
+    nbd = st.get("nbd") or {}
+    if nbd.get("listeners"):
+        lines.append(f"nbd on {', '.join(nbd['listeners'])}")
+    tls = st.get("tls")
+    if tls:
+        line = f"tls {tls['subject']} until {tls['not_after'][:10]} ({tls['days_left']:g} days)"
+        if tls["days_left"] < 30:
+            line += "  EXPIRES-SOON"
+        crl = tls.get("crl")
+        if crl:
+            line += f"  crl: {crl['revoked']} revoked, next update {(crl['next_update'] or '-')[:10]}"
+            if crl["days_left"] is not None and crl["days_left"] < 14:
+                line += "  CRL-ENDS-SOON"
+        lines.append(line)
     for g in st["groups"]:
         j = g["journal"]
         head = (f"{g['name']}  role:{g['role']}  seq:{g['seq']}  applied:{g['applied_seq']}  "

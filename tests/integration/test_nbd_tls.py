@@ -279,6 +279,9 @@ def test_a_reload_takes_a_new_certificate_and_crl_without_a_restart(secure):
     assert _metric(a, 'replicator_certificate_expiry_timestamp_seconds{certificate="node"}') \
         == before.not_valid_after_utc.timestamp()
     crl_end = _metric(a, "replicator_crl_next_update_timestamp_seconds")
+    shown = run([sys.executable, "-m", "replicator.cli", "status", "-c", a.config_path])
+    assert f"nbd on {a.config['nbd_socket']}, TLS 127.0.0.1:{port}" in shown
+    assert "tls CN=a until " in shown and "(825 days)" in shown and "crl: 1 revoked" in shown
     run(["nbdinfo", _nbds(port, "data", clients["app"])])  # app is served
     # renew a's certificate and revoke app's; the agent is told by a reload
     pki.issue(ca, "a", os.path.dirname(a.config["tls"]["cert"]), addresses=("127.0.0.1",),
