@@ -228,6 +228,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._client: str | None = None  # after TLS: the client its certificate names
         self._not_client = ""          # after TLS: why its certificate is no client's
         self._read_only = False        # its grant is read-only
+        self._tls_task: asyncio.Task | None = None  # the handshake after STARTTLS
         self._log = server.log
         self._loop = server.loop
         self._max_request = server.max_request
@@ -508,7 +509,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport.pause_reading()
         self._state = _TLS
         self._flush()
-        asyncio.ensure_future(self._start_tls(context))
+        self._tls_task = self._loop.create_task(self._start_tls(context))  # (held: the
+        # loop keeps only a weak reference to a task)
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         plain = self._transport
