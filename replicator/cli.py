@@ -552,6 +552,56 @@ def cmd_pki(args) -> int:
     return 0
 
 
+# --- attach-device / detach-device: an NBD export as a local block device ---------------
+
+def cmd_attach_device(args) -> int:
+    from . import device
+    try:
+        st = device.attach(args.uri, name=args.name, read_only=args.read_only,
+                           run_dir=args.run_dir, timeout=args.timeout)
+    except (device.DeviceError, OSError) as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        print(f"replicator attach-device: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if args.json else st["device"])
+    return 0
+
+
+def cmd_detach_device(args) -> int:
+    from . import device
+    try:
+        st = device.detach(args.target, run_dir=args.run_dir, timeout=args.timeout)
+    except (device.DeviceError, OSError) as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        print(f"replicator detach-device: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ok": True, "name": st["name"], "device": st.get("device")})
+          if args.json else f"{st['name']}: {st.get('device')} detached")
+    return 0
+
+
+def add_device_parsers(sub) -> None:
+    from .device import DEFAULT_RUN_DIR
+    ad = sub.add_parser("attach-device", help="expose an NBD export (URI) as a local block "
+                        "device (nbd-client where the kernel has nbd, else nbdfuse + loop); "
+                        "prints the device")
+    ad.add_argument("uri", metavar="URI", help="libnbd URI: nbd://HOST:PORT/EXPORT, "
+                    "nbd+unix:///EXPORT?socket=PATH, nbds://...?tls-certificates=DIR")
+    ad.add_argument("--name", help="the name to detach it by (default: the export name)")
+    ad.add_argument("--read-only", action="store_true")
+    ad.set_defaults(func=cmd_attach_device)
+    dd = sub.add_parser("detach-device", help="undo attach-device (refused while mounted)")
+    dd.add_argument("target", metavar="NAME_OR_DEVICE")
+    dd.set_defaults(func=cmd_detach_device)
+    for dp in (ad, dd):
+        dp.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                        help=f"where attached devices are recorded (default {DEFAULT_RUN_DIR})")
+        dp.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+        dp.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="replicator", description=__doc__)
     p.add_argument("--version", action="version", version=f"replicator {__version__}")
@@ -751,6 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "/etc/bash_completion.d/replicator`")
     cp.add_argument("shell", choices=COMPLETION_SHELLS)
     cp.set_defaults(func=cmd_completion)
+    add_device_parsers(sub)
     return p
 
 
