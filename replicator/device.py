@@ -16,8 +16,11 @@ Two ways, chosen at attach time:
   `nbdfuse -P PIDFILE MOUNTDIR URI` shows the export as the file MOUNTDIR/nbd (it runs in
   the foreground; we start it in its own session and it is ready once it has written
   PIDFILE), then `losetup --find --show --direct-io=on FILE` makes it /dev/loopN. The URI
-  is handed to libnbd unchanged: nbd://, nbd+unix:///EXPORT?socket=PATH,
-  nbds://...?tls-certificates=DIR all work.
+  is handed to libnbd unchanged: nbd:// and nbd+unix:///EXPORT?socket=PATH work; a
+  URI naming a client certificate (nbds://...?tls-certificates=DIR) is refused, as
+  nbdfuse does not allow a URI to name local files (it would fail "local file access
+  is not allowed"): attach on the agent's host over its unix socket, the default
+  listener, instead of over the network.
 
 How durability survives the stack (what we checked, libnbd 1.14 and Linux 6.x):
 
@@ -168,6 +171,12 @@ def attach(uri: str, name: str | None = None, read_only: bool = False,
 
 
 def _attach_nbdfuse(state: dict, run_dir: str, timeout: float) -> dict:
+    if "tls-certificates=" in state["uri"] or "tls-psk-file=" in state["uri"]:
+        # nbdfuse (libnbd 1.14) does not let a URI name local files, so it cannot read a
+        # client certificate; over TLS it could only fail after starting.
+        raise DeviceError("nbdfuse cannot use a client certificate named in the URI (libnbd "
+                          "refuses local files in it): attach on the agent's host, over its "
+                          "unix socket (nbd+unix:///EXPORT?socket=/run/replicator/nbd.sock)")
     for tool in ("nbdfuse", "losetup"):
         if shutil.which(tool) is None:
             raise DeviceError(f"{tool} is not installed (nbdfuse: package libnbd-bin)")

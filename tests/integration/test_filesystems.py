@@ -19,8 +19,8 @@ import sys
 
 import pytest
 
-from replicator import device
-from tests.agents import MiB, replicator_cli, wait_until
+from replicator import device, pki
+from tests.agents import MiB, free_port, replicator_cli, wait_until
 
 FS_SIZE = {"ext4": 128 * MiB, "xfs": 320 * MiB}  # mkfs.xfs refuses less than 300 MB
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
@@ -418,3 +418,21 @@ def test_attach_and_detach_say_what_is_wrong(topology, fs):
     rc, r = _cli("detach-device", dev, *run)  # by device
     assert rc == 0 and r["name"] == "data", r
     assert device.list_devices(fs.run_dir) == [] and os.listdir(fs.run_dir) == []
+
+
+def test_a_file_system_over_nbd_with_tls_is_refused_with_the_way_that_works(topology, fs,
+                                                                           tmp_path):
+    """nbdfuse will not read a client certificate named in a URI; attach says so, and
+    what to do instead, before starting anything."""
+    topo = topology(["a"], [], volumes={"data": 16 * MiB}, tls=True, start=False)
+    a = topo["a"]
+    port = free_port()
+    certs = str(tmp_path / "app")
+    pki.issue_client(os.path.join(topo.root, "ca"), "app", certs)
+    a.config.update(nbd_tls_listen=f"127.0.0.1:{port}", nbd_clients={"app": {"exports": ["data"]}})
+    a.save_config()
+    topo.start()
+    rc, st = _cli("attach-device", f"nbds://127.0.0.1:{port}/data?tls-certificates={certs}",
+                  "--name", "tls", "--run-dir", fs.run_dir)
+    assert rc == 1 and "unix socket" in st["error"] and "nbd+unix://" in st["error"], st
+    assert device.list_devices(fs.run_dir) == []
