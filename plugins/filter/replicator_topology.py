@@ -84,9 +84,10 @@ LINK_KEYS = ("from", "to", *TARGET_KEYS, *REPLICA_KEYS)
 # not replicator_agent_KEY.
 NODE_VARS = {"node": "replicator_agent_node_name",
              "listen": "replicator_agent_address, replicator_agent_port",
-             "nbd_listen": "replicator_agent_nbd_address, replicator_agent_nbd_port",
+             "nbd_tls_listen": "replicator_agent_nbd_tls_listen (by default replicator_agent_address, "
+                               "replicator_agent_nbd_port)",
              "admin_socket": "replicator_agent_run_dir",
-             "tls": "replicator_agent_tls, replicator_agent_pki_dir",
+             "tls": "replicator_agent_tls, replicator_agent_pki_dir, replicator_agent_tls_crl",
              "peers": "the peers' replicator_agent_address and replicator_agent_port"}
 
 

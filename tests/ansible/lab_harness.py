@@ -22,6 +22,7 @@ from tests.ansible.ansible_harness import ROOT
 BIN = os.path.dirname(sys.executable)
 # the extra vars of a DR exercise that fails the primary over and back (not the default)
 DESTRUCTIVE = ("-e", "dr_exercise_mode=destructive", "-e", "replicator_safe_mode=false")
+NBD_TLS_PORT = 10809  # replicator_agent_nbd_port: the hosts' NBD TLS listener
 LAB_PLAYBOOKS = {"lab.yml": ("lab", "playbooks"), "lab_fault.yml": ("lab", "playbooks")}
 
 
@@ -71,6 +72,7 @@ class Lab:
         with open(os.path.join(vars_dir, "lab.yml")) as f:
             lab_vars = yaml.safe_load(f)
         self.dir = lab_vars["replicator_lab_dir"]
+        self.prefix = lab_vars.get("replicator_lab_prefix", "rlab")  # its namespaces' names
         # where -e lab_prometheus=true runs Prometheus
         self.prometheus_url = f"http://{lab_vars.get('replicator_lab_prometheus_listen')}"
         with open(os.path.join(vars_dir, "topology.yml")) as f:
@@ -91,6 +93,10 @@ class Lab:
         return [n for n in self.nodes
                 if n == g["primary"] or any(n in (l["from"], l["to"]) for l in g["links"])]
 
+    def netns(self, node: str) -> str:
+        """The network namespace of a lab host (`ip netns exec NAME ...`)."""
+        return f"{self.prefix}-{node}"
+
     def host_path(self, node: str, path: str) -> str:
         """A path of a lab host's private directories, as seen from the root namespace."""
         return os.path.join(self.dir, "hosts", node, "root", path.lstrip("/"))
@@ -99,8 +105,26 @@ class Lab:
         name = group or self.group["name"]
         return self.host_path(node, f"/var/lib/replicator/volumes/{name}/{volume}.img")
 
+    def nbd_socket(self, node: str | None = None) -> str:
+        """The host's NBD unix socket (plain, 0660 root), reachable from the root namespace
+        through the lab directory (/run/replicator is a private directory of the host)."""
+        path = self.host_path(node or self.primary, "/run/replicator/nbd.sock")
+        assert len(path.encode()) < 108, f"{path}: too long for a unix socket address"
+        return path
+
     def nbd_uri(self, volume: str, node: str | None = None) -> str:
-        return f"nbd://{self.address[node or self.primary]}:10809/{volume}"
+        """The NBD URI of a host's export: its unix socket (on the network NBD is TLS only)."""
+        return f"nbd+unix:///{volume}?socket={self.nbd_socket(node)}"
+
+    @property
+    def drill_certs(self) -> str:
+        """The NBD client certificate the replicator_pki role issues the DR exercise."""
+        return os.path.join(self.dir, "pki", "clients", "replicator-drill")
+
+    def nbds_uri(self, volume: str, node: str | None = None) -> str:
+        """NBD over TLS to the host's address, with the DR exercise's client certificate."""
+        return (f"nbds://{self.address[node or self.primary]}:{NBD_TLS_PORT}/{volume}"
+                f"?tls-certificates={self.drill_certs}")
 
     def status(self, node: str) -> dict:
         return admin.request(self.host_path(node, "/run/replicator/admin.sock"), "status", timeout=5)

@@ -96,6 +96,68 @@ def test_write_through_nbd_and_compare_replicas(deployed):
     assert "0 mismatching region(s)" in playbook("verify.yml")
 
 
+def tcp_listeners(lab, node: str) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP socket listening in a lab host's namespace."""
+    out = run(["ip", "netns", "exec", lab.netns(node), "ss", "-Hltnp"])
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        address, port = fields[3].rsplit(":", 1)
+        process = re.search(r'users:\(\("([^"]+)"', line)
+        found.append((address.strip("[]"), int(port), process.group(1) if process else "?"))
+    return found
+
+
+def loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "localhost")
+
+
+def test_only_authenticated_listeners_face_the_network(deployed):
+    """What a lab host exposes off loopback, as site.yml deploys it by default: the
+    replication port (mutual TLS), NBD with TLS only, sshd, and metrics only where the
+    inventory put them on the address (the lab does; the role's default is loopback). A
+    plain NBD client of the NBD port is refused before any export is named; the DR
+    exercise's client certificate opens an export; plain NBD is the host's unix socket,
+    0660 root, reachable from the root namespace through the lab directory."""
+    lab = deployed
+    for node in lab.nodes:
+        with open(lab.host_path(node, "/etc/replicator/agent.yml")) as f:
+            conf = yaml.safe_load(f)
+        assert "nbd_listen" not in conf, (node, conf)  # no plain NBD on TCP at all
+        allowed = {int(conf["listen"].rsplit(":", 1)[1]): "replication (mutual TLS)",
+                   int(conf["nbd_tls_listen"].rsplit(":", 1)[1]): "NBD TLS", 22: "sshd"}
+        assert conf["tls"] and conf["nbd_tls_listen"] == f"{lab.address[node]}:10809", conf
+        assert set(conf["nbd_clients"]) == {"replicator-drill"}, conf["nbd_clients"]
+        metrics = conf.get("metrics_listen")
+        if metrics and not loopback(metrics.rsplit(":", 1)[0].strip("[]")):
+            allowed[int(metrics.rsplit(":", 1)[1])] = "metrics (configured off loopback)"
+        listeners = tcp_listeners(lab, node)
+        assert listeners, node
+        exposed = [(a, p, proc) for a, p, proc in listeners if not loopback(a)]
+        assert [x for x in exposed if x[1] not in allowed] == [], (node, listeners)
+        ports = {p for _, p, _ in exposed}
+        assert {7789, 10809} <= ports, (node, listeners)
+        sock = os.stat(lab.nbd_socket(node))
+        assert (oct(sock.st_mode & 0o777), sock.st_uid, sock.st_gid) == ("0o660", 0, 0), node
+    address = lab.address[lab.primary]
+    plain = subprocess.run(["nbdinfo", "--list", f"nbd://{address}:10809"], capture_output=True,
+                           text=True, timeout=60)
+    told = plain.stdout + plain.stderr
+    assert plain.returncode != 0, told
+    for volume in lab.volumes:
+        assert f"export=\"{volume}\"" not in told and f"export: {volume}" not in told, told
+        assert volume not in plain.stdout, told
+    info = run(["nbdinfo", "--json", lab.nbds_uri("data")])
+    assert json.loads(info)["exports"][0]["export-size"] == 64 * MiB, info
+    listed = run(["nbdinfo", "--list", "--json", lab.nbds_uri("")])
+    every_volume = sorted(v["name"] for g in lab.groups.values() if lab.primary in lab.members(g["name"])
+                          for v in g["volumes"])  # (the watched files' volume is an export too)
+    assert sorted(e["export-name"] for e in json.loads(listed)["exports"]) == every_volume
+    # a volume is read the same over TLS and through the socket
+    assert run(["nbdinfo", "--size", lab.nbds_uri("log")]) == \
+        run(["nbdinfo", "--size", lab.nbd_uri("log")])
+
+
 # The application's own check of a copy, as an operator writes dr_exercise_app_check:
 # {data} is the copy's image of the volume data. The file system must be whole (fsck -n),
 # and the database read out of it must pass SQLite's integrity check and hold its rows.
@@ -158,7 +220,7 @@ def test_a_live_change_is_reloaded_without_cutting_nbd_clients(deployed):
     connection; the change is undone the same way."""
     lab = deployed
     before = agents(lab)
-    client = NbdClient.connect(lab.address[lab.primary], 10809, "data")
+    client = NbdClient.connect_unix(lab.nbd_socket(), "data")
     try:
         out = playbook("site.yml", "-e", json.dumps({"replicator_agent_heartbeat_timeout": 7}))
         assert "failed=0" in out and "Reload the agent's configuration" in out, out[-4000:]
