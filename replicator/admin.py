@@ -57,13 +57,13 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            line = await reader.readline()  # (first: a client still sending gets the answer)
             refusal = _stranger(writer)
             if refusal:
                 self.log.warning("admin socket: %s", refusal)
                 writer.write(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
                 await writer.drain()
                 return
-            line = await reader.readline()
             try:
                 request = json.loads(line)
                 op = request["op"]
@@ -119,8 +119,8 @@ def _stranger(writer: asyncio.StreamWriter) -> str:
     sock = writer.get_extra_info("socket")
     if sock is None:
         return ""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      struct.calcsize("3i")))
+    pid, uid = struct.unpack("2i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   struct.calcsize("3i"))[:8])
     if uid in (0, os.geteuid()):
         return ""
     return (f"permission denied: uid {uid} (pid {pid}) may not operate this agent; its "

@@ -80,7 +80,8 @@ def kernel_nbd_available() -> bool:
 
 def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              check=False)  # callers read returncode and stderr
     except FileNotFoundError:
         raise DeviceError(f"{cmd[0]} is not installed") from None
     except subprocess.TimeoutExpired:

@@ -921,7 +921,7 @@ class NbdServer:
 
     @property
     def listeners(self) -> list[str]:
-        return [what for _, what in self._servers]
+        return [what for server, what in self._servers]
 
     async def close(self) -> None:
         """Stop accepting; end handshakes; let connections in transmission answer what
@@ -953,7 +953,7 @@ class NbdServer:
                     await asyncio.wait_for(self._all_gone.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
-        for server, _ in servers:
+        for server, what in servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
             except asyncio.TimeoutError:
