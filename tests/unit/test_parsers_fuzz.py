@@ -14,6 +14,7 @@ import pytest
 from crc32c import crc32c
 
 from replicator.bitmap import Bitmap, BitmapError
+from replicator.undo import UndoError, UndoLog
 
 
 # ---- regressions found by fuzz/fuzz_parsers.py ----------------------------------------
@@ -33,10 +34,27 @@ def _bitmap_file(volumes: bytes, nvol: int, granularity: int = 4096) -> bytes:
     (struct.pack("<H", 4) + b"data" + struct.pack("<Q", 1 << 20) + bytes(3), 1),
     # bytes left over after the last volume
     (struct.pack("<H", 4) + b"data" + struct.pack("<Q", 1 << 20) + bytes(32) + b"x", 1),
-])
+], ids=["name-not-utf8", "entry-cut-short", "bits-past-the-end", "trailing-bytes"])
 def test_fuzz_regression_a_bitmap_whose_checksum_holds_but_lies_is_refused(tmp_path, volumes,
                                                                             nvol):
     path = tmp_path / "t.bm"
     path.write_bytes(_bitmap_file(volumes, nvol))
     with pytest.raises(BitmapError, match="damaged"):
         Bitmap(str(path), {"data": 1 << 20}, 4096).load()
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["inside", "last-entry"])
+def test_fuzz_regression_an_undo_entry_whose_name_is_not_utf8_is_damaged(tmp_path, last):
+    """target undo: an entry's CRC covers only its old data, so a volume name of bytes
+    c0 61 74 61 with a good CRC raised UnicodeDecodeError out of UndoLog.open."""
+    def entry(name: bytes, offset: int) -> bytes:
+        old = b"old data"
+        return struct.pack("<4sHQII", b"RUN1", len(name), offset, len(old), crc32c(old)) \
+            + name + old
+    good, bad = entry(b"data", 0), entry(b"\xc0ata", 4096)
+    path = tmp_path / "resync.undo"
+    path.write_bytes(good + bad if last else bad + good)
+    log = UndoLog(str(path))
+    with pytest.raises(UndoError, match="damaged entry at offset"):
+        log.open()
+    log.close()
