@@ -495,3 +495,21 @@ def test_fuzz_regression_an_undo_entry_whose_name_is_not_utf8_is_damaged(tmp_pat
     with pytest.raises(UndoError, match="damaged entry at offset"):
         log.open()
     log.close()
+
+
+@pytest.mark.parametrize("base", [
+    # target journal_recovery: the first 16 bytes of a segment as the base file raised
+    # UnicodeDecodeError out of Journal.open
+    b"RJR1\xae<\xd5\xc0\x01\x00\x00\x00\x00\x00\x00\x00",
+    b"12\n",  # one field: ValueError (not enough values to unpack)
+    b"1 2 3\n", b"x 7\n", b"-1 0\n", b"5 4294967296\n",
+], ids=["segment-bytes", "one-field", "three-fields", "not-a-number", "negative-seq",
+        "crc-past-u32"])
+def test_fuzz_regression_a_damaged_journal_base_is_journal_corruption(tmp_path, base):
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    (directory / "base").write_bytes(base)
+    journal = Journal(str(directory), capacity=1 << 20, segment_size=1 << 20)
+    with pytest.raises(JournalCorruptError, match="base is not"):
+        journal.open()
+    journal.close()
