@@ -20,7 +20,6 @@ writer with a bug, or a hostile peer, would send), otherwise the bytes go as the
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import sys
@@ -43,6 +42,7 @@ with atheris.instrument_imports(include=["replicator"]):
     from replicator.journal.space import JournalError
     from replicator.wire import connection as conn_mod
     from replicator.wire import frames as frames_mod
+    from tests import nbd_fakes  # (after replicator: its imports are instrumented above)
 
 MAX_FRAME = 1 << 16  # small, so that a frame at the limit is cheap to build
 SCRATCH = tempfile.mkdtemp(prefix="replicator-fuzz-",
@@ -262,164 +262,24 @@ def fuzz_journal_recovery(data: bytes) -> None:
 
 # ---- NBD: the handshake's options and the transmission requests -------------------------
 
-class _Handle:
-    def __init__(self):
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
-
-    def when(self):
-        return 0.0
-
-
-class _Loop:
-    """What _Connection asks of its loop: timers and call_soon, run by hand."""
-
-    def __init__(self):
-        self.soon = []
-
-    def call_later(self, delay, fn, *args):
-        return _Handle()
-
-    def call_soon(self, fn, *args):
-        self.soon.append((fn, args))
-        return _Handle()
-
-    def time(self):
-        return 0.0
-
-    def create_task(self, coro):
-        coro.close()  # the TLS handshake: not run here
-        return _Handle()
-
-
-class _Transport:
-    def __init__(self):
-        self.out = bytearray()
-        self.closed = False
-        self.reading = True
-
-    def write(self, data):
-        assert not self.closed, "write after close"
-        self.out += data
-
-    def close(self):
-        self.closed = True
-
-    def abort(self):
-        self.closed = True
-
-    def pause_reading(self):
-        self.reading = False
-
-    def resume_reading(self):
-        self.reading = True
-
-    def can_write_eof(self):
-        return True
-
-    def write_eof(self):
-        self.closed = True
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("fuzz", 1)}.get(name, default)
-
-
-class _Export:
-    def __init__(self, name, size, read_only, deferred):
-        self.name, self.size, self.read_only = name, size, read_only
-        self.data = bytearray(size)
-        self.deferred = deferred
-        self.held = []
-
-    def read(self, offset, length):
-        assert 0 <= offset and offset + length <= self.size, (offset, length)
-        return bytes(self.data[offset:offset + length])
-
-    def write(self, offset, data, fua, done):
-        assert 0 <= offset and offset + len(data) <= self.size and not self.read_only
-        self.data[offset:offset + len(data)] = data
-        self._done(done)
-
-    def zero(self, offset, length, fua, done):
-        assert 0 <= offset and offset + length <= self.size and not self.read_only
-        self.data[offset:offset + length] = bytes(length)
-        self._done(done)
-
-    def flush(self, done):
-        self._done(done)
-
-    def _done(self, done):
-        if self.deferred:
-            self.held.append(done)
-        else:
-            done(0)
-
-
-class _Errors(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-_nbd_log = logging.getLogger("replicator.fuzz.nbd")
-_nbd_log.propagate = False
-_nbd_errors = _Errors()
-_nbd_log.addHandler(_nbd_errors)
-_nbd_log.setLevel(logging.WARNING)
-
-NBD_GREETING_FLAGS = struct.pack(">I", 3)
+_nbd_log, _nbd_errors = nbd_fakes.make_logger("replicator.fuzz.nbd")
 
 
 def fuzz_nbd(data: bytes) -> None:
     """Arbitrary client bytes into one server connection (plain or TLS-only listener),
-    fed in chunks through get_buffer/buffer_updated as asyncio does, exports completing
-    at once or later: it never logs an internal error, never calls an export out of
-    range, never writes after closing, and holds no write payload above max_request."""
+    fed in pieces through get_buffer/buffer_updated as asyncio does (tests/nbd_fakes.py),
+    exports completing at once or later: it never logs an internal error, never calls an
+    export out of range, never writes after closing, and holds no write payload above
+    max_request."""
     if len(data) < 2:
         return
     mode, chunk = data[0], 1 + data[1] * 37 % 4096
     stream = data[2:]
     if mode & 1:  # start past the client flags, so the fuzzer goes straight to options
-        stream = NBD_GREETING_FLAGS + stream
-    exports = {"data": _Export("data", 1 << 20, False, bool(mode & 4)),
-               "ro": _Export("ro", 64 << 10, True, bool(mode & 4))}
-    server = nbd_mod.NbdServer(lambda: exports, max_request=128 << 10, log=_nbd_log,
-                               max_connections_per_export=1 + (mode >> 3 & 1))
-    server.loop = _Loop()
-    server.tls_context = object() if mode & 2 else None
-    conn = nbd_mod._Connection(server, bool(mode & 2))
-    transport = _Transport()
-    conn.connection_made(transport)
+        stream = nbd_fakes.CLIENT_FLAGS + stream
     del _nbd_errors.records[:]
-    pos = 0
-    while pos < len(stream) and not transport.closed:
-        buf = conn.get_buffer(-1)
-        n = min(chunk, len(buf), len(stream) - pos)
-        buf[:n] = stream[pos:pos + n]
-        pos += n
-        conn.buffer_updated(n)
-        assert conn._payload_view is None or len(conn._payload_view) <= server.max_request
-        if mode & 16:  # the loop turns: scheduled flushes, held completions
-            for export in exports.values():
-                held, export.held = export.held, []
-                for done in held:
-                    done(0)
-        soon, server.loop.soon = server.loop.soon, []
-        for fn, args in soon:
-            fn(*args)
-    if not transport.closed:
-        conn.eof_received()
-    for export in exports.values():
-        for done in export.held:
-            done(0)
-    for fn, args in server.loop.soon:
-        fn(*args)
-    conn.connection_lost(None)
+    nbd_fakes.drive(stream, chunk=chunk, tls=bool(mode & 2), deferred=bool(mode & 4),
+                    per_export=1 + (mode >> 3 & 1), turns=bool(mode & 16), log=_nbd_log)
     assert not _nbd_errors.records, [r.getMessage() for r in _nbd_errors.records]
 
 
@@ -571,7 +431,7 @@ def seeds(target: str) -> list[bytes]:
         name = opt.pack(nbd_mod.IHAVEOPT, 1, 4) + b"data"
         return [bytes([1, 255]) + handshake + requests, bytes([0x15, 3]) + handshake + requests,
                 bytes([1, 255]) + name + requests, bytes([3, 255]) + opt.pack(
-                    nbd_mod.IHAVEOPT, 5, 0) + handshake, bytes([0, 1]) + NBD_GREETING_FLAGS]
+                    nbd_mod.IHAVEOPT, 5, 0) + handshake, bytes([0, 1]) + nbd_fakes.CLIENT_FLAGS]
     if target == "config":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         base = b"""node: dc1-app

@@ -41,7 +41,8 @@ failed=()
 for target in "${targets[@]}"; do
     dir=$corpus/$target
     mkdir -p "$dir" "$artifacts/$target"
-    "$PY" fuzz/fuzz_parsers.py --seeds "$target" "$dir"
+    "$PY" fuzz/fuzz_parsers.py --seeds "$target" "$dir" 2>/dev/null \
+        || { echo "fuzz.sh: cannot write the seeds of $target" >&2; exit 2; }
     echo "fuzz.sh: $target: $runs inputs, corpus $dir"
     start=$(date +%s)
     log=$artifacts/$target/fuzz.log

@@ -156,6 +156,8 @@ def drive(stream: bytes, *, chunk: int = 4096, tls: bool = False, deferred: bool
         buf[:n] = stream[pos:pos + n]
         pos += n
         conn.buffer_updated(n)
+        # a WRITE's payload is received in place only up to max_request
+        assert conn._payload_view is None or len(conn._payload_view) <= max_request
         if turns:
             for export in exports.values():
                 export.release()
