@@ -20,6 +20,7 @@ writer with a bug, or a hostile peer, would send), otherwise the bytes go as the
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import sys
@@ -43,6 +44,9 @@ with atheris.instrument_imports(include=["replicator"]):
     from replicator.wire import connection as conn_mod
     from replicator.wire import frames as frames_mod
     from tests import nbd_fakes  # (after replicator: its imports are instrumented above)
+
+# The journal warns at every torn tail it cuts: thousands of lines a second, and slow.
+logging.getLogger("replicator.journal").setLevel(logging.ERROR)
 
 MAX_FRAME = 1 << 16  # small, so that a frame at the limit is cheap to build
 SCRATCH = tempfile.mkdtemp(prefix="replicator-fuzz-",
