@@ -142,15 +142,21 @@ class Bitmap:
         if gran != self.granularity:
             raise BitmapError(f"{self.path}: granularity {gran}, configured {self.granularity}")
         pos, loaded = _HEAD.size, {}
-        for _ in range(nvol):
-            (n,) = _VOL.unpack_from(data, pos)
-            name = data[pos + 2:pos + 2 + n].decode()
-            pos += 2 + n
-            (size,) = _SIZE.unpack_from(data, pos)
-            pos += 8
-            nbytes = -(-(-(-size // gran)) // 8)
-            loaded[name] = (size, bytearray(data[pos:pos + nbytes]))
-            pos += nbytes
+        try:  # a file whose checksum holds may still lie (a writer's bug): refuse it cleanly
+            for _ in range(nvol):
+                (n,) = _VOL.unpack_from(data, pos)
+                name = data[pos + 2:pos + 2 + n].decode()
+                pos += 2 + n
+                (size,) = _SIZE.unpack_from(data, pos)
+                pos += 8
+                nbytes = -(-(-(-size // gran)) // 8)
+                loaded[name] = (size, bytearray(data[pos:pos + nbytes]))
+                pos += nbytes
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise BitmapError(f"{self.path}: damaged volume entry at offset {pos}: {exc}") from None
+        if pos != len(data) - _CRC.size:
+            raise BitmapError(f"{self.path}: damaged: the volumes' bits end at offset {pos}, "
+                              f"the file at {len(data) - _CRC.size}")
         if {n: s for n, (s, _) in loaded.items()} != self.sizes:
             raise BitmapError(f"{self.path}: made for volumes "
                               f"{ {n: s for n, (s, _) in loaded.items()} }, configured {self.sizes}")

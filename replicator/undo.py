@@ -89,7 +89,7 @@ class UndoLog:
                 if end == size:
                     break  # torn tail
                 raise UndoError(f"{self.path}: checksum mismatch in entry at offset {pos}")
-            yield pos, body[:n].decode(), offset, length, end - pos
+            yield pos, _name(body[:n], self.path, pos), offset, length, end - pos
             pos = end
 
     def _entry(self, start: int) -> tuple[str, int, bytes]:
@@ -98,7 +98,7 @@ class UndoLog:
         old = body[n:]
         if magic != MAGIC or len(body) != n + length or crc32c(old) != crc:
             raise UndoError(f"{self.path}: damaged entry at offset {start}")
-        return body[:n].decode(), offset, old
+        return _name(body[:n], self.path, start), offset, old
 
     def save(self, entries: list[tuple[str, int, bytes]]) -> None:
         """Append (volume, offset, old data) entries not yet saved and make them durable."""
@@ -140,3 +140,13 @@ class UndoLog:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _name(raw: bytes, path: str, start: int) -> str:
+    """An entry's volume name (which its checksum does not cover: it is only over the old
+    data); a name that is not UTF-8 is a damaged entry."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise UndoError(f"{path}: damaged entry at offset {start} (its volume name is not "
+                        "UTF-8)") from None

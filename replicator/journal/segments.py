@@ -121,9 +121,16 @@ class Journal:
         os.makedirs(self.directory, exist_ok=True)
         base_path = os.path.join(self.directory, "base")
         if os.path.exists(base_path):
-            with open(base_path) as f:
-                seq, hcrc = f.read().split()
-            self.base = Position(int(seq), int(hcrc))
+            with open(base_path, "rb") as f:
+                raw = f.read()
+            try:  # "<seq> <hcrc>" padded with spaces (statefile.replace)
+                seq, hcrc = (int(field) for field in raw.decode("ascii").split())
+                if seq < 0 or not 0 <= hcrc < 1 << 32:
+                    raise ValueError("out of range")
+            except ValueError:  # (UnicodeDecodeError is one)
+                raise JournalCorruptError(base_path, 0, f"base is not '<seq> <hcrc>': "
+                                                        f"{raw[:64]!r}") from None
+            self.base = Position(seq, hcrc)
         else:  # now, while there is room: a trim on a full disk only rewrites it
             self._write_base(self.base)
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg"))
