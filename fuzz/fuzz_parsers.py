@@ -124,7 +124,7 @@ def _fix_frames(stream: bytes) -> bytes:
     """Recompute both CRCs of every frame in `stream` (lengths as they stand)."""
     out, pos = bytearray(), 0
     while len(stream) - pos >= frames_mod.HEADER_SIZE:
-        magic, kind, flags, length, _, _ = frames_mod.HEADER.unpack_from(stream, pos)
+        magic, kind, flags, length, _crc, _pad = frames_mod.HEADER.unpack_from(stream, pos)
         length = min(length, len(stream) - pos - frames_mod.HEADER_SIZE)
         body = stream[pos + frames_mod.HEADER_SIZE:pos + frames_mod.HEADER_SIZE + length]
         header = bytearray(frames_mod.HEADER.pack(magic, kind, flags, length, crc32c(body), 0))
@@ -172,7 +172,7 @@ def _fix_records(buf: bytes) -> bytes:
     out, pos = bytearray(buf), 0
     size = record_mod.HEADER_SIZE
     while len(out) - pos >= size:
-        _, _, seq, offset, length, _, time_ns, kind, name_len, flags = \
+        _magic, _crc, seq, offset, length, _pcrc, time_ns, kind, name_len, flags = \
             record_mod.HEADER.unpack_from(out, pos)
         name_end = min(pos + size + name_len, len(out))
         end = name_end + length if kind == record_mod.Kind.WRITE and \
@@ -330,7 +330,7 @@ def fuzz_bitmap(data: bytes) -> None:
 def _fix_undo(buf: bytes) -> bytes:
     out, pos, size = bytearray(buf), 0, undo_mod._ENTRY.size
     while len(out) - pos >= size:
-        _, n, _, length, _ = undo_mod._ENTRY.unpack_from(out, pos)
+        _magic, n, _skip, length, _crc = undo_mod._ENTRY.unpack_from(out, pos)
         start = pos + size + n
         end = min(start + length, len(out))
         struct.pack_into("<I", out, pos + 18, crc32c(out[min(start, len(out)):end]))
@@ -458,7 +458,7 @@ groups:
 """
         out = [base]
         for name in ("docs", "inventories"):
-            for dirpath, _, files in os.walk(os.path.join(root, name)):
+            for dirpath, _dirs, files in os.walk(os.path.join(root, name)):
                 out += [open(os.path.join(dirpath, f), "rb").read() for f in files
                         if f.endswith((".yml", ".yaml")) and "replicator" in f][:4]
         return out
