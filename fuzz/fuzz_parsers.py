@@ -438,25 +438,8 @@ def seeds(target: str) -> list[bytes]:
                     nbd_mod.IHAVEOPT, 5, 0) + handshake, bytes([0, 1]) + nbd_fakes.CLIENT_FLAGS]
     if target == "config":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        base = b"""node: dc1-app
-listen: 127.0.0.1:7801
-nbd_listen: 127.0.0.1:10801
-state_dir: /var/lib/replicator
-tls: false
-peers: {dc2-dr: 127.0.0.1:7802, dc3-arc: 127.0.0.1:7803}
-groups:
-  - name: db
-    role: primary
-    source: null
-    journal_size: 256MiB
-    volumes:
-      - {name: data, path: /srv/data.img, size: 64MiB}
-      - {name: log,  path: /srv/log.img,  size: 16MiB}
-    targets:
-      - {node: dc2-dr, mode: sync}
-      - {node: dc3-arc, mode: async, compress: zstd}
-"""
-        out = [base]
+        from tests.unit.test_config import BASE  # the config the unit tests start from
+        out = [BASE.encode()]
         for name in ("docs", "inventories"):
             for dirpath, _dirs, files in os.walk(os.path.join(root, name)):
                 out += [open(os.path.join(dirpath, f), "rb").read() for f in files
